@@ -1,0 +1,100 @@
+"""Server settings: one frozen object built by the CLI and handed to every layer.
+
+Every field can also be set from the environment as ``EASEL_<FIELD>`` (upper case); list fields
+take a comma-separated value. The object is picklable so worker processes receive it as is.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration of one Easel deployment.
+
+    Attributes:
+        data_dir: Root of everything Easel writes: ``easel.db`` (SQLite), ``files/`` (outputs),
+            ``uploads/`` (request files), ``models/`` (tiny models, fetched LoRAs, hub cache).
+        database_url: SQLAlchemy URL; default ``sqlite:///<data_dir>/easel.db``.
+        model_source: ``"tiny"`` resolves every catalog id to the offline tiny model of its
+            family; ``"hub"`` downloads the real weights with huggingface_hub on first use.
+        public_url: Base URL written into output ``url`` fields (no trailing slash).
+        workers: Number of local worker processes.
+        fetch_allow: Hosts or CIDR ranges the URL fetcher may reach although they are loopback,
+            private or link-local (tests allow their local file server this way).
+        lora_max_bytes: Size cap of a LoRA downloaded from a user URL, in bytes.
+        upload_max_bytes: Size cap of one uploaded request file, in bytes.
+        fetch_connect_timeout / fetch_read_timeout: Seconds, per connection / per read.
+        nonce_window_seconds: A timestamp nonce must be within this many seconds of now; every
+            nonce is remembered (and refused again) for ``nonce_retention_seconds``.
+        pipeline_cache_bytes: Memory budget of warm pipelines (weights' bytes), LRU-evicted.
+        max_resident_loras: LoRA adapters kept loaded per pipeline before the LRU one is deleted.
+        default_cost_per_second: Cost per second of run time for tools that set none.
+        poll_interval: Seconds an idle worker waits between store polls when not woken.
+        catalog_override: JSON file merged over the built-in model catalog at start-up;
+            default ``<data_dir>/catalog.override.json``.
+    """
+
+    data_dir: Path = Path("easel-data")
+    database_url: str = ""
+    model_source: str = "tiny"
+    public_url: str = "http://127.0.0.1:8000"
+    workers: int = 1
+    fetch_allow: tuple[str, ...] = field(default_factory=tuple)
+    lora_max_bytes: int = 2 * 1024**3
+    upload_max_bytes: int = 64 * 1024**2
+    fetch_connect_timeout: float = 10.0
+    fetch_read_timeout: float = 60.0
+    nonce_window_seconds: int = 300
+    nonce_retention_seconds: int = 86400
+    pipeline_cache_bytes: int = 16 * 1024**3
+    max_resident_loras: int = 8
+    default_cost_per_second: float = 0.000585
+    poll_interval: float = 0.25
+    catalog_override: Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{self.data_dir / 'easel.db'}")
+        if self.catalog_override is None:
+            object.__setattr__(self, "catalog_override", self.data_dir / "catalog.override.json")
+        if self.model_source not in ("tiny", "hub"):
+            raise ValueError(f"model_source must be 'tiny' or 'hub', not {self.model_source!r}")
+        object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        """Build settings from ``EASEL_*`` environment variables, then explicit overrides."""
+        values: dict = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"EASEL_{f.name.upper()}")
+            if raw is None:
+                continue
+            if f.name == "fetch_allow":
+                values[f.name] = tuple(x.strip() for x in raw.split(",") if x.strip())
+            elif f.type in ("int",):
+                values[f.name] = int(raw)
+            elif f.type in ("float",):
+                values[f.name] = float(raw)
+            else:
+                values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)

@@ -1,0 +1,196 @@
+"""The task store: engine set-up, Alembic migrations and every query Easel makes.
+
+The store knows tables, not meanings: status names and which transitions are legal live in
+``easel.tasks.lifecycle``, which passes them in. Every write commits before it returns, so a task
+is durable before the API acknowledges it.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid as uuidlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from sqlalchemy import create_engine, delete, event, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .models import Event, Nonce, Output, Project, Task
+
+__all__ = ["Store", "Project", "Task", "Output", "Event", "new_token"]
+
+HERE = Path(__file__).parent
+
+
+def new_token(n: int = 30) -> str:
+    """A random alphanumeric token of ``n`` characters (Wiro's socketaccesstoken shape)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    return "".join(secrets.choice(alphabet) for _ in range(n))
+
+
+class Store:
+    """Access to the database at ``url`` (SQLite by default; PostgreSQL works with the same schema)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        kwargs: dict = {}
+        if url.startswith("sqlite"):
+            Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(dbapi_conn, _record):  # WAL: API and workers read while one writes
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.close()
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (idempotent)."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config(str(HERE / "alembic.ini"))
+        cfg.set_main_option("script_location", str(HERE / "migrations"))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as s:
+            with s.begin():
+                yield s
+
+    # -- projects and nonces ---------------------------------------------------------------
+
+    def create_project(self, name: str, auth_mode: str = "signature") -> Project:
+        if auth_mode not in ("signature", "apikey"):
+            raise ValueError("auth_mode must be 'signature' or 'apikey'")
+        p = Project(name=name, apikey=secrets.token_hex(16), apisecret=secrets.token_hex(24),
+                    auth_mode=auth_mode, created_at=time.time())
+        with self.session() as s:
+            s.add(p)
+        return p
+
+    def project_by_key(self, apikey: str) -> Project | None:
+        with self.session() as s:
+            return s.scalar(select(Project).where(Project.apikey == apikey))
+
+    def use_nonce(self, project_id: int, nonce: str, retention_seconds: float) -> bool:
+        """Record ``nonce`` for the project; False if it was already used (a replay)."""
+        now = time.time()
+        try:
+            with self.session() as s:
+                s.execute(delete(Nonce).where(Nonce.created_at < now - retention_seconds))
+                s.add(Nonce(project_id=project_id, nonce=nonce, created_at=now))
+            return True
+        except IntegrityError:
+            return False
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    def create_task(self, *, project_id: int, tool: str, status: str, parameters: dict, inputs: dict,
+                    callbackurl: str, cost_per_second: float, first_event: str) -> Task:
+        now = time.time()
+        t = Task(uuid=str(uuidlib.uuid4()), project_id=project_id, tool=tool,
+                 socketaccesstoken=new_token(), file_accesskey=new_token(), status=status,
+                 parameters=json.dumps(parameters), inputs=json.dumps(inputs), callbackurl=callbackurl,
+                 debugoutput="", debugerror="", pexit=None, progress="", cost_per_second=cost_per_second,
+                 kill_requested=False, worker_id="", createtime=now)
+        with self.session() as s:
+            s.add(t)
+            s.flush()
+            s.add(Event(task_id=t.id, type=first_event, message="", created_at=now))
+        return t
+
+    def get_task(self, task_id: int | None = None, token: str | None = None) -> Task | None:
+        with self.session() as s:
+            if task_id is not None:
+                return s.get(Task, task_id)
+            return s.scalar(select(Task).where(Task.socketaccesstoken == token))
+
+    def claim_next(self, worker_id: str, from_status: str, to_status: str, time_column: str) -> int | None:
+        """Atomically move the oldest task in ``from_status`` to ``to_status``; return its id.
+
+        One conditional UPDATE: two workers racing for the same row cannot both win, on SQLite
+        (single writer) or PostgreSQL (row lock, then the WHERE is re-checked).
+        """
+        now = time.time()
+        with self.session() as s:
+            oldest = select(Task.id).where(Task.status == from_status).order_by(Task.id).limit(1).scalar_subquery()
+            row = s.execute(
+                update(Task).where(Task.id == oldest, Task.status == from_status)
+                .values(status=to_status, worker_id=worker_id, **{time_column: now})
+                .returning(Task.id)
+            ).first()
+            if row is None:
+                return None
+            s.add(Event(task_id=row[0], type=to_status, message="", created_at=now))
+            return row[0]
+
+    def transition(self, task_id: int, status: str, *, only_from: Iterable[str] | None = None,
+                   event_message: str = "", **values) -> bool:
+        """Set ``status`` (and other columns) and append the event; False if ``only_from`` did not match."""
+        now = time.time()
+        with self.session() as s:
+            q = update(Task).where(Task.id == task_id)
+            if only_from is not None:
+                q = q.where(Task.status.in_(list(only_from)))
+            res = s.execute(q.values(status=status, **values))
+            if res.rowcount != 1:
+                return False
+            s.add(Event(task_id=task_id, type=status, message=event_message, created_at=now))
+            return True
+
+    def add_event(self, task_id: int, type_: str, message: str = "", **values) -> None:
+        """Append an event without changing status (e.g. ``task_output`` progress); may update columns."""
+        with self.session() as s:
+            if values:
+                s.execute(update(Task).where(Task.id == task_id).values(**values))
+            s.add(Event(task_id=task_id, type=type_, message=message, created_at=time.time()))
+
+    def update_task(self, task_id: int, **values) -> None:
+        with self.session() as s:
+            s.execute(update(Task).where(Task.id == task_id).values(**values))
+
+    def request_kill(self, task_id: int, running: Iterable[str]) -> bool:
+        with self.session() as s:
+            res = s.execute(update(Task).where(Task.id == task_id, Task.status.in_(list(running)))
+                            .values(kill_requested=True))
+            return res.rowcount == 1
+
+    def kill_requested(self, task_id: int) -> bool:
+        with self.session() as s:
+            return bool(s.scalar(select(Task.kill_requested).where(Task.id == task_id)))
+
+    def tasks_in(self, statuses: Iterable[str]) -> list[Task]:
+        with self.session() as s:
+            return list(s.scalars(select(Task).where(Task.status.in_(list(statuses))).order_by(Task.id)))
+
+    def events(self, task_id: int) -> list[Event]:
+        with self.session() as s:
+            return list(s.scalars(select(Event).where(Event.task_id == task_id).order_by(Event.id)))
+
+    # -- outputs ------------------------------------------------------------------------------
+
+    def add_outputs(self, task_id: int, outputs: list[dict]) -> None:
+        with self.session() as s:
+            for o in outputs:
+                s.add(Output(id=secrets.token_hex(16), task_id=task_id, addedtime=time.time(), **o))
+
+    def outputs(self, task_id: int) -> list[Output]:
+        with self.session() as s:
+            return list(s.scalars(select(Output).where(Output.task_id == task_id).order_by(Output.name)))
+
+    def output_by_key(self, accesskey: str, name: str) -> Output | None:
+        with self.session() as s:
+            return s.scalar(select(Output).join(Task, Task.id == Output.task_id)
+                            .where(Task.file_accesskey == accesskey, Output.name == name))

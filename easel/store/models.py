@@ -1,0 +1,95 @@
+"""SQLAlchemy 2 table definitions: the single source of truth for projects, tasks and outputs.
+
+Portable by construction: plain Integer/String/Text/Float/Boolean columns, JSON kept as Text, no
+SQLite- or PostgreSQL-only types, so the same Alembic migrations run on both.
+Times are Unix epoch seconds as floats (Wiro answers them as integer strings).
+"""
+from __future__ import annotations
+
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Project(Base):
+    """A tenant: its API key/secret and auth mode (``signature`` or ``apikey``)."""
+
+    __tablename__ = "projects"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    apikey: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    apisecret: Mapped[str] = mapped_column(String(128))
+    auth_mode: Mapped[str] = mapped_column(String(16), default="signature")
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Nonce(Base):
+    """A signature nonce already accepted for a project (refused if seen again)."""
+
+    __tablename__ = "nonces"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    nonce: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    __table_args__ = (UniqueConstraint("project_id", "nonce", name="uq_nonce_project"),)
+
+
+class Task(Base):
+    """One Run: inputs, lifecycle status and every stage's time, logs, exit code."""
+
+    __tablename__ = "tasks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    tool: Mapped[str] = mapped_column(String(200))
+    socketaccesstoken: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    file_accesskey: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    status: Mapped[str] = mapped_column(String(40), index=True)
+    parameters: Mapped[str] = mapped_column(Text, default="{}")  # as the client sent them (JSON)
+    inputs: Mapped[str] = mapped_column(Text, default="{}")  # validated, typed (JSON)
+    callbackurl: Mapped[str] = mapped_column(Text, default="")
+    debugoutput: Mapped[str] = mapped_column(Text, default="")
+    debugerror: Mapped[str] = mapped_column(Text, default="")
+    pexit: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    progress: Mapped[str] = mapped_column(Text, default="")  # latest progressGenerate (JSON)
+    cost_per_second: Mapped[float] = mapped_column(Float, default=0.0)
+    kill_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker_id: Mapped[str] = mapped_column(String(64), default="")
+    createtime: Mapped[float] = mapped_column(Float)
+    accepttime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    preprocessstarttime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    preprocessendtime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    assigntime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    starttime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    endtime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    postprocessstarttime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    postprocessendtime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    canceltime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    __table_args__ = (Index("ix_tasks_status_id", "status", "id"),)
+
+
+class Output(Base):
+    """A file a task produced, stored under ``path`` (relative to the storage root)."""
+
+    __tablename__ = "outputs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    contenttype: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    addedtime: Mapped[float] = mapped_column(Float)
+
+
+class Event(Base):
+    """Every lifecycle event of a task in order (what the WebSocket replays)."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    type: Mapped[str] = mapped_column(String(40))
+    message: Mapped[str] = mapped_column(Text, default="")  # JSON
+    created_at: Mapped[float] = mapped_column(Float)
