@@ -1,0 +1,38 @@
+"""Weights for tools: catalog resolution (``sources``), warm pipelines and LoRA adapters
+(``cache``), safe downloads (``fetch``) and the offline tiny models (``tiny``)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from easel.catalog import ModelCatalog
+from easel.config import Settings
+
+from .cache import LoraState, PipelineCache
+from .sources import ModelSources, Weights
+
+__all__ = ["ModelManager", "ModelSources", "Weights", "PipelineCache", "LoraState"]
+
+
+class ModelManager:
+    """What a tool needs to get weights: sources, the warm pipeline cache, LoRA state per pipeline.
+
+    One instance lives in each worker process for its whole life, so pipelines stay warm.
+    """
+
+    def __init__(self, settings: Settings, catalog: ModelCatalog):
+        self.settings = settings
+        self.catalog = catalog
+        self.sources = ModelSources(settings, catalog)
+        self.pipelines = PipelineCache(settings.pipeline_cache_bytes)
+        self._loras: dict[int, LoraState] = {}
+
+    def pipeline(self, key: str, loader: Callable[[], Any]) -> Any:
+        """The warm pipeline for ``key`` (loaded by ``loader`` on first use or after eviction)."""
+        return self.pipelines.get(key, loader)
+
+    def loras(self, pipe: Any) -> LoraState:
+        """The :class:`LoraState` of a loaded pipeline object."""
+        state = self._loras.get(id(pipe))
+        if state is None:
+            state = self._loras[id(pipe)] = LoraState(self.settings.max_resident_loras)
+        return state

@@ -98,9 +98,9 @@ class Store:
     # -- tasks --------------------------------------------------------------------------------
 
     def create_task(self, *, project_id: int, tool: str, status: str, parameters: dict, inputs: dict,
-                    callbackurl: str, cost_per_second: float, first_event: str) -> Task:
+                    callbackurl: str, cost_per_second: float, first_event: str, uuid: str | None = None) -> Task:
         now = time.time()
-        t = Task(uuid=str(uuidlib.uuid4()), project_id=project_id, tool=tool,
+        t = Task(uuid=uuid or str(uuidlib.uuid4()), project_id=project_id, tool=tool,
                  socketaccesstoken=new_token(), file_accesskey=new_token(), status=status,
                  parameters=json.dumps(parameters), inputs=json.dumps(inputs), callbackurl=callbackurl,
                  debugoutput="", debugerror="", pexit=None, progress="", cost_per_second=cost_per_second,

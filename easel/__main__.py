@@ -1,0 +1,3 @@
+from easel.cli.main import main
+
+main()

@@ -1,0 +1,148 @@
+"""Resolving a catalog entry (or a user URL) to weights on local disk.
+
+Two sources, chosen by ``Settings.model_source``:
+
+- ``tiny``: every id resolves to the offline tiny model of its family, in the same on-disk format
+  as the real entry (a Hub repo → tiny diffusers folder; a single-file URL → tiny single-file
+  checkpoint; LoRAs → a tiny Kohya- or PEFT-layout file). The tiny models are written on first use.
+- ``hub``: Hub repos download with ``huggingface_hub`` into ``<data_dir>/models/hub`` on first use;
+  ``url`` sources go through the safe fetcher. Offline, the error says so.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from easel.catalog import CatalogError, ModelCatalog, ModelEntry
+from easel.config import Settings
+
+from .fetch import FetchPolicy, fetch_safetensors
+from .tiny import make_tiny
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Local weights: ``format`` is ``diffusers`` (a folder), ``single_file`` or ``lora`` (a file).
+
+    ``config`` is, for single files, a local diffusers folder whose configs describe the
+    architecture (tiny models only; real checkpoints let diffusers infer it).
+    """
+
+    format: str
+    path: Path
+    config: Path | None = None
+    key: str = ""
+
+
+class ModelSources:
+    """Turn catalog entries and LoRA URLs into :class:`Weights` according to the settings."""
+
+    def __init__(self, settings: Settings, catalog: ModelCatalog):
+        self.settings = settings
+        self.catalog = catalog
+        self._tiny_lock = threading.Lock()
+        self._tiny: dict[str, Path] | None = None
+
+    @property
+    def lora_policy(self) -> FetchPolicy:
+        s = self.settings
+        return FetchPolicy(allow=s.fetch_allow, max_bytes=s.lora_max_bytes,
+                           connect_timeout=s.fetch_connect_timeout, read_timeout=s.fetch_read_timeout)
+
+    def tiny(self) -> dict[str, Path]:
+        """Paths of the tiny models, writing them under ``<data_dir>/models/tiny`` if needed."""
+        with self._tiny_lock:
+            if self._tiny is None:
+                self._tiny = make_tiny(self.settings.models_dir / "tiny")
+            return self._tiny
+
+    def checkpoint(self, entry: ModelEntry) -> Weights:
+        """Weights of a checkpoint entry (kind sd15/sdxl/flux).
+
+        Raises:
+            CatalogError: unknown source (hub mode), a family without a tiny model, or a failed download.
+        """
+        if self.settings.model_source == "tiny":
+            tiny = self.tiny()
+            if entry.family != "sd15":
+                raise CatalogError(f"no tiny model exists yet for the {entry.family} family (catalog id {entry.id})")
+            source = entry.source or {}
+            if source.get("type") == "url":
+                return Weights("single_file", tiny["sd15-single-file"], config=tiny["sd15"], key=f"tiny-sd15-single")
+            return Weights("diffusers", tiny["sd15"], key="tiny-sd15")
+        source = self.catalog.require_source(entry)
+        if source["type"] == "hf":
+            if source.get("weight_name"):
+                return Weights("single_file", self._hub_file(source), key=f"hf:{source['repo']}/{source['weight_name']}")
+            return Weights("diffusers", self._hub_snapshot(source), key=f"hf:{source['repo']}")
+        if source["type"] == "url":
+            path = self._fetch(source["url"])
+            return Weights("single_file", path, key=f"file:{path.name}")
+        raise CatalogError(f"catalog id {entry.id}: unknown source type {source.get('type')!r} (use 'hf' or 'url')")
+
+    def lora(self, entry: ModelEntry) -> Weights:
+        """Weights of a LoRA entry.
+
+        Raises:
+            CatalogError: as for :meth:`checkpoint`.
+        """
+        if self.settings.model_source == "tiny":
+            tiny = self.tiny()
+            if entry.family != "sd15":
+                raise CatalogError(f"no tiny model exists yet for the {entry.family} family (catalog id {entry.id})")
+            # Community LoRAs (unknown or URL sources) ship in Kohya layout; Hub ones in PEFT layout.
+            layout = "peft" if (entry.source or {}).get("type") == "hf" else "kohya"
+            path = tiny[f"sd15-lora-{layout}"]
+            return Weights("lora", path, key=f"tiny-{layout}")
+        source = self.catalog.require_source(entry)
+        if source["type"] == "hf":
+            path = self._hub_file({**source, "weight_name": source.get("weight_name") or "pytorch_lora_weights.safetensors"})
+        elif source["type"] == "url":
+            path = self._fetch(source["url"])
+        else:
+            raise CatalogError(f"catalog id {entry.id}: unknown source type {source.get('type')!r}")
+        return Weights("lora", path, key=f"file:{path.name}")
+
+    def lora_from_url(self, url: str) -> Weights:
+        """Fetch a user's LoRA URL with the safe fetcher (in every model-source mode).
+
+        Raises:
+            easel.models.fetch.FetchError: refused URL or content.
+        """
+        path = self._fetch(url)
+        return Weights("lora", path, key=f"file:{path.name}")
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _fetch(self, url: str) -> Path:
+        return fetch_safetensors(url, self.settings.models_dir / "fetched", self.lora_policy)
+
+    def _hub_error(self, what: str, exc: Exception) -> CatalogError:
+        return CatalogError(
+            f"could not download {what} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+            "Is this machine online, and does the repo exist (gated repos need HF_TOKEN)? "
+            "For offline testing run the server with --model-source tiny.")
+
+    def _hub_snapshot(self, source: dict) -> Path:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(
+                source["repo"], revision=source.get("revision"), cache_dir=self.settings.models_dir / "hub",
+                allow_patterns=["*.json", "*.txt", "*.model", "**/*.safetensors", "**/*.json", "**/*.txt"],
+                ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt", "*.bin", "*.pt", "*.pth"]))
+        except Exception as exc:  # huggingface_hub raises many types when offline
+            raise self._hub_error(source["repo"], exc) from None
+
+    def _hub_file(self, source: dict) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        name = source["weight_name"]
+        if not name.endswith(".safetensors"):
+            raise CatalogError(f"{source['repo']}/{name}: only .safetensors weights are loaded")
+        try:
+            return Path(hf_hub_download(source["repo"], name, subfolder=source.get("subfolder"),
+                                        revision=source.get("revision"), cache_dir=self.settings.models_dir / "hub"))
+        except Exception as exc:
+            raise self._hub_error(f"{source['repo']}/{name}", exc) from None

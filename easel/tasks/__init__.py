@@ -1,0 +1,1 @@
+"""The task lifecycle (``lifecycle``) and the worker that runs claimed tasks (``runner``)."""

@@ -1,0 +1,134 @@
+"""Running one claimed task through its lifecycle, inside a worker process.
+
+Any executor (local processes now, Celery later) delivers task ids; :class:`Worker` claims and
+runs them. A tool failure ends that task with ``pexit`` "1" and never stops the worker.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from easel.catalog import ModelCatalog
+from easel.config import Settings
+from easel.models import ModelManager
+from easel.storage import LocalStorage
+from easel.store import Store
+from easel.tools import load_tool
+from easel.tools.base import TaskKilled, ToolError
+
+from . import lifecycle as lc
+
+log = logging.getLogger("easel.worker")
+
+
+class WorkerContext:
+    """The ``ToolContext`` a tool receives for one task (see ``easel.tools.base``)."""
+
+    def __init__(self, worker: "Worker", task_id: int, output_dir: Path, uploads_dir: Path):
+        self.worker = worker
+        self.store = worker.store
+        self.models = worker.models
+        self.task_id = task_id
+        self.output_dir = output_dir
+        self.uploads_dir = uploads_dir
+        self.lines: list[str] = []
+        self._started_at: float | None = None
+
+    def check_killed(self) -> None:
+        if self.store.kill_requested(self.task_id):
+            raise TaskKilled()
+
+    def started(self) -> None:
+        self.check_killed()
+        lc.advance(self.store, self.task_id, lc.START)
+        self._started_at = time.time()
+
+    def progress(self, step: int, total: int) -> None:
+        now = time.time()
+        begin = self._started_at or now
+        elapsed = now - begin
+        speed = step / elapsed if elapsed > 0 else 0.0
+        remaining = (total - step) / speed if speed > 0 else 0.0
+        info = {"task": "Generating", "percentage": f"{100.0 * step / total:.0f}", "stepCurrent": str(step),
+                "stepTotal": str(total), "speed": f"{speed:.2f}", "speedType": "it/s",
+                "elapsedTime": f"{elapsed:.1f}s", "remainingTime": f"{remaining:.1f}s"}
+        message = json.dumps({"type": "progressGenerate", "progressGenerate": info})
+        status = {"status": lc.OUTPUT} if step == 1 else {}
+        self.store.add_event(self.task_id, lc.OUTPUT, message, progress=json.dumps(info), **status)
+        self.check_killed()
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+    def input_file(self, value: str) -> Path:
+        name = value.removeprefix("upload:")
+        path = (self.uploads_dir / name).resolve()
+        if path.parent != self.uploads_dir.resolve() or not path.is_file():
+            raise ToolError(f"uploaded file {name!r} is missing")
+        return path
+
+
+class Worker:
+    """Claims queued tasks from the store and runs them; keeps pipelines warm for its lifetime."""
+
+    def __init__(self, settings: Settings, worker_id: str = "local-0"):
+        self.settings = settings
+        self.worker_id = worker_id
+        self.store = Store(settings.database_url)
+        self.catalog = ModelCatalog.load(settings.catalog_override)
+        self.models = ModelManager(settings, self.catalog)
+        self.storage = LocalStorage(settings)
+
+    def run_next(self) -> int | None:
+        """Claim and run the oldest queued task; return its id, or None if the queue was empty."""
+        task_id = lc.claim(self.store, self.worker_id)
+        if task_id is not None:
+            self.execute(task_id)
+        return task_id
+
+    def execute(self, task_id: int) -> None:
+        """Walk an accepted task through preprocess, assign, start, outputs and postprocess."""
+        task = self.store.get_task(task_id)
+        workdir = Path(tempfile.mkdtemp(prefix=f"easel-{task.uuid}-", dir=self.settings.data_dir))
+        ctx = WorkerContext(self, task_id, workdir, self.settings.uploads_dir / task.uuid)
+        store = self.store
+        try:
+            tool = load_tool(task.tool)
+            lc.advance(store, task_id, lc.PREPROCESS_START)
+            plan = tool.prepare(json.loads(task.inputs), ctx)
+            lc.advance(store, task_id, lc.PREPROCESS_END)
+            ctx.check_killed()
+            lc.advance(store, task_id, lc.ASSIGN)
+            paths = tool.run(plan, ctx)
+            output = "\n".join(ctx.lines)
+            lc.advance(store, task_id, lc.OUTPUT_FULL, message=output, debugoutput=output)
+            lc.advance(store, task_id, lc.END)
+            lc.advance(store, task_id, lc.POSTPROCESS_START)
+            store.add_outputs(task_id, [self.storage.save(task.uuid, p) for p in paths])
+            lc.advance(store, task_id, lc.POSTPROCESS_END, pexit="0")
+        except TaskKilled:
+            lc.finish_killed(store, task_id)
+        except Exception as exc:  # the worker must survive any tool failure
+            if isinstance(exc, (ToolError, ValueError)):
+                message = str(exc)
+            else:
+                message = f"{type(exc).__name__}: {exc}"
+                log.exception("task %s failed", task_id)
+            self._fail(task_id, message, ctx)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _fail(self, task_id: int, message: str, ctx: WorkerContext) -> None:
+        store = self.store
+        output = "\n".join(ctx.lines)
+        now = time.time()
+        store.add_event(task_id, lc.ERROR, message)
+        lc.advance(store, task_id, lc.OUTPUT_FULL, message=output, debugoutput=output)
+        lc.advance(store, task_id, lc.ERROR_FULL, message=message, debugerror=message)
+        lc.advance(store, task_id, lc.END)
+        lc.advance(store, task_id, lc.POSTPROCESS_START)
+        lc.advance(store, task_id, lc.POSTPROCESS_END, pexit="1", postprocessendtime=now)

@@ -1,0 +1,220 @@
+"""``wiro/text-to-image-sd-lora``: Stable Diffusion 1.5-family text-to-image with several LoRAs.
+
+Inputs (schema: ``easel/catalog/tools/wiro__text-to-image-sd-lora.json``) map to diffusers'
+``StableDiffusionPipeline`` as follows:
+
+=============================  ==============================================================
+Wiro field                     diffusers
+=============================  ==============================================================
+``selectedModel``              checkpoint (``from_pretrained`` folder or ``from_single_file``)
+``selectedLoraModel``          LoRA adapters, each at its ``generatesettings`` scale
+``selectedLoraModelPrivateUrl``  one more LoRA from a user URL (safe fetcher), scale 1.0
+``prompt`` / ``negativePrompt``  ``prompt`` / ``negative_prompt``
+``samples``                    ``num_images_per_prompt`` (image *i* uses seed ``seed + i``)
+``steps``                      ``num_inference_steps``
+``scale``                      ``guidance_scale``
+``seed``                       ``torch.Generator`` seeds; empty, ``-1`` or non-numeric → random
+``clipSkip``                   diffusers' ``clip_skip`` (0 = last CLIP layer)
+``width`` / ``height``         ``width`` / ``height`` (multiples of 8)
+``scheduler``                  scheduler class, ``from_config`` of the checkpoint's scheduler
+=============================  ==============================================================
+
+Outputs: ``0.png`` … ``N-1.png`` with the generation parameters in the PNG ``parameters`` text
+chunk (A1111 style) and as JSON in ``easel``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from easel.catalog import CatalogError
+from easel.models.fetch import FetchError, check_safetensors
+
+from .base import ToolContext, ToolError
+
+TOOL = "wiro/text-to-image-sd-lora"
+
+SCHEDULERS = (
+    "EulerDiscreteScheduler", "DDIMScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "PNDMScheduler", "DDPMScheduler", "EulerAncestralDiscreteScheduler",
+)
+
+
+@dataclass
+class Plan:
+    """Everything ``run`` needs, resolved in the preprocess stage."""
+
+    checkpoint: Any  # easel.models.Weights
+    checkpoint_label: str
+    loras: list[tuple[str, str, float, str]] = field(default_factory=list)  # key, path, scale, label
+    prompt: str = ""
+    negative_prompt: str = ""
+    samples: int = 1
+    steps: int = 30
+    guidance_scale: float = 7.5
+    seed: int = 0
+    clip_skip: int = 0
+    width: int = 512
+    height: int = 512
+    scheduler: str = "EulerDiscreteScheduler"
+
+
+def parse_seed(value: Any) -> int:
+    """Seed from the ``seed`` text field: a non-negative integer below 2**63, else a random one."""
+    text = str(value).strip()
+    if re.fullmatch(r"\d{1,19}", text) and int(text) < 2**63:
+        return int(text)
+    return secrets.randbelow(2**32)
+
+
+def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
+    """Resolve the checkpoint and LoRAs to local files (downloading if needed) and fix the seed.
+
+    Raises:
+        ToolError: an id of the wrong kind, an unset catalog source, or a refused LoRA URL.
+    """
+    models = ctx.models
+    catalog = models.catalog
+    try:
+        entry = catalog.get(inputs["selectedModel"])
+        if entry.kind != "sd15":
+            raise ToolError(f"selectedModel {entry.id} ({entry.label}) is a {entry.kind} model; this tool runs sd15 checkpoints")
+        checkpoint = models.sources.checkpoint(entry)
+        loras = []
+        for mid in inputs.get("selectedLoraModel", []):
+            lentry = catalog.get(mid)
+            if lentry.kind != "sd15-lora":
+                raise ToolError(f"selectedLoraModel {mid} ({lentry.label}) is a {lentry.kind}; this tool takes sd15 LoRAs")
+            # validation put every selected model's generatesettings value under its setting id
+            scale = float(inputs[lentry.generatesettings[0]["id"]]) if lentry.generatesettings else 1.0
+            w = models.sources.lora(lentry)
+            loras.append((f"{mid}:{w.key}", str(w.path), scale, lentry.label))
+        url = (inputs.get("selectedLoraModelPrivateUrl") or "").strip()
+        if url.startswith("upload:"):
+            path = ctx.input_file(url)
+            check_safetensors(path)
+            loras.append((f"upload:{path.name}", str(path), 1.0, url))
+        elif url:
+            w = models.sources.lora_from_url(url)
+            loras.append((w.key, str(w.path), 1.0, url))
+    except (CatalogError, FetchError) as exc:
+        raise ToolError(str(exc)) from None
+    seed = parse_seed(inputs.get("seed", ""))
+    ctx.log(f"seed={seed}")
+    return Plan(
+        checkpoint=checkpoint, checkpoint_label=entry.label, loras=loras,
+        prompt=inputs.get("prompt", ""), negative_prompt=inputs.get("negativePrompt", ""),
+        samples=int(inputs["samples"]), steps=int(inputs["steps"]), guidance_scale=float(inputs["scale"]),
+        seed=seed, clip_skip=int(inputs.get("clipSkip", 0)), width=int(inputs["width"]),
+        height=int(inputs["height"]), scheduler=inputs.get("scheduler") or "EulerDiscreteScheduler",
+    )
+
+
+def load_pipeline(weights) -> Any:
+    """Load a ``StableDiffusionPipeline`` (float32 on CPU, float16 on CUDA) from local weights."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.float16 if cuda else torch.float32
+    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if weights.format == "diffusers":
+        pipe = StableDiffusionPipeline.from_pretrained(str(weights.path), use_safetensors=True, **kwargs)
+    else:
+        if weights.config is not None:
+            kwargs["config"] = str(weights.config)
+        pipe = StableDiffusionPipeline.from_single_file(str(weights.path), **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cuda" if cuda else "cpu")
+
+
+def encode_prompt(pipe: Any, prompts: list[str], clip_skip: int):
+    """CLIP prompt embeddings with ``clip_skip`` final layers skipped.
+
+    Mirrors diffusers' semantics (hidden state ``-(clip_skip + 1)`` passed through the final layer
+    norm) without touching ``text_encoder.text_model``, which transformers 5 removed from
+    ``CLIPTextModel`` (diffusers' own ``clip_skip`` path raises ``AttributeError`` there).
+
+    Returns:
+        Tensor ``[len(prompts), 77, hidden]`` on the text encoder's device and dtype.
+    """
+    import torch
+
+    te = pipe.text_encoder
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(te.device)
+    with torch.no_grad():
+        out = te(ids, output_hidden_states=True)
+        hidden = out.hidden_states[-(clip_skip + 1)]
+        final_ln = getattr(te, "final_layer_norm", None) or te.text_model.final_layer_norm
+        return final_ln(hidden)
+
+
+def run(plan: Plan, ctx: ToolContext) -> list[Path]:
+    """Generate ``plan.samples`` images and write them as ``0.png`` … into ``ctx.output_dir``.
+
+    Raises:
+        ToolError: a LoRA that does not fit the checkpoint, or an unknown scheduler.
+        easel.tools.base.TaskKilled: (from ``ctx.progress``) when the task was killed.
+    """
+    import diffusers
+    import torch
+    from PIL.PngImagePlugin import PngInfo
+
+    models = ctx.models
+    pipe = models.pipeline(f"sd15:{plan.checkpoint.key}", lambda: load_pipeline(plan.checkpoint))
+    base_scheduler = getattr(pipe, "_easel_base_scheduler_config", None)
+    if base_scheduler is None:
+        base_scheduler = pipe._easel_base_scheduler_config = dict(pipe.scheduler.config)
+    if plan.scheduler not in SCHEDULERS:
+        raise ToolError(f"scheduler must be one of {', '.join(SCHEDULERS)}")
+    pipe.scheduler = getattr(diffusers, plan.scheduler).from_config(base_scheduler)
+    try:
+        models.loras(pipe).apply(pipe, [(k, p, s) for k, p, s, _ in plan.loras])
+    except ValueError as exc:
+        raise ToolError(str(exc)) from None
+
+    generators = [torch.Generator("cpu").manual_seed(plan.seed + i) for i in range(plan.samples)]
+    kwargs: dict[str, Any] = dict(
+        num_images_per_prompt=plan.samples, num_inference_steps=plan.steps, guidance_scale=plan.guidance_scale,
+        width=plan.width, height=plan.height, generator=generators,
+    )
+    if plan.clip_skip > 0:
+        kwargs["prompt_embeds"] = encode_prompt(pipe, [plan.prompt], plan.clip_skip)
+        if plan.guidance_scale > 1:
+            kwargs["negative_prompt_embeds"] = encode_prompt(pipe, [plan.negative_prompt], plan.clip_skip)
+    else:
+        kwargs["prompt"] = plan.prompt
+        kwargs["negative_prompt"] = plan.negative_prompt or None
+
+    def on_step_end(_pipe, step, _timestep, callback_kwargs):
+        ctx.progress(step + 1, plan.steps)
+        return callback_kwargs
+
+    ctx.started()
+    images = pipe(callback_on_step_end=on_step_end, **kwargs).images
+
+    params = {
+        "tool": TOOL, "model": plan.checkpoint_label, "prompt": plan.prompt, "negative_prompt": plan.negative_prompt,
+        "steps": plan.steps, "guidance_scale": plan.guidance_scale, "scheduler": plan.scheduler,
+        "clip_skip": plan.clip_skip, "width": plan.width, "height": plan.height,
+        "loras": [{"name": label, "scale": s} for _, _, s, label in plan.loras],
+    }
+    paths = []
+    for i, image in enumerate(images):
+        info = PngInfo()
+        seed = plan.seed + i
+        loras = ", ".join(f"{label}:{s:g}" for _, _, s, label in plan.loras) or "none"
+        info.add_text("parameters", (
+            f"{plan.prompt}\nNegative prompt: {plan.negative_prompt}\nSteps: {plan.steps}, Sampler: {plan.scheduler}, "
+            f"CFG scale: {plan.guidance_scale:g}, Seed: {seed}, Size: {plan.width}x{plan.height}, "
+            f"Model: {plan.checkpoint_label}, Clip skip: {plan.clip_skip}, LoRAs: {loras}"))
+        info.add_text("easel", json.dumps({**params, "seed": seed}, sort_keys=True))
+        path = ctx.output_dir / f"{i}.png"
+        image.save(path, pnginfo=info)
+        paths.append(path)
+    return paths
