@@ -1,0 +1,160 @@
+"""Shared fixtures: a real ``easel serve`` on a loopback port (tiny models, SQLite, one local
+worker), projects made in its store, and a local HTTP file server for URL LoRAs."""
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from easel.config import Settings
+from easel.models.tiny import make_tiny
+from easel.signing import signature
+from easel.store import Store
+
+TOOL = "wiro/text-to-image-sd-lora"
+SMALL = {"selectedLoraModel": [], "samples": 1, "steps": 3, "width": 64, "height": 64, "seed": "42",
+         "clipSkip": 0, "prompt": "a red fish"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A running ``easel serve`` subprocess and helpers to call it as a client would."""
+
+    def __init__(self, data_dir: Path, extra_args: tuple[str, ...] = ()):
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen | None = None
+        self.store = Store(Settings(data_dir=data_dir).database_url)
+        self.store.migrate()
+
+    def start(self) -> "Server":
+        log = open(self.data_dir / "server.log", "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "easel", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
+             "--model-source", "tiny", "--fetch-allow", "127.0.0.1", *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                assert self.proc.poll() is None, (self.data_dir / "server.log").read_text()[-3000:]
+            time.sleep(0.2)
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def project(self, auth: str = "signature"):
+        return self.store.create_project(f"p-{time.time()}", auth)
+
+    def headers(self, project, nonce: str | None = None) -> dict:
+        nonce = nonce or str(time.time_ns() // 1000)[:13]
+        time.sleep(0.002)
+        return {"x-api-key": project.apikey, "x-nonce": nonce,
+                "x-signature": signature(project.apikey, project.apisecret, nonce)}
+
+    def post(self, project, path: str, **kw) -> httpx.Response:
+        headers = {**self.headers(project), **kw.pop("headers", {})}
+        return httpx.post(f"{self.base}{path}", headers=headers, timeout=60, **kw)
+
+    def run(self, project, params: dict, tool: str = TOOL, **kw) -> dict:
+        r = self.post(project, f"/v1/Run/{tool}", json=params, **kw)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def detail(self, project, taskid: str) -> dict:
+        r = self.post(project, "/v1/Task/Detail", json={"taskid": taskid})
+        assert r.json()["result"], r.text
+        return r.json()["tasklist"][0]
+
+    def wait(self, project, taskid: str, timeout: float = 120, until=("task_postprocess_end", "task_cancel")) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            task = self.detail(project, taskid)
+            if task["status"] in until:
+                return task
+            time.sleep(0.1)
+        raise AssertionError(f"task {taskid} did not finish: {task}")
+
+    def images(self, task: dict) -> list[bytes]:
+        return [httpx.get(o["url"], timeout=30).content for o in task["outputs"]]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("easel")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def project(server):
+    return server.project()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+class _Files(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path.startswith("/redirect/"):
+            self.send_response(302)
+            self.send_header("Location", self.path[len("/redirect"):])
+            self.end_headers()
+            return
+        super().do_GET()
+
+
+@pytest.fixture(scope="session")
+def file_server(tmp_path_factory, tiny):
+    """Serves a folder on 127.0.0.1 with the tiny LoRAs and a pickle; yields (base_url, folder)."""
+    folder = tmp_path_factory.mktemp("www")
+    for name in ("sd15-lora-kohya", "sd15-lora-peft"):
+        (folder / f"{name}.safetensors").write_bytes(Path(tiny[name]).read_bytes())
+    import pickle
+
+    (folder / "evil.safetensors").write_bytes(pickle.dumps({"not": "weights"}, protocol=4))
+    handler = lambda *a, **k: _Files(*a, directory=str(folder), **k)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", folder
+    httpd.shutdown()
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(data)).size
+
+
+def pixels(images: list[bytes]) -> list[bytes]:
+    """Decoded RGB bytes of PNGs (ignores the metadata chunks)."""
+    return [Image.open(io.BytesIO(b)).convert("RGB").tobytes() for b in images]
