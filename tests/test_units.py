@@ -1,0 +1,200 @@
+"""Unit tests: catalog data and validation, tiny formats, clip skip, the pipeline cache, the fetcher, the store."""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from easel.catalog import CatalogError, InputError, ModelCatalog, load_tools
+from easel.config import Settings
+from easel.models.fetch import FetchError, FetchPolicy, check_safetensors, fetch_safetensors, vet_url
+
+SEED_TOOLS = {"wiro/text-to-image-sd-lora", "wiro/text-to-image-flux-lora-fast", "Adel_AI/Comics-Factory-v1",
+              "wiro/instant-id-controlnet-lora", "wiro/ic-light-background"}
+
+
+# -- catalog ---------------------------------------------------------------------------------
+
+def test_all_seed_tools_are_described_with_global_option_ids():
+    tools, catalog = load_tools(), ModelCatalog.load()
+    assert set(tools) == SEED_TOOLS
+    for spec in tools.values():
+        for i in spec.inputs:
+            for o in i.options:
+                if "model" in o:
+                    assert o["model"] in catalog.entries, (spec.name, i.name, o)
+            if i.type in ("select", "multiselect") and i.default and any("model" in o for o in i.options):
+                for d in str(i.default).split(","):
+                    assert d in catalog.entries, (spec.name, i.name, d)  # 1, 79, 80, 655 included
+    assert catalog.get("1").label == "CompVis/stable-diffusion-v1-4" and catalog.get("1").kind == "sd15"
+    for mid in ("79", "80", "655"):
+        assert catalog.get(mid).why and catalog.get(mid).source
+    assert catalog.get("61").generatesettings[0]["defaultvalue"] == "0.3"
+    sd = tools["wiro/text-to-image-sd-lora"]
+    assert (sd.input("samples").default, sd.input("steps").default, sd.input("scale").default) == (4, 30, 7.5)
+    assert sd.input("scheduler").default == "EulerDiscreteScheduler"
+
+
+def test_validation_quirks():
+    spec, catalog = load_tools()["wiro/text-to-image-sd-lora"], ModelCatalog.load()
+    v = spec.validate({}, catalog)
+    assert v["selectedModel"] == "1" and v["selectedLoraModel"] == ["61"] and v["Fish-out-of-Water-v1.0"] == 0.3
+    v = spec.validate({"selectedModel": "", "selectedLoraModel": [], "scale": "7.5", "samples": "4.0",
+                       "unknownField": "ignored"}, catalog)
+    assert v["selectedModel"] == "1" and v["selectedLoraModel"] == [] and v["scale"] == 7.5 and v["samples"] == 4
+    assert "unknownField" not in v
+    v = spec.validate({"selectedLoraModel": "62, 68", "Skin-Tone-Slider-v1.0": "-5"}, catalog)
+    assert v["selectedLoraModel"] == ["62", "68"] and v["Skin-Tone-Slider-v1.0"] == -5.0
+    assert v["Emotion-Happy-Slider-v1.0"] == 5.0
+    with pytest.raises(InputError) as e:
+        spec.validate({"selectedModelPrivate": "7"}, catalog)
+    assert e.value.field == "selectedModelPrivate"
+
+
+def test_unknown_source_error_tells_the_operator_what_to_do(tmp_path):
+    catalog = ModelCatalog.load(tmp_path / "override.json")
+    with pytest.raises(CatalogError) as e:
+        catalog.require_source(catalog.get("881"))
+    assert "override.json" in str(e.value) and '"881"' in str(e.value)
+    (tmp_path / "override.json").write_text('{"models": {"881": {"source": {"type": "hf", "repo": "me/paragon"}}}}')
+    assert ModelCatalog.load(tmp_path / "override.json").get("881").source["repo"] == "me/paragon"
+
+
+# -- tiny models, clip skip, cache -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny):
+    from easel.models.sources import Weights
+    from easel.tools.sd_lora import load_pipeline
+
+    return load_pipeline(Weights("diffusers", tiny["sd15"]))
+
+
+def test_single_file_checkpoint_holds_the_same_weights(tiny, tiny_pipe):
+    import torch
+    from safetensors import safe_open
+
+    from easel.models.sources import Weights
+    from easel.tools.sd_lora import load_pipeline
+
+    with safe_open(str(tiny["sd15-single-file"]), "pt") as fh:
+        keys = list(fh.keys())
+    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
+    assert any(k.startswith("first_stage_model.decoder.up.") for k in keys)
+    assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
+    single = load_pipeline(Weights("single_file", tiny["sd15-single-file"], config=tiny["sd15"]))
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(tiny_pipe, name).state_dict(), getattr(single, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_tiny_unet_design_keeps_sd_scale_factor_and_one_head(tiny_pipe):
+    assert tiny_pipe.vae_scale_factor == 8
+    assert tiny_pipe.unet.config.attention_head_dim == 1  # legacy name: the number of heads
+
+
+def test_clip_skip_matches_the_hidden_state_definition(tiny_pipe):
+    import torch
+
+    from easel.tools.sd_lora import encode_prompt
+
+    ids = tiny_pipe.tokenizer(["a cat"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = tiny_pipe.text_encoder(ids, output_hidden_states=True)
+        expected = tiny_pipe.text_encoder.final_layer_norm(out.hidden_states[-3])
+    assert torch.allclose(encode_prompt(tiny_pipe, ["a cat"], 2), expected)
+    assert torch.allclose(encode_prompt(tiny_pipe, ["a cat"], 0), out.last_hidden_state, atol=1e-6)
+    assert not torch.allclose(encode_prompt(tiny_pipe, ["a cat"], 4), out.last_hidden_state)
+
+
+def test_switching_loras_does_not_reload_the_base_model(tmp_path, tiny):
+    from easel.models import ModelManager
+    from easel.models.sources import Weights
+    from easel.tools.sd_lora import load_pipeline
+
+    manager = ModelManager(Settings(data_dir=tmp_path), ModelCatalog.load())
+    loader = lambda: load_pipeline(Weights("diffusers", tiny["sd15"]))  # noqa: E731
+    pipe = manager.pipeline("base", loader)
+    a, b = ("a", str(tiny["sd15-lora-kohya"]), 1.0), ("b", str(tiny["sd15-lora-peft"]), 0.5)
+    for loras in ([a], [b], [a, b], [], [a]):
+        assert manager.pipeline("base", loader) is pipe
+        manager.loras(pipe).apply(pipe, loras)
+    assert manager.pipelines.loads == {"base": 1}
+    assert manager.loras(pipe).loads == 2  # each file loaded once, then only switched
+
+
+def test_lora_of_another_family_is_refused(tmp_path, tiny_pipe):
+    import torch
+    from safetensors.torch import save_file
+
+    from easel.models.cache import LoraState
+
+    bogus = tmp_path / "sdxl.safetensors"
+    save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 640),
+               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(640, 4)}, str(bogus))
+    with pytest.raises(ValueError) as e:
+        LoraState().apply(tiny_pipe, [("bogus", str(bogus), 1.0)])
+    assert "bogus" in str(e.value)
+
+
+# -- fetcher ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1/x.safetensors", "http://10.1.2.3/x", "http://169.254.169.254/latest",
+                                 "http://[::1]/x", "http://192.168.0.1/x", "ftp://example.com/x", "file:///etc/passwd",
+                                 "http://localhost:8000/x"])
+def test_fetcher_refuses_non_public_targets(url):
+    with pytest.raises(FetchError):
+        vet_url(url, FetchPolicy())
+
+
+def test_fetcher_allow_list_and_caps(file_server, tmp_path):
+    base, folder = file_server
+    policy = FetchPolicy(allow=("127.0.0.1",))
+    assert vet_url(f"{base}/x", policy)[3] == "127.0.0.1"
+    path = fetch_safetensors(f"{base}/sd15-lora-kohya.safetensors", tmp_path, policy)
+    assert path.name == f"{__import__('hashlib').sha256(path.read_bytes()).hexdigest()}.safetensors"
+    assert fetch_safetensors(f"{base}/sd15-lora-kohya.safetensors", tmp_path, policy) == path  # cached
+    with pytest.raises(FetchError, match="limit"):
+        fetch_safetensors(f"{base}/sd15-lora-peft.safetensors", tmp_path, FetchPolicy(allow=("127.0.0.1",), max_bytes=1000))
+    with pytest.raises(FetchError, match="pickle"):
+        fetch_safetensors(f"{base}/evil.safetensors", tmp_path, policy)
+    with pytest.raises(FetchError, match="HTTP 404"):
+        fetch_safetensors(f"{base}/missing.safetensors", tmp_path, policy)
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_safetensors_header_checks(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    header = b'{"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}'
+    bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 10)  # truncated body
+    with pytest.raises(FetchError, match="inconsistent"):
+        check_safetensors(bad)
+
+
+# -- store on PostgreSQL ---------------------------------------------------------------------
+
+def test_schema_migrates_and_claims_on_postgresql():
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True, connect_timeout=3)
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL is not reachable on 127.0.0.1: {exc}")
+    name = f"easel_test_{os.getpid()}"
+    admin.execute(f"DROP DATABASE IF EXISTS {name}")
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        from easel.store import Store
+        from easel.tasks import lifecycle as lc
+
+        store = Store(f"postgresql+psycopg://postgres@127.0.0.1/{name}")
+        store.migrate()
+        p = store.create_project("pg")
+        t = lc.submit(store, project_id=p.id, tool="x/y", parameters={}, inputs={}, callbackurl="", cost_per_second=0)
+        assert lc.claim(store, "w1") == t.id and lc.claim(store, "w2") is None
+        assert store.use_nonce(p.id, "1", 60) and not store.use_nonce(p.id, "1", 60)
+        store.engine.dispose()
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
