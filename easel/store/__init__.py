@@ -150,12 +150,16 @@ class Store:
             s.add(Event(task_id=task_id, type=status, message=event_message, created_at=now))
             return True
 
-    def add_event(self, task_id: int, type_: str, message: str = "", **values) -> None:
-        """Append an event without changing status (e.g. ``task_output`` progress); may update columns."""
+    def add_event(self, task_id: int, type_: str, message: str = "", **values) -> bool:
+        """Append an event without changing status (e.g. ``task_output`` progress); may update columns.
+
+        Returns the task's ``kill_requested`` flag, read in the same transaction (one round trip per step).
+        """
         with self.session() as s:
             if values:
                 s.execute(update(Task).where(Task.id == task_id).values(**values))
             s.add(Event(task_id=task_id, type=type_, message=message, created_at=time.time()))
+            return bool(s.scalar(select(Task.kill_requested).where(Task.id == task_id)))
 
     def update_task(self, task_id: int, **values) -> None:
         with self.session() as s:

@@ -58,8 +58,8 @@ class WorkerContext:
                 "elapsedTime": f"{elapsed:.1f}s", "remainingTime": f"{remaining:.1f}s"}
         message = json.dumps({"type": "progressGenerate", "progressGenerate": info})
         status = {"status": lc.OUTPUT} if step == 1 else {}
-        self.store.add_event(self.task_id, lc.OUTPUT, message, progress=json.dumps(info), **status)
-        self.check_killed()
+        if self.store.add_event(self.task_id, lc.OUTPUT, message, progress=json.dumps(info), **status):
+            raise TaskKilled()
 
     def log(self, line: str) -> None:
         self.lines.append(line)
