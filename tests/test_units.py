@@ -198,3 +198,15 @@ def test_schema_migrates_and_claims_on_postgresql():
     finally:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.close()
+
+
+def test_hub_source_fails_clearly_when_offline(tmp_path, monkeypatch):
+    from easel.models.sources import ModelSources
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sources = ModelSources(Settings(data_dir=tmp_path, model_source="hub"), ModelCatalog.load())
+    with pytest.raises(CatalogError) as e:
+        sources.checkpoint(ModelCatalog.load().get("1"))
+    assert "CompVis/stable-diffusion-v1-4" in str(e.value) and "--model-source tiny" in str(e.value)
+    with pytest.raises(CatalogError, match="no weights source configured"):
+        sources.checkpoint(ModelCatalog.load().get("881"))
