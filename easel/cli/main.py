@@ -117,11 +117,11 @@ def _follow(client, taskid: str) -> dict:
         job = bar.add_task("task_queue", total=100, info="")
 
         def update(task: dict) -> None:
-            info = ""
-            progress = (task.get("progress") or {}) if isinstance(task.get("progress"), dict) else {}
-            bar.update(job, description=task["status"], info=info)
-            if progress:
-                bar.update(job, completed=float(progress.get("percentage", 0)))
+            progress = task.get("progress") if isinstance(task.get("progress"), dict) else {}
+            info = (f"step {progress['stepCurrent']}/{progress['stepTotal']}  {progress['speed']} it/s  "
+                    f"ETA {progress['remainingTime']}") if progress else ""
+            bar.update(job, description=task["status"], info=info,
+                       completed=float(progress.get("percentage", 0)) if progress else None)
             if task["status"] == "task_postprocess_end":
                 bar.update(job, completed=100)
 

@@ -125,10 +125,9 @@ class Worker:
     def _fail(self, task_id: int, message: str, ctx: WorkerContext) -> None:
         store = self.store
         output = "\n".join(ctx.lines)
-        now = time.time()
         store.add_event(task_id, lc.ERROR, message)
         lc.advance(store, task_id, lc.OUTPUT_FULL, message=output, debugoutput=output)
         lc.advance(store, task_id, lc.ERROR_FULL, message=message, debugerror=message)
         lc.advance(store, task_id, lc.END)
         lc.advance(store, task_id, lc.POSTPROCESS_START)
-        lc.advance(store, task_id, lc.POSTPROCESS_END, pexit="1", postprocessendtime=now)
+        lc.advance(store, task_id, lc.POSTPROCESS_END, pexit="1")
