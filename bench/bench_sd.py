@@ -8,22 +8,14 @@ task_start time. Run: ``.venv/bin/python bench/bench_sd.py [--full] [--repeats N
 from __future__ import annotations
 
 import argparse
-import json
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from common import serve  # noqa: E402
 
 
 def main() -> None:
@@ -54,41 +46,14 @@ def main() -> None:
         raw.append(time.perf_counter() - t)
     del pipe
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "easel", "serve", "--port", str(port), "--data-dir", str(data)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        out = subprocess.run([sys.executable, "-m", "easel", "projects", "create", "bench", "--data-dir", str(data),
-                              "--auth", "apikey", "--json"], capture_output=True, text=True, check=True)
-        headers = {"x-api-key": json.loads(out.stdout)["apikey"]}
-        client = httpx.Client(headers=headers, timeout=60)
-
+    with serve(data) as srv:
         def one() -> tuple[float, float, float]:
-            t0 = time.time()
-            answer = client.post(f"{base}/v1/Run/wiro/text-to-image-sd-lora", json=params).json()
-            submit = time.time() - t0
-            while True:
-                task = client.post(f"{base}/v1/Task/Detail", json={"taskid": answer["taskid"]}).json()["tasklist"][0]
-                if task["status"] in ("task_postprocess_end", "task_cancel"):
-                    break
-                time.sleep(0.02)
-            assert task["pexit"] == "0", task["debugerror"]
-            done = time.time() - t0
-            # stage times from the store (sub-second precision is in the events; Detail rounds to seconds)
+            submit, done, task = srv.run_to_done("wiro/text-to-image-sd-lora", params)
+            # Detail's times are whole seconds (sub-second times are in the events table)
             return submit, done, float(task["starttime"]) - float(task["createtime"])
 
         one()  # warm-up: loads the pipeline in the worker
         runs = [one() for _ in range(args.repeats)]
-    finally:
-        proc.terminate()
-        proc.wait(20)
     raw_med = statistics.median(raw)
     easel_med = statistics.median(r[1] for r in runs)
     print(f"inputs: {size}x{size}, {samples} samples, {steps} steps, tiny SD 1.5, CPU, warm, median of {args.repeats}")

@@ -31,6 +31,11 @@ class Settings:
             nonce is remembered (and refused again) for ``nonce_retention_seconds``.
         pipeline_cache_bytes: Memory budget of warm pipelines (weights' bytes), LRU-evicted.
         max_resident_loras: LoRA adapters kept loaded per pipeline before the LRU one is deleted.
+        lora_hotswap_rank: Highest LoRA rank the FLUX tools' hot-swap slot takes (adapters are
+            zero-padded to it; a higher-rank LoRA is loaded the slow way).
+        torch_compile: ``torch.compile`` the FLUX transformer (CUDA only; LoRA changes then
+            hot-swap without recompiling).
+        cpu_offload: ``enable_model_cpu_offload`` for GPUs too small to hold FLUX.1 in bf16.
         default_cost_per_second: Cost per second of run time for tools that set none.
         poll_interval: Seconds an idle worker waits between store polls when not woken.
         catalog_override: JSON file merged over the built-in model catalog at start-up;
@@ -51,6 +56,9 @@ class Settings:
     nonce_retention_seconds: int = 86400
     pipeline_cache_bytes: int = 16 * 1024**3
     max_resident_loras: int = 8
+    lora_hotswap_rank: int = 128
+    torch_compile: bool = False
+    cpu_offload: bool = False
     default_cost_per_second: float = 0.000585
     poll_interval: float = 0.25
     catalog_override: Path | None = None
@@ -91,6 +99,8 @@ class Settings:
                 values[f.name] = int(raw)
             elif f.type in ("float",):
                 values[f.name] = float(raw)
+            elif f.type in ("bool",):
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             else:
                 values[f.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -139,9 +139,15 @@ class _Files(http.server.SimpleHTTPRequestHandler):
 def file_server(tmp_path_factory, tiny):
     """Serves a folder on 127.0.0.1 with the tiny LoRAs and a pickle; yields (base_url, folder)."""
     folder = tmp_path_factory.mktemp("www")
-    for name in ("sd15-lora-kohya", "sd15-lora-peft"):
+    for name in ("sd15-lora-kohya", "sd15-lora-peft", "flux-lora-peft", "flux-lora-kohya", "flux-lora-xlabs"):
         (folder / f"{name}.safetensors").write_bytes(Path(tiny[name]).read_bytes())
     import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"mystery.block.lora_left": torch.zeros(2, 2), "mystery.block.lora_right": torch.zeros(2, 2)},
+              str(folder / "unknown-layout.safetensors"))
 
     (folder / "evil.safetensors").write_bytes(pickle.dumps({"not": "weights"}, protocol=4))
     handler = lambda *a, **k: _Files(*a, directory=str(folder), **k)  # noqa: E731

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import struct
+
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -210,3 +212,83 @@ def test_hub_source_fails_clearly_when_offline(tmp_path, monkeypatch):
     assert "CompVis/stable-diffusion-v1-4" in str(e.value) and "--model-source tiny" in str(e.value)
     with pytest.raises(CatalogError, match="no weights source configured"):
         sources.checkpoint(ModelCatalog.load().get("881"))
+
+
+# -- FLUX: LoRA layouts and the hot-swap slot ----------------------------------------------------
+
+
+def test_lora_layouts_are_recognised(tiny):
+    from easel.models.lora_formats import LoraFormatError, read_lora_layout, require_family
+
+    expected = {"flux-lora-peft": ("flux", "peft"), "flux-lora-kohya": ("flux", "kohya"),
+                "flux-lora-xlabs": ("flux", "xlabs"), "sd15-lora-peft": ("sd", "peft"),
+                "sd15-lora-kohya": ("sd", "kohya")}
+    for name, (family, layout) in expected.items():
+        found = read_lora_layout(tiny[name])
+        assert (found.family, found.layout) == (family, layout), name
+    with pytest.raises(LoraFormatError, match="made for a Stable Diffusion UNet .*kohya layout.*needs a LoRA for a FLUX.1"):
+        require_family(tiny["sd15-lora-kohya"], "flux", "selectedLoraModelPrivateUrl")
+    with pytest.raises(LoraFormatError, match="made for a FLUX.1 transformer"):
+        require_family(tiny["flux-lora-xlabs"], "sd", "selectedLoraModelPrivateUrl")
+
+
+def test_bfl_layout_is_recognised():
+    from easel.models.lora_formats import LoraFormatError, detect_lora_layout
+
+    keys = {"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight",
+            "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight"}
+    assert detect_lora_layout(keys).layout == "bfl"
+    with pytest.raises(LoraFormatError, match="unknown LoRA key layout"):
+        detect_lora_layout({"foo.weight"})
+
+
+def _flux_image(pipe):
+    import torch
+
+    out = pipe("a lion", num_inference_steps=2, width=64, height=64, generator=torch.Generator().manual_seed(3))
+    return np.asarray(out.images[0])
+
+
+def _flux_pipe(tiny):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(tiny["flux"]))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_hotswap_slot_gives_the_same_pixels_as_a_fresh_load(tiny):
+    from easel.models.cache import LoraState
+
+    fresh = {}
+    for layout in ("kohya", "xlabs"):
+        pipe = _flux_pipe(tiny)
+        pipe.load_lora_weights(str(tiny[f"flux-lora-{layout}"]), adapter_name="x")
+        pipe.set_adapters(["x"], [0.7])
+        fresh[layout] = _flux_image(pipe)
+    pipe = _flux_pipe(tiny)
+    state = LoraState(hotswap_rank=16)
+    state.apply(pipe, [("peft", str(tiny["flux-lora-peft"]), 1.0)])  # targets every attention projection + proj_out
+    for layout in ("kohya", "xlabs"):
+        state.apply(pipe, [(layout, str(tiny[f"flux-lora-{layout}"]), 0.7)])
+        assert "hot-swapped" in state.last_action
+        np.testing.assert_array_equal(_flux_image(pipe), fresh[layout])
+    assert (state.loads, state.hotswaps) == (1, 2)
+    plain = _flux_image(_flux_pipe(tiny))
+    state.apply(pipe, [])
+    np.testing.assert_array_equal(_flux_image(pipe), plain)
+
+
+def test_non_hotswappable_lora_reloads_the_slot_not_the_base(tiny):
+    from easel.models.cache import LoraState
+
+    pipe = _flux_pipe(tiny)
+    transformer = pipe.transformer
+    state = LoraState(hotswap_rank=16)
+    state.apply(pipe, [("xlabs", str(tiny["flux-lora-xlabs"]), 1.0)])  # double blocks only
+    state.apply(pipe, [("kohya", str(tiny["flux-lora-kohya"]), 1.0)])  # also single blocks: cannot hot-swap
+    assert "adapter slot reloaded" in state.last_action
+    assert pipe.transformer is transformer and state.loads == 2
+    ref = _flux_pipe(tiny)
+    ref.load_lora_weights(str(tiny["flux-lora-kohya"]), adapter_name="x")
+    np.testing.assert_array_equal(_flux_image(pipe), _flux_image(ref))

@@ -84,6 +84,12 @@ class Api:
                             self.catalog.require_source(self.catalog.get(mid))
                         except CatalogError as exc:
                             raise WiroError(0, f"Request parameter [{i.name}]: {exc}") from None
+        fixed = [mid for mid in (spec.base_model, spec.preset.get("lora")) if mid]
+        for mid in fixed:
+            try:
+                self.catalog.require_source(self.catalog.get(mid))
+            except CatalogError as exc:
+                raise WiroError(0, f"{spec.name} cannot run on this server: {exc}") from None
 
     # -- endpoints (sync parts run in a thread) ----------------------------------------------
 

@@ -59,6 +59,7 @@ class ModelEntry:
     generatesettings: tuple[dict, ...] = ()
     source: dict | None = None
     why: str = ""
+    lora_format: str = ""
 
     @property
     def family(self) -> str:
@@ -101,7 +102,7 @@ class ModelCatalog:
                 id=mid, kind=kind, label=e.get("label", mid), description=e.get("description", ""),
                 triggerwords=tuple(e.get("triggerwords", ())),
                 generatesettings=tuple(e.get("generatesettings", ())),
-                source=e.get("source"), why=e.get("why", ""),
+                source=e.get("source"), why=e.get("why", ""), lora_format=e.get("lora_format", ""),
             )
         return cls(entries, override_path)
 
@@ -143,7 +144,12 @@ class InputSpec:
 
 @dataclass
 class ToolSpec:
-    """A tool: identity, categories, cost, implementing module and its inputs."""
+    """A tool: identity, categories, cost, implementing module and its inputs.
+
+    ``base_model`` is the catalog id of the checkpoint a tool without a model selector runs
+    (FLUX tools); ``preset`` fixes inputs a "model" page does not expose, e.g. Comics Factory's
+    ``{"lora": "<catalog id>", "scale": 1.0}``.
+    """
 
     owner: str
     slug: str
@@ -154,6 +160,8 @@ class ToolSpec:
     cost_per_second: float
     cover: str = ""
     tags: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    preset: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -313,7 +321,8 @@ def load_tools() -> dict[str, ToolSpec]:
         spec = ToolSpec(
             owner=t["owner"], slug=t["slug"], module=t.get("module"), description=t.get("description", ""),
             categories=t.get("categories", []), inputs=inputs, cost_per_second=float(t.get("cost_per_second", 0)),
-            cover=t.get("cover", ""), tags=t.get("tags", []),
+            cover=t.get("cover", ""), tags=t.get("tags", []), base_model=t.get("base_model"),
+            preset=t.get("preset", {}),
         )
         tools[spec.name] = spec
     return tools

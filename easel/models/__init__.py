@@ -30,9 +30,15 @@ class ModelManager:
         """The warm pipeline for ``key`` (loaded by ``loader`` on first use or after eviction)."""
         return self.pipelines.get(key, loader)
 
-    def loras(self, pipe: Any) -> LoraState:
-        """The :class:`LoraState` of a loaded pipeline object."""
+    def loras(self, pipe: Any, hotswap: bool = False) -> LoraState:
+        """The :class:`LoraState` of a loaded pipeline object.
+
+        Args:
+            hotswap: One hot-swapped adapter slot (rank up to ``Settings.lora_hotswap_rank``)
+                instead of several resident adapters; fixed by the first call for a pipeline.
+        """
         state = self._loras.get(id(pipe))
         if state is None:
-            state = self._loras[id(pipe)] = LoraState(self.settings.max_resident_loras)
+            rank = self.settings.lora_hotswap_rank if hotswap else None
+            state = self._loras[id(pipe)] = LoraState(self.settings.max_resident_loras, hotswap_rank=rank)
         return state

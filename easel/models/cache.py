@@ -9,6 +9,13 @@
   adapters or scales never touches the base weights. Beyond ``max_resident`` adapters the least
   recently used is deleted.
 
+With ``hotswap_rank`` set (the FLUX tools), the state holds **one adapter slot** instead: the
+first LoRA is loaded after ``enable_lora_hotswap(target_rank=hotswap_rank)``, and every later
+LoRA is *hot-swapped* into that slot (``load_lora_weights(..., hotswap=True)``): its weights are
+copied into the existing LoRA layers, so a ``torch.compile``-d transformer is not recompiled. A
+LoRA that cannot be hot-swapped (it targets modules the slot does not, or its rank exceeds
+``hotswap_rank``) replaces the slot by an ordinary unload + load, which is logged and counted.
+
 Follows diffusers' PEFT integration (``load_lora_weights``, ``set_adapters``, ``delete_adapters``);
 Kohya/A1111 LoRA files are converted by diffusers' own loaders.
 """
@@ -75,10 +82,16 @@ def adapter_name(key: str) -> str:
 class LoraState:
     """The adapters loaded into one pipeline, and which are active at what scale."""
 
-    def __init__(self, max_resident: int = 8):
+    SLOT = "easel_slot"
+
+    def __init__(self, max_resident: int = 8, hotswap_rank: int | None = None):
         self.max_resident = max_resident
+        self.hotswap_rank = hotswap_rank
         self._loaded: OrderedDict[str, None] = OrderedDict()
+        self._slot_key: str | None = None
         self.loads = 0
+        self.hotswaps = 0
+        self.last_action = ""
 
     def apply(self, pipe: Any, loras: list[tuple[str, str, float]]) -> None:
         """Make exactly ``loras`` active on ``pipe``.
@@ -91,7 +104,11 @@ class LoraState:
         Raises:
             ValueError: the file's keys match no layout diffusers knows for this pipeline, or
                 match no module of it (e.g. an SDXL LoRA on SD 1.5); the message names the file.
+                In hot-swap mode, also more than one LoRA.
         """
+        if self.hotswap_rank:
+            self._apply_slot(pipe, loras)
+            return
         names = []
         for key, path, _ in loras:
             name = adapter_name(key)
@@ -115,6 +132,50 @@ class LoraState:
             return
         pipe.enable_lora()
         pipe.set_adapters(names, adapter_weights=[float(s) for _, _, s in loras])
+
+    def _apply_slot(self, pipe: Any, loras: list[tuple[str, str, float]]) -> None:
+        if len(loras) > 1:
+            raise ValueError("hot-swap mode holds one LoRA at a time")
+        if not loras:
+            if self._slot_key is not None:
+                pipe.disable_lora()
+            self.last_action = "no LoRA"
+            return
+        key, path, scale = loras[0]
+        if key == self._slot_key:
+            self.last_action = "LoRA already resident"
+        elif self._slot_key is None:
+            if not getattr(pipe, "_easel_hotswap_enabled", False):
+                pipe.enable_lora_hotswap(target_rank=self.hotswap_rank)
+                pipe._easel_hotswap_enabled = True
+            self._load(pipe, key, path, hotswap=False)
+            self.last_action = "LoRA loaded into the adapter slot"
+        else:
+            try:
+                pipe.load_lora_weights(path, adapter_name=self.SLOT, hotswap=True)
+                self.hotswaps += 1
+                self.last_action = "LoRA hot-swapped into the resident adapter slot"
+            except Exception as exc:
+                # diffusers removes the slot when a hot-swap fails; load the LoRA as a fresh adapter
+                reason = str(exc).splitlines()[0][:200]
+                _cleanup_failed(pipe, self.SLOT)
+                self._slot_key = None
+                self._load(pipe, key, path, hotswap=False)
+                self.last_action = f"LoRA not hot-swappable ({reason}); adapter slot reloaded"
+        self._slot_key = key
+        pipe.enable_lora()
+        pipe.set_adapters([self.SLOT], adapter_weights=[float(scale)])
+
+    def _load(self, pipe: Any, key: str, path: str, hotswap: bool) -> None:
+        try:
+            pipe.load_lora_weights(path, adapter_name=self.SLOT, hotswap=hotswap)
+        except Exception as exc:
+            _cleanup_failed(pipe, self.SLOT)
+            raise ValueError(f"LoRA {key} could not be loaded into {type(pipe).__name__}: {exc}") from None
+        if not _adapter_present(pipe, self.SLOT):
+            raise ValueError(f"LoRA {key} matches no module of {type(pipe).__name__}: "
+                             "it was made for another model family or has an unknown key layout")
+        self.loads += 1
 
     def _evict(self, pipe: Any, keep: set[str]) -> None:
         while len(self._loaded) >= self.max_resident:

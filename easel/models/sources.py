@@ -65,6 +65,8 @@ class ModelSources:
         """
         if self.settings.model_source == "tiny":
             tiny = self.tiny()
+            if entry.family == "flux":
+                return Weights("diffusers", tiny["flux"], key="tiny-flux")
             if entry.family != "sd15":
                 raise CatalogError(f"no tiny model exists yet for the {entry.family} family (catalog id {entry.id})")
             source = entry.source or {}
@@ -89,12 +91,15 @@ class ModelSources:
         """
         if self.settings.model_source == "tiny":
             tiny = self.tiny()
-            if entry.family != "sd15":
+            if entry.family not in ("sd15", "flux"):
                 raise CatalogError(f"no tiny model exists yet for the {entry.family} family (catalog id {entry.id})")
-            # Community LoRAs (unknown or URL sources) ship in Kohya layout; Hub ones in PEFT layout.
-            layout = "peft" if (entry.source or {}).get("type") == "hf" else "kohya"
-            path = tiny[f"sd15-lora-{layout}"]
-            return Weights("lora", path, key=f"tiny-{layout}")
+            # The entry's known layout, else: community LoRAs (unknown or URL sources) ship in
+            # Kohya layout, Hub ones in PEFT layout.
+            layout = entry.lora_format or ("peft" if (entry.source or {}).get("type") == "hf" else "kohya")
+            name = f"{entry.family}-lora-{layout}"
+            if name not in tiny:
+                raise CatalogError(f"no tiny {entry.family} LoRA in the {layout} layout (catalog id {entry.id})")
+            return Weights("lora", tiny[name], key=f"tiny-{name}")
         source = self.catalog.require_source(entry)
         if source["type"] == "hf":
             path = self._hub_file({**source, "weight_name": source.get("weight_name") or "pytorch_lora_weights.safetensors"})

@@ -13,6 +13,16 @@
 - ``sd15-lora-kohya.safetensors``: a LoRA in the Kohya layout
   (``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``), the usual format of
   community LoRAs.
+- ``flux/``: a FLUX.1-dev-shaped diffusers folder (``transformer/`` a ``FluxTransformer2DModel``
+  with guidance embedding, ``vae/`` a 16-channel ``AutoencoderKL`` without quant convs,
+  ``text_encoder/`` CLIP + ``tokenizer/``, ``text_encoder_2/`` T5 encoder + ``tokenizer_2/`` (a
+  SentencePiece-style unigram vocabulary built offline), ``scheduler/`` flow-matching Euler with
+  dynamic shifting), the layout of ``black-forest-labs/FLUX.1-dev``.
+- ``flux-lora-peft.safetensors`` (``transformer.<module>.lora_A.weight``, as diffusers and
+  ai-toolkit write), ``flux-lora-kohya.safetensors`` (BFL module names in Kohya form:
+  ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, fused qkv) and
+  ``flux-lora-xlabs.safetensors`` (``double_blocks.0.processor.qkv_lora1.down.weight``): the three
+  layouts Flux LoRAs are commonly published in.
 
 Size and speed: the UNet keeps SD 1.5's classes and four resolution levels (so the VAE scale
 factor is 8 and a 512² image denoises a 64² latent) but has 32–64 channels, **one attention
@@ -28,7 +38,7 @@ import json
 import re
 from pathlib import Path
 
-TINY_VERSION = 1
+TINY_VERSION = 3
 _SEED = 0
 
 
@@ -237,11 +247,147 @@ def write_lora_kohya(pipe, path: Path, seed: int = 2, alpha: float = 4.0) -> Non
     save_file(sd, str(path), metadata={"ss_network_module": "networks.lora"})
 
 
+# ---------------------------------------------------------------------------------------------
+# FLUX.1
+
+
+def write_t5_tokenizer(folder: Path):
+    """Write a T5 (unigram) tokenizer covering printable ASCII to ``folder``; return it.
+
+    The vocabulary is ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2), then ``▁``-prefixed and bare
+    characters, the SentencePiece conventions of ``google/t5-v1_1-xxl``'s tokenizer.
+    """
+    from transformers import T5Tokenizer
+
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def build_flux_pipeline():
+    """Build the tiny FLUX.1-dev pipeline in memory (fixed seed). Returns a ``FluxPipeline``.
+
+    Shapes follow FLUX.1-dev scaled down: 16 latent channels packed 2×2 (``in_channels=64``), one
+    double-stream and one single-stream block, 2 heads of 16 (RoPE axes 4+6+6), guidance
+    embedding on (dev is guidance-distilled), CLIP pooled 32-d and T5 32-d context.
+    """
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(_SEED + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = write_clip_tokenizer(Path(tmp) / "clip")
+        tok2 = write_t5_tokenizer(Path(tmp) / "t5")
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=eos, pad_token_id=eos,
+    ))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tok2), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1,
+    ))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, sample_size=512, layers_per_block=1,
+        block_out_channels=(8, 16, 32, 32), norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.1159, scaling_factor=0.3611,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    for module in (text_encoder, text_encoder_2, transformer, vae):
+        module.eval()
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tok2, transformer=transformer)
+
+
+def _flux_dims(pipe) -> tuple[int, int, int]:
+    cfg = pipe.transformer.config
+    inner = cfg.num_attention_heads * cfg.attention_head_dim
+    return inner, cfg.num_layers, cfg.num_single_layers
+
+
+def write_flux_lora_peft(pipe, path: Path, seed: int = 11, rank: int = 4) -> None:
+    """Write a diffusers/PEFT-layout Flux LoRA (``transformer.<module>.lora_A/B.weight``) for every
+    attention projection and the single blocks' ``proj_out`` (a superset of the modules the Kohya
+    and XLabs tiny LoRAs target, so those can be hot-swapped into a slot holding this one)."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    pattern = r"(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)|single_transformer_blocks\.\d+\.proj_out)$"
+    for name, module in pipe.transformer.named_modules():
+        if re.search(pattern, name):
+            sd[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.5
+            sd[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.5
+    save_file(sd, str(path), metadata={"format": "pt"})
+
+
+def write_flux_lora_kohya(pipe, path: Path, seed: int = 12, rank: int = 4, alpha: float = 4.0) -> None:
+    """Write a Kohya-layout Flux LoRA over BFL module names (as sd-scripts' ``flux_train_network``
+    saves): fused ``img_attn_qkv`` / ``txt_attn_qkv``, ``*_attn_proj`` and ``single_blocks_N_linear2``."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    inner, n_double, n_single = _flux_dims(pipe)
+    mlp = int(inner * pipe.transformer.config.get("mlp_ratio", 4.0))
+    shapes = {}
+    for i in range(n_double):
+        for side in ("img", "txt"):
+            shapes[f"lora_unet_double_blocks_{i}_{side}_attn_qkv"] = (inner, 3 * inner)
+            shapes[f"lora_unet_double_blocks_{i}_{side}_attn_proj"] = (inner, inner)
+    for i in range(n_single):
+        shapes[f"lora_unet_single_blocks_{i}_linear2"] = (inner + mlp, inner)
+    sd = {}
+    for base, (fan_in, fan_out) in shapes.items():
+        sd[f"{base}.lora_down.weight"] = torch.randn(rank, fan_in, generator=g) * 0.5
+        sd[f"{base}.lora_up.weight"] = torch.randn(fan_out, rank, generator=g) * 0.5
+        sd[f"{base}.alpha"] = torch.tensor(alpha)
+    save_file(sd, str(path), metadata={"ss_network_module": "networks.lora_flux"})
+
+
+def write_flux_lora_xlabs(pipe, path: Path, seed: int = 13, rank: int = 4) -> None:
+    """Write an XLabs-layout Flux LoRA (``double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight``),
+    the format of ``XLabs-AI/flux-RealismLora``."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    inner, n_double, _ = _flux_dims(pipe)
+    sd = {}
+    for i in range(n_double):
+        for n in (1, 2):
+            for kind, out in (("qkv", 3 * inner), ("proj", inner)):
+                base = f"double_blocks.{i}.processor.{kind}_lora{n}"
+                sd[f"{base}.down.weight"] = torch.randn(rank, inner, generator=g) * 0.5
+                sd[f"{base}.up.weight"] = torch.randn(out, rank, generator=g) * 0.5
+    save_file(sd, str(path))
+
+
 def make_tiny(folder: str | Path, force: bool = False) -> dict[str, Path]:
     """Write every tiny model into ``folder`` (idempotent unless ``force``).
 
     Returns:
-        Name → path: ``sd15`` (folder), ``sd15-single-file``, ``sd15-lora-peft``, ``sd15-lora-kohya``.
+        Name → path: ``sd15`` (folder), ``sd15-single-file``, ``sd15-lora-peft``, ``sd15-lora-kohya``,
+        ``flux`` (folder), ``flux-lora-peft``, ``flux-lora-kohya``, ``flux-lora-xlabs``.
     """
     folder = Path(folder)
     paths = {
@@ -249,6 +395,10 @@ def make_tiny(folder: str | Path, force: bool = False) -> dict[str, Path]:
         "sd15-single-file": folder / "sd15-single-file.safetensors",
         "sd15-lora-peft": folder / "sd15-lora-peft.safetensors",
         "sd15-lora-kohya": folder / "sd15-lora-kohya.safetensors",
+        "flux": folder / "flux",
+        "flux-lora-peft": folder / "flux-lora-peft.safetensors",
+        "flux-lora-kohya": folder / "flux-lora-kohya.safetensors",
+        "flux-lora-xlabs": folder / "flux-lora-xlabs.safetensors",
     }
     stamp = folder / "tiny.json"
     if not force and stamp.exists() and json.loads(stamp.read_text()).get("version") == TINY_VERSION:
@@ -259,5 +409,10 @@ def make_tiny(folder: str | Path, force: bool = False) -> dict[str, Path]:
     write_single_file(pipe, paths["sd15-single-file"])
     write_lora_peft(pipe, paths["sd15-lora-peft"])
     write_lora_kohya(pipe, paths["sd15-lora-kohya"])
+    flux = build_flux_pipeline()
+    flux.save_pretrained(str(paths["flux"]), safe_serialization=True)
+    write_flux_lora_peft(flux, paths["flux-lora-peft"])
+    write_flux_lora_kohya(flux, paths["flux-lora-kohya"])
+    write_flux_lora_xlabs(flux, paths["flux-lora-xlabs"])
     stamp.write_text(json.dumps({"version": TINY_VERSION, "note": "random weights: images are noise"}))
     return paths

@@ -43,3 +43,30 @@ class ToolContext(Protocol):
 
     def input_file(self, value: str) -> Path:
         """Local path of an uploaded file referenced as ``upload:<name>`` in an input."""
+
+
+def write_pngs(images: list, output_dir: Path, seed: int, parameters, params: dict) -> list[Path]:
+    """Save generated images as ``0.png`` … ``N-1.png`` with their generation parameters.
+
+    Args:
+        images: PIL images; image *i* was generated with seed ``seed + i``.
+        parameters: ``f(seed) -> str``: the A1111-style text for the PNG ``parameters`` chunk
+            (what image viewers and "PNG info" tools read).
+        params: JSON-able parameters; written with ``"seed"`` to the ``easel`` text chunk.
+
+    Returns:
+        The written paths, in order.
+    """
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    paths = []
+    for i, image in enumerate(images):
+        info = PngInfo()
+        info.add_text("parameters", parameters(seed + i))
+        info.add_text("easel", json.dumps({**params, "seed": seed + i}, sort_keys=True))
+        path = output_dir / f"{i}.png"
+        image.save(path, pnginfo=info)
+        paths.append(path)
+    return paths

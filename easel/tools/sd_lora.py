@@ -24,7 +24,6 @@ chunk (A1111 style) and as JSON in ``easel``.
 """
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -33,8 +32,9 @@ from typing import Any
 
 from easel.catalog import CatalogError
 from easel.models.fetch import FetchError, check_safetensors
+from easel.models.lora_formats import LoraFormatError, require_family
 
-from .base import ToolContext, ToolError
+from .base import ToolContext, ToolError, write_pngs
 
 TOOL = "wiro/text-to-image-sd-lora"
 
@@ -97,11 +97,13 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
         if url.startswith("upload:"):
             path = ctx.input_file(url)
             check_safetensors(path)
+            require_family(path, "sd", "selectedLoraModelPrivateUrl")
             loras.append((f"upload:{path.name}", str(path), 1.0, url))
         elif url:
             w = models.sources.lora_from_url(url)
+            require_family(w.path, "sd", "selectedLoraModelPrivateUrl")
             loras.append((w.key, str(w.path), 1.0, url))
-    except (CatalogError, FetchError) as exc:
+    except (CatalogError, FetchError, LoraFormatError) as exc:
         raise ToolError(str(exc)) from None
     seed = parse_seed(inputs.get("seed", ""))
     ctx.log(f"seed={seed}")
@@ -163,7 +165,6 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     """
     import diffusers
     import torch
-    from PIL.PngImagePlugin import PngInfo
 
     models = ctx.models
     pipe = models.pipeline(f"sd15:{plan.checkpoint.key}", lambda: load_pipeline(plan.checkpoint))
@@ -204,17 +205,8 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         "clip_skip": plan.clip_skip, "width": plan.width, "height": plan.height,
         "loras": [{"name": label, "scale": s} for _, _, s, label in plan.loras],
     }
-    paths = []
-    for i, image in enumerate(images):
-        info = PngInfo()
-        seed = plan.seed + i
-        loras = ", ".join(f"{label}:{s:g}" for _, _, s, label in plan.loras) or "none"
-        info.add_text("parameters", (
-            f"{plan.prompt}\nNegative prompt: {plan.negative_prompt}\nSteps: {plan.steps}, Sampler: {plan.scheduler}, "
-            f"CFG scale: {plan.guidance_scale:g}, Seed: {seed}, Size: {plan.width}x{plan.height}, "
-            f"Model: {plan.checkpoint_label}, Clip skip: {plan.clip_skip}, LoRAs: {loras}"))
-        info.add_text("easel", json.dumps({**params, "seed": seed}, sort_keys=True))
-        path = ctx.output_dir / f"{i}.png"
-        image.save(path, pnginfo=info)
-        paths.append(path)
-    return paths
+    loras = ", ".join(f"{label}:{s:g}" for _, _, s, label in plan.loras) or "none"
+    return write_pngs(images, ctx.output_dir, plan.seed, lambda seed: (
+        f"{plan.prompt}\nNegative prompt: {plan.negative_prompt}\nSteps: {plan.steps}, Sampler: {plan.scheduler}, "
+        f"CFG scale: {plan.guidance_scale:g}, Seed: {seed}, Size: {plan.width}x{plan.height}, "
+        f"Model: {plan.checkpoint_label}, Clip skip: {plan.clip_skip}, LoRAs: {loras}"), params)

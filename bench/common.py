@@ -1,0 +1,67 @@
+"""Shared benchmark helpers: a real ``easel serve`` in a temporary data dir, and Run-to-done timing."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BenchServer:
+    """A running server and an API-key client for it."""
+
+    def __init__(self, base: str, client: httpx.Client):
+        self.base = base
+        self.client = client
+
+    def run_to_done(self, tool: str, params: dict, poll: float = 0.02) -> tuple[float, float, dict]:
+        """Submit ``params`` to ``tool`` and poll Task/Detail until the task ends.
+
+        Returns:
+            (submit latency s, Run → task_postprocess_end s, the final task object).
+        """
+        t0 = time.time()
+        answer = self.client.post(f"{self.base}/v1/Run/{tool}", json=params).json()
+        submit = time.time() - t0
+        while True:
+            task = self.client.post(f"{self.base}/v1/Task/Detail", json={"taskid": answer["taskid"]}).json()["tasklist"][0]
+            if task["status"] in ("task_postprocess_end", "task_cancel"):
+                break
+            time.sleep(poll)
+        assert task["pexit"] == "0", task["debugerror"]
+        return submit, time.time() - t0, task
+
+
+@contextmanager
+def serve(data: Path, *args: str) -> Iterator[BenchServer]:
+    """Start ``easel serve`` on ``data`` (tiny models) and yield a :class:`BenchServer`."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "easel", "serve", "--port", str(port), "--data-dir", str(data), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        out = subprocess.run([sys.executable, "-m", "easel", "projects", "create", "bench", "--data-dir", str(data),
+                              "--auth", "apikey", "--json"], capture_output=True, text=True, check=True)
+        client = httpx.Client(headers={"x-api-key": json.loads(out.stdout)["apikey"]}, timeout=60)
+        yield BenchServer(base, client)
+    finally:
+        proc.terminate()
+        proc.wait(20)

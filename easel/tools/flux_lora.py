@@ -1,0 +1,213 @@
+"""``wiro/text-to-image-flux-lora-fast``: FLUX.1-dev text-to-image with one LoRA.
+
+Inputs (schema: ``easel/catalog/tools/wiro__text-to-image-flux-lora-fast.json``) map to diffusers'
+``FluxPipeline`` as follows:
+
+===============================  ============================================================
+Wiro field                       diffusers
+===============================  ============================================================
+``selectedLoraModel``            one catalog Flux LoRA, at its ``generatesettings`` scale (the
+                                 request may send that setting's id, e.g. ``flux-RealismLora``)
+``selectedLoraModelPrivateUrl``  a user's ``.safetensors`` LoRA (safe fetcher), scale 1.0; when
+                                 given it **takes the place of** ``selectedLoraModel``
+``prompt``                       ``prompt`` (CLIP pooled + T5 context)
+``steps``                        ``num_inference_steps``
+``scale``                        ``guidance_scale``: FLUX.1-dev's *distilled* guidance, fed to
+                                 the transformer's guidance embedding (no negative pass)
+``samples``                      ``num_images_per_prompt`` (image *i* uses seed ``seed + i``)
+``seed``                         ``torch.Generator`` seeds; empty / ``-1`` / non-numeric → random
+``width`` / ``height``           ``width`` / ``height``: multiples of 16 (the VAE's factor 8 times
+                                 the 2×2 latent packing); other values are **rejected** at
+                                 submission with a message naming the field, never rounded
+===============================  ============================================================
+
+"fast" and "bf16", as the seed's tags promise: on CUDA the pipeline runs in bfloat16, stays
+resident between tasks (``Settings.pipeline_cache_bytes``), and LoRAs change by **hot-swapping**
+into one adapter slot of the resident transformer (``easel.models.cache.LoraState``), so a
+``torch.compile``-d transformer (``Settings.torch_compile``) is not recompiled when the LoRA
+changes. ``Settings.cpu_offload`` enables diffusers' model CPU offload for small GPUs. On the CPU
+the same code runs in float32.
+
+Flux LoRAs are accepted in the diffusers/PEFT, Kohya, XLabs and BFL key layouts (converted by
+diffusers' ``FluxLoraLoaderMixin``); Easel reads the file's keys first and refuses a LoRA for
+another family, or of an unknown layout, with a message naming what it found
+(``easel.models.lora_formats``).
+
+Outputs: ``0.png`` … with the parameters in the PNG ``parameters`` text chunk and as JSON in ``easel``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from easel.catalog import CatalogError, load_tools
+from easel.models.fetch import FetchError
+from easel.models.lora_formats import LoraFormatError, require_family
+
+from .base import ToolContext, ToolError, write_pngs
+from .sd_lora import parse_seed
+
+TOOL = "wiro/text-to-image-flux-lora-fast"
+
+
+@dataclass
+class FluxLora:
+    """One LoRA to apply: ``key`` identifies the weights, ``scale`` is the adapter weight."""
+
+    key: str
+    path: str
+    scale: float
+    label: str
+    layout: str = ""
+
+
+@dataclass
+class Plan:
+    """Everything :func:`run` needs, resolved in the preprocess stage."""
+
+    tool: str
+    base: Any  # easel.models.Weights
+    base_label: str
+    lora: FluxLora | None
+    prompt: str
+    samples: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    width: int
+    height: int
+
+
+def checked_lora(key: str, path: Path | str, scale: float, label: str, field: str) -> FluxLora:
+    """Build a :class:`FluxLora` after checking that the file is a FLUX.1 LoRA.
+
+    Raises:
+        ToolError: the file was made for another family, or its layout is unknown.
+    """
+    try:
+        layout = require_family(path, "flux", field)
+    except (LoraFormatError, FetchError) as exc:
+        raise ToolError(str(exc)) from None
+    return FluxLora(key, str(path), scale, label, layout.layout)
+
+
+def make_plan(tool: str, inputs: dict[str, Any], lora: FluxLora | None, ctx: ToolContext) -> Plan:
+    """The common part of both FLUX tools' ``prepare``: the base model, seed and numbers.
+
+    Raises:
+        ToolError: the base model's weights cannot be resolved.
+    """
+    spec = load_tools()[tool]
+    models = ctx.models
+    try:
+        entry = models.catalog.get(spec.base_model)
+        base = models.sources.checkpoint(entry)
+    except (KeyError, CatalogError) as exc:
+        raise ToolError(f"base model of {tool}: {exc}") from None
+    seed = parse_seed(inputs.get("seed", ""))
+    ctx.log(f"seed={seed}")
+    if lora is not None:
+        ctx.log(f"LoRA {lora.label} ({lora.layout} layout) at scale {lora.scale:g}")
+    return Plan(
+        tool=tool, base=base, base_label=entry.label, lora=lora, prompt=inputs.get("prompt", ""),
+        samples=int(inputs["samples"]), steps=int(inputs["steps"]), guidance_scale=float(inputs["scale"]),
+        seed=seed, width=int(inputs["width"]), height=int(inputs["height"]),
+    )
+
+
+def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
+    """Resolve the base model and the LoRA (catalog id, or the private URL which replaces it).
+
+    Raises:
+        ToolError: a non-Flux LoRA, an unknown layout, an unset catalog source, or a refused URL.
+    """
+    models = ctx.models
+    url = (inputs.get("selectedLoraModelPrivateUrl") or "").strip()
+    try:
+        if url.startswith("upload:"):
+            path = ctx.input_file(url)
+            lora = checked_lora(f"upload:{path.name}", path, 1.0, url, "selectedLoraModelPrivateUrl")
+        elif url:
+            w = models.sources.lora_from_url(url)
+            lora = checked_lora(w.key, w.path, 1.0, url, "selectedLoraModelPrivateUrl")
+        elif inputs.get("selectedLoraModel"):
+            entry = models.catalog.get(inputs["selectedLoraModel"])
+            if entry.kind != "flux-lora":
+                raise ToolError(f"selectedLoraModel {entry.id} ({entry.label}) is a {entry.kind}; this tool takes flux LoRAs")
+            scale = float(inputs[entry.generatesettings[0]["id"]]) if entry.generatesettings else 1.0
+            w = models.sources.lora(entry)
+            lora = checked_lora(f"{entry.id}:{w.key}", w.path, scale, entry.label, "selectedLoraModel")
+        else:
+            lora = None
+    except (CatalogError, FetchError) as exc:
+        raise ToolError(str(exc)) from None
+    return make_plan(TOOL, inputs, lora, ctx)
+
+
+def load_pipeline(weights, settings) -> Any:
+    """Load a ``FluxPipeline`` from a local diffusers folder.
+
+    bfloat16 on CUDA (``enable_model_cpu_offload`` if ``settings.cpu_offload``), float32 on CPU.
+    """
+    import torch
+    from diffusers import FluxPipeline
+
+    cuda = torch.cuda.is_available()
+    pipe = FluxPipeline.from_pretrained(str(weights.path), torch_dtype=torch.bfloat16 if cuda else torch.float32,
+                                        use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    if cuda and settings.cpu_offload:
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to("cuda" if cuda else "cpu")
+    return pipe
+
+
+def run(plan: Plan, ctx: ToolContext) -> list[Path]:
+    """Generate ``plan.samples`` images into ``ctx.output_dir`` as ``0.png`` ….
+
+    Raises:
+        ToolError: the LoRA does not fit the transformer.
+        easel.tools.base.TaskKilled: (from ``ctx.progress``) when the task was killed.
+    """
+    import torch
+
+    models = ctx.models
+    key = f"flux:{plan.base.key}"
+    resident = key in models.pipelines.keys()
+    t0 = time.perf_counter()
+    pipe = models.pipeline(key, lambda: load_pipeline(plan.base, models.settings))
+    ctx.log(f"base model {plan.base_label}: " + ("resident, reused" if resident else f"loaded in {time.perf_counter() - t0:.2f} s"))
+    state = models.loras(pipe, hotswap=True)
+    t0 = time.perf_counter()
+    try:
+        state.apply(pipe, [(plan.lora.key, plan.lora.path, plan.lora.scale)] if plan.lora else [])
+    except ValueError as exc:
+        raise ToolError(str(exc)) from None
+    ctx.log(f"{state.last_action} ({time.perf_counter() - t0:.2f} s)")
+    if models.settings.torch_compile and torch.cuda.is_available() and not getattr(pipe, "_easel_compiled", False):
+        pipe.transformer.compile(fullgraph=True)  # after the first LoRA: later ones hot-swap without recompiling
+        pipe._easel_compiled = True
+
+    def on_step_end(_pipe, step, _timestep, callback_kwargs):
+        ctx.progress(step + 1, plan.steps)
+        return callback_kwargs
+
+    generators = [torch.Generator("cpu").manual_seed(plan.seed + i) for i in range(plan.samples)]
+    ctx.started()
+    images = pipe(
+        prompt=plan.prompt, num_images_per_prompt=plan.samples, num_inference_steps=plan.steps,
+        guidance_scale=plan.guidance_scale, width=plan.width, height=plan.height, generator=generators,
+        callback_on_step_end=on_step_end,
+    ).images
+
+    lora_text = f"{plan.lora.label}:{plan.lora.scale:g}" if plan.lora else "none"
+    params = {"tool": plan.tool, "model": plan.base_label, "prompt": plan.prompt, "steps": plan.steps,
+              "guidance_scale": plan.guidance_scale, "width": plan.width, "height": plan.height,
+              "loras": [{"name": plan.lora.label, "scale": plan.lora.scale}] if plan.lora else []}
+    return write_pngs(images, ctx.output_dir, plan.seed, lambda seed: (
+        f"{plan.prompt}\nSteps: {plan.steps}, Sampler: FlowMatchEulerDiscreteScheduler, Distilled CFG scale: "
+        f"{plan.guidance_scale:g}, Seed: {seed}, Size: {plan.width}x{plan.height}, Model: {plan.base_label}, "
+        f"LoRAs: {lora_text}"), params)
