@@ -36,6 +36,16 @@ class Settings:
         torch_compile: ``torch.compile`` the FLUX transformer (CUDA only; LoRA changes then
             hot-swap without recompiling).
         cpu_offload: ``enable_model_cpu_offload`` for GPUs too small to hold FLUX.1 in bf16.
+        preview_interval: Every how many denoising steps a latent preview JPEG is stored with the
+            progress event (and at the last step); 0 disables previews.
+        max_concurrent_tasks: Unfinished tasks one project may have (queued or running) before
+            Run answers Wiro's code 96; 0 = unlimited.
+        rate_limit_per_minute: Requests one API key may make per minute to one API process
+            before HTTP 429 with ``Retry-After``; 0 = unlimited.
+        webhook_max_age_seconds: How long a webhook is retried (exponential backoff from
+            ``webhook_backoff_seconds``, doubling, capped at 10 minutes) before it is given up.
+        webhook_timeout: Seconds per webhook attempt.
+        ws_path: Path of the WebSocket endpoint (Wiro's is ``wss://socket.wiro.ai/v1``).
         default_cost_per_second: Cost per second of run time for tools that set none.
         poll_interval: Seconds an idle worker waits between store polls when not woken.
         catalog_override: JSON file merged over the built-in model catalog at start-up;
@@ -59,6 +69,13 @@ class Settings:
     lora_hotswap_rank: int = 128
     torch_compile: bool = False
     cpu_offload: bool = False
+    preview_interval: int = 5
+    max_concurrent_tasks: int = 0
+    rate_limit_per_minute: int = 0
+    webhook_max_age_seconds: float = 24 * 3600.0
+    webhook_backoff_seconds: float = 5.0
+    webhook_timeout: float = 10.0
+    ws_path: str = "/v1"
     default_cost_per_second: float = 0.000585
     poll_interval: float = 0.25
     catalog_override: Path | None = None

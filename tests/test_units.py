@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 
 import numpy as np
 from pathlib import Path
@@ -193,9 +194,16 @@ def test_schema_migrates_and_claims_on_postgresql():
         store = Store(f"postgresql+psycopg://postgres@127.0.0.1/{name}")
         store.migrate()
         p = store.create_project("pg")
-        t = lc.submit(store, project_id=p.id, tool="x/y", parameters={}, inputs={}, callbackurl="", cost_per_second=0)
+        t, created = lc.submit(store, project_id=p.id, tool="x/y", parameters={}, inputs={},
+                               callbackurl="http://hooks.example/x", cost_per_second=0, idempotency_key="k1")
+        again, created_again = lc.submit(store, project_id=p.id, tool="x/y", parameters={}, inputs={},
+                                         callbackurl="", cost_per_second=0, idempotency_key="k1")
+        assert created and not created_again and again.id == t.id
         assert lc.claim(store, "w1") == t.id and lc.claim(store, "w2") is None
         assert store.use_nonce(p.id, "1", 60) and not store.use_nonce(p.id, "1", 60)
+        lc.advance(store, t.id, lc.POSTPROCESS_END, pexit="0")  # terminal: a webhook delivery is queued with it
+        leased = store.lease_due_deliveries(time.time() + 1, lease_seconds=30)
+        assert [d.task_id for d in leased] == [t.id] and store.lease_due_deliveries(time.time() + 1, 30) == []
         store.engine.dispose()
     finally:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -1,15 +1,24 @@
-"""The FastAPI application: Run, Task/Detail, Task/Cancel, Task/Kill and output files."""
+"""The FastAPI application: Wiro's Run, Task and Tool endpoints, output files, the live WebSocket,
+and the webhook dispatcher. Beyond Wiro: ``Idempotency-Key`` and ``Prefer: wait=N`` on Run,
+``Task/List``, a rate limit (HTTP 429) and an OpenAPI document with every tool's inputs."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
+import math
 import re
+import shutil
+import threading
+import time
 import uuid as uuidlib
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.openapi.utils import get_openapi
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -23,12 +32,42 @@ from easel.store import Project, Store, Task
 from easel.tasks import lifecycle as lc
 
 from . import errors as E
+from . import live, toolinfo
 from .auth import authenticate
 from .errors import WiroError, error_response
 from .parsing import Body, parse_body
+from .webhooks import WebhookDispatcher
 
 log = logging.getLogger("easel.api")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+)", re.I)
+MAX_PREFER_WAIT = 60
+
+
+class RateLimiter:
+    """Sliding one-minute window of request times per API key, in this process's memory.
+
+    With several API processes each enforces the limit on the requests it sees (documented).
+    """
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self._hits: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self._lock = threading.Lock()
+
+    def check(self, key: str, now: float | None = None) -> float | None:
+        """Record a request; return None if allowed, else the seconds until one is allowed."""
+        if self.per_minute <= 0:
+            return None
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            hits = self._hits[key]
+            while hits and now - hits[0] >= 60.0:
+                hits.popleft()
+            if len(hits) >= self.per_minute:
+                return 60.0 - (now - hits[0])
+            hits.append(now)
+            return None
 
 
 class Api:
@@ -41,17 +80,33 @@ class Api:
         self.tools = load_tools()
         self.storage = LocalStorage(settings)
         self.executor = executor
+        self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.webhooks = WebhookDispatcher(settings, self.store, self.task_object)
 
     # -- helpers ------------------------------------------------------------------------------
 
     def auth(self, request: Request) -> Project:
-        return authenticate(request.headers, self.store, self.settings)
+        project = authenticate(request.headers, self.store, self.settings)
+        wait = self.limiter.check(project.apikey)
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
+            raise WiroError(0, f"Too many requests: this API key may make {self.settings.rate_limit_per_minute} "
+                               f"requests per minute. Retry after {seconds} s.", 429, {"Retry-After": str(seconds)})
+        return project
 
     def view(self, task: Task) -> dict:
         spec = self.tools.get(task.tool)
+        position = self.store.count_in((lc.QUEUE,), before_id=task.id) + 1 if task.status == lc.QUEUE else None
         return lc.task_view(task, self.store.outputs(task.id),
                             lambda t, o: self.storage.url(t.file_accesskey, o.name),
-                            spec.categories if spec else [])
+                            spec.categories if spec else [], queueposition=position)
+
+    def task_object(self, task_id: int) -> dict | None:
+        task = self.store.get_task(task_id)
+        return self.view(task) if task else None
+
+    def output_list(self, task: Task) -> list:
+        return self.view(task)["outputs"]
 
     def find_task(self, project: Project, fields: dict) -> Task:
         task_id = str(fields.get("taskid", "") or "").strip()
@@ -93,7 +148,12 @@ class Api:
 
     # -- endpoints (sync parts run in a thread) ----------------------------------------------
 
-    def run(self, project: Project, owner: str, slug: str, body: Body) -> dict:
+    def run(self, project: Project, owner: str, slug: str, body: Body, idempotency_key: str = "") -> dict:
+        idempotency_key = idempotency_key.strip()[:255]
+        if idempotency_key:
+            first = self.store.task_by_idempotency(project.id, idempotency_key)
+            if first is not None:
+                return self.run_answer(first)
         spec = self.tools.get(f"{owner}/{slug}")
         if spec is None:
             raise WiroError(1, E.TOOL_NOT_FOUND)
@@ -121,11 +181,70 @@ class Api:
             self.check_sources(spec, inputs)
         except InputError as exc:
             raise WiroError(0, exc.message) from None
-        task = lc.submit(self.store, project_id=project.id, tool=spec.name, parameters=fields, inputs=inputs,
-                         callbackurl=callback, cost_per_second=spec.cost_per_second, uuid=task_uuid)
-        if self.executor is not None:
+        limit = self.settings.max_concurrent_tasks
+        if limit and self.store.count_in((lc.QUEUE, *lc.RUNNING), project_id=project.id) >= limit:
+            raise WiroError(96, f"You have reached your concurrent task limit: this project may have up to {limit} "
+                                "unfinished (queued or running) tasks at the same time. Wait for a task to finish, "
+                                "or ask the operator to raise EASEL_MAX_CONCURRENT_TASKS.")
+        task, created = lc.submit(self.store, project_id=project.id, tool=spec.name, parameters=fields,
+                                  inputs=inputs, callbackurl=callback, cost_per_second=spec.cost_per_second,
+                                  uuid=task_uuid, idempotency_key=idempotency_key or None)
+        if created and self.executor is not None:
             self.executor.submit(task.id)
+        return self.run_answer(task)
+
+    @staticmethod
+    def run_answer(task: Task) -> dict:
         return {"errors": [], "taskid": str(task.id), "socketaccesstoken": task.socketaccesstoken, "result": True}
+
+    def wait_for_end(self, task_id: int, seconds: float) -> Task:
+        """Block (in a worker thread) until the task is terminal or ``seconds`` pass."""
+        deadline = time.monotonic() + seconds
+        while True:
+            task = self.store.get_task(task_id)
+            if task.status in lc.TERMINAL or time.monotonic() >= deadline:
+                return task
+            time.sleep(0.05)
+
+    def delete_io(self, project: Project, body: Body) -> dict:
+        """Task/InputOutputDelete: remove a finished task's uploaded inputs and output files (idempotent)."""
+        task = self.find_task(project, body.fields)
+        if task.status not in lc.TERMINAL:
+            raise WiroError(1, E.NOT_DELETABLE)
+        self.store.drop_deliveries(task.id)
+        for out in self.store.delete_outputs(task.id):
+            try:
+                self.storage.path(out.path).unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(self.settings.files_dir / task.uuid, ignore_errors=True)
+        shutil.rmtree(self.settings.uploads_dir / task.uuid, ignore_errors=True)
+        return {"result": True, "errors": []}
+
+    def task_list(self, project: Project, fields: dict) -> dict:
+        """Task/List (beyond Wiro): the project's tasks, newest first; ``start``, ``limit``, ``status``."""
+        start, limit = _int_field(fields, "start", 0, 0, 10**9), _int_field(fields, "limit", 20, 1, 200)
+        status = str(fields.get("status", "") or "")
+        tasks = self.store.tasks_of(project.id, limit=limit, start=start, status=status or None)
+        return {"result": True, "errors": [], "total": str(len(tasks)), "tasklist": [self.view(t) for t in tasks]}
+
+    def tool_list(self, fields: dict) -> dict:
+        start, limit = _int_field(fields, "start", 0, 0, 10**9), _int_field(fields, "limit", 20, 1, 1000)
+        cats, tags = _list_field(fields, "categories"), _list_field(fields, "tags")
+        found = [(i, spec) for i, spec in enumerate(self.tools.values(), 1)
+                 if toolinfo.matches(spec, str(fields.get("search", "") or ""), cats, tags,
+                                     str(fields.get("slugowner", "") or ""))]
+        if str(fields.get("order", "")).upper() == "DESC":
+            found.reverse()
+        return {"result": True, "errors": [], "total": len(found),
+                "tool": [toolinfo.tool_summary(i, spec) for i, spec in found[start:start + limit]]}
+
+    def tool_detail(self, fields: dict) -> dict:
+        owner, slug = str(fields.get("slugowner", "") or ""), str(fields.get("slugproject", "") or "")
+        for i, spec in enumerate(self.tools.values(), 1):
+            if spec.owner.lower() == owner.lower() and spec.slug.lower() == slug.lower():
+                return {"result": True, "errors": [], "tool": [toolinfo.tool_detail(i, spec, self.catalog)]}
+        raise WiroError(1, E.TOOL_NOT_FOUND)
 
     def cancel(self, project: Project, body: Body) -> dict:
         task = self.find_task(project, body.fields)
@@ -143,16 +262,51 @@ class Api:
         return task
 
 
-def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
-    """Build the app. ``executor`` is told about new tasks; None leaves them queued in the store."""
+def _int_field(fields: dict, name: str, default: int, lo: int, hi: int) -> int:
+    raw = str(fields.get(name, "") or "").strip()
+    if not raw:
+        return default
+    if not raw.lstrip("-").isdigit():
+        raise WiroError(0, f"Request parameter [{name}] must be an integer (got {raw!r})")
+    return min(hi, max(lo, int(raw)))
+
+
+def _list_field(fields: dict, name: str) -> list[str]:
+    value = fields.get(name)
+    if value in (None, "", []):
+        return []
+    if isinstance(value, list):
+        return [str(v) for v in value if str(v)]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def prefer_wait(header: str) -> int | None:
+    """Seconds asked for by ``Prefer: wait=N`` (capped at 60), or None."""
+    m = _PREFER_WAIT.search(header or "")
+    return min(MAX_PREFER_WAIT, int(m.group(1))) if m else None
+
+
+def create_app(settings: Settings, executor: Executor | None = None, dispatch_webhooks: bool = True) -> FastAPI:
+    """Build the app. ``executor`` is told about new tasks; None leaves them queued in the store
+    (workers of another process poll it). ``dispatch_webhooks`` runs the webhook sender thread."""
     api = Api(settings, executor)
-    app = FastAPI(title="Easel", version="0.1.0",
-                  description="Self-hostable image generation server speaking the Wiro tool API.")
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        if dispatch_webhooks:
+            api.webhooks.start()
+        yield
+        api.webhooks.stop()
+
+    app = FastAPI(title="Easel", version="0.2.0", lifespan=lifespan,
+                  description="Self-hostable image generation server speaking the Wiro tool API. Every endpoint "
+                              "answers Wiro's envelope `{result, errors: [{code, message}]}`; request errors are "
+                              "HTTP 200 with `result: false`, as Wiro's docs state.")
     app.state.api = api
 
     @app.exception_handler(WiroError)
     async def _wiro_error(_request, exc: WiroError):
-        return error_response(exc.code, exc.message, exc.status)
+        return error_response(exc.code, exc.message, exc.status, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
@@ -172,11 +326,21 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
     async def body_of(request: Request) -> Body:
         return await parse_body(request, settings.upload_max_bytes)
 
-    @app.post("/v1/Run/{owner}/{slug}", summary="Run a tool (Wiro: POST /Run/{owner-slug}/{model-slug})")
+    @app.post("/v1/Run/{owner}/{slug}", summary="Run a tool (Wiro: POST /Run/{owner-slug}/{model-slug})",
+              description="Headers beyond Wiro: `Idempotency-Key` (a retried Run returns the first task) and "
+                          "`Prefer: wait=N` (N <= 60: answer when the task ends or N seconds pass, with the "
+                          "task object under `tasklist`). Each tool's body is documented under its own path.")
     async def run(owner: str, slug: str, request: Request):
         project = await run_in_threadpool(api.auth, request)
         body = await body_of(request)
-        return await run_in_threadpool(api.run, project, owner, slug, body)
+        answer = await run_in_threadpool(api.run, project, owner, slug, body,
+                                         request.headers.get("idempotency-key", ""))
+        wait = prefer_wait(request.headers.get("prefer", ""))
+        if wait is None:
+            return answer
+        task = await run_in_threadpool(api.wait_for_end, int(answer["taskid"]), wait)
+        answer = {**answer, "total": "1", "tasklist": [await run_in_threadpool(api.view, task)]}
+        return JSONResponse(answer, headers={"Preference-Applied": f"wait={wait}"})
 
     @app.post("/v1/Task/Detail", summary="Task status, times, logs and outputs")
     async def detail(request: Request):
@@ -202,6 +366,34 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
             await asyncio.sleep(0.1)
         return await run_in_threadpool(api.tasklist, current)
 
+    @app.post("/v1/Task/InputOutputDelete", summary="Delete a finished task's input and output files")
+    async def input_output_delete(request: Request):
+        project = await run_in_threadpool(api.auth, request)
+        body = await body_of(request)
+        return await run_in_threadpool(api.delete_io, project, body)
+
+    @app.post("/v1/Task/List", summary="The project's tasks, newest first (beyond Wiro)")
+    async def task_list(request: Request):
+        project = await run_in_threadpool(api.auth, request)
+        body = await body_of(request)
+        return await run_in_threadpool(api.task_list, project, body.fields)
+
+    @app.post("/v1/Tool/List", summary="Tools on this server (start, limit, search, categories, tags, slugowner)")
+    async def tool_list(request: Request):
+        await run_in_threadpool(api.auth, request)
+        body = await body_of(request)
+        return await run_in_threadpool(api.tool_list, body.fields)
+
+    @app.post("/v1/Tool/Detail", summary="One tool with its inputs in Wiro's parameter format")
+    async def tool_detail(request: Request):
+        await run_in_threadpool(api.auth, request)
+        body = await body_of(request)
+        return await run_in_threadpool(api.tool_detail, body.fields)
+
+    @app.websocket(settings.ws_path)
+    async def socket(ws: WebSocket):
+        await live.serve_socket(ws, api.store, api.output_list)
+
     @app.get("/v1/File/{accesskey}/{name}", summary="An output file (the access key is the credential)")
     async def file(accesskey: str, name: str):
         out = await run_in_threadpool(api.store.output_by_key, accesskey, name)
@@ -212,5 +404,25 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
     @app.get("/healthz", include_in_schema=False)
     async def healthz():
         return JSONResponse({"ok": True})
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for spec in api.tools.values():
+            if not spec.module:
+                continue
+            schema = toolinfo.input_schema(spec, api.catalog)
+            doc["paths"][f"/v1/Run/{spec.owner}/{spec.slug}"] = {"post": {
+                "summary": f"Run {spec.owner}/{spec.slug}", "description": spec.description,
+                "tags": ["tools"], "operationId": f"run_{spec.owner}_{spec.slug}".replace("-", "_"),
+                "requestBody": {"required": True, "content": {"application/json": {"schema": schema},
+                                                              "multipart/form-data": {"schema": schema}}},
+                "responses": {"200": {"description": "`{errors, taskid, socketaccesstoken, result}`"}},
+            }}
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi
 
     return app

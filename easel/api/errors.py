@@ -14,17 +14,21 @@ NOT_CANCELLABLE = "Task is not in a cancellable state."
 TOOL_NOT_FOUND = "slug-owner-project-not-exist"
 TOOL_NOT_ACCESSIBLE = "tool-not-accessible"
 INVALID_BODY = "Request parameters are invalid."
+NOT_DELETABLE = ("Task has not ended: its inputs and outputs can be deleted once it reaches "
+                 "task_postprocess_end or task_cancel.")
 
 
 class WiroError(Exception):
     """An error answered in Wiro's envelope with ``code`` and HTTP ``status``."""
 
-    def __init__(self, code: int, message: str, status: int = 200):
+    def __init__(self, code: int, message: str, status: int = 200, headers: dict | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
+        self.headers = headers or {}
 
 
-def error_response(code: int, message: str, status: int = 200) -> JSONResponse:
-    return JSONResponse({"result": False, "errors": [{"code": code, "message": message}]}, status_code=status)
+def error_response(code: int, message: str, status: int = 200, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"result": False, "errors": [{"code": code, "message": message}]}, status_code=status,
+                        headers=headers)

@@ -35,7 +35,8 @@ def serve(
     port: int = typer.Option(8000, help="TCP port."),
     data_dir: Path = typer.Option(Path("easel-data"), help="Where the database, files and models live."),
     model_source: str = typer.Option("tiny", help="tiny (offline random models) or hub (real weights)."),
-    workers: int = typer.Option(1, help="Local worker processes."),
+    workers: int = typer.Option(1, help="Local worker processes; 0 = API only (workers of another "
+                                        "`easel serve` on the same database run the tasks)."),
     public_url: Optional[str] = typer.Option(None, help="Base URL written into output urls (default http://HOST:PORT)."),
     fetch_allow: Optional[str] = typer.Option(None, help="Comma-separated hosts/CIDRs the URL fetcher may reach "
                                                          "although private (e.g. 127.0.0.1 for local tests)."),
@@ -53,15 +54,18 @@ def serve(
                          public_url=public_url or f"http://{host}:{port}", **extra)
     store = Store(settings.database_url)
     store.migrate()
-    failed = lifecycle.recover_interrupted(store)
-    if failed:
-        console.print(f"[yellow]{len(failed)} task(s) were mid-run when the server stopped; ended as failed: {failed}")
-    executor = create_executor("local", settings)
-    executor.start()
+    executor = None
+    if workers > 0:  # only a process that owns workers may end tasks it finds mid-run
+        failed = lifecycle.recover_interrupted(store)
+        if failed:
+            console.print(f"[yellow]{len(failed)} task(s) were mid-run when the server stopped; ended as failed: {failed}")
+        executor = create_executor("local", settings)
+        executor.start()
     try:
         uvicorn.run(create_app(settings, executor), host=host, port=port, log_level="warning")
     finally:
-        executor.stop()
+        if executor is not None:
+            executor.stop()
 
 
 @projects_app.command("create")

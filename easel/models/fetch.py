@@ -84,6 +84,37 @@ def vet_url(url: str, policy: FetchPolicy) -> tuple[str, str, int, str]:
     return parts.scheme, host, port, str(ips[0])
 
 
+def _pinned(url: str, policy: FetchPolicy) -> tuple[str, str, str]:
+    """``url`` with its host replaced by the vetted IP; also the host (for SNI) and Host header."""
+    scheme, host, port, ip = vet_url(url, policy)
+    parts = urlsplit(url)
+    netloc_ip = f"[{ip}]" if ":" in ip else ip
+    pinned = urlunsplit((scheme, f"{netloc_ip}:{port}", parts.path or "/", parts.query, ""))
+    return pinned, host, host if parts.port is None else f"{host}:{parts.port}"
+
+
+def post_pinned(url: str, body: bytes, headers: dict, policy: FetchPolicy) -> int:
+    """POST ``body`` to an untrusted ``url`` (webhooks) under the same rules as downloads.
+
+    The host is vetted and the connection pinned to the vetted address; redirects are **not**
+    followed (a redirect answer counts as a failure). Returns the HTTP status code.
+
+    Raises:
+        FetchError: refused URL, timeout or connection error.
+    """
+    timeout = httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout)
+    pinned, host, host_header = _pinned(url, policy)
+    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        try:
+            resp = client.post(pinned, content=body, headers={**headers, "Host": host_header},
+                               extensions={"sni_hostname": host})
+        except httpx.TimeoutException:
+            raise FetchError(f"timed out posting to {host}") from None
+        except httpx.HTTPError as exc:
+            raise FetchError(f"could not post to {host}: {exc}") from None
+        return resp.status_code
+
+
 def fetch_to_file(url: str, dest: Path, policy: FetchPolicy) -> int:
     """Download ``url`` to ``dest`` under ``policy``; return the byte count.
 
@@ -93,11 +124,7 @@ def fetch_to_file(url: str, dest: Path, policy: FetchPolicy) -> int:
     timeout = httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout)
     with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            scheme, host, port, ip = vet_url(url, policy)
-            parts = urlsplit(url)
-            netloc_ip = f"[{ip}]" if ":" in ip else ip
-            pinned = urlunsplit((scheme, f"{netloc_ip}:{port}", parts.path or "/", parts.query, ""))
-            host_header = host if parts.port is None else f"{host}:{parts.port}"
+            pinned, host, host_header = _pinned(url, policy)
             req = client.build_request("GET", pinned, headers={"Host": host_header},
                                        extensions={"sni_hostname": host})
             try:

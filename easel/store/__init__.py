@@ -14,13 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from sqlalchemy import create_engine, delete, event, select, update
+from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import Event, Nonce, Output, Project, Task
+from .models import Event, Nonce, Output, Project, Task, WebhookDelivery
 
-__all__ = ["Store", "Project", "Task", "Output", "Event", "new_token"]
+__all__ = ["Store", "Project", "Task", "Output", "Event", "WebhookDelivery", "new_token"]
 
 HERE = Path(__file__).parent
 
@@ -84,6 +84,10 @@ class Store:
         with self.session() as s:
             return s.scalar(select(Project).where(Project.apikey == apikey))
 
+    def project_by_id(self, project_id: int) -> Project | None:
+        with self.session() as s:
+            return s.get(Project, project_id)
+
     def use_nonce(self, project_id: int, nonce: str, retention_seconds: float) -> bool:
         """Record ``nonce`` for the project; False if it was already used (a replay)."""
         now = time.time()
@@ -98,18 +102,57 @@ class Store:
     # -- tasks --------------------------------------------------------------------------------
 
     def create_task(self, *, project_id: int, tool: str, status: str, parameters: dict, inputs: dict,
-                    callbackurl: str, cost_per_second: float, first_event: str, uuid: str | None = None) -> Task:
+                    callbackurl: str, cost_per_second: float, first_event: str, uuid: str | None = None,
+                    idempotency_key: str | None = None) -> tuple[Task, bool]:
+        """Insert a task and its first event.
+
+        Returns:
+            ``(task, created)``. With an ``idempotency_key`` already used by the project, the
+            existing task and ``False`` (also when two requests race: the unique constraint decides).
+        """
+        if idempotency_key:
+            existing = self.task_by_idempotency(project_id, idempotency_key)
+            if existing is not None:
+                return existing, False
         now = time.time()
         t = Task(uuid=uuid or str(uuidlib.uuid4()), project_id=project_id, tool=tool,
                  socketaccesstoken=new_token(), file_accesskey=new_token(), status=status,
                  parameters=json.dumps(parameters), inputs=json.dumps(inputs), callbackurl=callbackurl,
                  debugoutput="", debugerror="", pexit=None, progress="", cost_per_second=cost_per_second,
-                 kill_requested=False, worker_id="", createtime=now)
+                 kill_requested=False, worker_id="", createtime=now, idempotency_key=idempotency_key or None)
+        try:
+            with self.session() as s:
+                s.add(t)
+                s.flush()
+                s.add(Event(task_id=t.id, type=first_event, message="", created_at=now))
+        except IntegrityError:
+            existing = self.task_by_idempotency(project_id, idempotency_key) if idempotency_key else None
+            if existing is None:
+                raise
+            return existing, False
+        return t, True
+
+    def task_by_idempotency(self, project_id: int, key: str) -> Task | None:
         with self.session() as s:
-            s.add(t)
-            s.flush()
-            s.add(Event(task_id=t.id, type=first_event, message="", created_at=now))
-        return t
+            return s.scalar(select(Task).where(Task.project_id == project_id, Task.idempotency_key == key))
+
+    def tasks_of(self, project_id: int, limit: int = 20, start: int = 0, status: str | None = None) -> list[Task]:
+        """A project's tasks, newest first."""
+        with self.session() as s:
+            q = select(Task).where(Task.project_id == project_id)
+            if status:
+                q = q.where(Task.status == status)
+            return list(s.scalars(q.order_by(Task.id.desc()).offset(start).limit(limit)))
+
+    def count_in(self, statuses: Iterable[str], project_id: int | None = None, before_id: int | None = None) -> int:
+        """Number of tasks in ``statuses`` (of one project / with a smaller id, if given)."""
+        with self.session() as s:
+            q = select(func.count(Task.id)).where(Task.status.in_(list(statuses)))
+            if project_id is not None:
+                q = q.where(Task.project_id == project_id)
+            if before_id is not None:
+                q = q.where(Task.id < before_id)
+            return int(s.scalar(q) or 0)
 
     def get_task(self, task_id: int | None = None, token: str | None = None) -> Task | None:
         with self.session() as s:
@@ -137,8 +180,12 @@ class Store:
             return row[0]
 
     def transition(self, task_id: int, status: str, *, only_from: Iterable[str] | None = None,
-                   event_message: str = "", **values) -> bool:
-        """Set ``status`` (and other columns) and append the event; False if ``only_from`` did not match."""
+                   event_message: str = "", webhook: bool = False, **values) -> bool:
+        """Set ``status`` (and other columns) and append the event; False if ``only_from`` did not match.
+
+        With ``webhook``, a pending :class:`WebhookDelivery` to the task's ``callbackurl`` (if any)
+        is inserted in the same transaction, so a terminal task never loses its webhook.
+        """
         now = time.time()
         with self.session() as s:
             q = update(Task).where(Task.id == task_id)
@@ -148,9 +195,15 @@ class Store:
             if res.rowcount != 1:
                 return False
             s.add(Event(task_id=task_id, type=status, message=event_message, created_at=now))
+            if webhook:
+                url = s.scalar(select(Task.callbackurl).where(Task.id == task_id))
+                if url:
+                    s.add(WebhookDelivery(id="msg_" + secrets.token_hex(16), task_id=task_id, url=url,
+                                          status="pending", attempts=0, next_attempt_at=now, created_at=now,
+                                          last_error=""))
             return True
 
-    def add_event(self, task_id: int, type_: str, message: str = "", **values) -> bool:
+    def add_event(self, task_id: int, type_: str, message: str = "", preview: str | None = None, **values) -> bool:
         """Append an event without changing status (e.g. ``task_output`` progress); may update columns.
 
         Returns the task's ``kill_requested`` flag, read in the same transaction (one round trip per step).
@@ -158,7 +211,7 @@ class Store:
         with self.session() as s:
             if values:
                 s.execute(update(Task).where(Task.id == task_id).values(**values))
-            s.add(Event(task_id=task_id, type=type_, message=message, created_at=time.time()))
+            s.add(Event(task_id=task_id, type=type_, message=message, created_at=time.time(), preview=preview))
             return bool(s.scalar(select(Task.kill_requested).where(Task.id == task_id)))
 
     def update_task(self, task_id: int, **values) -> None:
@@ -179,9 +232,55 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(Task).where(Task.status.in_(list(statuses))).order_by(Task.id)))
 
-    def events(self, task_id: int) -> list[Event]:
+    def events(self, task_id: int, after_id: int = 0) -> list[Event]:
+        """The task's events in order, those with ``id > after_id`` only."""
         with self.session() as s:
-            return list(s.scalars(select(Event).where(Event.task_id == task_id).order_by(Event.id)))
+            return list(s.scalars(select(Event).where(Event.task_id == task_id, Event.id > after_id)
+                                  .order_by(Event.id)))
+
+    # -- webhooks -----------------------------------------------------------------------------
+
+    def lease_due_deliveries(self, now: float, lease_seconds: float, limit: int = 20) -> list[WebhookDelivery]:
+        """Pending deliveries whose time has come, each leased (``next_attempt_at`` pushed by
+        ``lease_seconds``) with a conditional UPDATE so two dispatchers never send the same attempt."""
+        with self.session() as s:
+            due = list(s.scalars(select(WebhookDelivery).where(
+                WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
+                .order_by(WebhookDelivery.next_attempt_at).limit(limit)))
+        leased = []
+        for d in due:
+            with self.session() as s:
+                res = s.execute(update(WebhookDelivery).where(
+                    WebhookDelivery.id == d.id, WebhookDelivery.status == "pending",
+                    WebhookDelivery.next_attempt_at == d.next_attempt_at).values(next_attempt_at=now + lease_seconds))
+                if res.rowcount == 1:
+                    leased.append(d)
+        return leased
+
+    def update_delivery(self, delivery_id: str, only_pending: bool = True, **values) -> bool:
+        with self.session() as s:
+            q = update(WebhookDelivery).where(WebhookDelivery.id == delivery_id)
+            if only_pending:
+                q = q.where(WebhookDelivery.status == "pending")
+            return s.execute(q.values(**values)).rowcount == 1
+
+    def deliveries(self, task_id: int) -> list[WebhookDelivery]:
+        with self.session() as s:
+            return list(s.scalars(select(WebhookDelivery).where(WebhookDelivery.task_id == task_id)))
+
+    def drop_deliveries(self, task_id: int) -> int:
+        """Mark the task's pending deliveries ``dropped``; returns how many."""
+        with self.session() as s:
+            return s.execute(update(WebhookDelivery).where(
+                WebhookDelivery.task_id == task_id, WebhookDelivery.status == "pending")
+                .values(status="dropped", last_error="task inputs and outputs were deleted")).rowcount
+
+    def delete_outputs(self, task_id: int) -> list[Output]:
+        """Remove the task's output rows; return them (the caller removes the files)."""
+        with self.session() as s:
+            rows = list(s.scalars(select(Output).where(Output.task_id == task_id)))
+            s.execute(delete(Output).where(Output.task_id == task_id))
+            return rows
 
     # -- outputs ------------------------------------------------------------------------------
 

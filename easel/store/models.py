@@ -68,7 +68,9 @@ class Task(Base):
     postprocessstarttime: Mapped[float | None] = mapped_column(Float, nullable=True)
     postprocessendtime: Mapped[float | None] = mapped_column(Float, nullable=True)
     canceltime: Mapped[float | None] = mapped_column(Float, nullable=True)
-    __table_args__ = (Index("ix_tasks_status_id", "status", "id"),)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    __table_args__ = (Index("ix_tasks_status_id", "status", "id"),
+                      UniqueConstraint("project_id", "idempotency_key", name="uq_task_idempotency"))
 
 
 class Output(Base):
@@ -93,3 +95,27 @@ class Event(Base):
     type: Mapped[str] = mapped_column(String(40))
     message: Mapped[str] = mapped_column(Text, default="")  # JSON
     created_at: Mapped[float] = mapped_column(Float)
+    preview: Mapped[str | None] = mapped_column(Text, nullable=True)  # base64 JPEG of the current latent
+
+
+class WebhookDelivery(Base):
+    """One webhook message for a terminal task, retried until delivered or given up.
+
+    ``id`` is the Standard Webhooks ``webhook-id`` (stable across attempts); ``payload`` is the
+    exact body, frozen at the first attempt so every attempt signs and sends the same bytes.
+    ``status``: ``pending``, ``delivered``, ``failed`` (gave up / refused URL) or ``dropped``
+    (the task's inputs and outputs were deleted before delivery).
+    """
+
+    __tablename__ = "webhook_deliveries"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    payload: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    __table_args__ = (Index("ix_webhook_due", "status", "next_attempt_at"),)

@@ -49,10 +49,17 @@ INTERRUPTED_MESSAGE = ("The server stopped while this task was running; it was n
 
 
 def submit(store: Store, *, project_id: int, tool: str, parameters: dict, inputs: dict,
-           callbackurl: str, cost_per_second: float, uuid: str | None = None) -> Task:
-    """Store a new queued task (durable before the caller acknowledges it)."""
+           callbackurl: str, cost_per_second: float, uuid: str | None = None,
+           idempotency_key: str | None = None) -> tuple[Task, bool]:
+    """Store a new queued task (durable before the caller acknowledges it).
+
+    Returns:
+        ``(task, created)``; ``created`` is False when ``idempotency_key`` was already used by the
+        project, and ``task`` is then the first task submitted with it.
+    """
     return store.create_task(project_id=project_id, tool=tool, status=QUEUE, parameters=parameters, inputs=inputs,
-                             callbackurl=callbackurl, cost_per_second=cost_per_second, first_event=QUEUE, uuid=uuid)
+                             callbackurl=callbackurl, cost_per_second=cost_per_second, first_event=QUEUE, uuid=uuid,
+                             idempotency_key=idempotency_key)
 
 
 def claim(store: Store, worker_id: str) -> int | None:
@@ -64,12 +71,12 @@ def advance(store: Store, task_id: int, status: str, message: str = "", **values
     """Move a running task to ``status``, stamping that stage's time column."""
     if status in TIME_COLUMN:
         values.setdefault(TIME_COLUMN[status], time.time())
-    store.transition(task_id, status, only_from=RUNNING, event_message=message, **values)
+    store.transition(task_id, status, only_from=RUNNING, event_message=message, webhook=status in TERMINAL, **values)
 
 
 def cancel(store: Store, task_id: int) -> bool:
     """Cancel a queued task; False if it is no longer queued (Wiro: not in a cancellable state)."""
-    return store.transition(task_id, CANCEL, only_from=(QUEUE,), canceltime=time.time())
+    return store.transition(task_id, CANCEL, only_from=(QUEUE,), canceltime=time.time(), webhook=True)
 
 
 def request_kill(store: Store, task_id: int) -> bool:
@@ -89,7 +96,7 @@ def recover_interrupted(store: Store) -> list[int]:
     ids = []
     now = time.time()
     for task in store.tasks_in(RUNNING):
-        store.transition(task.id, POSTPROCESS_END, only_from=RUNNING, pexit="1",
+        store.transition(task.id, POSTPROCESS_END, only_from=RUNNING, pexit="1", webhook=True,
                          debugerror=(task.debugerror + "\n" if task.debugerror else "") + INTERRUPTED_MESSAGE,
                          endtime=task.endtime or now, postprocessendtime=now)
         ids.append(task.id)
@@ -109,9 +116,26 @@ def elapsed_seconds(task: Task) -> float:
     return max(0.0, (end or time.time()) - begin)
 
 
+def eta_seconds(task: Task) -> float | None:
+    """Seconds until the task should end, from its latest progress (None when unknown)."""
+    if task.status in TERMINAL:
+        return 0.0
+    if not task.progress:
+        return None
+    try:
+        info = json.loads(task.progress)
+        return float(str(info.get("remainingTime", "")).rstrip("s"))
+    except (ValueError, TypeError):
+        return None
+
+
 def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output], str],
-              categories: list[str], cps: float | None = None) -> dict:
-    """The task as Wiro's ``tasklist`` item: every value a string, as the docs show."""
+              categories: list[str], cps: float | None = None, queueposition: int | None = None) -> dict:
+    """The task as Wiro's ``tasklist`` item: every value a string, as the docs show.
+
+    Beyond Wiro: ``progress`` (latest progressGenerate object), ``queueposition`` (1 = next to
+    run; "" unless queued) and ``eta`` (estimated seconds until the end; "" when unknown).
+    """
     elapsed = elapsed_seconds(task)
     cps = task.cost_per_second if cps is None else cps
     billed = task.status == POSTPROCESS_END and task.pexit == "0"
@@ -137,5 +161,7 @@ def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output
         "postprocessendtime": _t(task.postprocessendtime), "pexit": task.pexit if task.pexit is not None else "",
         "categories": json.dumps(categories), "outputs": out_list,
         "progress": json.loads(task.progress) if task.progress else {},  # beyond Wiro: latest progressGenerate
+        "queueposition": str(queueposition) if queueposition is not None and task.status == QUEUE else "",
+        "eta": "" if eta_seconds(task) is None else f"{eta_seconds(task):.1f}",
         "size": str(sum(o.size for o in outputs)),
     }

@@ -5,6 +5,7 @@ runs them. A tool failure ends that task with ``pexit`` "1" and never stops the 
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import shutil
@@ -47,7 +48,11 @@ class WorkerContext:
         lc.advance(self.store, self.task_id, lc.START)
         self._started_at = time.time()
 
-    def progress(self, step: int, total: int) -> None:
+    def wants_preview(self, step: int, total: int) -> bool:
+        every = self.worker.settings.preview_interval
+        return every > 0 and (step % every == 0 or step == total)
+
+    def progress(self, step: int, total: int, preview: bytes | None = None) -> None:
         now = time.time()
         begin = self._started_at or now
         elapsed = now - begin
@@ -58,7 +63,8 @@ class WorkerContext:
                 "elapsedTime": f"{elapsed:.1f}s", "remainingTime": f"{remaining:.1f}s"}
         message = json.dumps({"type": "progressGenerate", "progressGenerate": info})
         status = {"status": lc.OUTPUT} if step == 1 else {}
-        if self.store.add_event(self.task_id, lc.OUTPUT, message, progress=json.dumps(info), **status):
+        encoded = base64.b64encode(preview).decode() if preview else None
+        if self.store.add_event(self.task_id, lc.OUTPUT, message, preview=encoded, progress=json.dumps(info), **status):
             raise TaskKilled()
 
     def log(self, line: str) -> None:

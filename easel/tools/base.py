@@ -35,8 +35,14 @@ class ToolContext(Protocol):
     def started(self) -> None:
         """Mark the start of inference (``task_start``)."""
 
-    def progress(self, step: int, total: int) -> None:
-        """Report that denoising step ``step`` of ``total`` finished; raises :class:`TaskKilled` on kill."""
+    def progress(self, step: int, total: int, preview: bytes | None = None) -> None:
+        """Report that denoising step ``step`` of ``total`` finished; raises :class:`TaskKilled` on kill.
+
+        ``preview``: an optional small JPEG of the current latent (``easel.tools.previews``).
+        """
+
+    def wants_preview(self, step: int, total: int) -> bool:
+        """Whether the tool should render a preview for this step (every few steps, and the last)."""
 
     def log(self, line: str) -> None:
         """Append a line to the task's ``debugoutput``."""

@@ -47,6 +47,7 @@ from easel.models.fetch import FetchError
 from easel.models.lora_formats import LoraFormatError, require_family
 
 from .base import ToolContext, ToolError, write_pngs
+from .previews import latent_to_jpeg
 from .sd_lora import parse_seed
 
 TOOL = "wiro/text-to-image-flux-lora-fast"
@@ -191,8 +192,14 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         pipe.transformer.compile(fullgraph=True)  # after the first LoRA: later ones hot-swap without recompiling
         pipe._easel_compiled = True
 
-    def on_step_end(_pipe, step, _timestep, callback_kwargs):
-        ctx.progress(step + 1, plan.steps)
+    def on_step_end(pipe_, step, _timestep, callback_kwargs):
+        preview = None
+        if ctx.wants_preview(step + 1, plan.steps):
+            # packed [B, seq, 64] → [B, 16, h, w], the layout the VAE decodes
+            latents = pipe_._unpack_latents(callback_kwargs["latents"][:1], plan.height, plan.width,
+                                            pipe_.vae_scale_factor)
+            preview = latent_to_jpeg(latents[0], "flux")
+        ctx.progress(step + 1, plan.steps, preview)
         return callback_kwargs
 
     generators = [torch.Generator("cpu").manual_seed(plan.seed + i) for i in range(plan.samples)]

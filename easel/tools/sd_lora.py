@@ -35,6 +35,7 @@ from easel.models.fetch import FetchError, check_safetensors
 from easel.models.lora_formats import LoraFormatError, require_family
 
 from .base import ToolContext, ToolError, write_pngs
+from .previews import latent_to_jpeg
 
 TOOL = "wiro/text-to-image-sd-lora"
 
@@ -193,7 +194,10 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         kwargs["negative_prompt"] = plan.negative_prompt or None
 
     def on_step_end(_pipe, step, _timestep, callback_kwargs):
-        ctx.progress(step + 1, plan.steps)
+        preview = None
+        if ctx.wants_preview(step + 1, plan.steps):
+            preview = latent_to_jpeg(callback_kwargs["latents"][0], "sd15")
+        ctx.progress(step + 1, plan.steps, preview)
         return callback_kwargs
 
     ctx.started()

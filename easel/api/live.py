@@ -1,0 +1,90 @@
+"""Wiro's WebSocket protocol for live task events, served from the store.
+
+A client connects to ``Settings.ws_path`` (``/v1``), sends ``{"type": "task_info", "tasktoken":
+"<socketaccesstoken>"}`` and receives one frame per lifecycle event, in order, starting with the
+events it missed (a late client gets the whole history first)::
+
+    {"type": "task_output", "id": "<task id>", "tasktoken": "<token>", "message": ..., "result": true}
+
+``message`` is ``""`` for plain stage events; for progress (``task_output``) it is
+``{"type": "progressGenerate", "progressGenerate": {task, percentage, stepCurrent, stepTotal, speed,
+speedType, elapsedTime, remainingTime}}``; for ``task_output_full`` / ``task_error_full`` the
+accumulated log; for ``task_postprocess_end`` the outputs array (as in Task/Detail). After the
+terminal frame (``task_postprocess_end`` or ``task_cancel``) the server closes the socket.
+
+Beyond Wiro: with ``?previews=1`` on the URL, or ``"previews": true`` in the registration,
+progress frames that have one carry ``preview`` (base64 JPEG of the current latent, see
+``easel.tools.previews``) and ``previewType`` (``image/jpeg``).
+
+Events come from the ``events`` table, which every worker process writes: a client may be
+connected to any API process, not the one whose executor started the worker. Each socket polls the
+store every ``poll`` seconds (one indexed query); a broker push would replace the poll, not the
+protocol.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Callable
+
+from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from easel.store import Event, Store, Task
+from easel.tasks import lifecycle as lc
+
+REGISTER_TIMEOUT = 60.0
+
+
+def frame(task: Task, event: Event, outputs: Callable[[Task], list], previews: bool) -> dict:
+    """The WebSocket frame of one stored event."""
+    message: Any = event.message or ""
+    if event.type == lc.OUTPUT and message.startswith("{"):
+        message = json.loads(message)
+    elif event.type == lc.POSTPROCESS_END:
+        message = outputs(task)
+    out = {"type": event.type, "id": str(task.id), "tasktoken": task.socketaccesstoken, "message": message,
+           "result": True}
+    if previews and event.preview:
+        out["preview"] = event.preview
+        out["previewType"] = "image/jpeg"
+    return out
+
+
+async def serve_socket(ws: WebSocket, store: Store, outputs: Callable[[Task], list], poll: float = 0.1) -> None:
+    """Run one client connection (registration, replay, live events, close)."""
+    await ws.accept()
+    previews = ws.query_params.get("previews", "").lower() in ("1", "true", "yes")
+    try:
+        while True:
+            raw = await asyncio.wait_for(ws.receive_text(), REGISTER_TIMEOUT)
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                msg = {}
+            token = str(msg.get("tasktoken", "")) if isinstance(msg, dict) else ""
+            if isinstance(msg, dict) and msg.get("type") == "task_info" and token:
+                break
+            await ws.send_json({"type": "error", "result": False,
+                                "message": 'send {"type": "task_info", "tasktoken": "<socketaccesstoken>"} first'})
+        previews = previews or bool(msg.get("previews"))
+        task = await run_in_threadpool(store.get_task, None, token)
+        if task is None:
+            await ws.send_json({"type": "error", "result": False, "tasktoken": token,
+                                "message": "There is no task with this tasktoken."})
+            await ws.close(code=1008)
+            return
+        last = 0
+        while True:
+            events = await run_in_threadpool(store.events, task.id, last)
+            if events:
+                task = await run_in_threadpool(store.get_task, task.id)
+                for ev in events:
+                    last = ev.id
+                    await ws.send_json(await run_in_threadpool(frame, task, ev, outputs, previews))
+                    if ev.type in lc.TERMINAL:
+                        await ws.close()
+                        return
+            await asyncio.sleep(poll)
+    except (WebSocketDisconnect, asyncio.TimeoutError, RuntimeError):
+        return

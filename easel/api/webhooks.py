@@ -1,0 +1,114 @@
+"""Webhook delivery: at least once, signed, retried with exponential backoff, durable.
+
+A terminal transition (``task_postprocess_end`` or ``task_cancel``) of a task with a
+``callbackUrl`` inserts a pending ``webhook_deliveries`` row in the same transaction
+(``Store.transition(..., webhook=True)``). Every API process runs one :class:`WebhookDispatcher`
+thread that leases due rows (a conditional UPDATE, so two processes never send the same attempt)
+and POSTs the task object (the Task/Detail ``tasklist`` item) with Standard Webhooks headers
+(``easel.signing``). The body is frozen at the first attempt, so every retry carries the same
+``webhook-id`` and bytes and receivers can deduplicate. A 2xx answer ends the delivery; anything
+else (including a redirect, which is not followed) schedules the next attempt after
+``backoff × 2^(attempt-1)`` seconds (capped at 10 minutes) until ``webhook_max_age_seconds`` have
+passed since the task ended. Rows survive restarts: a pending row is picked up again.
+
+The URL is handled as hostile, exactly like LoRA URLs: only http(s), the host must resolve to
+public addresses unless allow-listed (``--fetch-allow``), and the connection is pinned to the
+vetted address. A refused URL fails the delivery at once (``last_error`` says why).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Callable
+
+from easel.config import Settings
+from easel.models.fetch import FetchError, FetchPolicy, post_pinned
+from easel.signing import webhook_signature
+from easel.store import Store, WebhookDelivery
+
+log = logging.getLogger("easel.webhooks")
+MAX_BACKOFF = 600.0
+
+
+class WebhookDispatcher:
+    """Sends due webhook deliveries from the store; call :meth:`run_once` or :meth:`start`."""
+
+    def __init__(self, settings: Settings, store: Store, task_object: Callable[[int], dict | None]):
+        """``task_object(task_id)`` returns the Task/Detail item (None if the task is gone)."""
+        self.settings = settings
+        self.store = store
+        self.task_object = task_object
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def policy(self) -> FetchPolicy:
+        s = self.settings
+        return FetchPolicy(allow=s.fetch_allow, connect_timeout=s.webhook_timeout, read_timeout=s.webhook_timeout)
+
+    def start(self, interval: float = 0.25) -> None:
+        def loop():
+            while not self._stop.wait(interval):
+                try:
+                    self.run_once()
+                except Exception:  # never let the loop die (e.g. database briefly locked)
+                    log.exception("webhook dispatcher iteration failed")
+
+        self._thread = threading.Thread(target=loop, name="easel-webhooks", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+
+    def run_once(self) -> int:
+        """Attempt every due delivery once; return how many were attempted."""
+        now = time.time()
+        due = self.store.lease_due_deliveries(now, lease_seconds=self.settings.webhook_timeout * 3 + 5)
+        for delivery in due:
+            self._attempt(delivery)
+        return len(due)
+
+    def _attempt(self, d: WebhookDelivery) -> None:
+        store = self.store
+        payload = d.payload
+        if payload is None:
+            obj = self.task_object(d.task_id)
+            if obj is None:
+                store.update_delivery(d.id, status="failed", last_error="task no longer exists")
+                return
+            payload = json.dumps(obj, separators=(",", ":"), sort_keys=True)
+        secret = self._secret(d.task_id)
+        body = payload.encode()
+        stamp = int(time.time())
+        headers = {"content-type": "application/json", "user-agent": "Easel-Webhooks/1",
+                   "webhook-id": d.id, "webhook-timestamp": str(stamp),
+                   "webhook-signature": webhook_signature(secret, d.id, stamp, body)}
+        attempts = d.attempts + 1
+        try:
+            status = post_pinned(d.url, body, headers, self.policy)
+            error = "" if 200 <= status < 300 else f"HTTP {status}"
+        except FetchError as exc:
+            status, error = 0, str(exc)
+            if "non-public address" in error or "only http(s)" in error or "no host" in error:
+                store.update_delivery(d.id, status="failed", attempts=attempts, payload=payload, last_error=error)
+                return
+        if not error:
+            store.update_delivery(d.id, status="delivered", attempts=attempts, payload=payload, last_error="",
+                                  delivered_at=time.time())
+            return
+        delay = min(MAX_BACKOFF, self.settings.webhook_backoff_seconds * 2 ** (attempts - 1))
+        if time.time() + delay - d.created_at > self.settings.webhook_max_age_seconds:
+            store.update_delivery(d.id, status="failed", attempts=attempts, payload=payload,
+                                  last_error=f"gave up after {attempts} attempts: {error}")
+        else:
+            store.update_delivery(d.id, attempts=attempts, payload=payload, last_error=error,
+                                  next_attempt_at=time.time() + delay)
+
+    def _secret(self, task_id: int) -> str:
+        task = self.store.get_task(task_id)
+        project = self.store.project_by_id(task.project_id) if task else None
+        return project.apisecret if project else ""
