@@ -35,8 +35,9 @@ def free_port() -> int:
 class Server:
     """A running ``easel serve`` subprocess and helpers to call it as a client would."""
 
-    def __init__(self, data_dir: Path, extra_args: tuple[str, ...] = ()):
+    def __init__(self, data_dir: Path, extra_args: tuple[str, ...] = (), env: dict | None = None):
         self.data_dir = data_dir
+        self.env = {**os.environ, "EASEL_WEBHOOK_BACKOFF_SECONDS": "0.2", **(env or {})}
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.extra_args = extra_args
@@ -49,7 +50,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "easel", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
              "--model-source", "tiny", "--fetch-allow", "127.0.0.1", *self.extra_args],
-            stdout=log, stderr=subprocess.STDOUT)
+            stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.time() + 120
         while time.time() < deadline:
             try:

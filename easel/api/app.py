@@ -326,6 +326,12 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
     async def body_of(request: Request) -> Body:
         return await parse_body(request, settings.upload_max_bytes)
 
+    async def handle(request: Request, fn):
+        """Authenticate, parse the body, and run ``fn(project, body)`` in a worker thread."""
+        project = await run_in_threadpool(api.auth, request)
+        body = await body_of(request)
+        return await run_in_threadpool(fn, project, body)
+
     @app.post("/v1/Run/{owner}/{slug}", summary="Run a tool (Wiro: POST /Run/{owner-slug}/{model-slug})",
               description="Headers beyond Wiro: `Idempotency-Key` (a retried Run returns the first task) and "
                           "`Prefer: wait=N` (N <= 60: answer when the task ends or N seconds pass, with the "
@@ -344,21 +350,15 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
 
     @app.post("/v1/Task/Detail", summary="Task status, times, logs and outputs")
     async def detail(request: Request):
-        project = await run_in_threadpool(api.auth, request)
-        body = await body_of(request)
-        return await run_in_threadpool(lambda: api.tasklist(api.find_task(project, body.fields)))
+        return await handle(request, lambda project, body: api.tasklist(api.find_task(project, body.fields)))
 
     @app.post("/v1/Task/Cancel", summary="Cancel a queued task")
     async def cancel(request: Request):
-        project = await run_in_threadpool(api.auth, request)
-        body = await body_of(request)
-        return await run_in_threadpool(api.cancel, project, body)
+        return await handle(request, api.cancel)
 
     @app.post("/v1/Task/Kill", summary="Kill a running task (it stops within one denoising step)")
     async def kill(request: Request):
-        project = await run_in_threadpool(api.auth, request)
-        body = await body_of(request)
-        task = await run_in_threadpool(api.kill_request, project, body)
+        task = await handle(request, api.kill_request)
         for _ in range(100):  # answer with the final state when the worker acknowledges quickly
             current = await run_in_threadpool(api.store.get_task, task.id)
             if current.status in lc.TERMINAL:
@@ -368,27 +368,19 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
 
     @app.post("/v1/Task/InputOutputDelete", summary="Delete a finished task's input and output files")
     async def input_output_delete(request: Request):
-        project = await run_in_threadpool(api.auth, request)
-        body = await body_of(request)
-        return await run_in_threadpool(api.delete_io, project, body)
+        return await handle(request, api.delete_io)
 
     @app.post("/v1/Task/List", summary="The project's tasks, newest first (beyond Wiro)")
     async def task_list(request: Request):
-        project = await run_in_threadpool(api.auth, request)
-        body = await body_of(request)
-        return await run_in_threadpool(api.task_list, project, body.fields)
+        return await handle(request, lambda project, body: api.task_list(project, body.fields))
 
     @app.post("/v1/Tool/List", summary="Tools on this server (start, limit, search, categories, tags, slugowner)")
     async def tool_list(request: Request):
-        await run_in_threadpool(api.auth, request)
-        body = await body_of(request)
-        return await run_in_threadpool(api.tool_list, body.fields)
+        return await handle(request, lambda _project, body: api.tool_list(body.fields))
 
     @app.post("/v1/Tool/Detail", summary="One tool with its inputs in Wiro's parameter format")
     async def tool_detail(request: Request):
-        await run_in_threadpool(api.auth, request)
-        body = await body_of(request)
-        return await run_in_threadpool(api.tool_detail, body.fields)
+        return await handle(request, lambda _project, body: api.tool_detail(body.fields))
 
     @app.websocket(settings.ws_path)
     async def socket(ws: WebSocket):

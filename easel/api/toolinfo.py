@@ -109,8 +109,11 @@ def input_schema(spec: ToolSpec, catalog: ModelCatalog) -> dict:
             p["description"] = desc
         props[i.name] = p
     for i in spec.inputs:  # per-model scales (e.g. a LoRA's weight) are request fields too
-        for o in i.options:
-            entry = catalog.entries.get(str(o.get("model", "")))
+        if i.type not in ("select", "multiselect"):
+            continue
+        ids = [str(o.get("model", "")) for o in i.options] + [v.strip() for v in str(i.default).split(",")]
+        for mid in dict.fromkeys(ids):
+            entry = catalog.entries.get(mid)
             for gs in entry.generatesettings if entry else ():
                 props.setdefault(gs["id"], {"type": "number", "minimum": float(gs.get("minvalue", 0)),
                                             "maximum": float(gs.get("maxvalue", 1)),

@@ -115,21 +115,94 @@ def _parse_params(params: list[str]) -> tuple[dict, dict]:
     return values, files
 
 
-def _follow(client, taskid: str) -> dict:
+def _follow(client, taskid: str, tasktoken: str) -> dict:
+    """Follow a task with a live progress bar (WebSocket frames; polling if the socket fails)."""
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=console) as bar:
         job = bar.add_task("task_queue", total=100, info="")
 
-        def update(task: dict) -> None:
-            progress = task.get("progress") if isinstance(task.get("progress"), dict) else {}
+        def show(status: str, progress: dict) -> None:
             info = (f"step {progress['stepCurrent']}/{progress['stepTotal']}  {progress['speed']} it/s  "
-                    f"ETA {progress['remainingTime']}") if progress else ""
-            bar.update(job, description=task["status"], info=info,
-                       completed=float(progress.get("percentage", 0)) if progress else None)
-            if task["status"] == "task_postprocess_end":
-                bar.update(job, completed=100)
+                    f"ETA {progress['remainingTime']}") if progress else None
+            fields = {"info": info} if info else {}
+            completed = float(progress["percentage"]) if progress else (100 if status == "task_postprocess_end" else None)
+            bar.update(job, description=status, completed=completed, **fields)
 
-        return client.wait(taskid, on_update=update, poll=0.3)
+        def on_event(frame: dict) -> None:
+            message = frame.get("message")
+            progress = message.get("progressGenerate", {}) if isinstance(message, dict) else {}
+            show(frame.get("type", ""), progress)
+
+        def on_poll(task: dict) -> None:
+            show(task["status"], task.get("progress") if isinstance(task.get("progress"), dict) else {})
+
+        try:
+            for frame in client.events(tasktoken):
+                on_event(frame)
+        except Exception:  # no WebSocket: poll Task/Detail
+            return client.wait(taskid, on_update=on_poll, poll=0.3)
+        task = client.detail(taskid)
+        on_poll(task)
+        return task
+
+
+tasks_app = typer.Typer(help="List and manage your tasks (uses EASEL_BASE_URL / EASEL_API_KEY / EASEL_API_SECRET).")
+app.add_typer(tasks_app, name="tasks")
+_BASE = typer.Option("http://127.0.0.1:8000/v1", envvar="EASEL_BASE_URL")
+_KEY = typer.Option(..., envvar="EASEL_API_KEY")
+_SECRET = typer.Option(None, envvar="EASEL_API_SECRET")
+
+
+def _client_call(base_url: str, api_key: str, api_secret: Optional[str], fn):
+    from easel.client import ApiError, Client
+
+    try:
+        return fn(Client(base_url, api_key, api_secret))
+    except ApiError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1)
+
+
+@tasks_app.command("list")
+def tasks_list(limit: int = typer.Option(20), status: str = typer.Option("", help="Only this status."),
+               base_url: str = _BASE, api_key: str = _KEY, api_secret: Optional[str] = _SECRET):
+    """The project's tasks, newest first."""
+    from rich.table import Table
+
+    tasks = _client_call(base_url, api_key, api_secret, lambda c: c.tasks(limit=limit, status=status))
+    table = Table("id", "tool", "status", "pexit", "created", "outputs")
+    for t in tasks:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(t["createtime"])))
+        table.add_row(t["id"], f"{t['modelslugowner']}/{t['modelslugproject']}", t["status"], t["pexit"], created,
+                      str(len(t["outputs"])))
+    console.print(table)
+
+
+@tasks_app.command("detail")
+def tasks_detail(taskid: str, base_url: str = _BASE, api_key: str = _KEY, api_secret: Optional[str] = _SECRET):
+    """Print a task's Task/Detail object as JSON."""
+    console.print_json(json.dumps(_client_call(base_url, api_key, api_secret, lambda c: c.detail(taskid))))
+
+
+@tasks_app.command("cancel")
+def tasks_cancel(taskid: str, base_url: str = _BASE, api_key: str = _KEY, api_secret: Optional[str] = _SECRET):
+    """Cancel a queued task."""
+    task = _client_call(base_url, api_key, api_secret, lambda c: c.cancel(taskid))
+    console.print(f"{taskid}: {task['status']}")
+
+
+@tasks_app.command("kill")
+def tasks_kill(taskid: str, base_url: str = _BASE, api_key: str = _KEY, api_secret: Optional[str] = _SECRET):
+    """Kill a running task (it stops within one denoising step)."""
+    task = _client_call(base_url, api_key, api_secret, lambda c: c.kill(taskid))
+    console.print(f"{taskid}: {task['status']}")
+
+
+@tasks_app.command("delete")
+def tasks_delete(taskid: str, base_url: str = _BASE, api_key: str = _KEY, api_secret: Optional[str] = _SECRET):
+    """Delete a finished task's input and output files (Task/InputOutputDelete; the record stays)."""
+    _client_call(base_url, api_key, api_secret, lambda c: c.delete(taskid))
+    console.print(f"{taskid}: inputs and outputs deleted")
 
 
 @app.command()
@@ -155,7 +228,7 @@ def run(
     console.print(f"taskid {answer['taskid']}  socketaccesstoken {answer['socketaccesstoken']}")
     if not wait:
         return
-    task = _follow(client, answer["taskid"])
+    task = _follow(client, answer["taskid"], answer["socketaccesstoken"])
     if task["pexit"] != "0":
         console.print(f"[red]{task['status']} pexit {task['pexit']}: {task['debugerror']}")
         raise typer.Exit(1)
@@ -215,7 +288,7 @@ def demo(data_dir: Path = typer.Option(Path(".easel-demo"), help="Data directory
                             content=json.dumps(DEMO_REQUEST)).json()
         console.print(answer)
         client = Client(f"{base}/v1", project["apikey"], project["apisecret"])
-        task = _follow(client, answer["taskid"])
+        task = _follow(client, answer["taskid"], answer["socketaccesstoken"])
         if task["pexit"] != "0":
             console.print(f"[red]task failed: {task['debugerror']}")
             raise typer.Exit(1)

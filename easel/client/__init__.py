@@ -1,13 +1,24 @@
-"""A small Python client for Easel or Wiro (same wire format): signs requests, runs, polls, downloads."""
+"""A small Python client for Easel or Wiro (same wire format): signs requests, runs, follows tasks
+over the WebSocket (falling back to polling), downloads outputs, and verifies webhooks.
+
+``Client`` is synchronous (httpx + ``websockets.sync``); ``AsyncClient`` has the same methods as
+coroutines (httpx.AsyncClient + ``websockets.asyncio``). ``verify_webhook(secret, headers, body)``
+checks a webhook Easel sent (Standard Webhooks scheme, see ``easel.signing``).
+"""
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from easel.signing import signature
+from easel.signing import WebhookVerificationError, signature, verify_webhook
+
+__all__ = ["Client", "AsyncClient", "ApiError", "verify_webhook", "WebhookVerificationError", "socket_url_for"]
 
 TERMINAL = ("task_postprocess_end", "task_cancel")
 
@@ -21,18 +32,36 @@ class ApiError(RuntimeError):
         super().__init__("; ".join(f"[{e.get('code')}] {e.get('message')}" for e in errors) or f"HTTP {status}")
 
 
-class Client:
-    """Client for ``base_url`` (e.g. ``http://127.0.0.1:8000/v1`` or ``https://api.wiro.ai/v1``).
+def socket_url_for(base_url: str) -> str:
+    """The WebSocket URL of a server: ``http(s)://host/v1`` → ``ws(s)://host/v1``."""
+    parts = urlsplit(base_url.rstrip("/"))
+    return urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc, parts.path or "/v1", "", ""))
 
-    With ``api_secret`` every request is signed (``x-nonce``, ``x-signature``: hex
-    HMAC-SHA256 keyed with the API key over secret + nonce); without it only ``x-api-key`` is sent.
-    """
 
-    def __init__(self, base_url: str, api_key: str, api_secret: str | None = None, timeout: float = 60.0):
+def _run_payload(params: dict, files: dict | None) -> dict:
+    if files:
+        handles = {k: (Path(p).name, Path(p).read_bytes()) for k, p in files.items()}
+        data = {k: (",".join(map(str, v)) if isinstance(v, list) else str(v)) for k, v in params.items()}
+        return {"data": data, "files": handles}
+    return {"json_body": params}
+
+
+def _checked(resp: httpx.Response) -> dict:
+    try:
+        payload = resp.json()
+    except ValueError:
+        raise ApiError([{"code": 0, "message": resp.text[:200]}], resp.status_code) from None
+    if not payload.get("result"):
+        raise ApiError(payload.get("errors", []), resp.status_code)
+    return payload
+
+
+class _Base:
+    def __init__(self, base_url: str, api_key: str, api_secret: str | None = None, socket_url: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.api_secret = api_secret
-        self.http = httpx.Client(timeout=timeout)
+        self.socket_url = socket_url or socket_url_for(self.base_url)
 
     def headers(self) -> dict[str, str]:
         h = {"x-api-key": self.api_key}
@@ -44,24 +73,71 @@ class Client:
             h["x-signature"] = signature(self.api_key, self.api_secret, nonce)
         return h
 
-    def _post(self, path: str, json_body: dict | None = None, data: dict | None = None,
-              files: dict | None = None) -> dict:
-        resp = self.http.post(f"{self.base_url}{path}", headers=self.headers(), json=json_body, data=data, files=files)
-        try:
-            payload = resp.json()
-        except ValueError:
-            raise ApiError([{"code": 0, "message": resp.text[:200]}], resp.status_code) from None
-        if not payload.get("result"):
-            raise ApiError(payload.get("errors", []), resp.status_code)
-        return payload
+    def _ws_url(self, previews: bool) -> str:
+        return self.socket_url + ("?previews=1" if previews else "")
 
-    def run(self, tool: str, params: dict[str, Any], files: dict[str, Path] | None = None) -> dict:
-        """Submit ``owner/slug`` with ``params``; files (name → path) go as multipart. Returns the Run answer."""
-        if files:
-            handles = {k: (Path(p).name, Path(p).read_bytes()) for k, p in files.items()}
-            data = {k: (",".join(map(str, v)) if isinstance(v, list) else str(v)) for k, v in params.items()}
-            return self._post(f"/Run/{tool}", data=data, files=handles)
-        return self._post(f"/Run/{tool}", json_body=params)
+
+class Client(_Base):
+    """Client for ``base_url`` (e.g. ``http://127.0.0.1:8000/v1`` or ``https://api.wiro.ai/v1``).
+
+    With ``api_secret`` every request is signed (``x-nonce``, ``x-signature``: hex
+    HMAC-SHA256 keyed with the API key over secret + nonce); without it only ``x-api-key`` is sent.
+    ``socket_url`` defaults to the base URL with a ``ws(s)`` scheme (Wiro's is ``wss://socket.wiro.ai/v1``).
+    """
+
+    def __init__(self, base_url: str, api_key: str, api_secret: str | None = None, timeout: float = 60.0,
+                 socket_url: str | None = None):
+        super().__init__(base_url, api_key, api_secret, socket_url)
+        self.http = httpx.Client(timeout=timeout)
+
+    def _post(self, path: str, json_body: dict | None = None, data: dict | None = None,
+              files: dict | None = None, headers: dict | None = None) -> dict:
+        return _checked(self.http.post(f"{self.base_url}{path}", headers={**self.headers(), **(headers or {})},
+                                       json=json_body, data=data, files=files))
+
+    def run(self, tool: str, params: dict[str, Any], files: dict[str, Path] | None = None, wait: bool = False,
+            on_event: Callable[[dict], None] | None = None, idempotency_key: str | None = None,
+            timeout: float = 3600) -> dict:
+        """Submit ``owner/slug`` with ``params``; files (name → path) go as multipart.
+
+        Returns:
+            The Run answer, or with ``wait=True`` the finished task (Task/Detail item), followed
+            over the WebSocket (``on_event`` gets every frame) or, if the socket fails, by polling.
+
+        Raises:
+            ApiError: the server refused the Run. TimeoutError: ``wait`` exceeded ``timeout`` s.
+        """
+        extra = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        answer = self._post(f"/Run/{tool}", headers=extra, **_run_payload(params, files))
+        if not wait:
+            return answer
+        return self.follow(answer["taskid"], answer["socketaccesstoken"], on_event, timeout)
+
+    def events(self, tasktoken: str, previews: bool = False, timeout: float = 3600) -> Iterator[dict]:
+        """Yield the task's WebSocket frames (history first) until its terminal frame."""
+        from websockets.sync.client import connect
+
+        deadline = time.time() + timeout
+        with connect(self._ws_url(previews), open_timeout=10, max_size=None) as ws:
+            ws.send(json.dumps({"type": "task_info", "tasktoken": tasktoken}))
+            while True:
+                frame = json.loads(ws.recv(timeout=max(0.1, deadline - time.time())))
+                yield frame
+                if frame.get("type") in TERMINAL or frame.get("result") is False:
+                    return
+
+    def follow(self, taskid: str, tasktoken: str, on_event: Callable[[dict], None] | None = None,
+               timeout: float = 3600) -> dict:
+        """Wait for a task to end via the WebSocket (polling Task/Detail if the socket fails)."""
+        try:
+            for frame in self.events(tasktoken, timeout=timeout):
+                if on_event:
+                    on_event(frame)
+        except TimeoutError:
+            raise
+        except Exception:  # no socket (proxy, older server): poll instead
+            return self.wait(taskid, timeout=timeout)
+        return self.wait(taskid, timeout=timeout)
 
     def detail(self, taskid: str) -> dict:
         return self._post("/Task/Detail", json_body={"taskid": str(taskid)})["tasklist"][0]
@@ -71,6 +147,15 @@ class Client:
 
     def kill(self, taskid: str) -> dict:
         return self._post("/Task/Kill", json_body={"taskid": str(taskid)})["tasklist"][0]
+
+    def delete(self, taskid: str) -> dict:
+        """Task/InputOutputDelete: remove a finished task's files (the record stays)."""
+        return self._post("/Task/InputOutputDelete", json_body={"taskid": str(taskid)})
+
+    def tasks(self, limit: int = 20, start: int = 0, status: str = "") -> list[dict]:
+        """Task/List (Easel): the project's tasks, newest first."""
+        body = {"limit": str(limit), "start": str(start), "status": status}
+        return self._post("/Task/List", json_body=body)["tasklist"]
 
     def wait(self, taskid: str, on_update: Callable[[dict], None] | None = None, poll: float = 0.5,
              timeout: float = 3600) -> dict:
@@ -98,3 +183,64 @@ class Client:
             path.write_bytes(resp.content)
             paths.append(path)
         return paths
+
+
+class AsyncClient(_Base):
+    """``Client`` for asyncio: the same methods as coroutines (``events`` is an async iterator)."""
+
+    def __init__(self, base_url: str, api_key: str, api_secret: str | None = None, timeout: float = 60.0,
+                 socket_url: str | None = None):
+        super().__init__(base_url, api_key, api_secret, socket_url)
+        self.http = httpx.AsyncClient(timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _post(self, path: str, json_body: dict | None = None, data: dict | None = None,
+                    files: dict | None = None, headers: dict | None = None) -> dict:
+        return _checked(await self.http.post(f"{self.base_url}{path}", headers={**self.headers(), **(headers or {})},
+                                             json=json_body, data=data, files=files))
+
+    async def run(self, tool: str, params: dict[str, Any], files: dict[str, Path] | None = None, wait: bool = False,
+                  on_event: Callable[[dict], None] | None = None, idempotency_key: str | None = None,
+                  timeout: float = 3600) -> dict:
+        """As :meth:`Client.run`."""
+        extra = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        answer = await self._post(f"/Run/{tool}", headers=extra, **_run_payload(params, files))
+        if not wait:
+            return answer
+        try:
+            async with asyncio.timeout(timeout):
+                async for frame in self.events(answer["socketaccesstoken"]):
+                    if on_event:
+                        on_event(frame)
+        except TimeoutError:
+            raise
+        except Exception:  # no socket: poll
+            return await self.wait(answer["taskid"], timeout=timeout)
+        return await self.detail(answer["taskid"])
+
+    async def events(self, tasktoken: str, previews: bool = False) -> AsyncIterator[dict]:
+        """Yield the task's WebSocket frames (history first) until its terminal frame."""
+        from websockets.asyncio.client import connect
+
+        async with connect(self._ws_url(previews), open_timeout=10, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "task_info", "tasktoken": tasktoken}))
+            async for raw in ws:
+                frame = json.loads(raw)
+                yield frame
+                if frame.get("type") in TERMINAL or frame.get("result") is False:
+                    return
+
+    async def detail(self, taskid: str) -> dict:
+        return (await self._post("/Task/Detail", json_body={"taskid": str(taskid)}))["tasklist"][0]
+
+    async def wait(self, taskid: str, poll: float = 0.5, timeout: float = 3600) -> dict:
+        deadline = time.time() + timeout
+        while True:
+            task = await self.detail(taskid)
+            if task["status"] in TERMINAL:
+                return task
+            if time.time() > deadline:
+                raise TimeoutError(f"task {taskid} still {task['status']} after {timeout} s")
+            await asyncio.sleep(poll)
