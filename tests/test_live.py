@@ -360,3 +360,20 @@ def test_cli_tasks_list_detail_delete(server, project):
     assert json.loads(cli("detail", task["id"]))["id"] == task["id"]
     assert "deleted" in cli("delete", task["id"])
     assert server.detail(project, task["id"])["outputs"] == []
+
+
+def test_pending_webhooks_survive_a_restart(tmp_path, receiver):
+    from easel.tasks import lifecycle as lc
+
+    srv = Server(tmp_path, extra_args=("--workers", "0"))  # not started: the "stopped" server's store
+    p = srv.project()
+    task, _ = lc.submit(srv.store, project_id=p.id, tool=TOOL, parameters={}, inputs={},
+                        callbackurl=f"{receiver.url}/flaky/restart", cost_per_second=0)
+    assert lc.cancel(srv.store, task.id)  # terminal while no server runs: the delivery waits in the store
+    assert [d.status for d in srv.store.deliveries(task.id)] == ["pending"]
+    srv.start()
+    try:
+        wait_until(lambda: [d.status for d in srv.store.deliveries(task.id)] == ["delivered"])
+        assert len(receiver.on("/flaky/restart")) == 3
+    finally:
+        srv.stop()
