@@ -35,9 +35,10 @@ def test_seed_curl_body_under_multipart_content_type(server, project):
     for key in ("id", "uuid", "socketaccesstoken", "status", "pexit", "debugoutput", "debugerror", "createtime",
                 "accepttime", "preprocessstarttime", "preprocessendtime", "assigntime", "starttime", "endtime",
                 "canceltime", "postprocessstarttime", "postprocessendtime", "elapsedseconds", "cps", "totalcost",
-                "modelslugowner", "modelslugproject", "categories"):
+                "modelslugowner", "modelslugproject", "modeldescription", "categories"):
         assert isinstance(task[key], str), key
     assert float(task["totalcost"]) > 0 and task["modelslugproject"] == "text-to-image-sd-lora"
+    assert task["modeldescription"].startswith("A text-to-image tool")
     out = task["outputs"][0]
     assert out["contenttype"] == "image/png" and int(out["size"]) > 0 and out["accesskey"]
     stamps = [int(task[k]) for k in ("createtime", "accepttime", "preprocessstarttime", "preprocessendtime",

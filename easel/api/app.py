@@ -99,7 +99,8 @@ class Api:
         position = self.store.count_in((lc.QUEUE,), before_id=task.id) + 1 if task.status == lc.QUEUE else None
         return lc.task_view(task, self.store.outputs(task.id),
                             lambda t, o: self.storage.url(t.file_accesskey, o.name),
-                            spec.categories if spec else [], queueposition=position)
+                            spec.categories if spec else [], queueposition=position,
+                            modeldescription=spec.description if spec else "")
 
     def task_object(self, task_id: int) -> dict | None:
         task = self.store.get_task(task_id)

@@ -130,7 +130,8 @@ def eta_seconds(task: Task) -> float | None:
 
 
 def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output], str],
-              categories: list[str], cps: float | None = None, queueposition: int | None = None) -> dict:
+              categories: list[str], cps: float | None = None, queueposition: int | None = None,
+              modeldescription: str = "") -> dict:
     """The task as Wiro's ``tasklist`` item: every value a string, as the docs show.
 
     Beyond Wiro: ``progress`` (latest progressGenerate object), ``queueposition`` (1 = next to
@@ -155,6 +156,7 @@ def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output
         "guestid": None, "projectid": str(task.project_id), "modelid": "0", "description": "", "basemodelid": "0",
         "runtype": "model", "modelfolderid": "", "modelfileid": "", "callbackurl": task.callbackurl or "",
         "marketplaceid": None, "modelslugowner": owner, "modelslugproject": project,
+        "modeldescription": modeldescription,
         "createtime": _t(task.createtime), "canceltime": _t(task.canceltime), "assigntime": _t(task.assigntime),
         "accepttime": _t(task.accepttime), "preprocessstarttime": _t(task.preprocessstarttime),
         "preprocessendtime": _t(task.preprocessendtime), "postprocessstarttime": _t(task.postprocessstarttime),
