@@ -26,13 +26,19 @@ class BenchServer:
         self.base = base
         self.client = client
 
-    def run_to_done(self, tool: str, params: dict, poll: float = 0.02) -> tuple[float, float, dict]:
-        """Submit ``params`` to ``tool`` and poll Task/Detail until the task ends.
+    def run_to_done(self, tool: str, params: dict, poll: float = 0.02, mode: str = "poll") -> tuple[float, float, dict]:
+        """Submit ``params`` to ``tool`` and wait for the end: ``poll`` Task/Detail every ``poll``
+        seconds, or ``wait``: one Run with ``Prefer: wait=60`` (the server watches the store).
 
         Returns:
             (submit latency s, Run → task_postprocess_end s, the final task object).
         """
         t0 = time.time()
+        if mode == "wait":
+            answer = self.client.post(f"{self.base}/v1/Run/{tool}", json=params, headers={"Prefer": "wait=60"}).json()
+            task = answer["tasklist"][0]
+            assert task["pexit"] == "0", task["debugerror"]
+            return 0.0, time.time() - t0, task
         answer = self.client.post(f"{self.base}/v1/Run/{tool}", json=params).json()
         submit = time.time() - t0
         while True:

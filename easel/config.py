@@ -45,6 +45,8 @@ class Settings:
         webhook_max_age_seconds: How long a webhook is retried (exponential backoff from
             ``webhook_backoff_seconds``, doubling, capped at 10 minutes) before it is given up.
         webhook_timeout: Seconds per webhook attempt.
+        live_poll_interval: Seconds between the store reads of an open WebSocket or a ``Prefer:
+            wait`` request (each is one indexed query), i.e. the most latency they add.
         ws_path: Path of the WebSocket endpoint (Wiro's is ``wss://socket.wiro.ai/v1``).
         default_cost_per_second: Cost per second of run time for tools that set none.
         poll_interval: Seconds an idle worker waits between store polls when not woken.
@@ -76,6 +78,7 @@ class Settings:
     webhook_backoff_seconds: float = 5.0
     webhook_timeout: float = 10.0
     ws_path: str = "/v1"
+    live_poll_interval: float = 0.02
     default_cost_per_second: float = 0.000585
     poll_interval: float = 0.25
     catalog_override: Path | None = None

@@ -205,7 +205,7 @@ class Api:
             task = self.store.get_task(task_id)
             if task.status in lc.TERMINAL or time.monotonic() >= deadline:
                 return task
-            time.sleep(0.05)
+            time.sleep(self.settings.live_poll_interval)
 
     def delete_io(self, project: Project, body: Body) -> dict:
         """Task/InputOutputDelete: remove a finished task's uploaded inputs and output files (idempotent)."""
@@ -385,7 +385,7 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
 
     @app.websocket(settings.ws_path)
     async def socket(ws: WebSocket):
-        await live.serve_socket(ws, api.store, api.output_list)
+        await live.serve_socket(ws, api.store, api.output_list, poll=settings.live_poll_interval)
 
     @app.get("/v1/File/{accesskey}/{name}", summary="An output file (the access key is the credential)")
     async def file(accesskey: str, name: str):

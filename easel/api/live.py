@@ -18,7 +18,7 @@ progress frames that have one carry ``preview`` (base64 JPEG of the current late
 
 Events come from the ``events`` table, which every worker process writes: a client may be
 connected to any API process, not the one whose executor started the worker. Each socket polls the
-store every ``poll`` seconds (one indexed query); a broker push would replace the poll, not the
+store every ``Settings.live_poll_interval`` seconds (20 ms; one indexed query); a broker push would replace the poll, not the
 protocol.
 """
 from __future__ import annotations
