@@ -198,14 +198,15 @@ class Api:
     def run_answer(task: Task) -> dict:
         return {"errors": [], "taskid": str(task.id), "socketaccesstoken": task.socketaccesstoken, "result": True}
 
-    def wait_for_end(self, task_id: int, seconds: float) -> Task:
-        """Block (in a worker thread) until the task is terminal or ``seconds`` pass."""
+    async def wait_for_end(self, task_id: int, seconds: float) -> Task:
+        """Wait until the task is terminal or ``seconds`` pass, holding no thread while asleep
+        (many ``Prefer: wait`` requests must not exhaust the thread pool)."""
         deadline = time.monotonic() + seconds
         while True:
-            task = self.store.get_task(task_id)
+            task = await run_in_threadpool(self.store.get_task, task_id)
             if task.status in lc.TERMINAL or time.monotonic() >= deadline:
                 return task
-            time.sleep(self.settings.live_poll_interval)
+            await asyncio.sleep(self.settings.live_poll_interval)
 
     def delete_io(self, project: Project, body: Body) -> dict:
         """Task/InputOutputDelete: remove a finished task's uploaded inputs and output files (idempotent)."""
@@ -345,7 +346,7 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
         wait = prefer_wait(request.headers.get("prefer", ""))
         if wait is None:
             return answer
-        task = await run_in_threadpool(api.wait_for_end, int(answer["taskid"]), wait)
+        task = await api.wait_for_end(int(answer["taskid"]), wait)
         answer = {**answer, "total": "1", "tasklist": [await run_in_threadpool(api.view, task)]}
         return JSONResponse(answer, headers={"Preference-Applied": f"wait={wait}"})
 

@@ -11,6 +11,7 @@ import logging
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from easel.catalog import ModelCatalog
@@ -37,6 +38,7 @@ class WorkerContext:
         self.output_dir = output_dir
         self.uploads_dir = uploads_dir
         self.lines: list[str] = []
+        self.error_lines: list[str] = []
         self._started_at: float | None = None
 
     def check_killed(self) -> None:
@@ -70,12 +72,50 @@ class WorkerContext:
     def log(self, line: str) -> None:
         self.lines.append(line)
 
+    def error_line(self, line: str) -> None:
+        """A stderr-like line (a library warning): stored and sent live as ``task_error``."""
+        self.error_lines.append(line)
+        self.store.add_event(self.task_id, lc.ERROR, line)
+
     def input_file(self, value: str) -> Path:
         name = value.removeprefix("upload:")
         path = (self.uploads_dir / name).resolve()
         if path.parent != self.uploads_dir.resolve() or not path.is_file():
             raise ToolError(f"uploaded file {name!r} is missing")
         return path
+
+
+class _StderrCapture(logging.Handler):
+    """Routes WARNING+ records of the ML libraries and Python warnings to a task's ``task_error``
+    events while the task runs (a worker runs one task at a time)."""
+
+    LOGGERS = ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "torch")
+
+    def __init__(self, ctx: WorkerContext):
+        super().__init__(logging.WARNING)
+        self.ctx = ctx
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.ctx.error_line(f"{record.levelname}: {record.getMessage()}".strip())
+        except Exception:  # a log line must never fail the task
+            pass
+
+    def __enter__(self):
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, category, *_a, **_k: self.ctx.error_line(
+            f"{category.__name__}: {message}")
+        return self
+
+    def __exit__(self, *exc):
+        self._warnings.__exit__(*exc)
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+        return False
 
 
 class Worker:
@@ -104,14 +144,16 @@ class Worker:
         store = self.store
         try:
             tool = load_tool(task.tool)
-            lc.advance(store, task_id, lc.PREPROCESS_START)
-            plan = tool.prepare(json.loads(task.inputs), ctx)
-            lc.advance(store, task_id, lc.PREPROCESS_END)
-            ctx.check_killed()
-            lc.advance(store, task_id, lc.ASSIGN)
-            paths = tool.run(plan, ctx)
-            output = "\n".join(ctx.lines)
+            with _StderrCapture(ctx):
+                lc.advance(store, task_id, lc.PREPROCESS_START)
+                plan = tool.prepare(json.loads(task.inputs), ctx)
+                lc.advance(store, task_id, lc.PREPROCESS_END)
+                ctx.check_killed()
+                lc.advance(store, task_id, lc.ASSIGN)
+                paths = tool.run(plan, ctx)
+            output, errors = "\n".join(ctx.lines), "\n".join(ctx.error_lines)
             lc.advance(store, task_id, lc.OUTPUT_FULL, message=output, debugoutput=output)
+            lc.advance(store, task_id, lc.ERROR_FULL, message=errors, debugerror=errors)
             lc.advance(store, task_id, lc.END)
             lc.advance(store, task_id, lc.POSTPROCESS_START)
             store.add_outputs(task_id, [self.storage.save(task.uuid, p) for p in paths])
@@ -132,8 +174,9 @@ class Worker:
         store = self.store
         output = "\n".join(ctx.lines)
         store.add_event(task_id, lc.ERROR, message)
+        errors = "\n".join([*ctx.error_lines, message])
         lc.advance(store, task_id, lc.OUTPUT_FULL, message=output, debugoutput=output)
-        lc.advance(store, task_id, lc.ERROR_FULL, message=message, debugerror=message)
+        lc.advance(store, task_id, lc.ERROR_FULL, message=errors, debugerror=errors)
         lc.advance(store, task_id, lc.END)
         lc.advance(store, task_id, lc.POSTPROCESS_START)
         lc.advance(store, task_id, lc.POSTPROCESS_END, pexit="1")
