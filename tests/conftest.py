@@ -140,7 +140,8 @@ class _Files(http.server.SimpleHTTPRequestHandler):
 def file_server(tmp_path_factory, tiny):
     """Serves a folder on 127.0.0.1 with the tiny LoRAs and a pickle; yields (base_url, folder)."""
     folder = tmp_path_factory.mktemp("www")
-    for name in ("sd15-lora-kohya", "sd15-lora-peft", "flux-lora-peft", "flux-lora-kohya", "flux-lora-xlabs"):
+    for name in ("sd15-lora-kohya", "sd15-lora-peft", "flux-lora-peft", "flux-lora-kohya", "flux-lora-xlabs",
+                 "flux-lora-bfl"):
         (folder / f"{name}.safetensors").write_bytes(Path(tiny[name]).read_bytes())
     import pickle
 

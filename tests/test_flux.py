@@ -62,7 +62,7 @@ def test_lora_scale_zero_equals_the_plain_flux_pipeline(server, project):
     assert served == [raw.convert("RGB").tobytes()]
 
 
-@pytest.mark.parametrize("layout", ["peft", "kohya", "xlabs"])
+@pytest.mark.parametrize("layout", ["peft", "kohya", "xlabs", "bfl"])
 def test_each_flux_lora_layout_loads_and_changes_the_output(server, project, file_server, layout):
     base, _ = file_server
     plain = pixels(ok_images(server, run_flux(server, project, {**FLUX_SMALL, "flux-RealismLora": "0"}), 1, (64, 64)))

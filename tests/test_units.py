@@ -229,7 +229,7 @@ def test_lora_layouts_are_recognised(tiny):
     from easel.models.lora_formats import LoraFormatError, read_lora_layout, require_family
 
     expected = {"flux-lora-peft": ("flux", "peft"), "flux-lora-kohya": ("flux", "kohya"),
-                "flux-lora-xlabs": ("flux", "xlabs"), "sd15-lora-peft": ("sd", "peft"),
+                "flux-lora-xlabs": ("flux", "xlabs"), "flux-lora-bfl": ("flux", "bfl"), "sd15-lora-peft": ("sd", "peft"),
                 "sd15-lora-kohya": ("sd", "kohya")}
     for name, (family, layout) in expected.items():
         found = read_lora_layout(tiny[name])
@@ -238,6 +238,23 @@ def test_lora_layouts_are_recognised(tiny):
         require_family(tiny["sd15-lora-kohya"], "flux", "selectedLoraModelPrivateUrl")
     with pytest.raises(LoraFormatError, match="made for a FLUX.1 transformer"):
         require_family(tiny["flux-lora-xlabs"], "sd", "selectedLoraModelPrivateUrl")
+
+
+def test_bfl_layout_loads_as_its_kohya_rename(tiny):
+    import torch
+    from safetensors.torch import load_file
+
+    from easel.models.lora_formats import bfl_to_kohya, loadable
+
+    renamed = loadable(tiny["flux-lora-bfl"])
+    assert isinstance(renamed, dict) and "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in renamed
+    again = bfl_to_kohya(load_file(str(tiny["flux-lora-bfl"])))
+    assert renamed.keys() == again.keys() and all(torch.equal(renamed[k], again[k]) for k in renamed)
+    assert loadable(tiny["flux-lora-kohya"]) == str(tiny["flux-lora-kohya"])  # other layouts go to diffusers as files
+    pipe = _flux_pipe(tiny)
+    plain = _flux_image(pipe)
+    pipe.load_lora_weights(renamed, adapter_name="bfl")
+    assert pipe.get_list_adapters()["transformer"] == ["bfl"] and (_flux_image(pipe) != plain).any()
 
 
 def test_bfl_layout_is_recognised():

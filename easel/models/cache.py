@@ -27,6 +27,8 @@ import threading
 from collections import OrderedDict
 from typing import Any, Callable
 
+from .lora_formats import loadable
+
 
 def module_bytes(pipe: Any) -> int:
     """Bytes of all parameters and buffers of a pipeline's torch modules."""
@@ -115,7 +117,7 @@ class LoraState:
             if name not in self._loaded:
                 self._evict(pipe, keep={adapter_name(k) for k, _, _ in loras})
                 try:
-                    pipe.load_lora_weights(path, adapter_name=name)
+                    pipe.load_lora_weights(loadable(path), adapter_name=name)
                 except Exception as exc:
                     _cleanup_failed(pipe, name)
                     raise ValueError(f"LoRA {key} could not be loaded into {type(pipe).__name__}: {exc}") from None
@@ -152,7 +154,7 @@ class LoraState:
             self.last_action = "LoRA loaded into the adapter slot"
         else:
             try:
-                pipe.load_lora_weights(path, adapter_name=self.SLOT, hotswap=True)
+                pipe.load_lora_weights(loadable(path), adapter_name=self.SLOT, hotswap=True)
                 self.hotswaps += 1
                 self.last_action = "LoRA hot-swapped into the resident adapter slot"
             except Exception as exc:
@@ -168,7 +170,7 @@ class LoraState:
 
     def _load(self, pipe: Any, key: str, path: str, hotswap: bool) -> None:
         try:
-            pipe.load_lora_weights(path, adapter_name=self.SLOT, hotswap=hotswap)
+            pipe.load_lora_weights(loadable(path), adapter_name=self.SLOT, hotswap=hotswap)
         except Exception as exc:
             _cleanup_failed(pipe, self.SLOT)
             raise ValueError(f"LoRA {key} could not be loaded into {type(pipe).__name__}: {exc}") from None

@@ -17,7 +17,7 @@ layout             typical key
                    Flux) or ``lora_unet_down_blocks_1_attentions_0_...lora_down.weight`` (SD)
 ``xlabs``          ``double_blocks.0.processor.qkv_lora1.down.weight`` (XLabs-AI)
 ``bfl``            ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` (BFL / original
-                   module names with PEFT suffixes)
+                   module names, with PEFT or Kohya suffixes, e.g. as ComfyUI saves them)
 ``kohya-ldm``      ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight``
                    (SD in original LDM naming)
 =================  ===========================================================================
@@ -48,7 +48,7 @@ _RULES: list[tuple[str, str, re.Pattern]] = [
     ("flux", "xlabs", re.compile(r"^(diffusion_model\.)?(double|single)_blocks\.\d+\.processor\.(qkv|proj)_lora\d\.(down|up)\.weight$")),
     ("flux", "kohya", re.compile(r"^lora_unet_(double|single)_blocks_\d+_.*\.(lora_down|lora_up)\.weight$")),
     ("flux", "kohya", re.compile(r"^lora_transformer_(single_)?transformer_blocks_\d+_.*\.(lora_down|lora_up)\.weight$")),
-    ("flux", "bfl", re.compile(r"^(diffusion_model\.)?(double|single)_blocks\.\d+\..*\.lora_[AB]\.weight$")),
+    ("flux", "bfl", re.compile(r"^(diffusion_model\.)?(double|single)_blocks\.\d+\..*\.(lora_[AB]|lora_down|lora_up)\.weight$")),
     ("flux", "peft", re.compile(r"^(transformer\.|base_model\.model\.)?(single_)?transformer_blocks\.\d+\..*\.lora_[AB](\.default)?\.weight$")),
     ("sd", "kohya", re.compile(r"^lora_unet_(down_blocks|up_blocks|mid_block)_.*\.(lora_down|lora_up)\.weight$")),
     ("sd", "kohya-ldm", re.compile(r"^lora_unet_(input_blocks|output_blocks|middle_block)_.*\.(lora_down|lora_up)\.weight$")),
@@ -112,3 +112,44 @@ def require_family(path: str | Path, family: str, what: str) -> LoraLayout:
             f"{what}: this LoRA was made for a {FAMILY_NAMES[found.family]} ({found.layout} layout, keys like "
             f"{found.example}); this tool needs a LoRA for a {FAMILY_NAMES[family]}")
     return found
+
+
+_BFL_KEY = re.compile(r"^(?:diffusion_model\.)?((?:double|single)_blocks)\.(\d+)\.(.+)\.(lora_A|lora_B|lora_down|lora_up|alpha)(?:\.weight)?$")
+_KOHYA_SUFFIX = {"lora_A": "lora_down.weight", "lora_down": "lora_down.weight", "lora_B": "lora_up.weight",
+                 "lora_up": "lora_up.weight", "alpha": "alpha"}
+
+
+def bfl_to_kohya(state_dict: dict) -> dict:
+    """Rename a BFL-layout Flux LoRA to the Kohya layout, which diffusers converts.
+
+    diffusers (0.3x–0.4x) reads Flux LoRAs over BFL module names only in Kohya form
+    (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``) and silently loads nothing from
+    ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``. The mapping is a rename:
+    ``.`` in the module path becomes ``_``, ``lora_A``/``lora_B`` become ``lora_down``/``lora_up``
+    (no alpha means alpha = rank, i.e. scale 1, in both conventions); tensors are unchanged.
+
+    Raises:
+        LoraFormatError: a key outside the BFL block layout.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        m = _BFL_KEY.match(key)
+        if not m:
+            raise LoraFormatError(f"BFL-layout LoRA has a key outside double/single blocks: {key}")
+        blocks, index, module, part = m.groups()
+        out[f"lora_unet_{blocks}_{index}_{module.replace('.', '_')}.{_KOHYA_SUFFIX[part]}"] = value
+    return out
+
+
+def loadable(path: str | Path):
+    """What to pass to diffusers' ``load_lora_weights`` for the LoRA file at ``path``: the path
+    itself, or for the BFL layout a renamed state dict (:func:`bfl_to_kohya`)."""
+    try:
+        layout = read_lora_layout(path)
+    except (LoraFormatError, ValueError):
+        return str(path)  # diffusers gives its own error, which the caller reports
+    if layout.layout != "bfl":
+        return str(path)
+    from safetensors.torch import load_file
+
+    return bfl_to_kohya(load_file(str(path)))

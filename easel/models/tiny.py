@@ -21,8 +21,9 @@
 - ``flux-lora-peft.safetensors`` (``transformer.<module>.lora_A.weight``, as diffusers and
   ai-toolkit write), ``flux-lora-kohya.safetensors`` (BFL module names in Kohya form:
   ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, fused qkv) and
-  ``flux-lora-xlabs.safetensors`` (``double_blocks.0.processor.qkv_lora1.down.weight``): the three
-  layouts Flux LoRAs are commonly published in.
+  ``flux-lora-xlabs.safetensors`` (``double_blocks.0.processor.qkv_lora1.down.weight``) and
+  ``flux-lora-bfl.safetensors`` (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``):
+  the four layouts Flux LoRAs are commonly published in.
 
 Size and speed: the UNet keeps SD 1.5's classes and four resolution levels (so the VAE scale
 factor is 8 and a 512² image denoises a 64² latent) but has 32–64 channels, **one attention
@@ -38,7 +39,7 @@ import json
 import re
 from pathlib import Path
 
-TINY_VERSION = 3
+TINY_VERSION = 4
 _SEED = 0
 
 
@@ -340,28 +341,42 @@ def write_flux_lora_peft(pipe, path: Path, seed: int = 11, rank: int = 4) -> Non
     save_file(sd, str(path), metadata={"format": "pt"})
 
 
-def write_flux_lora_kohya(pipe, path: Path, seed: int = 12, rank: int = 4, alpha: float = 4.0) -> None:
-    """Write a Kohya-layout Flux LoRA over BFL module names (as sd-scripts' ``flux_train_network``
-    saves): fused ``img_attn_qkv`` / ``txt_attn_qkv``, ``*_attn_proj`` and ``single_blocks_N_linear2``."""
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
+def _bfl_modules(pipe) -> dict[str, tuple[int, int]]:
+    """BFL module names a Flux LoRA commonly targets → (fan_in, fan_out): fused ``img_attn.qkv`` /
+    ``txt_attn.qkv``, ``*_attn.proj`` of the double blocks and ``linear2`` of the single blocks."""
     inner, n_double, n_single = _flux_dims(pipe)
     mlp = int(inner * pipe.transformer.config.get("mlp_ratio", 4.0))
     shapes = {}
     for i in range(n_double):
         for side in ("img", "txt"):
-            shapes[f"lora_unet_double_blocks_{i}_{side}_attn_qkv"] = (inner, 3 * inner)
-            shapes[f"lora_unet_double_blocks_{i}_{side}_attn_proj"] = (inner, inner)
+            shapes[f"double_blocks.{i}.{side}_attn.qkv"] = (inner, 3 * inner)
+            shapes[f"double_blocks.{i}.{side}_attn.proj"] = (inner, inner)
     for i in range(n_single):
-        shapes[f"lora_unet_single_blocks_{i}_linear2"] = (inner + mlp, inner)
+        shapes[f"single_blocks.{i}.linear2"] = (inner + mlp, inner)
+    return shapes
+
+
+def _write_bfl_named(pipe, path: Path, seed: int, rank: int, name, down: str, up: str, alpha: float | None,
+                     metadata: dict | None = None) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
     sd = {}
-    for base, (fan_in, fan_out) in shapes.items():
-        sd[f"{base}.lora_down.weight"] = torch.randn(rank, fan_in, generator=g) * 0.5
-        sd[f"{base}.lora_up.weight"] = torch.randn(fan_out, rank, generator=g) * 0.5
-        sd[f"{base}.alpha"] = torch.tensor(alpha)
-    save_file(sd, str(path), metadata={"ss_network_module": "networks.lora_flux"})
+    for module, (fan_in, fan_out) in _bfl_modules(pipe).items():
+        base = name(module)
+        sd[f"{base}.{down}"] = torch.randn(rank, fan_in, generator=g) * 0.5
+        sd[f"{base}.{up}"] = torch.randn(fan_out, rank, generator=g) * 0.5
+        if alpha is not None:
+            sd[f"{base}.alpha"] = torch.tensor(alpha)
+    save_file(sd, str(path), metadata=metadata)
+
+
+def write_flux_lora_kohya(pipe, path: Path, seed: int = 12, rank: int = 4, alpha: float = 4.0) -> None:
+    """Write a Kohya-layout Flux LoRA over BFL module names, as sd-scripts' ``flux_train_network``
+    saves it (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, ``.alpha``)."""
+    _write_bfl_named(pipe, path, seed, rank, lambda m: "lora_unet_" + m.replace(".", "_"), "lora_down.weight",
+                     "lora_up.weight", alpha, {"ss_network_module": "networks.lora_flux"})
 
 
 def write_flux_lora_xlabs(pipe, path: Path, seed: int = 13, rank: int = 4) -> None:
@@ -382,12 +397,18 @@ def write_flux_lora_xlabs(pipe, path: Path, seed: int = 13, rank: int = 4) -> No
     save_file(sd, str(path))
 
 
+def write_flux_lora_bfl(pipe, path: Path, seed: int = 14, rank: int = 4) -> None:
+    """Write a BFL-layout Flux LoRA: original module names (``diffusion_model.double_blocks.N.img_attn.qkv``,
+    ``diffusion_model.single_blocks.N.linear2``) with PEFT ``lora_A``/``lora_B`` suffixes."""
+    _write_bfl_named(pipe, path, seed, rank, lambda m: "diffusion_model." + m, "lora_A.weight", "lora_B.weight", None)
+
+
 def make_tiny(folder: str | Path, force: bool = False) -> dict[str, Path]:
     """Write every tiny model into ``folder`` (idempotent unless ``force``).
 
     Returns:
         Name → path: ``sd15`` (folder), ``sd15-single-file``, ``sd15-lora-peft``, ``sd15-lora-kohya``,
-        ``flux`` (folder), ``flux-lora-peft``, ``flux-lora-kohya``, ``flux-lora-xlabs``.
+        ``flux`` (folder), ``flux-lora-peft``, ``flux-lora-kohya``, ``flux-lora-xlabs``, ``flux-lora-bfl``.
     """
     folder = Path(folder)
     paths = {
@@ -399,6 +420,7 @@ def make_tiny(folder: str | Path, force: bool = False) -> dict[str, Path]:
         "flux-lora-peft": folder / "flux-lora-peft.safetensors",
         "flux-lora-kohya": folder / "flux-lora-kohya.safetensors",
         "flux-lora-xlabs": folder / "flux-lora-xlabs.safetensors",
+        "flux-lora-bfl": folder / "flux-lora-bfl.safetensors",
     }
     stamp = folder / "tiny.json"
     if not force and stamp.exists() and json.loads(stamp.read_text()).get("version") == TINY_VERSION:
@@ -414,5 +436,6 @@ def make_tiny(folder: str | Path, force: bool = False) -> dict[str, Path]:
     write_flux_lora_peft(flux, paths["flux-lora-peft"])
     write_flux_lora_kohya(flux, paths["flux-lora-kohya"])
     write_flux_lora_xlabs(flux, paths["flux-lora-xlabs"])
+    write_flux_lora_bfl(flux, paths["flux-lora-bfl"])
     stamp.write_text(json.dumps({"version": TINY_VERSION, "note": "random weights: images are noise"}))
     return paths
