@@ -93,3 +93,26 @@ def test_invalid_body_is_a_clear_error(server, project):
     r = server.post(project, f"/v1/Run/{TOOL}", content=b"{not json", headers={"Content-Type": "application/json"})
     status, code, text = err(r)
     assert (status, code) == (200, 0) and text.startswith("Request parameters are invalid.")
+
+
+def test_hub_mode_refuses_a_preset_whose_weights_are_unknown(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from easel.api import create_app
+    from easel.config import Settings
+    from easel.store import Store
+
+    settings = Settings(data_dir=tmp_path, model_source="hub")
+    store = Store(settings.database_url)
+    store.migrate()
+    p = store.create_project("hub", "apikey")
+    with TestClient(create_app(settings, None, dispatch_webhooks=False)) as http:
+        comics = http.post("/v1/Run/Adel_AI/Comics-Factory-v1", headers={"x-api-key": p.apikey},
+                           json={"prompt": "ComicsFact1 style. a cat"}).json()
+        assert comics["result"] is False and comics["errors"][0]["code"] == 0
+        message = comics["errors"][0]["message"]
+        assert message.startswith("Adel_AI/Comics-Factory-v1 cannot run on this server: Model comics-factory-v1")
+        assert "catalog.override.json" in message
+        flux = http.post("/v1/Run/wiro/text-to-image-flux-lora-fast", headers={"x-api-key": p.apikey},
+                         json={"prompt": "a lion"}).json()
+        assert flux["result"] is True  # FLUX.1-dev and the default LoRA 655 have public sources
