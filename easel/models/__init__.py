@@ -10,7 +10,15 @@ from easel.config import Settings
 from .cache import LoraState, PipelineCache
 from .sources import ModelSources, Weights
 
-__all__ = ["ModelManager", "ModelSources", "Weights", "PipelineCache", "LoraState"]
+__all__ = ["ModelManager", "ModelSources", "Weights", "PipelineCache", "LoraState", "dtype_kwargs"]
+
+
+def dtype_kwargs(dtype: Any) -> dict:
+    """``from_pretrained`` / ``from_single_file`` keyword for a torch dtype: ``dtype`` on diffusers
+    versions that renamed it (they warn on ``torch_dtype``), ``torch_dtype`` on older ones."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
 class ModelManager:

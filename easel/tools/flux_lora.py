@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from easel.catalog import CatalogError, load_tools
+from easel.models import dtype_kwargs
 from easel.models.fetch import FetchError
 from easel.models.lora_formats import LoraFormatError, require_family
 
@@ -156,8 +157,8 @@ def load_pipeline(weights, settings) -> Any:
     from diffusers import FluxPipeline
 
     cuda = torch.cuda.is_available()
-    pipe = FluxPipeline.from_pretrained(str(weights.path), torch_dtype=torch.bfloat16 if cuda else torch.float32,
-                                        use_safetensors=True)
+    pipe = FluxPipeline.from_pretrained(str(weights.path), use_safetensors=True,
+                                        **dtype_kwargs(torch.bfloat16 if cuda else torch.float32))
     pipe.set_progress_bar_config(disable=True)
     if cuda and settings.cpu_offload:
         pipe.enable_model_cpu_offload()

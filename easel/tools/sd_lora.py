@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from easel.catalog import CatalogError
+from easel.models import dtype_kwargs
 from easel.models.fetch import FetchError, check_safetensors
 from easel.models.lora_formats import LoraFormatError, require_family
 
@@ -124,7 +125,7 @@ def load_pipeline(weights) -> Any:
 
     cuda = torch.cuda.is_available()
     dtype = torch.float16 if cuda else torch.float32
-    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(**dtype_kwargs(dtype), safety_checker=None, requires_safety_checker=False)
     if weights.format == "diffusers":
         pipe = StableDiffusionPipeline.from_pretrained(str(weights.path), use_safetensors=True, **kwargs)
     else:
