@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import httpx
+import pytest
 
-from conftest import SMALL, TOOL, pixels, png_size
+from conftest import SMALL, TOOL, Server, pixels, png_size
 
 SEED_CURL_BODY = {
     "selectedModel": "", "selectedModelPrivate": "", "selectedLoraModel": [], "selectedLoraModelPrivateUrl": "",
@@ -189,3 +191,41 @@ def test_restart_loses_no_queued_task(tmp_path):
             assert srv.wait(p, tid)["pexit"] == "0"
     finally:
         srv.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["terminate", "kill"])
+def test_workers_exit_with_the_server(tmp_path, how):
+    import subprocess as sp
+
+    srv = Server(tmp_path).start()
+    children = [int(x) for x in sp.run(["ps", "-o", "pid=", "--ppid", str(srv.proc.pid)], capture_output=True,
+                                       text=True).stdout.split()]
+    workers = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert workers, children
+    getattr(srv.proc, how)()  # SIGTERM: graceful shutdown stops them; SIGKILL: they notice the parent is gone
+    srv.proc.wait(20)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def test_a_killed_server_leaves_no_task_running(tmp_path):
+    srv = Server(tmp_path).start()
+    p = srv.project()
+    taskid = srv.run(p, {**SMALL, "steps": 150, "width": 256, "height": 256, "samples": 2})["taskid"]
+    srv.wait(p, taskid, until=("task_output",))
+    srv.proc.kill()  # no graceful shutdown: the worker must notice on its own
+    srv.proc.wait(20)
+    deadline = time.time() + 20
+    while time.time() < deadline and srv.store.get_task(int(taskid)).status != "task_postprocess_end":
+        time.sleep(0.2)
+    task = srv.store.get_task(int(taskid))
+    assert task.status == "task_postprocess_end" and task.pexit == "1" and "server stopped" in task.debugerror

@@ -15,6 +15,7 @@ import time
 import uuid as uuidlib
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request, WebSocket
@@ -288,17 +289,23 @@ def prefer_wait(header: str) -> int | None:
     return min(MAX_PREFER_WAIT, int(m.group(1))) if m else None
 
 
-def create_app(settings: Settings, executor: Executor | None = None, dispatch_webhooks: bool = True) -> FastAPI:
+def create_app(settings: Settings, executor: Executor | None = None, dispatch_webhooks: bool = True,
+               on_shutdown: Callable[[], None] | None = None) -> FastAPI:
     """Build the app. ``executor`` is told about new tasks; None leaves them queued in the store
-    (workers of another process poll it). ``dispatch_webhooks`` runs the webhook sender thread."""
+    (workers of another process poll it). ``dispatch_webhooks`` runs the webhook sender thread.
+    ``on_shutdown`` runs when the server shuts down (SIGTERM/SIGINT included), e.g. to stop workers."""
     api = Api(settings, executor)
 
     @asynccontextmanager
     async def lifespan(_app):
         if dispatch_webhooks:
             api.webhooks.start()
-        yield
-        api.webhooks.stop()
+        try:
+            yield
+        finally:
+            api.webhooks.stop()
+            if on_shutdown is not None:
+                await run_in_threadpool(on_shutdown)
 
     app = FastAPI(title="Easel", version="0.2.0", lifespan=lifespan,
                   description="Self-hostable image generation server speaking the Wiro tool API. Every endpoint "

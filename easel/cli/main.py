@@ -62,7 +62,10 @@ def serve(
         executor = create_executor("local", settings)
         executor.start()
     try:
-        uvicorn.run(create_app(settings, executor), host=host, port=port, log_level="warning")
+        # stop the workers in the app's shutdown: uvicorn re-raises SIGTERM after its graceful
+        # shutdown, so code after uvicorn.run() may never run
+        uvicorn.run(create_app(settings, executor, on_shutdown=executor.stop if executor else None),
+                    host=host, port=port, log_level="warning")
     finally:
         if executor is not None:
             executor.stop()

@@ -22,7 +22,12 @@ def _worker_main(settings: Settings, worker_id: str, wake, stop) -> None:
     from easel.tasks.runner import Worker
 
     worker = Worker(settings, worker_id)
-    while not stop.is_set():
+    parent = mp.parent_process()
+    # Stop when asked, and also when the server process is gone (killed without stopping us): an
+    # orphaned worker must not keep running, claiming tasks or holding memory. A running task is
+    # abandoned at its next denoising step and ends as failed ("the server stopped ...").
+    worker.should_stop = lambda: stop.is_set() or (parent is not None and not parent.is_alive())
+    while not worker.should_stop():
         if worker.run_next() is None:
             wake.wait(settings.poll_interval)
             wake.clear()

@@ -46,6 +46,8 @@ TIME_COLUMN = {
 KILLED_PEXIT = "-1"
 INTERRUPTED_MESSAGE = ("The server stopped while this task was running; it was not restarted because a "
                        "task that was mid-run may be what stopped the worker. Submit it again.")
+# The same message ends a task that a worker abandons at a denoising step because the server is
+# shutting down (SIGTERM) or its process is gone (SIGKILL): one outcome, whichever way it stopped.
 
 
 def submit(store: Store, *, project_id: int, tool: str, parameters: dict, inputs: dict,

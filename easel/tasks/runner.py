@@ -13,6 +13,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 from easel.catalog import ModelCatalog
 from easel.config import Settings
@@ -25,6 +26,11 @@ from easel.tools.base import TaskKilled, ToolError
 from . import lifecycle as lc
 
 log = logging.getLogger("easel.worker")
+
+
+class ServerStopping(Exception):
+    """Raised at a denoising step when the worker must stop (server shutdown, or its parent process
+    is gone); the task ends as failed with :data:`lifecycle.INTERRUPTED_MESSAGE`."""
 
 
 class WorkerContext:
@@ -64,6 +70,8 @@ class WorkerContext:
                 "stepTotal": str(total), "speed": f"{speed:.2f}", "speedType": "it/s",
                 "elapsedTime": f"{elapsed:.1f}s", "remainingTime": f"{remaining:.1f}s"}
         message = json.dumps({"type": "progressGenerate", "progressGenerate": info})
+        if self.worker.should_stop():
+            raise ServerStopping()
         status = {"status": lc.OUTPUT} if step == 1 else {}
         encoded = base64.b64encode(preview).decode() if preview else None
         if self.store.add_event(self.task_id, lc.OUTPUT, message, preview=encoded, progress=json.dumps(info), **status):
@@ -128,6 +136,7 @@ class Worker:
         self.catalog = ModelCatalog.load(settings.catalog_override)
         self.models = ModelManager(settings, self.catalog)
         self.storage = LocalStorage(settings)
+        self.should_stop: Callable[[], bool] = lambda: False  # set by the executor
 
     def run_next(self) -> int | None:
         """Claim and run the oldest queued task; return its id, or None if the queue was empty."""
@@ -160,6 +169,8 @@ class Worker:
             lc.advance(store, task_id, lc.POSTPROCESS_END, pexit="0")
         except TaskKilled:
             lc.finish_killed(store, task_id)
+        except ServerStopping:
+            self._fail(task_id, lc.INTERRUPTED_MESSAGE, ctx)
         except Exception as exc:  # the worker must survive any tool failure
             if isinstance(exc, (ToolError, ValueError)):
                 message = str(exc)
