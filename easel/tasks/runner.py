@@ -114,7 +114,9 @@ class _StderrCapture(logging.Handler):
             logging.getLogger(name).addHandler(self)
         self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()
-        warnings.simplefilter("default")
+        warnings.simplefilter("default")  # each task sees its warnings, not only the process's first task
+        for category in (DeprecationWarning, PendingDeprecationWarning):  # library-internal, not for users
+            warnings.filterwarnings("ignore", category=category)
         warnings.showwarning = lambda message, category, *_a, **_k: self.ctx.error_line(
             f"{category.__name__}: {message}")
         return self
