@@ -207,7 +207,8 @@ class Api:
             task = await run_in_threadpool(self.store.get_task, task_id)
             if task.status in lc.TERMINAL or time.monotonic() >= deadline:
                 return task
-            await asyncio.sleep(self.settings.live_poll_interval)
+            delay = lc.poll_delay(task, self.settings.live_poll_interval, cap=1.0)
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
 
     def delete_io(self, project: Project, body: Body) -> dict:
         """Task/InputOutputDelete: remove a finished task's uploaded inputs and output files (idempotent)."""

@@ -18,7 +18,8 @@ progress frames that have one carry ``preview`` (base64 JPEG of the current late
 
 Events come from the ``events`` table, which every worker process writes: a client may be
 connected to any API process, not the one whose executor started the worker. Each socket polls the
-store every ``Settings.live_poll_interval`` seconds (20 ms; one indexed query); a broker push would replace the poll, not the
+store (one indexed query per read): every ``Settings.live_poll_interval`` (20 ms) after an event or when
+the end is near, backing off to 250 ms while nothing happens; a broker push would replace the poll, not the
 protocol.
 """
 from __future__ import annotations
@@ -75,6 +76,7 @@ async def serve_socket(ws: WebSocket, store: Store, outputs: Callable[[Task], li
             await ws.close(code=1008)
             return
         last = 0
+        delay = poll
         while True:
             events = await run_in_threadpool(store.events, task.id, last)
             if events:
@@ -85,6 +87,11 @@ async def serve_socket(ws: WebSocket, store: Store, outputs: Callable[[Task], li
                     if ev.type in lc.TERMINAL:
                         await ws.close()
                         return
-            await asyncio.sleep(poll)
+                delay = poll
+            elif task.status == lc.OUTPUT and lc.poll_delay(task, poll, 0.25) == poll:
+                delay = poll  # the last step is near: its outputs should go out at once
+            else:
+                delay = min(0.25, delay * 1.5)  # nothing new: back off, several steps per read
+            await asyncio.sleep(delay)
     except (WebSocketDisconnect, asyncio.TimeoutError, RuntimeError):
         return

@@ -48,11 +48,14 @@ class WebhookDispatcher:
         s = self.settings
         return FetchPolicy(allow=s.fetch_allow, connect_timeout=s.webhook_timeout, read_timeout=s.webhook_timeout)
 
-    def start(self, interval: float = 0.25) -> None:
+    def start(self, interval: float = 0.25, idle_cap: float = 1.0) -> None:
+        """Run the dispatcher in a daemon thread: every ``interval`` s after work, backing off to
+        ``idle_cap`` s while nothing is due (an idle server then makes one query per second)."""
         def loop():
-            while not self._stop.wait(interval):
+            delay = interval
+            while not self._stop.wait(delay):
                 try:
-                    self.run_once()
+                    delay = interval if self.run_once() else min(idle_cap, delay * 1.5)
                 except Exception:  # never let the loop die (e.g. database briefly locked)
                     log.exception("webhook dispatcher iteration failed")
 

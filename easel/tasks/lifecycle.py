@@ -131,6 +131,19 @@ def eta_seconds(task: Task) -> float | None:
         return None
 
 
+def poll_delay(task: Task, base: float, cap: float) -> float:
+    """How long a watcher (``Prefer: wait``, a WebSocket) may sleep before reading the task again.
+
+    ``base`` while the end may be near (queued, unknown progress, or less than 0.5 s left);
+    otherwise half the estimated time left, at most ``cap``. Watching a long run then costs a few
+    reads per second instead of fifty, which matters when the API shares cores with torch.
+    """
+    eta = eta_seconds(task)
+    if task.status not in (OUTPUT,) or eta is None or eta < 0.5:
+        return base
+    return min(cap, max(base, eta / 2))
+
+
 def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output], str],
               categories: list[str], cps: float | None = None, queueposition: int | None = None,
               modeldescription: str = "") -> dict:
