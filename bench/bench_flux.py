@@ -79,7 +79,6 @@ def main() -> None:
         t = time.perf_counter()
         raw_call()
         raw.append(time.perf_counter() - t)
-    del pipe
 
     with serve(data) as srv:
         srv.run_to_done(TOOL, params)  # warm-up: loads the pipeline and the LoRA in the worker

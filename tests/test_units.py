@@ -6,7 +6,6 @@ import struct
 import time
 
 import numpy as np
-from pathlib import Path
 
 import pytest
 

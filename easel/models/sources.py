@@ -71,7 +71,7 @@ class ModelSources:
                 raise CatalogError(f"no tiny model exists yet for the {entry.family} family (catalog id {entry.id})")
             source = entry.source or {}
             if source.get("type") == "url":
-                return Weights("single_file", tiny["sd15-single-file"], config=tiny["sd15"], key=f"tiny-sd15-single")
+                return Weights("single_file", tiny["sd15-single-file"], config=tiny["sd15"], key="tiny-sd15-single")
             return Weights("diffusers", tiny["sd15"], key="tiny-sd15")
         source = self.catalog.require_source(entry)
         if source["type"] == "hf":
