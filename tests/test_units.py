@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import struct
+from pathlib import Path
 import time
 
 import numpy as np
@@ -316,3 +317,21 @@ def test_non_hotswappable_lora_reloads_the_slot_not_the_base(tiny):
     ref = _flux_pipe(tiny)
     ref.load_lora_weights(str(tiny["flux-lora-kohya"]), adapter_name="x")
     np.testing.assert_array_equal(_flux_image(pipe), _flux_image(ref))
+
+
+def test_every_setting_is_documented():
+    from dataclasses import fields
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    missing = [f.name for f in fields(Settings) if f"EASEL_{f.name.upper()}" not in doc]
+    assert missing == []
+
+
+def test_settings_from_env_parse_types(monkeypatch, tmp_path):
+    monkeypatch.setenv("EASEL_TORCH_COMPILE", "true")
+    monkeypatch.setenv("EASEL_MAX_CONCURRENT_TASKS", "3")
+    monkeypatch.setenv("EASEL_LIVE_POLL_INTERVAL", "0.5")
+    monkeypatch.setenv("EASEL_FETCH_ALLOW", "127.0.0.1, 10.0.0.0/8")
+    s = Settings.from_env(data_dir=tmp_path)
+    assert (s.torch_compile, s.max_concurrent_tasks, s.live_poll_interval) == (True, 3, 0.5)
+    assert s.fetch_allow == ("127.0.0.1", "10.0.0.0/8")
