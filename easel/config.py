@@ -35,7 +35,8 @@ class Settings:
             zero-padded to it; a higher-rank LoRA is loaded the slow way).
         torch_compile: ``torch.compile`` the FLUX transformer (CUDA only; LoRA changes then
             hot-swap without recompiling).
-        cpu_offload: ``enable_model_cpu_offload`` for GPUs too small to hold FLUX.1 in bf16.
+        cpu_offload: Force ``enable_model_cpu_offload`` for FLUX (it is also chosen automatically
+            when the GPU's memory is below the weights' size plus 25 %).
         preview_interval: Every how many denoising steps a latent preview JPEG is stored with the
             progress event (and at the last step); 0 disables previews.
         max_concurrent_tasks: Unfinished tasks one project may have (queued or running) before

@@ -335,3 +335,18 @@ def test_settings_from_env_parse_types(monkeypatch, tmp_path):
     s = Settings.from_env(data_dir=tmp_path)
     assert (s.torch_compile, s.max_concurrent_tasks, s.live_poll_interval) == (True, 3, 0.5)
     assert s.fetch_allow == ("127.0.0.1", "10.0.0.0/8")
+
+
+def test_flux_offload_decision(tmp_path):
+    from easel.tools.flux_lora import needs_offload, weights_bytes
+
+    flux_dev = 33 * 1024**3
+    assert needs_offload(flux_dev, 24 * 1024**3, forced=False)  # RTX 4090 / L4-class card
+    assert not needs_offload(flux_dev, 80 * 1024**3, forced=False)  # A100/H100 80 GB
+    assert needs_offload(1, 80 * 1024**3, forced=True)
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 300)
+    (tmp_path / "text_encoder_2").mkdir()
+    (tmp_path / "text_encoder_2" / "model-00001-of-00002.safetensors").write_bytes(b"x" * 50)
+    (tmp_path / "transformer" / "config.json").write_text("{}")
+    assert weights_bytes(tmp_path) == 350

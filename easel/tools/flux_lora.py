@@ -148,10 +148,26 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
     return make_plan(TOOL, inputs, lora, ctx)
 
 
+def weights_bytes(folder: Path) -> int:
+    """Bytes of the ``.safetensors`` files under a diffusers folder (what the GPU must hold)."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
+
+
+def needs_offload(model_bytes: int, gpu_total_bytes: int, forced: bool, headroom: float = 1.25) -> bool:
+    """Whether to use model CPU offload: when forced, or when the GPU's memory is smaller than the
+    weights plus ``headroom`` (activations, VAE decode at 1024², CUDA context; 25 % by default).
+
+    FLUX.1-dev in bf16 is ~33 GB on disk (transformer 23.8 GB, T5-XXL 9.5 GB), so a 24 GB card
+    offloads and an 80 GB card does not.
+    """
+    return forced or gpu_total_bytes < model_bytes * headroom
+
+
 def load_pipeline(weights, settings) -> Any:
     """Load a ``FluxPipeline`` from a local diffusers folder.
 
-    bfloat16 on CUDA (``enable_model_cpu_offload`` if ``settings.cpu_offload``), float32 on CPU.
+    bfloat16 on CUDA, with ``enable_model_cpu_offload`` when :func:`needs_offload` says so
+    (``settings.cpu_offload`` forces it); float32 on CPU.
     """
     import torch
     from diffusers import FluxPipeline
@@ -160,7 +176,8 @@ def load_pipeline(weights, settings) -> Any:
     pipe = FluxPipeline.from_pretrained(str(weights.path), use_safetensors=True,
                                         **dtype_kwargs(torch.bfloat16 if cuda else torch.float32))
     pipe.set_progress_bar_config(disable=True)
-    if cuda and settings.cpu_offload:
+    if cuda and needs_offload(weights_bytes(weights.path), torch.cuda.get_device_properties(0).total_memory,
+                              settings.cpu_offload):
         pipe.enable_model_cpu_offload()
     else:
         pipe.to("cuda" if cuda else "cpu")
