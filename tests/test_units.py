@@ -350,3 +350,32 @@ def test_flux_offload_decision(tmp_path):
     (tmp_path / "text_encoder_2" / "model-00001-of-00002.safetensors").write_bytes(b"x" * 50)
     (tmp_path / "transformer" / "config.json").write_text("{}")
     assert weights_bytes(tmp_path) == 350
+
+
+def test_compiled_transformer_is_not_recompiled_by_lora_changes(tiny):
+    """The "fast" claim: with the transformer compiled, changing LoRA, scale, or LoRA on/off
+    recompiles nothing (dynamo raises on any recompilation)."""
+    import torch
+
+    from easel.models.cache import LoraState
+
+    pipe = _flux_pipe(tiny)
+    state = LoraState(hotswap_rank=16)
+    state.apply(pipe, [("peft", str(tiny["flux-lora-peft"]), 1.0)])
+    pipe.transformer.compile()
+    first = _flux_image(pipe)
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        seen = []
+        for key, scale in (("kohya", 0.8), ("xlabs", 1.0), ("bfl", 0.5), ("xlabs", 0.0)):
+            state.apply(pipe, [(key, str(tiny[f"flux-lora-{key}"]), scale)])
+            seen.append(_flux_image(pipe))
+        state.apply(pipe, [])
+        seen.append(_flux_image(pipe))
+        state.apply(pipe, [("peft", str(tiny["flux-lora-peft"]), 1.0)])
+        np.testing.assert_array_equal(_flux_image(pipe), first)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert state.hotswaps == 5 and state.loads == 1
+    np.testing.assert_array_equal(seen[3], seen[4])  # scale 0 and no LoRA are the same image
+    assert not np.array_equal(seen[0], seen[1])

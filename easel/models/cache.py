@@ -90,7 +90,8 @@ class LoraState:
         self.max_resident = max_resident
         self.hotswap_rank = hotswap_rank
         self._loaded: OrderedDict[str, None] = OrderedDict()
-        self._slot_key: str | None = None
+        self._slot_key: str | None = None  # the slot exists (an adapter structure is loaded)
+        self._slot_state: tuple[str, float] | None = None  # what its weights hold now
         self.loads = 0
         self.hotswaps = 0
         self.last_action = ""
@@ -136,17 +137,26 @@ class LoraState:
         pipe.set_adapters(names, adapter_weights=[float(s) for _, _, s in loras])
 
     def _apply_slot(self, pipe: Any, loras: list[tuple[str, str, float]]) -> None:
+        """One adapter slot whose *weights* change, never its structure or its Python-level scale.
+
+        A compiled transformer guards on the adapter's ``scaling`` value and on the LoRA on/off
+        flag, so changing either recompiles it. The slot therefore keeps adapter weight 1.0 and
+        stays enabled. The requested scale is folded into the freshly hot-swapped ``lora_B``
+        weights (``B ← scale · B``, exactly ``scale · ΔW``), and "no LoRA" zeroes them.
+        """
         if len(loras) > 1:
             raise ValueError("hot-swap mode holds one LoRA at a time")
         if not loras:
-            if self._slot_key is not None:
-                pipe.disable_lora()
+            if self._slot_key is not None and self._slot_state is not None:
+                _scale_lora_b(pipe, self.SLOT, 0.0)
+                self._slot_state = None  # the slot keeps its structure; its weights are zero
             self.last_action = "no LoRA"
             return
         key, path, scale = loras[0]
-        if key == self._slot_key:
+        if (key, scale) == self._slot_state:
             self.last_action = "LoRA already resident"
-        elif self._slot_key is None:
+            return
+        if self._slot_key is None:
             if not getattr(pipe, "_easel_hotswap_enabled", False):
                 pipe.enable_lora_hotswap(target_rank=self.hotswap_rank)
                 pipe._easel_hotswap_enabled = True
@@ -164,9 +174,12 @@ class LoraState:
                 self._slot_key = None
                 self._load(pipe, key, path, hotswap=False)
                 self.last_action = f"LoRA not hot-swappable ({reason}); adapter slot reloaded"
+        if self._slot_key is None:  # a new adapter: weight 1.0 once, the scale lives in its weights
+            pipe.enable_lora()
+            pipe.set_adapters([self.SLOT], adapter_weights=[1.0])
         self._slot_key = key
-        pipe.enable_lora()
-        pipe.set_adapters([self.SLOT], adapter_weights=[float(scale)])
+        _scale_lora_b(pipe, self.SLOT, float(scale))
+        self._slot_state = (key, scale)
 
     def _load(self, pipe: Any, key: str, path: str, hotswap: bool) -> None:
         try:
@@ -186,6 +199,20 @@ class LoraState:
                 return
             pipe.delete_adapters(victim)
             del self._loaded[victim]
+
+
+def _scale_lora_b(pipe: Any, adapter: str, factor: float) -> None:
+    """Multiply every ``lora_B`` weight of ``adapter`` in the pipeline's modules by ``factor`` in place."""
+    import torch
+
+    with torch.no_grad():
+        for comp in getattr(pipe, "components", {}).values():
+            if not hasattr(comp, "modules"):
+                continue
+            for module in comp.modules():
+                lora_b = getattr(module, "lora_B", None)
+                if lora_b is not None and hasattr(lora_b, "keys") and adapter in lora_b.keys():
+                    lora_b[adapter].weight.mul_(factor)
 
 
 def _adapter_present(pipe: Any, name: str) -> bool:
