@@ -33,7 +33,7 @@ class Settings:
         max_resident_loras: LoRA adapters kept loaded per pipeline before the LRU one is deleted.
         lora_hotswap_rank: Highest LoRA rank the FLUX tools' hot-swap slot takes (adapters are
             zero-padded to it; a higher-rank LoRA is loaded the slow way).
-        torch_compile: ``torch.compile`` the FLUX transformer (CUDA only; LoRA changes then
+        torch_compile: ``torch.compile`` the FLUX transformer (CUDA or CPU; LoRA changes then
             hot-swap without recompiling).
         cpu_offload: Force ``enable_model_cpu_offload`` for FLUX (it is also chosen automatically
             when the GPU's memory is below the weights' size plus 25 %).

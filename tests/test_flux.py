@@ -107,3 +107,20 @@ def test_off_grid_sizes_are_rejected_naming_the_field(server, project, field, va
     assert body["result"] is False
     assert body["errors"][0]["message"] == (
         f"Request parameter [{field}] must be a multiple of 16 between 64 and 2048 (got {value})")
+
+
+def test_flux_tool_with_torch_compile(tmp_path, file_server):
+    from conftest import Server
+
+    base, _ = file_server
+    srv = Server(tmp_path, env={"EASEL_TORCH_COMPILE": "1"}).start()
+    try:
+        p = srv.project()
+        first = srv.wait(p, srv.run(p, FLUX_SMALL, tool=FLUX)["taskid"])
+        second = srv.wait(p, srv.run(p, {**FLUX_SMALL, "selectedLoraModelPrivateUrl": f"{base}/flux-lora-bfl.safetensors"},
+                                     tool=FLUX)["taskid"])
+        for task in (first, second):
+            ok_images(srv, task, 1, (64, 64))
+        assert "hot-swapped" in second["debugoutput"] or "slot reloaded" in second["debugoutput"]
+    finally:
+        srv.stop()

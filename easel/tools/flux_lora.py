@@ -206,7 +206,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     except ValueError as exc:
         raise ToolError(str(exc)) from None
     ctx.log(f"{state.last_action} ({time.perf_counter() - t0:.2f} s)")
-    if models.settings.torch_compile and torch.cuda.is_available() and not getattr(pipe, "_easel_compiled", False):
+    if models.settings.torch_compile and not getattr(pipe, "_easel_compiled", False):
         pipe.transformer.compile()  # after the first LoRA: later ones hot-swap without recompiling
         pipe._easel_compiled = True
 
