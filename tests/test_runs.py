@@ -229,3 +229,25 @@ def test_a_killed_server_leaves_no_task_running(tmp_path):
         time.sleep(0.2)
     task = srv.store.get_task(int(taskid))
     assert task.status == "task_postprocess_end" and task.pexit == "1" and "server stopped" in task.debugerror
+
+
+def test_a_dead_worker_is_replaced_and_its_task_fails(tmp_path):
+    import os
+    import signal
+    import subprocess as sp
+
+    srv = Server(tmp_path).start()
+    try:
+        p = srv.project()
+        taskid = srv.run(p, {**SMALL, "steps": 150, "width": 256, "height": 256, "samples": 2})["taskid"]
+        srv.wait(p, taskid, until=("task_output",))
+        children = [int(x) for x in sp.run(["ps", "-o", "pid=", "--ppid", str(srv.proc.pid)], capture_output=True,
+                                           text=True).stdout.split()]
+        (worker,) = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        os.kill(worker, signal.SIGKILL)  # what the OOM killer does
+        dead = srv.wait(p, taskid, timeout=30)
+        assert dead["pexit"] == "1" and "worker process running this task died (exit code -9" in dead["debugerror"]
+        after = srv.wait(p, srv.run(p, SMALL)["taskid"], timeout=120)  # a new worker runs the next task
+        assert after["pexit"] == "0"
+    finally:
+        srv.stop()

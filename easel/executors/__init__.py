@@ -22,7 +22,8 @@ class Executor(ABC):
 
     @abstractmethod
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the workers; a task still running is ended as failed at the next start."""
+        """Stop the workers. A task still running is abandoned at its next denoising step and ended
+        as failed (or, if its worker cannot be reached, at the next start)."""
 
 
 def create_executor(name: str, settings) -> Executor:

@@ -3,6 +3,11 @@
 Workers are separate processes (``spawn``), so inference never holds the API's event loop or
 GIL. A shared event wakes an idle worker as soon as a task is submitted; without it, workers poll
 the store every ``Settings.poll_interval`` seconds.
+
+A supervisor thread watches the workers. When one dies (killed by the kernel's OOM killer, a
+segfault in a CUDA kernel, ``kill -9``), the task it was running is ended as failed, with the exit
+code in ``debugerror``, and a new worker takes its place, so the server never silently stops
+running tasks.
 """
 from __future__ import annotations
 
@@ -10,10 +15,13 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 
 from easel.config import Settings
 
 from . import Executor
+
+log = logging.getLogger("easel.executor")
 
 
 def _worker_main(settings: Settings, worker_id: str, wake, stop) -> None:
@@ -36,19 +44,47 @@ def _worker_main(settings: Settings, worker_id: str, wake, stop) -> None:
 class LocalExecutor(Executor):
     """Runs :class:`easel.tasks.runner.Worker` loops in child processes."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, supervise_interval: float = 1.0):
         self.settings = settings
+        self.supervise_interval = supervise_interval
         self._ctx = mp.get_context("spawn")
         self._wake = self._ctx.Event()
         self._stop = self._ctx.Event()
         self._procs: list = []
+        self._generation = 0
+        self.restarts = 0
+        self._supervisor: threading.Thread | None = None
+
+    def _spawn(self, slot: int):
+        self._generation += 1
+        worker_id = f"local-{os.getpid()}-{slot}-{self._generation}"
+        p = self._ctx.Process(target=_worker_main, name=f"easel-worker-{slot}", daemon=True,
+                              args=(self.settings, worker_id, self._wake, self._stop))
+        p.start()
+        p.easel_worker_id = worker_id
+        return p
 
     def start(self) -> None:
-        for i in range(max(1, self.settings.workers)):
-            p = self._ctx.Process(target=_worker_main, name=f"easel-worker-{i}", daemon=True,
-                                  args=(self.settings, f"local-{os.getpid()}-{i}", self._wake, self._stop))
-            p.start()
-            self._procs.append(p)
+        self._procs = [self._spawn(i) for i in range(max(1, self.settings.workers))]
+        self._supervisor = threading.Thread(target=self._supervise, name="easel-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        from easel.store import Store
+        from easel.tasks import lifecycle as lc
+
+        store = Store(self.settings.database_url)
+        while not self._stop.wait(self.supervise_interval):
+            for slot, p in enumerate(list(self._procs)):
+                if p.is_alive() or self._stop.is_set():
+                    continue
+                reason = (f"The worker process running this task died (exit code {p.exitcode}: e.g. killed "
+                          "for lack of memory, or a crash in native code). Submit it again.")
+                failed = lc.fail_worker_tasks(store, p.easel_worker_id, reason)
+                log.warning("worker %s died (exit code %s); failed tasks %s; starting a new one",
+                            p.easel_worker_id, p.exitcode, failed)
+                self._procs[slot] = self._spawn(slot)
+                self.restarts += 1
 
     def submit(self, task_id: int) -> None:
         self._wake.set()
@@ -56,6 +92,8 @@ class LocalExecutor(Executor):
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout)
         for p in self._procs:
             p.join(timeout)
             if p.is_alive():

@@ -105,6 +105,21 @@ def recover_interrupted(store: Store) -> list[int]:
     return ids
 
 
+def fail_worker_tasks(store: Store, worker_id: str, reason: str) -> list[int]:
+    """End as failed (``pexit`` "1", ``reason`` in ``debugerror``) every task that ``worker_id``
+    was running: its process died, so nothing else will finish them. Returns their ids."""
+    ids = []
+    now = time.time()
+    for task in store.tasks_in(RUNNING):
+        if task.worker_id != worker_id:
+            continue
+        if store.transition(task.id, POSTPROCESS_END, only_from=RUNNING, pexit="1", webhook=True,
+                            debugerror=(task.debugerror + "\n" if task.debugerror else "") + reason,
+                            endtime=task.endtime or now, postprocessendtime=now):
+            ids.append(task.id)
+    return ids
+
+
 def _t(value: float | None) -> str:
     return str(int(value)) if value else "0"
 
