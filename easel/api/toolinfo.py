@@ -96,7 +96,7 @@ def input_schema(spec: ToolSpec, catalog: ModelCatalog) -> dict:
             p = {"anyOf": [p, {"type": "string", "pattern": r"^-?[0-9.]+$"}]}
         else:
             ids = [str(o.get("model", o.get("value"))) for o in i.options]
-            labels = [f"{_option(o, catalog)['value']} = {_option(o, catalog)['label']}" for o in i.options]
+            labels = [f"{opt['value']} = {opt['label']}" for opt in (_option(o, catalog) for o in i.options)]
             one = {"type": "string", "enum": list(dict.fromkeys(ids + [str(v) for v in str(i.default).split(",") if v]))}
             if i.type == "multiselect":
                 p = {"anyOf": [{"type": "array", "items": one}, {"type": "string", "description": "comma-separated ids"}]}

@@ -24,7 +24,7 @@ import time
 from typing import Callable
 
 from easel.config import Settings
-from easel.models.fetch import FetchError, FetchPolicy, post_pinned
+from easel.models.fetch import FetchError, FetchPolicy, URLRefused, post_pinned
 from easel.signing import webhook_signature
 from easel.store import Store, WebhookDelivery
 
@@ -94,11 +94,11 @@ class WebhookDispatcher:
         try:
             status = post_pinned(d.url, body, headers, self.policy)
             error = "" if 200 <= status < 300 else f"HTTP {status}"
+        except URLRefused as exc:  # retrying cannot help
+            store.update_delivery(d.id, status="failed", attempts=attempts, payload=payload, last_error=str(exc))
+            return
         except FetchError as exc:
-            status, error = 0, str(exc)
-            if "non-public address" in error or "only http(s)" in error or "no host" in error:
-                store.update_delivery(d.id, status="failed", attempts=attempts, payload=payload, last_error=error)
-                return
+            error = str(exc)
         if not error:
             store.update_delivery(d.id, status="delivered", attempts=attempts, payload=payload, last_error="",
                                   delivered_at=time.time())

@@ -117,16 +117,8 @@ class LoraState:
             name = adapter_name(key)
             if name not in self._loaded:
                 self._evict(pipe, keep={adapter_name(k) for k, _, _ in loras})
-                try:
-                    pipe.load_lora_weights(loadable(path), adapter_name=name)
-                except Exception as exc:
-                    _cleanup_failed(pipe, name)
-                    raise ValueError(f"LoRA {key} could not be loaded into {type(pipe).__name__}: {exc}") from None
-                if not _adapter_present(pipe, name):
-                    raise ValueError(f"LoRA {key} matches no module of {type(pipe).__name__}: "
-                                     "it was made for another model family or has an unknown key layout")
+                self._load(pipe, key, path, name)
                 self._loaded[name] = None
-                self.loads += 1
             self._loaded.move_to_end(name)
             names.append(name)
         if not names:
@@ -160,7 +152,7 @@ class LoraState:
             if not getattr(pipe, "_easel_hotswap_enabled", False):
                 pipe.enable_lora_hotswap(target_rank=self.hotswap_rank)
                 pipe._easel_hotswap_enabled = True
-            self._load(pipe, key, path, hotswap=False)
+            self._load(pipe, key, path, self.SLOT)
             self.last_action = "LoRA loaded into the adapter slot"
         else:
             try:
@@ -172,7 +164,7 @@ class LoraState:
                 reason = str(exc).splitlines()[0][:200]
                 _cleanup_failed(pipe, self.SLOT)
                 self._slot_key = None
-                self._load(pipe, key, path, hotswap=False)
+                self._load(pipe, key, path, self.SLOT)
                 self.last_action = f"LoRA not hot-swappable ({reason}); adapter slot reloaded"
         if self._slot_key is None:  # a new adapter: weight 1.0 once, the scale lives in its weights
             pipe.enable_lora()
@@ -181,13 +173,14 @@ class LoraState:
         _scale_lora_b(pipe, self.SLOT, float(scale))
         self._slot_state = (key, scale)
 
-    def _load(self, pipe: Any, key: str, path: str, hotswap: bool) -> None:
+    def _load(self, pipe: Any, key: str, path: str, name: str) -> None:
+        """Load the LoRA file as a new adapter ``name``; on failure leave no half-loaded adapter."""
         try:
-            pipe.load_lora_weights(loadable(path), adapter_name=self.SLOT, hotswap=hotswap)
+            pipe.load_lora_weights(loadable(path), adapter_name=name)
         except Exception as exc:
-            _cleanup_failed(pipe, self.SLOT)
+            _cleanup_failed(pipe, name)
             raise ValueError(f"LoRA {key} could not be loaded into {type(pipe).__name__}: {exc}") from None
-        if not _adapter_present(pipe, self.SLOT):
+        if not _adapter_present(pipe, name):
             raise ValueError(f"LoRA {key} matches no module of {type(pipe).__name__}: "
                              "it was made for another model family or has an unknown key layout")
         self.loads += 1

@@ -34,6 +34,10 @@ class FetchError(ValueError):
     """A URL that may not be fetched, or whose content is refused. The message says why."""
 
 
+class URLRefused(FetchError):
+    """The URL itself is refused (scheme, missing host, or a non-public address): retrying cannot help."""
+
+
 @dataclass(frozen=True)
 class FetchPolicy:
     """Limits for one kind of download."""
@@ -67,10 +71,10 @@ def vet_url(url: str, policy: FetchPolicy) -> tuple[str, str, int, str]:
     """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
-        raise FetchError(f"only http(s) URLs can be fetched, not {parts.scheme or 'a relative URL'!r}")
+        raise URLRefused(f"only http(s) URLs can be fetched, not {parts.scheme or 'a relative URL'!r}")
     host = parts.hostname
     if not host:
-        raise FetchError("the URL has no host")
+        raise URLRefused("the URL has no host")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -79,7 +83,7 @@ def vet_url(url: str, policy: FetchPolicy) -> tuple[str, str, int, str]:
     ips = [ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos]
     for ip in ips:
         if not ip.is_global and not _allowed(host, port, ip, policy.allow):
-            raise FetchError(f"host {host!r} resolves to {ip}, a non-public address (loopback, private, "
+            raise URLRefused(f"host {host!r} resolves to {ip}, a non-public address (loopback, private, "
                              f"link-local or reserved); such URLs are refused")
     return parts.scheme, host, port, str(ips[0])
 

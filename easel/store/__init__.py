@@ -110,10 +110,6 @@ class Store:
             ``(task, created)``. With an ``idempotency_key`` already used by the project, the
             existing task and ``False`` (also when two requests race: the unique constraint decides).
         """
-        if idempotency_key:
-            existing = self.task_by_idempotency(project_id, idempotency_key)
-            if existing is not None:
-                return existing, False
         now = time.time()
         t = Task(uuid=uuid or str(uuidlib.uuid4()), project_id=project_id, tool=tool,
                  socketaccesstoken=new_token(), file_accesskey=new_token(), status=status,
@@ -208,9 +204,11 @@ class Store:
         Returns the task's ``kill_requested`` flag, read in the same transaction (one round trip per step).
         """
         with self.engine.begin() as conn:
-            q = update(Task).where(Task.id == task_id)
-            kill = conn.execute((q.values(**values) if values else q.values(id=task_id))
-                                .returning(Task.kill_requested)).scalar_one_or_none()
+            if values:
+                kill = conn.execute(update(Task).where(Task.id == task_id).values(**values)
+                                    .returning(Task.kill_requested)).scalar_one_or_none()
+            else:
+                kill = conn.execute(select(Task.kill_requested).where(Task.id == task_id)).scalar_one_or_none()
             conn.execute(insert(Event).values(task_id=task_id, type=type_, message=message, created_at=time.time(),
                                               preview=preview))
             return bool(kill)

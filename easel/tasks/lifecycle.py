@@ -168,6 +168,7 @@ def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output
     run; "" unless queued) and ``eta`` (estimated seconds until the end; "" when unknown).
     """
     elapsed = elapsed_seconds(task)
+    eta = eta_seconds(task)
     cps = task.cost_per_second if cps is None else cps
     billed = task.status == POSTPROCESS_END and task.pexit == "0"
     owner, _, project = task.tool.partition("/")
@@ -194,6 +195,6 @@ def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output
         "categories": json.dumps(categories), "outputs": out_list,
         "progress": json.loads(task.progress) if task.progress else {},  # beyond Wiro: latest progressGenerate
         "queueposition": str(queueposition) if queueposition is not None and task.status == QUEUE else "",
-        "eta": "" if eta_seconds(task) is None else f"{eta_seconds(task):.1f}",
+        "eta": "" if eta is None else f"{eta:.1f}",
         "size": str(sum(o.size for o in outputs)),
     }
