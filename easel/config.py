@@ -27,8 +27,11 @@ class Settings:
         lora_max_bytes: Size cap of a LoRA downloaded from a user URL, in bytes.
         upload_max_bytes: Size cap of one uploaded request file, in bytes.
         fetch_connect_timeout / fetch_read_timeout: Seconds, per connection / per read.
-        nonce_window_seconds: A timestamp nonce must be within this many seconds of now; every
-            nonce is remembered (and refused again) for ``nonce_retention_seconds``.
+        nonce_window_seconds: For projects with the ``strict`` nonce policy: a timestamp nonce
+            must be within this many seconds of now; every nonce is remembered (and refused
+            again) for ``nonce_retention_seconds``. The default ``lenient`` policy uses neither.
+        cors_origins: Browser origins allowed to call the API cross-origin (CORS, with preflight
+            answers); empty (the default) sends no CORS headers; ``*`` allows any origin.
         pipeline_cache_bytes: Memory budget of warm pipelines (weights' bytes), LRU-evicted.
         max_resident_loras: LoRA adapters kept loaded per pipeline before the LRU one is deleted.
         lora_hotswap_rank: Highest LoRA rank the FLUX tools' hot-swap slot takes (adapters are
@@ -67,6 +70,7 @@ class Settings:
     fetch_read_timeout: float = 60.0
     nonce_window_seconds: int = 300
     nonce_retention_seconds: int = 86400
+    cors_origins: tuple[str, ...] = field(default_factory=tuple)
     pipeline_cache_bytes: int = 16 * 1024**3
     max_resident_loras: int = 8
     lora_hotswap_rank: int = 128
@@ -114,7 +118,7 @@ class Settings:
             raw = os.environ.get(f"EASEL_{f.name.upper()}")
             if raw is None:
                 continue
-            if f.name == "fetch_allow":
+            if f.name in ("fetch_allow", "cors_origins"):
                 values[f.name] = tuple(x.strip() for x in raw.split(",") if x.strip())
             elif f.type in ("int",):
                 values[f.name] = int(raw)

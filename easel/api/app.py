@@ -7,6 +7,7 @@ import asyncio
 import collections
 import logging
 import math
+import mimetypes
 import re
 import shutil
 import threading
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.openapi.utils import get_openapi
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,15 +33,16 @@ from easel.storage import LocalStorage
 from easel.store import Project, Store, Task
 from easel.tasks import lifecycle as lc
 
+from . import compat, live, toolinfo
 from . import errors as E
-from . import live, toolinfo
 from .auth import authenticate
-from .errors import WiroError, error_response
+from .errors import WiroError, documented, error_response
 from .parsing import Body, parse_body
 from .webhooks import WebhookDispatcher
 
 log = logging.getLogger("easel.api")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_UPLOAD_KEY = re.compile(r"^[0-9a-f]{32}$")
 _PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+)", re.I)
 MAX_PREFER_WAIT = 60
 
@@ -100,7 +103,8 @@ class Api:
         return lc.task_view(task, self.store.outputs(task.id),
                             lambda t, o: self.storage.url(t.file_accesskey, o.name),
                             spec.categories if spec else [], queueposition=position,
-                            modeldescription=spec.description if spec else "")
+                            modeldescription=spec.description if spec else "",
+                            modelid=toolinfo.tool_id(self.tools, spec) if spec else "0")
 
     def task_object(self, task_id: int) -> dict | None:
         task = self.store.get_task(task_id)
@@ -109,7 +113,11 @@ class Api:
     def output_list(self, task: Task) -> list:
         return self.view(task)["outputs"]
 
-    def find_task(self, project: Project, fields: dict) -> Task:
+    def find_task(self, project: Project, fields: dict, not_found: WiroError | None = None) -> Task:
+        """The project's task named by ``taskid``, ``tasktoken`` or ``socketaccesstoken``.
+
+        Raises ``not_found`` (default: Wiro's code 1 "There is no task yet." for an unknown task,
+        code 0 "You don't have any permission for this action." for another project's)."""
         task_id = str(fields.get("taskid", "") or "").strip()
         token = str(fields.get("tasktoken", "") or fields.get("socketaccesstoken", "") or "").strip()
         if not task_id and not token:
@@ -119,13 +127,15 @@ class Api:
         else:
             task = self.store.get_task(token=token)
         if task is None:
-            raise WiroError(1, E.NO_TASK)
+            raise not_found or WiroError(1, E.NO_TASK)
         if task.project_id != project.id:
-            raise WiroError(0, E.NO_PERMISSION)
+            raise not_found or WiroError(0, E.NO_PERMISSION)
         return task
 
-    def tasklist(self, task: Task) -> dict:
-        return {"total": "1", "errors": [], "tasklist": [self.view(task)], "result": True}
+    def tasklist(self, task: Task, total: bool = True) -> dict:
+        """Detail's answer (``total`` "1"); Kill and Cancel answer without ``total``, as the seeds show."""
+        head = {"total": "1"} if total else {}
+        return {**head, "errors": [], "tasklist": [self.view(task)], "result": True}
 
     def check_sources(self, spec: ToolSpec, inputs: dict) -> None:
         """In hub mode, refuse a Run whose chosen catalog models have no configured source."""
@@ -155,11 +165,11 @@ class Api:
             first = self.store.task_by_idempotency(project.id, idempotency_key)
             if first is not None:
                 return self.run_answer(first)
-        spec = self.tools.get(f"{owner}/{slug}")
+        spec = toolinfo.find_tool(self.tools, owner, slug)
         if spec is None:
             raise WiroError(1, E.TOOL_NOT_FOUND)
         if not spec.module:
-            raise WiroError(1, f"{E.TOOL_NOT_ACCESSIBLE}: {spec.name} is not implemented on this server yet")
+            raise WiroError(1, E.TOOL_NOT_ACCESSIBLE, detail=f"{spec.name} is not implemented on this server yet.")
         fields = dict(body.fields)
         callback = str(fields.pop("callbackUrl", "") or "").strip()
         if urlsplit(callback).scheme not in ("http", "https") or not urlsplit(callback).hostname:
@@ -167,6 +177,7 @@ class Api:
         task_uuid = str(uuidlib.uuid4())
         names = {i.name for i in spec.inputs}
         saved: list[Path] = []
+        shown: dict[str, str] = {}  # uploaded inputs as the client sees them in parameters: file URLs
         for up in body.files:
             target = up.field if up.field in names else f"{up.field}Url" if f"{up.field}Url" in names else None
             if target is None:
@@ -177,17 +188,20 @@ class Api:
             (folder / safe).write_bytes(up.data)
             saved.append(folder / safe)
             fields[target] = f"upload:{safe}"
+            shown[target] = self.storage.url(task_uuid.replace("-", ""), safe)
+        compat.require_inputs(spec, fields)
         try:
-            inputs = spec.validate(fields, self.catalog)
+            inputs = spec.validate(compat.zero_means_default(spec, fields), self.catalog)
             self.check_sources(spec, inputs)
         except InputError as exc:
-            raise WiroError(0, exc.message) from None
+            message, detail = documented(exc.message)
+            raise WiroError(0, message, detail=detail) from None
         limit = self.settings.max_concurrent_tasks
         if limit and self.store.count_in((lc.QUEUE, *lc.RUNNING), project_id=project.id) >= limit:
-            raise WiroError(96, f"You have reached your concurrent task limit: this project may have up to {limit} "
-                                "unfinished (queued or running) tasks at the same time. Wait for a task to finish, "
-                                "or ask the operator to raise EASEL_MAX_CONCURRENT_TASKS.")
-        task, created = lc.submit(self.store, project_id=project.id, tool=spec.name, parameters=fields,
+            raise WiroError(96, E.CONCURRENCY, detail=f"This project may have up to {limit} unfinished (queued or "
+                            "running) tasks at the same time. Wait for a task to finish, or ask the operator to "
+                            "raise EASEL_MAX_CONCURRENT_TASKS.")
+        task, created = lc.submit(self.store, project_id=project.id, tool=spec.name, parameters={**fields, **shown},
                                   inputs=inputs, callbackurl=callback, cost_per_second=spec.cost_per_second,
                                   uuid=task_uuid, idempotency_key=idempotency_key or None)
         if created and self.executor is not None:
@@ -211,9 +225,9 @@ class Api:
 
     def delete_io(self, project: Project, body: Body) -> dict:
         """Task/InputOutputDelete: remove a finished task's uploaded inputs and output files (idempotent)."""
-        task = self.find_task(project, body.fields)
+        task = self.find_task(project, body.fields, not_found=WiroError(1, E.TASK_NOT_EXIST))
         if task.status not in lc.TERMINAL:
-            raise WiroError(1, E.NOT_DELETABLE)
+            raise WiroError(1, E.NOT_DELETABLE, detail=f"The task is {task.status}.")
         self.store.drop_deliveries(task.id)
         for out in self.store.delete_outputs(task.id):
             try:
@@ -225,35 +239,59 @@ class Api:
         return {"result": True, "errors": []}
 
     def task_list(self, project: Project, fields: dict) -> dict:
-        """Task/List (beyond Wiro): the project's tasks, newest first; ``start``, ``limit``, ``status``."""
+        """Task/List: the project's tasks, newest first; ``start``, ``limit``, ``status`` and the Wiro
+        MCP's ``modelName`` (``owner/slug``, any case or clean form). ``total`` counts every match."""
         start, limit = _int_field(fields, "start", 0, 0, 10**9), _int_field(fields, "limit", 20, 1, 200)
-        status = str(fields.get("status", "") or "")
-        tasks = self.store.tasks_of(project.id, limit=limit, start=start, status=status or None)
-        return {"result": True, "errors": [], "total": str(len(tasks)), "tasklist": [self.view(t) for t in tasks]}
+        status = str(fields.get("status", "") or "") or None
+        tool = None
+        model = str(fields.get("modelName", "") or "").strip()
+        if model:
+            owner, _, slug = model.partition("/")
+            spec = toolinfo.find_tool(self.tools, owner, slug)
+            tool = spec.name if spec else model
+        tasks = self.store.tasks_of(project.id, limit=limit, start=start, status=status, tool=tool)
+        total = self.store.count_tasks(project.id, status=status, tool=tool)
+        return {"result": True, "errors": [], "total": str(total), "tasklist": [self.view(t) for t in tasks]}
 
     def tool_list(self, fields: dict) -> dict:
         start, limit = _int_field(fields, "start", 0, 0, 10**9), _int_field(fields, "limit", 20, 1, 1000)
         cats, tags = _list_field(fields, "categories"), _list_field(fields, "tags")
-        found = [(i, spec) for i, spec in enumerate(self.tools.values(), 1)
+        found = [spec for spec in self.tools.values()
                  if toolinfo.matches(spec, str(fields.get("search", "") or ""), cats, tags,
                                      str(fields.get("slugowner", "") or ""))]
         if str(fields.get("order", "")).upper() == "DESC":
             found.reverse()
+        stats = self.store.tool_stats(lc.POSTPROCESS_END)
         return {"result": True, "errors": [], "total": len(found),
-                "tool": [toolinfo.tool_summary(i, spec) for i, spec in found[start:start + limit]]}
+                "tool": [toolinfo.tool_summary(toolinfo.tool_id(self.tools, spec), spec, stats.get(spec.name))
+                         for spec in found[start:start + limit]]}
 
     def tool_detail(self, fields: dict) -> dict:
         owner, slug = str(fields.get("slugowner", "") or ""), str(fields.get("slugproject", "") or "")
-        for i, spec in enumerate(self.tools.values(), 1):
-            if spec.owner.lower() == owner.lower() and spec.slug.lower() == slug.lower():
-                return {"result": True, "errors": [], "tool": [toolinfo.tool_detail(i, spec, self.catalog)]}
-        raise WiroError(1, E.TOOL_NOT_FOUND)
+        spec = toolinfo.find_tool(self.tools, owner, slug)
+        if spec is None:
+            raise WiroError(1, E.TOOL_NOT_FOUND)
+        stats = self.store.tool_stats(lc.POSTPROCESS_END).get(spec.name)
+        return {"result": True, "errors": [],
+                "tool": [toolinfo.tool_detail(toolinfo.tool_id(self.tools, spec), spec, self.catalog, stats)]}
+
+    def tool_explore(self) -> dict:
+        """Tool/Explore: the runnable tools grouped by category (the Wiro MCP's and WiroKit's ``explore``)."""
+        return {"result": True, "errors": [], "explore": toolinfo.explore(self.tools, self.store.tool_stats(lc.POSTPROCESS_END))}
+
+    def upload_path(self, key: str, name: str) -> Path | None:
+        """The file a Run uploaded as ``name`` for the task whose uuid (no dashes) is ``key``, or None.
+        These are the URLs shown in the task's ``parameters``; the uuid is the credential."""
+        if not _UPLOAD_KEY.match(key) or Path(name).name != name or name.startswith("."):
+            return None
+        path = self.settings.uploads_dir / str(uuidlib.UUID(key)) / name
+        return path if path.is_file() else None
 
     def cancel(self, project: Project, body: Body) -> dict:
         task = self.find_task(project, body.fields)
         if not lc.cancel(self.store, task.id):
             raise WiroError(1, E.NOT_CANCELLABLE)
-        return self.tasklist(self.store.get_task(task.id))
+        return self.tasklist(self.store.get_task(task.id), total=False)
 
     def kill_request(self, project: Project, body: Body) -> Task:
         task = self.find_task(project, body.fields)
@@ -312,10 +350,14 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
                               "answers Wiro's envelope `{result, errors: [{code, message}]}`; request errors are "
                               "HTTP 200 with `result: false`, as Wiro's docs state.")
     app.state.api = api
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "HEAD", "POST", "OPTIONS"], allow_headers=["*"],
+                           expose_headers=["Retry-After", "Preference-Applied"], max_age=600)
 
     @app.exception_handler(WiroError)
     async def _wiro_error(_request, exc: WiroError):
-        return error_response(exc.code, exc.message, exc.status, exc.headers)
+        return error_response(exc.code, exc.message, exc.status, exc.headers, exc.detail)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
@@ -373,7 +415,7 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
             if current.status in lc.TERMINAL:
                 break
             await asyncio.sleep(0.1)
-        return await run_in_threadpool(api.tasklist, current)
+        return await run_in_threadpool(api.tasklist, current, False)
 
     @app.post("/v1/Task/InputOutputDelete", summary="Delete a finished task's input and output files")
     async def input_output_delete(request: Request):
@@ -391,16 +433,24 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
     async def tool_detail(request: Request):
         return await handle(request, lambda _project, body: api.tool_detail(body.fields))
 
+    @app.post("/v1/Tool/Explore", summary="Runnable tools grouped by category (Wiro MCP's explore)")
+    async def tool_explore(request: Request):
+        return await handle(request, lambda _project, _body: api.tool_explore())
+
     @app.websocket(settings.ws_path)
     async def socket(ws: WebSocket):
         await live.serve_socket(ws, api.store, api.output_list, poll=settings.live_poll_interval)
 
-    @app.get("/v1/File/{accesskey}/{name}", summary="An output file (the access key is the credential)")
+    @app.api_route("/v1/File/{accesskey}/{name}", methods=["GET", "HEAD"],
+                   summary="An output or uploaded input file (the key in the URL is the credential)")
     async def file(accesskey: str, name: str):
         out = await run_in_threadpool(api.store.output_by_key, accesskey, name)
-        if out is None:
+        if out is not None:
+            return FileResponse(api.storage.path(out.path), media_type=out.contenttype)
+        upload = api.upload_path(accesskey, name)
+        if upload is None:
             raise WiroError(1, "There is no file.", 404)
-        return FileResponse(api.storage.path(out.path), media_type=out.contenttype)
+        return FileResponse(upload, media_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz():

@@ -1,9 +1,18 @@
 """Per-project authentication, as Wiro's docs define it.
 
 - Signature mode: ``x-api-key``, ``x-nonce``, ``x-signature`` where the signature is the hex
-  HMAC-SHA256 keyed with the API key over ``API_SECRET + NONCE``. A nonce is accepted once per
-  project (remembered for ``nonce_retention_seconds``); a nonce that looks like a Unix time
-  (seconds ≥ 10⁹, or milliseconds ≥ 10¹²) must also be within ``nonce_window_seconds`` of now.
+  HMAC-SHA256 keyed with the API key over ``API_SECRET + NONCE``. What is asked of the nonce is
+  the project's **nonce policy**:
+
+  - ``lenient`` (the default): a valid signature is accepted whatever the nonce ("unix time or
+    any random integer value", Wiro's docs) and however often the same nonce is reused. Wiro's
+    own clients need this: the n8n nodes sign once and reuse the headers for the Run and every
+    Task/Detail poll for up to ten minutes. No replay protection beyond TLS.
+  - ``strict``: each nonce is accepted once per project (remembered for
+    ``nonce_retention_seconds``), and a nonce that is plausibly a current Unix time — seconds
+    from 10⁹, or milliseconds from 10¹², up to ``nonce_window_seconds`` in the future — must be
+    within ``nonce_window_seconds`` of now. Larger or smaller integers (``4242424242``, a
+    nanosecond clock, a counter) are random nonces: once each, no window.
 - API-key mode: ``x-api-key`` alone (signature headers, if sent, are ignored).
 """
 from __future__ import annotations
@@ -20,21 +29,31 @@ from .errors import WiroError
 NOT_FOUND = "Project authorization is not founded."
 SIGNATURE_REQUIRED = "Project requires signature authentication. x-signature and x-nonce headers are required."
 NOT_VALID = "Project authorization is not valid."
+NONCE_POLICIES = ("lenient", "strict")
+MAX_NONCE_LENGTH = 128
 
 
-def _nonce_time(nonce: str) -> float | None:
-    if not nonce.isdigit():
+def nonce_time(nonce: str, window: float, now: float | None = None) -> float | None:
+    """The Unix time (seconds) a strict-policy nonce claims, or None for a random nonce.
+
+    A decimal integer is a timestamp when it is plausibly current: seconds in
+    ``[10⁹, now + window]`` or milliseconds in ``[10¹², (now + window) × 1000]``. Anything else
+    (a future-dated number such as 4242424242, nanoseconds, a small counter, non-digits) is random.
+    """
+    if not nonce.isdigit() or len(nonce) > 20:
         return None
+    now = time.time() if now is None else now
     value = int(nonce)
-    if value >= 10**12:
-        return value / 1000.0
-    if value >= 10**9:
+    if 10**9 <= value <= now + window:
         return float(value)
+    if 10**12 <= value <= (now + window) * 1000:
+        return value / 1000.0
     return None
 
 
 def authenticate(headers, store: Store, settings: Settings) -> Project:
-    """Return the calling project or raise :class:`WiroError` (HTTP 401, code 0)."""
+    """Return the calling project or raise :class:`WiroError` (HTTP 401, code 0; the reason for a
+    refused nonce is in the error's ``detail``)."""
     apikey = headers.get("x-api-key", "")
     project = store.project_by_key(apikey) if apikey else None
     if project is None:
@@ -47,10 +66,16 @@ def authenticate(headers, store: Store, settings: Settings) -> Project:
     expected = signature(project.apikey, project.apisecret, nonce)
     if not hmac.compare_digest(expected, sig.strip().lower()):
         raise WiroError(0, NOT_VALID, 401)
-    stamp = _nonce_time(nonce)
-    if stamp is not None and abs(time.time() - stamp) > settings.nonce_window_seconds:
-        raise WiroError(0, f"{NOT_VALID} The nonce timestamp is more than {settings.nonce_window_seconds} s from "
-                           "the server's time.", 401)
-    if len(nonce) > 128 or not store.use_nonce(project.id, nonce, settings.nonce_retention_seconds):
-        raise WiroError(0, f"{NOT_VALID} This nonce was already used; send a new one with every request.", 401)
+    if (project.nonce_policy or "lenient") == "lenient":
+        return project
+    window = settings.nonce_window_seconds
+    stamp = nonce_time(nonce, window)
+    if stamp is not None and abs(time.time() - stamp) > window:
+        raise WiroError(0, NOT_VALID, 401, detail=f"This project's nonce policy is strict: a timestamp nonce must be "
+                                                  f"within {window} s of the server's time.")
+    if len(nonce) > MAX_NONCE_LENGTH:
+        raise WiroError(0, NOT_VALID, 401, detail=f"The nonce is longer than {MAX_NONCE_LENGTH} characters.")
+    if not store.use_nonce(project.id, nonce, settings.nonce_retention_seconds):
+        raise WiroError(0, NOT_VALID, 401, detail="This project's nonce policy is strict: this nonce was already "
+                                                  "used; send a new one with every request.")
     return project

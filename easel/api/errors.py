@@ -1,9 +1,13 @@
 """Wiro's error envelope: ``{"result": false, "errors": [{"code": N, "message": "..."}]}``.
 
 HTTP status is 200 for request errors (as Wiro's docs state), 401 for authentication failures
-and 404 for unknown endpoints ("Error parsing url.").
+and 404 for unknown endpoints ("Error parsing url."). ``message`` is always one of the texts
+Wiro's error reference documents (so a client may compare it); any further explanation Easel
+has goes into an extra key of the same error object, ``detail``, which Wiro clients ignore.
 """
 from __future__ import annotations
+
+import re
 
 from fastapi.responses import JSONResponse
 
@@ -14,21 +18,45 @@ NOT_CANCELLABLE = "Task is not in a cancellable state."
 TOOL_NOT_FOUND = "slug-owner-project-not-exist"
 TOOL_NOT_ACCESSIBLE = "tool-not-accessible"
 INVALID_BODY = "Request parameters are invalid."
-NOT_DELETABLE = ("Task has not ended: its inputs and outputs can be deleted once it reaches "
-                 "task_postprocess_end or task_cancel.")
+TASK_NOT_EXIST = "task-not-exist"
+NOT_DELETABLE = "Task must be completed or cancelled before deleting files"
+CONCURRENCY = "You have reached your concurrent task limit."
+
+# Documented message templates (error-reference.md): a longer message that starts with one of
+# them is answered as the template's text, the rest going to ``detail``.
+_DOCUMENTED = [re.compile(p) for p in (
+    r"Request parameter \[[^\]]+\] must be integer or float",
+    r"Request parameter \[[^\]]+\] must be between \S+ and \S+",
+    r"Request parameter \[[^\]]+\] required",
+    r"Request files \[[^\]]+\] required",
+    re.escape(INVALID_BODY),
+)]
+
+
+def documented(message: str) -> tuple[str, str]:
+    """Split ``message`` into (documented text, extra explanation or "")."""
+    for pattern in _DOCUMENTED:
+        m = pattern.match(message)
+        if m and m.end() < len(message):
+            return m.group(0), message[m.end():].strip(" :.-()")
+    return message, ""
 
 
 class WiroError(Exception):
-    """An error answered in Wiro's envelope with ``code`` and HTTP ``status``."""
+    """An error answered in Wiro's envelope with ``code``, HTTP ``status`` and an optional ``detail``."""
 
-    def __init__(self, code: int, message: str, status: int = 200, headers: dict | None = None):
+    def __init__(self, code: int, message: str, status: int = 200, headers: dict | None = None, detail: str = ""):
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
         self.headers = headers or {}
+        self.detail = detail
 
 
-def error_response(code: int, message: str, status: int = 200, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"result": False, "errors": [{"code": code, "message": message}]}, status_code=status,
-                        headers=headers)
+def error_response(code: int, message: str, status: int = 200, headers: dict | None = None,
+                   detail: str = "") -> JSONResponse:
+    error = {"code": code, "message": message}
+    if detail:
+        error["detail"] = detail
+    return JSONResponse({"result": False, "errors": [error]}, status_code=status, headers=headers)

@@ -6,15 +6,23 @@ events it missed (a late client gets the whole history first)::
 
     {"type": "task_output", "id": "<task id>", "tasktoken": "<token>", "message": ..., "result": true}
 
-``message`` is ``""`` for plain stage events; for progress (``task_output``) it is
-``{"type": "progressGenerate", "progressGenerate": {task, percentage, stepCurrent, stepTotal, speed,
-speedType, elapsedTime, remainingTime}}``; for ``task_output_full`` / ``task_error_full`` the
-accumulated log; for ``task_postprocess_end`` the outputs array (as in Task/Detail). After the
-terminal frame (``task_postprocess_end`` or ``task_cancel``) the server closes the socket.
+``message`` is exactly what Wiro's ``websocket.md`` shows for each type:
+
+- lifecycle events (``task_queue``, ``task_accept``, ... ``task_postprocess_start``, ``task_cancel``): ``null``;
+- ``task_output`` (one per denoising step): the flat progress object ``{"type": "progressGenerate",
+  "task": "Generate", "percentage": "60", "stepCurrent": "6", "stepTotal": "10", "speed": "1.2",
+  "speedType": "it/s", "elapsedTime": "5.0s", "remainingTime": "3.3s"}``, every value a string;
+- ``task_error``: the stderr line (a string);
+- ``task_output_full`` / ``task_error_full``: ``{"raw": "<accumulated log>"}``; ``task_error_full``
+  is sent only when stderr is non-empty;
+- ``task_postprocess_end``: the outputs array (as in Task/Detail).
+
+After the terminal frame (``task_postprocess_end`` or ``task_cancel``) the server closes the socket.
 
 Beyond Wiro: with ``?previews=1`` on the URL, or ``"previews": true`` in the registration,
 progress frames that have one carry ``preview`` (base64 JPEG of the current latent, see
-``easel.tools.previews``) and ``previewType`` (``image/jpeg``).
+``easel.tools.previews``) and ``previewType`` (``image/jpeg``) as extra top-level keys, which
+Wiro clients ignore.
 
 Events come from the ``events`` table, which every worker process writes: a client may be
 connected to any API process, not the one whose executor started the worker. Each socket polls the
@@ -37,11 +45,33 @@ from easel.tasks import lifecycle as lc
 REGISTER_TIMEOUT = 60.0
 
 
-def frame(task: Task, event: Event, outputs: Callable[[Task], list], previews: bool) -> dict:
-    """The WebSocket frame of one stored event."""
-    message: Any = event.message or ""
-    if event.type == lc.OUTPUT and message.startswith("{"):
-        message = json.loads(message)
+def progress_message(raw: str) -> Any:
+    """A stored ``task_output`` message as Wiro sends it: the flat ``progressGenerate`` object
+    with string values (older stores nest it under ``"progressGenerate"``), or the plain string."""
+    if not raw.startswith("{"):
+        return raw
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw
+    if isinstance(data.get("progressGenerate"), dict):
+        data = {"type": "progressGenerate", **data["progressGenerate"]}
+    return {k: v if isinstance(v, (str, list, bool)) or v is None else str(v) for k, v in data.items()}
+
+
+def frame(task: Task, event: Event, outputs: Callable[[Task], list], previews: bool) -> dict | None:
+    """The WebSocket frame of one stored event; None for an event Wiro does not send (an empty
+    ``task_error_full``)."""
+    raw = event.message or ""
+    message: Any = None
+    if event.type == lc.OUTPUT:
+        message = progress_message(raw)
+    elif event.type == lc.ERROR:
+        message = raw
+    elif event.type in (lc.OUTPUT_FULL, lc.ERROR_FULL):
+        if event.type == lc.ERROR_FULL and not raw:
+            return None
+        message = {"raw": raw}
     elif event.type == lc.POSTPROCESS_END:
         message = outputs(task)
     out = {"type": event.type, "id": str(task.id), "tasktoken": task.socketaccesstoken, "message": message,
@@ -83,7 +113,9 @@ async def serve_socket(ws: WebSocket, store: Store, outputs: Callable[[Task], li
                 task = await run_in_threadpool(store.get_task, task.id)
                 for ev in events:
                     last = ev.id
-                    await ws.send_json(await run_in_threadpool(frame, task, ev, outputs, previews))
+                    out = await run_in_threadpool(frame, task, ev, outputs, previews)
+                    if out is not None:
+                        await ws.send_json(out)
                     if ev.type in lc.TERMINAL:
                         await ws.close()
                         return

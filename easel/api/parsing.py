@@ -3,7 +3,8 @@
 Accepted: ``application/json``; real ``multipart/form-data`` (files and text fields; repeated
 fields and ``name[]`` become lists); ``application/x-www-form-urlencoded``; and a JSON object sent
 under a multipart or form content type with no real form encoding (the seeds' curl examples do
-``-H "Content-Type: multipart/form-data" -d '{...}'``), or with no content type at all.
+``-H "Content-Type: multipart/form-data" -d '{...}'``), or with no content type at all. A UTF-8
+byte-order mark before a JSON body (Windows tools write one) is ignored.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ class Body:
     files: list[Upload] = field(default_factory=list)
 
 
+BOM = b"\xef\xbb\xbf"
+
+
 def _looks_json(raw: bytes) -> bool:
     return raw.lstrip()[:1] in (b"{",)
 
@@ -38,9 +42,9 @@ def _json(raw: bytes) -> dict:
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise WiroError(0, f"{INVALID_BODY} The body is not valid JSON.") from None
+        raise WiroError(0, INVALID_BODY, detail="The body is not valid JSON.") from None
     if not isinstance(data, dict):
-        raise WiroError(0, f"{INVALID_BODY} The JSON body must be an object.")
+        raise WiroError(0, INVALID_BODY, detail="The JSON body must be an object.")
     return data
 
 
@@ -51,6 +55,8 @@ async def parse_body(request: Request, max_file_bytes: int) -> Body:
         WiroError: code 0 "Request parameters are invalid." with the reason, or a file over the cap.
     """
     raw = await request.body()
+    if raw.startswith(BOM):
+        raw = raw[len(BOM):]
     ctype = request.headers.get("content-type", "").lower()
     if not raw.strip():
         return Body()
@@ -60,7 +66,7 @@ async def parse_body(request: Request, max_file_bytes: int) -> Body:
         try:
             form = await request.form(max_part_size=max_file_bytes)
         except Exception as exc:
-            raise WiroError(0, f"{INVALID_BODY} The form body could not be parsed: {exc}") from None
+            raise WiroError(0, INVALID_BODY, detail=f"The form body could not be parsed: {exc}") from None
         body = Body()
         for key, value in form.multi_items():
             name = key[:-2] if key.endswith("[]") else key
@@ -77,4 +83,4 @@ async def parse_body(request: Request, max_file_bytes: int) -> Body:
             else:
                 body.fields[name] = [value] if key.endswith("[]") else value
         return body
-    raise WiroError(0, f"{INVALID_BODY} Send application/json or multipart/form-data.")
+    raise WiroError(0, INVALID_BODY, detail="Send application/json or multipart/form-data.")

@@ -10,11 +10,41 @@ words and per-model scale settings), ``min``/``max``/``multiple_of``.
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Any, Mapping
 
 from easel.catalog import InputSpec, ModelCatalog, ToolSpec
 
 REQUIRED = {"prompt"}
+_UNCLEAN = re.compile(r"[^a-z0-9_.-]+")
+
+
+def clean_slug(name: str) -> str:
+    """Wiro's clean form of an owner or project slug: lower case, runs of other characters as one
+    ``-`` (``Adel_AI`` → ``adel_ai``, ``Virtual Try-On`` → ``virtual-try-on``)."""
+    return _UNCLEAN.sub("-", name.strip().lower()).strip("-")
+
+
+def find_tool(tools: Mapping[str, ToolSpec], owner: str, slug: str) -> ToolSpec | None:
+    """The tool named ``owner/slug`` in any case, by its canonical or its clean slugs; None if unknown."""
+    exact = tools.get(f"{owner}/{slug}")
+    if exact is not None:
+        return exact
+    want = (clean_slug(owner), clean_slug(slug))
+    for spec in tools.values():
+        if (clean_slug(spec.owner), clean_slug(spec.slug)) == want:
+            return spec
+    return None
+
+
+def tool_id(tools: Mapping[str, ToolSpec], spec: ToolSpec) -> str:
+    """The tool's numeric id as a string (its 1-based place in the catalog; Wiro's ``modelid``)."""
+    return str(list(tools).index(spec.name) + 1)
+
+
+def compact_json(value: Any) -> str:
+    """JSON without spaces, as Wiro's string-encoded fields (``dynamicprice``, ``categories``) are."""
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _option(opt: dict, catalog: ModelCatalog) -> dict:
@@ -39,30 +69,62 @@ def parameter_item(spec: InputSpec, catalog: ModelCatalog) -> dict:
     return item
 
 
-def tool_summary(index: int, spec: ToolSpec) -> dict:
-    """A Tool/List item."""
+def taskstat(stats: tuple | None) -> dict:
+    """Wiro's ``taskstat``: ``runcount`` a number, the others strings (as models.md shows)."""
+    runs, ok, failed, last = (stats or (0, 0, 0, 0.0))[:4]
+    return {"runcount": runs, "successcount": str(ok), "errorcount": str(failed), "lastruntime": str(int(last))}
+
+
+def tool_summary(tool_id_: str, spec: ToolSpec, stats: tuple | None = None) -> dict:
+    """A Tool/List item, with the fields and value types of Wiro's models.md. Beyond Wiro:
+    ``available`` (false while the tool's module has not landed on this server)."""
+    seconds = (stats or (0, 0, 0, 0.0, 0.0))[4:5] or (0.0,)
     return {
-        "id": str(index), "title": spec.slug.replace("-", " "), "slugowner": spec.owner, "slugproject": spec.slug,
-        "cleanslugowner": spec.owner.lower(), "cleanslugproject": spec.slug.lower(), "description": spec.description,
-        "image": spec.cover, "categories": list(spec.categories), "tags": list(spec.tags), "marketplace": 1,
-        "onlymembers": "0", "available": spec.module is not None,
-        "dynamicprice": json.dumps([{"inputs": {}, "price": spec.cost_per_second, "priceMethod": "cps"}]),
+        "id": tool_id_, "title": spec.slug.replace("-", " "), "slugowner": spec.owner, "slugproject": spec.slug,
+        "cleanslugowner": clean_slug(spec.owner), "cleanslugproject": clean_slug(spec.slug),
+        "description": spec.description, "image": spec.cover,
+        "computingtime": f"{max(1, round(seconds[0]))} seconds" if seconds[0] else "",
+        "categories": list(spec.categories), "tags": list(spec.tags), "marketplace": 1,
+        "onlymembers": "0", "averagepoint": "0.00", "commentcount": "0",
+        "dynamicprice": compact_json([{"inputs": {}, "price": spec.cost_per_second, "priceMethod": "cps"}]),
+        "taskstat": taskstat(stats), "available": spec.module is not None,
     }
 
 
-def tool_detail(index: int, spec: ToolSpec, catalog: ModelCatalog) -> dict:
-    """A Tool/Detail item: the summary plus ``readme`` and ``parameters``."""
-    out = tool_summary(index, spec)
-    out["readme"] = spec.description
-    out["dynamicprice"] = json.loads(out["dynamicprice"])
-    out["parameters"] = [{"title": "", "subtitle": "", "items": [parameter_item(i, catalog) for i in spec.inputs]}]
+def tool_detail(tool_id_: str, spec: ToolSpec, catalog: ModelCatalog, stats: tuple | None = None) -> dict:
+    """A Tool/Detail item: the summary plus ``readme``, ``parameters`` (Wiro's groups),
+    ``inspire``, ``samples``, ``ratedusercount``, ``seotitle`` and ``seodescription``."""
+    out = tool_summary(tool_id_, spec, stats)
+    out.update({
+        "readme": spec.description,
+        "parameters": [{"title": "", "subtitle": "", "items": [parameter_item(i, catalog) for i in spec.inputs]}],
+        "inspire": [], "samples": [], "ratedusercount": "0",
+        "seotitle": f"{spec.owner}/{spec.slug}", "seodescription": spec.description,
+    })
     return out
+
+
+def explore(tools: Mapping[str, ToolSpec], stats: Mapping[str, tuple] | None = None) -> list[dict]:
+    """Tool/Explore's ``explore`` list: the tools that run on this server, grouped by task
+    category (``text-to-image``, ``image-to-image``, ...), as the Wiro MCP and WiroKit read it:
+    ``[{"id", "title", "total", "tools": [{"id", "cleanslugowner", "cleanslugproject", "image",
+    "description", "categories", "commentcount", "ratedusercount", "averagepoint", ...}]}]``."""
+    groups: dict[str, list[dict]] = {}
+    for spec in tools.values():
+        if not spec.module:
+            continue
+        kinds = [c for c in spec.categories if "-to-" in c] or ["other"]
+        item = tool_summary(tool_id(tools, spec), spec, (stats or {}).get(spec.name))
+        item.update({"ratedusercount": "0", "discount": None})
+        groups.setdefault(kinds[0], []).append(item)
+    return [{"id": kind, "title": kind.replace("-", " ").capitalize(), "total": len(items), "tools": items}
+            for kind, items in groups.items()]
 
 
 def matches(spec: ToolSpec, search: str = "", categories: list[str] | None = None, tags: list[str] | None = None,
             slugowner: str = "") -> bool:
     """Tool/List filter: ``search`` is a case-insensitive substring of owner, slug or description;
-    every listed category (and tag) must be one of the tool's; ``slugowner`` matches exactly."""
+    every listed category (and tag) must be one of the tool's; ``slugowner`` matches in any case or clean form."""
     if search:
         hay = f"{spec.owner} {spec.slug} {spec.slug.replace('-', ' ')} {spec.description}".lower()
         if search.lower().strip() not in hay:
@@ -71,7 +133,7 @@ def matches(spec: ToolSpec, search: str = "", categories: list[str] | None = Non
         return False
     if tags and not set(tags) <= set(spec.tags):
         return False
-    return not slugowner or slugowner.lower() == spec.owner.lower()
+    return not slugowner or clean_slug(slugowner) == clean_slug(spec.owner)
 
 
 def input_schema(spec: ToolSpec, catalog: ModelCatalog) -> dict:

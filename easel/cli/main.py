@@ -75,6 +75,9 @@ def projects_create(
     name: str,
     data_dir: Path = typer.Option(Path("easel-data")),
     auth: str = typer.Option("signature", help="signature or apikey"),
+    nonce_policy: str = typer.Option("lenient", help="Signature projects: lenient (any nonce, reusable: what "
+                                                     "Wiro's own clients need) or strict (each nonce once; "
+                                                     "timestamp nonces within EASEL_NONCE_WINDOW_SECONDS)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Create a project and print its apikey and apisecret."""
@@ -85,8 +88,11 @@ def projects_create(
     store.migrate()
     if auth not in ("signature", "apikey"):
         raise typer.BadParameter("must be 'signature' or 'apikey'", param_hint="--auth")
-    p = store.create_project(name, auth)
-    info = {"id": p.id, "name": p.name, "apikey": p.apikey, "apisecret": p.apisecret, "auth": p.auth_mode}
+    if nonce_policy not in ("lenient", "strict"):
+        raise typer.BadParameter("must be 'lenient' or 'strict'", param_hint="--nonce-policy")
+    p = store.create_project(name, auth, nonce_policy)
+    info = {"id": p.id, "name": p.name, "apikey": p.apikey, "apisecret": p.apisecret, "auth": p.auth_mode,
+            "nonce_policy": p.nonce_policy}
     if as_json:
         print(json.dumps(info))
     else:
@@ -117,6 +123,16 @@ def _parse_params(params: list[str]) -> tuple[dict, dict]:
     return values, files
 
 
+def progress_of(frame: dict) -> dict:
+    """The progress fields of a ``task_output`` frame ({} for any other): Wiro's flat
+    ``progressGenerate`` message (Easel before 0.3 nested it one level deeper)."""
+    message = frame.get("message")
+    if frame.get("type") != "task_output" or not isinstance(message, dict):
+        return {}
+    progress = message.get("progressGenerate") if isinstance(message.get("progressGenerate"), dict) else message
+    return progress if {"stepCurrent", "stepTotal", "percentage"} <= set(progress) else {}
+
+
 def _follow(client, taskid: str, tasktoken: str) -> dict:
     """Follow a task with a live progress bar (WebSocket frames; polling if the socket fails)."""
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
@@ -124,16 +140,16 @@ def _follow(client, taskid: str, tasktoken: str) -> dict:
         job = bar.add_task("task_queue", total=100, info="")
 
         def show(status: str, progress: dict) -> None:
-            info = (f"step {progress['stepCurrent']}/{progress['stepTotal']}  {progress['speed']} it/s  "
-                    f"ETA {progress['remainingTime']}") if progress else None
+            info = (f"step {progress['stepCurrent']}/{progress['stepTotal']}  {progress.get('speed', '?')} "
+                    f"{progress.get('speedType', 'it/s')}  ETA {progress.get('remainingTime', '?')}") if progress else None
             fields = {"info": info} if info else {}
             completed = float(progress["percentage"]) if progress else (100 if status == "task_postprocess_end" else None)
             bar.update(job, description=status, completed=completed, **fields)
 
         def on_event(frame: dict) -> None:
-            message = frame.get("message")
-            progress = message.get("progressGenerate", {}) if isinstance(message, dict) else {}
-            show(frame.get("type", ""), progress)
+            if frame.get("type") in ("task_error", "task_output_full", "task_error_full"):
+                return  # logs, not stages
+            show(frame.get("type", ""), progress_of(frame))
 
         def on_poll(task: dict) -> None:
             show(task["status"], task.get("progress") if isinstance(task.get("progress"), dict) else {})
@@ -174,9 +190,9 @@ def tasks_list(limit: int = typer.Option(20), status: str = typer.Option("", hel
     tasks = _client_call(base_url, api_key, api_secret, lambda c: c.tasks(limit=limit, status=status))
     table = Table("id", "tool", "status", "pexit", "created", "outputs")
     for t in tasks:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(t["createtime"])))
-        table.add_row(t["id"], f"{t['modelslugowner']}/{t['modelslugproject']}", t["status"], t["pexit"], created,
-                      str(len(t["outputs"])))
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(t.get("createtime") or 0)))
+        table.add_row(t["id"], f"{t.get('modelslugowner', '')}/{t.get('modelslugproject', '')}", t["status"],
+                      t.get("pexit", ""), created, str(len(t.get("outputs") or [])))
     console.print(table)
 
 
@@ -217,7 +233,8 @@ def run(
     api_secret: Optional[str] = typer.Option(None, envvar="EASEL_API_SECRET"),
     out: Path = typer.Option(Path("outputs"), help="Where --wait downloads outputs."),
 ):
-    """Submit a Run; with --wait show progress and download the outputs."""
+    """Submit a Run; with --wait show progress and download the outputs. Works against Easel or
+    Wiro itself: EASEL_BASE_URL=https://api.wiro.ai/v1 (the socket is then wss://socket.wiro.ai/v1)."""
     from easel.client import ApiError, Client
 
     client = Client(base_url, api_key, api_secret)
@@ -231,8 +248,8 @@ def run(
     if not wait:
         return
     task = _follow(client, answer["taskid"], answer["socketaccesstoken"])
-    if task["pexit"] != "0":
-        console.print(f"[red]{task['status']} pexit {task['pexit']}: {task['debugerror']}")
+    if task.get("pexit") != "0" or task["status"] != "task_postprocess_end":
+        console.print(f"[red]{task['status']} pexit {task.get('pexit')}: {task.get('debugerror', '')}")
         raise typer.Exit(1)
     for path in client.download(task, out / answer["taskid"]):
         console.print(str(path))

@@ -21,6 +21,11 @@ from easel.signing import WebhookVerificationError, signature, verify_webhook
 __all__ = ["Client", "AsyncClient", "ApiError", "verify_webhook", "WebhookVerificationError", "socket_url_for"]
 
 TERMINAL = ("task_postprocess_end", "task_cancel")
+# Task/Detail on Wiro itself may also end a task that failed before it ran as status "task_error"
+# (the Wiro MCP treats it as terminal); on the socket, task_error is an interim stderr line.
+DETAIL_TERMINAL = TERMINAL + ("task_error",)
+WIRO_API_HOST = "api.wiro.ai"
+WIRO_SOCKET_URL = "wss://socket.wiro.ai/v1"
 
 
 class ApiError(RuntimeError):
@@ -33,8 +38,11 @@ class ApiError(RuntimeError):
 
 
 def socket_url_for(base_url: str) -> str:
-    """The WebSocket URL of a server: ``http(s)://host/v1`` → ``ws(s)://host/v1``."""
+    """The WebSocket URL of a server: ``http(s)://host/v1`` → ``ws(s)://host/v1``; Wiro's own
+    API (``https://api.wiro.ai/v1``) has its socket on another host, ``wss://socket.wiro.ai/v1``."""
     parts = urlsplit(base_url.rstrip("/"))
+    if parts.hostname == WIRO_API_HOST:
+        return WIRO_SOCKET_URL
     return urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc, parts.path or "/v1", "", ""))
 
 
@@ -165,7 +173,7 @@ class Client(_Base):
             task = self.detail(taskid)
             if on_update:
                 on_update(task)
-            if task["status"] in TERMINAL:
+            if task["status"] in DETAIL_TERMINAL:
                 return task
             if time.time() > deadline:
                 raise TimeoutError(f"task {taskid} still {task['status']} after {timeout} s")
@@ -177,6 +185,8 @@ class Client(_Base):
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for out in task.get("outputs", []):
+            if not out.get("url"):  # an LLM's raw content entry has no file
+                continue
             resp = self.http.get(out["url"])
             resp.raise_for_status()
             path = folder / Path(out["name"]).name
@@ -239,7 +249,7 @@ class AsyncClient(_Base):
         deadline = time.time() + timeout
         while True:
             task = await self.detail(taskid)
-            if task["status"] in TERMINAL:
+            if task["status"] in DETAIL_TERMINAL:
                 return task
             if time.time() > deadline:
                 raise TimeoutError(f"task {taskid} still {task['status']} after {timeout} s")

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from sqlalchemy import create_engine, delete, event, func, insert, select, update
+from sqlalchemy import case, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -71,11 +71,13 @@ class Store:
 
     # -- projects and nonces ---------------------------------------------------------------
 
-    def create_project(self, name: str, auth_mode: str = "signature") -> Project:
+    def create_project(self, name: str, auth_mode: str = "signature", nonce_policy: str = "lenient") -> Project:
         if auth_mode not in ("signature", "apikey"):
             raise ValueError("auth_mode must be 'signature' or 'apikey'")
+        if nonce_policy not in ("lenient", "strict"):
+            raise ValueError("nonce_policy must be 'lenient' or 'strict'")
         p = Project(name=name, apikey=secrets.token_hex(16), apisecret=secrets.token_hex(24),
-                    auth_mode=auth_mode, created_at=time.time())
+                    auth_mode=auth_mode, nonce_policy=nonce_policy, created_at=time.time())
         with self.session() as s:
             s.add(p)
         return p
@@ -132,13 +134,39 @@ class Store:
         with self.session() as s:
             return s.scalar(select(Task).where(Task.project_id == project_id, Task.idempotency_key == key))
 
-    def tasks_of(self, project_id: int, limit: int = 20, start: int = 0, status: str | None = None) -> list[Task]:
-        """A project's tasks, newest first."""
+    def tasks_of(self, project_id: int, limit: int = 20, start: int = 0, status: str | None = None,
+                 tool: str | None = None) -> list[Task]:
+        """A project's tasks, newest first (only ``status`` / ``tool`` ones, if given)."""
         with self.session() as s:
-            q = select(Task).where(Task.project_id == project_id)
-            if status:
-                q = q.where(Task.status == status)
+            q = select(Task).where(*self._task_filter(project_id, status, tool))
             return list(s.scalars(q.order_by(Task.id.desc()).offset(start).limit(limit)))
+
+    def count_tasks(self, project_id: int, status: str | None = None, tool: str | None = None) -> int:
+        """How many tasks :meth:`tasks_of` would list without ``start``/``limit``."""
+        with self.session() as s:
+            return int(s.scalar(select(func.count(Task.id)).where(*self._task_filter(project_id, status, tool))) or 0)
+
+    @staticmethod
+    def _task_filter(project_id: int, status: str | None, tool: str | None) -> list:
+        where = [Task.project_id == project_id]
+        if status:
+            where.append(Task.status == status)
+        if tool:
+            where.append(Task.tool == tool)
+        return where
+
+    def tool_stats(self, ok_status: str) -> dict[str, tuple[int, int, int, float, float]]:
+        """Per tool: (runs, successes, failures, last run time, mean run seconds of successes);
+        a success ended in ``ok_status`` with ``pexit`` "0", a failure there with any other ``pexit``."""
+        with self.session() as s:
+            ok = (Task.status == ok_status) & (Task.pexit == "0")
+            rows = s.execute(select(
+                Task.tool, func.count(Task.id), func.sum(case((ok, 1), else_=0)),
+                func.sum(case(((Task.status == ok_status) & (Task.pexit != "0"), 1), else_=0)),
+                func.max(Task.createtime), func.avg(case((ok, Task.endtime - Task.starttime), else_=None)),
+            ).group_by(Task.tool))
+            return {r[0]: (int(r[1]), int(r[2] or 0), int(r[3] or 0), float(r[4] or 0), float(r[5] or 0))
+                    for r in rows}
 
     def count_in(self, statuses: Iterable[str], project_id: int | None = None, before_id: int | None = None) -> int:
         """Number of tasks in ``statuses`` (of one project / with a smaller id, if given)."""

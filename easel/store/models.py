@@ -15,7 +15,8 @@ class Base(DeclarativeBase):
 
 
 class Project(Base):
-    """A tenant: its API key/secret and auth mode (``signature`` or ``apikey``)."""
+    """A tenant: its API key/secret, auth mode (``signature`` or ``apikey``) and, for signature
+    projects, nonce policy (``lenient``: any nonce, reusable; ``strict``: each nonce once)."""
 
     __tablename__ = "projects"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -23,6 +24,7 @@ class Project(Base):
     apikey: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     apisecret: Mapped[str] = mapped_column(String(128))
     auth_mode: Mapped[str] = mapped_column(String(16), default="signature")
+    nonce_policy: Mapped[str] = mapped_column(String(16), default="lenient", server_default="lenient")
     created_at: Mapped[float] = mapped_column(Float)
 
 

@@ -161,8 +161,12 @@ def poll_delay(task: Task, base: float, cap: float) -> float:
 
 def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output], str],
               categories: list[str], cps: float | None = None, queueposition: int | None = None,
-              modeldescription: str = "") -> dict:
+              modeldescription: str = "", modelid: str = "0") -> dict:
     """The task as Wiro's ``tasklist`` item: every value a string, as the docs show.
+
+    As the seeds' Kill and Cancel answers show, a ``task_cancel`` task (cancelled while queued,
+    or killed while running) has ``pexit`` "0" and its cancel time as ``endtime``; the reason is
+    in ``debugerror``. ``categories`` is a JSON-encoded string, ``modelid`` the tool's id.
 
     Beyond Wiro: ``progress`` (latest progressGenerate object), ``queueposition`` (1 = next to
     run; "" unless queued) and ``eta`` (estimated seconds until the end; "" when unknown).
@@ -171,6 +175,7 @@ def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output
     eta = eta_seconds(task)
     cps = task.cost_per_second if cps is None else cps
     billed = task.status == POSTPROCESS_END and task.pexit == "0"
+    cancelled = task.status == CANCEL
     owner, _, project = task.tool.partition("/")
     out_list = [{
         "id": o.id, "name": o.name, "contenttype": o.contenttype, "parentid": task.uuid.replace("-", "")[:32],
@@ -182,17 +187,18 @@ def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output
         "id": str(task.id), "uuid": task.uuid, "name": "", "socketaccesstoken": task.socketaccesstoken,
         "parameters": json.loads(task.parameters or "{}"),
         "debugoutput": task.debugoutput or "", "debugerror": task.debugerror or "",
-        "starttime": _t(task.starttime), "endtime": _t(task.endtime), "elapsedseconds": f"{elapsed:.4f}",
+        "starttime": _t(task.starttime), "endtime": _t(task.endtime or (task.canceltime if cancelled else None)),
+        "elapsedseconds": f"{elapsed:.4f}",
         "status": task.status, "cps": f"{cps:.12f}", "totalcost": f"{elapsed * cps:.12f}" if billed else "0",
-        "guestid": None, "projectid": str(task.project_id), "modelid": "0", "description": "", "basemodelid": "0",
+        "guestid": None, "projectid": str(task.project_id), "modelid": modelid, "description": "", "basemodelid": "0",
         "runtype": "model", "modelfolderid": "", "modelfileid": "", "callbackurl": task.callbackurl or "",
         "marketplaceid": None, "modelslugowner": owner, "modelslugproject": project,
         "modeldescription": modeldescription,
         "createtime": _t(task.createtime), "canceltime": _t(task.canceltime), "assigntime": _t(task.assigntime),
         "accepttime": _t(task.accepttime), "preprocessstarttime": _t(task.preprocessstarttime),
         "preprocessendtime": _t(task.preprocessendtime), "postprocessstarttime": _t(task.postprocessstarttime),
-        "postprocessendtime": _t(task.postprocessendtime), "pexit": task.pexit if task.pexit is not None else "",
-        "categories": json.dumps(categories), "outputs": out_list,
+        "postprocessendtime": _t(task.postprocessendtime), "pexit": "0" if cancelled else task.pexit if task.pexit is not None else "",
+        "categories": json.dumps(categories, separators=(",", ":")), "outputs": out_list,
         "progress": json.loads(task.progress) if task.progress else {},  # beyond Wiro: latest progressGenerate
         "queueposition": str(queueposition) if queueposition is not None and task.status == QUEUE else "",
         "eta": "" if eta is None else f"{eta:.1f}",

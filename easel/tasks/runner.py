@@ -66,10 +66,10 @@ class WorkerContext:
         elapsed = now - begin
         speed = step / elapsed if elapsed > 0 else 0.0
         remaining = (total - step) / speed if speed > 0 else 0.0
-        info = {"task": "Generating", "percentage": f"{100.0 * step / total:.0f}", "stepCurrent": str(step),
+        info = {"task": "Generate", "percentage": f"{100.0 * step / total:.0f}", "stepCurrent": str(step),
                 "stepTotal": str(total), "speed": f"{speed:.2f}", "speedType": "it/s",
                 "elapsedTime": f"{elapsed:.1f}s", "remainingTime": f"{remaining:.1f}s"}
-        message = json.dumps({"type": "progressGenerate", "progressGenerate": info})
+        message = json.dumps({"type": "progressGenerate", **info})  # Wiro's flat task_output message
         if self.worker.should_stop():
             raise ServerStopping()
         status = {"status": lc.OUTPUT} if step == 1 else {}
