@@ -70,8 +70,8 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(5)
 
-    def project(self, auth: str = "signature"):
-        return self.store.create_project(f"p-{time.time()}", auth)
+    def project(self, auth: str = "signature", nonce_policy: str = "lenient"):
+        return self.store.create_project(f"p-{time.time()}", auth, nonce_policy)
 
     def headers(self, project, nonce: str | None = None) -> dict:
         nonce = nonce or str(time.time_ns() // 1000)[:13]

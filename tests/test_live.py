@@ -23,7 +23,7 @@ from websockets.sync.client import connect
 from conftest import SMALL, TOOL, Server
 
 STAGES = ["task_queue", "task_accept", "task_preprocess_start", "task_preprocess_end", "task_assign", "task_start"]
-ENDING = ["task_output_full", "task_error_full", "task_end", "task_postprocess_start", "task_postprocess_end"]
+ENDING = ["task_output_full", "task_end", "task_postprocess_start", "task_postprocess_end"]  # + task_error_full if stderr
 
 
 def ws_frames(server, token: str, previews: bool = False, register: dict | None = None) -> list[dict]:
@@ -40,16 +40,22 @@ def ws_frames(server, token: str, previews: bool = False, register: dict | None 
 
 def check_sequence(frames: list[dict], steps: int, taskid: str, token: str) -> None:
     all_types = [f["type"] for f in frames]
-    types = [t for t in all_types if t != "task_error"]  # interim stderr lines (library warnings) may come any time
-    assert types == STAGES + ["task_output"] * steps + ENDING, all_types
-    assert all(i < all_types.index("task_error_full") for i, t in enumerate(all_types) if t == "task_error")
+    # interim stderr lines (library warnings) may come any time; their total follows task_output_full
+    types = [t for t in all_types if t != "task_error"]
+    stderr = "task_error" in all_types
+    ending = ENDING[:1] + ["task_error_full"] * stderr + ENDING[1:]
+    assert types == STAGES + ["task_output"] * steps + ending, all_types
+    if stderr:
+        assert all(i < all_types.index("task_error_full") for i, t in enumerate(all_types) if t == "task_error")
     frames = [f for f in frames if f["type"] != "task_error"]
     assert all(f["id"] == taskid and f["tasktoken"] == token and f["result"] is True for f in frames)
-    percents = [float(f["message"]["progressGenerate"]["percentage"]) for f in frames if f["type"] == "task_output"]
+    assert all(f["message"] is None for f in frames if f["type"] in STAGES + ["task_end", "task_postprocess_start"])
+    percents = [float(f["message"]["percentage"]) for f in frames if f["type"] == "task_output"]
     assert percents == sorted(percents) and percents[-1] == 100
-    info = frames[STAGES.__len__()]["message"]["progressGenerate"]
-    assert set(info) == {"task", "percentage", "stepCurrent", "stepTotal", "speed", "speedType", "elapsedTime",
-                         "remainingTime"} and info["speedType"] == "it/s"
+    info = frames[STAGES.__len__()]["message"]  # Wiro's flat progressGenerate object
+    assert set(info) == {"type", "task", "percentage", "stepCurrent", "stepTotal", "speed", "speedType", "elapsedTime",
+                         "remainingTime"} and info["speedType"] == "it/s" and info["type"] == "progressGenerate"
+    assert isinstance(frames[-len(ending)]["message"]["raw"], str)  # task_output_full
     outputs = frames[-1]["message"]
     assert outputs and outputs[0]["url"].startswith("http") and outputs[0]["name"] == "0.png"
 
@@ -75,7 +81,7 @@ def test_previews_are_jpegs_only_when_asked(server, project):
     answer = server.run(project, {**SMALL, "steps": 10, "width": 128, "height": 128})
     with_previews = ws_frames(server, answer["socketaccesstoken"], previews=True)
     shots = [f for f in with_previews if "preview" in f]
-    assert [int(f["message"]["progressGenerate"]["stepCurrent"]) for f in shots] == [5, 10]
+    assert [int(f["message"]["stepCurrent"]) for f in shots] == [5, 10]
     for f in shots:
         image = Image.open(io.BytesIO(base64.b64decode(f["preview"])))
         assert image.format == "JPEG" and image.size == (16, 16) and f["previewType"] == "image/jpeg"
@@ -227,7 +233,8 @@ def test_concurrency_limit_answers_code_96(queue_server):
     first = queue_server.run(p, SMALL)
     body = queue_server.post(p, f"/v1/Run/{TOOL}", json=SMALL).json()
     assert body["result"] is False and body["errors"][0]["code"] == 96
-    assert "up to 1 unfinished" in body["errors"][0]["message"]
+    assert body["errors"][0]["message"] == "You have reached your concurrent task limit."
+    assert "up to 1 unfinished" in body["errors"][0]["detail"]
     queue_server.post(p, "/v1/Task/Cancel", json={"taskid": first["taskid"]})
     assert queue_server.run(p, SMALL)["result"]  # a finished task frees its slot
 
@@ -306,7 +313,8 @@ def test_input_output_delete_removes_files_and_keeps_the_record(server, project,
     p = queue_server.project()
     queued = queue_server.run(p, SMALL)
     body = queue_server.post(p, "/v1/Task/InputOutputDelete", json={"taskid": queued["taskid"]}).json()
-    assert body["result"] is False and body["errors"][0]["code"] == 1 and "has not ended" in body["errors"][0]["message"]
+    assert body["result"] is False and body["errors"][0] == {
+        "code": 1, "message": "Task must be completed or cancelled before deleting files", "detail": "The task is task_queue."}
 
 
 def test_openapi_describes_each_tool_run(server):

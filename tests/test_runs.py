@@ -111,8 +111,14 @@ def test_multipart_upload_of_a_lora_file(server, project, tiny):
     assert answer["result"], answer
     task = server.wait(project, answer["taskid"])
     assert task["pexit"] == "0", task["debugerror"]
-    assert task["parameters"]["selectedLoraModelPrivateUrl"].startswith("upload:")
+    shown = task["parameters"]["selectedLoraModelPrivateUrl"]  # a file URL, as the seed's Kill answer shows
+    assert shown.startswith(f"{server.base}/v1/File/") and shown.endswith("mine.safetensors"), shown
+    with open(tiny["sd15-lora-kohya"], "rb") as fh:
+        assert httpx.get(shown).content == fh.read()
+        assert httpx.head(shown).status_code == 200
     assert pixels(server.images(task)) != pixels(base)
+    server.post(project, "/v1/Task/InputOutputDelete", json={"taskid": task["id"]})
+    assert httpx.get(shown).status_code == 404
 
 
 def test_tool_error_then_worker_keeps_serving(server, project, file_server):
