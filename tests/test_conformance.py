@@ -529,3 +529,34 @@ def test_async_client_sees_flat_progress(server, project):
     assert task["pexit"] == "0" and steps == ["1", "2"]
     assert progress_of({"type": "task_output", "message": {"type": "progressGenerate", "progressGenerate": {
         "stepCurrent": "1", "stepTotal": "2", "percentage": "50"}}})["stepCurrent"] == "1"  # older Easel servers
+
+
+def test_the_python_client_speaks_to_wiro_itself():
+    """``easel.client`` pointed at https://api.wiro.ai/v1 sends what Wiro's pages document (an
+    offline check: the HTTP transport answers as Wiro's examples do; no request leaves the machine)."""
+    from easel.client import Client, socket_url_for
+
+    assert socket_url_for("https://api.wiro.ai/v1") == "wss://socket.wiro.ai/v1"
+    assert socket_url_for("http://127.0.0.1:8000/v1") == "ws://127.0.0.1:8000/v1"
+    sent: list[tuple[str, dict, dict]] = []
+    statuses = iter(["task_start", "task_error"])  # Wiro's Detail may end a failed task as task_error
+
+    def wiro(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        sent.append((request.url.path, dict(request.headers), body))
+        if request.url.path.startswith("/v1/Run/"):
+            return httpx.Response(200, json=SEED_RUN)
+        task = {**TASKS_MD_DETAIL["tasklist"][0], "status": next(statuses, "task_postprocess_end")}
+        return httpx.Response(200, json={**TASKS_MD_DETAIL, "tasklist": [task]})
+
+    client = Client("https://api.wiro.ai/v1", "key", "secret")
+    client.http = httpx.Client(transport=httpx.MockTransport(wiro))
+    assert client.socket_url == "wss://socket.wiro.ai/v1"
+    assert client.run("Adel_AI/Comics-Factory-v1", {"prompt": "x"}) == SEED_RUN
+    assert client.wait(SEED_RUN["taskid"], poll=0)["status"] == "task_error"
+    client.delete(SEED_RUN["taskid"])
+    path, headers, body = sent[0]
+    assert path == "/v1/Run/Adel_AI/Comics-Factory-v1" and body == {"prompt": "x"}
+    assert headers["x-signature"] == signature("key", "secret", headers["x-nonce"])
+    assert [(p, b) for p, _, b in sent[1:]] == [("/v1/Task/Detail", {"taskid": "2221"})] * 3 + [
+        ("/v1/Task/InputOutputDelete", {"tasktoken": TASKS_MD_DETAIL["tasklist"][0]["socketaccesstoken"]})]

@@ -157,12 +157,16 @@ class Client(_Base):
         return self._post("/Task/Kill", json_body={"taskid": str(taskid)})["tasklist"][0]
 
     def delete(self, taskid: str) -> dict:
-        """Task/InputOutputDelete: remove a finished task's files (the record stays)."""
-        return self._post("/Task/InputOutputDelete", json_body={"taskid": str(taskid)})
+        """Task/InputOutputDelete: remove a finished task's files (the record stays). Sent by
+        ``tasktoken``, the parameter Wiro's tasks.md documents (Easel also takes ``taskid``)."""
+        token = self.detail(taskid)["socketaccesstoken"]
+        return self._post("/Task/InputOutputDelete", json_body={"tasktoken": token})
 
     def tasks(self, limit: int = 20, start: int = 0, status: str = "") -> list[dict]:
-        """Task/List (Easel): the project's tasks, newest first."""
-        body = {"limit": str(limit), "start": str(start), "status": status}
+        """Task/List: the project's tasks, newest first (the Wiro MCP's body; Easel adds ``status``)."""
+        body = {"type": "model", "sort": "id", "order": "DESC", "limit": str(limit), "start": str(start)}
+        if status:
+            body["status"] = status
         return self._post("/Task/List", json_body=body)["tasklist"]
 
     def wait(self, taskid: str, on_update: Callable[[dict], None] | None = None, poll: float = 0.5,
