@@ -53,6 +53,25 @@ class Settings:
         poll_interval: Seconds an idle worker waits between store polls when not woken.
         catalog_override: JSON file merged over the built-in model catalog at start-up;
             default ``<data_dir>/catalog.override.json``.
+        lease_seconds: How long a worker's claim on a task lasts without renewal. The worker
+            renews it at every step and from a heartbeat thread (every third of it); a running
+            task whose lease expired is ended by whichever Easel process notices first.
+        requeue_unstarted: A task whose lease expired before ``task_start`` (no inference ran)
+            is queued again instead of failed.
+        task_timeout_seconds: Longest a task may run from ``task_accept``; it then ends as
+            failed with the reason. 0 = no limit.
+        fetch_total_timeout_seconds: Deadline of one whole download (DNS, connect, redirects
+            and the transfer), whatever the per-read timeouts allow.
+        request_max_bytes: Largest request body (files included) the API reads; larger bodies
+            are refused with HTTP 413 while streaming, before they are buffered.
+        webhook_concurrency: Webhook attempts sent at the same time by one API process.
+        output_retention_seconds: Delete a finished task's outputs and uploads this long after
+            it ended (the record stays, as after InputOutputDelete); 0 = keep for ever.
+        orphan_retention_seconds: Delete upload folders and worker scratch folders that belong
+            to no task (a refused or crashed request), and fetched LoRAs not used for this long;
+            0 = never.
+        sweep_interval_seconds: Seconds between retention sweeps (and lease checks are every
+            quarter ``lease_seconds``) in each API process.
     """
 
     data_dir: Path = Path("easel-data")
@@ -83,6 +102,15 @@ class Settings:
     default_cost_per_second: float = 0.000585
     poll_interval: float = 0.25
     catalog_override: Path | None = None
+    lease_seconds: float = 30.0
+    requeue_unstarted: bool = False
+    task_timeout_seconds: float = 3600.0
+    fetch_total_timeout_seconds: float = 600.0
+    request_max_bytes: int = 256 * 1024**2
+    webhook_concurrency: int = 8
+    output_retention_seconds: float = 0.0
+    orphan_retention_seconds: float = 7 * 24 * 3600.0
+    sweep_interval_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())

@@ -23,7 +23,7 @@ NOT_VALID = "Project authorization is not valid."
 
 
 def _nonce_time(nonce: str) -> float | None:
-    if not nonce.isdigit():
+    if not (nonce.isascii() and nonce.isdigit()) or len(nonce) > 20:
         return None
     value = int(nonce)
     if value >= 10**12:
@@ -44,6 +44,8 @@ def authenticate(headers, store: Store, settings: Settings) -> Project:
     nonce, sig = headers.get("x-nonce", ""), headers.get("x-signature", "")
     if not nonce or not sig:
         raise WiroError(0, SIGNATURE_REQUIRED, 401)
+    if len(nonce) > 128 or not nonce.isascii():
+        raise WiroError(0, f"{NOT_VALID} x-nonce must be at most 128 ASCII characters.", 401)
     expected = signature(project.apikey, project.apisecret, nonce)
     if not hmac.compare_digest(expected, sig.strip().lower()):
         raise WiroError(0, NOT_VALID, 401)

@@ -82,7 +82,7 @@ async def serve_socket(ws: WebSocket, store: Store, outputs: Callable[[Task], li
             if events:
                 task = await run_in_threadpool(store.get_task, task.id)
                 for ev in events:
-                    last = ev.id
+                    last = ev.seq
                     await ws.send_json(await run_in_threadpool(frame, task, ev, outputs, previews))
                     if ev.type in lc.TERMINAL:
                         await ws.close()

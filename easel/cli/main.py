@@ -54,10 +54,12 @@ def serve(
     store = Store(settings.database_url)
     store.migrate()
     executor = None
-    if workers > 0:  # only a process that owns workers may end tasks it finds mid-run
-        failed = lifecycle.recover_interrupted(store)
-        if failed:
-            console.print(f"[yellow]{len(failed)} task(s) were mid-run when the server stopped; ended as failed: {failed}")
+    # tasks whose worker's lease expired (a server that stopped); other live servers' tasks keep running
+    failed = lifecycle.recover_interrupted(store, settings.lease_seconds, task_timeout=settings.task_timeout_seconds,
+                                           requeue_unstarted=settings.requeue_unstarted)
+    if failed:
+        console.print(f"[yellow]{len(failed)} task(s) had no live worker any more; ended: {failed}")
+    if workers > 0:
         executor = create_executor("local", settings)
         executor.start()
     try:

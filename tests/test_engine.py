@@ -1,0 +1,197 @@
+"""The task engine: one guarded writer of task state, leases, the event cursor, supervision and
+fault handling (in-process, SQLite; the PostgreSQL variants run when a server is reachable)."""
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+
+import pytest
+
+from easel.config import Settings
+from easel.store import Store
+from easel.tasks import lifecycle as lc
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(Settings(data_dir=tmp_path).database_url)
+    s.migrate()
+    yield s
+    s.engine.dispose()
+
+
+def _task(store, callback=""):
+    p = store.create_project("p")
+    task, _ = lc.submit(store, project_id=p.id, tool="wiro/text-to-image-sd-lora", parameters={}, inputs={},
+                        callbackurl=callback, cost_per_second=0)
+    return task
+
+
+def _to_output(store, worker="w1", lease=30.0):
+    tid = _task(store).id
+    assert lc.claim(store, worker, lease) == tid
+    for status in (lc.PREPROCESS_START, lc.PREPROCESS_END, lc.ASSIGN, lc.START):
+        assert lc.advance(store, tid, status, owner=worker, lease_seconds=lease)
+    assert lc.progress(store, tid, "{}", {"stepCurrent": "1"}, owner=worker, lease_seconds=lease) is False
+    return tid
+
+
+def test_a_terminal_task_never_changes_again(store, caplog):
+    for end in lc.TERMINAL:
+        tid = _to_output(store)
+        assert lc.advance(store, tid, end, pexit="1")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "easel.lifecycle"):
+            for status in (lc.QUEUE, *lc.RUNNING, *lc.TERMINAL):
+                assert not lc.advance(store, tid, status), status
+            assert lc.progress(store, tid, "{}", {}, owner="w1") is None  # the step write of a late worker
+        task = store.get_task(tid)
+        assert task.status == end and task.pexit == "1"
+        assert "rejected" in caplog.text
+
+
+def test_the_transition_table_is_the_only_way(store):
+    tid = _task(store).id
+    assert not lc.advance(store, tid, lc.START)  # queued -> started skips the claim
+    assert lc.claim(store, "w1") == tid
+    assert not lc.advance(store, tid, lc.POSTPROCESS_START)  # accept -> postprocess skips the run
+    assert not lc.advance(store, tid, lc.PREPROCESS_START, owner="w2")  # another worker's write
+    assert lc.advance(store, tid, lc.PREPROCESS_START, owner="w1")
+    assert all(lc.TRANSITIONS[s] == frozenset() for s in lc.TERMINAL)
+
+
+def test_a_failed_task_is_not_resurrected_by_its_workers_progress(store):
+    """The reported defect: start-up recovery of a second server failed a running task, then
+    the worker's next step (task_output, unguarded) brought it back and it ended as a success."""
+    tid = _to_output(store)
+    task = store.get_task(tid)
+    assert lc.fail(store, task, "ended elsewhere")
+    assert lc.progress(store, tid, "{}", {"stepCurrent": "2"}, owner="w1") is None
+    assert not lc.advance(store, tid, lc.OUTPUT_FULL, owner="w1")
+    assert not lc.advance(store, tid, lc.POSTPROCESS_END, owner="w1", pexit="0")
+    task = store.get_task(tid)
+    assert (task.status, task.pexit) == (lc.POSTPROCESS_END, "1")
+
+
+def test_recovery_fails_only_tasks_whose_lease_expired(store):
+    live = _to_output(store, "server-a-worker", lease=60)
+    stale = _to_output(store, "dead-worker", lease=0.01)
+    time.sleep(0.05)
+    assert lc.recover_interrupted(store, lease_seconds=60) == [stale]
+    assert store.get_task(live).status == lc.OUTPUT
+    dead = store.get_task(stale)
+    assert dead.status == lc.POSTPROCESS_END and dead.pexit == "1" and "stopped renewing its lease" in dead.debugerror
+    assert lc.recover_interrupted(store, lease_seconds=60) == []  # ended once
+
+
+def test_expired_unstarted_task_is_requeued_when_the_policy_says_so(store):
+    tid = _task(store).id
+    lc.claim(store, "w1", lease_seconds=0.01)
+    lc.advance(store, tid, lc.PREPROCESS_START, owner="w1")
+    time.sleep(0.05)
+    assert lc.expire_leases(store, 60, requeue_unstarted=True) == {tid: "requeued"}
+    task = store.get_task(tid)
+    assert task.status == lc.QUEUE and task.worker_id == "" and task.accepttime is None
+    assert not lc.advance(store, tid, lc.PREPROCESS_END, owner="w1")  # the old worker cannot write any more
+    assert lc.claim(store, "w2") == tid
+
+
+def test_a_task_over_its_time_limit_is_failed_by_any_process(store):
+    tid = _to_output(store, lease=60)
+    assert lc.expire_leases(store, 60, task_timeout=10) == {}
+    later = time.time() + 100
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lc.time, "time", lambda: later)
+        assert lc.expire_leases(store, 60, task_timeout=10) == {tid: "timed out"}
+    assert "EASEL_TASK_TIMEOUT_SECONDS" in store.get_task(tid).debugerror
+
+
+def test_event_sequence_is_dense_and_ordered(store):
+    tid = _to_output(store)
+    lc.log_event(store, tid, lc.ERROR, "warning", owner="w1")
+    events = store.events(tid)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert [e.type for e in store.events(tid, after_seq=events[-2].seq)] == [lc.ERROR]
+
+
+# -- supervision and faults -----------------------------------------------------------------------
+
+def test_supervisor_survives_store_errors_and_health_says_why(tmp_path):
+    from easel.executors.local import LocalExecutor
+
+    ex = LocalExecutor(Settings(data_dir=tmp_path), supervise_interval=0.05)
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    ex.supervise_once = broken
+    ex._supervisor = threading.Thread(target=ex._supervise, daemon=True)
+    ex._supervisor.start()
+    deadline = time.time() + 10
+    while len(calls) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        assert len(calls) >= 3 and ex._supervisor.is_alive()
+        ok, why = ex.health()
+        assert not ok and "no worker process is running" in why
+    finally:
+        ex._stop.set()
+        ex._supervisor.join(5)
+    ok, why = ex.health()
+    assert not ok and "supervisor is not running" in why
+
+
+class _FakeProc:
+    def __init__(self, exitcode, started):
+        self.exitcode, self.easel_started, self.easel_worker_id = exitcode, started, f"dead-{exitcode}"
+
+    def is_alive(self):
+        return False
+
+
+def test_a_worker_that_keeps_dying_is_restarted_with_backoff(tmp_path, store):
+    from easel.executors.local import LocalExecutor
+
+    ex = LocalExecutor(Settings(data_dir=tmp_path))
+    ex._store = store
+    spawned = []
+    ex._spawn = lambda slot: spawned.append(slot) or _FakeProc(1, time.monotonic())
+    tid = _to_output(store, worker="dead-1")
+    ex._procs = [_FakeProc(1, time.monotonic())]
+    delays = []
+    for _ in range(4):
+        ex.supervise_once()
+        delays.append(ex._restart_at[0] - time.monotonic())
+        ex._restart_at[0] = 0.0
+        ex.supervise_once()  # the restart after the backoff
+    assert delays == sorted(delays) and delays[-1] > delays[0] >= 0.5
+    task = store.get_task(tid)
+    assert task.status == lc.POSTPROCESS_END and "exit code 1" in task.debugerror
+
+
+def test_storage_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    import shutil
+
+    from easel.storage import LocalStorage
+
+    storage = LocalStorage(Settings(data_dir=tmp_path))
+    src = tmp_path / "0.png"
+    src.write_bytes(b"x" * 1000)
+
+    def exdev(*_a):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def full(a, b):
+        with open(b, "wb") as fh:
+            fh.write(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device", str(b))
+
+    monkeypatch.setattr("easel.storage.os.replace", exdev)
+    monkeypatch.setattr(shutil, "copyfile", full)
+    with pytest.raises(OSError):
+        storage.save("u1", src)
+    assert [p for p in (tmp_path / "files").rglob("*") if p.is_file()] == []
