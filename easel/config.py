@@ -1,12 +1,16 @@
 """Server settings: one frozen object built by the CLI and handed to every layer.
 
-Every field can also be set from the environment as ``EASEL_<FIELD>`` (upper case); list fields
-take a comma-separated value. The object is picklable so worker processes receive it as is.
+Every field can be set in a TOML config file (``--config`` / ``EASEL_CONFIG_FILE``), in the
+environment as ``EASEL_<FIELD>`` (upper case; list fields take a comma-separated value) and, for
+the common ones, by ``easel serve`` flags; a flag overrides only when it is given. Sources are
+read and validated with ``pydantic-settings``. The object is picklable so worker processes
+receive it as is.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -135,25 +139,67 @@ class Settings:
         return self.data_dir / "models"
 
     @classmethod
-    def from_env(cls, **overrides) -> "Settings":
-        """Build settings from ``EASEL_*`` environment variables, then explicit overrides."""
-        values: dict = {}
-        for f in fields(cls):
-            raw = os.environ.get(f"EASEL_{f.name.upper()}")
-            if raw is None:
-                continue
-            if f.name == "fetch_allow":
-                values[f.name] = tuple(x.strip() for x in raw.split(",") if x.strip())
-            elif f.type in ("int",):
-                values[f.name] = int(raw)
-            elif f.type in ("float",):
-                values[f.name] = float(raw)
-            elif f.type in ("bool",):
-                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-            else:
-                values[f.name] = raw
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def from_env(cls, config_file: Path | str | None = None, **overrides) -> "Settings":
+        """Build settings from, in increasing precedence: defaults, a TOML config file, ``EASEL_*``
+        environment variables, then ``overrides`` (CLI flags; a ``None`` value means "not given"
+        and overrides nothing).
+
+        Args:
+            config_file: TOML file of ``field = value`` lines (the field names above); default
+                ``$EASEL_CONFIG_FILE`` if set, else none.
+
+        Raises:
+            ValueError: a value of the wrong type (the message names the variable), or an
+                unknown key in the config file.
+        """
+        return cls(**{**read_sources(config_file), **{k: v for k, v in overrides.items() if v is not None}})
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
+
+
+def _split(value):
+    if isinstance(value, str):
+        return tuple(x.strip() for x in value.split(",") if x.strip())
+    return tuple(value)
+
+
+def read_sources(config_file: Path | str | None = None) -> dict:
+    """The settings given in the config file and the environment (only those given), validated
+    and typed by ``pydantic-settings``; see :meth:`Settings.from_env`."""
+    from typing import Annotated, Optional, get_type_hints
+
+    from pydantic import BeforeValidator, ValidationError, create_model
+    from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+    from pydantic_settings import TomlConfigSettingsSource
+
+    hints = get_type_hints(Settings)
+    fields: dict = {}
+    for f in dataclasses.fields(Settings):
+        kind = hints[f.name]
+        if f.name == "fetch_allow":  # comma-separated in the environment, a list in TOML
+            kind = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split)]
+        fields[f.name] = (Optional[kind], None)
+    path = config_file or os.environ.get("EASEL_CONFIG_FILE") or None
+
+    class _Base(BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="EASEL_", extra="forbid", toml_file=path,
+                                          case_sensitive=False)
+
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                       file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources = [env_settings]
+            if path:
+                if not Path(path).is_file():
+                    raise ValueError(f"config file {path} does not exist")
+                sources.append(TomlConfigSettingsSource(settings_cls))
+            return tuple(sources)
+
+    model = create_model("EnvSettings", __base__=_Base, **fields)
+    try:
+        loaded = model()
+    except ValidationError as exc:
+        problems = "; ".join(f"EASEL_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"invalid Easel settings: {problems}") from None
+    return {name: getattr(loaded, name) for name in loaded.model_fields_set}

@@ -121,3 +121,44 @@ def test_one_slow_webhook_receiver_does_not_delay_the_others(hostile, tmp_path):
     assert fast.status == "delivered" and fast.delivered_at - began < 1.2  # not after 3 x 1.5 s
     assert all(store.deliveries(i)[0].status == "delivered" for i in ids)
     store.engine.dispose()
+
+
+# -- SSRF: every non-public range, with an example address ------------------------------------------
+
+SSRF_TABLE = [
+    # (range, example, refused)
+    ("IPv4 loopback 127.0.0.0/8", "127.0.0.1", True),
+    ("RFC 1918 10.0.0.0/8", "10.1.2.3", True),
+    ("RFC 1918 172.16.0.0/12", "172.16.5.4", True),
+    ("RFC 1918 192.168.0.0/16", "192.168.1.1", True),
+    ("link-local / cloud metadata 169.254.0.0/16", "169.254.169.254", True),
+    ("CGNAT 100.64.0.0/10", "100.64.0.1", True),
+    ("IPv4 multicast 224.0.0.0/4", "239.1.2.3", True),
+    ("unspecified 0.0.0.0/8", "0.0.0.0", True),
+    ("IPv6 loopback ::1", "::1", True),
+    ("IPv6 ULA fc00::/7", "fd00::1", True),
+    ("IPv6 link-local fe80::/10", "fe80::1", True),
+    ("IPv6 site-local fec0::/10", "fec0::1", True),
+    ("IPv6 multicast ff00::/8 (global scope)", "ff0e::1", True),
+    ("IPv4-mapped ::ffff:127.0.0.1", "::ffff:127.0.0.1", True),
+    ("IPv4-compatible ::127.0.0.1", "::127.0.0.1", True),
+    ("IPv4-compatible ::10.0.0.1", "::10.0.0.1", True),
+    ("NAT64 64:ff9b::/96 of loopback", "64:ff9b::7f00:1", True),
+    ("NAT64 64:ff9b::/96 of 169.254.169.254", "64:ff9b::a9fe:a9fe", True),
+    ("NAT64 local-use 64:ff9b:1::/48", "64:ff9b:1::808:808", True),
+    ("6to4 2002::/16 of loopback", "2002:7f00:1::", True),
+    ("6to4 2002::/16 of 192.168.0.1", "2002:c0a8:1::", True),
+    ("public IPv4", "8.8.8.8", False),
+    ("public IPv6", "2001:4860:4860::8888", False),
+    ("NAT64 of a public IPv4", "64:ff9b::808:808", False),
+    ("6to4 of a public IPv4", "2002:808:808::", False),
+]
+
+
+@pytest.mark.parametrize("name,address,refused", SSRF_TABLE, ids=[row[0] for row in SSRF_TABLE])
+def test_ssrf_classifier(name, address, refused):
+    import ipaddress
+
+    from easel.models.fetch import non_public
+
+    assert (non_public(ipaddress.ip_address(address)) is not None) == refused, name

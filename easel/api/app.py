@@ -197,7 +197,8 @@ class Api:
                                     "unfinished (queued or running) tasks at the same time. Wait for a task to finish, "
                                     "or ask the operator to raise EASEL_MAX_CONCURRENT_TASKS.")
             task, created = lc.submit(self.store, project_id=project.id, tool=spec.name, parameters=fields,
-                                      inputs=inputs, callbackurl=callback, cost_per_second=spec.cost_per_second,
+                                      inputs=inputs, callbackurl=callback,
+                                      cost_per_second=spec.cost_per_second or self.settings.default_cost_per_second,
                                       uuid=task_uuid, idempotency_key=idempotency_key or None)
         except BaseException:  # a refused Run keeps none of its uploaded files
             shutil.rmtree(self.settings.uploads_dir / task_uuid, ignore_errors=True)

@@ -46,7 +46,7 @@ def authenticate(headers, store: Store, settings: Settings) -> Project:
         raise WiroError(0, SIGNATURE_REQUIRED, 401)
     if len(nonce) > 128 or not nonce.isascii():
         raise WiroError(0, f"{NOT_VALID} x-nonce must be at most 128 ASCII characters.", 401)
-    expected = signature(project.apikey, project.apisecret, nonce)
+    expected = signature(apikey, project.apisecret, nonce)  # the key as sent: only its hash is stored
     if not hmac.compare_digest(expected, sig.strip().lower()):
         raise WiroError(0, NOT_VALID, 401)
     stamp = _nonce_time(nonce)

@@ -152,6 +152,50 @@ def _allowed(host: str, port: int, ip: ipaddress._BaseAddress, allow: tuple[str,
     return False
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix: embeds an IPv4 address
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215 local-use translation prefix
+_6TO4 = ipaddress.ip_network("2002::/16")  # RFC 3056: 2002:AABB:CCDD:: carries IPv4 A.B.C.D
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d (RFC 4291 2.5.5.1)
+_SITE_LOCAL = ipaddress.ip_network("fec0::/10")  # deprecated site-local (RFC 3879)
+
+
+def non_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why ``ip`` is not a public unicast address a server should fetch from, or None if it is.
+
+    Refused: everything Python's ``ipaddress`` does not call global (loopback, RFC 1918 private,
+    link-local incl. 169.254.169.254 cloud metadata, CGNAT, reserved, unspecified), multicast,
+    site-local ``fec0::/10``, the NAT64 local-use prefix ``64:ff9b:1::/48``, and the IPv6 forms
+    that carry an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible ``::a.b.c.d``,
+    NAT64 ``64:ff9b::a.b.c.d``, 6to4 ``2002:AABB:CCDD::``, Teredo) when that IPv4 address is not public.
+    """
+    if ip.is_multicast:
+        return "multicast"
+    if ip.version == 6:
+        embedded = None
+        if ip.ipv4_mapped is not None:
+            embedded = ip.ipv4_mapped
+        elif ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        elif ip in _6TO4:
+            embedded = ip.sixtofour
+        elif ip.teredo is not None:
+            embedded = ip.teredo[1]
+        elif ip in _V4_COMPATIBLE and int(ip) > 1:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            inner = non_public(embedded)
+            return f"{inner}, embedded in an IPv6 address" if inner else None
+        if ip in _SITE_LOCAL:
+            return "site-local"
+        if ip in _NAT64_LOCAL:
+            return "local-use NAT64"
+    if not ip.is_global:
+        kind = ("loopback" if ip.is_loopback else "link-local" if ip.is_link_local else
+                "private" if ip.is_private else "reserved or not globally routable")
+        return kind
+    return None
+
+
 def vet_url(url: str, policy: FetchPolicy, deadline: _Deadline | None = None) -> tuple[str, str, int, str]:
     """Check ``url`` and resolve its host.
 
@@ -174,9 +218,9 @@ def vet_url(url: str, policy: FetchPolicy, deadline: _Deadline | None = None) ->
         raise FetchError(f"cannot resolve host {host!r}: {exc.strerror}") from None
     ips = [ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos]
     for ip in ips:
-        if not ip.is_global and not _allowed(host, port, ip, policy.allow):
-            raise URLRefused(f"host {host!r} resolves to {ip}, a non-public address (loopback, private, "
-                             f"link-local or reserved); such URLs are refused")
+        why = non_public(ip)
+        if why and not _allowed(host, port, ip, policy.allow):
+            raise URLRefused(f"host {host!r} resolves to {ip}, a non-public address ({why}); such URLs are refused")
     return parts.scheme, host, port, str(ips[0])
 
 

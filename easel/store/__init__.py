@@ -6,7 +6,9 @@ is durable before the API acknowledges it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import secrets
 import time
 import uuid as uuidlib
@@ -20,9 +22,23 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Event, Nonce, Output, Project, Task, WebhookDelivery
 
-__all__ = ["Store", "Project", "Task", "Output", "Event", "WebhookDelivery", "new_token"]
+__all__ = ["Store", "Project", "Task", "Output", "Event", "WebhookDelivery", "new_token", "hash_apikey"]
 
 HERE = Path(__file__).parent
+
+
+def hash_apikey(apikey: str) -> str:
+    """How an API key is stored: ``sha256:<hex>`` (a key is 128 random bits, so no salt or slow
+    hash is needed). The API secret is not hashed: Wiro's signature is an HMAC keyed with it."""
+    return "sha256:" + hashlib.sha256(apikey.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _protect(path: Path) -> None:
+    """Owner-only permissions (0600 files, 0700 folders); ignored where the OS refuses."""
+    try:
+        os.chmod(path, 0o700 if path.is_dir() else 0o600)
+    except OSError:
+        pass
 
 
 def new_token(n: int = 30) -> str:
@@ -37,8 +53,11 @@ class Store:
     def __init__(self, url: str):
         self.url = url
         kwargs: dict = {}
+        db_file = None
         if url.startswith("sqlite"):
-            Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+            db_file = Path(url.split("///", 1)[1])
+            db_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _protect(db_file.parent)  # the database holds API secrets (needed for HMAC): owner only
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         self.engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
@@ -49,6 +68,10 @@ class Store:
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.close()
+                for suffix in ("", "-wal", "-shm"):
+                    f = Path(f"{db_file}{suffix}")
+                    if f.exists():
+                        _protect(f)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
@@ -72,17 +95,22 @@ class Store:
     # -- projects and nonces ---------------------------------------------------------------
 
     def create_project(self, name: str, auth_mode: str = "signature") -> Project:
+        """Create a project. The API key is stored only as its hash (:func:`hash_apikey`); the
+        returned (detached) object carries the plaintext key, the only time it is available."""
         if auth_mode not in ("signature", "apikey"):
             raise ValueError("auth_mode must be 'signature' or 'apikey'")
-        p = Project(name=name, apikey=secrets.token_hex(16), apisecret=secrets.token_hex(24),
+        apikey = secrets.token_hex(16)
+        p = Project(name=name, apikey=hash_apikey(apikey), apisecret=secrets.token_hex(24),
                     auth_mode=auth_mode, created_at=time.time())
         with self.session() as s:
             s.add(p)
+        p.apikey = apikey  # detached: not written back
         return p
 
     def project_by_key(self, apikey: str) -> Project | None:
+        """The project whose API key is ``apikey`` (looked up by hash), or None."""
         with self.session() as s:
-            return s.scalar(select(Project).where(Project.apikey == apikey))
+            return s.scalar(select(Project).where(Project.apikey == hash_apikey(apikey)))
 
     def project_by_id(self, project_id: int) -> Project | None:
         with self.session() as s:

@@ -20,7 +20,7 @@ class Project(Base):
     __tablename__ = "projects"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
-    apikey: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    apikey: Mapped[str] = mapped_column(String(80), unique=True, index=True)  # "sha256:<hex>" of the key
     apisecret: Mapped[str] = mapped_column(String(128))
     auth_mode: Mapped[str] = mapped_column(String(16), default="signature")
     created_at: Mapped[float] = mapped_column(Float)
