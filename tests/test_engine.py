@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 
@@ -195,3 +196,88 @@ def test_storage_save_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         storage.save("u1", src)
     assert [p for p in (tmp_path / "files").rglob("*") if p.is_file()] == []
+
+
+# -- a real worker in this process (tiny SD model) -------------------------------------------------
+
+def _worker(tmp_path, tiny, **settings):
+    from easel.tasks.runner import Worker
+
+    s = Settings(data_dir=tmp_path / "data", **settings)
+    (s.models_dir).mkdir(parents=True, exist_ok=True)
+    (s.models_dir / "tiny").symlink_to(next(iter(tiny.values())).parent)  # reuse the session's tiny models
+    worker = Worker(s, "w-test")
+    worker.store.migrate()
+    return worker
+
+
+def _submit(worker, **inputs):
+    from conftest import SMALL, TOOL
+    from easel.catalog import load_tools
+
+    spec = load_tools()[TOOL]
+    p = worker.store.create_project("p")
+    params = {**SMALL, **inputs}
+    task, _ = lc.submit(worker.store, project_id=p.id, tool=TOOL, parameters=params,
+                        inputs=spec.validate(params, worker.catalog), callbackurl="", cost_per_second=0)
+    return task.id
+
+
+def test_disk_full_while_writing_outputs_fails_cleanly(tmp_path, tiny, monkeypatch):
+    """ENOSPC while the tool writes its PNG: the task fails with the cause, its message shows no
+    server path, and no partial file is left anywhere under the data directory."""
+    from PIL import Image
+
+    worker = _worker(tmp_path, tiny)
+    tid = _submit(worker, samples=2)
+    real_save = Image.Image.save
+
+    def full_disk(self, fp, *a, **k):
+        real_save(self, fp, *a, **k)
+        if not isinstance(fp, (str, os.PathLike)):
+            return  # a preview into memory
+        with open(fp, "r+b") as fh:  # half written, then the disk is full
+            fh.truncate(10)
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    assert worker.run_next() == tid
+    task = worker.store.get_task(tid)
+    assert (task.status, task.pexit) == (lc.POSTPROCESS_END, "1")
+    assert "No space left on device" in task.debugerror and str(tmp_path) not in task.debugerror
+    leftovers = [p for p in worker.settings.data_dir.rglob("*.png")]
+    assert leftovers == [] and worker.store.outputs(tid) == []
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    second = _submit(worker)
+    assert worker.run_next() == second and worker.store.outputs(second)  # the worker is fine afterwards
+
+
+def test_a_task_over_its_time_limit_ends_failed_with_the_reason(tmp_path, tiny):
+    worker = _worker(tmp_path, tiny, task_timeout_seconds=0.5)
+    tid = _submit(worker, steps=150, width=256, height=256, samples=2)
+    began = time.monotonic()
+    worker.run_next()
+    task = worker.store.get_task(tid)
+    assert (task.status, task.pexit) == (lc.POSTPROCESS_END, "1") and "EASEL_TASK_TIMEOUT_SECONDS" in task.debugerror
+    assert time.monotonic() - began < 60
+
+
+def test_the_heartbeat_keeps_the_lease_during_a_long_phase(tmp_path, tiny, monkeypatch):
+    """A phase without steps (a download, a model load) longer than the lease: the heartbeat
+    renews it, so no other process ends the task meanwhile."""
+    from easel.tools import sd_lora
+
+    worker = _worker(tmp_path, tiny, lease_seconds=0.6)
+    tid = _submit(worker)
+    real_prepare = sd_lora.prepare
+    seen = {}
+
+    def slow_prepare(inputs, ctx):
+        time.sleep(2.0)  # > 3 leases
+        seen["expired"] = lc.expire_leases(worker.store, 0.6)
+        return real_prepare(inputs, ctx)
+
+    monkeypatch.setattr(sd_lora, "prepare", slow_prepare)
+    worker.run_next()
+    assert seen["expired"] == {}
+    assert worker.store.get_task(tid).pexit == "0"
