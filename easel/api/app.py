@@ -319,6 +319,25 @@ def _list_field(fields: dict, name: str) -> list[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
+_TASK_REF = {"type": "object", "properties": {
+    "taskid": {"type": "string", "description": "Task id (digits)"},
+    "tasktoken": {"type": "string", "description": "or the task's socketaccesstoken"}}}
+_PAGE = {"start": {"type": "string", "description": "offset (digits)"},
+         "limit": {"type": "string", "description": "page size (digits)"}}
+_REQUEST_SCHEMAS = {
+    "/v1/Task/Detail": _TASK_REF, "/v1/Task/Cancel": _TASK_REF, "/v1/Task/Kill": _TASK_REF,
+    "/v1/Task/InputOutputDelete": _TASK_REF,
+    "/v1/Task/List": {"type": "object", "properties": {**_PAGE, "status": {"type": "string"}}},
+    "/v1/Tool/List": {"type": "object", "properties": {
+        **_PAGE, "search": {"type": "string"}, "slugowner": {"type": "string"},
+        "order": {"type": "string", "enum": ["ASC", "DESC"]},
+        "categories": {"type": "array", "items": {"type": "string"}},
+        "tags": {"type": "array", "items": {"type": "string"}}}},
+    "/v1/Tool/Detail": {"type": "object", "required": ["slugowner", "slugproject"], "properties": {
+        "slugowner": {"type": "string"}, "slugproject": {"type": "string"}}},
+}
+
+
 def prefer_wait(header: str) -> int | None:
     """Seconds asked for by ``Prefer: wait=N`` (capped at 60), or None."""
     m = _PREFER_WAIT.search(header or "")
@@ -460,6 +479,11 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
                                                               "multipart/form-data": {"schema": schema}}},
                 "responses": {"200": {"description": "`{errors, taskid, socketaccesstoken, result}`"}},
             }}
+        for path, schema in _REQUEST_SCHEMAS.items():  # bodies are parsed by hand: describe them here
+            if path in doc["paths"]:
+                doc["paths"][path]["post"]["requestBody"] = {
+                    "required": True, "content": {"application/json": {"schema": schema},
+                                                  "multipart/form-data": {"schema": schema}}}
         app.openapi_schema = doc
         return doc
 
