@@ -281,3 +281,43 @@ def test_the_heartbeat_keeps_the_lease_during_a_long_phase(tmp_path, tiny, monke
     worker.run_next()
     assert seen["expired"] == {}
     assert worker.store.get_task(tid).pexit == "0"
+
+
+# -- retention ------------------------------------------------------------------------------------
+
+def test_retention_sweeper_removes_expired_outputs_and_orphans(tmp_path):
+    from easel.api.app import Api
+
+    settings = Settings(data_dir=tmp_path / "d", output_retention_seconds=60, orphan_retention_seconds=60)
+    api = Api(settings, None)
+    api.store.migrate()
+    store = api.store
+    tid = _to_output(store)
+    task = store.get_task(tid)
+    for status in (lc.OUTPUT_FULL, lc.ERROR_FULL, lc.END, lc.POSTPROCESS_START):
+        lc.advance(store, tid, status, owner="w1")
+    (settings.files_dir / task.uuid).mkdir(parents=True)
+    (settings.files_dir / task.uuid / "0.png").write_bytes(b"png")
+    store.add_outputs(tid, [{"name": "0.png", "contenttype": "image/png", "size": 3, "path": f"{task.uuid}/0.png"}])
+    (settings.uploads_dir / task.uuid).mkdir(parents=True)
+    lc.advance(store, tid, lc.POSTPROCESS_END, owner="w1", pexit="0")
+    ended = store.get_task(tid).postprocessendtime
+    assert api.view(store.get_task(tid))["outputs"][0]["expiretime"] == str(int(ended + 60))
+    orphan = settings.uploads_dir / "no-such-task"
+    orphan.mkdir()
+    scratch = settings.data_dir / "easel-00000000-0000-0000-0000-000000000000-x"
+    scratch.mkdir()
+    fetched = settings.models_dir / "fetched" / ("a" * 64 + ".safetensors")
+    fetched.parent.mkdir(parents=True)
+    fetched.write_bytes(b"w")
+    old = time.time() - 3600
+    for p in (orphan, scratch, fetched):
+        os.utime(p, (old, old))
+
+    assert api.maintenance.sweep(now=ended + 30) == {"tasks": 0, "orphans": 2, "fetched": 1}
+    assert (settings.files_dir / task.uuid / "0.png").exists()  # not expired yet
+    assert api.maintenance.sweep(now=ended + 61)["tasks"] == 1
+    assert not (settings.files_dir / task.uuid).exists() and not (settings.uploads_dir / task.uuid).exists()
+    assert store.outputs(tid) == [] and store.get_task(tid).status == lc.POSTPROCESS_END  # the record stays
+    assert not orphan.exists() and not scratch.exists() and not fetched.exists()
+    assert api.maintenance.sweep(now=ended + 62)["tasks"] == 0  # once
