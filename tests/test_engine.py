@@ -321,3 +321,49 @@ def test_retention_sweeper_removes_expired_outputs_and_orphans(tmp_path):
     assert store.outputs(tid) == [] and store.get_task(tid).status == lc.POSTPROCESS_END  # the record stays
     assert not orphan.exists() and not scratch.exists() and not fetched.exists()
     assert api.maintenance.sweep(now=ended + 62)["tasks"] == 0  # once
+
+
+def test_a_stop_during_a_long_phase_fails_the_task_and_exits(tmp_path, tiny, monkeypatch):
+    """SIGTERM (or the server's death) while a worker downloads or loads a model: no step comes to
+    notice it, so the heartbeat fails the task within a few seconds and ends the process (it used
+    to stay in task_assign until the next start, or the orphan outlived its server)."""
+    from easel.tools import sd_lora
+
+    worker = _worker(tmp_path, tiny)
+    worker.STOP_GRACE = 0.5
+    tid = _submit(worker)
+    stop = threading.Event()
+    exits = []
+
+    def exit_process(code):
+        exits.append(code)
+        raise SystemExit(code)  # ends the heartbeat thread here instead of the test process
+
+    worker.should_stop = stop.is_set
+    worker.exit_process = exit_process
+
+    def stuck_prepare(inputs, ctx):
+        stop.set()
+        deadline = time.time() + 20
+        while not exits and time.time() < deadline:  # a download that does not end
+            time.sleep(0.05)
+        raise RuntimeError("download interrupted")
+
+    monkeypatch.setattr(sd_lora, "prepare", stuck_prepare)
+    worker.run_next()
+    task = worker.store.get_task(tid)
+    assert exits == [3] and task.status == lc.POSTPROCESS_END and "server stopped" in task.debugerror
+
+
+def test_healthz_is_503_with_the_reason_while_no_worker_can_run(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from easel.api import create_app
+    from easel.executors.local import LocalExecutor
+
+    settings = Settings(data_dir=tmp_path)
+    Store(settings.database_url).migrate()
+    ex = LocalExecutor(settings)  # never started: no supervisor, no worker
+    with TestClient(create_app(settings, ex, dispatch_webhooks=False)) as http:
+        r = http.get("/healthz")
+        assert r.status_code == 503 and r.json() == {"ok": False, "reason": "the worker supervisor is not running"}
