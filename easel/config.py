@@ -1,12 +1,16 @@
 """Server settings: one frozen object built by the CLI and handed to every layer.
 
-Every field can also be set from the environment as ``EASEL_<FIELD>`` (upper case); list fields
-take a comma-separated value. The object is picklable so worker processes receive it as is.
+Every field can be set in a TOML config file (``--config`` / ``EASEL_CONFIG_FILE``), in the
+environment as ``EASEL_<FIELD>`` (upper case; list fields take a comma-separated value) and, for
+the common ones, by ``easel serve`` flags; a flag overrides only when it is given. Sources are
+read and validated with ``pydantic-settings``. The object is picklable so worker processes
+receive it as is.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -56,6 +60,25 @@ class Settings:
         poll_interval: Seconds an idle worker waits between store polls when not woken.
         catalog_override: JSON file merged over the built-in model catalog at start-up;
             default ``<data_dir>/catalog.override.json``.
+        lease_seconds: How long a worker's claim on a task lasts without renewal. The worker
+            renews it at every step and from a heartbeat thread (every third of it); a running
+            task whose lease expired is ended by whichever Easel process notices first.
+        requeue_unstarted: A task whose lease expired before ``task_start`` (no inference ran)
+            is queued again instead of failed.
+        task_timeout_seconds: Longest a task may run from ``task_accept``; it then ends as
+            failed with the reason. 0 = no limit.
+        fetch_total_timeout_seconds: Deadline of one whole download (DNS, connect, redirects
+            and the transfer), whatever the per-read timeouts allow.
+        request_max_bytes: Largest request body (files included) the API reads; larger bodies
+            are refused with HTTP 413 while streaming, before they are buffered.
+        webhook_concurrency: Webhook attempts sent at the same time by one API process.
+        output_retention_seconds: Delete a finished task's outputs and uploads this long after
+            it ended (the record stays, as after InputOutputDelete); 0 = keep for ever.
+        orphan_retention_seconds: Delete upload folders and worker scratch folders that belong
+            to no task (a refused or crashed request), and fetched LoRAs not used for this long;
+            0 = never.
+        sweep_interval_seconds: Seconds between retention sweeps (and lease checks are every
+            quarter ``lease_seconds``) in each API process.
     """
 
     data_dir: Path = Path("easel-data")
@@ -87,6 +110,15 @@ class Settings:
     default_cost_per_second: float = 0.000585
     poll_interval: float = 0.25
     catalog_override: Path | None = None
+    lease_seconds: float = 30.0
+    requeue_unstarted: bool = False
+    task_timeout_seconds: float = 3600.0
+    fetch_total_timeout_seconds: float = 600.0
+    request_max_bytes: int = 256 * 1024**2
+    webhook_concurrency: int = 8
+    output_retention_seconds: float = 0.0
+    orphan_retention_seconds: float = 7 * 24 * 3600.0
+    sweep_interval_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())
@@ -111,25 +143,67 @@ class Settings:
         return self.data_dir / "models"
 
     @classmethod
-    def from_env(cls, **overrides) -> "Settings":
-        """Build settings from ``EASEL_*`` environment variables, then explicit overrides."""
-        values: dict = {}
-        for f in fields(cls):
-            raw = os.environ.get(f"EASEL_{f.name.upper()}")
-            if raw is None:
-                continue
-            if f.name in ("fetch_allow", "cors_origins"):
-                values[f.name] = tuple(x.strip() for x in raw.split(",") if x.strip())
-            elif f.type in ("int",):
-                values[f.name] = int(raw)
-            elif f.type in ("float",):
-                values[f.name] = float(raw)
-            elif f.type in ("bool",):
-                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-            else:
-                values[f.name] = raw
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def from_env(cls, config_file: Path | str | None = None, **overrides) -> "Settings":
+        """Build settings from, in increasing precedence: defaults, a TOML config file, ``EASEL_*``
+        environment variables, then ``overrides`` (CLI flags; a ``None`` value means "not given"
+        and overrides nothing).
+
+        Args:
+            config_file: TOML file of ``field = value`` lines (the field names above); default
+                ``$EASEL_CONFIG_FILE`` if set, else none.
+
+        Raises:
+            ValueError: a value of the wrong type (the message names the variable), or an
+                unknown key in the config file.
+        """
+        return cls(**{**read_sources(config_file), **{k: v for k, v in overrides.items() if v is not None}})
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
+
+
+def _split(value):
+    if isinstance(value, str):
+        return tuple(x.strip() for x in value.split(",") if x.strip())
+    return tuple(value)
+
+
+def read_sources(config_file: Path | str | None = None) -> dict:
+    """The settings given in the config file and the environment (only those given), validated
+    and typed by ``pydantic-settings``; see :meth:`Settings.from_env`."""
+    from typing import Annotated, Optional, get_type_hints
+
+    from pydantic import BeforeValidator, ValidationError, create_model
+    from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+    from pydantic_settings import TomlConfigSettingsSource
+
+    hints = get_type_hints(Settings)
+    fields: dict = {}
+    for f in dataclasses.fields(Settings):
+        kind = hints[f.name]
+        if kind == tuple[str, ...]:  # comma-separated in the environment, a list in TOML
+            kind = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split)]
+        fields[f.name] = (Optional[kind], None)
+    path = config_file or os.environ.get("EASEL_CONFIG_FILE") or None
+
+    class _Base(BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="EASEL_", extra="forbid", toml_file=path,
+                                          case_sensitive=False)
+
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                       file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources = [env_settings]
+            if path:
+                if not Path(path).is_file():
+                    raise ValueError(f"config file {path} does not exist")
+                sources.append(TomlConfigSettingsSource(settings_cls))
+            return tuple(sources)
+
+    model = create_model("EnvSettings", __base__=_Base, **fields)
+    try:
+        loaded = model()
+    except ValidationError as exc:
+        problems = "; ".join(f"EASEL_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"invalid Easel settings: {problems}") from None
+    return {name: getattr(loaded, name) for name in loaded.model_fields_set}

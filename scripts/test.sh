@@ -1,6 +1,20 @@
 #!/usr/bin/env bash
-# Set up, then run the whole test suite (a real server on loopback ports, tiny models).
+# Set up, then run the whole test suite (a real server on loopback ports, tiny models) on SQLite,
+# then a representative part of it again with every server on PostgreSQL (a fresh database per
+# server directory on 127.0.0.1:5432): the task engine, runs, live events and webhooks, the
+# hygiene checks and the two-server test. Running everything twice would double the suite's time
+# for little: the SQL differences are in the store, which these tests exercise.
+# EASEL_TEST_POSTGRES=0 skips the PostgreSQL pass; extra arguments go to the SQLite pass only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+if [ "${EASEL_TEST_POSTGRES:-1}" != "0" ] && [ $# -eq 0 ]; then
+  if pg_isready -h 127.0.0.1 -q 2>/dev/null; then
+    EASEL_TEST_POSTGRES=1 .venv/bin/python -m pytest -q -p no:cacheprovider \
+      tests/test_postgres.py tests/test_hygiene.py tests/test_runs.py tests/test_live.py \
+      -k "not flux and not compile"
+  else
+    echo "PostgreSQL is not listening on 127.0.0.1:5432: PostgreSQL pass skipped" >&2
+  fi
+fi

@@ -32,17 +32,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_PG: dict[Path, str] = {}
+
+
+def _postgres_for(data_dir: Path) -> str:
+    """One PostgreSQL database per data directory (a restarted or second server on the same
+    directory shares it, as it would share the SQLite file); all dropped when the session ends."""
+    if data_dir not in _PG:
+        import atexit
+
+        from pg import create_database
+
+        _PG[data_dir], drop = create_database()
+        atexit.register(drop)
+    return _PG[data_dir]
+
+
 class Server:
     """A running ``easel serve`` subprocess and helpers to call it as a client would."""
 
-    def __init__(self, data_dir: Path, extra_args: tuple[str, ...] = (), env: dict | None = None):
+    def __init__(self, data_dir: Path, extra_args: tuple[str, ...] = (), env: dict | None = None,
+                 database_url: str | None = None):
         self.data_dir = data_dir
-        self.env = {**os.environ, "EASEL_WEBHOOK_BACKOFF_SECONDS": "0.2", **(env or {})}
+        if database_url is None and os.environ.get("EASEL_TEST_POSTGRES") and not (env or {}).get("EASEL_DATABASE_URL"):
+            database_url = _postgres_for(data_dir)  # the suite (or a part of it) against PostgreSQL
+        database_url = database_url or (env or {}).get("EASEL_DATABASE_URL") or Settings(data_dir=data_dir).database_url
+        self.env = {**os.environ, "EASEL_WEBHOOK_BACKOFF_SECONDS": "0.2", **(env or {}),
+                    "EASEL_DATABASE_URL": database_url}
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
-        self.store = Store(Settings(data_dir=data_dir).database_url)
+        self.store = Store(database_url)
         self.store.migrate()
 
     def start(self) -> "Server":

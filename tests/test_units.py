@@ -282,6 +282,17 @@ def _flux_pipe(tiny):
     return pipe
 
 
+def _assert_same_image_up_to_rounding(got, expected):
+    """The hot-swap slot computes ``(0.7·B)·A·x`` with B zero-padded to the slot's rank, a fresh
+    adapter ``0.7·(B·A·x)`` at its own rank: the same value in exact arithmetic, but float32
+    rounding (and, with several torch threads, the BLAS blocking of the rank dimension) may differ
+    in the last bits, which can move a pixel by one 8-bit level. Anything beyond that is a defect:
+    a wrong scale or a stale LoRA changes most pixels by far more."""
+    diff = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+    assert diff.max() <= 1, f"pixels differ by up to {diff.max()} levels"
+    assert (diff > 0).mean() < 0.01, f"{(diff > 0).mean():.1%} of pixel values differ"
+
+
 def test_hotswap_slot_gives_the_same_pixels_as_a_fresh_load(tiny):
     from easel.models.cache import LoraState
 
@@ -297,7 +308,7 @@ def test_hotswap_slot_gives_the_same_pixels_as_a_fresh_load(tiny):
     for layout in ("kohya", "xlabs"):
         state.apply(pipe, [(layout, str(tiny[f"flux-lora-{layout}"]), 0.7)])
         assert "hot-swapped" in state.last_action
-        np.testing.assert_array_equal(_flux_image(pipe), fresh[layout])
+        _assert_same_image_up_to_rounding(_flux_image(pipe), fresh[layout])
     assert (state.loads, state.hotswaps) == (1, 2)
     plain = _flux_image(_flux_pipe(tiny))
     state.apply(pipe, [])
@@ -316,7 +327,7 @@ def test_non_hotswappable_lora_reloads_the_slot_not_the_base(tiny):
     assert pipe.transformer is transformer and state.loads == 2
     ref = _flux_pipe(tiny)
     ref.load_lora_weights(str(tiny["flux-lora-kohya"]), adapter_name="x")
-    np.testing.assert_array_equal(_flux_image(pipe), _flux_image(ref))
+    _assert_same_image_up_to_rounding(_flux_image(pipe), _flux_image(ref))
 
 
 def test_every_setting_is_documented():

@@ -26,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from easel import strict
 from easel.catalog import CatalogError, InputError, ModelCatalog, ToolSpec, load_tools
 from easel.config import Settings
 from easel.executors import Executor
@@ -38,12 +39,13 @@ from . import errors as E
 from .auth import authenticate
 from .errors import WiroError, documented, error_response
 from .parsing import Body, parse_body
+from .maintenance import Maintenance
 from .webhooks import WebhookDispatcher
 
 log = logging.getLogger("easel.api")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _UPLOAD_KEY = re.compile(r"^[0-9a-f]{32}$")
-_PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+)", re.I)
+_PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*([0-9]{1,9})(?![0-9])", re.I | re.ASCII)
 MAX_PREFER_WAIT = 60
 
 
@@ -85,6 +87,7 @@ class Api:
         self.executor = executor
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self.webhooks = WebhookDispatcher(settings, self.store, self.task_object)
+        self.maintenance = Maintenance(settings, self.store, self.delete_files)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -104,7 +107,8 @@ class Api:
                             lambda t, o: self.storage.url(t.file_accesskey, o.name),
                             spec.categories if spec else [], queueposition=position,
                             modeldescription=spec.description if spec else "",
-                            modelid=toolinfo.tool_id(self.tools, spec) if spec else "0")
+                            modelid=toolinfo.tool_id(self.tools, spec) if spec else "0",
+                            retention_seconds=self.settings.output_retention_seconds)
 
     def task_object(self, task_id: int) -> dict | None:
         task = self.store.get_task(task_id)
@@ -123,7 +127,10 @@ class Api:
         if not task_id and not token:
             raise WiroError(0, "taskid or socketaccesstoken is required")
         if task_id:
-            task = self.store.get_task(task_id=int(task_id)) if task_id.isdigit() else None
+            try:
+                task = self.store.get_task(task_id=strict.parse_id(task_id, "taskid"))
+            except strict.StrictError as exc:
+                raise WiroError(0, exc.message) from None
         else:
             task = self.store.get_task(token=token)
         if task is None:
@@ -189,21 +196,28 @@ class Api:
             saved.append(folder / safe)
             fields[target] = f"upload:{safe}"
             shown[target] = self.storage.url(task_uuid.replace("-", ""), safe)
-        compat.require_inputs(spec, fields)
         try:
-            inputs = spec.validate(compat.zero_means_default(spec, fields), self.catalog)
-            self.check_sources(spec, inputs)
-        except InputError as exc:
-            message, detail = documented(exc.message)
-            raise WiroError(0, message, detail=detail) from None
-        limit = self.settings.max_concurrent_tasks
-        if limit and self.store.count_in((lc.QUEUE, *lc.RUNNING), project_id=project.id) >= limit:
-            raise WiroError(96, E.CONCURRENCY, detail=f"This project may have up to {limit} unfinished (queued or "
-                            "running) tasks at the same time. Wait for a task to finish, or ask the operator to "
-                            "raise EASEL_MAX_CONCURRENT_TASKS.")
-        task, created = lc.submit(self.store, project_id=project.id, tool=spec.name, parameters={**fields, **shown},
-                                  inputs=inputs, callbackurl=callback, cost_per_second=spec.cost_per_second,
-                                  uuid=task_uuid, idempotency_key=idempotency_key or None)
+            compat.require_inputs(spec, fields)
+            try:
+                inputs = spec.validate(compat.zero_means_default(spec, fields), self.catalog)
+                self.check_sources(spec, inputs)
+                check_urls(inputs)
+            except InputError as exc:
+                raise WiroError(0, exc.message) from None
+            limit = self.settings.max_concurrent_tasks
+            if limit and self.store.count_in((lc.QUEUE, *lc.RUNNING), project_id=project.id) >= limit:
+                raise WiroError(96, E.CONCURRENCY, detail=f"This project may have up to {limit} unfinished (queued or "
+                                "running) tasks at the same time. Wait for a task to finish, or ask the operator to "
+                                "raise EASEL_MAX_CONCURRENT_TASKS.")
+            task, created = lc.submit(self.store, project_id=project.id, tool=spec.name, parameters={**fields, **shown},
+                                      inputs=inputs, callbackurl=callback,
+                                      cost_per_second=spec.cost_per_second or self.settings.default_cost_per_second,
+                                      uuid=task_uuid, idempotency_key=idempotency_key or None)
+        except BaseException:  # a refused Run keeps none of its uploaded files
+            shutil.rmtree(self.settings.uploads_dir / task_uuid, ignore_errors=True)
+            raise
+        if not created:  # an idempotent retry: the first task's files are the ones that count
+            shutil.rmtree(self.settings.uploads_dir / task_uuid, ignore_errors=True)
         if created and self.executor is not None:
             self.executor.submit(task.id)
         return self.run_answer(task)
@@ -228,6 +242,12 @@ class Api:
         task = self.find_task(project, body.fields, not_found=WiroError(1, E.TASK_NOT_EXIST))
         if task.status not in lc.TERMINAL:
             raise WiroError(1, E.NOT_DELETABLE, detail=f"The task is {task.status}.")
+        self.delete_files(task)
+        return {"result": True, "errors": []}
+
+    def delete_files(self, task: Task) -> None:
+        """Remove a finished task's outputs, uploads and pending webhooks (InputOutputDelete and
+        the retention sweeper); the task record stays."""
         self.store.drop_deliveries(task.id)
         for out in self.store.delete_outputs(task.id):
             try:
@@ -236,7 +256,6 @@ class Api:
                 pass
         shutil.rmtree(self.settings.files_dir / task.uuid, ignore_errors=True)
         shutil.rmtree(self.settings.uploads_dir / task.uuid, ignore_errors=True)
-        return {"result": True, "errors": []}
 
     def task_list(self, project: Project, fields: dict) -> dict:
         """Task/List: the project's tasks, newest first; ``start``, ``limit``, ``status`` and the Wiro
@@ -304,12 +323,28 @@ class Api:
 
 
 def _int_field(fields: dict, name: str, default: int, lo: int, hi: int) -> int:
-    raw = str(fields.get(name, "") or "").strip()
-    if not raw:
+    raw = fields.get(name, "")
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
         return default
-    if not raw.lstrip("-").isdigit():
-        raise WiroError(0, f"Request parameter [{name}] must be an integer (got {raw!r})")
-    return min(hi, max(lo, int(raw)))
+    try:
+        return min(hi, max(lo, strict.parse_int(raw, name)))
+    except strict.StrictError as exc:
+        raise WiroError(0, exc.message) from None
+
+
+def check_urls(inputs: dict) -> None:
+    """Refuse at Run, naming the field, a URL input (``...Url``) that is not an absolute http(s) URL
+    (``file://``, ``gopher://``, no scheme): the worker would refuse it later anyway."""
+    for name, value in inputs.items():
+        if not name.lower().endswith("url") or not isinstance(value, str):
+            continue
+        value = value.strip()
+        if not value or value.startswith("upload:"):
+            continue
+        parts = urlsplit(value)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise InputError(name, f"Request parameter [{name}] must be an http:// or https:// URL "
+                                   f"(got {value[:60]!r})")
 
 
 def _list_field(fields: dict, name: str) -> list[str]:
@@ -319,6 +354,25 @@ def _list_field(fields: dict, name: str) -> list[str]:
     if isinstance(value, list):
         return [str(v) for v in value if str(v)]
     return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+_TASK_REF = {"type": "object", "properties": {
+    "taskid": {"type": "string", "description": "Task id (digits)"},
+    "tasktoken": {"type": "string", "description": "or the task's socketaccesstoken"}}}
+_PAGE = {"start": {"type": "string", "description": "offset (digits)"},
+         "limit": {"type": "string", "description": "page size (digits)"}}
+_REQUEST_SCHEMAS = {
+    "/v1/Task/Detail": _TASK_REF, "/v1/Task/Cancel": _TASK_REF, "/v1/Task/Kill": _TASK_REF,
+    "/v1/Task/InputOutputDelete": _TASK_REF,
+    "/v1/Task/List": {"type": "object", "properties": {**_PAGE, "status": {"type": "string"}}},
+    "/v1/Tool/List": {"type": "object", "properties": {
+        **_PAGE, "search": {"type": "string"}, "slugowner": {"type": "string"},
+        "order": {"type": "string", "enum": ["ASC", "DESC"]},
+        "categories": {"type": "array", "items": {"type": "string"}},
+        "tags": {"type": "array", "items": {"type": "string"}}}},
+    "/v1/Tool/Detail": {"type": "object", "required": ["slugowner", "slugproject"], "properties": {
+        "slugowner": {"type": "string"}, "slugproject": {"type": "string"}}},
+}
 
 
 def prefer_wait(header: str) -> int | None:
@@ -338,9 +392,11 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
     async def lifespan(_app):
         if dispatch_webhooks:
             api.webhooks.start()
+        api.maintenance.start()
         try:
             yield
         finally:
+            api.maintenance.stop()
             api.webhooks.stop()
             if on_shutdown is not None:
                 await run_in_threadpool(on_shutdown)
@@ -375,7 +431,7 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
         return error_response(0, "Internal server error; the operator's log has the details.", 500)
 
     async def body_of(request: Request) -> Body:
-        return await parse_body(request, settings.upload_max_bytes)
+        return await parse_body(request, settings.upload_max_bytes, settings.request_max_bytes)
 
     async def handle(request: Request, fn):
         """Authenticate, parse the body, and run ``fn(project, body)`` in a worker thread."""
@@ -454,7 +510,8 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz():
-        return JSONResponse({"ok": True})
+        ok, why = executor.health() if executor is not None else (True, "API only (no local workers)")
+        return JSONResponse({"ok": ok, "reason": why}, status_code=200 if ok else 503)
 
     def openapi() -> dict:
         if app.openapi_schema:
@@ -471,6 +528,11 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
                                                               "multipart/form-data": {"schema": schema}}},
                 "responses": {"200": {"description": "`{errors, taskid, socketaccesstoken, result}`"}},
             }}
+        for path, schema in _REQUEST_SCHEMAS.items():  # bodies are parsed by hand: describe them here
+            if path in doc["paths"]:
+                doc["paths"][path]["post"]["requestBody"] = {
+                    "required": True, "content": {"application/json": {"schema": schema},
+                                                  "multipart/form-data": {"schema": schema}}}
         app.openapi_schema = doc
         return doc
 

@@ -40,7 +40,7 @@ def nonce_time(nonce: str, window: float, now: float | None = None) -> float | N
     ``[10⁹, now + window]`` or milliseconds in ``[10¹², (now + window) × 1000]``. Anything else
     (a future-dated number such as 4242424242, nanoseconds, a small counter, non-digits) is random.
     """
-    if not nonce.isdigit() or len(nonce) > 20:
+    if not (nonce.isascii() and nonce.isdigit()) or len(nonce) > 20:
         return None
     now = time.time() if now is None else now
     value = int(nonce)
@@ -63,7 +63,9 @@ def authenticate(headers, store: Store, settings: Settings) -> Project:
     nonce, sig = headers.get("x-nonce", ""), headers.get("x-signature", "")
     if not nonce or not sig:
         raise WiroError(0, SIGNATURE_REQUIRED, 401)
-    expected = signature(project.apikey, project.apisecret, nonce)
+    if len(nonce) > MAX_NONCE_LENGTH or not nonce.isascii():
+        raise WiroError(0, NOT_VALID, 401, detail=f"x-nonce must be at most {MAX_NONCE_LENGTH} ASCII characters.")
+    expected = signature(apikey, project.apisecret, nonce)  # the key as sent: only its hash is stored
     if not hmac.compare_digest(expected, sig.strip().lower()):
         raise WiroError(0, NOT_VALID, 401)
     if (project.nonce_policy or "lenient") == "lenient":
@@ -73,8 +75,6 @@ def authenticate(headers, store: Store, settings: Settings) -> Project:
     if stamp is not None and abs(time.time() - stamp) > window:
         raise WiroError(0, NOT_VALID, 401, detail=f"This project's nonce policy is strict: a timestamp nonce must be "
                                                   f"within {window} s of the server's time.")
-    if len(nonce) > MAX_NONCE_LENGTH:
-        raise WiroError(0, NOT_VALID, 401, detail=f"The nonce is longer than {MAX_NONCE_LENGTH} characters.")
     if not store.use_nonce(project.id, nonce, settings.nonce_retention_seconds):
         raise WiroError(0, NOT_VALID, 401, detail="This project's nonce policy is strict: this nonce was already "
                                                   "used; send a new one with every request.")

@@ -30,6 +30,8 @@ _DOCUMENTED = [re.compile(p) for p in (
     r"Request parameter \[[^\]]+\] required",
     r"Request files \[[^\]]+\] required",
     re.escape(INVALID_BODY),
+    re.escape("Project authorization is not valid."),
+    re.escape(CONCURRENCY),
 )]
 
 
@@ -46,6 +48,8 @@ class WiroError(Exception):
     """An error answered in Wiro's envelope with ``code``, HTTP ``status`` and an optional ``detail``."""
 
     def __init__(self, code: int, message: str, status: int = 200, headers: dict | None = None, detail: str = ""):
+        if not detail:  # "documented text. explanation" → the documented text, and the rest as detail
+            message, detail = documented(message)
         super().__init__(message)
         self.code = code
         self.message = message

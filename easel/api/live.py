@@ -112,7 +112,7 @@ async def serve_socket(ws: WebSocket, store: Store, outputs: Callable[[Task], li
             if events:
                 task = await run_in_threadpool(store.get_task, task.id)
                 for ev in events:
-                    last = ev.id
+                    last = ev.seq
                     out = await run_in_threadpool(frame, task, ev, outputs, previews)
                     if out is not None:
                         await ws.send_json(out)

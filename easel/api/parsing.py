@@ -15,7 +15,11 @@ from typing import Any
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from easel import strict
+
 from .errors import INVALID_BODY, WiroError
+
+MAX_DEPTH = 32  # JSON nesting levels a request body may have (Wiro's bodies use 2)
 
 
 @dataclass
@@ -41,25 +45,55 @@ def _looks_json(raw: bytes) -> bool:
 def _json(raw: bytes) -> dict:
     try:
         data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        data = None  # nested beyond what the parser takes: refused below
     except (UnicodeDecodeError, ValueError):
         raise WiroError(0, INVALID_BODY, detail="The body is not valid JSON.") from None
+    if data is None or strict.depth(data) > MAX_DEPTH:
+        raise WiroError(0, INVALID_BODY, detail=f"The JSON body is nested more than {MAX_DEPTH} levels deep.")
     if not isinstance(data, dict):
         raise WiroError(0, INVALID_BODY, detail="The JSON body must be an object.")
+    bad = strict.lone_surrogate_field(data)
+    if bad is not None:
+        raise WiroError(0, INVALID_BODY, detail=f"Request parameter [{bad}] is not valid Unicode text: it contains a "
+                                                "lone surrogate (an unpaired \\ud800-\\udfff escape). Send UTF-8 text.")
     return data
 
 
-async def parse_body(request: Request, max_file_bytes: int) -> Body:
+async def read_capped(request: Request, max_bytes: int) -> bytes:
+    """The request body, read as a stream and refused (HTTP 413) as soon as it passes ``max_bytes``
+    (or when ``Content-Length`` already says so), so an oversized body is never buffered whole."""
+    too_big = WiroError(0, f"{INVALID_BODY} The request body is larger than this server's limit of {max_bytes} "
+                           "bytes (EASEL_REQUEST_MAX_BYTES).", 413)
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and len(declared) < 20 and int(declared) > max_bytes:
+        raise too_big
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise too_big
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    request._body = raw  # request.form() parses these bytes, not the consumed stream
+    return raw
+
+
+async def parse_body(request: Request, max_file_bytes: int, max_body_bytes: int | None = None) -> Body:
     """Parse any accepted body into fields and uploaded files.
 
     Raises:
-        WiroError: code 0 "Request parameters are invalid." with the reason, or a file over the cap.
+        WiroError: code 0 "Request parameters are invalid." with the reason (no body, not JSON,
+            nested deeper than :data:`MAX_DEPTH`, a lone surrogate), a file over the cap, or
+            HTTP 413 for a body over ``max_body_bytes``.
     """
-    raw = await request.body()
+    raw = await read_capped(request, max_body_bytes) if max_body_bytes else await request.body()
     if raw.startswith(BOM):
         raw = raw[len(BOM):]
     ctype = request.headers.get("content-type", "").lower()
     if not raw.strip():
-        return Body()
+        raise WiroError(0, f"{INVALID_BODY} The request has no body: send a JSON object ({{}} when there are no "
+                           "parameters) or multipart/form-data.")
     if "json" in ctype or _looks_json(raw):
         return Body(fields=_json(raw))
     if ctype.startswith("multipart/form-data") or ctype.startswith("application/x-www-form-urlencoded"):

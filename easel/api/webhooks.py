@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from easel.config import Settings
@@ -46,7 +47,8 @@ class WebhookDispatcher:
     @property
     def policy(self) -> FetchPolicy:
         s = self.settings
-        return FetchPolicy(allow=s.fetch_allow, connect_timeout=s.webhook_timeout, read_timeout=s.webhook_timeout)
+        return FetchPolicy(allow=s.fetch_allow, connect_timeout=s.webhook_timeout, read_timeout=s.webhook_timeout,
+                           total_timeout=s.webhook_timeout)
 
     def start(self, interval: float = 0.25, idle_cap: float = 1.0) -> None:
         """Run the dispatcher in a daemon thread: every ``interval`` s after work, backing off to
@@ -70,9 +72,22 @@ class WebhookDispatcher:
     def run_once(self) -> int:
         """Attempt every due delivery once; return how many were attempted."""
         now = time.time()
-        due = self.store.lease_due_deliveries(now, lease_seconds=self.settings.webhook_timeout * 3 + 5)
-        for delivery in due:
-            self._attempt(delivery)
+        # the lease outlasts an attempt (whose total deadline is webhook_timeout), so no other
+        # dispatcher takes a delivery that is still being sent
+        due = self.store.lease_due_deliveries(now, lease_seconds=self.settings.webhook_timeout * 3 + 5,
+                                              limit=max(20, self.settings.webhook_concurrency))
+        if len(due) <= 1:
+            for delivery in due:
+                self._attempt(delivery)
+            return len(due)
+        # concurrently: one slow receiver must not delay everybody else's webhooks
+        with ThreadPoolExecutor(max_workers=max(1, self.settings.webhook_concurrency),
+                                thread_name_prefix="easel-webhook") as pool:
+            for future in [pool.submit(self._attempt, d) for d in due]:
+                try:
+                    future.result()
+                except Exception:
+                    log.exception("webhook attempt failed")
         return len(due)
 
     def _attempt(self, d: WebhookDelivery) -> None:

@@ -11,11 +11,12 @@ it accepts, with Wiro's documented message wording.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from easel import strict
 
 HERE = Path(__file__).parent
 
@@ -273,13 +274,9 @@ def _split(value: Any) -> list[str]:
 
 def _number(name: str, value: Any, integer: bool) -> int | float:
     try:
-        if isinstance(value, bool):
-            raise ValueError
-        num = float(value)
-        if not math.isfinite(num):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise InputError(name, f"Request parameter [{name}] must be integer or float (got {value!r})") from None
+        num = strict.parse_number(value, name)
+    except strict.StrictError as exc:
+        raise InputError(name, exc.message) from None
     if integer:
         if not num.is_integer():
             raise InputError(name, f"Request parameter [{name}] must be an integer (got {value!r})")

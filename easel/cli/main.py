@@ -22,42 +22,63 @@ app.add_typer(models_app, name="models")
 console = Console()
 
 
-def _settings(data_dir: Path, **kw):
+def _settings(data_dir: Optional[Path], **kw):
+    return _settings_from(None, data_dir=data_dir, **kw)
+
+
+def _settings_from(config: Optional[Path], **kw):
+    """Settings from the config file and environment, with the flags that were given on top."""
     from easel.config import Settings
 
-    return Settings.from_env(data_dir=data_dir, **kw)
+    return Settings.from_env(config, **kw)
 
 
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="TCP port."),
-    data_dir: Path = typer.Option(Path("easel-data"), help="Where the database, files and models live."),
-    model_source: str = typer.Option("tiny", help="tiny (offline random models) or hub (real weights)."),
-    workers: int = typer.Option(1, help="Local worker processes; 0 = API only (workers of another "
-                                        "`easel serve` on the same database run the tasks)."),
-    public_url: Optional[str] = typer.Option(None, help="Base URL written into output urls (default http://HOST:PORT)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Where the database, files and models live "
+                                                       "[env EASEL_DATA_DIR; default easel-data]."),
+    model_source: Optional[str] = typer.Option(None, help="tiny (offline random models) or hub (real weights) "
+                                                          "[env EASEL_MODEL_SOURCE; default tiny]."),
+    workers: Optional[int] = typer.Option(None, help="Local worker processes; 0 = API only (workers of another "
+                                                     "`easel serve` on the same database run the tasks) "
+                                                     "[env EASEL_WORKERS; default 1]."),
+    public_url: Optional[str] = typer.Option(None, help="Base URL written into output urls [env EASEL_PUBLIC_URL; "
+                                                        "default http://HOST:PORT]."),
     fetch_allow: Optional[str] = typer.Option(None, help="Comma-separated hosts/CIDRs the URL fetcher may reach "
-                                                         "although private (e.g. 127.0.0.1 for local tests)."),
+                                                         "although private (e.g. 127.0.0.1 for local tests) "
+                                                         "[env EASEL_FETCH_ALLOW]."),
+    config: Optional[Path] = typer.Option(None, help="TOML file of settings (field = value) [env EASEL_CONFIG_FILE]. "
+                                                     "Precedence: flags given > environment > this file > defaults."),
 ):
     """Run the API server and its local workers."""
     import uvicorn
 
     from easel.api import create_app
+    from easel.config import read_sources
     from easel.executors import create_executor
     from easel.store import Store
     from easel.tasks import lifecycle
 
-    extra = {"fetch_allow": tuple(x.strip() for x in fetch_allow.split(",") if x.strip())} if fetch_allow else {}
-    settings = _settings(data_dir, model_source=model_source, workers=workers,
-                         public_url=public_url or f"http://{host}:{port}", **extra)
+    given = {"data_dir": data_dir, "model_source": model_source, "workers": workers, "public_url": public_url,
+             "fetch_allow": tuple(x.strip() for x in fetch_allow.split(",") if x.strip()) if fetch_allow else None}
+    if public_url is None and "public_url" not in read_sources(config):
+        given["public_url"] = f"http://{host}:{port}"
+    try:
+        settings = _settings_from(config, **given)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    workers = settings.workers
     store = Store(settings.database_url)
     store.migrate()
     executor = None
-    if workers > 0:  # only a process that owns workers may end tasks it finds mid-run
-        failed = lifecycle.recover_interrupted(store)
-        if failed:
-            console.print(f"[yellow]{len(failed)} task(s) were mid-run when the server stopped; ended as failed: {failed}")
+    # tasks whose worker's lease expired (a server that stopped); other live servers' tasks keep running
+    failed = lifecycle.recover_interrupted(store, settings.lease_seconds, task_timeout=settings.task_timeout_seconds,
+                                           requeue_unstarted=settings.requeue_unstarted)
+    if failed:
+        console.print(f"[yellow]{len(failed)} task(s) had no live worker any more; ended: {failed}")
+    if workers > 0:
         executor = create_executor("local", settings)
         executor.start()
     try:
@@ -73,7 +94,7 @@ def serve(
 @projects_app.command("create")
 def projects_create(
     name: str,
-    data_dir: Path = typer.Option(Path("easel-data")),
+    data_dir: Optional[Path] = typer.Option(None, help="[env EASEL_DATA_DIR; default easel-data]"),
     auth: str = typer.Option("signature", help="signature or apikey"),
     nonce_policy: str = typer.Option("lenient", help="Signature projects: lenient (any nonce, reusable: what "
                                                      "Wiro's own clients need) or strict (each nonce once; "

@@ -20,6 +20,10 @@ class Executor(ABC):
     def submit(self, task_id: int) -> None:
         """Deliver a newly stored task id (a hint: workers also poll the store)."""
 
+    def health(self) -> tuple[bool, str]:
+        """``(ok, reason)``: whether a worker can run tasks now (``/healthz`` answers 503 if not)."""
+        return True, "ok"
+
     @abstractmethod
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the workers. A task still running is abandoned at its next denoising step and ended

@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 
 from easel.config import Settings
 
@@ -33,16 +34,31 @@ def _worker_main(settings: Settings, worker_id: str, wake, stop) -> None:
     parent = mp.parent_process()
     # Stop when asked, and also when the server process is gone (killed without stopping us): an
     # orphaned worker must not keep running, claiming tasks or holding memory. A running task is
-    # abandoned at its next denoising step and ends as failed ("the server stopped ...").
+    # abandoned at its next denoising step and ends as failed ("the server stopped ..."); in a
+    # long phase without steps (download, model load) the heartbeat fails it and exits.
     worker.should_stop = lambda: stop.is_set() or (parent is not None and not parent.is_alive())
+    delay = settings.poll_interval
     while not worker.should_stop():
-        if worker.run_next() is None:
-            wake.wait(settings.poll_interval)
+        try:
+            idle = worker.run_next() is None
+            delay = settings.poll_interval
+        except Exception:  # e.g. the database is unreachable or the disk is full: retry, backing off
+            log.exception("worker %s: claiming or ending a task failed; retrying in %.1f s", worker_id, delay)
+            idle, delay = True, min(30.0, delay * 2)
+        if idle:
+            wake.wait(delay)
             wake.clear()
 
 
 class LocalExecutor(Executor):
-    """Runs :class:`easel.tasks.runner.Worker` loops in child processes."""
+    """Runs :class:`easel.tasks.runner.Worker` loops in child processes, supervised.
+
+    A worker that exits (crash, OOM kill, disk-full error it could not survive) has its task
+    failed with the cause and is restarted; restarts of a slot that keeps dying back off
+    (1 s, doubling, at most ``MAX_BACKOFF``). While no worker is alive :meth:`health` says why.
+    """
+
+    MAX_BACKOFF = 60.0
 
     def __init__(self, settings: Settings, supervise_interval: float = 1.0):
         self.settings = settings
@@ -54,6 +70,10 @@ class LocalExecutor(Executor):
         self._generation = 0
         self.restarts = 0
         self._supervisor: threading.Thread | None = None
+        self._store = None
+        self._backoff: dict[int, float] = {}
+        self._restart_at: dict[int, float] = {}
+        self.last_death = ""
 
     def _spawn(self, slot: int):
         self._generation += 1
@@ -62,6 +82,7 @@ class LocalExecutor(Executor):
                               args=(self.settings, worker_id, self._wake, self._stop))
         p.start()
         p.easel_worker_id = worker_id
+        p.easel_started = time.monotonic()
         return p
 
     def start(self) -> None:
@@ -70,21 +91,56 @@ class LocalExecutor(Executor):
         self._supervisor.start()
 
     def _supervise(self) -> None:
+        while not self._stop.wait(self.supervise_interval):
+            try:
+                self.supervise_once()
+            except Exception:  # the supervisor must outlive any error (database locked, disk full)
+                log.exception("supervisor iteration failed; retrying")
+
+    def supervise_once(self) -> None:
+        """Fail the tasks of dead workers and restart them (with backoff). Raises on store errors;
+        a dead worker whose task could not be failed yet is handled again next time."""
         from easel.store import Store
         from easel.tasks import lifecycle as lc
 
-        store = Store(self.settings.database_url)
-        while not self._stop.wait(self.supervise_interval):
-            for slot, p in enumerate(list(self._procs)):
-                if p.is_alive() or self._stop.is_set():
-                    continue
-                reason = (f"The worker process running this task died (exit code {p.exitcode}: e.g. killed "
-                          "for lack of memory, or a crash in native code). Submit it again.")
-                failed = lc.fail_worker_tasks(store, p.easel_worker_id, reason)
-                log.warning("worker %s died (exit code %s); failed tasks %s; starting a new one",
-                            p.easel_worker_id, p.exitcode, failed)
+        if self._store is None:
+            self._store = Store(self.settings.database_url)
+        now = time.monotonic()
+        for slot, p in enumerate(list(self._procs)):
+            if p is None:
+                if now >= self._restart_at.get(slot, 0.0) and not self._stop.is_set():
+                    self._procs[slot] = self._spawn(slot)
+                    self.restarts += 1
+                continue
+            if p.is_alive() or self._stop.is_set():
+                continue
+            reason = (f"The worker process running this task died (exit code {p.exitcode}: e.g. killed "
+                      "for lack of memory, a crash in native code, or an error it could not survive such as "
+                      "a full disk). Submit it again.")
+            failed = lc.fail_worker_tasks(self._store, p.easel_worker_id, reason)
+            # a worker that died soon after it started is probably dying of the same cause again
+            short_lived = now - p.easel_started < 30.0
+            backoff = min(self.MAX_BACKOFF, self._backoff.get(slot, 0.5) * 2) if short_lived else 1.0
+            self._backoff[slot] = backoff
+            self._restart_at[slot] = now + (backoff if short_lived else 0.0)
+            self.last_death = f"worker {slot} exited with code {p.exitcode}"
+            log.warning("worker %s died (exit code %s); failed tasks %s; restarting in %.1f s",
+                        p.easel_worker_id, p.exitcode, failed, self._restart_at[slot] - now)
+            self._procs[slot] = None
+            if now >= self._restart_at[slot]:
                 self._procs[slot] = self._spawn(slot)
                 self.restarts += 1
+
+    def health(self) -> tuple[bool, str]:
+        """``(ok, reason)``: ok while at least one worker process is alive and supervised."""
+        if self._supervisor is None or not self._supervisor.is_alive():
+            return False, "the worker supervisor is not running"
+        alive = sum(1 for p in self._procs if p is not None and p.is_alive())
+        if alive == 0:
+            waiting = [max(0.0, t - time.monotonic()) for t in self._restart_at.values()]
+            return False, (f"no worker process is running ({self.last_death or 'starting'}); "
+                           f"next restart in {min(waiting, default=0):.0f} s")
+        return True, f"{alive} worker(s) running"
 
     def submit(self, task_id: int) -> None:
         self._wake.set()
@@ -94,9 +150,23 @@ class LocalExecutor(Executor):
         self._wake.set()
         if self._supervisor is not None:
             self._supervisor.join(timeout)
+        killed = []
         for p in self._procs:
+            if p is None:
+                continue
             p.join(timeout)
             if p.is_alive():
                 p.terminate()
                 p.join(2)
+                killed.append(p.easel_worker_id)
         self._procs.clear()
+        if killed:  # their tasks would otherwise wait for their leases to expire
+            from easel.store import Store
+            from easel.tasks import lifecycle as lc
+
+            try:
+                store = self._store or Store(self.settings.database_url)
+                for worker_id in killed:
+                    lc.fail_worker_tasks(store, worker_id, lc.INTERRUPTED_MESSAGE)
+            except Exception:
+                log.exception("could not fail the tasks of stopped workers (their leases will expire)")

@@ -148,14 +148,16 @@ class LoraState:
         if (key, scale) == self._slot_state:
             self.last_action = "LoRA already resident"
             return
+        self._slot_state = None  # unknown until this change succeeds: a failure must not look resident
         if self._slot_key is None:
-            if not getattr(pipe, "_easel_hotswap_enabled", False):
-                pipe.enable_lora_hotswap(target_rank=self.hotswap_rank)
-                pipe._easel_hotswap_enabled = True
-            self._load(pipe, key, path, self.SLOT)
+            self._load_slot(pipe, key, path)
             self.last_action = "LoRA loaded into the adapter slot"
         else:
             try:
+                # Zero the slot first: a LoRA without weights for some module (e.g. no text-encoder
+                # keys) leaves that module's previous LoRA weights in place otherwise (diffusers only
+                # swaps the components the new file has keys for).
+                _scale_lora_b(pipe, self.SLOT, 0.0)
                 pipe.load_lora_weights(loadable(path), adapter_name=self.SLOT, hotswap=True)
                 self.hotswaps += 1
                 self.last_action = "LoRA hot-swapped into the resident adapter slot"
@@ -164,7 +166,7 @@ class LoraState:
                 reason = str(exc).splitlines()[0][:200]
                 _cleanup_failed(pipe, self.SLOT)
                 self._slot_key = None
-                self._load(pipe, key, path, self.SLOT)
+                self._load_slot(pipe, key, path)
                 self.last_action = f"LoRA not hot-swappable ({reason}); adapter slot reloaded"
         if self._slot_key is None:  # a new adapter: weight 1.0 once, the scale lives in its weights
             pipe.enable_lora()
@@ -172,6 +174,16 @@ class LoraState:
         self._slot_key = key
         _scale_lora_b(pipe, self.SLOT, float(scale))
         self._slot_state = (key, scale)
+
+    def _load_slot(self, pipe: Any, key: str, path: str) -> None:
+        """Load a fresh slot, prepared for compiled hot-swap every time (diffusers consumes the
+        preparation at the first load, so a slot re-created after a non-hot-swappable LoRA would
+        otherwise keep that LoRA's rank and Python-float scales, and later swaps would recompile)."""
+        compiled = any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None
+                       for m in getattr(pipe, "components", {}).values())
+        # a compiled transformer recompiles once for the new structure (counted as a reload), never again
+        pipe.enable_lora_hotswap(target_rank=self.hotswap_rank, check_compiled="ignore" if compiled else "error")
+        self._load(pipe, key, path, self.SLOT)
 
     def _load(self, pipe: Any, key: str, path: str, name: str) -> None:
         """Load the LoRA file as a new adapter ``name``; on failure leave no half-loaded adapter."""

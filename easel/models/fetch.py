@@ -6,7 +6,8 @@
   and the connection goes to that vetted address (so DNS cannot change between check and use;
   TLS still verifies the certificate against the original host name via SNI).
 - Redirects are followed by hand, at most 5, each hop checked again.
-- Connect/read timeouts; a byte cap enforced on ``Content-Length`` and while streaming.
+- Connect/read timeouts and a total deadline per download (DNS included); a byte cap enforced
+  on ``Content-Length`` and while streaming; ``Accept-Encoding: identity``, encoded bodies refused.
 - Weight files must parse as ``safetensors`` (header, dtypes, offsets); pickles are refused before
   anything deserialises them. Accepted files are cached under their SHA-256.
 """
@@ -19,10 +20,14 @@ import os
 import socket
 import struct
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
+import httpcore
 import httpx
 
 MAX_REDIRECTS = 5
@@ -46,6 +51,93 @@ class FetchPolicy:
     max_bytes: int = 2 * 1024**3
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    total_timeout: float = 600.0  # the whole fetch: DNS, connects, redirects and transfer
+
+
+class _Deadline:
+    """Seconds left of one fetch's total budget; raises :class:`FetchError` once it is spent."""
+
+    def __init__(self, seconds: float, what: str):
+        self.end = time.monotonic() + seconds
+        self.seconds = seconds
+        self.what = what
+
+    def left(self) -> float:
+        remaining = self.end - time.monotonic()
+        if remaining <= 0:
+            raise FetchError(f"{self.what} took longer than the {self.seconds:g}-second limit for one download "
+                             "(EASEL_FETCH_TOTAL_TIMEOUT_SECONDS)")
+        return remaining
+
+    def timeout(self, policy: "FetchPolicy") -> httpx.Timeout:
+        left = self.left()
+        return httpx.Timeout(min(policy.read_timeout, left), connect=min(policy.connect_timeout, left),
+                             pool=min(policy.connect_timeout, left))
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read and write waits at most until the fetch's deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream, deadline: _Deadline):
+        self._stream, self._deadline = stream, deadline
+
+    def _t(self, timeout: float | None) -> float:
+        left = self._deadline.end - time.monotonic()
+        if left <= 0:
+            raise httpcore.ReadTimeout("the download's total time limit passed")
+        return left if timeout is None else min(timeout, left)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, self._t(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, self._t(timeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, self._t(timeout)), self._deadline)
+
+    def get_extra_info(self, info: str):
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.SyncBackend):
+    """httpcore's socket backend, with every socket operation bounded by one :class:`_Deadline`
+    (a server dripping its headers or body one byte at a time cannot outlast it)."""
+
+    def __init__(self, deadline: _Deadline):
+        self._deadline = deadline
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        left = max(0.001, self._deadline.end - time.monotonic())
+        stream = super().connect_tcp(host, port, left if timeout is None else min(timeout, left), local_address,
+                                     socket_options)
+        return _DeadlineStream(stream, self._deadline)
+
+
+def _client(policy: "FetchPolicy", deadline: _Deadline) -> httpx.Client:
+    transport = httpx.HTTPTransport(trust_env=False)
+    # httpx has no total timeout: give its connection pool a socket backend that enforces one
+    transport._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(),
+                                              network_backend=_DeadlineBackend(deadline))
+    return httpx.Client(transport=transport, timeout=deadline.timeout(policy), follow_redirects=False,
+                        trust_env=False)
+
+
+_resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="easel-dns")
+
+
+def _resolve(host: str, port: int, deadline: "_Deadline | None") -> list:
+    """``getaddrinfo`` with a deadline (the C resolver has none of its own)."""
+    if deadline is None:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    future = _resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return future.result(timeout=deadline.left())
+    except FutureTimeout:
+        raise FetchError(f"resolving host {host!r} took longer than the download's time limit") from None
 
 
 def _allowed(host: str, port: int, ip: ipaddress._BaseAddress, allow: tuple[str, ...]) -> bool:
@@ -60,7 +152,51 @@ def _allowed(host: str, port: int, ip: ipaddress._BaseAddress, allow: tuple[str,
     return False
 
 
-def vet_url(url: str, policy: FetchPolicy) -> tuple[str, str, int, str]:
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix: embeds an IPv4 address
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215 local-use translation prefix
+_6TO4 = ipaddress.ip_network("2002::/16")  # RFC 3056: 2002:AABB:CCDD:: carries IPv4 A.B.C.D
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d (RFC 4291 2.5.5.1)
+_SITE_LOCAL = ipaddress.ip_network("fec0::/10")  # deprecated site-local (RFC 3879)
+
+
+def non_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why ``ip`` is not a public unicast address a server should fetch from, or None if it is.
+
+    Refused: everything Python's ``ipaddress`` does not call global (loopback, RFC 1918 private,
+    link-local incl. 169.254.169.254 cloud metadata, CGNAT, reserved, unspecified), multicast,
+    site-local ``fec0::/10``, the NAT64 local-use prefix ``64:ff9b:1::/48``, and the IPv6 forms
+    that carry an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible ``::a.b.c.d``,
+    NAT64 ``64:ff9b::a.b.c.d``, 6to4 ``2002:AABB:CCDD::``, Teredo) when that IPv4 address is not public.
+    """
+    if ip.is_multicast:
+        return "multicast"
+    if ip.version == 6:
+        embedded = None
+        if ip.ipv4_mapped is not None:
+            embedded = ip.ipv4_mapped
+        elif ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        elif ip in _6TO4:
+            embedded = ip.sixtofour
+        elif ip.teredo is not None:
+            embedded = ip.teredo[1]
+        elif ip in _V4_COMPATIBLE and int(ip) > 1:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            inner = non_public(embedded)
+            return f"{inner}, embedded in an IPv6 address" if inner else None
+        if ip in _SITE_LOCAL:
+            return "site-local"
+        if ip in _NAT64_LOCAL:
+            return "local-use NAT64"
+    if not ip.is_global:
+        kind = ("loopback" if ip.is_loopback else "link-local" if ip.is_link_local else
+                "private" if ip.is_private else "reserved or not globally routable")
+        return kind
+    return None
+
+
+def vet_url(url: str, policy: FetchPolicy, deadline: _Deadline | None = None) -> tuple[str, str, int, str]:
     """Check ``url`` and resolve its host.
 
     Returns:
@@ -77,20 +213,20 @@ def vet_url(url: str, policy: FetchPolicy) -> tuple[str, str, int, str]:
         raise URLRefused("the URL has no host")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _resolve(host, port, deadline)
     except socket.gaierror as exc:
         raise FetchError(f"cannot resolve host {host!r}: {exc.strerror}") from None
     ips = [ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos]
     for ip in ips:
-        if not ip.is_global and not _allowed(host, port, ip, policy.allow):
-            raise URLRefused(f"host {host!r} resolves to {ip}, a non-public address (loopback, private, "
-                             f"link-local or reserved); such URLs are refused")
+        why = non_public(ip)
+        if why and not _allowed(host, port, ip, policy.allow):
+            raise URLRefused(f"host {host!r} resolves to {ip}, a non-public address ({why}); such URLs are refused")
     return parts.scheme, host, port, str(ips[0])
 
 
-def _pinned(url: str, policy: FetchPolicy) -> tuple[str, str, str]:
+def _pinned(url: str, policy: FetchPolicy, deadline: _Deadline | None = None) -> tuple[str, str, str]:
     """``url`` with its host replaced by the vetted IP; also the host (for SNI) and Host header."""
-    scheme, host, port, ip = vet_url(url, policy)
+    scheme, host, port, ip = vet_url(url, policy, deadline)
     parts = urlsplit(url)
     netloc_ip = f"[{ip}]" if ":" in ip else ip
     pinned = urlunsplit((scheme, f"{netloc_ip}:{port}", parts.path or "/", parts.query, ""))
@@ -101,14 +237,15 @@ def post_pinned(url: str, body: bytes, headers: dict, policy: FetchPolicy) -> in
     """POST ``body`` to an untrusted ``url`` (webhooks) under the same rules as downloads.
 
     The host is vetted and the connection pinned to the vetted address; redirects are **not**
-    followed (a redirect answer counts as a failure). Returns the HTTP status code.
+    followed (a redirect answer counts as a failure). The whole attempt (DNS, connect, send, answer)
+    ends within ``policy.total_timeout`` seconds. Returns the HTTP status code.
 
     Raises:
         FetchError: refused URL, timeout or connection error.
     """
-    timeout = httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout)
-    pinned, host, host_header = _pinned(url, policy)
-    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+    deadline = _Deadline(policy.total_timeout, "posting the webhook")
+    pinned, host, host_header = _pinned(url, policy, deadline)
+    with _client(policy, deadline) as client:
         try:
             resp = client.post(pinned, content=body, headers={**headers, "Host": host_header},
                                extensions={"sni_hostname": host})
@@ -122,18 +259,25 @@ def post_pinned(url: str, body: bytes, headers: dict, policy: FetchPolicy) -> in
 def fetch_to_file(url: str, dest: Path, policy: FetchPolicy) -> int:
     """Download ``url`` to ``dest`` under ``policy``; return the byte count.
 
+    The request asks for ``Accept-Encoding: identity`` and a body sent with any other
+    ``Content-Encoding`` is refused: bytes are never decompressed, so the size cap counts what
+    is written (a 2 KB gzip bomb cannot expand to gigabytes in memory). The whole download
+    (DNS, connects, redirects, transfer) must end within ``policy.total_timeout`` seconds.
+
     Raises:
-        FetchError: refused URL, HTTP error status, timeout, too many redirects, or over the cap.
+        FetchError: refused URL, HTTP error status, encoded body, timeout, too many redirects, or
+            over the cap.
     """
-    timeout = httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout)
-    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+    deadline = _Deadline(policy.total_timeout, "the download")
+    with _client(policy, deadline) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            pinned, host, host_header = _pinned(url, policy)
-            req = client.build_request("GET", pinned, headers={"Host": host_header},
-                                       extensions={"sni_hostname": host})
+            pinned, host, host_header = _pinned(url, policy, deadline)
+            req = client.build_request("GET", pinned, headers={"Host": host_header, "Accept-Encoding": "identity"},
+                                       extensions={"sni_hostname": host, "timeout": deadline.timeout(policy).as_dict()})
             try:
                 resp = client.send(req, stream=True)
             except httpx.TimeoutException:
+                deadline.left()
                 raise FetchError(f"timed out fetching {host}") from None
             except httpx.HTTPError as exc:
                 raise FetchError(f"could not fetch {host}: {exc}") from None
@@ -143,19 +287,27 @@ def fetch_to_file(url: str, dest: Path, policy: FetchPolicy) -> int:
                     continue
                 if resp.status_code != 200:
                     raise FetchError(f"{host} answered HTTP {resp.status_code}")
-                declared = resp.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > policy.max_bytes:
+                encoding = resp.headers.get("content-encoding", "").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise FetchError(f"{host} sent a {encoding}-encoded body although Easel asked for none; "
+                                     "serve the file uncompressed")
+                declared = resp.headers.get("content-length", "")
+                if declared.isascii() and declared.isdigit() and len(declared) < 20 \
+                        and int(declared) > policy.max_bytes:
                     raise FetchError(f"file is {int(declared)} bytes, over the {policy.max_bytes}-byte limit")
                 total = 0
-                with open(dest, "wb") as fh:
-                    try:
-                        for chunk in resp.iter_bytes(1 << 20):
+                try:
+                    with open(dest, "wb") as fh:
+                        for chunk in resp.iter_raw(1 << 20):
                             total += len(chunk)
                             if total > policy.max_bytes:
                                 raise FetchError(f"file exceeds the {policy.max_bytes}-byte limit")
                             fh.write(chunk)
-                    except httpx.TimeoutException:
-                        raise FetchError(f"timed out reading from {host}") from None
+                except httpx.TimeoutException:
+                    deadline.left()
+                    raise FetchError(f"timed out reading from {host}") from None
+                except httpx.HTTPError as exc:
+                    raise FetchError(f"could not fetch {host}: {exc}") from None
                 return total
             finally:
                 resp.close()

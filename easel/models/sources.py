@@ -48,7 +48,8 @@ class ModelSources:
     def lora_policy(self) -> FetchPolicy:
         s = self.settings
         return FetchPolicy(allow=s.fetch_allow, max_bytes=s.lora_max_bytes,
-                           connect_timeout=s.fetch_connect_timeout, read_timeout=s.fetch_read_timeout)
+                           connect_timeout=s.fetch_connect_timeout, read_timeout=s.fetch_read_timeout,
+                           total_timeout=s.fetch_total_timeout_seconds)
 
     def tiny(self) -> dict[str, Path]:
         """Paths of the tiny models, writing them under ``<data_dir>/models/tiny`` if needed."""

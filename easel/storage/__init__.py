@@ -3,7 +3,9 @@ at ``/v1/File/{accesskey}/{name}``, readable only with the task's access key. An
 implement the same ``save``/``open``/``delete`` and return presigned URLs from ``url``."""
 from __future__ import annotations
 
+import errno
 import mimetypes
+import os
 import shutil
 from pathlib import Path
 
@@ -18,14 +20,40 @@ class LocalStorage:
         self.public_url = settings.public_url
 
     def save(self, task_uuid: str, src: Path) -> dict:
-        """Move ``src`` into the task's folder; return the output record fields."""
+        """Move ``src`` into the task's folder; return the output record fields.
+
+        All or nothing: a rename on the same file system, otherwise a copy to a hidden temporary
+        file renamed into place, so a failure (e.g. ``ENOSPC``, disk full) leaves no partial file.
+
+        Raises:
+            OSError: the file could not be stored (nothing was left behind).
+        """
         folder = self.root / task_uuid
         folder.mkdir(parents=True, exist_ok=True)
         dest = folder / src.name
-        shutil.move(str(src), dest)
+        tmp = folder / f".{src.name}.part"
+        try:
+            try:
+                os.replace(src, dest)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
         ctype = mimetypes.guess_type(src.name)[0] or "application/octet-stream"
         return {"name": src.name, "contenttype": ctype, "size": dest.stat().st_size,
                 "path": f"{task_uuid}/{src.name}"}
+
+    def discard(self, task_uuid: str, saved: list[dict]) -> None:
+        """Remove outputs stored by :meth:`save` (a task that did not complete keeps none)."""
+        for record in saved:
+            (self.root / record["path"]).unlink(missing_ok=True)
+        try:
+            (self.root / task_uuid).rmdir()
+        except OSError:
+            pass
 
     def path(self, relative: str) -> Path:
         """Absolute path of a stored file; refuses anything outside the storage root."""

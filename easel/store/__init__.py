@@ -6,7 +6,9 @@ is durable before the API acknowledges it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import secrets
 import time
 import uuid as uuidlib
@@ -20,9 +22,23 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Event, Nonce, Output, Project, Task, WebhookDelivery
 
-__all__ = ["Store", "Project", "Task", "Output", "Event", "WebhookDelivery", "new_token"]
+__all__ = ["Store", "Project", "Task", "Output", "Event", "WebhookDelivery", "new_token", "hash_apikey"]
 
 HERE = Path(__file__).parent
+
+
+def hash_apikey(apikey: str) -> str:
+    """How an API key is stored: ``sha256:<hex>`` (a key is 128 random bits, so no salt or slow
+    hash is needed). The API secret is not hashed: Wiro's signature is an HMAC keyed with it."""
+    return "sha256:" + hashlib.sha256(apikey.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _protect(path: Path) -> None:
+    """Owner-only permissions (0600 files, 0700 folders); ignored where the OS refuses."""
+    try:
+        os.chmod(path, 0o700 if path.is_dir() else 0o600)
+    except OSError:
+        pass
 
 
 def new_token(n: int = 30) -> str:
@@ -37,8 +53,11 @@ class Store:
     def __init__(self, url: str):
         self.url = url
         kwargs: dict = {}
+        db_file = None
         if url.startswith("sqlite"):
-            Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+            db_file = Path(url.split("///", 1)[1])
+            db_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _protect(db_file.parent)  # the database holds API secrets (needed for HMAC): owner only
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         self.engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
@@ -49,6 +68,10 @@ class Store:
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.close()
+                for suffix in ("", "-wal", "-shm"):
+                    f = Path(f"{db_file}{suffix}")
+                    if f.exists():
+                        _protect(f)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
@@ -72,19 +95,28 @@ class Store:
     # -- projects and nonces ---------------------------------------------------------------
 
     def create_project(self, name: str, auth_mode: str = "signature", nonce_policy: str = "lenient") -> Project:
+        """Create a project. The API key is stored only as its hash (:func:`hash_apikey`); the
+        returned (detached) object carries the plaintext key, the only time it is available.
+
+        Raises:
+            ValueError: ``auth_mode`` not ``signature``/``apikey`` or ``nonce_policy`` not ``lenient``/``strict``.
+        """
         if auth_mode not in ("signature", "apikey"):
             raise ValueError("auth_mode must be 'signature' or 'apikey'")
         if nonce_policy not in ("lenient", "strict"):
             raise ValueError("nonce_policy must be 'lenient' or 'strict'")
-        p = Project(name=name, apikey=secrets.token_hex(16), apisecret=secrets.token_hex(24),
+        apikey = secrets.token_hex(16)
+        p = Project(name=name, apikey=hash_apikey(apikey), apisecret=secrets.token_hex(24),
                     auth_mode=auth_mode, nonce_policy=nonce_policy, created_at=time.time())
         with self.session() as s:
             s.add(p)
+        p.apikey = apikey  # detached: not written back
         return p
 
     def project_by_key(self, apikey: str) -> Project | None:
+        """The project whose API key is ``apikey`` (looked up by hash), or None."""
         with self.session() as s:
-            return s.scalar(select(Project).where(Project.apikey == apikey))
+            return s.scalar(select(Project).where(Project.apikey == hash_apikey(apikey)))
 
     def project_by_id(self, project_id: int) -> Project | None:
         with self.session() as s:
@@ -117,12 +149,13 @@ class Store:
                  socketaccesstoken=new_token(), file_accesskey=new_token(), status=status,
                  parameters=json.dumps(parameters), inputs=json.dumps(inputs), callbackurl=callbackurl,
                  debugoutput="", debugerror="", pexit=None, progress="", cost_per_second=cost_per_second,
-                 kill_requested=False, worker_id="", createtime=now, idempotency_key=idempotency_key or None)
+                 kill_requested=False, worker_id="", createtime=now, idempotency_key=idempotency_key or None,
+                 event_seq=1)
         try:
             with self.session() as s:
                 s.add(t)
                 s.flush()
-                s.add(Event(task_id=t.id, type=first_event, message="", created_at=now))
+                s.add(Event(task_id=t.id, type=first_event, message="", created_at=now, seq=1))
         except IntegrityError:
             existing = self.task_by_idempotency(project_id, idempotency_key) if idempotency_key else None
             if existing is None:
@@ -184,28 +217,43 @@ class Store:
                 return s.get(Task, task_id)
             return s.scalar(select(Task).where(Task.socketaccesstoken == token))
 
-    def claim_next(self, worker_id: str, from_status: str, to_status: str, time_column: str) -> int | None:
-        """Atomically move the oldest task in ``from_status`` to ``to_status``; return its id.
+    def claim_next(self, worker_id: str, from_status: str, to_status: str, time_column: str,
+                   lease_seconds: float = 60.0) -> int | None:
+        """Atomically move the oldest task in ``from_status`` to ``to_status`` for ``worker_id``
+        with a lease until now + ``lease_seconds``; return its id (None when none is waiting).
 
-        One conditional UPDATE: two workers racing for the same row cannot both win, on SQLite
-        (single writer) or PostgreSQL (row lock, then the WHERE is re-checked).
+        One conditional UPDATE: two workers racing for the same row cannot both win. On
+        PostgreSQL the candidate row is selected ``FOR UPDATE SKIP LOCKED``, so a worker that
+        would lose the race takes the next queued task instead of coming back empty.
         """
         now = time.time()
-        with self.session() as s:
-            oldest = select(Task.id).where(Task.status == from_status).order_by(Task.id).limit(1).scalar_subquery()
-            row = s.execute(
-                update(Task).where(Task.id == oldest, Task.status == from_status)
-                .values(status=to_status, worker_id=worker_id, **{time_column: now})
-                .returning(Task.id)
+        with self.engine.begin() as conn:
+            oldest = select(Task.id).where(Task.status == from_status).order_by(Task.id).limit(1)
+            if conn.dialect.name == "postgresql":
+                oldest = oldest.with_for_update(skip_locked=True)
+            row = conn.execute(
+                update(Task).where(Task.id == oldest.scalar_subquery(), Task.status == from_status)
+                .values(status=to_status, worker_id=worker_id, lease_expires_at=now + lease_seconds,
+                        event_seq=Task.event_seq + 1, **{time_column: now})
+                .returning(Task.id, Task.event_seq)
             ).first()
             if row is None:
                 return None
-            s.add(Event(task_id=row[0], type=to_status, message="", created_at=now))
+            conn.execute(insert(Event).values(task_id=row[0], type=to_status, message="", created_at=now, seq=row[1]))
             return row[0]
 
+    @staticmethod
+    def _guarded(q, only_from: Iterable[str] | None, owner: str | None):
+        if only_from is not None:
+            q = q.where(Task.status.in_(list(only_from)))
+        if owner is not None:
+            q = q.where(Task.worker_id == owner)
+        return q
+
     def transition(self, task_id: int, status: str, *, only_from: Iterable[str] | None = None,
-                   event_message: str = "", webhook: bool = False, **values) -> bool:
-        """Set ``status`` (and other columns) and append the event; False if ``only_from`` did not match.
+                   owner: str | None = None, event_message: str = "", webhook: bool = False, **values) -> bool:
+        """Set ``status`` (and other columns) and append the event; False (nothing written) if the
+        task's status is not in ``only_from`` or, with ``owner``, another worker holds it.
 
         With ``webhook``, a pending :class:`WebhookDelivery` to the task's ``callbackurl`` (if any)
         is inserted in the same transaction, so a terminal task never loses its webhook. (SQL
@@ -213,37 +261,52 @@ class Store:
         """
         now = time.time()
         with self.engine.begin() as conn:
-            q = update(Task).where(Task.id == task_id)
-            if only_from is not None:
-                q = q.where(Task.status.in_(list(only_from)))
-            url = conn.execute(q.values(status=status, **values).returning(Task.callbackurl)).scalar_one_or_none()
-            if url is None:
+            q = self._guarded(update(Task).where(Task.id == task_id), only_from, owner)
+            row = conn.execute(q.values(status=status, event_seq=Task.event_seq + 1, **values)
+                               .returning(Task.callbackurl, Task.event_seq)).first()
+            if row is None:
                 return False
-            conn.execute(insert(Event).values(task_id=task_id, type=status, message=event_message, created_at=now))
+            url, seq = row
+            conn.execute(insert(Event).values(task_id=task_id, type=status, message=event_message, created_at=now,
+                                              seq=seq))
             if webhook and url:
                 conn.execute(insert(WebhookDelivery).values(
                     id="msg_" + secrets.token_hex(16), task_id=task_id, url=url, status="pending", attempts=0,
                     next_attempt_at=now, created_at=now, last_error=""))
             return True
 
-    def add_event(self, task_id: int, type_: str, message: str = "", preview: str | None = None, **values) -> bool:
-        """Append an event without changing status (e.g. ``task_output`` progress); may update columns.
+    def add_event(self, task_id: int, type_: str, message: str = "", preview: str | None = None, *,
+                  only_from: Iterable[str] | None = None, owner: str | None = None, **values) -> bool | None:
+        """Append an event (e.g. ``task_output`` progress, ``task_error``); may update columns.
 
-        Returns the task's ``kill_requested`` flag, read in the same transaction (one round trip per step).
+        Returns the task's ``kill_requested`` flag, read in the same transaction (one round trip
+        per step), or None when nothing was written because the guard (``only_from`` statuses,
+        ``owner`` worker) did not match.
         """
         with self.engine.begin() as conn:
-            if values:
-                kill = conn.execute(update(Task).where(Task.id == task_id).values(**values)
-                                    .returning(Task.kill_requested)).scalar_one_or_none()
-            else:
-                kill = conn.execute(select(Task.kill_requested).where(Task.id == task_id)).scalar_one_or_none()
+            q = self._guarded(update(Task).where(Task.id == task_id), only_from, owner)
+            row = conn.execute(q.values(event_seq=Task.event_seq + 1, **values)
+                               .returning(Task.kill_requested, Task.event_seq)).first()
+            if row is None:
+                return None
             conn.execute(insert(Event).values(task_id=task_id, type=type_, message=message, created_at=time.time(),
-                                              preview=preview))
-            return bool(kill)
+                                              preview=preview, seq=row[1]))
+            return bool(row[0])
 
-    def update_task(self, task_id: int, **values) -> None:
+    def renew_lease(self, task_id: int, owner: str, until: float, running: Iterable[str]) -> bool:
+        """Extend ``owner``'s lease on a running task to ``until``; False if it no longer holds it."""
+        with self.engine.begin() as conn:
+            q = update(Task).where(Task.id == task_id, Task.worker_id == owner, Task.status.in_(list(running)))
+            return conn.execute(q.values(lease_expires_at=until)).rowcount == 1
+
+    def stale_tasks(self, running: Iterable[str], now: float, started_before: float | None = None) -> list[Task]:
+        """Running tasks whose lease has expired (or was never set), and, with ``started_before``,
+        those accepted before that time (over their run-time limit)."""
+        cond = (Task.lease_expires_at.is_(None)) | (Task.lease_expires_at < now)
+        if started_before is not None:
+            cond = cond | (Task.accepttime < started_before)
         with self.session() as s:
-            s.execute(update(Task).where(Task.id == task_id).values(**values))
+            return list(s.scalars(select(Task).where(Task.status.in_(list(running)), cond).order_by(Task.id)))
 
     def request_kill(self, task_id: int, running: Iterable[str]) -> bool:
         with self.session() as s:
@@ -255,15 +318,27 @@ class Store:
         with self.session() as s:
             return bool(s.scalar(select(Task.kill_requested).where(Task.id == task_id)))
 
+    def task_by_uuid(self, uuid: str) -> Task | None:
+        with self.session() as s:
+            return s.scalar(select(Task).where(Task.uuid == uuid))
+
+    def ended_before(self, statuses: Iterable[str], before: float, limit: int = 500) -> list[Task]:
+        """Tasks in (terminal) ``statuses`` that ended before ``before`` (epoch seconds), oldest first."""
+        ended = func.coalesce(Task.postprocessendtime, Task.canceltime, Task.createtime)
+        with self.session() as s:
+            return list(s.scalars(select(Task).where(Task.status.in_(list(statuses)), ended < before)
+                                  .order_by(Task.id).limit(limit)))
+
     def tasks_in(self, statuses: Iterable[str]) -> list[Task]:
         with self.session() as s:
             return list(s.scalars(select(Task).where(Task.status.in_(list(statuses))).order_by(Task.id)))
 
-    def events(self, task_id: int, after_id: int = 0) -> list[Event]:
-        """The task's events in order, those with ``id > after_id`` only."""
+    def events(self, task_id: int, after_seq: int = 0) -> list[Event]:
+        """The task's events in order, those with ``seq > after_seq`` only (a cursor that cannot
+        skip an event: see :attr:`Event.seq`)."""
         with self.session() as s:
-            return list(s.scalars(select(Event).where(Event.task_id == task_id, Event.id > after_id)
-                                  .order_by(Event.id)))
+            return list(s.scalars(select(Event).where(Event.task_id == task_id, Event.seq > after_seq)
+                                  .order_by(Event.seq)))
 
     # -- webhooks -----------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ class Project(Base):
     __tablename__ = "projects"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
-    apikey: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    apikey: Mapped[str] = mapped_column(String(80), unique=True, index=True)  # "sha256:<hex>" of the key
     apisecret: Mapped[str] = mapped_column(String(128))
     auth_mode: Mapped[str] = mapped_column(String(16), default="signature")
     nonce_policy: Mapped[str] = mapped_column(String(16), default="lenient", server_default="lenient")
@@ -71,6 +71,11 @@ class Task(Base):
     postprocessendtime: Mapped[float | None] = mapped_column(Float, nullable=True)
     canceltime: Mapped[float | None] = mapped_column(Float, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # the claiming worker's lease (epoch seconds), renewed at every write and by its heartbeat;
+    # a running task whose lease has passed is ended by whichever process notices (lifecycle)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the last event's per-task sequence number (assigned under this row's lock: see Event.seq)
+    event_seq: Mapped[int] = mapped_column(Integer, default=0)
     __table_args__ = (Index("ix_tasks_status_id", "status", "id"),
                       UniqueConstraint("project_id", "idempotency_key", name="uq_task_idempotency"))
 
@@ -98,6 +103,11 @@ class Event(Base):
     message: Mapped[str] = mapped_column(Text, default="")  # JSON
     created_at: Mapped[float] = mapped_column(Float)
     preview: Mapped[str | None] = mapped_column(Text, nullable=True)  # base64 JPEG of the current latent
+    # 1, 2, 3, ... per task, taken from ``Task.event_seq`` in the same transaction that inserts the
+    # event, under the task row's lock: events of one task commit in ``seq`` order even on
+    # PostgreSQL, where ``id`` (a sequence) may commit out of order. The WebSocket's cursor.
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    __table_args__ = (Index("ix_events_task_seq", "task_id", "seq"),)
 
 
 class WebhookDelivery(Base):

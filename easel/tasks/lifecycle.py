@@ -13,10 +13,14 @@ killed run). Only successful tasks are billed: ``totalcost`` = elapsed seconds Ã
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Callable
 
+from easel import strict
 from easel.store import Output, Store, Task
+
+log = logging.getLogger("easel.lifecycle")
 
 QUEUE = "task_queue"
 ACCEPT = "task_accept"
@@ -36,18 +40,56 @@ CANCEL = "task_cancel"
 RUNNING = (ACCEPT, PREPROCESS_START, PREPROCESS_END, ASSIGN, START, OUTPUT, OUTPUT_FULL, ERROR_FULL, END,
            POSTPROCESS_START)
 TERMINAL = (POSTPROCESS_END, CANCEL)
-
 TIME_COLUMN = {
     ACCEPT: "accepttime", PREPROCESS_START: "preprocessstarttime", PREPROCESS_END: "preprocessendtime",
     ASSIGN: "assigntime", START: "starttime", END: "endtime", POSTPROCESS_START: "postprocessstarttime",
     POSTPROCESS_END: "postprocessendtime", CANCEL: "canceltime",
 }
+NOT_STARTED = (ACCEPT, PREPROCESS_START, PREPROCESS_END, ASSIGN)  # no inference has run yet
+
+# Every legal status change: current status -> statuses it may move to. Forward along Wiro's
+# order; a failure jumps to the end (task_output_full ... task_postprocess_end, or straight to
+# task_postprocess_end when another process ends it); a kill ends at task_cancel; a task that
+# never started may go back to the queue (lease-expiry policy). task_output -> task_output is
+# the per-step progress write. Terminal statuses have no way out: a task that ended never changes.
+_FAIL = {OUTPUT_FULL, POSTPROCESS_END, CANCEL}
+TRANSITIONS: dict[str, frozenset[str]] = {
+    QUEUE: frozenset({ACCEPT, CANCEL}),
+    ACCEPT: frozenset({PREPROCESS_START, QUEUE, *_FAIL}),
+    PREPROCESS_START: frozenset({PREPROCESS_END, QUEUE, *_FAIL}),
+    PREPROCESS_END: frozenset({ASSIGN, QUEUE, *_FAIL}),
+    ASSIGN: frozenset({START, QUEUE, *_FAIL}),
+    START: frozenset({OUTPUT, *_FAIL}),
+    OUTPUT: frozenset({OUTPUT, *_FAIL}),
+    OUTPUT_FULL: frozenset({ERROR_FULL, POSTPROCESS_END, CANCEL}),
+    ERROR_FULL: frozenset({END, POSTPROCESS_END, CANCEL}),
+    END: frozenset({POSTPROCESS_START, POSTPROCESS_END, CANCEL}),
+    POSTPROCESS_START: frozenset({POSTPROCESS_END, CANCEL}),
+    POSTPROCESS_END: frozenset(),
+    CANCEL: frozenset(),
+}
+
+
+def allowed_from(status: str) -> tuple[str, ...]:
+    """The statuses from which a task may move to ``status`` (the guard of every write)."""
+    return tuple(s for s, nexts in TRANSITIONS.items() if status in nexts)
+
+
+def _rejected(store: Store, task_id: int, status: str, owner: str | None) -> None:
+    task = store.get_task(task_id)
+    log.warning("task %s: transition to %s rejected (status %s, held by %r, writer %r)", task_id, status,
+                task.status if task else "missing", task.worker_id if task else "", owner)
+
 
 KILLED_PEXIT = "-1"
 INTERRUPTED_MESSAGE = ("The server stopped while this task was running; it was not restarted because a "
                        "task that was mid-run may be what stopped the worker. Submit it again.")
 # The same message ends a task that a worker abandons at a denoising step because the server is
 # shutting down (SIGTERM) or its process is gone (SIGKILL): one outcome, whichever way it stopped.
+LEASE_EXPIRED_MESSAGE = ("The worker running this task stopped renewing its lease for {seconds:.0f} s (its process "
+                         "or machine stopped, or it hung), so another Easel process ended the task. Submit it again.")
+TIMEOUT_MESSAGE = ("The task ran longer than this server's limit of {seconds:.0f} s (EASEL_TASK_TIMEOUT_SECONDS) "
+                   "and was stopped.")
 
 
 def submit(store: Store, *, project_id: int, tool: str, parameters: dict, inputs: dict,
@@ -64,16 +106,57 @@ def submit(store: Store, *, project_id: int, tool: str, parameters: dict, inputs
                              idempotency_key=idempotency_key)
 
 
-def claim(store: Store, worker_id: str) -> int | None:
-    """Take the oldest queued task for ``worker_id`` (``task_accept``); None when the queue is empty."""
-    return store.claim_next(worker_id, QUEUE, ACCEPT, TIME_COLUMN[ACCEPT])
+def claim(store: Store, worker_id: str, lease_seconds: float = 60.0) -> int | None:
+    """Take the oldest queued task for ``worker_id`` (``task_accept``) with a lease of
+    ``lease_seconds``; None when the queue is empty."""
+    return store.claim_next(worker_id, QUEUE, ACCEPT, TIME_COLUMN[ACCEPT], lease_seconds=lease_seconds)
 
 
-def advance(store: Store, task_id: int, status: str, message: str = "", **values) -> None:
-    """Move a running task to ``status``, stamping that stage's time column."""
+def advance(store: Store, task_id: int, status: str, message: str = "", *, owner: str | None = None,
+            lease_seconds: float | None = None, **values) -> bool:
+    """Move a task to ``status`` if :data:`TRANSITIONS` allows it from its current status (and,
+    with ``owner``, only while that worker holds it), stamping that stage's time column and
+    renewing the lease by ``lease_seconds``. A terminal status also queues the webhook.
+
+    Returns:
+        False when the transition was rejected (logged, nothing written).
+    """
+    now = time.time()
     if status in TIME_COLUMN:
-        values.setdefault(TIME_COLUMN[status], time.time())
-    store.transition(task_id, status, only_from=RUNNING, event_message=message, webhook=status in TERMINAL, **values)
+        values.setdefault(TIME_COLUMN[status], now)
+    if lease_seconds is not None:
+        values["lease_expires_at"] = now + lease_seconds
+    if status in TERMINAL:
+        values["lease_expires_at"] = None
+    ok = store.transition(task_id, status, only_from=allowed_from(status), owner=owner, event_message=message,
+                          webhook=status in TERMINAL, **values)
+    if not ok:
+        _rejected(store, task_id, status, owner)
+    return ok
+
+
+def progress(store: Store, task_id: int, message: str, info: dict, *, owner: str | None = None,
+             lease_seconds: float | None = None, preview: str | None = None) -> bool | None:
+    """Record one denoising step (``task_output`` event, status ``task_output``, latest progress),
+    renewing the worker's lease, guarded like every other write.
+
+    Returns:
+        The task's kill flag, or None when the write was rejected: the task already ended
+        (killed, timed out, its lease expired) or another worker holds it. The caller must stop.
+    """
+    values = {"progress": json.dumps(info), "status": OUTPUT}
+    if lease_seconds is not None:
+        values["lease_expires_at"] = time.time() + lease_seconds
+    kill = store.add_event(task_id, OUTPUT, message, preview=preview, only_from=allowed_from(OUTPUT), owner=owner,
+                           **values)
+    if kill is None:
+        _rejected(store, task_id, OUTPUT, owner)
+    return kill
+
+
+def log_event(store: Store, task_id: int, type_: str, message: str, owner: str | None = None) -> bool:
+    """Append a log event (``task_error``) to a running task; False (not written) once it ended."""
+    return store.add_event(task_id, type_, message, only_from=RUNNING, owner=owner) is not None
 
 
 def cancel(store: Store, task_id: int) -> bool:
@@ -86,38 +169,69 @@ def request_kill(store: Store, task_id: int) -> bool:
     return store.request_kill(task_id, RUNNING)
 
 
-def finish_killed(store: Store, task_id: int) -> None:
-    advance(store, task_id, CANCEL, pexit=KILLED_PEXIT, debugerror="Task was killed by request.")
+def finish_killed(store: Store, task_id: int, owner: str | None = None) -> None:
+    advance(store, task_id, CANCEL, owner=owner, pexit=KILLED_PEXIT, debugerror="Task was killed by request.")
 
 
-def recover_interrupted(store: Store) -> list[int]:
-    """End tasks left running by a stopped server as failed (``pexit`` "1", reason in ``debugerror``).
-
-    Queued tasks are left queued: the workers run them after the restart.
-    """
-    ids = []
+def fail(store: Store, task: Task, reason: str, owner: str | None = None) -> bool:
+    """End a running task as failed in one step (``task_postprocess_end``, ``pexit`` "1",
+    ``reason`` appended to ``debugerror``): used by a process other than the one running it."""
     now = time.time()
-    for task in store.tasks_in(RUNNING):
-        store.transition(task.id, POSTPROCESS_END, only_from=RUNNING, pexit="1", webhook=True,
-                         debugerror=(task.debugerror + "\n" if task.debugerror else "") + INTERRUPTED_MESSAGE,
-                         endtime=task.endtime or now, postprocessendtime=now)
-        ids.append(task.id)
-    return ids
+    ok = store.transition(task.id, POSTPROCESS_END, only_from=allowed_from(POSTPROCESS_END), owner=owner,
+                          pexit="1", webhook=True, lease_expires_at=None,
+                          debugerror=(task.debugerror + "\n" if task.debugerror else "") + reason,
+                          endtime=task.endtime or now, postprocessendtime=now)
+    if not ok:
+        _rejected(store, task.id, POSTPROCESS_END, owner)
+    return ok
+
+
+def requeue(store: Store, task: Task) -> bool:
+    """Put a task that never started back in the queue (its worker is gone)."""
+    return store.transition(task.id, QUEUE, only_from=tuple(s for s in NOT_STARTED if s in allowed_from(QUEUE)),
+                            owner=task.worker_id, worker_id="", lease_expires_at=None, accepttime=None,
+                            preprocessstarttime=None, preprocessendtime=None, assigntime=None)
+
+
+def expire_leases(store: Store, lease_seconds: float, task_timeout: float = 0.0,
+                  requeue_unstarted: bool = False) -> dict[int, str]:
+    """End the running tasks nobody is running any more; safe to call from any process, any time.
+
+    A task whose worker's lease has expired is failed with :data:`LEASE_EXPIRED_MESSAGE` (or, if
+    it never reached ``task_start`` and ``requeue_unstarted``, queued again). With
+    ``task_timeout`` > 0, a task accepted more than ``task_timeout`` + ``lease_seconds`` seconds
+    ago is failed with :data:`TIMEOUT_MESSAGE` (its worker normally stops it at the limit itself).
+    Each write is conditional on the task's status and worker, so a task that its worker is
+    still finishing, or that another process just ended, is left alone.
+
+    Returns:
+        task id -> "failed", "timed out" or "requeued", for the tasks this call changed.
+    """
+    now = time.time()
+    started_before = now - task_timeout - lease_seconds if task_timeout > 0 else None
+    done: dict[int, str] = {}
+    for task in store.stale_tasks(RUNNING, now, started_before):
+        over_time = started_before is not None and task.accepttime is not None and task.accepttime < started_before
+        if over_time:
+            if fail(store, task, TIMEOUT_MESSAGE.format(seconds=task_timeout), owner=task.worker_id):
+                done[task.id] = "timed out"
+        elif requeue_unstarted and task.status in NOT_STARTED and requeue(store, task):
+            done[task.id] = "requeued"
+        elif fail(store, task, LEASE_EXPIRED_MESSAGE.format(seconds=lease_seconds), owner=task.worker_id):
+            done[task.id] = "failed"
+    return done
+
+
+def recover_interrupted(store: Store, lease_seconds: float = 60.0, **kw) -> list[int]:
+    """Start-up recovery: :func:`expire_leases` (tasks of other live servers keep running)."""
+    return list(expire_leases(store, lease_seconds, **kw))
 
 
 def fail_worker_tasks(store: Store, worker_id: str, reason: str) -> list[int]:
     """End as failed (``pexit`` "1", ``reason`` in ``debugerror``) every task that ``worker_id``
     was running: its process died, so nothing else will finish them. Returns their ids."""
-    ids = []
-    now = time.time()
-    for task in store.tasks_in(RUNNING):
-        if task.worker_id != worker_id:
-            continue
-        if store.transition(task.id, POSTPROCESS_END, only_from=RUNNING, pexit="1", webhook=True,
-                            debugerror=(task.debugerror + "\n" if task.debugerror else "") + reason,
-                            endtime=task.endtime or now, postprocessendtime=now):
-            ids.append(task.id)
-    return ids
+    return [task.id for task in store.tasks_in(RUNNING)
+            if task.worker_id == worker_id and fail(store, task, reason, owner=worker_id)]
 
 
 def _t(value: float | None) -> str:
@@ -161,7 +275,7 @@ def poll_delay(task: Task, base: float, cap: float) -> float:
 
 def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output], str],
               categories: list[str], cps: float | None = None, queueposition: int | None = None,
-              modeldescription: str = "", modelid: str = "0") -> dict:
+              modeldescription: str = "", modelid: str = "0", retention_seconds: float = 0.0) -> dict:
     """The task as Wiro's ``tasklist`` item: every value a string, as the docs show.
 
     As the seeds' Kill and Cancel answers show, a ``task_cancel`` task (cancelled while queued,
@@ -176,14 +290,18 @@ def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output
     cps = task.cost_per_second if cps is None else cps
     billed = task.status == POSTPROCESS_END and task.pexit == "0"
     cancelled = task.status == CANCEL
+    ended = task.postprocessendtime or task.canceltime if task.status in TERMINAL else None
     owner, _, project = task.tool.partition("/")
     out_list = [{
         "id": o.id, "name": o.name, "contenttype": o.contenttype, "parentid": task.uuid.replace("-", "")[:32],
         "uuid": task.uuid, "size": str(o.size), "addedtime": _t(o.addedtime), "modifiedtime": _t(o.addedtime),
-        "accesskey": task.file_accesskey, "foldercount": "0", "filecount": "0", "ispublic": 0, "expiretime": None,
+        "accesskey": task.file_accesskey, "foldercount": "0", "filecount": "0", "ispublic": 0,
+        "expiretime": _t(ended + retention_seconds) if retention_seconds > 0 and ended else None,
         "url": url_for(task, o),
     } for o in outputs]
-    return {
+    # stored data may hold text that cannot be encoded (a lone surrogate stored before Run refused
+    # them): answered with U+FFFD instead of failing every later Task/Detail and Task/List
+    return strict.clean_text({
         "id": str(task.id), "uuid": task.uuid, "name": "", "socketaccesstoken": task.socketaccesstoken,
         "parameters": json.loads(task.parameters or "{}"),
         "debugoutput": task.debugoutput or "", "debugerror": task.debugerror or "",
@@ -203,4 +321,4 @@ def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output
         "queueposition": str(queueposition) if queueposition is not None and task.status == QUEUE else "",
         "eta": "" if eta is None else f"{eta:.1f}",
         "size": str(sum(o.size for o in outputs)),
-    }
+    })

@@ -8,8 +8,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +35,15 @@ class ServerStopping(Exception):
     is gone); the task ends as failed with :data:`lifecycle.INTERRUPTED_MESSAGE`."""
 
 
+class TaskLost(Exception):
+    """The task was ended by someone else (killed, timed out, its lease expired) or re-assigned:
+    this worker stops working on it and writes nothing more for it."""
+
+
+class TaskTimedOut(Exception):
+    """The task ran past ``Settings.task_timeout_seconds``."""
+
+
 class WorkerContext:
     """The ``ToolContext`` a tool receives for one task (see ``easel.tools.base``)."""
 
@@ -48,12 +59,16 @@ class WorkerContext:
         self._started_at: float | None = None
 
     def check_killed(self) -> None:
+        if self.worker.heartbeat_lost.is_set():
+            raise TaskLost()
+        if self.worker.timed_out():
+            raise TaskTimedOut()
         if self.store.kill_requested(self.task_id):
             raise TaskKilled()
 
     def started(self) -> None:
         self.check_killed()
-        lc.advance(self.store, self.task_id, lc.START)
+        self.worker.advance(self.task_id, lc.START)
         self._started_at = time.time()
 
     def wants_preview(self, step: int, total: int) -> bool:
@@ -72,9 +87,14 @@ class WorkerContext:
         message = json.dumps({"type": "progressGenerate", **info})  # Wiro's flat task_output message
         if self.worker.should_stop():
             raise ServerStopping()
-        status = {"status": lc.OUTPUT} if step == 1 else {}
+        if self.worker.timed_out():
+            raise TaskTimedOut()
         encoded = base64.b64encode(preview).decode() if preview else None
-        if self.store.add_event(self.task_id, lc.OUTPUT, message, preview=encoded, progress=json.dumps(info), **status):
+        kill = lc.progress(self.store, self.task_id, message, info, owner=self.worker.worker_id,
+                           lease_seconds=self.worker.settings.lease_seconds, preview=encoded)
+        if kill is None:
+            raise TaskLost()
+        if kill:
             raise TaskKilled()
 
     def log(self, line: str) -> None:
@@ -83,7 +103,7 @@ class WorkerContext:
     def error_line(self, line: str) -> None:
         """A stderr-like line (a library warning): stored and sent live as ``task_error``."""
         self.error_lines.append(line)
-        self.store.add_event(self.task_id, lc.ERROR, line)
+        lc.log_event(self.store, self.task_id, lc.ERROR, line, owner=self.worker.worker_id)
 
     def input_file(self, value: str) -> Path:
         name = value.removeprefix("upload:")
@@ -129,7 +149,16 @@ class _StderrCapture(logging.Handler):
 
 
 class Worker:
-    """Claims queued tasks from the store and runs them; keeps pipelines warm for its lifetime."""
+    """Claims queued tasks from the store and runs them; keeps pipelines warm for its lifetime.
+
+    While a task runs, a heartbeat thread renews the task's lease every third of
+    ``Settings.lease_seconds`` (downloads and model loads make no step writes), notices when the
+    task was ended elsewhere (then the next step stops it), ends the task at
+    ``task_timeout_seconds``, and, when the worker was told to stop but is stuck in a long phase
+    (or its server process is gone), fails the task and exits the process.
+    """
+
+    STOP_GRACE = 3.0  # seconds a stop request may wait for the next step before the process exits
 
     def __init__(self, settings: Settings, worker_id: str = "local-0"):
         self.settings = settings
@@ -139,57 +168,148 @@ class Worker:
         self.models = ModelManager(settings, self.catalog)
         self.storage = LocalStorage(settings)
         self.should_stop: Callable[[], bool] = lambda: False  # set by the executor
+        self.exit_process: Callable[[int], None] = os._exit  # what the heartbeat calls when stuck while stopping
+        self.heartbeat_lost = threading.Event()
+        self._deadline: float | None = None
 
     def run_next(self) -> int | None:
         """Claim and run the oldest queued task; return its id, or None if the queue was empty."""
-        task_id = lc.claim(self.store, self.worker_id)
+        task_id = lc.claim(self.store, self.worker_id, self.settings.lease_seconds)
         if task_id is not None:
             self.execute(task_id)
         return task_id
 
+    def advance(self, task_id: int, status: str, message: str = "", **values) -> None:
+        """This worker's guarded transition; raises :class:`TaskLost` when it was rejected."""
+        if not lc.advance(self.store, task_id, status, message, owner=self.worker_id,
+                          lease_seconds=self.settings.lease_seconds, **values):
+            raise TaskLost()
+
+    def timed_out(self) -> bool:
+        return self._deadline is not None and time.time() > self._deadline
+
+    def _heartbeat(self, task_id: int, done: threading.Event) -> None:
+        lease = self.settings.lease_seconds
+        renew_every = max(0.05, lease / 3)
+        next_renew = time.monotonic() + renew_every
+        stopping_since = None
+        while not done.wait(min(0.5, renew_every)):
+            try:
+                if self.should_stop():
+                    stopping_since = stopping_since or time.monotonic()
+                    if time.monotonic() - stopping_since > self.STOP_GRACE:
+                        task = self.store.get_task(task_id)
+                        lc.fail(self.store, task, lc.INTERRUPTED_MESSAGE, owner=self.worker_id)
+                        log.warning("task %s: stopping while in a long phase; worker exits", task_id)
+                        self.exit_process(3)
+                        return
+                if self.timed_out():
+                    task = self.store.get_task(task_id)
+                    lc.fail(self.store, task, lc.TIMEOUT_MESSAGE.format(seconds=self.settings.task_timeout_seconds),
+                            owner=self.worker_id)
+                    self.heartbeat_lost.set()
+                    return
+                if time.monotonic() >= next_renew:
+                    next_renew = time.monotonic() + renew_every
+                    if not self.store.renew_lease(task_id, self.worker_id, time.time() + lease, lc.RUNNING):
+                        self.heartbeat_lost.set()  # ended elsewhere: stop at the next step
+                        return
+            except Exception:  # a store hiccup must not end the heartbeat; the next beat retries
+                log.exception("task %s: heartbeat failed", task_id)
+
     def execute(self, task_id: int) -> None:
         """Walk an accepted task through preprocess, assign, start, outputs and postprocess."""
         task = self.store.get_task(task_id)
+        timeout = self.settings.task_timeout_seconds
+        self._deadline = (task.accepttime or time.time()) + timeout if timeout > 0 else None
+        self.heartbeat_lost.clear()
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(task_id, done), name="easel-heartbeat", daemon=True)
+        beat.start()
         workdir = Path(tempfile.mkdtemp(prefix=f"easel-{task.uuid}-", dir=self.settings.data_dir))
         ctx = WorkerContext(self, task_id, workdir, self.settings.uploads_dir / task.uuid)
         store = self.store
         try:
             tool = load_tool(task.tool)
             with _StderrCapture(ctx):
-                lc.advance(store, task_id, lc.PREPROCESS_START)
+                self.advance(task_id, lc.PREPROCESS_START)
                 plan = tool.prepare(json.loads(task.inputs), ctx)
-                lc.advance(store, task_id, lc.PREPROCESS_END)
+                self.advance(task_id, lc.PREPROCESS_END)
                 ctx.check_killed()
-                lc.advance(store, task_id, lc.ASSIGN)
+                self.advance(task_id, lc.ASSIGN)
                 paths = tool.run(plan, ctx)
+            ctx.check_killed()
             output, errors = "\n".join(ctx.lines), "\n".join(ctx.error_lines)
-            lc.advance(store, task_id, lc.OUTPUT_FULL, message=output, debugoutput=output)
-            lc.advance(store, task_id, lc.ERROR_FULL, message=errors, debugerror=errors)
-            lc.advance(store, task_id, lc.END)
-            lc.advance(store, task_id, lc.POSTPROCESS_START)
-            store.add_outputs(task_id, [self.storage.save(task.uuid, p) for p in paths])
-            lc.advance(store, task_id, lc.POSTPROCESS_END, pexit="0")
+            self.advance(task_id, lc.OUTPUT_FULL, message=output, debugoutput=output)
+            self.advance(task_id, lc.ERROR_FULL, message=errors, debugerror=errors)
+            self.advance(task_id, lc.END)
+            self.advance(task_id, lc.POSTPROCESS_START)
+            saved = self._save_outputs(task.uuid, paths)
+            try:
+                store.add_outputs(task_id, saved)
+                self.advance(task_id, lc.POSTPROCESS_END, pexit="0")
+            except BaseException:  # no output of a task that did not succeed stays behind
+                self.storage.discard(task.uuid, saved)
+                _quietly(store.delete_outputs, task_id)
+                raise
+        except TaskLost:
+            log.warning("task %s was ended elsewhere; abandoned", task_id)
         except TaskKilled:
-            lc.finish_killed(store, task_id)
+            lc.finish_killed(store, task_id, owner=self.worker_id)
         except ServerStopping:
             self._fail(task_id, lc.INTERRUPTED_MESSAGE, ctx)
+        except TaskTimedOut:
+            self._fail(task_id, lc.TIMEOUT_MESSAGE.format(seconds=timeout), ctx)
         except Exception as exc:  # the worker must survive any tool failure
             if isinstance(exc, (ToolError, ValueError)):
                 message = str(exc)
+            elif isinstance(exc, OSError) and exc.strerror:  # never show server paths (exc.filename)
+                message = f"{type(exc).__name__}: {exc.strerror}"
+                log.exception("task %s failed", task_id)
             else:
                 message = f"{type(exc).__name__}: {exc}"
                 log.exception("task %s failed", task_id)
-            self._fail(task_id, message, ctx)
+            self._fail(task_id, self._redact(message), ctx)
         finally:
+            done.set()
+            self._deadline = None
             shutil.rmtree(workdir, ignore_errors=True)
 
+    def _save_outputs(self, task_uuid: str, paths: list[Path]) -> list[dict]:
+        """Store every output, or none: on a failure (disk full) the ones already stored are removed."""
+        saved: list[dict] = []
+        try:
+            for p in paths:
+                saved.append(self.storage.save(task_uuid, p))
+        except BaseException:
+            self.storage.discard(task_uuid, saved)
+            raise
+        return saved
+
+    def _redact(self, message: str) -> str:
+        """``message`` without this server's directories (a task's error is shown to its client)."""
+        for root in sorted({str(self.settings.data_dir), tempfile.gettempdir()}, key=len, reverse=True):
+            message = message.replace(root, "<server>")
+        return message
+
     def _fail(self, task_id: int, message: str, ctx: WorkerContext) -> None:
-        store = self.store
+        """End the task as failed through Wiro's closing stages; stops quietly where a stage is
+        rejected (the task was ended elsewhere meanwhile)."""
         output = "\n".join(ctx.lines)
-        store.add_event(task_id, lc.ERROR, message)
+        lc.log_event(self.store, task_id, lc.ERROR, message, owner=self.worker_id)
         errors = "\n".join([*ctx.error_lines, message])
-        lc.advance(store, task_id, lc.OUTPUT_FULL, message=output, debugoutput=output)
-        lc.advance(store, task_id, lc.ERROR_FULL, message=errors, debugerror=errors)
-        lc.advance(store, task_id, lc.END)
-        lc.advance(store, task_id, lc.POSTPROCESS_START)
-        lc.advance(store, task_id, lc.POSTPROCESS_END, pexit="1")
+        try:
+            self.advance(task_id, lc.OUTPUT_FULL, message=output, debugoutput=output)
+            self.advance(task_id, lc.ERROR_FULL, message=errors, debugerror=errors)
+            self.advance(task_id, lc.END)
+            self.advance(task_id, lc.POSTPROCESS_START)
+            self.advance(task_id, lc.POSTPROCESS_END, pexit="1")
+        except TaskLost:
+            pass
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("clean-up %s failed", getattr(fn, "__name__", fn))

@@ -1,0 +1,121 @@
+"""Background upkeep run by every API process: lease expiry and the retention sweeper.
+
+- **Leases** (every quarter of ``Settings.lease_seconds``): :func:`lifecycle.expire_leases` ends
+  the running tasks whose worker stopped renewing its lease (its process, container or machine
+  died) or that ran past ``task_timeout_seconds``. Any number of API processes may do this at
+  once: every write is conditional, so each task is ended exactly once.
+- **Retention** (every ``sweep_interval_seconds``): finished tasks older than
+  ``output_retention_seconds`` (0 = never, the default) lose their outputs and uploads through the
+  same path as ``Task/InputOutputDelete`` (the task record stays); upload folders and worker
+  scratch folders that belong to no unfinished task, and fetched LoRAs unused for
+  ``orphan_retention_seconds`` (default 7 days), are removed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from easel.config import Settings
+from easel.store import Store, Task
+from easel.tasks import lifecycle as lc
+
+log = logging.getLogger("easel.maintenance")
+
+
+class Maintenance:
+    """The upkeep thread of one API process; :meth:`run_leases` and :meth:`sweep` are callable directly."""
+
+    def __init__(self, settings: Settings, store: Store, delete_files: Callable[[Task], None]):
+        """``delete_files(task)`` removes a finished task's outputs and uploads (InputOutputDelete)."""
+        self.settings = settings
+        self.store = store
+        self.delete_files = delete_files
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="easel-maintenance", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+
+    def _loop(self) -> None:
+        s = self.settings
+        next_sweep = 0.0
+        while True:
+            for job in (self.run_leases, self.sweep if time.monotonic() >= next_sweep else None):
+                if job is None:
+                    continue
+                try:
+                    job()
+                except Exception:  # never let the thread die (database briefly locked, disk full)
+                    log.exception("maintenance: %s failed", job.__name__)
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + s.sweep_interval_seconds
+            if self._stop.wait(max(0.05, s.lease_seconds / 4)):
+                return
+
+    def run_leases(self) -> dict[int, str]:
+        s = self.settings
+        done = lc.expire_leases(self.store, s.lease_seconds, s.task_timeout_seconds, s.requeue_unstarted)
+        if done:
+            log.warning("ended tasks whose worker is gone or that ran too long: %s", done)
+        return done
+
+    def sweep(self, now: float | None = None) -> dict[str, int]:
+        """One retention pass; returns how many of each kind were removed."""
+        s = self.settings
+        now = time.time() if now is None else now
+        removed = {"tasks": 0, "orphans": 0, "fetched": 0}
+        if s.output_retention_seconds > 0:
+            for task in self.store.ended_before(lc.TERMINAL, now - s.output_retention_seconds):
+                if (s.files_dir / task.uuid).exists() or (s.uploads_dir / task.uuid).exists() \
+                        or self.store.outputs(task.id):
+                    self.delete_files(task)
+                    removed["tasks"] += 1
+        if s.orphan_retention_seconds > 0:
+            cutoff = now - s.orphan_retention_seconds
+            live = {t.uuid for t in self.store.tasks_in((lc.QUEUE, *lc.RUNNING))}
+            for path in _children(s.uploads_dir):  # files of a Run that was refused or never stored
+                if _mtime(path) < cutoff and self.store.task_by_uuid(path.name) is None:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed["orphans"] += 1
+            for path in _children(s.data_dir):  # scratch folders of workers that died mid-task
+                if path.name.startswith("easel-") and path.is_dir() and _mtime(path) < cutoff \
+                        and path.name[len("easel-"):len("easel-") + 36] not in live:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed["orphans"] += 1
+            for path in _children(s.models_dir / "fetched"):
+                if path.suffix in (".safetensors", ".part") and max(_mtime(path), _atime(path)) < cutoff:
+                    path.unlink(missing_ok=True)
+                    removed["fetched"] += 1
+        return removed
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _atime(path: Path) -> float:
+    try:
+        return os.stat(path).st_atime
+    except OSError:
+        return 0.0
