@@ -272,7 +272,7 @@ def test_error_texts_are_the_documented_ones(server, project):
             assert e["message"] in DOCUMENTED_ERRORS, e
             seen.append(e)
     assert seen[0] == seen[1] == {"code": 0, "message": "Request parameter [prompt] required"}
-    assert seen[2] == {"code": 0, "message": "Request parameter [steps] must be integer or float", "detail": "got 'many'"}
+    assert seen[2] == {"code": 0, "message": "Request parameter [steps] must be integer or float", "detail": "written with ASCII digits (got 'many')"}
     assert seen[4]["code"] == 1 and seen[4]["message"] == "tool-not-accessible" and "not implemented" in seen[4]["detail"]
     assert seen[9] == {"code": 1, "message": "task-not-exist"}
 

@@ -40,7 +40,10 @@ def documented(message: str) -> tuple[str, str]:
     for pattern in _DOCUMENTED:
         m = pattern.match(message)
         if m and m.end() < len(message):
-            return m.group(0), message[m.end():].strip(" :.-()")
+            rest = message[m.end():].lstrip(" :.,-").removesuffix(".").strip()
+            if rest.startswith("(") and rest.endswith(")") and rest.count("(") == 1:
+                rest = rest[1:-1]
+            return m.group(0), rest
     return message, ""
 
 
