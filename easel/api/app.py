@@ -189,18 +189,23 @@ class Api:
             saved.append(folder / safe)
             fields[target] = f"upload:{safe}"
             shown[target] = self.storage.url(task_uuid.replace("-", ""), safe)
-        compat.require_inputs(spec, fields)
         try:
-            inputs = spec.validate(compat.zero_means_default(spec, fields), self.catalog)
-            self.check_sources(spec, inputs)
-        except InputError as exc:
-            message, detail = documented(exc.message)
-            raise WiroError(0, message, detail=detail) from None
-        limit = self.settings.max_concurrent_tasks
-        if limit and self.store.count_in((lc.QUEUE, *lc.RUNNING), project_id=project.id) >= limit:
-            raise WiroError(96, E.CONCURRENCY, detail=f"This project may have up to {limit} unfinished (queued or "
-                            "running) tasks at the same time. Wait for a task to finish, or ask the operator to "
-                            "raise EASEL_MAX_CONCURRENT_TASKS.")
+            compat.require_inputs(spec, fields)
+            try:
+                inputs = spec.validate(compat.zero_means_default(spec, fields), self.catalog)
+                self.check_sources(spec, inputs)
+            except InputError as exc:
+                message, detail = documented(exc.message)
+                raise WiroError(0, message, detail=detail) from None
+            limit = self.settings.max_concurrent_tasks
+            if limit and self.store.count_in((lc.QUEUE, *lc.RUNNING), project_id=project.id) >= limit:
+                raise WiroError(96, E.CONCURRENCY, detail=f"This project may have up to {limit} unfinished (queued "
+                                "or running) tasks at the same time. Wait for a task to finish, or ask the operator "
+                                "to raise EASEL_MAX_CONCURRENT_TASKS.")
+        except WiroError:
+            if saved:  # a refused Run keeps none of its uploads
+                shutil.rmtree(self.settings.uploads_dir / task_uuid, ignore_errors=True)
+            raise
         task, created = lc.submit(self.store, project_id=project.id, tool=spec.name, parameters={**fields, **shown},
                                   inputs=inputs, callbackurl=callback, cost_per_second=spec.cost_per_second,
                                   uuid=task_uuid, idempotency_key=idempotency_key or None)
