@@ -593,3 +593,23 @@ def test_clean_slugs_nonce_kinds_and_documented_texts():
         "Request parameter [seed] must be integer or float", "got 'x'")
     assert documented("Request parameter [width] must be a multiple of 8") == (
         "Request parameter [width] must be a multiple of 8", "")  # not a documented template: as is
+
+
+def test_cli_sets_a_projects_nonce_policy(tmp_path):
+    import subprocess
+    import sys
+
+    def easel(*args):
+        return subprocess.run([sys.executable, "-m", "easel", "projects", *args, "--data-dir", str(tmp_path)],
+                              capture_output=True, text=True, timeout=120)
+
+    made = json.loads(easel("create", "x", "--json").stdout)
+    assert made["nonce_policy"] == "lenient"
+    assert json.loads(easel("create", "y", "--nonce-policy", "strict", "--json").stdout)["nonce_policy"] == "strict"
+    assert "nonce policy strict" in easel("nonce-policy", made["apikey"], "strict").stdout
+    from easel.config import Settings
+    from easel.store import Store
+
+    assert Store(Settings(data_dir=tmp_path).database_url).project_by_key(made["apikey"]).nonce_policy == "strict"
+    assert easel("nonce-policy", "nope", "strict").returncode == 1
+    assert easel("create", "z", "--nonce-policy", "loose").returncode != 0

@@ -82,6 +82,14 @@ class Store:
             s.add(p)
         return p
 
+    def set_nonce_policy(self, apikey: str, nonce_policy: str) -> Project | None:
+        """Change the nonce policy of the project with ``apikey``; None if there is none."""
+        if nonce_policy not in ("lenient", "strict"):
+            raise ValueError("nonce_policy must be 'lenient' or 'strict'")
+        with self.session() as s:
+            s.execute(update(Project).where(Project.apikey == apikey).values(nonce_policy=nonce_policy))
+        return self.project_by_key(apikey)
+
     def project_by_key(self, apikey: str) -> Project | None:
         with self.session() as s:
             return s.scalar(select(Project).where(Project.apikey == apikey))
