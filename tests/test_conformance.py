@@ -397,19 +397,20 @@ def test_run_by_clean_slug_in_mixed_case(server, project):
     assert detail.json()["tool"][0]["slugproject"] == "Comics-Factory-v1"
 
 
-def test_n8n_zeros_take_the_tools_defaults(server, project):
+def test_n8n_zeros_take_the_tools_defaults(queue):
     """The n8n TextToImageSdLora node's body with every optional field left empty."""
+    srv, project = queue
     body = {"selectedModel": "", "selectedModelPrivate": "", "selectedLoraModel": "", "selectedLoraModelPrivate": "",
             "selectedLoraModelPrivateUrl": "", "prompt": "a lighthouse", "negativePrompt": "", "samples": 0, "steps": 0,
             "scale": 0, "seed": "", "clipSkip": 0, "width": 0, "height": 0, "scheduler": "DDIMScheduler"}
-    answer = httpx.post(f"{server.base}/v1/Run/{TOOL}", headers={**n8n_headers(project), "Content-Type": "application/json"},
+    answer = httpx.post(f"{srv.base}/v1/Run/{TOOL}", headers={**n8n_headers(project), "Content-Type": "application/json"},
                         json=body).json()
     assert answer["result"] is True, answer
-    inputs = json.loads(server.store.get_task(int(answer["taskid"])).inputs)
+    inputs = json.loads(srv.store.get_task(int(answer["taskid"])).inputs)
     assert (inputs["samples"], inputs["steps"], inputs["scale"], inputs["width"], inputs["height"]) == (4, 30, 7.5, 512, 512)
     assert inputs["clipSkip"] == 0  # 0 is a real clip skip (none), kept
-    server.post(project, "/v1/Task/Kill", json={"taskid": answer["taskid"]})
-    assert server.wait(project, answer["taskid"])["parameters"]["steps"] == 0  # parameters: what was sent
+    assert srv.detail(project, answer["taskid"])["parameters"]["steps"] == 0  # parameters: what was sent
+    srv.post(project, "/v1/Task/Cancel", json={"taskid": answer["taskid"]})
 
 
 def test_bom_and_missing_content_type_bodies(server, project):
@@ -560,3 +561,55 @@ def test_the_python_client_speaks_to_wiro_itself():
     assert headers["x-signature"] == signature("key", "secret", headers["x-nonce"])
     assert [(p, b) for p, _, b in sent[1:]] == [("/v1/Task/Detail", {"taskid": "2221"})] * 3 + [
         ("/v1/Task/InputOutputDelete", {"tasktoken": TASKS_MD_DETAIL["tasklist"][0]["socketaccesstoken"]})]
+
+
+def test_a_refused_run_keeps_none_of_its_uploads(server, project, tiny):
+    uploads = server.data_dir / "uploads"
+    before = set(uploads.iterdir()) if uploads.exists() else set()
+    fields = {k: str(v) for k, v in SMALL.items() if k not in ("selectedLoraModel", "prompt")}
+    with open(tiny["sd15-lora-kohya"], "rb") as fh:
+        r = server.post(project, f"/v1/Run/{TOOL}", data={**fields, "prompt": " "},
+                        files={"selectedLoraModelPrivateUrl": ("mine.safetensors", fh, "application/octet-stream")})
+    assert r.json()["errors"] == [{"code": 0, "message": "Request parameter [prompt] required"}]
+    assert (set(uploads.iterdir()) if uploads.exists() else set()) == before
+
+
+def test_clean_slugs_nonce_kinds_and_documented_texts():
+    from easel.api.auth import nonce_time
+    from easel.api.errors import documented
+    from easel.api.toolinfo import clean_slug
+
+    assert [clean_slug(s) for s in ("Virtual Try-On", "Adel_AI", "Comics-Factory-v1", " x  y ")] == \
+        ["virtual-try-on", "adel_ai", "comics-factory-v1", "x-y"]  # models.md's example, the seed's owner
+    now = 1_800_000_000.0
+    assert nonce_time("1800000000", 300, now) == now and nonce_time("1800000000123", 300, now) == now + 0.123
+    assert nonce_time("1800000299", 300, now) == now + 299 and nonce_time("1800000301", 300, now) is None
+    assert nonce_time("1600000000", 300, now) == 1.6e9  # a past Unix time: a (stale) timestamp
+    for random_nonce in ("4242424242", str(1_800_000_000 * 10**9), "999999999", "7", "abc", ""):
+        assert nonce_time(random_nonce, 300, now) is None, random_nonce
+    assert documented("Request parameter [steps] must be between 1 and 150") == (
+        "Request parameter [steps] must be between 1 and 150", "")
+    assert documented("Request parameter [seed] must be integer or float (got 'x')") == (
+        "Request parameter [seed] must be integer or float", "got 'x'")
+    assert documented("Request parameter [width] must be a multiple of 8") == (
+        "Request parameter [width] must be a multiple of 8", "")  # not a documented template: as is
+
+
+def test_cli_sets_a_projects_nonce_policy(tmp_path):
+    import subprocess
+    import sys
+
+    def easel(*args):
+        return subprocess.run([sys.executable, "-m", "easel", "projects", *args, "--data-dir", str(tmp_path)],
+                              capture_output=True, text=True, timeout=120)
+
+    made = json.loads(easel("create", "x", "--json").stdout)
+    assert made["nonce_policy"] == "lenient"
+    assert json.loads(easel("create", "y", "--nonce-policy", "strict", "--json").stdout)["nonce_policy"] == "strict"
+    assert "nonce policy strict" in easel("nonce-policy", made["apikey"], "strict").stdout
+    from easel.config import Settings
+    from easel.store import Store
+
+    assert Store(Settings(data_dir=tmp_path).database_url).project_by_key(made["apikey"]).nonce_policy == "strict"
+    assert easel("nonce-policy", "nope", "strict").returncode == 1
+    assert easel("create", "z", "--nonce-policy", "loose").returncode != 0

@@ -121,6 +121,26 @@ def projects_create(
             console.print(f"{k}: {v}")
 
 
+@projects_app.command("nonce-policy")
+def projects_nonce_policy(
+    apikey: str = typer.Argument(..., help="The project's API key."),
+    policy: str = typer.Argument(..., help="lenient or strict"),
+    data_dir: Path = typer.Option(Path("easel-data")),
+):
+    """Change a project's nonce policy (projects made before 0.3 are lenient after the upgrade)."""
+    from easel.store import Store
+
+    if policy not in ("lenient", "strict"):
+        raise typer.BadParameter("must be 'lenient' or 'strict'", param_hint="POLICY")
+    store = Store(_settings(data_dir).database_url)
+    store.migrate()
+    project = store.set_nonce_policy(apikey, policy)
+    if project is None:
+        console.print("[red]no project has this API key")
+        raise typer.Exit(1)
+    console.print(f"{project.name}: nonce policy {project.nonce_policy}")
+
+
 @models_app.command("make-tiny")
 def make_tiny_cmd(folder: Path, force: bool = typer.Option(False, help="Rewrite even if present.")):
     """Write the tiny random-weight models (noise images; for offline tests and demos)."""

@@ -113,6 +113,14 @@ class Store:
         p.apikey = apikey  # detached: not written back
         return p
 
+    def set_nonce_policy(self, apikey: str, nonce_policy: str) -> Project | None:
+        """Change the nonce policy of the project with ``apikey``; None if there is none."""
+        if nonce_policy not in ("lenient", "strict"):
+            raise ValueError("nonce_policy must be 'lenient' or 'strict'")
+        with self.session() as s:
+            s.execute(update(Project).where(Project.apikey == apikey).values(nonce_policy=nonce_policy))
+        return self.project_by_key(apikey)
+
     def project_by_key(self, apikey: str) -> Project | None:
         """The project whose API key is ``apikey`` (looked up by hash), or None."""
         with self.session() as s:
