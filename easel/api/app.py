@@ -37,7 +37,7 @@ from easel.tasks import lifecycle as lc
 from . import compat, live, toolinfo
 from . import errors as E
 from .auth import authenticate
-from .errors import WiroError, documented, error_response
+from .errors import WiroError, error_response
 from .parsing import Body, parse_body
 from .maintenance import Maintenance
 from .webhooks import WebhookDispatcher
