@@ -183,7 +183,11 @@ class Api:
             self.check_sources(spec, inputs)
         except InputError as exc:
             raise WiroError(0, exc.message) from None
-        files_api.check_image_inputs(self, project, spec, inputs, self.settings.uploads_dir / task_uuid)
+        try:
+            files_api.check_image_inputs(self, project, spec, inputs, self.settings.uploads_dir / task_uuid)
+        except WiroError:
+            shutil.rmtree(self.settings.uploads_dir / task_uuid, ignore_errors=True)  # nothing was queued
+            raise
         limit = self.settings.max_concurrent_tasks
         if limit and self.store.count_in((lc.QUEUE, *lc.RUNNING), project_id=project.id) >= limit:
             raise WiroError(96, f"You have reached your concurrent task limit: this project may have up to {limit} "
