@@ -29,7 +29,10 @@ class Settings:
         fetch_allow: Hosts or CIDR ranges the URL fetcher may reach although they are loopback,
             private or link-local (tests allow their local file server this way).
         lora_max_bytes: Size cap of a LoRA downloaded from a user URL, in bytes.
-        upload_max_bytes: Size cap of one uploaded request file, in bytes.
+        upload_max_bytes: Size cap of one uploaded request file (Run multipart or
+            ``/v1/File/Upload``) and of an input image fetched from a URL, in bytes.
+        max_image_pixels: Largest image input (width × height) a tool decodes; larger ones,
+            and decompression bombs, are refused from the header before any pixel is decoded.
         fetch_connect_timeout / fetch_read_timeout: Seconds, per connection / per read.
         nonce_window_seconds: For projects with the ``strict`` nonce policy: a timestamp nonce
             must be within this many seconds of now; every nonce is remembered (and refused
@@ -89,6 +92,7 @@ class Settings:
     fetch_allow: tuple[str, ...] = field(default_factory=tuple)
     lora_max_bytes: int = 2 * 1024**3
     upload_max_bytes: int = 64 * 1024**2
+    max_image_pixels: int = 4096 * 4096
     fetch_connect_timeout: float = 10.0
     fetch_read_timeout: float = 60.0
     nonce_window_seconds: int = 300
@@ -137,6 +141,11 @@ class Settings:
     @property
     def uploads_dir(self) -> Path:
         return self.data_dir / "uploads"
+
+    @property
+    def user_files_dir(self) -> Path:
+        """Files uploaded with ``POST /v1/File/Upload`` (``<data_dir>/userfiles/<file id>/<name>``)."""
+        return self.data_dir / "userfiles"
 
     @property
     def models_dir(self) -> Path:

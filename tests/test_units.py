@@ -123,9 +123,9 @@ def test_switching_loras_does_not_reload_the_base_model(tmp_path, tiny):
     a, b = ("a", str(tiny["sd15-lora-kohya"]), 1.0), ("b", str(tiny["sd15-lora-peft"]), 0.5)
     for loras in ([a], [b], [a, b], [], [a]):
         assert manager.pipeline("base", loader) is pipe
-        manager.loras(pipe).apply(pipe, loras)
+        manager.adapters(pipe).apply(pipe, loras)
     assert manager.pipelines.loads == {"base": 1}
-    assert manager.loras(pipe).loads == 2  # each file loaded once, then only switched
+    assert manager.adapters(pipe).loads == 2  # each file loaded once, then only switched
 
 
 def test_lora_of_another_family_is_refused(tmp_path, tiny_pipe):

@@ -36,6 +36,7 @@ from easel.tasks import lifecycle as lc
 
 from . import compat, live, toolinfo
 from . import errors as E
+from . import files as files_api
 from .auth import authenticate
 from .errors import WiroError, error_response
 from .parsing import Body, parse_body
@@ -204,6 +205,7 @@ class Api:
                 check_urls(inputs)
             except InputError as exc:
                 raise WiroError(0, exc.message) from None
+            files_api.check_image_inputs(self, project, spec, inputs, self.settings.uploads_dir / task_uuid)
             limit = self.settings.max_concurrent_tasks
             if limit and self.store.count_in((lc.QUEUE, *lc.RUNNING), project_id=project.id) >= limit:
                 raise WiroError(96, E.CONCURRENCY, detail=f"This project may have up to {limit} unfinished (queued or "
@@ -497,12 +499,24 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
     async def socket(ws: WebSocket):
         await live.serve_socket(ws, api.store, api.output_list, poll=settings.live_poll_interval)
 
+    @app.post("/v1/File/FolderCreate", summary="Create a folder for uploaded files (name, parentid)")
+    async def folder_create(request: Request):
+        return await handle(request, lambda project, body: files_api.folder_create(api, project, body))
+
+    @app.post("/v1/File/Upload", summary="Upload a file (multipart `file`, optional `folderid`) to use in Runs")
+    async def file_upload(request: Request):
+        return await handle(request, lambda project, body: files_api.upload(api, project, body))
+
     @app.api_route("/v1/File/{accesskey}/{name}", methods=["GET", "HEAD"],
-                   summary="An output or uploaded input file (the key in the URL is the credential)")
+                   summary="An output, an uploaded input or a File/Upload file (the key in the URL is the credential)")
     async def file(accesskey: str, name: str):
         out = await run_in_threadpool(api.store.output_by_key, accesskey, name)
         if out is not None:
             return FileResponse(api.storage.path(out.path), media_type=out.contenttype)
+        up = await run_in_threadpool(api.store.user_file_by_key, accesskey, name)
+        if up is not None:
+            path = files_api.InputFiles(settings, api.store, api.storage).user_path(up.path)
+            return FileResponse(path, media_type=up.contenttype)
         upload = api.upload_path(accesskey, name)
         if upload is None:
             raise WiroError(1, "There is no file.", 404)

@@ -22,7 +22,8 @@ HERE = Path(__file__).parent
 
 CHECKPOINT_KINDS = ("sd15", "sdxl", "flux")
 LORA_KINDS = ("sd15-lora", "sdxl-lora", "flux-lora")
-KINDS = CHECKPOINT_KINDS + LORA_KINDS + ("sdxl-controlnet",)
+COMPONENT_KINDS = ("sd15-iclight", "matting")  # weights transformations and auxiliary networks
+KINDS = CHECKPOINT_KINDS + LORA_KINDS + ("sdxl-controlnet",) + COMPONENT_KINDS
 
 
 class InputError(ValueError):
@@ -138,6 +139,8 @@ class InputSpec:
     max: float | None = None
     multiple_of: int | None = None
     note: str = ""
+    required: bool = False  # an empty value is refused at submission
+    accepts: str = ""  # "image": a file input decoded as an image (URL, uploaded file name, multipart)
 
     def option_values(self) -> list[str]:
         return [str(o.get("model", o.get("value"))) for o in self.options]
@@ -213,6 +216,10 @@ def _missing(value: Any) -> bool:
 def _coerce(spec: InputSpec, value: Any) -> Any:
     name = spec.name
     if spec.type in ("text", "textarea"):
+        if spec.required and _missing(value):
+            what = ": an image URL, the name of a file uploaded with /v1/File/Upload, or a multipart file" \
+                if spec.accepts == "image" else ""
+            raise InputError(name, f"Request parameter [{name}] is required{what}")
         if value is None:
             return "" if spec.default is None else str(spec.default)
         if isinstance(value, (list, dict)):
@@ -312,6 +319,7 @@ def load_tools() -> dict[str, ToolSpec]:
                 name=i["name"], type=i["type"], label=i.get("label", ""), help=i.get("help", ""),
                 default=i.get("default", ""), options=i.get("options", []), min=i.get("min"),
                 max=i.get("max"), multiple_of=i.get("multiple_of"), note=i.get("note", ""),
+                required=bool(i.get("required", False)), accepts=i.get("accepts", ""),
             )
             for i in t["inputs"]
         ]

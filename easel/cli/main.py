@@ -302,30 +302,97 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-DEMO_REQUEST = {  # the seed's curl body for wiro/text-to-image-sd-lora, quirks included
-    "selectedModel": "", "selectedModelPrivate": "", "selectedLoraModel": [], "selectedLoraModelPrivateUrl": "",
-    "prompt": "summer landscape, red color, Bokeh, the waterfall, fog over the lake, insanely detailed and "
-              "intricate, hypermaximalist, elegant, ornate, hyper realistic, super detailed.",
-    "negativePrompt": "", "samples": 4, "steps": 30, "scale": "7.5", "seed": "123456", "clipSkip": 4,
-    "width": 512, "height": 512, "scheduler": "EulerDiscreteScheduler",
-    "callbackUrl": "You can provide a callback URL; Wiro will send a POST request to it when the task is completed.",
+CALLBACK_SENTENCE = "You can provide a callback URL; Wiro will send a POST request to it when the task is completed."
+# Each implemented seed's own example request (its curl body, quirks included), and the files the
+# request names, uploaded first with POST /v1/File/Upload as a Wiro user would.
+DEMO_REQUESTS = {
+    "wiro/text-to-image-sd-lora": {
+        "selectedModel": "", "selectedModelPrivate": "", "selectedLoraModel": [], "selectedLoraModelPrivateUrl": "",
+        "prompt": "summer landscape, red color, Bokeh, the waterfall, fog over the lake, insanely detailed and "
+                  "intricate, hypermaximalist, elegant, ornate, hyper realistic, super detailed.",
+        "negativePrompt": "", "samples": 4, "steps": 30, "scale": "7.5", "seed": "123456", "clipSkip": 4,
+        "width": 512, "height": 512, "scheduler": "EulerDiscreteScheduler", "callbackUrl": CALLBACK_SENTENCE,
+    },
+    "wiro/text-to-image-flux-lora-fast": {
+        "selectedLoraModel": [], "selectedLoraModelPrivateUrl": "",
+        "prompt": " vintage matchbox artwork, A retro matchbox label depicting a lion roaring under a starry African "
+                  "night sky, framed with decorative vintage borders and textured printing effects.",
+        "steps": 20, "scale": "3.5", "samples": 1, "seed": "3572004920", "width": 1024, "height": 1024,
+        "callbackUrl": CALLBACK_SENTENCE,
+    },
+    "Adel_AI/Comics-Factory-v1": {
+        "prompt": "ComicsFact1 style. A moody, atmospheric photo-realistic shoot from the side about a silhouette of a "
+                  "man walking towards a vintage car in a dimly lit industrial setting during a rainy night, with a "
+                  "strong focus on the man and his vehicle. on the left side of the image, a man in a long coat and "
+                  "hat is walking towards the car, carrying a briefcase. he appears to be in his mid-twenties, with "
+                  "his full body visible, and his posture suggests a sense of urgency. he is wearing a hat and "
+                  "carrying a suitcase, and the car is parked in front of him, casting a shadow on the wet floor. in "
+                  "the background, a dilapidated building with wooden beams and beams is partially obscured by fog, "
+                  "creating a mysterious atmosphere. the scene is set against a dark, foggy backdrop with a hint of "
+                  "green light emanating from the windows, adding to the moody atmosphere.solo, hat, walking, full "
+                  "body, indoors, suit, from side, bag, car, silhouette, window, suitcase, rain, silhouette of person, "
+                  "rainy",
+        "samples": 1, "steps": 20, "scale": "3.5", "seed": "93080474", "width": 1024, "height": 1024,
+        "callbackUrl": CALLBACK_SENTENCE,
+    },
+    "wiro/ic-light-background": {
+        "selectedModel": "", "selectedModelPrivate": "", "inputImageUrl": "bg-img2.png",
+        "inputImage2Url": "ic-light.png", "prompt": "a woman", "negativePrompt": "bad quality", "samples": 1,
+        "steps": 30, "scale": "2.0", "highres_scale": "1.5", "highres_denoise": "0.5", "seed": "123456",
+        "bg_source": "Use Background Image", "callbackUrl": CALLBACK_SENTENCE,
+    },
 }
 
 
+def demo_files() -> dict[str, bytes]:
+    """The input images the seeds' examples name, drawn here (deterministic): ``bg-img2.png``, a
+    street-like background (512×384), and ``ic-light.png``, a figure on a plain backdrop (384×512)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    bg = Image.new("RGB", (512, 384))
+    draw = ImageDraw.Draw(bg)
+    for y in range(384):  # warm sky to dark street
+        t = y / 383
+        draw.line([(0, y), (511, y)], fill=(int(250 - 190 * t), int(170 - 120 * t), int(90 - 40 * t)))
+    for x, h in ((20, 200), (120, 260), (260, 180), (380, 240)):
+        draw.rectangle([x, 384 - h, x + 90, 383], fill=(40, 40, 60))
+        for wy in range(384 - h + 15, 370, 30):
+            draw.rectangle([x + 15, wy, x + 30, wy + 12], fill=(255, 220, 120))
+    fg = Image.new("RGB", (384, 512), (235, 235, 235))
+    draw = ImageDraw.Draw(fg)
+    draw.ellipse([142, 60, 242, 170], fill=(224, 180, 150))
+    draw.polygon([(112, 512), (142, 200), (242, 200), (272, 512)], fill=(70, 90, 160))
+    draw.ellipse([132, 40, 252, 120], fill=(60, 40, 30))
+    out = {}
+    for name, img in (("bg-img2.png", bg), ("ic-light.png", fg)):
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        out[name] = buf.getvalue()
+    return out
+
+
 @app.command()
-def demo(data_dir: Path = typer.Option(Path(".easel-demo"), help="Data directory for the demo server.")):
-    """Start a server on the embedded default (SQLite, local worker, tiny models), send the seed's
-    request for wiro/text-to-image-sd-lora exactly as its curl example does, and print the PNG paths."""
+def demo(data_dir: Path = typer.Option(Path(".easel-demo"), help="Data directory for the demo server."),
+         tool: list[str] = typer.Option([], "--tool", help="Only these tools (default: every implemented seed).")):
+    """Start a server on the embedded default (SQLite, local worker, tiny models), send every
+    implemented seed's example request exactly as its curl example does (uploading the input images
+    it names first with POST /v1/File/Upload), and print the PNG paths per tool."""
     import httpx
 
+    from easel.catalog import load_tools
     from easel.client import Client
     from easel.signing import signature
 
+    specs = load_tools()
+    chosen = [t for t in DEMO_REQUESTS if (not tool or t in tool) and specs[t].module]
     port = _free_port()
     log = open(data_dir.parent / f"{data_dir.name}-server.log", "w") if data_dir.parent.exists() else subprocess.DEVNULL
     console.print(f"starting easel serve on 127.0.0.1:{port} (data dir {data_dir}, tiny models)")
     proc = subprocess.Popen([sys.executable, "-m", "easel", "serve", "--port", str(port), "--data-dir", str(data_dir),
                              "--model-source", "tiny"], stdout=log, stderr=subprocess.STDOUT)
+    results: dict[str, list[Path]] = {}
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(600):
@@ -340,21 +407,32 @@ def demo(data_dir: Path = typer.Option(Path(".easel-demo"), help="Data directory
         out = subprocess.run([sys.executable, "-m", "easel", "projects", "create", "demo", "--data-dir", str(data_dir),
                               "--json"], capture_output=True, text=True, check=True)
         project = json.loads(out.stdout)
-        nonce = str(int(time.time()))
-        headers = {"Content-Type": "multipart/form-data", "x-api-key": project["apikey"], "x-nonce": nonce,
-                   "x-signature": signature(project["apikey"], project["apisecret"], nonce)}
-        t0 = time.time()
-        answer = httpx.post(f"{base}/v1/Run/wiro/text-to-image-sd-lora", headers=headers,
-                            content=json.dumps(DEMO_REQUEST)).json()
-        console.print(answer)
         client = Client(f"{base}/v1", project["apikey"], project["apisecret"])
-        task = _follow(client, answer["taskid"], answer["socketaccesstoken"])
-        if task["pexit"] != "0":
-            console.print(f"[red]task failed: {task['debugerror']}")
-            raise typer.Exit(1)
-        console.print(f"done in {time.time() - t0:.1f} s (tiny random model: the images are noise)")
-        for path in client.download(task, data_dir / "outputs" / answer["taskid"]):
-            print(path.resolve())
+        files = demo_files()
+        for name in sorted({v for t in chosen for v in DEMO_REQUESTS[t].values() if isinstance(v, str) and v in files}):
+            item = client.upload(name, files[name])
+            console.print(f"uploaded {name} with File/Upload: {item['url']}")
+        for name in chosen:
+            console.print(f"[bold]{name}[/bold]: the seed's request")
+            nonce = str(int(time.time() * 1000))
+            headers = {"Content-Type": "multipart/form-data", "x-api-key": project["apikey"], "x-nonce": nonce,
+                       "x-signature": signature(project["apikey"], project["apisecret"], nonce)}
+            t0 = time.time()
+            answer = httpx.post(f"{base}/v1/Run/{name}", headers=headers, content=json.dumps(DEMO_REQUESTS[name])).json()
+            console.print(answer)
+            if not answer.get("result"):
+                raise typer.Exit(1)
+            task = _follow(client, answer["taskid"], answer["socketaccesstoken"])
+            if task["pexit"] != "0":
+                console.print(f"[red]{name} failed: {task['debugerror']}")
+                raise typer.Exit(1)
+            console.print(f"done in {time.time() - t0:.1f} s")
+            results[name] = client.download(task, data_dir / "outputs" / answer["taskid"])
+        console.print("(tiny random models: the images are noise)")
+        for name, paths in results.items():
+            print(f"{name}:")
+            for path in paths:
+                print(f"  {path.resolve()}")
     finally:
         proc.terminate()
         proc.wait(10)

@@ -121,6 +121,12 @@ class Client(_Base):
             return answer
         return self.follow(answer["taskid"], answer["socketaccesstoken"], on_event, timeout)
 
+    def upload(self, name: str, data: bytes, folderid: str = "") -> dict:
+        """``POST /File/Upload``: upload ``data`` as file ``name``; returns the ``list`` entry (``id``,
+        ``name``, ``url``, ``accesskey``...). A Run may then name the file by ``url`` or bare ``name``."""
+        fields = {"folderid": folderid} if folderid else None
+        return self._post("/File/Upload", data=fields, files={"file": (name, data)})["list"][0]
+
     def events(self, tasktoken: str, previews: bool = False, timeout: float = 3600) -> Iterator[dict]:
         """Yield the task's WebSocket frames (history first) until its terminal frame."""
         from websockets.sync.client import connect

@@ -1,16 +1,26 @@
-"""Weights for tools: catalog resolution (``sources``), warm pipelines and LoRA adapters
-(``cache``), safe downloads (``fetch``) and the offline tiny models (``tiny``)."""
+"""Weights for tools: catalog resolution (``sources``), warm pipelines, derived pipelines,
+components and adapter state (``cache``), safe downloads (``fetch``) and the offline tiny models
+(``tiny``).
+
+:class:`ModelManager` is the typed model service a tool receives as ``ctx.models``. A tool asks it
+for *what* it needs (a checkpoint of a kind, a LoRA with its scale, a pipeline, a derived pipeline,
+a component, the adapter state of a pipeline) and never sees settings or cache keys.
+"""
 from __future__ import annotations
 
+import time
+import weakref
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from easel.catalog import ModelCatalog
+from easel.catalog import CatalogError, ModelCatalog, ModelEntry
 from easel.config import Settings
 
-from .cache import LoraState, PipelineCache
+from .cache import LoraState, PipelineCache, torch_modules
 from .sources import ModelSources, Weights
 
-__all__ = ["ModelManager", "ModelSources", "Weights", "PipelineCache", "LoraState", "dtype_kwargs"]
+__all__ = ["ModelManager", "ModelSources", "Weights", "PipelineCache", "LoraState", "dtype_kwargs", "ModelError",
+           "Checkpoint", "LoraChoice", "Loaded", "RuntimeOptions"]
 
 
 def dtype_kwargs(dtype: Any) -> dict:
@@ -21,10 +31,69 @@ def dtype_kwargs(dtype: Any) -> dict:
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
-class ModelManager:
-    """What a tool needs to get weights: sources, the warm pipeline cache, LoRA state per pipeline.
+class ModelError(ValueError):
+    """A model request a tool cannot satisfy (wrong kind, unknown id, no source, failed download).
+    The message names the request field and goes to the task's ``debugerror``."""
 
-    One instance lives in each worker process for its whole life, so pipelines stay warm.
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resolved catalog checkpoint: its entry and local weights."""
+
+    entry: ModelEntry
+    weights: Weights
+
+    @property
+    def label(self) -> str:
+        return self.entry.label
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """One LoRA to apply: ``key`` identifies the weights (same key, same adapter), ``scale`` is the
+    adapter weight (PEFT's ``set_adapters`` weight; 0 disables its effect), ``label`` is for logs."""
+
+    key: str
+    path: str
+    scale: float
+    label: str
+    layout: str = ""  # the file's key layout when known (peft, kohya, xlabs, bfl)
+
+    @property
+    def triple(self) -> tuple[str, str, float]:
+        """``(key, path, scale)`` as :meth:`LoraState.apply` takes it."""
+        return self.key, self.path, self.scale
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """An object from the warm cache: ``fresh`` if this call loaded it, in ``seconds``."""
+
+    obj: Any
+    fresh: bool
+    seconds: float
+
+    def describe(self, label: str) -> str:
+        """A ``debugoutput`` line: ``<label>: resident, reused`` or ``<label>: loaded in 1.23 s``."""
+        return f"{label}: " + (f"loaded in {self.seconds:.2f} s" if self.fresh else "resident, reused")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Operator choices a tool may follow (from ``Settings``): ``torch_compile`` the denoiser,
+    force ``cpu_offload``."""
+
+    torch_compile: bool = False
+    cpu_offload: bool = False
+
+
+class ModelManager:
+    """The model services of one worker process: weights, warm cache, derived pipelines,
+    components, adapter state. One instance lives for the worker's whole life, so everything
+    stays warm between tasks.
+
+    Everything resident (pipelines, derived pipelines, components) shares one LRU byte budget
+    (``Settings.pipeline_cache_bytes``).
     """
 
     def __init__(self, settings: Settings, catalog: ModelCatalog):
@@ -32,21 +101,157 @@ class ModelManager:
         self.catalog = catalog
         self.sources = ModelSources(settings, catalog)
         self.pipelines = PipelineCache(settings.pipeline_cache_bytes)
-        self._loras: dict[int, LoraState] = {}
+        self.options = RuntimeOptions(torch_compile=settings.torch_compile, cpu_offload=settings.cpu_offload)
+        # adapter state lives with the module that holds the adapters (a pipeline's UNet or
+        # transformer): a reloaded module is a new key, a module shared by two pipelines one key
+        self._adapters: "weakref.WeakKeyDictionary[Any, LoraState]" = weakref.WeakKeyDictionary()
+
+    # -- weights ------------------------------------------------------------------------------
+
+    def entry(self, model_id: str, field: str, kinds: tuple[str, ...]) -> ModelEntry:
+        """The catalog entry of ``model_id``, which must be of one of ``kinds``.
+
+        Raises:
+            ModelError: unknown id, or another kind (the message names ``field``).
+        """
+        try:
+            entry = self.catalog.get(model_id)
+        except KeyError:
+            raise ModelError(f"{field}: model {model_id!r} is not in this server's catalog") from None
+        if entry.kind not in kinds:
+            raise ModelError(f"{field} {entry.id} ({entry.label}) is a {entry.kind} model; this tool takes "
+                             f"{' or '.join(kinds)}")
+        return entry
+
+    def checkpoint(self, model_id: str, field: str, kinds: tuple[str, ...] = ("sd15",)) -> Checkpoint:
+        """Resolve a checkpoint id to local weights (downloading on first use in hub mode).
+
+        Raises:
+            ModelError: wrong kind, unknown id, no configured source, or a failed download.
+        """
+        entry = self.entry(model_id, field, kinds)
+        try:
+            return Checkpoint(entry, self.sources.checkpoint(entry))
+        except CatalogError as exc:
+            raise ModelError(f"{field}: {exc}") from None
+
+    def lora(self, model_id: str, field: str, kind: str, inputs: dict) -> LoraChoice:
+        """A catalog LoRA with its scale: **the one place of the scale convention**.
+
+        A LoRA entry with ``generatesettings`` takes its scale from the validated input of that
+        setting's id (the request's value, else the catalog default, put there by
+        ``ToolSpec.validate``); an entry without one has scale 1.0.
+
+        Raises:
+            ModelError: wrong kind, unknown id, no source.
+        """
+        entry = self.entry(model_id, field, (kind,))
+        scale = float(inputs.get(entry.generatesettings[0]["id"], entry.generatesettings[0].get("value", 1.0))) \
+            if entry.generatesettings else 1.0
+        try:
+            w = self.sources.lora(entry)
+        except CatalogError as exc:
+            raise ModelError(f"{field}: {exc}") from None
+        return LoraChoice(f"{entry.id}:{w.key}", str(w.path), scale, entry.label)
+
+    def component_weights(self, model_id: str, kinds: tuple[str, ...]) -> tuple[ModelEntry, Weights]:
+        """The entry and local weights of a component (IC-Light offset, matting network...).
+
+        Raises:
+            ModelError: as :meth:`checkpoint`.
+        """
+        entry = self.entry(model_id, "component", kinds)
+        try:
+            return entry, self.sources.component(entry)
+        except CatalogError as exc:
+            raise ModelError(f"{entry.label}: {exc}") from None
+
+    # -- the warm cache -----------------------------------------------------------------------
 
     def pipeline(self, key: str, loader: Callable[[], Any]) -> Any:
-        """The warm pipeline for ``key`` (loaded by ``loader`` on first use or after eviction)."""
+        """The warm object for a raw cache ``key`` (loaded by ``loader`` on first use or after eviction).
+        Tools use :meth:`base_pipeline`, :meth:`derived_pipeline` and :meth:`component` instead."""
         return self.pipelines.get(key, loader)
 
-    def loras(self, pipe: Any, hotswap: bool = False) -> LoraState:
-        """The :class:`LoraState` of a loaded pipeline object.
+    def _get(self, key: str, loader: Callable[[], Any]) -> Loaded:
+        fresh = self.pipelines.peek(key) is None
+        t0 = time.perf_counter()
+        obj = self.pipelines.get(key, loader)
+        return Loaded(obj, fresh, time.perf_counter() - t0)
+
+    def base_pipeline(self, family: str, weights: Weights, loader: Callable[[], Any]) -> Loaded:
+        """The plain pipeline of a checkpoint (one per family and weights), e.g. the SD tool's."""
+        return self._get(f"{family}:{weights.key}", loader)
+
+    def derived_pipeline(self, family: str, weights: Weights, transform: str, loader: Callable[[], Any]) -> Loaded:
+        """A pipeline built from a base checkpoint plus a transformation (e.g. ``iclight-fbc:<offset key>``).
+
+        Cached under its own key (``<family>:<weights>+<transform>``) and counted in the budget.
+        ``loader`` must build its own modules from the weights (never take the plain pipeline's):
+        a derived entry that shares a torch module with the resident plain pipeline is refused, so
+        a transformation can never leak into the base model other tools use.
+
+        Raises:
+            RuntimeError: the loader returned modules shared with the plain pipeline.
+        """
+        loaded = self._get(f"{family}:{weights.key}+{transform}", loader)
+        if loaded.fresh:
+            plain = self.pipelines.peek(f"{family}:{weights.key}")
+            if plain is not None:
+                shared = {id(m) for m in torch_modules(plain)} & {id(m) for m in torch_modules(loaded.obj)}
+                if shared:
+                    raise RuntimeError(f"derived pipeline {transform} shares modules with the plain {family} pipeline")
+        return loaded
+
+    def component(self, kind: str, weights: Weights, loader: Callable[[Weights], Any]) -> Loaded:
+        """An auxiliary network (matting, face analysis, ControlNet, IP-Adapter...) loaded once per
+        worker by ``loader(weights)``, cached and budgeted like pipelines."""
+        return self._get(f"component:{kind}:{weights.key}", lambda: loader(weights))
+
+    def loads(self) -> dict[str, int]:
+        """How many times each cache key was loaded in this worker (for logs and tests)."""
+        return dict(self.pipelines.loads)
+
+    # -- adapters -----------------------------------------------------------------------------
+
+    def adapters(self, pipe: Any, hotswap: bool = False) -> LoraState:
+        """The :class:`LoraState` of the module holding ``pipe``'s adapters (its UNet or transformer).
+
+        The state belongs to that module object: a pipeline reloaded after eviction has new modules
+        and starts clean even if Python reuses the old pipeline's ``id``; two pipelines sharing a
+        denoiser share its state (the adapters live in it).
 
         Args:
             hotswap: One hot-swapped adapter slot (rank up to ``Settings.lora_hotswap_rank``)
-                instead of several resident adapters; fixed by the first call for a pipeline.
+                instead of several resident adapters; fixed by the first call for a module.
         """
-        state = self._loras.get(id(pipe))
+        module = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) or pipe
+        state = self._adapters.get(module)
         if state is None:
             rank = self.settings.lora_hotswap_rank if hotswap else None
-            state = self._loras[id(pipe)] = LoraState(self.settings.max_resident_loras, hotswap_rank=rank)
+            state = self._adapters[module] = LoraState(self.settings.max_resident_loras, hotswap_rank=rank)
         return state
+
+    def private_lora(self, value: str, field: str, family: str, input_file: Callable[[str], Any]) -> LoraChoice | None:
+        """A user's own LoRA at scale 1.0: ``upload:<name>`` (a multipart file, via ``input_file``)
+        or an ``http(s)`` URL (the safe fetcher). None for an empty value.
+
+        Raises:
+            ValueError: (``FetchError``, ``LoraFormatError``) a refused URL or file, or a LoRA made
+                for another family than ``family`` (``sd`` or ``flux``); the message names ``field``.
+        """
+        from .fetch import check_safetensors
+        from .lora_formats import require_family
+
+        value = (value or "").strip()
+        if not value:
+            return None
+        if value.startswith("upload:"):
+            path = input_file(value)
+            check_safetensors(path)
+            key = f"upload:{path.name}"
+        else:
+            w = self.sources.lora_from_url(value)
+            path, key = w.path, w.key
+        layout = require_family(path, family, field)
+        return LoraChoice(key, str(path), 1.0, value, layout.layout)

@@ -30,13 +30,20 @@ from typing import Any, Callable
 from .lora_formats import loadable
 
 
+def torch_modules(obj: Any) -> list:
+    """The torch modules an entry holds: a pipeline's components, or the object itself (a component)."""
+    components = getattr(obj, "components", None)
+    if isinstance(components, dict):
+        return [c for c in components.values() if hasattr(c, "parameters")]
+    return [obj] if hasattr(obj, "parameters") else []
+
+
 def module_bytes(pipe: Any) -> int:
-    """Bytes of all parameters and buffers of a pipeline's torch modules."""
+    """Bytes of all parameters and buffers of a pipeline's torch modules (or of one module)."""
     total = 0
-    for comp in getattr(pipe, "components", {}).values():
-        if hasattr(comp, "parameters"):
-            total += sum(p.numel() * p.element_size() for p in comp.parameters())
-            total += sum(b.numel() * b.element_size() for b in comp.buffers())
+    for comp in torch_modules(pipe):
+        total += sum(p.numel() * p.element_size() for p in comp.parameters())
+        total += sum(b.numel() * b.element_size() for b in comp.buffers())
     return total
 
 
@@ -74,6 +81,12 @@ class PipelineCache:
 
     def keys(self) -> list[str]:
         return list(self._items)
+
+    def peek(self, key: str) -> Any | None:
+        """The resident object for ``key`` without loading or touching its LRU position."""
+        with self._lock:
+            item = self._items.get(key)
+            return item[0] if item else None
 
 
 def adapter_name(key: str) -> str:

@@ -110,6 +110,28 @@ class ModelSources:
             raise CatalogError(f"catalog id {entry.id}: unknown source type {source.get('type')!r}")
         return Weights("lora", path, key=f"file:{path.name}")
 
+    def component(self, entry: ModelEntry) -> Weights:
+        """Weights of a component entry (kind ``sd15-iclight``: an IC-Light offset file; ``matting``:
+        RMBG-1.4), one ``.safetensors`` file each.
+
+        Raises:
+            CatalogError: as for :meth:`checkpoint`.
+        """
+        if self.settings.model_source == "tiny":
+            name = {"sd15-iclight": "iclight-fbc", "matting": "rmbg"}.get(entry.kind)
+            tiny = self.tiny()
+            if name not in tiny:
+                raise CatalogError(f"no tiny model exists for {entry.kind} (catalog id {entry.id})")
+            return Weights("component", tiny[name], key=f"tiny-{name}")
+        source = self.catalog.require_source(entry)
+        if source["type"] == "hf":
+            path = self._hub_file({**source, "weight_name": source.get("weight_name") or "model.safetensors"})
+            return Weights("component", path, key=f"hf:{source['repo']}/{path.name}")
+        if source["type"] == "url":
+            path = self._fetch(source["url"])
+            return Weights("component", path, key=f"file:{path.name}")
+        raise CatalogError(f"catalog id {entry.id}: unknown source type {source.get('type')!r}")
+
     def lora_from_url(self, url: str) -> Weights:
         """Fetch a user's LoRA URL with the safe fetcher (in every model-source mode).
 

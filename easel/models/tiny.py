@@ -24,6 +24,11 @@
   ``flux-lora-xlabs.safetensors`` (``double_blocks.0.processor.qkv_lora1.down.weight``) and
   ``flux-lora-bfl.safetensors`` (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``):
   the four layouts Flux LoRAs are commonly published in.
+- ``iclight-fbc.safetensors``: an IC-Light "fbc" offset for the tiny SD 1.5 UNet, in the layout of
+  ``lllyasviel/ic-light``'s ``iclight_sd15_fbc.safetensors`` (every diffusers UNet key, with
+  ``conv_in.weight`` widened to 12 input channels; small random values).
+- ``rmbg.safetensors``: a tiny RMBG-1.4 matting network (``easel.models.rmbg``, channels / 16) with
+  the checkpoint's parameter names.
 
 Size and speed: the UNet keeps SD 1.5's classes and four resolution levels (so the VAE scale
 factor is 8 and a 512² image denoises a 64² latent) but has 32–64 channels, **one attention
@@ -39,7 +44,7 @@ import json
 import re
 from pathlib import Path
 
-TINY_VERSION = 4
+TINY_VERSION = 5
 _SEED = 0
 
 
@@ -403,12 +408,30 @@ def write_flux_lora_bfl(pipe, path: Path, seed: int = 14, rank: int = 4) -> None
     _write_bfl_named(pipe, path, seed, rank, lambda m: "diffusion_model." + m, "lora_A.weight", "lora_B.weight", None)
 
 
+def write_iclight_offset(pipe, path: Path, seed: int = 31, scale: float = 0.02) -> None:
+    """Write an IC-Light fbc-layout offset for ``pipe``'s UNet: the UNet's own keys and shapes, except
+    ``conv_in.weight`` with 12 input channels (4 noisy-latent + 4 foreground + 4 background);
+    values ``scale · N(0, 1)`` (``scale=0`` writes the all-zero offset)."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, value in pipe.unet.state_dict().items():
+        shape = list(value.shape)
+        if key == "conv_in.weight":
+            shape[1] = 12
+        sd[key] = (torch.randn(shape, generator=g) * scale).to(value.dtype).contiguous()
+    save_file(sd, str(path))
+
+
 def make_tiny(folder: str | Path, force: bool = False) -> dict[str, Path]:
     """Write every tiny model into ``folder`` (idempotent unless ``force``).
 
     Returns:
         Name → path: ``sd15`` (folder), ``sd15-single-file``, ``sd15-lora-peft``, ``sd15-lora-kohya``,
-        ``flux`` (folder), ``flux-lora-peft``, ``flux-lora-kohya``, ``flux-lora-xlabs``, ``flux-lora-bfl``.
+        ``flux`` (folder), ``flux-lora-peft``, ``flux-lora-kohya``, ``flux-lora-xlabs``, ``flux-lora-bfl``,
+        ``iclight-fbc``, ``rmbg``.
     """
     folder = Path(folder)
     paths = {
@@ -421,6 +444,8 @@ def make_tiny(folder: str | Path, force: bool = False) -> dict[str, Path]:
         "flux-lora-kohya": folder / "flux-lora-kohya.safetensors",
         "flux-lora-xlabs": folder / "flux-lora-xlabs.safetensors",
         "flux-lora-bfl": folder / "flux-lora-bfl.safetensors",
+        "iclight-fbc": folder / "iclight-fbc.safetensors",
+        "rmbg": folder / "rmbg.safetensors",
     }
     stamp = folder / "tiny.json"
     if not force and stamp.exists() and json.loads(stamp.read_text()).get("version") == TINY_VERSION:
@@ -431,6 +456,10 @@ def make_tiny(folder: str | Path, force: bool = False) -> dict[str, Path]:
     write_single_file(pipe, paths["sd15-single-file"])
     write_lora_peft(pipe, paths["sd15-lora-peft"])
     write_lora_kohya(pipe, paths["sd15-lora-kohya"])
+    write_iclight_offset(pipe, paths["iclight-fbc"])
+    from .rmbg import write_tiny_rmbg
+
+    write_tiny_rmbg(paths["rmbg"])
     flux = build_flux_pipeline()
     flux.save_pretrained(str(paths["flux"]), safe_serialization=True)
     write_flux_lora_peft(flux, paths["flux-lora-peft"])

@@ -64,3 +64,16 @@ class LocalStorage:
 
     def url(self, accesskey: str, name: str, base_url: str | None = None) -> str:
         return f"{(base_url or self.public_url).rstrip('/')}/v1/File/{accesskey}/{name}"
+
+    def own_file(self, url: str) -> tuple[str, str] | None:
+        """``(accesskey, name)`` when ``url`` is one of this server's file URLs (an output or an
+        uploaded file, ``<public_url>/v1/File/{accesskey}/{name}``), else None."""
+        prefix = f"{self.public_url.rstrip('/')}/v1/File/"
+        if not url.startswith(prefix):
+            return None
+        parts = url[len(prefix):].split("?", 1)[0].split("#", 1)[0].split("/")
+        if len(parts) != 2 or not all(parts):
+            return None
+        from urllib.parse import unquote
+
+        return parts[0], unquote(parts[1])

@@ -20,9 +20,9 @@ from sqlalchemy import case, create_engine, delete, event, func, insert, select,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import Event, Nonce, Output, Project, Task, WebhookDelivery
+from .models import Event, Nonce, Output, Project, Task, UserFile, WebhookDelivery
 
-__all__ = ["Store", "Project", "Task", "Output", "Event", "WebhookDelivery", "new_token", "hash_apikey"]
+__all__ = ["Store", "Project", "Task", "Output", "Event", "WebhookDelivery", "UserFile", "new_token", "hash_apikey"]
 
 HERE = Path(__file__).parent
 
@@ -407,3 +407,43 @@ class Store:
         with self.session() as s:
             return s.scalar(select(Output).join(Task, Task.id == Output.task_id)
                             .where(Task.file_accesskey == accesskey, Output.name == name))
+
+    # -- Files API ----------------------------------------------------------------------------
+
+    def root_folder(self, project_id: int) -> UserFile:
+        """The project's default folder (created on first use)."""
+        with self.session() as s:
+            root = s.scalar(select(UserFile).where(UserFile.project_id == project_id, UserFile.is_folder.is_(True),
+                                                   UserFile.parent_id == "", UserFile.name == "root"))
+            if root is None:
+                root = UserFile(id=secrets.token_hex(16), project_id=project_id, parent_id="", is_folder=True,
+                                name="root", contenttype="", size=0, path="", accesskey="", addedtime=time.time())
+                s.add(root)
+            return root
+
+    def add_user_file(self, **values) -> UserFile:
+        """Insert a folder or file row (``id``, ``addedtime`` and ``accesskey`` filled in when absent)."""
+        values.setdefault("id", secrets.token_hex(16))
+        values.setdefault("addedtime", time.time())
+        values.setdefault("accesskey", "" if values.get("is_folder") else new_token())
+        row = UserFile(**values)
+        with self.session() as s:
+            s.add(row)
+        return row
+
+    def user_file(self, project_id: int, file_id: str) -> UserFile | None:
+        """A project's folder or file by id (None if it belongs to another project)."""
+        with self.session() as s:
+            return s.scalar(select(UserFile).where(UserFile.id == file_id, UserFile.project_id == project_id))
+
+    def user_file_by_name(self, project_id: int, name: str) -> UserFile | None:
+        """The project's most recently uploaded file called ``name`` (any folder)."""
+        with self.session() as s:
+            return s.scalar(select(UserFile).where(UserFile.project_id == project_id, UserFile.name == name,
+                                                   UserFile.is_folder.is_(False))
+                            .order_by(UserFile.addedtime.desc()).limit(1))
+
+    def user_file_by_key(self, accesskey: str, name: str) -> UserFile | None:
+        with self.session() as s:
+            return s.scalar(select(UserFile).where(UserFile.accesskey == accesskey, UserFile.name == name,
+                                                   UserFile.is_folder.is_(False)))

@@ -131,3 +131,25 @@ class WebhookDelivery(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     __table_args__ = (Index("ix_webhook_due", "status", "next_attempt_at"),)
+
+
+class UserFile(Base):
+    """A folder or a file of a project's Files API (``/v1/File/FolderCreate``, ``/v1/File/Upload``).
+
+    ``parent_id`` is the folder holding it (every project has a default ``root`` folder, made on
+    first use). Files are stored under ``path`` (relative to ``Settings.user_files_dir``) and served
+    at ``/v1/File/{accesskey}/{name}``, like outputs.
+    """
+
+    __tablename__ = "user_files"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    parent_id: Mapped[str] = mapped_column(String(32), default="")
+    is_folder: Mapped[bool] = mapped_column(Boolean, default=False)
+    name: Mapped[str] = mapped_column(String(255))
+    contenttype: Mapped[str] = mapped_column(String(100), default="")
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    path: Mapped[str] = mapped_column(Text, default="")
+    accesskey: Mapped[str] = mapped_column(String(64), default="", index=True)
+    addedtime: Mapped[float] = mapped_column(Float)
+    __table_args__ = (Index("ix_user_files_project_name", "project_id", "name"),)

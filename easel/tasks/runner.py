@@ -25,6 +25,7 @@ from easel.store import Store
 from easel.tools import load_tool
 from easel.tools.base import TaskKilled, ToolError
 
+from . import inputs as task_inputs
 from . import lifecycle as lc
 
 log = logging.getLogger("easel.worker")
@@ -47,13 +48,17 @@ class TaskTimedOut(Exception):
 class WorkerContext:
     """The ``ToolContext`` a tool receives for one task (see ``easel.tools.base``)."""
 
-    def __init__(self, worker: "Worker", task_id: int, output_dir: Path, uploads_dir: Path):
+    def __init__(self, worker: "Worker", task_id: int, output_dir: Path, uploads_dir: Path, project_id: int = 0,
+                 extras_requested: bool = False):
         self.worker = worker
         self.store = worker.store
         self.models = worker.models
         self.task_id = task_id
+        self.project_id = project_id
         self.output_dir = output_dir
         self.uploads_dir = uploads_dir
+        self.extras_requested = extras_requested
+        self.extra_paths: list[Path] = []
         self.lines: list[str] = []
         self.error_lines: list[str] = []
         self._started_at: float | None = None
@@ -75,13 +80,13 @@ class WorkerContext:
         every = self.worker.settings.preview_interval
         return every > 0 and (step % every == 0 or step == total)
 
-    def progress(self, step: int, total: int, preview: bytes | None = None) -> None:
+    def progress(self, step: int, total: int, preview: bytes | None = None, task: str = "Generate") -> None:
         now = time.time()
         begin = self._started_at or now
         elapsed = now - begin
         speed = step / elapsed if elapsed > 0 else 0.0
         remaining = (total - step) / speed if speed > 0 else 0.0
-        info = {"task": "Generate", "percentage": f"{100.0 * step / total:.0f}", "stepCurrent": str(step),
+        info = {"task": task, "percentage": f"{100.0 * step / total:.0f}", "stepCurrent": str(step),
                 "stepTotal": str(total), "speed": f"{speed:.2f}", "speedType": "it/s",
                 "elapsedTime": f"{elapsed:.1f}s", "remainingTime": f"{remaining:.1f}s"}
         message = json.dumps({"type": "progressGenerate", **info})  # Wiro's flat task_output message
@@ -111,6 +116,13 @@ class WorkerContext:
         if path.parent != self.uploads_dir.resolve() or not path.is_file():
             raise ToolError(f"uploaded file {name!r} is missing")
         return path
+
+    def image(self, field: str, value: str):
+        return task_inputs.load_image(self, field, value)
+
+    def extra_output(self, name: str, image) -> None:
+        if self.extras_requested:
+            self.extra_paths.append(task_inputs.save_extra(self.output_dir, name, image))
 
 
 class _StderrCapture(logging.Handler):
@@ -227,17 +239,19 @@ class Worker:
         beat = threading.Thread(target=self._heartbeat, args=(task_id, done), name="easel-heartbeat", daemon=True)
         beat.start()
         workdir = Path(tempfile.mkdtemp(prefix=f"easel-{task.uuid}-", dir=self.settings.data_dir))
-        ctx = WorkerContext(self, task_id, workdir, self.settings.uploads_dir / task.uuid)
+        inputs = json.loads(task.inputs)
+        ctx = WorkerContext(self, task_id, workdir, self.settings.uploads_dir / task.uuid, task.project_id,
+                            task_inputs.extras_requested(inputs))
         store = self.store
         try:
             tool = load_tool(task.tool)
             with _StderrCapture(ctx):
                 self.advance(task_id, lc.PREPROCESS_START)
-                plan = tool.prepare(json.loads(task.inputs), ctx)
+                plan = tool.prepare(inputs, ctx)
                 self.advance(task_id, lc.PREPROCESS_END)
                 ctx.check_killed()
                 self.advance(task_id, lc.ASSIGN)
-                paths = tool.run(plan, ctx)
+                paths = tool.run(plan, ctx) + ctx.extra_paths
             ctx.check_killed()
             output, errors = "\n".join(ctx.lines), "\n".join(ctx.error_lines)
             self.advance(task_id, lc.OUTPUT_FULL, message=output, debugoutput=output)

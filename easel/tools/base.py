@@ -10,12 +10,22 @@ A tool module (``easel/tools/<tool>.py``) exposes:
   :class:`TaskKilled` when a kill was requested), write output files into ``ctx.output_dir`` and
   return their paths in order.
 
-A tool knows nothing of HTTP, the store or the executor: everything comes through ``ctx``.
+A tool knows nothing of HTTP, the store or the executor: everything comes through ``ctx``, whose
+services are typed: ``ctx.models`` (:class:`easel.models.ModelManager`: checkpoints, LoRAs with
+their scale, pipelines, derived pipelines, components, adapter state, runtime options),
+``ctx.image`` (decoded, validated image inputs), ``ctx.progress`` (with a phase name, see
+:class:`Phases`), ``ctx.extra_output`` (named intermediate images). Adding a tool is one module
+plus one catalog file.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL.Image import Image
+
+    from easel.models import ModelManager
 
 
 class TaskKilled(Exception):
@@ -29,16 +39,19 @@ class ToolError(Exception):
 class ToolContext(Protocol):
     """What the worker gives a tool."""
 
-    models: Any  # easel.models.ModelManager
+    models: "ModelManager"
     output_dir: Path
+    extras_requested: bool  # the request asked for intermediate images (``extraOutputs``)
 
     def started(self) -> None:
         """Mark the start of inference (``task_start``)."""
 
-    def progress(self, step: int, total: int, preview: bytes | None = None) -> None:
-        """Report that denoising step ``step`` of ``total`` finished; raises :class:`TaskKilled` on kill.
+    def progress(self, step: int, total: int, preview: bytes | None = None, task: str = "Generate") -> None:
+        """Report that step ``step`` of ``total`` finished; raises :class:`TaskKilled` on kill.
 
         ``preview``: an optional small JPEG of the current latent (``easel.tools.previews``).
+        ``task``: the phase's name, sent as the progress frame's ``task`` (one bar over all
+        phases: ``step``/``total`` count every phase's steps; see :class:`Phases`).
         """
 
     def wants_preview(self, step: int, total: int) -> bool:
@@ -49,6 +62,57 @@ class ToolContext(Protocol):
 
     def input_file(self, value: str) -> Path:
         """Local path of an uploaded file referenced as ``upload:<name>`` in an input."""
+
+    def image(self, field: str, value: str) -> "Image":
+        """The image input ``field`` (whose value is ``value``), decoded and validated.
+
+        ``value`` may be a multipart upload (``upload:<name>``, sent in the field's own name or
+        Wiro's ``inputImage``/``inputImage2`` aliases), a file uploaded with ``/v1/File/Upload``
+        (its bare name, or ``file:<id>``), this server's own output/upload URL (read locally), or an
+        ``http(s)`` URL (the safe fetcher, capped at ``upload_max_bytes``). See :mod:`easel.images`.
+
+        Returns:
+            A ``PIL.Image`` in mode ``RGB`` or ``RGBA``, EXIF orientation applied, at most
+            ``max_image_pixels`` pixels.
+
+        Raises:
+            ToolError: naming ``field``: missing, unreachable, not an image, or too large.
+        """
+
+    def extra_output(self, name: str, image: "Image") -> None:
+        """Add a named intermediate image (``extra-<name>.png``), returned after the main images
+        when the request asked for them (``extras_requested``); ignored otherwise."""
+
+
+class Phases:
+    """One progress bar over several phases (e.g. matting, low-res pass, high-res pass).
+
+    ``step``/``total`` count the steps of all phases together, and each report names its phase in
+    the progress frame's ``task``.
+
+    Example::
+
+        bar = Phases(ctx, [("Matting", 1), ("Low-res pass", 20), ("High-res pass", 10)])
+        bar.step("Matting")
+        for i in range(20): bar.step("Low-res pass")
+    """
+
+    def __init__(self, ctx: ToolContext, phases: list[tuple[str, int]]):
+        self.ctx = ctx
+        self.phases = dict(phases)
+        self.total = sum(n for _, n in phases)
+        self.done = 0
+
+    def wants_preview(self) -> bool:
+        """Whether the next step should carry a latent preview."""
+        return self.ctx.wants_preview(self.done + 1, self.total)
+
+    def step(self, phase: str, preview: bytes | None = None) -> None:
+        """Count one finished step of ``phase`` (raises :class:`TaskKilled` on kill)."""
+        if phase not in self.phases:
+            raise KeyError(phase)
+        self.done = min(self.done + 1, self.total)
+        self.ctx.progress(self.done, self.total, preview, task=phase)
 
 
 def write_pngs(images: list, output_dir: Path, seed: int, parameters, params: dict) -> list[Path]:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from easel.catalog import CatalogError, load_tools
+from easel.catalog import load_tools
+from easel.models import ModelError
 
 from . import flux_lora
 from .base import ToolContext, ToolError
@@ -31,14 +32,11 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> flux_lora.Plan:
         ToolError: the preset LoRA has no weights source configured, or is not a Flux LoRA.
     """
     preset = load_tools()[TOOL].preset
-    models = ctx.models
     try:
-        entry = models.catalog.get(preset["lora"])
-        weights = models.sources.lora(entry)
-    except (KeyError, CatalogError) as exc:
-        raise ToolError(f"style LoRA of {TOOL}: {exc}") from None
-    lora = flux_lora.checked_lora(f"{entry.id}:{weights.key}", weights.path, float(preset.get("scale", 1.0)),
-                                  entry.label, "preset LoRA")
+        c = ctx.models.lora(preset.get("lora", ""), f"style LoRA of {TOOL}", "flux-lora", {})
+    except ModelError as exc:
+        raise ToolError(str(exc)) from None
+    lora = flux_lora.checked_lora(c.key, c.path, float(preset.get("scale", 1.0)), c.label, "preset LoRA")
     return flux_lora.make_plan(TOOL, inputs, lora, ctx)
 
 

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from easel.catalog import CatalogError, load_tools
-from easel.models import dtype_kwargs
+from easel.catalog import load_tools
+from easel.models import ModelError, dtype_kwargs
 from easel.models.fetch import FetchError
 from easel.models.lora_formats import LoraFormatError, require_family
 
@@ -102,18 +102,16 @@ def make_plan(tool: str, inputs: dict[str, Any], lora: FluxLora | None, ctx: Too
         ToolError: the base model's weights cannot be resolved.
     """
     spec = load_tools()[tool]
-    models = ctx.models
     try:
-        entry = models.catalog.get(spec.base_model)
-        base = models.sources.checkpoint(entry)
-    except (KeyError, CatalogError) as exc:
-        raise ToolError(f"base model of {tool}: {exc}") from None
+        base = ctx.models.checkpoint(spec.base_model or "", f"base model of {tool}", ("flux",))
+    except ModelError as exc:
+        raise ToolError(str(exc)) from None
     seed = parse_seed(inputs.get("seed", ""))
     ctx.log(f"seed={seed}")
     if lora is not None:
         ctx.log(f"LoRA {lora.label} ({lora.layout} layout) at scale {lora.scale:g}")
     return Plan(
-        tool=tool, base=base, base_label=entry.label, lora=lora, prompt=inputs.get("prompt", ""),
+        tool=tool, base=base.weights, base_label=base.label, lora=lora, prompt=inputs.get("prompt", ""),
         samples=int(inputs["samples"]), steps=int(inputs["steps"]), guidance_scale=float(inputs["scale"]),
         seed=seed, width=int(inputs["width"]), height=int(inputs["height"]),
     )
@@ -126,24 +124,17 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
         ToolError: a non-Flux LoRA, an unknown layout, an unset catalog source, or a refused URL.
     """
     models = ctx.models
-    url = (inputs.get("selectedLoraModelPrivateUrl") or "").strip()
     try:
-        if url.startswith("upload:"):
-            path = ctx.input_file(url)
-            lora = checked_lora(f"upload:{path.name}", path, 1.0, url, "selectedLoraModelPrivateUrl")
-        elif url:
-            w = models.sources.lora_from_url(url)
-            lora = checked_lora(w.key, w.path, 1.0, url, "selectedLoraModelPrivateUrl")
+        private = models.private_lora(inputs.get("selectedLoraModelPrivateUrl", ""), "selectedLoraModelPrivateUrl",
+                                      "flux", ctx.input_file)
+        if private is not None:
+            lora = FluxLora(private.key, private.path, private.scale, private.label, private.layout)
         elif inputs.get("selectedLoraModel"):
-            entry = models.catalog.get(inputs["selectedLoraModel"])
-            if entry.kind != "flux-lora":
-                raise ToolError(f"selectedLoraModel {entry.id} ({entry.label}) is a {entry.kind}; this tool takes flux LoRAs")
-            scale = float(inputs[entry.generatesettings[0]["id"]]) if entry.generatesettings else 1.0
-            w = models.sources.lora(entry)
-            lora = checked_lora(f"{entry.id}:{w.key}", w.path, scale, entry.label, "selectedLoraModel")
+            c = models.lora(inputs["selectedLoraModel"], "selectedLoraModel", "flux-lora", inputs)
+            lora = checked_lora(c.key, c.path, c.scale, c.label, "selectedLoraModel")
         else:
             lora = None
-    except (CatalogError, FetchError) as exc:
+    except (ModelError, FetchError, LoraFormatError) as exc:
         raise ToolError(str(exc)) from None
     return make_plan(TOOL, inputs, lora, ctx)
 
@@ -163,11 +154,11 @@ def needs_offload(model_bytes: int, gpu_total_bytes: int, forced: bool, headroom
     return forced or gpu_total_bytes < model_bytes * headroom
 
 
-def load_pipeline(weights, settings) -> Any:
+def load_pipeline(weights, options) -> Any:
     """Load a ``FluxPipeline`` from a local diffusers folder.
 
     bfloat16 on CUDA, with ``enable_model_cpu_offload`` when :func:`needs_offload` says so
-    (``settings.cpu_offload`` forces it); float32 on CPU.
+    (``options.cpu_offload``, an :class:`easel.models.RuntimeOptions`, forces it); float32 on CPU.
     """
     import torch
     from diffusers import FluxPipeline
@@ -177,7 +168,7 @@ def load_pipeline(weights, settings) -> Any:
                                         **dtype_kwargs(torch.bfloat16 if cuda else torch.float32))
     pipe.set_progress_bar_config(disable=True)
     if cuda and needs_offload(weights_bytes(weights.path), torch.cuda.get_device_properties(0).total_memory,
-                              settings.cpu_offload):
+                              options.cpu_offload):
         pipe.enable_model_cpu_offload()
     else:
         pipe.to("cuda" if cuda else "cpu")
@@ -194,19 +185,17 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     import torch
 
     models = ctx.models
-    key = f"flux:{plan.base.key}"
-    resident = key in models.pipelines.keys()
-    t0 = time.perf_counter()
-    pipe = models.pipeline(key, lambda: load_pipeline(plan.base, models.settings))
-    ctx.log(f"base model {plan.base_label}: " + ("resident, reused" if resident else f"loaded in {time.perf_counter() - t0:.2f} s"))
-    state = models.loras(pipe, hotswap=True)
+    loaded = models.base_pipeline("flux", plan.base, lambda: load_pipeline(plan.base, models.options))
+    pipe = loaded.obj
+    ctx.log(loaded.describe(f"base model {plan.base_label}"))
+    state = models.adapters(pipe, hotswap=True)
     t0 = time.perf_counter()
     try:
         state.apply(pipe, [(plan.lora.key, plan.lora.path, plan.lora.scale)] if plan.lora else [])
     except ValueError as exc:
         raise ToolError(str(exc)) from None
     ctx.log(f"{state.last_action} ({time.perf_counter() - t0:.2f} s)")
-    if models.settings.torch_compile and not getattr(pipe, "_easel_compiled", False):
+    if models.options.torch_compile and not getattr(pipe, "_easel_compiled", False):
         pipe.transformer.compile()  # after the first LoRA: later ones hot-swap without recompiling
         pipe._easel_compiled = True
 

@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from easel.catalog import CatalogError
-from easel.models import dtype_kwargs
-from easel.models.fetch import FetchError, check_safetensors
-from easel.models.lora_formats import LoraFormatError, require_family
+from easel.models import ModelError, dtype_kwargs
+from easel.models.fetch import FetchError
+from easel.models.lora_formats import LoraFormatError
 
 from .base import ToolContext, ToolError, write_pngs
 from .previews import latent_to_jpeg
@@ -80,37 +79,20 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
         ToolError: an id of the wrong kind, an unset catalog source, or a refused LoRA URL.
     """
     models = ctx.models
-    catalog = models.catalog
     try:
-        entry = catalog.get(inputs["selectedModel"])
-        if entry.kind != "sd15":
-            raise ToolError(f"selectedModel {entry.id} ({entry.label}) is a {entry.kind} model; this tool runs sd15 checkpoints")
-        checkpoint = models.sources.checkpoint(entry)
-        loras = []
-        for mid in inputs.get("selectedLoraModel", []):
-            lentry = catalog.get(mid)
-            if lentry.kind != "sd15-lora":
-                raise ToolError(f"selectedLoraModel {mid} ({lentry.label}) is a {lentry.kind}; this tool takes sd15 LoRAs")
-            # validation put every selected model's generatesettings value under its setting id
-            scale = float(inputs[lentry.generatesettings[0]["id"]]) if lentry.generatesettings else 1.0
-            w = models.sources.lora(lentry)
-            loras.append((f"{mid}:{w.key}", str(w.path), scale, lentry.label))
-        url = (inputs.get("selectedLoraModelPrivateUrl") or "").strip()
-        if url.startswith("upload:"):
-            path = ctx.input_file(url)
-            check_safetensors(path)
-            require_family(path, "sd", "selectedLoraModelPrivateUrl")
-            loras.append((f"upload:{path.name}", str(path), 1.0, url))
-        elif url:
-            w = models.sources.lora_from_url(url)
-            require_family(w.path, "sd", "selectedLoraModelPrivateUrl")
-            loras.append((w.key, str(w.path), 1.0, url))
-    except (CatalogError, FetchError, LoraFormatError) as exc:
+        checkpoint = models.checkpoint(inputs["selectedModel"], "selectedModel", ("sd15",))
+        loras = [models.lora(mid, "selectedLoraModel", "sd15-lora", inputs) for mid in inputs.get("selectedLoraModel", [])]
+        private = models.private_lora(inputs.get("selectedLoraModelPrivateUrl", ""), "selectedLoraModelPrivateUrl",
+                                      "sd", ctx.input_file)
+    except (ModelError, FetchError, LoraFormatError) as exc:
         raise ToolError(str(exc)) from None
+    if private is not None:
+        loras.append(private)
     seed = parse_seed(inputs.get("seed", ""))
     ctx.log(f"seed={seed}")
     return Plan(
-        checkpoint=checkpoint, checkpoint_label=entry.label, loras=loras,
+        checkpoint=checkpoint.weights, checkpoint_label=checkpoint.label,
+        loras=[(c.key, c.path, c.scale, c.label) for c in loras],
         prompt=inputs.get("prompt", ""), negative_prompt=inputs.get("negativePrompt", ""),
         samples=int(inputs["samples"]), steps=int(inputs["steps"]), guidance_scale=float(inputs["scale"]),
         seed=seed, clip_skip=int(inputs.get("clipSkip", 0)), width=int(inputs["width"]),
@@ -118,13 +100,11 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
     )
 
 
-def load_pipeline(weights) -> Any:
-    """Load a ``StableDiffusionPipeline`` (float32 on CPU, float16 on CUDA) from local weights."""
-    import torch
+def read_pipeline(weights, dtype) -> Any:
+    """Read a ``StableDiffusionPipeline`` in ``dtype`` from local weights (a diffusers folder or a
+    single-file checkpoint), on the CPU, progress bar off. Every call builds new modules."""
     from diffusers import StableDiffusionPipeline
 
-    cuda = torch.cuda.is_available()
-    dtype = torch.float16 if cuda else torch.float32
     kwargs = dict(**dtype_kwargs(dtype), safety_checker=None, requires_safety_checker=False)
     if weights.format == "diffusers":
         pipe = StableDiffusionPipeline.from_pretrained(str(weights.path), use_safetensors=True, **kwargs)
@@ -133,7 +113,15 @@ def load_pipeline(weights) -> Any:
             kwargs["config"] = str(weights.config)
         pipe = StableDiffusionPipeline.from_single_file(str(weights.path), **kwargs)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to("cuda" if cuda else "cpu")
+    return pipe
+
+
+def load_pipeline(weights) -> Any:
+    """Load a ``StableDiffusionPipeline`` (float32 on CPU, float16 on CUDA) from local weights."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return read_pipeline(weights, torch.float16 if cuda else torch.float32).to("cuda" if cuda else "cpu")
 
 
 def encode_prompt(pipe: Any, prompts: list[str], clip_skip: int):
@@ -169,7 +157,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     import torch
 
     models = ctx.models
-    pipe = models.pipeline(f"sd15:{plan.checkpoint.key}", lambda: load_pipeline(plan.checkpoint))
+    pipe = models.base_pipeline("sd15", plan.checkpoint, lambda: load_pipeline(plan.checkpoint)).obj
     base_scheduler = getattr(pipe, "_easel_base_scheduler_config", None)
     if base_scheduler is None:
         base_scheduler = pipe._easel_base_scheduler_config = dict(pipe.scheduler.config)
@@ -177,7 +165,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         raise ToolError(f"scheduler must be one of {', '.join(SCHEDULERS)}")
     pipe.scheduler = getattr(diffusers, plan.scheduler).from_config(base_scheduler)
     try:
-        models.loras(pipe).apply(pipe, [(k, p, s) for k, p, s, _ in plan.loras])
+        models.adapters(pipe).apply(pipe, [(k, p, s) for k, p, s, _ in plan.loras])
     except ValueError as exc:
         raise ToolError(str(exc)) from None
 

@@ -1,0 +1,123 @@
+"""Wiro's Files API (``POST /v1/File/FolderCreate``, ``POST /v1/File/Upload``, see Wiro's
+``files.md``) and the checks of image inputs made before a Run is queued.
+
+Files belong to the project that uploaded them. Each is stored under
+``<data_dir>/userfiles/<file id>/<name>`` and served at ``/v1/File/{accesskey}/{name}`` (the same
+route as outputs; the access key is the credential). A Run references a file by that URL, or by
+its bare name, as the seeds' curl examples do (``"inputImageUrl": "bg-img2.png"``): the project's
+most recent file of that name. ZIP archives are stored as they are (Wiro extracts them; Easel does
+not yet).
+"""
+from __future__ import annotations
+
+import mimetypes
+import re
+import secrets
+from pathlib import Path
+
+from easel.catalog import ToolSpec
+from easel.images import ImageInputError, probe
+from easel.storage.inputs import InputFiles
+from easel.store import Project, UserFile
+
+from .errors import WiroError
+from .parsing import Body
+
+EXTENSIONS = ("jpg", "jpeg", "png", "gif", "webp", "heic", "mp4", "webm", "mov", "mp3", "wav", "m4a", "pdf", "csv",
+              "docx", "xlsx", "pptx", "txt", "md", "epub", "zip")
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(filename: str) -> str:
+    """A file name safe on disk and in URLs: base name only, other characters → ``_``, ≤ 200 chars."""
+    name = _UNSAFE.sub("_", Path(filename.replace("\\", "/")).name).strip("._")[:200]
+    return name or "file"
+
+
+def file_object(api, row: UserFile) -> dict:
+    """Wiro's ``list`` entry for a folder or file."""
+    obj = {"id": row.id, "name": row.name, "contenttype": row.contenttype, "size": str(row.size),
+           "parentid": row.parent_id, "addedtime": str(int(row.addedtime))}
+    if not row.is_folder:
+        obj["url"] = api.storage.url(row.accesskey, row.name)
+        obj["accesskey"] = row.accesskey
+    return obj
+
+
+def _folder(api, project: Project, folder_id: str, field: str) -> UserFile:
+    if not folder_id:
+        return api.store.root_folder(project.id)
+    row = api.store.user_file(project.id, folder_id)
+    if row is None or not row.is_folder:
+        raise WiroError(0, f"Request parameter [{field}] is not a folder of this project (got {folder_id!r})")
+    return row
+
+
+def folder_create(api, project: Project, body: Body) -> dict:
+    """``POST /v1/File/FolderCreate``: ``name`` (letters, digits, ``-``, ``_``), optional ``parentid``."""
+    name = str(body.fields.get("name", "") or "").strip()
+    if not _FOLDER_NAME.match(name):
+        raise WiroError(0, "Request parameter [name] is required: 1 to 100 letters, numbers, hyphens or underscores")
+    parent = _folder(api, project, str(body.fields.get("parentid", "") or "").strip(), "parentid")
+    row = api.store.add_user_file(project_id=project.id, parent_id=parent.id, is_folder=True, name=name,
+                                  contenttype="", size=0, path="")
+    return {"result": True, "errors": [], "list": [file_object(api, row)]}
+
+
+def upload(api, project: Project, body: Body) -> dict:
+    """``POST /v1/File/Upload``: multipart ``file`` (one or more), optional ``folderid``.
+
+    The size cap is ``Settings.upload_max_bytes`` (enforced while parsing); the type is checked
+    against Wiro's list of supported extensions.
+    """
+    files = [f for f in body.files if f.field == "file"]
+    if not files:
+        raise WiroError(0, "Request parameter [file] is required: send the file as multipart/form-data field 'file'")
+    parent = _folder(api, project, str(body.fields.get("folderid", "") or "").strip(), "folderid")
+    rows = []
+    for up in files:
+        name = safe_name(up.filename or "file")
+        ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        if ext not in EXTENSIONS:
+            raise WiroError(0, f"Request parameter [file]: {name!r} is not a supported file type "
+                               f"(accepted: {', '.join(EXTENSIONS)})")
+        rows.append((name, up.data))
+    answer = []
+    for name, data in rows:
+        file_id = secrets.token_hex(16)
+        folder = api.settings.user_files_dir / file_id
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)  # the bytes first: a row never points at a missing file
+        row = api.store.add_user_file(id=file_id, project_id=project.id, parent_id=parent.id, is_folder=False,
+                                      name=name, size=len(data), path=f"{file_id}/{name}",
+                                      contenttype=mimetypes.guess_type(name)[0] or "application/octet-stream")
+        answer.append(file_object(api, row))
+    return {"result": True, "errors": [], "list": answer}
+
+
+def check_image_inputs(api, project: Project, spec: ToolSpec, inputs: dict, uploads_dir: Path) -> None:
+    """Before queueing: check every image input whose bytes are already on this server.
+
+    Multipart files, files uploaded with ``/v1/File/Upload`` (a bare name is rewritten to
+    ``file:<id>`` in ``inputs``, so a later upload of the same name does not change the task) and
+    this server's own file URLs are probed from their headers (type, pixel limit, decompression
+    bombs). Other URLs are fetched and checked by the worker.
+
+    Raises:
+        WiroError: code 0, naming the field.
+    """
+    locator = InputFiles(api.settings, api.store, api.storage)
+    for i in spec.inputs:
+        value = str(inputs.get(i.name, "") or "").strip()
+        if i.accepts != "image" or not value:
+            continue
+        try:
+            where = locator.locate(project.id, i.name, value, uploads_dir)
+            if isinstance(where, str):
+                continue  # a remote URL: the worker fetches it
+            probe(where, i.name, api.settings.max_image_pixels)
+        except ImageInputError as exc:
+            raise WiroError(0, exc.message) from None
+        if not value.lower().startswith(("http://", "https://", "upload:", "file:")):
+            inputs[i.name] = f"file:{api.store.user_file_by_name(project.id, value).id}"
