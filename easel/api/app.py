@@ -202,7 +202,7 @@ class Api:
             try:
                 inputs = spec.validate(compat.zero_means_default(spec, fields), self.catalog)
                 self.check_sources(spec, inputs)
-                check_urls(inputs)
+                check_urls(spec, inputs)
             except InputError as exc:
                 raise WiroError(0, exc.message) from None
             files_api.check_image_inputs(self, project, spec, inputs, self.settings.uploads_dir / task_uuid)
@@ -334,11 +334,13 @@ def _int_field(fields: dict, name: str, default: int, lo: int, hi: int) -> int:
         raise WiroError(0, exc.message) from None
 
 
-def check_urls(inputs: dict) -> None:
+def check_urls(spec: ToolSpec, inputs: dict) -> None:
     """Refuse at Run, naming the field, a URL input (``...Url``) that is not an absolute http(s) URL
-    (``file://``, ``gopher://``, no scheme): the worker would refuse it later anyway."""
+    (``file://``, ``gopher://``, no scheme): the worker would refuse it later anyway. Image inputs
+    also take a ``File/Upload`` file's bare name; :func:`files.check_image_inputs` checks those."""
+    images = {i.name for i in spec.inputs if i.accepts == "image"}
     for name, value in inputs.items():
-        if not name.lower().endswith("url") or not isinstance(value, str):
+        if not name.lower().endswith("url") or not isinstance(value, str) or name in images:
             continue
         value = value.strip()
         if not value or value.startswith("upload:"):
