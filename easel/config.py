@@ -53,6 +53,8 @@ class Settings:
         poll_interval: Seconds an idle worker waits between store polls when not woken.
         catalog_override: JSON file merged over the built-in model catalog at start-up;
             default ``<data_dir>/catalog.override.json``.
+        metrics_token: When set, ``/metrics`` answers only requests with ``Authorization: Bearer
+            <metrics_token>`` (HTTP 401 otherwise); empty (default) = open, like ``/healthz``.
     """
 
     data_dir: Path = Path("easel-data")
@@ -83,6 +85,7 @@ class Settings:
     default_cost_per_second: float = 0.000585
     poll_interval: float = 0.25
     catalog_override: Path | None = None
+    metrics_token: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())

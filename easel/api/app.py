@@ -32,7 +32,8 @@ from easel.store import Project, Store, Task
 from easel.tasks import lifecycle as lc
 
 from . import errors as E
-from . import live, toolinfo
+from . import live, playground, toolinfo
+from . import metrics as http_metrics
 from .auth import authenticate
 from .errors import WiroError, error_response
 from .parsing import Body, parse_body
@@ -312,6 +313,8 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
                               "answers Wiro's envelope `{result, errors: [{code, message}]}`; request errors are "
                               "HTTP 200 with `result: false`, as Wiro's docs state.")
     app.state.api = api
+    http_metrics.install(app, api)
+    playground.install(app, settings)
 
     @app.exception_handler(WiroError)
     async def _wiro_error(_request, exc: WiroError):

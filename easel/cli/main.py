@@ -22,6 +22,47 @@ app.add_typer(models_app, name="models")
 console = Console()
 
 
+def prepare_metrics_dir(data_dir: Path) -> Optional[Path]:
+    """Set ``PROMETHEUS_MULTIPROC_DIR`` for this server and the workers it spawns; return the folder.
+
+    Runs before ``prometheus_client`` is imported (it reads the variable once, at import). The
+    folder is ``<data_dir>/metrics/<hostname>-<pid>``, emptied now and removed when the server
+    stops; folders of this host whose server process is gone are removed. Each ``easel serve``
+    therefore reports its own process tree, and several servers on one data directory never mix
+    or wipe each other's samples. An operator who sets ``PROMETHEUS_MULTIPROC_DIR`` keeps that
+    folder (and its clean-up) to themselves: returns None.
+    """
+    import os
+    import shutil
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    root = Path(data_dir) / "metrics"
+    host = socket.gethostname().replace("/", "_")
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(f"{host}-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = root / f"{host}-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    return folder
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _settings(data_dir: Path, **kw):
     from easel.config import Settings
 
@@ -41,6 +82,9 @@ def serve(
                                                          "although private (e.g. 127.0.0.1 for local tests)."),
 ):
     """Run the API server and its local workers."""
+    import shutil
+
+    metrics_dir = prepare_metrics_dir(data_dir)  # before anything imports prometheus_client
     import uvicorn
 
     from easel.api import create_app
@@ -68,6 +112,8 @@ def serve(
     finally:
         if executor is not None:
             executor.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @projects_app.command("create")

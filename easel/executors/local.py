@@ -70,6 +70,7 @@ class LocalExecutor(Executor):
         self._supervisor.start()
 
     def _supervise(self) -> None:
+        from easel import metrics
         from easel.store import Store
         from easel.tasks import lifecycle as lc
 
@@ -81,6 +82,7 @@ class LocalExecutor(Executor):
                 reason = (f"The worker process running this task died (exit code {p.exitcode}: e.g. killed "
                           "for lack of memory, or a crash in native code). Submit it again.")
                 failed = lc.fail_worker_tasks(store, p.easel_worker_id, reason)
+                metrics.process_dead(p.pid)
                 log.warning("worker %s died (exit code %s); failed tasks %s; starting a new one",
                             p.easel_worker_id, p.exitcode, failed)
                 self._procs[slot] = self._spawn(slot)

@@ -16,6 +16,7 @@ import json
 import time
 from typing import Callable
 
+from easel import metrics
 from easel.store import Output, Store, Task
 
 QUEUE = "task_queue"
@@ -73,12 +74,17 @@ def advance(store: Store, task_id: int, status: str, message: str = "", **values
     """Move a running task to ``status``, stamping that stage's time column."""
     if status in TIME_COLUMN:
         values.setdefault(TIME_COLUMN[status], time.time())
-    store.transition(task_id, status, only_from=RUNNING, event_message=message, webhook=status in TERMINAL, **values)
+    if store.transition(task_id, status, only_from=RUNNING, event_message=message, webhook=status in TERMINAL,
+                        **values) and status in TERMINAL:
+        metrics.task_ended(store.get_task(task_id))
 
 
 def cancel(store: Store, task_id: int) -> bool:
     """Cancel a queued task; False if it is no longer queued (Wiro: not in a cancellable state)."""
-    return store.transition(task_id, CANCEL, only_from=(QUEUE,), canceltime=time.time(), webhook=True)
+    if not store.transition(task_id, CANCEL, only_from=(QUEUE,), canceltime=time.time(), webhook=True):
+        return False
+    metrics.task_ended(store.get_task(task_id))
+    return True
 
 
 def request_kill(store: Store, task_id: int) -> bool:
@@ -98,9 +104,10 @@ def recover_interrupted(store: Store) -> list[int]:
     ids = []
     now = time.time()
     for task in store.tasks_in(RUNNING):
-        store.transition(task.id, POSTPROCESS_END, only_from=RUNNING, pexit="1", webhook=True,
-                         debugerror=(task.debugerror + "\n" if task.debugerror else "") + INTERRUPTED_MESSAGE,
-                         endtime=task.endtime or now, postprocessendtime=now)
+        if store.transition(task.id, POSTPROCESS_END, only_from=RUNNING, pexit="1", webhook=True,
+                            debugerror=(task.debugerror + "\n" if task.debugerror else "") + INTERRUPTED_MESSAGE,
+                            endtime=task.endtime or now, postprocessendtime=now):
+            metrics.task_ended(store.get_task(task.id))
         ids.append(task.id)
     return ids
 
@@ -116,6 +123,7 @@ def fail_worker_tasks(store: Store, worker_id: str, reason: str) -> list[int]:
         if store.transition(task.id, POSTPROCESS_END, only_from=RUNNING, pexit="1", webhook=True,
                             debugerror=(task.debugerror + "\n" if task.debugerror else "") + reason,
                             endtime=task.endtime or now, postprocessendtime=now):
+            metrics.task_ended(store.get_task(task.id))
             ids.append(task.id)
     return ids
 

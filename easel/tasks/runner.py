@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from easel import metrics
 from easel.catalog import ModelCatalog
 from easel.config import Settings
 from easel.models import ModelManager
@@ -134,6 +135,7 @@ class Worker:
     def __init__(self, settings: Settings, worker_id: str = "local-0"):
         self.settings = settings
         self.worker_id = worker_id
+        metrics.set_worker(worker_id)
         self.store = Store(settings.database_url)
         self.catalog = ModelCatalog.load(settings.catalog_override)
         self.models = ModelManager(settings, self.catalog)
@@ -182,6 +184,7 @@ class Worker:
             self._fail(task_id, message, ctx)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+            metrics.device_memory()
 
     def _fail(self, task_id: int, message: str, ctx: WorkerContext) -> None:
         store = self.store
