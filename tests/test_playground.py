@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from conftest import SMALL, TOOL
 
@@ -36,8 +36,8 @@ def shots(tmp_path_factory):
     extra = os.environ.get("PLAYGROUND_SCREENSHOTS_DIR")
     if extra:
         Path(extra).mkdir(parents=True, exist_ok=True)
-        for png in folder.glob("*.png"):
-            shutil.copy(png, Path(extra) / f"playground-{png.name}")
+        for png in folder.glob("*.png"):  # 256-colour copies: UI screenshots, a third of the bytes
+            Image.open(png).convert("RGB").quantize(256).save(Path(extra) / f"playground-{png.name}", optimize=True)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,12 @@ def fill_small(page, steps: int, size: int = 64, samples: int = 1, prompt: str =
     page.fill("#f-height", str(size))
     page.fill("#f-samples", str(samples))
     page.fill("#f-seed", seed)
+
+
+def shot(page, folder: Path, name: str) -> None:
+    """A full-page screenshot from the top (the task panel is sticky: it would sit where the page was scrolled)."""
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
 
 
 def status(page) -> str:
@@ -132,7 +138,7 @@ def test_front_page_links_to_the_playground_and_the_tool_form_is_generated(serve
     assert page.input_value("#f-prompt").startswith("reef-fish, ")
     page.check("#f-selectedLoraModel-1")  # a second LoRA brings its own slider
     assert page.locator("#f-selectedLoraModel-extras input[type=range]").count() == 2
-    page.screenshot(path=str(shots / "form.png"), full_page=True)
+    shot(page, shots, "form")
     # the key stays in this tab's session storage, never in local storage or cookies
     stored = json.loads(page.evaluate("sessionStorage.getItem('easel.playground.credentials')"))
     assert stored["key"] == project.apikey
@@ -152,7 +158,7 @@ def test_run_shows_live_progress_previews_and_outputs_with_png_parameters(server
         pct = int(page.inner_text("#pct").split()[0])
         seen.add(pct)
         if 0 < pct < 100 and not midway and page.is_visible("#preview-box"):
-            page.screenshot(path=str(shots / "running.png"), full_page=True)
+            shot(page, shots, "running")
             midway = True
         time.sleep(0.05)
     assert status(page) == "task_postprocess_end", page.inner_text("#status")
@@ -169,7 +175,7 @@ def test_run_shows_live_progress_previews_and_outputs_with_png_parameters(server
     page.wait_for_selector("#outputs figure.output[data-parameters]")
     text = page.locator("#outputs details pre").first.inner_text()
     assert text.startswith("a red fish in a bowl") and "Steps: 10" in text and "Seed: 7" in text
-    page.screenshot(path=str(shots / "done.png"), full_page=True)
+    shot(page, shots, "done")
     taskid = page.inner_text("#task-id").lstrip("#")
     task = server.detail(project, taskid)
     assert task["status"] == "task_postprocess_end" and task["pexit"] == "0" and len(task["outputs"]) == 2
@@ -192,18 +198,17 @@ def test_kill_while_running_and_cancel_while_queued(server, page, shots):
     wait_status(page, "task_queue")
     second = page.inner_text("#task-id").lstrip("#")
     assert page.is_enabled("#cancel")
-    page.screenshot(path=str(shots / "queued.png"), full_page=True)
+    shot(page, shots, "queued")
     page.click("#cancel")
     wait_status(page, "task_cancel")
     assert server.detail(project, second)["status"] == "task_cancel"
     # follow the first again from the history and kill it
     page.click(f"#history-list li[data-task='{first}'] button:has-text('Follow')")
     page.wait_for_selector("#status[data-status=task_output]")
-    page.screenshot(path=str(shots / "killing.png"), full_page=True)
+    shot(page, shots, "killing")
     page.click("#kill")
-    wait_status(page, "task_cancel")
-    assert "killed" in page.inner_text("#status")
-    page.screenshot(path=str(shots / "killed.png"), full_page=True)
+    page.wait_for_selector("#status:has-text('Killed while running')", timeout=120_000)
+    shot(page, shots, "killed")
     task = server.detail(project, first)
     assert task["status"] == "task_cancel" and task["pexit"] == "-1"
     assert int(task["progress"]["stepCurrent"]) < 150
@@ -216,7 +221,7 @@ def test_copy_as_curl_runs_and_creates_the_task_copy_as_python_compiles(server, 
     page.click("#copy-curl")
     page.wait_for_selector("#snippet-box:not([hidden])")
     command = page.input_value("#snippet")
-    page.screenshot(path=str(shots / "copy-curl.png"), full_page=True)
+    shot(page, shots, "copy-curl")
     assert command.startswith("curl ") and project.apisecret not in command
     assert f"x-api-key: {project.apikey}" in command and "x-signature: " in command
     out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
@@ -254,7 +259,7 @@ def test_history_compare_and_delete(server, page, shots):
     until(page, "() => [...document.querySelectorAll('#compare-view img')].every(i => i.complete && i.naturalWidth > 0)")
     diff = view.locator("tr.diff th").all_inner_texts()
     assert diff == ["seed"]
-    page.screenshot(path=str(shots / "compare.png"), full_page=True)
+    shot(page, shots, "compare")
     page.click(f"#history-list li[data-task='{ids[0]}'] button:has-text('Delete files')")
     page.wait_for_selector(f"#history-list li[data-task='{ids[0]}'] .noimg")
     assert server.detail(project, ids[0])["outputs"] == []
@@ -278,7 +283,7 @@ def test_phone_width_keyboard_and_both_progress_frame_shapes(server, browser, sh
         page.keyboard.press("Enter")
         page.wait_for_selector("#f-prompt")
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
-        page.screenshot(path=str(shots / "phone.png"), full_page=True)
+        shot(page, shots, "phone")
         parse = page.evaluate("""() => {
             const p = window.easelPlayground;
             const info = {type: 'progressGenerate', task: 'Generate', percentage: '60', stepCurrent: '6', stepTotal: '10',

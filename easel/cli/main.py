@@ -82,8 +82,6 @@ def serve(
                                                          "although private (e.g. 127.0.0.1 for local tests)."),
 ):
     """Run the API server and its local workers."""
-    import shutil
-
     metrics_dir = prepare_metrics_dir(data_dir)  # before anything imports prometheus_client
     import uvicorn
 
@@ -107,13 +105,20 @@ def serve(
     try:
         # stop the workers in the app's shutdown: uvicorn re-raises SIGTERM after its graceful
         # shutdown, so code after uvicorn.run() may never run
-        uvicorn.run(create_app(settings, executor, on_shutdown=executor.stop if executor else None),
+        uvicorn.run(create_app(settings, executor, on_shutdown=lambda: _stop(executor, metrics_dir)),
                     host=host, port=port, log_level="warning")
     finally:
-        if executor is not None:
-            executor.stop()
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        _stop(executor, metrics_dir)
+
+
+def _stop(executor, metrics_dir: Optional[Path]) -> None:
+    """Stop the workers, then remove this server's metrics folder (idempotent)."""
+    import shutil
+
+    if executor is not None:
+        executor.stop()
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @projects_app.command("create")

@@ -453,6 +453,7 @@ async function runTool(ev) {
     const path = `/Run/${state.tool.slugowner}/${state.tool.slugproject}`;
     const data = await call(path, formValues());
     follow(data.taskid, data.socketaccesstoken);
+    refreshHistory();
   } catch (e) {
     showError("form-error", e);
   } finally {
@@ -523,8 +524,14 @@ async function finish(taskid) {
   if (state.task?.id !== taskid) return;
   const failed = task.status === "task_postprocess_end" && task.pexit !== "0";
   const killed = task.status === "task_cancel" && task.pexit === "-1";
-  setStatus(task.status, failed ? `failed: ${(task.debugerror || "").split("\n").pop()}` : killed ? "killed while running" : "");
-  if (failed) $("status").dataset.status = "failed";
+  setStatus(task.status);
+  if (failed) {
+    $("status").textContent = `Failed: ${(task.debugerror || "").trim().split("\n").pop()}`;
+    $("status").dataset.status = "failed";
+  } else if (task.status === "task_cancel") {
+    $("status").textContent = killed ? "Killed while running" : "Cancelled while queued";
+  }
+  if (task.status !== "task_postprocess_end" || failed) $("eta").textContent = "–";
   if (task.status === "task_postprocess_end" && !failed) showProgress({ ...(task.progress || {}), percentage: 100, remainingTime: "0s" });
   $("outputs").replaceChildren(...task.outputs.map((o, i) => outputFigure(o, i)));
   $("cancel").disabled = true;
@@ -605,7 +612,7 @@ function historyCard(t) {
   const first = t.outputs[0];
   const tool = `${t.modelslugowner}/${t.modelslugproject}`;
   const outcome = t.status === "task_cancel" ? (t.pexit === "-1" ? "killed" : "cancelled")
-    : t.status === "task_postprocess_end" ? (t.pexit === "0" ? "done" : "failed") : t.status.replace("task_", "");
+    : t.status === "task_postprocess_end" ? (t.pexit === "0" ? "done" : "failed") : t.status === "task_queue" ? "queued" : "running";
   const when = new Date(Number(t.createtime) * 1000).toLocaleString();
   const box = el("input", { type: "checkbox", id: `cmp-${t.id}`, checked: state.selected.includes(t.id), disabled: !first,
     onchange: (ev) => toggleCompare(t.id, ev.target.checked) });
