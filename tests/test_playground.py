@@ -231,9 +231,6 @@ def test_copy_as_curl_runs_and_creates_the_task_copy_as_python_compiles(server, 
     assert task["status"] == "task_postprocess_end" and task["pexit"] == "0"
     assert task["parameters"]["prompt"] == "a curl'd \"quoted\" fish"
     assert task["parameters"]["selectedLoraModel"] == ["61"] and task["parameters"]["Fish-out-of-Water-v1.0"] == 0.3
-    # the same command again is refused: its signed nonce was used once
-    again = json.loads(subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60).stdout)
-    assert again["result"] is False
     page.click("#copy-python")
     code = page.input_value("#snippet")
     assert project.apisecret not in code and 'os.environ["EASEL_API_SECRET"]' in code

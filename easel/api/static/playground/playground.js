@@ -336,7 +336,7 @@ async function copyCurl() {
   for (const [k, v] of Object.entries(headers)) lines.push(`  -H ${shellQuote(`${k}: ${v}`)}`);
   lines.push(`  -d ${shellQuote(JSON.stringify(formValues()))}`);
   const note = state.creds.secret
-    ? "x-nonce and x-signature are computed for this one request: the server accepts each nonce once, within 5 minutes. Copy again for another run. The secret is not in the command."
+    ? "x-nonce and x-signature are computed for this request (a project with a strict nonce policy accepts each nonce once, within 5 minutes: copy again for another run). The secret is not in the command."
     : "API-key project: no signature headers.";
   await showSnippet("curl command", lines.join(" \\\n"), note);
 }
