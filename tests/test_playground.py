@@ -310,6 +310,52 @@ def test_phone_width_keyboard_and_both_progress_frame_shapes(server, browser, sh
         page.close()
 
 
+FILE_TYPES = {"fileinput", "multifileinput", "combinefileinput", "file", "image"}
+
+
+def test_dropping_a_file_uploads_it_through_file_upload(server, page, shots):
+    """Runs where a tool with a file input is available (IC-Light / InstantID, issues 10 and 11)
+    and ``POST /v1/File/Upload`` exists; the real endpoint, no stand-in."""
+    project = server.project()
+    found = None
+    for tool in server.post(project, "/v1/Tool/List", json={"limit": 200}).json()["tool"]:
+        if tool.get("available") is False:
+            continue
+        detail = server.post(project, "/v1/Tool/Detail",
+                             json={"slugowner": tool["slugowner"], "slugproject": tool["slugproject"]}).json()
+        for item in detail["tool"][0]["parameters"][0]["items"]:
+            if item["type"] in FILE_TYPES or (item["type"] == "text" and re.match(r"^input.*Image.*Url$", item["id"], re.I)):
+                found = (tool["slugowner"], tool["slugproject"], item["id"])
+                break
+        if found:
+            break
+    probe = httpx.post(f"{server.base}/v1/File/Upload", headers=server.headers(project), timeout=30,
+                       files={"file": ("probe.txt", b"probe", "text/plain")})
+    if found is None or probe.status_code == 404 or not probe.json().get("result"):
+        pytest.skip("no available tool with a file input, or no File/Upload endpoint, on this server yet")
+    owner, slug, field = found
+    sign_in(page, server, project, f"/playground/{owner}/{slug}")
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, "PNG")
+    transfer = page.evaluate_handle("""(b64) => {
+        const bin = atob(b64), bytes = new Uint8Array(bin.length);
+        for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], 'red.png', {type: 'image/png'}));
+        return dt;
+    }""", base64.b64encode(buf.getvalue()).decode())
+    zone = f"#f-{field} ~ .drop"
+    page.dispatch_event(zone, "drop", {"dataTransfer": transfer})
+    page.wait_for_selector(f"{zone}:has-text('Uploaded red.png')")
+    url = page.input_value(f"#f-{field}")
+    assert url.startswith("http"), url
+    assert httpx.get(url, timeout=30).content == buf.getvalue()
+    shot(page, shots, "upload")
+
+
 def test_pages_have_a_strict_content_security_policy(server):
     r = httpx.get(server.base + "/playground/wiro/text-to-image-sd-lora", timeout=10)
     assert r.status_code == 200 and "script-src 'self'" in r.headers["content-security-policy"]

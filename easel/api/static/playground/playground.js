@@ -172,7 +172,8 @@ function fieldFor(item) {
   } else if (isFileItem(item)) {
     control = el("input", { id, name: item.id, type: "text", inputmode: "url", value: defaults(item),
       placeholder: "https://… or drop a file below", "aria-describedby": helpId });
-    const picker = el("input", { type: "file", id: `${id}-file`, class: "visually-hidden", accept: "image/*" });
+    const many = item.type === "multifileinput" || item.type === "combinefileinput";  // several, comma-separated URLs
+    const picker = el("input", { type: "file", id: `${id}-file`, class: "visually-hidden", accept: "image/*", multiple: many });
     const zone = el("div", { class: "drop", tabindex: "0", role: "button", "aria-controls": id,
       "aria-label": `Upload a file for ${labelOf(item)} (drop it here, or press Enter to choose one)` },
       "Drop a file here or choose one");
@@ -182,11 +183,15 @@ function fieldFor(item) {
         const form = new FormData();
         form.append("file", file, file.name);
         const data = await call("/File/Upload", null, { multipart: form });
-        control.value = data.list[0].url;
-        zone.textContent = `Uploaded ${file.name}`;
+        const url = data.list[0].url;
+        control.value = many ? [control.value.trim(), url].filter(Boolean).join(",") : url;
+        zone.replaceChildren(el("img", { src: URL.createObjectURL(file), alt: "" }), `Uploaded ${file.name}`);
       } catch (e) {
         zone.textContent = `Upload failed: ${e.message}`;
       }
+    };
+    const uploadAll = async (files) => {
+      for (const file of many ? [...files] : [...files].slice(0, 1)) await upload(file);
     };
     zone.addEventListener("click", () => picker.click());
     zone.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); picker.click(); } });
@@ -194,9 +199,9 @@ function fieldFor(item) {
     zone.addEventListener("dragleave", () => zone.classList.remove("over"));
     zone.addEventListener("drop", (ev) => {
       ev.preventDefault(); zone.classList.remove("over");
-      if (ev.dataTransfer.files.length) upload(ev.dataTransfer.files[0]);
+      uploadAll(ev.dataTransfer.files);
     });
-    picker.addEventListener("change", () => { if (picker.files.length) upload(picker.files[0]); });
+    picker.addEventListener("change", () => uploadAll(picker.files));
     wrap.append(label, control, zone, picker);
   } else {
     control = el("input", { id, name: item.id, type: "text", value: defaults(item), "aria-describedby": helpId,
