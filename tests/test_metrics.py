@@ -78,13 +78,21 @@ def test_metrics_match_the_tasks_that_ran(msrv):
         done = [msrv.wait(project, t) for t in [*ok, bad]]
         assert [t["pexit"] for t in done] == ["0", "0", "1"], [t["debugerror"] for t in done]
 
-        long = msrv.run(project, {**SMALL, "steps": 150, "width": 128, "height": 128})["taskid"]
-        msrv.wait(project, long, until=("task_output",))
-        queued = msrv.run(project, SMALL)["taskid"]
-        live = scrape(msrv)  # read from the store at scrape time
-        assert value(live, "easel_tasks_running", tool=TOOL) == 1
-        assert value(live, "easel_tasks_queued", tool=TOOL) == 1
-        assert value(live, "easel_tasks_queued", tool="wiro/text-to-image-flux-lora-fast") == 0
+        # a second API process on the same database, without workers (started before the long task)
+        other = Server(msrv.data_dir, extra_args=("--workers", "0"), env={"EASEL_METRICS_TOKEN": TOKEN}).start()
+        try:
+            long = msrv.run(project, {**SMALL, "steps": 150, "width": 128, "height": 128})["taskid"]
+            msrv.wait(project, long, until=("task_output",))
+            queued = msrv.run(project, SMALL)["taskid"]
+            for srv in (msrv, other):  # read from the store at scrape time: the same on every API process
+                live = scrape(srv)
+                assert value(live, "easel_tasks_running", tool=TOOL) == 1
+                assert value(live, "easel_tasks_queued", tool=TOOL) == 1
+                assert value(live, "easel_tasks_queued", tool="wiro/text-to-image-flux-lora-fast") == 0
+            # each server reports its own process tree: the other one loaded no model and ran no task
+            assert value(live, "easel_model_loads_total") == 0 and value(live, "easel_tasks_total") == 0
+        finally:
+            other.stop()
         assert msrv.post(project, "/v1/Task/Cancel", json={"taskid": queued}).json()["result"]
         assert msrv.post(project, "/v1/Task/Kill", json={"taskid": long}).json()["result"]
         killed = msrv.wait(project, long)
