@@ -15,10 +15,13 @@ Names follow Prometheus conventions: ``easel_`` prefix, base units, ``_seconds``
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -58,6 +61,18 @@ HTTP_SECONDS = Histogram("easel_http_request_duration_seconds", "Seconds to answ
                          ["route", "method"])
 
 _worker = {"id": "api"}
+log = logging.getLogger("easel.metrics")
+
+
+def _safe(fn: Callable) -> Callable:
+    """Recording a metric must never fail a task or a request: errors are logged, not raised."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            log.warning("could not record a metric in %s", fn.__name__, exc_info=True)
+    return wrapper
 
 
 def set_worker(worker_id: str) -> None:
@@ -89,6 +104,7 @@ def outcome(status: str, pexit: str | None, started: bool) -> str:
     return "succeeded" if pexit == "0" else "failed"
 
 
+@_safe
 def task_ended(task: Any) -> None:
     """Record a task that just reached its final state (``easel.tasks.lifecycle`` calls this once).
 
@@ -109,6 +125,7 @@ def task_ended(task: Any) -> None:
         QUEUE_WAIT.labels(task.tool, result).observe(max(0.0, end - task.createtime))
 
 
+@_safe
 def model_loaded(key: str, seconds: float) -> None:
     """Record one pipeline load of weights ``key`` that took ``seconds``."""
     model = key[:160]
@@ -116,11 +133,13 @@ def model_loaded(key: str, seconds: float) -> None:
     MODEL_LOAD_SECONDS.labels(model).observe(seconds)
 
 
+@_safe
 def cache_bytes(used: int) -> None:
     """Bytes now held by this worker's pipeline cache."""
     CACHE_BYTES.labels(worker_label()).set(used)
 
 
+@_safe
 def device_memory() -> None:
     """Sample the GPU this worker uses (nothing without CUDA, or when torch is not loaded yet)."""
     torch = sys.modules.get("torch")
@@ -133,5 +152,42 @@ def device_memory() -> None:
         DEVICE_USED.labels(device).set(total - free)
         DEVICE_TOTAL.labels(device).set(total)
         DEVICE_ALLOCATED.labels(device, worker_label()).set(torch.cuda.memory_allocated(index))
-    except Exception:  # a metric must never fail a task
+    except Exception:  # a metric must never fail a task (e.g. a GPU in a bad state)
         pass
+
+
+@_safe
+def lora_loaded() -> None:
+    LORA_LOADS.inc()
+
+
+@_safe
+def lora_hotswapped() -> None:
+    LORA_HOTSWAPS.inc()
+
+
+@_safe
+def webhook_attempt(result: str) -> None:
+    """``delivered``, ``retry``, ``failed`` (given up) or ``refused`` (URL not allowed)."""
+    WEBHOOKS.labels(result).inc()
+
+
+@_safe
+def http_request(route: str, method: str, status: int, seconds: float) -> None:
+    HTTP_REQUESTS.labels(route, method, str(status)).inc()
+    HTTP_SECONDS.labels(route, method).observe(seconds)
+
+
+@_safe
+def _websockets(delta: int) -> None:
+    WEBSOCKETS.inc(delta)
+
+
+@contextlib.contextmanager
+def websocket_open() -> Iterator[None]:
+    """Counts one open WebSocket for the duration of the block."""
+    _websockets(1)
+    try:
+        yield
+    finally:
+        _websockets(-1)

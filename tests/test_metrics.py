@@ -163,3 +163,22 @@ def test_each_server_gets_its_own_metrics_folder_and_dead_ones_are_swept(tmp_pat
     assert [outcome("task_postprocess_end", "0", True), outcome("task_postprocess_end", "1", True),
             outcome("task_cancel", "-1", True), outcome("task_cancel", None, False)] == \
         ["succeeded", "failed", "killed", "cancelled"]
+
+
+def test_a_failing_metric_never_fails_the_caller(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from easel import metrics
+
+    def broken(*_a, **_k):
+        raise OSError("metrics folder removed")
+
+    monkeypatch.setattr(metrics.TASKS, "labels", broken)
+    monkeypatch.setattr(metrics.HTTP_REQUESTS, "labels", broken)
+    task = SimpleNamespace(tool=TOOL, status="task_postprocess_end", pexit="0", createtime=1.0, accepttime=2.0,
+                           canceltime=None, endtime=3.0, postprocessendtime=3.5)
+    metrics.task_ended(task)
+    metrics.http_request("/x", "GET", 200, 0.1)
+    with metrics.websocket_open():
+        pass
+    assert "could not record a metric in task_ended" in caplog.text

@@ -56,7 +56,7 @@ def frame(task: Task, event: Event, outputs: Callable[[Task], list], previews: b
 async def serve_socket(ws: WebSocket, store: Store, outputs: Callable[[Task], list], poll: float = 0.1) -> None:
     """Run one client connection (registration, replay, live events, close)."""
     await ws.accept()
-    with metrics.WEBSOCKETS.track_inprogress():
+    with metrics.websocket_open():
         await _serve(ws, store, outputs, poll)
 
 

@@ -84,8 +84,7 @@ class HttpMetrics:
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope.get("method", "")
-            metrics.HTTP_REQUESTS.labels(route, method, str(status["code"])).inc()
-            metrics.HTTP_SECONDS.labels(route, method).observe(time.perf_counter() - began)
+            metrics.http_request(route, method, status["code"], time.perf_counter() - began)
 
 
 def install(app: FastAPI, api) -> None:

@@ -164,7 +164,7 @@ class LoraState:
             try:
                 pipe.load_lora_weights(loadable(path), adapter_name=self.SLOT, hotswap=True)
                 self.hotswaps += 1
-                metrics.LORA_HOTSWAPS.inc()
+                metrics.lora_hotswapped()
                 self.last_action = "LoRA hot-swapped into the resident adapter slot"
             except Exception as exc:
                 # diffusers removes the slot when a hot-swap fails; load the LoRA as a fresh adapter
@@ -191,7 +191,7 @@ class LoraState:
             raise ValueError(f"LoRA {key} matches no module of {type(pipe).__name__}: "
                              "it was made for another model family or has an unknown key layout")
         self.loads += 1
-        metrics.LORA_LOADS.inc()
+        metrics.lora_loaded()
 
     def _evict(self, pipe: Any, keep: set[str]) -> None:
         while len(self._loaded) >= self.max_resident:
