@@ -238,6 +238,24 @@ def test_copy_as_curl_runs_and_creates_the_task_copy_as_python_compiles(server, 
     assert "\"prompt\": \"a curl'd \\\"quoted\\\" fish\"" in code
 
 
+def test_api_key_project_needs_no_secret(server, page):
+    project = server.project("apikey")
+    page.goto(server.base + "/playground/wiro/text-to-image-sd-lora")
+    page.fill("#apikey", project.apikey)
+    page.click("#auth-use")
+    page.wait_for_selector("#auth-state:has-text('API key only')")
+    fill_small(page, steps=2)
+    page.click("#copy-curl")
+    command = page.input_value("#snippet")
+    assert "x-signature" not in command and "x-nonce" not in command
+    answer = json.loads(subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60).stdout)
+    assert server.wait(project, answer["taskid"])["pexit"] == "0"
+    page.click("#copy-python")
+    code = page.input_value("#snippet")
+    assert "hmac" not in code and f'API_KEY = "{project.apikey}"' in code
+    compile(code, "snippet.py", "exec")
+
+
 def test_history_compare_and_delete(server, page, shots):
     project = server.project()
     ids = []
