@@ -733,7 +733,11 @@ function start() {
   $("compare").addEventListener("click", compare);
   window.addEventListener("popstate", () => {
     const m = location.pathname.match(/^\/playground\/([^/]+)\/([^/]+)\/?$/);
-    if (m && state.creds) { $("tool-select").value = `${m[1]}/${m[2]}`; loadTool(`${m[1]}/${m[2]}`, false); }
+    if (m && state.creds) {
+      const name = `${decodeURIComponent(m[1])}/${decodeURIComponent(m[2])}`;
+      $("tool-select").value = name;
+      loadTool(name, false).catch((e) => showError("form-error", e));
+    }
   });
   const saved = loadCreds();
   if (saved && saved.key) {
