@@ -150,20 +150,23 @@ def test_run_shows_live_progress_previews_and_outputs_with_png_parameters(server
     project = server.project()
     sign_in(page, server, project, "/playground/wiro/text-to-image-sd-lora")
     fill_small(page, steps=10, size=128, samples=2, prompt="a red fish in a bowl", seed="7")
+    # every value the percentage shows, however fast the run (a MutationObserver, installed over CDP)
+    page.evaluate("""() => { window.seenPct = [];
+        new MutationObserver(() => window.seenPct.push(document.querySelector('#pct').textContent))
+          .observe(document.querySelector('#pct'), {childList: true, characterData: true, subtree: true}); }""")
     page.click("#run")
-    seen: set[int] = set()
     midway = False
     deadline = time.time() + 180
     while time.time() < deadline and status(page) != "task_postprocess_end":
         pct = int(page.inner_text("#pct").split()[0])
-        seen.add(pct)
         if 0 < pct < 100 and not midway and page.is_visible("#preview-box"):
             shot(page, shots, "running")
             midway = True
         time.sleep(0.05)
     assert status(page) == "task_postprocess_end", page.inner_text("#status")
     assert page.inner_text("#pct") == "100 %" and page.inner_text("#step") == "10/10"
-    assert any(0 < p < 100 for p in seen), seen  # watched it move, not only the end state
+    seen = [int(t.split()[0]) for t in page.evaluate("window.seenPct")]
+    assert seen == sorted(seen) and set(seen) - {0} == set(range(10, 101, 10)), seen  # each step, in order
     assert re.fullmatch(r"[0-9.]+ it/s", page.inner_text("#speed"))
     # the latent preview came over the socket and decoded as an image
     assert page.get_attribute("#preview", "src").startswith("data:image/jpeg;base64,")
@@ -187,7 +190,7 @@ def test_run_shows_live_progress_previews_and_outputs_with_png_parameters(server
 def test_kill_while_running_and_cancel_while_queued(server, page, shots):
     project = server.project()
     sign_in(page, server, project, "/playground/wiro/text-to-image-sd-lora")
-    fill_small(page, steps=150, size=128)
+    fill_small(page, steps=150, size=256, samples=2)  # long enough to act on even on a fast machine
     page.click("#run")
     page.wait_for_selector("#status[data-status=task_output]", timeout=120_000)
     first = page.inner_text("#task-id").lstrip("#")
