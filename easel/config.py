@@ -82,6 +82,8 @@ class Settings:
             0 = never.
         sweep_interval_seconds: Seconds between retention sweeps (and lease checks are every
             quarter ``lease_seconds``) in each API process.
+        metrics_token: When set, ``/metrics`` answers only requests with ``Authorization: Bearer
+            <metrics_token>`` (HTTP 401 otherwise); empty (default) = open, like ``/healthz``.
     """
 
     data_dir: Path = Path("easel-data")
@@ -123,6 +125,7 @@ class Settings:
     output_retention_seconds: float = 0.0
     orphan_retention_seconds: float = 7 * 24 * 3600.0
     sweep_interval_seconds: float = 600.0
+    metrics_token: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())

@@ -8,6 +8,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The playground's browser tests drive Debian's chromium with Playwright (no browser download).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core
+fi
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 if [ "${EASEL_TEST_POSTGRES:-1}" != "0" ] && [ $# -eq 0 ]; then
   if pg_isready -h 127.0.0.1 -q 2>/dev/null; then

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -122,5 +123,10 @@ def test_flux_tool_with_torch_compile(tmp_path, file_server):
         for task in (first, second):
             ok_images(srv, task, 1, (64, 64))
         assert "hot-swapped" in second["debugoutput"] or "slot reloaded" in second["debugoutput"]
+        # the worker's counters reach the API's /metrics (multiprocess mode)
+        metrics = httpx.get(f"{srv.base}/metrics", timeout=30).text
+        swapped = "hot-swapped" in second["debugoutput"]
+        assert f"easel_lora_hotswaps_total {1.0 if swapped else 0.0}" in metrics.splitlines()
+        assert 'easel_tasks_total{status="succeeded",tool="wiro/text-to-image-flux-lora-fast"} 2.0' in metrics
     finally:
         srv.stop()

@@ -37,6 +37,8 @@ from easel.tasks import lifecycle as lc
 from . import compat, live, toolinfo
 from . import errors as E
 from . import files as files_api
+from . import metrics as http_metrics
+from . import playground
 from .auth import authenticate
 from .errors import WiroError, error_response
 from .parsing import Body, parse_body
@@ -414,6 +416,8 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "HEAD", "POST", "OPTIONS"], allow_headers=["*"],
                            expose_headers=["Retry-After", "Preference-Applied"], max_age=600)
+    http_metrics.install(app, api)
+    playground.install(app, settings)
 
     @app.exception_handler(WiroError)
     async def _wiro_error(_request, exc: WiroError):

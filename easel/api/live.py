@@ -39,6 +39,7 @@ from typing import Any, Callable
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from easel import metrics
 from easel.store import Event, Store, Task
 from easel.tasks import lifecycle as lc
 
@@ -85,6 +86,11 @@ def frame(task: Task, event: Event, outputs: Callable[[Task], list], previews: b
 async def serve_socket(ws: WebSocket, store: Store, outputs: Callable[[Task], list], poll: float = 0.1) -> None:
     """Run one client connection (registration, replay, live events, close)."""
     await ws.accept()
+    with metrics.websocket_open():
+        await _serve(ws, store, outputs, poll)
+
+
+async def _serve(ws: WebSocket, store: Store, outputs: Callable[[Task], list], poll: float) -> None:
     previews = ws.query_params.get("previews", "").lower() in ("1", "true", "yes")
     try:
         while True:

@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from easel import metrics
 from easel.config import Settings
 from easel.models.fetch import FetchError, FetchPolicy, URLRefused, post_pinned
 from easel.signing import webhook_signature
@@ -111,18 +112,22 @@ class WebhookDispatcher:
             error = "" if 200 <= status < 300 else f"HTTP {status}"
         except URLRefused as exc:  # retrying cannot help
             store.update_delivery(d.id, status="failed", attempts=attempts, payload=payload, last_error=str(exc))
+            metrics.webhook_attempt("refused")
             return
         except FetchError as exc:
             error = str(exc)
         if not error:
             store.update_delivery(d.id, status="delivered", attempts=attempts, payload=payload, last_error="",
                                   delivered_at=time.time())
+            metrics.webhook_attempt("delivered")
             return
         delay = min(MAX_BACKOFF, self.settings.webhook_backoff_seconds * 2 ** (attempts - 1))
         if time.time() + delay - d.created_at > self.settings.webhook_max_age_seconds:
             store.update_delivery(d.id, status="failed", attempts=attempts, payload=payload,
                                   last_error=f"gave up after {attempts} attempts: {error}")
+            metrics.webhook_attempt("failed")
         else:
+            metrics.webhook_attempt("retry")
             store.update_delivery(d.id, attempts=attempts, payload=payload, last_error=error,
                                   next_attempt_at=time.time() + delay)
 

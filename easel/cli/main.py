@@ -22,6 +22,50 @@ app.add_typer(models_app, name="models")
 console = Console()
 
 
+def prepare_metrics_dir(data_dir: Path) -> Optional[Path]:
+    """Set ``PROMETHEUS_MULTIPROC_DIR`` for this server and the workers it spawns; return the folder.
+
+    Runs before ``prometheus_client`` is imported (it reads the variable once, at import). The
+    folder is ``<data_dir>/metrics/<hostname>-<pid>``, emptied now and removed when the server
+    stops; folders of this host whose server process is gone are removed. Each ``easel serve``
+    therefore reports its own process tree, and several servers on one data directory never mix
+    or wipe each other's samples. An operator who sets ``PROMETHEUS_MULTIPROC_DIR`` keeps that
+    folder (and its clean-up) to themselves: returns None.
+    """
+    import os
+    import shutil
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    root = Path(data_dir) / "metrics"
+    host = socket.gethostname().replace("/", "_")
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(f"{host}-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = root / f"{host}-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    return folder
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _settings(data_dir: Path, **kw):
+
+
 def _settings(data_dir: Optional[Path], **kw):
     return _settings_from(None, data_dir=data_dir, **kw)
 
@@ -53,13 +97,7 @@ def serve(
                                                      "Precedence: flags given > environment > this file > defaults."),
 ):
     """Run the API server and its local workers."""
-    import uvicorn
-
-    from easel.api import create_app
     from easel.config import read_sources
-    from easel.executors import create_executor
-    from easel.store import Store
-    from easel.tasks import lifecycle
 
     given = {"data_dir": data_dir, "model_source": model_source, "workers": workers, "public_url": public_url,
              "fetch_allow": tuple(x.strip() for x in fetch_allow.split(",") if x.strip()) if fetch_allow else None}
@@ -69,6 +107,14 @@ def serve(
         settings = _settings_from(config, **given)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    metrics_dir = prepare_metrics_dir(settings.data_dir)  # before anything imports prometheus_client
+    import uvicorn
+
+    from easel.api import create_app
+    from easel.executors import create_executor
+    from easel.store import Store
+    from easel.tasks import lifecycle
+
     workers = settings.workers
     store = Store(settings.database_url)
     store.migrate()
@@ -84,11 +130,20 @@ def serve(
     try:
         # stop the workers in the app's shutdown: uvicorn re-raises SIGTERM after its graceful
         # shutdown, so code after uvicorn.run() may never run
-        uvicorn.run(create_app(settings, executor, on_shutdown=executor.stop if executor else None),
+        uvicorn.run(create_app(settings, executor, on_shutdown=lambda: _stop(executor, metrics_dir)),
                     host=host, port=port, log_level="warning")
     finally:
-        if executor is not None:
-            executor.stop()
+        _stop(executor, metrics_dir)
+
+
+def _stop(executor, metrics_dir: Optional[Path]) -> None:
+    """Stop the workers, then remove this server's metrics folder (idempotent)."""
+    import shutil
+
+    if executor is not None:
+        executor.stop()
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @projects_app.command("create")

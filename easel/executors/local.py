@@ -100,6 +100,7 @@ class LocalExecutor(Executor):
     def supervise_once(self) -> None:
         """Fail the tasks of dead workers and restart them (with backoff). Raises on store errors;
         a dead worker whose task could not be failed yet is handled again next time."""
+        from easel import metrics
         from easel.store import Store
         from easel.tasks import lifecycle as lc
 
@@ -118,6 +119,7 @@ class LocalExecutor(Executor):
                       "for lack of memory, a crash in native code, or an error it could not survive such as "
                       "a full disk). Submit it again.")
             failed = lc.fail_worker_tasks(self._store, p.easel_worker_id, reason)
+            metrics.process_dead(p.pid)
             # a worker that died soon after it started is probably dying of the same cause again
             short_lived = now - p.easel_started < 30.0
             backoff = min(self.MAX_BACKOFF, self._backoff.get(slot, 0.5) * 2) if short_lived else 1.0

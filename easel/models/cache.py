@@ -24,8 +24,11 @@ from __future__ import annotations
 import gc
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, Callable
+
+from easel import metrics
 
 from .lora_formats import loadable
 
@@ -66,13 +69,16 @@ class PipelineCache:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key][0]
+            began = time.monotonic()
             pipe = loader()
+            metrics.model_loaded(key, time.monotonic() - began)
             size = module_bytes(pipe)
             while self._items and self.used_bytes + size > self.budget_bytes:
                 self._items.popitem(last=False)
                 gc.collect()
             self._items[key] = (pipe, size)
             self.loads[key] = self.loads.get(key, 0) + 1
+            metrics.cache_bytes(self.used_bytes)
             return pipe
 
     @property
@@ -173,6 +179,7 @@ class LoraState:
                 _scale_lora_b(pipe, self.SLOT, 0.0)
                 pipe.load_lora_weights(loadable(path), adapter_name=self.SLOT, hotswap=True)
                 self.hotswaps += 1
+                metrics.lora_hotswapped()
                 self.last_action = "LoRA hot-swapped into the resident adapter slot"
             except Exception as exc:
                 # diffusers removes the slot when a hot-swap fails; load the LoRA as a fresh adapter
@@ -209,6 +216,7 @@ class LoraState:
             raise ValueError(f"LoRA {key} matches no module of {type(pipe).__name__}: "
                              "it was made for another model family or has an unknown key layout")
         self.loads += 1
+        metrics.lora_loaded()
 
     def _evict(self, pipe: Any, keep: set[str]) -> None:
         while len(self._loaded) >= self.max_resident:

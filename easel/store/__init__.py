@@ -219,6 +219,13 @@ class Store:
                 q = q.where(Task.id < before_id)
             return int(s.scalar(q) or 0)
 
+    def count_by_tool(self, statuses: Iterable[str]) -> dict[tuple[str, str], int]:
+        """Tasks in ``statuses`` counted per ``(tool, status)`` (one grouped query on the status index)."""
+        with self.session() as s:
+            rows = s.execute(select(Task.tool, Task.status, func.count(Task.id))
+                             .where(Task.status.in_(list(statuses))).group_by(Task.tool, Task.status))
+            return {(tool, status): int(n) for tool, status, n in rows}
+
     def get_task(self, task_id: int | None = None, token: str | None = None) -> Task | None:
         with self.session() as s:
             if task_id is not None:

@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Callable
 
-from easel import strict
+from easel import metrics, strict
 from easel.store import Output, Store, Task
 
 log = logging.getLogger("easel.lifecycle")
@@ -132,6 +132,8 @@ def advance(store: Store, task_id: int, status: str, message: str = "", *, owner
                           webhook=status in TERMINAL, **values)
     if not ok:
         _rejected(store, task_id, status, owner)
+    elif status in TERMINAL:
+        metrics.task_ended(store.get_task(task_id))
     return ok
 
 
@@ -161,7 +163,10 @@ def log_event(store: Store, task_id: int, type_: str, message: str, owner: str |
 
 def cancel(store: Store, task_id: int) -> bool:
     """Cancel a queued task; False if it is no longer queued (Wiro: not in a cancellable state)."""
-    return store.transition(task_id, CANCEL, only_from=(QUEUE,), canceltime=time.time(), webhook=True)
+    if not store.transition(task_id, CANCEL, only_from=(QUEUE,), canceltime=time.time(), webhook=True):
+        return False
+    metrics.task_ended(store.get_task(task_id))
+    return True
 
 
 def request_kill(store: Store, task_id: int) -> bool:
@@ -183,6 +188,8 @@ def fail(store: Store, task: Task, reason: str, owner: str | None = None) -> boo
                           endtime=task.endtime or now, postprocessendtime=now)
     if not ok:
         _rejected(store, task.id, POSTPROCESS_END, owner)
+    else:
+        metrics.task_ended(store.get_task(task.id))
     return ok
 
 

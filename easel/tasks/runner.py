@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from easel import metrics
 from easel.catalog import ModelCatalog
 from easel.config import Settings
 from easel.models import ModelManager
@@ -175,6 +176,7 @@ class Worker:
     def __init__(self, settings: Settings, worker_id: str = "local-0"):
         self.settings = settings
         self.worker_id = worker_id
+        metrics.set_worker(worker_id)
         self.store = Store(settings.database_url)
         self.catalog = ModelCatalog.load(settings.catalog_override)
         self.models = ModelManager(settings, self.catalog)
@@ -288,6 +290,7 @@ class Worker:
             done.set()
             self._deadline = None
             shutil.rmtree(workdir, ignore_errors=True)
+            metrics.device_memory()
 
     def _save_outputs(self, task_uuid: str, paths: list[Path]) -> list[dict]:
         """Store every output, or none: on a failure (disk full) the ones already stored are removed."""
