@@ -33,7 +33,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="TCP port."),
     data_dir: Path = typer.Option(Path("easel-data"), help="Where the database, files and models live."),
-    model_source: str = typer.Option("tiny", help="tiny (offline random models) or hub (real weights)."),
+    model_source: str = typer.Option("tiny", help="tiny (offline tiny models), hub (real weights) or random (published sizes, random weights)."),
     workers: int = typer.Option(1, help="Local worker processes; 0 = API only (workers of another "
                                         "`easel serve` on the same database run the tasks)."),
     public_url: Optional[str] = typer.Option(None, help="Base URL written into output urls (default http://HOST:PORT)."),
@@ -101,6 +101,32 @@ def make_tiny_cmd(folder: Path, force: bool = typer.Option(False, help="Rewrite 
 
     for name, path in make_tiny(folder, force=force).items():
         console.print(f"{name}: {path}")
+
+
+@models_app.command("make-random")
+def make_random_cmd(
+    folder: Path,
+    family: str = typer.Option(..., help="sd15, sdxl or flux (FLUX.1-dev)."),
+    size: str = typer.Option("full", help="full (published sizes) or small (same architecture, narrow layers)."),
+    device: str = typer.Option("cpu", help="Where to build the weights: cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("", help="fp32, fp16 or bf16; default fp32 on CPU, bf16 for flux / fp16 otherwise on CUDA."),
+    force: bool = typer.Option(False, help="Rewrite even if present."),
+):
+    """Write a random-weight pipeline at its family's published size (diffusers folder + LoRAs)."""
+    import torch
+
+    from easel.models.fullsize import FAMILIES, SIZES, make_random
+
+    dtypes = {"": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if family not in FAMILIES:
+        raise typer.BadParameter(f"must be one of {', '.join(FAMILIES)}", param_hint="--family")
+    if size not in SIZES:
+        raise typer.BadParameter(f"must be one of {', '.join(SIZES)}", param_hint="--size")
+    if dtype not in dtypes:
+        raise typer.BadParameter("must be fp32, fp16 or bf16", param_hint="--dtype")
+    path = make_random(folder, family, size, device=device, dtype=dtypes[dtype], force=force)
+    console.print(f"{family}-{size}: {path}")
+    console.print((path / "easel-random.json").read_text())
 
 
 def _parse_params(params: list[str]) -> tuple[dict, dict]:
