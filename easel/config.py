@@ -26,6 +26,10 @@ class Settings:
             layers) for ``model_source="random"``.
         public_url: Base URL written into output ``url`` fields (no trailing slash).
         workers: Number of local worker processes.
+        gpus: GPU indices (``CUDA_VISIBLE_DEVICES`` values) dealt round-robin to the local workers,
+            one worker per GPU when ``workers`` equals their count; empty = every worker sees
+            every GPU (and uses the first). ``"all"`` in the environment or on the command line
+            means every GPU torch sees.
         fetch_allow: Hosts or CIDR ranges the URL fetcher may reach although they are loopback,
             private or link-local (tests allow their local file server this way).
         lora_max_bytes: Size cap of a LoRA downloaded from a user URL, in bytes.
@@ -65,6 +69,7 @@ class Settings:
     random_model_size: str = "full"
     public_url: str = "http://127.0.0.1:8000"
     workers: int = 1
+    gpus: tuple[str, ...] = field(default_factory=tuple)
     fetch_allow: tuple[str, ...] = field(default_factory=tuple)
     lora_max_bytes: int = 2 * 1024**3
     upload_max_bytes: int = 64 * 1024**2
@@ -100,6 +105,10 @@ class Settings:
         if self.random_model_size not in ("full", "small"):
             raise ValueError(f"random_model_size must be 'full' or 'small', not {self.random_model_size!r}")
         object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
+        if tuple(self.gpus) == ("all",):
+            import torch
+
+            object.__setattr__(self, "gpus", tuple(str(i) for i in range(torch.cuda.device_count())))
 
     @property
     def files_dir(self) -> Path:
@@ -121,7 +130,7 @@ class Settings:
             raw = os.environ.get(f"EASEL_{f.name.upper()}")
             if raw is None:
                 continue
-            if f.name == "fetch_allow":
+            if f.name in ("fetch_allow", "gpus"):
                 values[f.name] = tuple(x.strip() for x in raw.split(",") if x.strip())
             elif f.type in ("int",):
                 values[f.name] = int(raw)

@@ -120,3 +120,17 @@ def test_gpu_tools_load_their_pipelines_in_the_catalog_dtype(random_worker):
     flux_entry = next(e for e in random_worker.catalog.entries.values() if e.kind == "flux")
     flux = flux_lora.load_pipeline(random_worker.models.sources.checkpoint(flux_entry), random_worker.settings)
     assert flux.transformer.dtype == torch.bfloat16
+
+
+def test_gpus_are_dealt_round_robin_to_worker_slots():
+    from easel.executors.local import gpu_for_slot
+
+    assert [gpu_for_slot(i, ("0", "1")) for i in range(4)] == ["0", "1", "0", "1"]
+    assert gpu_for_slot(3, ()) is None
+
+
+def test_gpus_setting_reads_a_comma_list_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("EASEL_GPUS", "2, 3")
+    assert Settings.from_env(data_dir=tmp_path).gpus == ("2", "3")
+    monkeypatch.setenv("EASEL_GPUS", "all")
+    assert Settings.from_env(data_dir=tmp_path).gpus == tuple(str(i) for i in range(torch.cuda.device_count()))

@@ -37,6 +37,8 @@ def serve(
     workers: int = typer.Option(1, help="Local worker processes; 0 = API only (workers of another "
                                         "`easel serve` on the same database run the tasks)."),
     public_url: Optional[str] = typer.Option(None, help="Base URL written into output urls (default http://HOST:PORT)."),
+    gpus: Optional[str] = typer.Option(None, help="GPUs dealt round-robin to the workers, e.g. 0,1 or all "
+                                                  "(one worker per GPU: --workers 2 --gpus 0,1)."),
     fetch_allow: Optional[str] = typer.Option(None, help="Comma-separated hosts/CIDRs the URL fetcher may reach "
                                                          "although private (e.g. 127.0.0.1 for local tests)."),
 ):
@@ -49,6 +51,8 @@ def serve(
     from easel.tasks import lifecycle
 
     extra = {"fetch_allow": tuple(x.strip() for x in fetch_allow.split(",") if x.strip())} if fetch_allow else {}
+    if gpus:
+        extra["gpus"] = tuple(x.strip() for x in gpus.split(",") if x.strip())
     settings = _settings(data_dir, model_source=model_source, workers=workers,
                          public_url=public_url or f"http://{host}:{port}", **extra)
     store = Store(settings.database_url)
