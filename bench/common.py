@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -49,13 +50,22 @@ class BenchServer:
         assert task["pexit"] == "0", task["debugerror"]
         return submit, time.time() - t0, task
 
+    def wait(self, taskid: str, poll: float = 0.05) -> dict:
+        """Poll Task/Detail until the task ends; return it."""
+        while True:
+            task = self.client.post(f"{self.base}/v1/Task/Detail", json={"taskid": taskid}).json()["tasklist"][0]
+            if task["status"] in ("task_postprocess_end", "task_cancel"):
+                return task
+            time.sleep(poll)
+
 
 @contextmanager
-def serve(data: Path, *args: str) -> Iterator[BenchServer]:
-    """Start ``easel serve`` on ``data`` (tiny models) and yield a :class:`BenchServer`."""
+def serve(data: Path, *args: str, env: dict | None = None) -> Iterator[BenchServer]:
+    """Start ``easel serve`` on ``data`` (tiny models unless ``args`` say otherwise; ``env``: extra
+    environment variables) and yield a :class:`BenchServer`."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "easel", "serve", "--port", str(port), "--data-dir", str(data), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     try:
         while True:

@@ -23,9 +23,17 @@ class Settings:
             ``uploads/`` (request files), ``models/`` (tiny models, fetched LoRAs, hub cache).
         database_url: SQLAlchemy URL; default ``sqlite:///<data_dir>/easel.db``.
         model_source: ``"tiny"`` resolves every catalog id to the offline tiny model of its
-            family; ``"hub"`` downloads the real weights with huggingface_hub on first use.
+            family; ``"hub"`` downloads the real weights with huggingface_hub on first use;
+            ``"random"`` resolves every id to a random-weight network of its family at the
+            published size (``easel.models.fullsize``: real speed and memory, noise images).
+        random_model_size: ``full`` (published sizes) or ``small`` (same architecture, narrow
+            layers) for ``model_source="random"``.
         public_url: Base URL written into output ``url`` fields (no trailing slash).
         workers: Number of local worker processes.
+        gpus: GPU indices (``CUDA_VISIBLE_DEVICES`` values) dealt round-robin to the local workers,
+            one worker per GPU when ``workers`` equals their count; empty = every worker sees
+            every GPU (and uses the first). ``"all"`` in the environment or on the command line
+            means every GPU torch sees.
         fetch_allow: Hosts or CIDR ranges the URL fetcher may reach although they are loopback,
             private or link-local (tests allow their local file server this way).
         lora_max_bytes: Size cap of a LoRA downloaded from a user URL, in bytes.
@@ -89,8 +97,10 @@ class Settings:
     data_dir: Path = Path("easel-data")
     database_url: str = ""
     model_source: str = "tiny"
+    random_model_size: str = "full"
     public_url: str = "http://127.0.0.1:8000"
     workers: int = 1
+    gpus: tuple[str, ...] = field(default_factory=tuple)
     fetch_allow: tuple[str, ...] = field(default_factory=tuple)
     lora_max_bytes: int = 2 * 1024**3
     upload_max_bytes: int = 64 * 1024**2
@@ -133,9 +143,15 @@ class Settings:
             object.__setattr__(self, "database_url", f"sqlite:///{self.data_dir / 'easel.db'}")
         if self.catalog_override is None:
             object.__setattr__(self, "catalog_override", self.data_dir / "catalog.override.json")
-        if self.model_source not in ("tiny", "hub"):
-            raise ValueError(f"model_source must be 'tiny' or 'hub', not {self.model_source!r}")
+        if self.model_source not in ("tiny", "hub", "random"):
+            raise ValueError(f"model_source must be 'tiny', 'hub' or 'random', not {self.model_source!r}")
+        if self.random_model_size not in ("full", "small"):
+            raise ValueError(f"random_model_size must be 'full' or 'small', not {self.random_model_size!r}")
         object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
+        if tuple(self.gpus) == ("all",):
+            import torch
+
+            object.__setattr__(self, "gpus", tuple(str(i) for i in range(torch.cuda.device_count())))
 
     @property
     def files_dir(self) -> Path:

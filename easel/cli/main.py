@@ -83,13 +83,16 @@ def serve(
     port: int = typer.Option(8000, help="TCP port."),
     data_dir: Optional[Path] = typer.Option(None, help="Where the database, files and models live "
                                                        "[env EASEL_DATA_DIR; default easel-data]."),
-    model_source: Optional[str] = typer.Option(None, help="tiny (offline random models) or hub (real weights) "
+    model_source: Optional[str] = typer.Option(None, help="tiny (offline tiny models), hub (real weights) or random "
+                                                          "(published sizes, random weights) "
                                                           "[env EASEL_MODEL_SOURCE; default tiny]."),
     workers: Optional[int] = typer.Option(None, help="Local worker processes; 0 = API only (workers of another "
                                                      "`easel serve` on the same database run the tasks) "
                                                      "[env EASEL_WORKERS; default 1]."),
     public_url: Optional[str] = typer.Option(None, help="Base URL written into output urls [env EASEL_PUBLIC_URL; "
                                                         "default http://HOST:PORT]."),
+    gpus: Optional[str] = typer.Option(None, help="GPUs dealt round-robin to the workers, e.g. 0,1 or all "
+                                                  "(one worker per GPU: --workers 2 --gpus 0,1) [env EASEL_GPUS]."),
     fetch_allow: Optional[str] = typer.Option(None, help="Comma-separated hosts/CIDRs the URL fetcher may reach "
                                                          "although private (e.g. 127.0.0.1 for local tests) "
                                                          "[env EASEL_FETCH_ALLOW]."),
@@ -100,7 +103,8 @@ def serve(
     from easel.config import read_sources
 
     given = {"data_dir": data_dir, "model_source": model_source, "workers": workers, "public_url": public_url,
-             "fetch_allow": tuple(x.strip() for x in fetch_allow.split(",") if x.strip()) if fetch_allow else None}
+             "fetch_allow": tuple(x.strip() for x in fetch_allow.split(",") if x.strip()) if fetch_allow else None,
+             "gpus": tuple(x.strip() for x in gpus.split(",") if x.strip()) if gpus else None}
     if public_url is None and "public_url" not in read_sources(config):
         given["public_url"] = f"http://{host}:{port}"
     try:
@@ -203,6 +207,32 @@ def make_tiny_cmd(folder: Path, force: bool = typer.Option(False, help="Rewrite 
 
     for name, path in make_tiny(folder, force=force).items():
         console.print(f"{name}: {path}")
+
+
+@models_app.command("make-random")
+def make_random_cmd(
+    folder: Path,
+    family: str = typer.Option(..., help="sd15, sdxl or flux (FLUX.1-dev)."),
+    size: str = typer.Option("full", help="full (published sizes) or small (same architecture, narrow layers)."),
+    device: str = typer.Option("cpu", help="Where to build the weights: cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("", help="fp32, fp16 or bf16; default fp32 on CPU, bf16 for flux / fp16 otherwise on CUDA."),
+    force: bool = typer.Option(False, help="Rewrite even if present."),
+):
+    """Write a random-weight pipeline at its family's published size (diffusers folder + LoRAs)."""
+    import torch
+
+    from easel.models.fullsize import FAMILIES, SIZES, make_random
+
+    dtypes = {"": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if family not in FAMILIES:
+        raise typer.BadParameter(f"must be one of {', '.join(FAMILIES)}", param_hint="--family")
+    if size not in SIZES:
+        raise typer.BadParameter(f"must be one of {', '.join(SIZES)}", param_hint="--size")
+    if dtype not in dtypes:
+        raise typer.BadParameter("must be fp32, fp16 or bf16", param_hint="--dtype")
+    path = make_random(folder, family, size, device=device, dtype=dtypes[dtype], force=force)
+    console.print(f"{family}-{size}: {path}")
+    console.print((path / "easel-random.json").read_text())
 
 
 def _parse_params(params: list[str]) -> tuple[dict, dict]:

@@ -25,7 +25,16 @@ from . import Executor
 log = logging.getLogger("easel.executor")
 
 
-def _worker_main(settings: Settings, worker_id: str, wake, stop) -> None:
+def gpu_for_slot(slot: int, gpus: tuple[str, ...]) -> str | None:
+    """The ``CUDA_VISIBLE_DEVICES`` value of worker ``slot``: the GPUs of ``Settings.gpus`` are
+    dealt round-robin (two workers per GPU with ``--workers 4 --gpus 0,1``); None leaves the
+    environment as it is (every worker sees every GPU and uses the first)."""
+    return gpus[slot % len(gpus)] if gpus else None
+
+
+def _worker_main(settings: Settings, worker_id: str, wake, stop, gpu: str | None = None) -> None:
+    if gpu is not None:  # before anything imports torch in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {worker_id} %(levelname)s %(message)s")
     from easel.tasks.runner import Worker
@@ -79,7 +88,8 @@ class LocalExecutor(Executor):
         self._generation += 1
         worker_id = f"local-{os.getpid()}-{slot}-{self._generation}"
         p = self._ctx.Process(target=_worker_main, name=f"easel-worker-{slot}", daemon=True,
-                              args=(self.settings, worker_id, self._wake, self._stop))
+                              args=(self.settings, worker_id, self._wake, self._stop,
+                                    gpu_for_slot(slot, self.settings.gpus)))
         p.start()
         p.easel_worker_id = worker_id
         p.easel_started = time.monotonic()

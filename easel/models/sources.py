@@ -5,6 +5,10 @@ Two sources, chosen by ``Settings.model_source``:
 - ``tiny``: every id resolves to the offline tiny model of its family, in the same on-disk format
   as the real entry (a Hub repo → tiny diffusers folder; a single-file URL → tiny single-file
   checkpoint; LoRAs → a tiny Kohya- or PEFT-layout file). The tiny models are written on first use.
+- ``random``: every id resolves to a random-weight network of its family at the published size
+  (or ``Settings.random_model_size="small"``), written once as a diffusers folder under
+  ``<data_dir>/models/random`` on the device the worker runs on (``easel.models.fullsize``);
+  LoRAs resolve to random LoRAs of rank 16 over those networks. For speed and memory work.
 - ``hub``: Hub repos download with ``huggingface_hub`` into ``<data_dir>/models/hub`` on first use;
   ``url`` sources go through the safe fetcher. Offline, the error says so.
 """
@@ -43,6 +47,7 @@ class ModelSources:
         self.catalog = catalog
         self._tiny_lock = threading.Lock()
         self._tiny: dict[str, Path] | None = None
+        self._random: dict[str, Path] = {}
 
     @property
     def lora_policy(self) -> FetchPolicy:
@@ -58,12 +63,31 @@ class ModelSources:
                 self._tiny = make_tiny(self.settings.models_dir / "tiny")
             return self._tiny
 
+    def random(self, family: str) -> Path:
+        """The random-weight pipeline folder of ``family`` (written on first use, on the GPU when
+        there is one, in the dtype the worker loads it with)."""
+        from .fullsize import FAMILIES, make_random
+
+        if family not in FAMILIES:
+            raise CatalogError(f"no random full-size model exists for the {family} family")
+        with self._tiny_lock:
+            if family not in self._random:
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                self._random[family] = make_random(self.settings.models_dir / "random", family,
+                                                   self.settings.random_model_size, device=device)
+            return self._random[family]
+
     def checkpoint(self, entry: ModelEntry) -> Weights:
         """Weights of a checkpoint entry (kind sd15/sdxl/flux).
 
         Raises:
             CatalogError: unknown source (hub mode), a family without a tiny model, or a failed download.
         """
+        if self.settings.model_source == "random":
+            folder = self.random(entry.family)
+            return Weights("diffusers", folder, key=f"random:{folder.name}")
         if self.settings.model_source == "tiny":
             tiny = self.tiny()
             if entry.family == "flux":
@@ -90,6 +114,13 @@ class ModelSources:
         Raises:
             CatalogError: as for :meth:`checkpoint`.
         """
+        if self.settings.model_source == "random":
+            from .fullsize import lora_paths
+
+            folder = self.random(entry.family)
+            paths = lora_paths(folder, entry.family)
+            path = paths.get(entry.lora_format or "", paths["peft"])
+            return Weights("lora", path, key=f"random:{folder.name}/{path.name}")
         if self.settings.model_source == "tiny":
             tiny = self.tiny()
             if entry.family not in ("sd15", "flux"):

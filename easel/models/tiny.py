@@ -231,21 +231,21 @@ def _random_unet_lora(pipe, seed: int, rank: int = 4) -> dict:
     return sd
 
 
-def write_lora_peft(pipe, path: Path, seed: int = 1) -> None:
+def write_lora_peft(pipe, path: Path, seed: int = 1, rank: int = 4) -> None:
     """Write a diffusers/PEFT-layout LoRA file (keys ``unet.<module>.lora_A/B.weight``)."""
     from safetensors.torch import save_file
 
-    sd = {f"unet.{k}": v for k, v in _random_unet_lora(pipe, seed).items()}
+    sd = {f"unet.{k}": v for k, v in _random_unet_lora(pipe, seed, rank).items()}
     save_file(sd, str(path), metadata={"format": "pt"})
 
 
-def write_lora_kohya(pipe, path: Path, seed: int = 2, alpha: float = 4.0) -> None:
+def write_lora_kohya(pipe, path: Path, seed: int = 2, alpha: float = 4.0, rank: int = 4) -> None:
     """Write a Kohya-layout LoRA file (``lora_unet_<module_with_underscores>.lora_down/up.weight``, ``.alpha``)."""
     import torch
     from safetensors.torch import save_file
 
     sd = {}
-    for key, value in _random_unet_lora(pipe, seed).items():
+    for key, value in _random_unet_lora(pipe, seed, rank).items():
         module, _, kind = key.rpartition(".lora_")
         base = "lora_unet_" + module.replace(".", "_")
         sd[f"{base}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
