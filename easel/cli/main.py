@@ -63,9 +63,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _settings(data_dir: Path, **kw):
-
-
 def _settings(data_dir: Optional[Path], **kw):
     return _settings_from(None, data_dir=data_dir, **kw)
 
