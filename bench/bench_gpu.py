@@ -107,13 +107,13 @@ class Raw:
                                           settings)
             entry = catalog.get(inputs["selectedLoraModel"])
             lora = self.models.sources.lora(entry)
-            self.models.loras(self.pipe, hotswap=True).apply(self.pipe, [(lora.key, str(lora.path), 1.0)])
+            self.models.adapters(self.pipe, hotswap=True).apply(self.pipe, [(lora.key, str(lora.path), 1.0)])
         else:
             from easel.tools import sd_lora as mod
 
             self.pipe = mod.load_pipeline(self.models.sources.checkpoint(catalog.get(inputs["selectedModel"])))
             loras = [self.models.sources.lora(catalog.get(m)) for m in inputs["selectedLoraModel"]]
-            self.models.loras(self.pipe).apply(self.pipe, [(w.key, str(w.path), 1.0) for w in loras])
+            self.models.adapters(self.pipe).apply(self.pipe, [(w.key, str(w.path), 1.0) for w in loras])
         self.mod, self.inputs = mod, inputs
         self.steps_seconds: list[float] = []
 

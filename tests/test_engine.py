@@ -149,6 +149,7 @@ def test_supervisor_survives_store_errors_and_health_says_why(tmp_path):
 class _FakeProc:
     def __init__(self, exitcode, started):
         self.exitcode, self.easel_started, self.easel_worker_id = exitcode, started, f"dead-{exitcode}"
+        self.pid = None  # multiprocessing.Process has one; the supervisor reports it to the metrics
 
     def is_alive(self):
         return False

@@ -58,7 +58,7 @@ def folder_create(api, project: Project, body: Body) -> dict:
     """``POST /v1/File/FolderCreate``: ``name`` (letters, digits, ``-``, ``_``), optional ``parentid``."""
     name = str(body.fields.get("name", "") or "").strip()
     if not _FOLDER_NAME.match(name):
-        raise WiroError(0, "Request parameter [name] is required: 1 to 100 letters, numbers, hyphens or underscores")
+        raise WiroError(0, "Request parameter [name] required: 1 to 100 letters, numbers, hyphens or underscores")
     parent = _folder(api, project, str(body.fields.get("parentid", "") or "").strip(), "parentid")
     row = api.store.add_user_file(project_id=project.id, parent_id=parent.id, is_folder=True, name=name,
                                   contenttype="", size=0, path="")
@@ -73,7 +73,7 @@ def upload(api, project: Project, body: Body) -> dict:
     """
     files = [f for f in body.files if f.field == "file"]
     if not files:
-        raise WiroError(0, "Request parameter [file] is required: send the file as multipart/form-data field 'file'")
+        raise WiroError(0, "Request parameter [file] required: send the file as multipart/form-data field 'file'")
     parent = _folder(api, project, str(body.fields.get("folderid", "") or "").strip(), "folderid")
     rows = []
     for up in files:

@@ -219,7 +219,7 @@ def _coerce(spec: InputSpec, value: Any) -> Any:
         if spec.required and _missing(value):
             what = ": an image URL, the name of a file uploaded with /v1/File/Upload, or a multipart file" \
                 if spec.accepts == "image" else ""
-            raise InputError(name, f"Request parameter [{name}] is required{what}")
+            raise InputError(name, f"Request parameter [{name}] required{what}")
         if value is None:
             return "" if spec.default is None else str(spec.default)
         if isinstance(value, (list, dict)):

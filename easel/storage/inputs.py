@@ -36,7 +36,7 @@ class InputFiles:
         """
         value = (value or "").strip()
         if not value:
-            raise ImageInputError(field, f"Request parameter [{field}] is required: an image URL, the name of a "
+            raise ImageInputError(field, f"Request parameter [{field}] required: an image URL, the name of a "
                                          "file uploaded with /v1/File/Upload, or a multipart file")
         if value.startswith("upload:"):
             name = value.removeprefix("upload:")

@@ -118,7 +118,7 @@ class Store:
         if nonce_policy not in ("lenient", "strict"):
             raise ValueError("nonce_policy must be 'lenient' or 'strict'")
         with self.session() as s:
-            s.execute(update(Project).where(Project.apikey == apikey).values(nonce_policy=nonce_policy))
+            s.execute(update(Project).where(Project.apikey == hash_apikey(apikey)).values(nonce_policy=nonce_policy))
         return self.project_by_key(apikey)
 
     def project_by_key(self, apikey: str) -> Project | None:

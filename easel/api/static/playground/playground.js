@@ -528,7 +528,8 @@ async function finish(taskid) {
   try { task = (await call("/Task/Detail", { taskid })).tasklist[0]; } catch (e) { showError("form-error", e); return; }
   if (state.task?.id !== taskid) return;
   const failed = task.status === "task_postprocess_end" && task.pexit !== "0";
-  const killed = task.status === "task_cancel" && task.pexit === "-1";
+  // Wiro shows pexit "0" for both; a killed task had been accepted by a worker, a cancelled one not
+  const killed = task.status === "task_cancel" && (task.accepttime || "0") !== "0";
   setStatus(task.status);
   if (failed) {
     $("status").textContent = `Failed: ${(task.debugerror || "").trim().split("\n").pop()}`;
@@ -616,7 +617,7 @@ async function refreshHistory() {
 function historyCard(t) {
   const first = t.outputs[0];
   const tool = `${t.modelslugowner}/${t.modelslugproject}`;
-  const outcome = t.status === "task_cancel" ? (t.pexit === "-1" ? "killed" : "cancelled")
+  const outcome = t.status === "task_cancel" ? ((t.accepttime || "0") !== "0" ? "killed" : "cancelled")
     : t.status === "task_postprocess_end" ? (t.pexit === "0" ? "done" : "failed") : t.status === "task_queue" ? "queued" : "running";
   const when = new Date(Number(t.createtime) * 1000).toLocaleString();
   const box = el("input", { type: "checkbox", id: `cmp-${t.id}`, checked: state.selected.includes(t.id), disabled: !first,
