@@ -21,7 +21,9 @@ HERE = Path(__file__).parent
 
 CHECKPOINT_KINDS = ("sd15", "sdxl", "flux")
 LORA_KINDS = ("sd15-lora", "sdxl-lora", "flux-lora")
-KINDS = CHECKPOINT_KINDS + LORA_KINDS + ("sdxl-controlnet",)
+# components: ControlNets, InstantID's IP-Adapter, the face-analysis pack, condition estimators
+COMPONENT_KINDS = ("sdxl-controlnet", "sdxl-ip-adapter", "face-analysis", "annotator")
+KINDS = CHECKPOINT_KINDS + LORA_KINDS + COMPONENT_KINDS
 
 
 class InputError(ValueError):
@@ -48,7 +50,8 @@ class ModelEntry:
 
     ``source`` is ``None`` (unknown), ``{"type": "hf", "repo": ..., "weight_name"?: ...,
     "subfolder"?: ...}`` or ``{"type": "url", "url": "https://.../x.safetensors"}``.
-    ``lora_format`` (LoRAs only) names the key layout the file uses, when known.
+    ``lora_format`` (LoRAs only) names the key layout the file uses, when known. ``tiny`` names
+    the offline tiny model (``easel.models.tiny``) that stands in for a component in tiny mode.
     """
 
     id: str
@@ -60,6 +63,7 @@ class ModelEntry:
     source: dict | None = None
     why: str = ""
     lora_format: str = ""
+    tiny: str = ""
 
     @property
     def family(self) -> str:
@@ -103,6 +107,7 @@ class ModelCatalog:
                 triggerwords=tuple(e.get("triggerwords", ())),
                 generatesettings=tuple(e.get("generatesettings", ())),
                 source=e.get("source"), why=e.get("why", ""), lora_format=e.get("lora_format", ""),
+                tiny=e.get("tiny", ""),
             )
         return cls(entries, override_path)
 
