@@ -354,3 +354,43 @@ def test_ip_adapter_attention_survives_loading_and_switching_loras(instantid, fa
         assert np.allclose(_run(instantid, emb, 0.8), before, atol=1e-5)
     finally:
         state.apply(pipe, [])
+
+
+# -- catalog and sources ------------------------------------------------------------------------
+
+def test_catalog_components_resolve_to_their_tiny_stand_ins(tmp_path, tiny):
+    from easel.catalog import ModelCatalog
+    from easel.config import Settings
+    from easel.models.sources import ModelSources
+
+    catalog = ModelCatalog.load()
+    sources = ModelSources(Settings(data_dir=tmp_path, model_source="tiny"), catalog)
+    sources._tiny = tiny  # already written by the session fixture
+    assert sources.checkpoint(catalog.get("79")).path == tiny["sdxl"]
+    assert sources.lora(catalog.get("80")).path == tiny["sdxl-lora-kohya"]  # pixel-art-xl ships in Kohya layout
+    for mid, condition in (("454", "canny"), ("455", "depth"), ("458", "openpose")):
+        entry = catalog.get(mid)
+        assert entry.condition == condition and sources.component(entry).path == tiny[f"sdxl-controlnet-{condition}"]
+    identitynet = sources.component(catalog.get("instantid-identitynet"))
+    assert (identitynet.format, identitynet.path) == ("diffusers", tiny["sdxl-controlnet-identitynet"])
+    adapter = sources.component(catalog.get("instantid-ip-adapter"))
+    assert (adapter.format, adapter.path) == ("file", tiny["instantid-ip-adapter"])
+    assert sources.component(catalog.get("dpt-hybrid-midas")).path == tiny["depth-dpt"]
+    assert sources.face_root() == tiny["faces"]
+    assert "non-commercial" in catalog.get("antelopev2").why
+    hub = ModelSources(Settings(data_dir=tmp_path, model_source="hub"), catalog)
+    assert hub.face_root() == tmp_path / "models" / "insightface"
+
+
+def test_component_hub_sources_fail_clearly_offline(tmp_path, monkeypatch):
+    from easel.catalog import CatalogError, ModelCatalog
+    from easel.config import Settings
+    from easel.models.sources import ModelSources
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    catalog = ModelCatalog.load()
+    hub = ModelSources(Settings(data_dir=tmp_path, model_source="hub"), catalog)
+    for mid, repo in (("instantid-identitynet", "InstantX/InstantID"), ("instantid-ip-adapter", "InstantX/InstantID"),
+                      ("454", "diffusers/controlnet-canny-sdxl-1.0")):
+        with pytest.raises(CatalogError, match=repo):
+            hub.component(catalog.get(mid))

@@ -51,7 +51,8 @@ class ModelEntry:
     ``source`` is ``None`` (unknown), ``{"type": "hf", "repo": ..., "weight_name"?: ...,
     "subfolder"?: ...}`` or ``{"type": "url", "url": "https://.../x.safetensors"}``.
     ``lora_format`` (LoRAs only) names the key layout the file uses, when known. ``tiny`` names
-    the offline tiny model (``easel.models.tiny``) that stands in for a component in tiny mode.
+    the offline tiny model (``easel.models.tiny``) that stands in for a component in tiny mode;
+    ``condition`` (ControlNets) the condition image it reads: ``canny``, ``depth`` or ``openpose``.
     """
 
     id: str
@@ -64,6 +65,7 @@ class ModelEntry:
     why: str = ""
     lora_format: str = ""
     tiny: str = ""
+    condition: str = ""
 
     @property
     def family(self) -> str:
@@ -107,7 +109,7 @@ class ModelCatalog:
                 triggerwords=tuple(e.get("triggerwords", ())),
                 generatesettings=tuple(e.get("generatesettings", ())),
                 source=e.get("source"), why=e.get("why", ""), lora_format=e.get("lora_format", ""),
-                tiny=e.get("tiny", ""),
+                tiny=e.get("tiny", ""), condition=e.get("condition", ""),
             )
         return cls(entries, override_path)
 
