@@ -529,9 +529,9 @@ def generate(pipe, adapter: InstantIDAdapter, face_embedding, control_images: Se
     pe, npe, pooled, npooled = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=cfg, negative_prompt=negative_prompt or None)
     cond, uncond = adapter.face_tokens(face_embedding)
-    call: dict[str, Any] = dict(prompt_embeds=torch.cat([pe, cond.to(pe.dtype)], dim=1), pooled_prompt_embeds=pooled)
+    call: dict[str, Any] = dict(prompt_embeds=torch.cat([pe, cond.to(pe.device, pe.dtype)], dim=1), pooled_prompt_embeds=pooled)
     if cfg:
-        call.update(negative_prompt_embeds=torch.cat([npe, uncond.to(npe.dtype)], dim=1),
+        call.update(negative_prompt_embeds=torch.cat([npe, uncond.to(npe.device, npe.dtype)], dim=1),
                     negative_pooled_prompt_embeds=npooled)
     width = width or control_images[0].size[0]
     height = height or control_images[0].size[1]
