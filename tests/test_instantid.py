@@ -277,7 +277,7 @@ def instantid(tiny):
     return base, adapter, nets
 
 
-def _run(instantid, embedding, ip_scale, nets=("identitynet",), scales=(0.8,), images=None, seed=0):
+def _run(instantid, embedding, ip_scale, nets=("identitynet",), scales=(0.8,), images=None, seed=0, steps=STEPS):
     from easel.models.instantid import build_pipeline, draw_kps, generate
 
     base, adapter, all_nets = instantid
@@ -285,7 +285,7 @@ def _run(instantid, embedding, ip_scale, nets=("identitynet",), scales=(0.8,), i
     kps = draw_kps((SIZE, SIZE), [[22, 26], [42, 26], [32, 36], [24, 46], [40, 46]])
     images = images or [kps] + [kps] * (len(nets) - 1)
     return generate(pipe, adapter, embedding, images, scales, ip_scale, prompt="a portrait", negative_prompt="blurry",
-                    num_inference_steps=STEPS, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
+                    num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
                     output_type="np").images[0]
 
 
@@ -394,3 +394,21 @@ def test_component_hub_sources_fail_clearly_offline(tmp_path, monkeypatch):
                       ("454", "diffusers/controlnet-canny-sdxl-1.0")):
         with pytest.raises(CatalogError, match=repo):
             hub.component(catalog.get(mid))
+
+
+def test_every_seed_scheduler_name_drives_the_instantid_pipeline(instantid, faces):
+    import diffusers
+
+    from easel.tools.sd_lora import SCHEDULERS
+
+    base = instantid[0]
+    config = dict(base.scheduler.config)
+    try:
+        outs = {}
+        for name in SCHEDULERS:  # the seed's names except FlowMatchEulerDiscreteScheduler (refused by the tool)
+            base.scheduler = getattr(diffusers, name).from_config(config)
+            outs[name] = _run(instantid, faces[0].embedding, 0.8, steps=1)
+            assert np.isfinite(outs[name]).all() and outs[name].std() > 0.01, name
+        assert not np.array_equal(outs["DDIMScheduler"], outs["EulerDiscreteScheduler"])
+    finally:
+        base.scheduler = diffusers.EulerDiscreteScheduler.from_config(config)

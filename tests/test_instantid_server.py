@@ -49,3 +49,29 @@ def test_instantid_documented_failures(server, project):
     assert noface["pexit"] == "1" and "no face detected" in noface["debugerror"]
     flow = _run(server, project, {**BASE, "scheduler": "FlowMatchEulerDiscreteScheduler"})
     assert flow["pexit"] == "1" and "scheduler" in flow["debugerror"] and "DDIMScheduler" in flow["debugerror"]
+
+
+def test_sd_and_flux_outputs_are_unchanged_by_an_instantid_task_in_the_same_worker(server, project):
+    from conftest import SMALL
+    from test_flux import FLUX, FLUX_SMALL
+
+    def images(tool, params):
+        task = server.wait(project, server.run(project, params, tool=tool)["taskid"], timeout=300)
+        assert task["pexit"] == "0", task["debugerror"]
+        return pixels(server.images(task))
+
+    sd, flux = images("wiro/text-to-image-sd-lora", SMALL), images(FLUX, FLUX_SMALL)
+    task = _run(server, project, {**BASE, "selectedLoraModel": "80"})
+    assert task["pexit"] == "0", task["debugerror"]
+    assert images("wiro/text-to-image-sd-lora", SMALL) == sd and images(FLUX, FLUX_SMALL) == flux
+
+
+def test_instantid_photo_by_url_and_an_unavailable_openpose_estimator(server, project, file_server):
+    base_url, folder = file_server
+    (folder / "portrait.png").write_bytes(_photo_bytes())
+    task = server.wait(project, server.run(project, {**BASE, "inputImageUrl": f"{base_url}/portrait.png"}, tool=TOOL)["taskid"],
+                       timeout=300)
+    assert task["pexit"] == "0", task["debugerror"]
+    # openpose needs controlnet_aux (optional, not installed here): a clear error, not a stack trace
+    pose = _run(server, project, {**BASE, "selectedControlnetModel": "458"})
+    assert pose["pexit"] == "1" and "controlnet_aux" in pose["debugerror"]

@@ -77,6 +77,20 @@ class DepthEstimator:
         return Image.fromarray(np.stack([grey] * 3, axis=-1))
 
 
+OPENPOSE_MISSING = (
+    "the openpose ControlNet needs the controlnet_aux package, which Easel does not install by default "
+    "(it pulls torchvision and timm): install it with `pip install controlnet_aux` in Easel's "
+    "environment, matching your torch build")
+
+
+def require_openpose() -> None:
+    """Raise :class:`ConditionError` (saying how to install it) unless controlnet_aux is importable."""
+    import importlib.util
+
+    if importlib.util.find_spec("controlnet_aux") is None:
+        raise ConditionError(OPENPOSE_MISSING)
+
+
 class OpenposeEstimator:
     """Body pose skeleton with ``controlnet_aux.OpenposeDetector`` (from ``lllyasviel/Annotators``).
 
@@ -90,13 +104,11 @@ class OpenposeEstimator:
     """
 
     def __init__(self, path: str | Path, device: str | None = None):
+        require_openpose()
         try:
             from controlnet_aux import OpenposeDetector
-        except ImportError:
-            raise ConditionError(
-                "the openpose ControlNet needs the controlnet_aux package, which Easel does not install by default "
-                "(it pulls torchvision and timm): install it with `pip install controlnet_aux` in Easel's "
-                "environment, matching your torch build") from None
+        except ImportError as exc:
+            raise ConditionError(f"{OPENPOSE_MISSING} (import failed: {exc})") from None
         import torch
 
         if not (Path(path) / "body_pose_model.pth").is_file():

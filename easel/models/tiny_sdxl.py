@@ -92,6 +92,9 @@ def build_sdxl_pipeline():
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         steps_offset=1, timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon",
     )
+    # keys of SDXL base's scheduler_config.json that other schedulers read through from_config
+    # (PNDM's PLMS-only mode, DDIM's final alpha, no sample clipping)
+    scheduler.register_to_config(skip_prk_steps=True, set_alpha_to_one=False, clip_sample=False, sample_max_value=1.0)
     for module in (text_encoder, text_encoder_2, unet, vae):
         module.eval()
     return StableDiffusionXLPipeline(

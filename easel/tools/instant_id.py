@@ -40,7 +40,7 @@ from typing import Any
 
 from easel.catalog import CatalogError
 from easel.models import dtype_kwargs
-from easel.models.conditions import ConditionError
+from easel.models.conditions import ConditionError, require_openpose
 from easel.models.faces import FacePackMissing, NoFaceError
 from easel.models.fetch import FetchError, FetchPolicy, check_safetensors, fetch_to_file
 from easel.models.instantid import AdapterFormatError
@@ -148,6 +148,8 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
                 raise ToolError(f"selectedControlnetModel {mid} ({cn.label}) is not an openpose/depth/canny SDXL ControlNet")
             scale = float(inputs.get(cn.generatesettings[0]["id"], 1.0)) if cn.generatesettings else 1.0
             controlnets.append((cn.id, models.sources.component(cn), scale, cn.condition, cn.label))
+            if cn.condition == "openpose":
+                require_openpose()
             if cn.condition in ("depth", "openpose"):
                 est = catalog.get(DEPTH if cn.condition == "depth" else OPENPOSE)
                 estimators[cn.condition] = models.sources.component(est)
@@ -159,7 +161,7 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
         check_pack(face_root)
         lora = _lora(inputs, ctx)
         photo = _photo(inputs.get("inputImageUrl", ""), ctx)
-    except (CatalogError, FetchError, LoraFormatError, FacePackMissing) as exc:
+    except (CatalogError, FetchError, LoraFormatError, FacePackMissing, ConditionError) as exc:
         raise ToolError(str(exc)) from None
     seed = parse_seed(inputs.get("seed", ""))
     ctx.log(f"seed={seed}")
