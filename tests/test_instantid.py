@@ -261,6 +261,27 @@ def test_adapter_for_another_unet_is_refused(tiny, sdxl):
         install_ip_adapter(sdxl.unet.__class__.from_config(sdxl.unet.config), bad)
 
 
+def test_ip_adapter_attention_adds_to_text_attention_and_can_be_removed(tiny):
+    from diffusers import StableDiffusionXLPipeline
+
+    from easel.models.instantid import InstantIDAdapter, has_ip_adapter, remove_ip_adapter, set_ip_adapter_scale
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny["sdxl"]))
+    text = torch.randn(1, 77, 96, generator=torch.Generator().manual_seed(5))
+    plain = _unet_out(pipe, text)
+    adapter = InstantIDAdapter.load(tiny["instantid-ip-adapter-safetensors"])
+    adapter.attach(pipe.unet)
+    cond, uncond = adapter.face_tokens(np.ones(512, np.float32))
+    assert cond.shape == (1, 16, 96) and not torch.allclose(cond, uncond)
+    with_face = torch.cat([text, cond], dim=1)
+    set_ip_adapter_scale(pipe.unet, 0.0)
+    assert torch.allclose(_unet_out(pipe, with_face), plain, atol=1e-5)  # scale 0: text attention only
+    set_ip_adapter_scale(pipe.unet, 1.0)
+    assert not torch.allclose(_unet_out(pipe, with_face), plain, atol=1e-3)
+    remove_ip_adapter(pipe.unet)
+    assert not has_ip_adapter(pipe.unet) and torch.allclose(_unet_out(pipe, text), plain, atol=1e-5)
+
+
 # -- the InstantID pipeline ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -333,25 +354,26 @@ def test_ip_adapter_attention_survives_loading_and_switching_loras(instantid, fa
     from easel.models.instantid import IPAttnProcessor, build_pipeline
 
     base, adapter, nets = instantid
-    emb = faces[0].embedding
-    before = _run(instantid, emb, 0.8)
+    emb, other = faces[0].embedding, faces[1].embedding
+    ip_only = dict(scales=(0.0,))  # IdentityNet off: the face acts through the IP-Adapter attention alone
+    before = _run(instantid, emb, 0.8, **ip_only)
     ip_before = {n: p for n, p in base.unet.attn_processors.items() if isinstance(p, IPAttnProcessor)}
     pipe = build_pipeline(base, nets["identitynet"])
     state = LoraState()
     try:
         outs = {}
-        for key in ("sdxl-lora-kohya", "sdxl-lora-peft", "sdxl-lora-kohya"):
+        for key in ("sdxl-lora-kohya", "sdxl-lora-peft", "sdxl-lora-kohya"):  # load, load another, switch back
             state.apply(pipe, [(key, str(tiny[key]), 1.0)])
             ip_now = {n: p for n, p in base.unet.attn_processors.items() if isinstance(p, IPAttnProcessor)}
             assert ip_now.keys() == ip_before.keys() and all(ip_now[n] is ip_before[n] for n in ip_now)
-            outs[key] = _run(instantid, emb, 0.8)
-            assert not np.array_equal(outs[key], before), key  # the LoRA acts
-        assert not np.array_equal(outs["sdxl-lora-kohya"], outs["sdxl-lora-peft"])
-        # with a LoRA loaded, the face still acts through the IP-Adapter attention
-        other = faces[1].embedding
-        assert not np.array_equal(_run(instantid, emb, 0.8, scales=(0.0,)), _run(instantid, other, 0.8, scales=(0.0,)))
+            if key not in outs:
+                outs[key] = _run(instantid, emb, 0.8, **ip_only)
+                assert not np.array_equal(outs[key], before), key  # the LoRA acts
+        assert state.loads == 2 and not np.array_equal(outs["sdxl-lora-kohya"], outs["sdxl-lora-peft"])
+        # with a LoRA active, another face still changes the image through the IP-Adapter attention
+        assert not np.array_equal(_run(instantid, other, 0.8, **ip_only), outs["sdxl-lora-kohya"])
         state.apply(pipe, [])  # LoRA off: back to the adapter-only image (PEFT's disabled path differs by float rounding)
-        assert np.allclose(_run(instantid, emb, 0.8), before, atol=1e-5)
+        assert np.allclose(_run(instantid, emb, 0.8, **ip_only), before, atol=1e-5)
     finally:
         state.apply(pipe, [])
 
@@ -387,7 +409,10 @@ def test_component_hub_sources_fail_clearly_offline(tmp_path, monkeypatch):
     from easel.config import Settings
     from easel.models.sources import ModelSources
 
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at call time; no network tries
     catalog = ModelCatalog.load()
     hub = ModelSources(Settings(data_dir=tmp_path, model_source="hub"), catalog)
     for mid, repo in (("instantid-identitynet", "InstantX/InstantID"), ("instantid-ip-adapter", "InstantX/InstantID"),

@@ -282,8 +282,13 @@ def has_ip_adapter(unet) -> bool:
 
 
 def remove_ip_adapter(unet) -> None:
-    """Give ``unet`` diffusers' default attention processors back (it then takes text tokens only)."""
-    unet.set_default_attn_processor()
+    """Give ``unet`` diffusers' default SDPA attention processor back (it then takes text tokens only).
+
+    (diffusers' ``set_default_attn_processor`` refuses processor types it does not know.)
+    """
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
 
 
 # ---------------------------------------------------------------------------------------------
