@@ -1,5 +1,7 @@
 """Weights for tools: catalog resolution (``sources``), warm pipelines and LoRA adapters
-(``cache``), safe downloads (``fetch``) and the offline tiny models (``tiny``)."""
+(``cache``), safe downloads (``fetch``), the offline tiny models (``tiny``, ``tiny_sdxl``,
+``tiny_faces``) and InstantID's pieces (``instantid``: IP-Adapter and IdentityNet pipeline;
+``faces``: insightface face analysis; ``conditions``: canny / depth / openpose images)."""
 from __future__ import annotations
 
 from typing import Any, Callable
