@@ -11,3 +11,7 @@ python -m pip install -q --upgrade pip >/dev/null
 # install their CUDA build of torch beforehand instead (any torch>=2.4 satisfies Easel).
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
+# insightface depends on opencv-python (GUI build, needs libGL); both it and opencv-python-headless
+# install the same cv2 package, and the last one written wins. Write the headless build last so
+# `import cv2` works on servers without libGL.
+python -m pip install -q --force-reinstall --no-deps "opencv-python-headless>=4.8"

@@ -22,8 +22,10 @@ HERE = Path(__file__).parent
 
 CHECKPOINT_KINDS = ("sd15", "sdxl", "flux")
 LORA_KINDS = ("sd15-lora", "sdxl-lora", "flux-lora")
-COMPONENT_KINDS = ("sd15-iclight", "matting")  # weights transformations and auxiliary networks
-KINDS = CHECKPOINT_KINDS + LORA_KINDS + ("sdxl-controlnet",) + COMPONENT_KINDS
+# components: weights transformations (IC-Light offsets) and auxiliary networks (matting, ControlNets,
+# InstantID's IP-Adapter, the face-analysis pack, condition estimators)
+COMPONENT_KINDS = ("sd15-iclight", "matting", "sdxl-controlnet", "sdxl-ip-adapter", "face-analysis", "annotator")
+KINDS = CHECKPOINT_KINDS + LORA_KINDS + COMPONENT_KINDS
 
 
 class InputError(ValueError):
@@ -50,7 +52,9 @@ class ModelEntry:
 
     ``source`` is ``None`` (unknown), ``{"type": "hf", "repo": ..., "weight_name"?: ...,
     "subfolder"?: ...}`` or ``{"type": "url", "url": "https://.../x.safetensors"}``.
-    ``lora_format`` (LoRAs only) names the key layout the file uses, when known.
+    ``lora_format`` (LoRAs only) names the key layout the file uses, when known. ``tiny`` names
+    the offline tiny model (``easel.models.tiny``) that stands in for a component in tiny mode;
+    ``condition`` (ControlNets) the condition image it reads: ``canny``, ``depth`` or ``openpose``.
     """
 
     id: str
@@ -62,6 +66,8 @@ class ModelEntry:
     source: dict | None = None
     why: str = ""
     lora_format: str = ""
+    tiny: str = ""
+    condition: str = ""
 
     @property
     def family(self) -> str:
@@ -105,6 +111,7 @@ class ModelCatalog:
                 triggerwords=tuple(e.get("triggerwords", ())),
                 generatesettings=tuple(e.get("generatesettings", ())),
                 source=e.get("source"), why=e.get("why", ""), lora_format=e.get("lora_format", ""),
+                tiny=e.get("tiny", ""), condition=e.get("condition", ""),
             )
         return cls(entries, override_path)
 

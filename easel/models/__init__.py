@@ -1,6 +1,8 @@
 """Weights for tools: catalog resolution (``sources``), warm pipelines, derived pipelines,
 components and adapter state (``cache``), safe downloads (``fetch``) and the offline tiny models
-(``tiny``).
+(``tiny``, ``tiny_sdxl``, ``tiny_faces``), and InstantID's pieces (``instantid``: IP-Adapter and
+IdentityNet pipeline; ``faces``: insightface face analysis; ``conditions``: canny / depth /
+openpose images).
 
 :class:`ModelManager` is the typed model service a tool receives as ``ctx.models``. A tool asks it
 for *what* it needs (a checkpoint of a kind, a LoRA with its scale, a pipeline, a derived pipeline,

@@ -92,12 +92,13 @@ class ModelSources:
             tiny = self.tiny()
             if entry.family == "flux":
                 return Weights("diffusers", tiny["flux"], key="tiny-flux")
-            if entry.family != "sd15":
+            if entry.family not in ("sd15", "sdxl"):
                 raise CatalogError(f"no tiny model exists yet for the {entry.family} family (catalog id {entry.id})")
+            fam = entry.family
             source = entry.source or {}
-            if source.get("type") == "url":
-                return Weights("single_file", tiny["sd15-single-file"], config=tiny["sd15"], key="tiny-sd15-single")
-            return Weights("diffusers", tiny["sd15"], key="tiny-sd15")
+            if source.get("type") == "url" or source.get("weight_name"):
+                return Weights("single_file", tiny[f"{fam}-single-file"], config=tiny[fam], key=f"tiny-{fam}-single")
+            return Weights("diffusers", tiny[fam], key=f"tiny-{fam}")
         source = self.catalog.require_source(entry)
         if source["type"] == "hf":
             if source.get("weight_name"):
@@ -123,7 +124,7 @@ class ModelSources:
             return Weights("lora", path, key=f"random:{folder.name}/{path.name}")
         if self.settings.model_source == "tiny":
             tiny = self.tiny()
-            if entry.family not in ("sd15", "flux"):
+            if entry.family not in ("sd15", "sdxl", "flux"):
                 raise CatalogError(f"no tiny model exists yet for the {entry.family} family (catalog id {entry.id})")
             # The entry's known layout, else: community LoRAs (unknown or URL sources) ship in
             # Kohya layout, Hub ones in PEFT layout.
@@ -142,26 +143,51 @@ class ModelSources:
         return Weights("lora", path, key=f"file:{path.name}")
 
     def component(self, entry: ModelEntry) -> Weights:
-        """Weights of a component entry (kind ``sd15-iclight``: an IC-Light offset file; ``matting``:
-        RMBG-1.4), one ``.safetensors`` file each.
+        """Weights of a component entry: an IC-Light offset (``sd15-iclight``) or RMBG-1.4
+        (``matting``), one ``.safetensors`` file each; an SDXL ControlNet or condition estimator
+        (``diffusers``: a folder ``from_pretrained`` reads); or InstantID's IP-Adapter (one file).
+
+        Hub sources: a repo folder (``subfolder`` selects e.g. IdentityNet's ``ControlNetModel/``),
+        or one file with ``weight_name`` (IP-Adapter ``ip-adapter.bin``, read with
+        ``torch.load(weights_only=True)``; IC-Light and RMBG default to ``model.safetensors``).
+        Tiny mode: the tiny model named by the entry's ``tiny`` (or its kind's).
 
         Raises:
-            CatalogError: as for :meth:`checkpoint`.
+            CatalogError: no tiny stand-in, unknown source, or a failed download.
+        """
+        single_file = entry.kind in ("sd15-iclight", "matting")
+        if self.settings.model_source == "tiny":
+            tiny = self.tiny()
+            name = entry.tiny or {"sd15-iclight": "iclight-fbc", "matting": "rmbg"}.get(entry.kind)
+            if name not in tiny:
+                raise CatalogError(f"no tiny model stands in for catalog id {entry.id} ({entry.label})")
+            path = tiny[name]
+            return Weights("diffusers" if path.is_dir() else "file", path, key=f"tiny-{name}")
+        source = self.catalog.require_source(entry)
+        if source["type"] == "url" and single_file:
+            path = self._fetch(source["url"])
+            return Weights("file", path, key=f"file:{path.name}")
+        if source["type"] != "hf":
+            raise CatalogError(f"catalog id {entry.id}: unknown source type {source.get('type')!r} for a component")
+        if source.get("weight_name") or single_file:
+            path = self._hub_file({**source, "weight_name": source.get("weight_name") or "model.safetensors"},
+                                  suffixes=(".safetensors",) if single_file else (".safetensors", ".bin"))
+            return Weights("file", path, key=f"hf:{source['repo']}/{path.name}")
+        folder = self._hub_snapshot(source, patterns=source.get("allow_patterns"))
+        if source.get("subfolder"):
+            folder = folder / source["subfolder"]
+        return Weights("diffusers", folder, key=f"hf:{source['repo']}/{source.get('subfolder', '')}")
+
+    def face_root(self) -> Path:
+        """The insightface ``root`` whose ``models/antelopev2/`` holds the face-analysis pack.
+
+        Tiny mode: the tiny ONNX pack. Otherwise ``<data_dir>/models/insightface``, where the
+        operator places the pack by hand (its licence is non-commercial; see
+        ``easel.models.faces.PLACEMENT``); :class:`easel.models.faces.FaceAnalyzer` checks it.
         """
         if self.settings.model_source == "tiny":
-            name = {"sd15-iclight": "iclight-fbc", "matting": "rmbg"}.get(entry.kind)
-            tiny = self.tiny()
-            if name not in tiny:
-                raise CatalogError(f"no tiny model exists for {entry.kind} (catalog id {entry.id})")
-            return Weights("component", tiny[name], key=f"tiny-{name}")
-        source = self.catalog.require_source(entry)
-        if source["type"] == "hf":
-            path = self._hub_file({**source, "weight_name": source.get("weight_name") or "model.safetensors"})
-            return Weights("component", path, key=f"hf:{source['repo']}/{path.name}")
-        if source["type"] == "url":
-            path = self._fetch(source["url"])
-            return Weights("component", path, key=f"file:{path.name}")
-        raise CatalogError(f"catalog id {entry.id}: unknown source type {source.get('type')!r}")
+            return self.tiny()["faces"]
+        return self.settings.models_dir / "insightface"
 
     def lora_from_url(self, url: str) -> Weights:
         """Fetch a user's LoRA URL with the safe fetcher (in every model-source mode).
@@ -183,23 +209,25 @@ class ModelSources:
             "Is this machine online, and does the repo exist (gated repos need HF_TOKEN)? "
             "For offline testing run the server with --model-source tiny.")
 
-    def _hub_snapshot(self, source: dict) -> Path:
+    def _hub_snapshot(self, source: dict, patterns: list[str] | None = None) -> Path:
         from huggingface_hub import snapshot_download
 
         try:
             return Path(snapshot_download(
                 source["repo"], revision=source.get("revision"), cache_dir=self.settings.models_dir / "hub",
-                allow_patterns=["*.json", "*.txt", "*.model", "**/*.safetensors", "**/*.json", "**/*.txt"],
+                allow_patterns=patterns or ["*.json", "*.txt", "*.model", "**/*.safetensors", "**/*.json", "**/*.txt"],
                 ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt", "*.bin", "*.pt", "*.pth"]))
         except Exception as exc:  # huggingface_hub raises many types when offline
             raise self._hub_error(source["repo"], exc) from None
 
-    def _hub_file(self, source: dict) -> Path:
+    def _hub_file(self, source: dict, suffixes: tuple[str, ...] = (".safetensors",)) -> Path:
+        """One file of a Hub repo. ``.bin`` is allowed only for InstantID's IP-Adapter, which is read
+        with ``torch.load(weights_only=True)`` (``easel.models.instantid.load_adapter_file``)."""
         from huggingface_hub import hf_hub_download
 
         name = source["weight_name"]
-        if not name.endswith(".safetensors"):
-            raise CatalogError(f"{source['repo']}/{name}: only .safetensors weights are loaded")
+        if not name.endswith(suffixes):
+            raise CatalogError(f"{source['repo']}/{name}: only {' or '.join(suffixes)} weights are loaded")
         try:
             return Path(hf_hub_download(source["repo"], name, subfolder=source.get("subfolder"),
                                         revision=source.get("revision"), cache_dir=self.settings.models_dir / "hub"))

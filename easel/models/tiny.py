@@ -44,7 +44,7 @@ import json
 import re
 from pathlib import Path
 
-TINY_VERSION = 5
+TINY_VERSION = 6
 _SEED = 0
 
 
@@ -126,7 +126,8 @@ def _unet_to_ldm(sd: dict, config: dict) -> dict:
     lpb = config["layers_per_block"]
     up_has_attn = ["CrossAttn" in t for t in config["up_block_types"]]
     top = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+           "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL
     resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
               "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
     out = {}
@@ -431,8 +432,13 @@ def make_tiny(folder: str | Path, force: bool = False) -> dict[str, Path]:
     Returns:
         Name → path: ``sd15`` (folder), ``sd15-single-file``, ``sd15-lora-peft``, ``sd15-lora-kohya``,
         ``flux`` (folder), ``flux-lora-peft``, ``flux-lora-kohya``, ``flux-lora-xlabs``, ``flux-lora-bfl``,
-        ``iclight-fbc``, ``rmbg``.
+        ``iclight-fbc``, ``rmbg``, and the SDXL family of ``easel.models.tiny_sdxl`` (``sdxl``,
+        ``sdxl-single-file``, ``sdxl-lora-kohya``, ``sdxl-lora-peft``,
+        ``sdxl-controlnet-{identitynet,openpose,depth,canny}``, ``instantid-ip-adapter`` (``.bin``),
+        ``instantid-ip-adapter-safetensors``, ``depth-dpt``, ``faces`` (insightface root)).
     """
+    from .tiny_sdxl import paths as sdxl_family_paths, write_all as write_sdxl_family
+
     folder = Path(folder)
     paths = {
         "sd15": folder / "sd15",
@@ -446,6 +452,7 @@ def make_tiny(folder: str | Path, force: bool = False) -> dict[str, Path]:
         "flux-lora-bfl": folder / "flux-lora-bfl.safetensors",
         "iclight-fbc": folder / "iclight-fbc.safetensors",
         "rmbg": folder / "rmbg.safetensors",
+        **sdxl_family_paths(folder),
     }
     stamp = folder / "tiny.json"
     if not force and stamp.exists() and json.loads(stamp.read_text()).get("version") == TINY_VERSION:
@@ -466,5 +473,6 @@ def make_tiny(folder: str | Path, force: bool = False) -> dict[str, Path]:
     write_flux_lora_kohya(flux, paths["flux-lora-kohya"])
     write_flux_lora_xlabs(flux, paths["flux-lora-xlabs"])
     write_flux_lora_bfl(flux, paths["flux-lora-bfl"])
+    write_sdxl_family(folder)
     stamp.write_text(json.dumps({"version": TINY_VERSION, "note": "random weights: images are noise"}))
     return paths
