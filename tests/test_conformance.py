@@ -482,8 +482,9 @@ def test_the_seeds_curl_bodies_verbatim(queue, seed):
     url, headers, body = seed_curl(sections["Run Command - Make HTTP Post Request"])
     path = url.replace("https://api.wiro.ai", "")
     tool = path.removeprefix("/v1/Run/")
-    for name in [v for k, v in json.loads(body).items() if k.endswith("Url") and isinstance(v, str) and v
-                 and "://" not in v]:  # a bare file name: the seed's user uploaded it first, as Wiro's files.md shows
+    for name in [v for v in json.loads(body).values()
+                 if isinstance(v, str) and re.fullmatch(r"[\w.-]+\.(png|jpe?g|webp)", v)]:
+        # a bare file name: the seed's user uploaded it first with File/Upload, as Wiro's files.md shows
         png = io.BytesIO()
         Image.new("RGB", (64, 64), (200, 30, 30)).save(png, format="PNG")
         up = srv.post(p, "/v1/File/Upload", files={"file": (name, png.getvalue(), "image/png")}).json()
