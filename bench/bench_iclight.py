@@ -3,7 +3,7 @@
 Prints (a) a direct call of the same procedure (``easel.tools.ic_light.process``: matting, both
 passes) in this process, (b) Easel's Run → task_postprocess_end through HTTP for the same inputs
 (images uploaded first with ``POST /v1/File/Upload``, the seed's request naming them), their ratio
-(target ≤ 1.05), and (c) the share of the direct call's time in matting, the low-res pass and the
+(target ≤ 1.05; the two are measured interleaved), and (c) the share of the direct call's time in matting, the low-res pass and the
 high-res pass (decode, upscale, re-encode, conditioning, img2img, final decode).
 
 Run: ``.venv/bin/python bench/bench_iclight.py [--repeats N] [--steps N]``. The inputs are the
@@ -61,16 +61,16 @@ def main() -> None:
         m, lo = marks["Matting"], marks["Low-res pass"]
         return end - t0, {"matting": m - t0, "low-res": lo - m, "high-res": end - lo}
 
-    direct()  # warm-up
-    raw = [direct() for _ in range(args.repeats)]
-    del pipe, rmbg
-
     with serve(data) as srv:
         for name, content in files.items():
             r = srv.client.post(f"{srv.base}/v1/File/Upload", files={"file": (name, content)}).json()
             assert r["result"], r
+        direct()  # warm-up
         srv.run_to_done("wiro/ic-light-background", body, poll=0.1)  # warm-up: loads the models in the worker
-        runs = [srv.run_to_done("wiro/ic-light-background", body, poll=0.1) for _ in range(args.repeats)]
+        raw, runs = [], []
+        for _ in range(args.repeats):  # interleaved, so a change in the machine's load hits both alike
+            raw.append(direct())
+            runs.append(srv.run_to_done("wiro/ic-light-background", body, poll=0.1))
     raw_med = statistics.median(r[0] for r in raw)
     easel_med = statistics.median(r[1] for r in runs)
     print(f"inputs: fg 384x512, bg 512x384 -> low-res 384x512, output 576x768; 1 sample, {args.steps} steps + "
