@@ -423,15 +423,33 @@ DEMO_REQUESTS = {
         "steps": 30, "scale": "2.0", "highres_scale": "1.5", "highres_denoise": "0.5", "seed": "123456",
         "bg_source": "Use Background Image", "callbackUrl": CALLBACK_SENTENCE,
     },
+    "wiro/instant-id-controlnet-lora": {
+        "selectedModel": "", "selectedModelPrivate": "", "selectedLoraModel": [], "selectedLoraModelPrivateUrl": "",
+        "inputImageUrl": "input-portrait-2.jpg", "selectedControlnetModel": [],
+        "prompt": "olympic athlete, standing, wearing olympics uniform, Paris background, photorealistic, realistic, "
+                  "embodies the spirit of victory, captured by the official Olympic Games photographer 2024, the "
+                  "image is framed through photographer Steve McCurry, 2015, used a classic 50mm lens and "
+                  "illuminated by the brilliance of stadium floodlights, realistic",
+        "negativePrompt": "(lowres, low quality, worst quality:1.2), (text:1.2), watermark, (frame:1.2), deformed, "
+                          "ugly, deformed eyes, blur, out of focus, blurry, mutation, mutated arms, deformed cat, "
+                          "deformed, photo, anthropomorphic cat, monochrome, photo, pet collar, gun, weapon, blue, 3d, "
+                          "drones, drone, buildings in background, green, nsfw",
+        "steps": 20, "scale": "5.0", "ip_adapter_scale": "0.8", "samples": 1, "seed": "3572004920",
+        "scheduler": "DDIMScheduler", "callbackUrl": CALLBACK_SENTENCE,
+    },
 }
 
 
 def demo_files() -> dict[str, bytes]:
     """The input images the seeds' examples name, drawn here (deterministic): ``bg-img2.png``, a
-    street-like background (512×384), and ``ic-light.png``, a figure on a plain backdrop (384×512)."""
+    street-like background (512×384), ``ic-light.png``, a figure on a plain backdrop (384×512), and
+    ``input-portrait-2.jpg``, the same figure with a "face" the tiny face detector finds (a real
+    detector needs a real photo: see docs/catalog.md, InstantID)."""
     import io
 
     from PIL import Image, ImageDraw
+
+    from easel.models.tiny_faces import draw_test_face
 
     bg = Image.new("RGB", (512, 384))
     draw = ImageDraw.Draw(bg)
@@ -447,10 +465,12 @@ def demo_files() -> dict[str, bytes]:
     draw.ellipse([142, 60, 242, 170], fill=(224, 180, 150))
     draw.polygon([(112, 512), (142, 200), (242, 200), (272, 512)], fill=(70, 90, 160))
     draw.ellipse([132, 40, 252, 120], fill=(60, 40, 30))
+    portrait = fg.copy()
+    draw_test_face(portrait, (142, 70, 242, 190), 0)
     out = {}
-    for name, img in (("bg-img2.png", bg), ("ic-light.png", fg)):
+    for name, img in (("bg-img2.png", bg), ("ic-light.png", fg), ("input-portrait-2.jpg", portrait)):
         buf = io.BytesIO()
-        img.save(buf, "PNG")
+        img.save(buf, "JPEG" if name.endswith(".jpg") else "PNG", quality=95)
         out[name] = buf.getvalue()
     return out
 
