@@ -85,6 +85,10 @@ class Settings:
         webhook_concurrency: Webhook attempts sent at the same time by one API process.
         output_retention_seconds: Delete a finished task's outputs and uploads this long after
             it ended (the record stays, as after InputOutputDelete); 0 = keep for ever.
+        event_retention_seconds: Delete the per-step events (``task_output`` progress with its
+            preview JPEG, ``task_error`` lines) of tasks that ended this long ago; the lifecycle
+            events stay, so a late WebSocket client still gets the whole stage sequence and the
+            end. 0 = keep for ever.
         orphan_retention_seconds: Delete upload folders and worker scratch folders that belong
             to no task (a refused or crashed request), and fetched LoRAs not used for this long;
             0 = never.
@@ -134,6 +138,7 @@ class Settings:
     webhook_concurrency: int = 8
     output_retention_seconds: float = 0.0
     orphan_retention_seconds: float = 7 * 24 * 3600.0
+    event_retention_seconds: float = 7 * 24 * 3600.0
     sweep_interval_seconds: float = 600.0
     metrics_token: str = ""
 

@@ -289,7 +289,8 @@ def test_the_heartbeat_keeps_the_lease_during_a_long_phase(tmp_path, tiny, monke
 def test_retention_sweeper_removes_expired_outputs_and_orphans(tmp_path):
     from easel.api.app import Api
 
-    settings = Settings(data_dir=tmp_path / "d", output_retention_seconds=60, orphan_retention_seconds=60)
+    settings = Settings(data_dir=tmp_path / "d", output_retention_seconds=60, orphan_retention_seconds=60,
+                        event_retention_seconds=90)
     api = Api(settings, None)
     api.store.migrate()
     store = api.store
@@ -315,13 +316,18 @@ def test_retention_sweeper_removes_expired_outputs_and_orphans(tmp_path):
     for p in (orphan, scratch, fetched):
         os.utime(p, (old, old))
 
-    assert api.maintenance.sweep(now=ended + 30) == {"tasks": 0, "orphans": 2, "fetched": 1}
+    steps = [e.type for e in store.events(tid)]
+    assert lc.OUTPUT in steps
+    assert api.maintenance.sweep(now=ended + 30) == {"tasks": 0, "orphans": 2, "fetched": 1, "events": 0}
     assert (settings.files_dir / task.uuid / "0.png").exists()  # not expired yet
     assert api.maintenance.sweep(now=ended + 61)["tasks"] == 1
     assert not (settings.files_dir / task.uuid).exists() and not (settings.uploads_dir / task.uuid).exists()
     assert store.outputs(tid) == [] and store.get_task(tid).status == lc.POSTPROCESS_END  # the record stays
     assert not orphan.exists() and not scratch.exists() and not fetched.exists()
     assert api.maintenance.sweep(now=ended + 62)["tasks"] == 0  # once
+    assert api.maintenance.sweep(now=ended + 91)["events"] == steps.count(lc.OUTPUT) + steps.count(lc.ERROR)
+    kept = [e.type for e in store.events(tid)]  # the lifecycle stays for a late WebSocket client
+    assert kept == [t for t in steps if t not in (lc.OUTPUT, lc.ERROR)] and kept[-1] == lc.POSTPROCESS_END
 
 
 def test_a_stop_during_a_long_phase_fails_the_task_and_exits(tmp_path, tiny, monkeypatch):

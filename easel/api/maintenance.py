@@ -8,7 +8,9 @@
   ``output_retention_seconds`` (0 = never, the default) lose their outputs and uploads through the
   same path as ``Task/InputOutputDelete`` (the task record stays); upload folders and worker
   scratch folders that belong to no unfinished task, and fetched LoRAs unused for
-  ``orphan_retention_seconds`` (default 7 days), are removed.
+  ``orphan_retention_seconds`` (default 7 days), are removed; the per-step events (progress with
+  its preview, warnings) of tasks that ended ``event_retention_seconds`` ago (default 7 days) are
+  deleted, the lifecycle events kept.
 """
 from __future__ import annotations
 
@@ -74,13 +76,16 @@ class Maintenance:
         """One retention pass; returns how many of each kind were removed."""
         s = self.settings
         now = time.time() if now is None else now
-        removed = {"tasks": 0, "orphans": 0, "fetched": 0}
+        removed = {"tasks": 0, "orphans": 0, "fetched": 0, "events": 0}
         if s.output_retention_seconds > 0:
             for task in self.store.ended_before(lc.TERMINAL, now - s.output_retention_seconds):
                 if (s.files_dir / task.uuid).exists() or (s.uploads_dir / task.uuid).exists() \
                         or self.store.outputs(task.id):
                     self.delete_files(task)
                     removed["tasks"] += 1
+        if s.event_retention_seconds > 0:
+            removed["events"] = self.store.thin_events(lc.TERMINAL, now - s.event_retention_seconds,
+                                                       (lc.OUTPUT, lc.ERROR))
         if s.orphan_retention_seconds > 0:
             cutoff = now - s.orphan_retention_seconds
             live = {t.uuid for t in self.store.tasks_in((lc.QUEUE, *lc.RUNNING))}

@@ -344,6 +344,14 @@ class Store:
             return list(s.scalars(select(Task).where(Task.status.in_(list(statuses)), ended < before)
                                   .order_by(Task.id).limit(limit)))
 
+    def thin_events(self, statuses: Iterable[str], before: float, types: Iterable[str]) -> int:
+        """Delete the events of ``types`` of tasks in (terminal) ``statuses`` that ended before
+        ``before`` (epoch seconds), in one statement; returns how many were deleted."""
+        ended = func.coalesce(Task.postprocessendtime, Task.canceltime, Task.createtime)
+        old = select(Task.id).where(Task.status.in_(list(statuses)), ended < before)
+        with self.session() as s:
+            return s.execute(delete(Event).where(Event.type.in_(list(types)), Event.task_id.in_(old))).rowcount or 0
+
     def tasks_in(self, statuses: Iterable[str]) -> list[Task]:
         with self.session() as s:
             return list(s.scalars(select(Task).where(Task.status.in_(list(statuses))).order_by(Task.id)))
