@@ -42,6 +42,14 @@ def test_instantid_runs_with_an_uploaded_photo_controlnets_and_a_lora(server, pr
                                     "controlnet-canny-sdxl-1.0": "0.7"})
     assert styled["pexit"] == "0", styled["debugerror"]
     assert pixels(server.images(styled)) != pixels(images)
+    assert [o["name"] for o in styled["outputs"]] == ["0.png"]  # no condition images unless asked
+    extras = _run(server, project, {**BASE, "selectedControlnetModel": "454,455", "extraOutputs": "true"})
+    assert extras["pexit"] == "0", extras["debugerror"]
+    assert sorted(o["name"] for o in extras["outputs"]) == [
+        "0.png", "extra-canny.png", "extra-depth.png", "extra-identitynet-keypoints.png"]
+    by_name = dict(zip([o["name"] for o in extras["outputs"]], server.images(extras)))
+    assert all(png_size(by_name[n]) == (120, 160) for n in by_name)  # conditions at the generation size
+    assert by_name["0.png"] != by_name["extra-canny.png"]
 
 
 def test_instantid_documented_failures(server, project):

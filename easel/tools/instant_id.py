@@ -33,7 +33,6 @@ for it).
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,9 +159,6 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
 
 # -- loading ----------------------------------------------------------------------------------
 
-_analyzers: dict[str, Any] = {}
-_lock = threading.Lock()
-
 
 def _device_dtype():
     import torch
@@ -204,15 +200,6 @@ class _Net:
         self.components = {"controlnet": self.net}
 
 
-def _analyzer(root: Path):
-    from easel.models.faces import FaceAnalyzer
-
-    with _lock:
-        if str(root) not in _analyzers:
-            _analyzers[str(root)] = FaceAnalyzer(root)
-        return _analyzers[str(root)]
-
-
 def _resize(image, tiny: bool):
     """The reference demo's ``resize_img``: shorter side 1024, longer at most 1280, multiples of 64 (1/8 for tiny)."""
     from PIL import Image
@@ -248,24 +235,31 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         base = models.pipeline(f"sdxl-instantid:{plan.checkpoint.key}:{plan.adapter.key}",
                                lambda: load_base(plan.checkpoint, plan.adapter))
         photo = _resize(plan.photo, tiny)
-        face = _analyzer(plan.face_root).largest_face(photo)
+        from easel.models import Weights
+        from easel.models.faces import FaceAnalyzer
+
+        pack = Weights("folder", plan.face_root, key=f"faces:{plan.face_root}")
+        face = models.component("face-analysis", pack, lambda w: FaceAnalyzer(w.path)).obj.largest_face(photo)
         ctx.log(f"face: box={[round(float(v)) for v in face.bbox]} score={face.score:.2f}")
         images = [draw_kps(photo.size, face.kps)]
-        nets = [models.pipeline(f"controlnet:{plan.identitynet.key}", lambda: _Net(plan.identitynet.path)).net]
+        # ControlNets and condition estimators: components, loaded once per worker, in the budget
+        nets = [models.component("controlnet", plan.identitynet, lambda w: _Net(w.path)).obj.net]
         scales = [IDENTITYNET_SCALE]
+        ctx.extra_output("identitynet-keypoints", images[0])
         for _, weights, scale, condition, _ in plan.controlnets:
-            nets.append(models.pipeline(f"controlnet:{weights.key}", lambda w=weights: _Net(w.path)).net)
+            nets.append(models.component("controlnet", weights, lambda w: _Net(w.path)).obj.net)
             scales.append(scale)
             if condition == "canny":
                 images.append(canny_condition(photo))
             elif condition == "depth":
-                est = models.pipeline(f"depth:{plan.estimators['depth'].key}",
-                                      lambda: _Estimator(DepthEstimator(plan.estimators["depth"].path)))
+                est = models.component("depth", plan.estimators["depth"],
+                                       lambda w: _Estimator(DepthEstimator(w.path))).obj
                 images.append(est.fn(photo))
             else:
-                est = models.pipeline(f"openpose:{plan.estimators['openpose'].key}",
-                                      lambda: _Estimator(OpenposeEstimator(plan.estimators["openpose"].path)))
+                est = models.component("openpose", plan.estimators["openpose"],
+                                       lambda w: _Estimator(OpenposeEstimator(w.path))).obj
                 images.append(est.fn(photo))
+            ctx.extra_output(condition, images[-1])
         models.adapters(base).apply(base, [plan.lora[:3]] if plan.lora else [])
     except NoFaceError as exc:
         raise ToolError(str(exc)) from None
