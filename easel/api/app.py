@@ -186,7 +186,6 @@ class Api:
             callback = ""  # Wiro clients often send the doc's sentence here; it must not fail the Run
         task_uuid = str(uuidlib.uuid4())
         names = {i.name for i in spec.inputs}
-        saved: list[Path] = []
         shown: dict[str, str] = {}  # uploaded inputs as the client sees them in parameters: file URLs
         for up in body.files:
             target = up.field if up.field in names else f"{up.field}Url" if f"{up.field}Url" in names else None
@@ -196,7 +195,6 @@ class Api:
             folder.mkdir(parents=True, exist_ok=True)
             safe = f"{target}-{_SAFE_NAME.sub('_', Path(up.filename).name)[:100] or 'file'}"
             (folder / safe).write_bytes(up.data)
-            saved.append(folder / safe)
             fields[target] = f"upload:{safe}"
             shown[target] = self.storage.url(task_uuid.replace("-", ""), safe)
         try:
