@@ -132,8 +132,8 @@ def check_image_inputs(api, project: Project, spec: ToolSpec, inputs: dict, task
             except OSError:
                 raise WiroError(0, f"Request parameter [{i.name}]: the server could not read the file; try "
                                    "again later.", 503) from None
-        if not value.lower().startswith(("http://", "https://", "upload:", "file:")):
-            inputs[i.name] = f"file:{api.store.user_file_by_name(project.id, value).id}"
+            if not value.lower().startswith(("http://", "https://", "upload:", "file:")):
+                inputs[i.name] = f"file:{api.store.user_file_by_name(project.id, value).id}"
 
 
 CHUNK = 256 * 1024

@@ -20,11 +20,16 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from boto3.exceptions import Boto3Error
+from botocore.exceptions import BotoCoreError, ClientError
+
 from easel.config import Settings, parse_s3_url
 
-from . import Storage, StoredObject, check_key, content_type as guess_type
+from . import Storage, StoredObject, check_key
+from . import content_type as guess_type
 
 MULTIPART_THRESHOLD = 16 * 1024**2  # bytes; bigger files go as multipart uploads of this part size
+_ERRORS = (BotoCoreError, ClientError, Boto3Error)  # what boto3 raises: turned into OSError here
 
 
 class S3Storage(Storage):
@@ -73,8 +78,6 @@ class S3Storage(Storage):
 
     @staticmethod
     def _missing(exc: Exception) -> bool:
-        from botocore.exceptions import ClientError
-
         if not isinstance(exc, ClientError):
             return False
         err = exc.response.get("Error", {})
@@ -85,8 +88,6 @@ class S3Storage(Storage):
         """An :class:`OSError` saying what failed, for botocore's errors (never with credentials)."""
         if self._missing(exc):
             return FileNotFoundError(key)
-        from botocore.exceptions import ClientError
-
         if isinstance(exc, ClientError):
             err = exc.response.get("Error", {})
             return OSError(f"S3 {err.get('Code', '?')} on {key} in bucket {self.bucket}: {err.get('Message') or ''}".strip())
@@ -100,11 +101,9 @@ class S3Storage(Storage):
         Raises:
             OSError: naming the bucket, the endpoint and the reason.
         """
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except (BotoCoreError, ClientError) as exc:
+        except _ERRORS as exc:
             where = self.settings.s3_endpoint_url or self.client.meta.endpoint_url
             code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
             hint = {"404": "the bucket does not exist: create it first", "NoSuchBucket": "the bucket does not exist",
@@ -113,26 +112,22 @@ class S3Storage(Storage):
             raise OSError(f"storage s3://{self.bucket}/{self.prefix} at {where}: {hint}") from None
 
     def put(self, key: str, src: Path, move: bool = False, content_type: str | None = None) -> int:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         name = self.object_name(key)
         size = os.path.getsize(src)
         try:
             self.client.upload_file(str(src), self.bucket, name, Config=self._transfer(),
                                     ExtraArgs={"ContentType": content_type or guess_type(key)})
-        except (BotoCoreError, ClientError) as exc:
+        except _ERRORS as exc:
             raise self._oserror(exc, key) from None
         if move:
             Path(src).unlink(missing_ok=True)
         return size
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             self.client.put_object(Bucket=self.bucket, Key=self.object_name(key), Body=data,
                                    ContentType=content_type or guess_type(key))
-        except (BotoCoreError, ClientError) as exc:
+        except _ERRORS as exc:
             raise self._oserror(exc, key) from None
 
     def get_bytes(self, key: str) -> bytes:
@@ -143,28 +138,22 @@ class S3Storage(Storage):
             stream.close()
 
     def stat(self, key: str) -> StoredObject | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.object_name(key))
-        except (BotoCoreError, ClientError) as exc:
+        except _ERRORS as exc:
             if self._missing(exc):
                 return None
             raise self._oserror(exc, key) from None
         return StoredObject(key, int(head["ContentLength"]), head["LastModified"].timestamp())
 
     def open(self, key: str) -> tuple[BinaryIO, int]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             got = self.client.get_object(Bucket=self.bucket, Key=self.object_name(key))
-        except (BotoCoreError, ClientError) as exc:
+        except _ERRORS as exc:
             raise self._oserror(exc, key) from None
         return got["Body"], int(got["ContentLength"])
 
     def local_path(self, key: str, into: Path) -> Path:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         dest = Path(into) / key.rsplit("/", 1)[-1]
         name = self.object_name(key)
         if dest.is_file():
@@ -175,24 +164,20 @@ class S3Storage(Storage):
         try:
             self.client.download_file(self.bucket, name, tmp, Config=self._transfer())
             os.replace(tmp, dest)
-        except (BotoCoreError, ClientError) as exc:
+        except _ERRORS as exc:
             raise self._oserror(exc, key) from None
         finally:
             Path(tmp).unlink(missing_ok=True)
         return dest
 
     def delete(self, key: str) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.object_name(key))
-        except (BotoCoreError, ClientError) as exc:
+        except _ERRORS as exc:
             if not self._missing(exc):
                 raise self._oserror(exc, key) from None
 
     def delete_prefix(self, prefix: str) -> int:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         if not prefix.endswith("/") or prefix.count("/") < 2:
             raise ValueError("delete_prefix: give a folder below an area (uploads/<task uuid>/)")
         keys = [obj.key for obj in self.list(prefix)]
@@ -200,7 +185,7 @@ class S3Storage(Storage):
             batch = [{"Key": self.object_name(k)} for k in keys[i:i + 1000]]
             try:
                 answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
-            except (BotoCoreError, ClientError) as exc:
+            except _ERRORS as exc:
                 raise self._oserror(exc, prefix) from None
             failed = [e for e in answer.get("Errors", []) if e.get("Code") != "NoSuchKey"]
             if failed:
@@ -208,8 +193,6 @@ class S3Storage(Storage):
         return len(keys)
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         name = self.object_name(prefix, prefix=True)
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=name)
         try:
@@ -221,19 +204,17 @@ class S3Storage(Storage):
                     except ValueError:
                         continue  # not ours (written by hand into the prefix): never touched
                     yield StoredObject(key, int(obj["Size"]), obj["LastModified"].timestamp())
-        except (BotoCoreError, ClientError) as exc:
+        except _ERRORS as exc:
             raise self._oserror(exc, prefix) from None
 
     def touch(self, key: str) -> None:
         """Copy the object onto itself with its metadata replaced: S3 has no utime, and this is
         the documented way to renew ``LastModified`` (server-side, no bytes travel)."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         name = self.object_name(key)
         try:
             self.client.copy({"Bucket": self.bucket, "Key": name}, self.bucket, name, Config=self._transfer(),
                              ExtraArgs={"MetadataDirective": "REPLACE", "ContentType": guess_type(key)})
-        except (BotoCoreError, ClientError) as exc:
+        except _ERRORS as exc:
             if not self._missing(exc):
                 raise self._oserror(exc, key) from None
 
