@@ -131,6 +131,8 @@ def test_urls_served_or_presigned(storage):
             or "/unit-bucket/team/easel/files/t1/0.png?" in shown
         assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in shown and "X-Amz-Expires=120" in shown
         assert storage.own_file(shown) is None
+    # a stored path that is no storage key (never written by Easel) is never presigned: served instead
+    assert storage.url("k" * 32, "0.png", key="files/../../etc/passwd") == served
 
 
 def test_a_failed_upload_leaves_nothing(tmp_path, aws_env, monkeypatch):

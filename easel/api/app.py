@@ -106,7 +106,7 @@ class Api:
         spec = self.tools.get(task.tool)
         position = self.store.count_in((lc.QUEUE,), before_id=task.id) + 1 if task.status == lc.QUEUE else None
         return lc.task_view(task, self.store.outputs(task.id),
-                            lambda t, o: self.storage.url(t.file_accesskey, o.name, key=output_key(o.path)),
+                            lambda t, o: self.storage.url(t.file_accesskey, o.name, key=f"files/{o.path}"),
                             spec.categories if spec else [], queueposition=position,
                             modeldescription=spec.description if spec else "",
                             modelid=toolinfo.tool_id(self.tools, spec) if spec else "0",
@@ -317,18 +317,19 @@ class Api:
         an output (the task's file access key), a ``File/Upload`` file (its access key) or a
         Run's upload (the task's uuid without dashes, as shown in its ``parameters``); None if
         there is none (an unsafe name included)."""
-        out = self.store.output_by_key(accesskey, name)
-        if out is not None:
-            return output_key(out.path), out.contenttype
-        up = self.store.user_file_by_key(accesskey, name)
-        if up is not None:
-            return user_file_key(up.path), up.contenttype
-        if not _UPLOAD_KEY.match(accesskey):
-            return None
         try:
-            return upload_key(str(uuidlib.UUID(accesskey)), name), mimetypes.guess_type(name)[0] or "application/octet-stream"
-        except ValueError:
-            return None
+            out = self.store.output_by_key(accesskey, name)
+            if out is not None:
+                return output_key(out.path), out.contenttype
+            up = self.store.user_file_by_key(accesskey, name)
+            if up is not None:
+                return user_file_key(up.path), up.contenttype
+            if _UPLOAD_KEY.match(accesskey):
+                return upload_key(str(uuidlib.UUID(accesskey)), name), \
+                    mimetypes.guess_type(name)[0] or "application/octet-stream"
+        except ValueError:  # not a storage key: nothing Easel stored
+            pass
+        return None
 
     def cancel(self, project: Project, body: Body) -> dict:
         task = self.find_task(project, body.fields)

@@ -224,7 +224,10 @@ class S3Storage(Storage):
         """A presigned GET URL of ``key`` valid ``s3_presign_seconds`` when presigned URLs are
         chosen (``EASEL_OUTPUT_URLS=presigned``) and a key is given; else the API's URL."""
         if self.presigned and key is not None:
-            return self.presign(key)
+            try:
+                return self.presign(key)
+            except ValueError:  # not a storage key (a row no Easel wrote): the API still serves it
+                pass
         return super().url(accesskey, name, key, base_url)
 
     def presign(self, key: str, seconds: int | None = None) -> str:
