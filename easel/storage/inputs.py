@@ -7,7 +7,7 @@ A file input's value is one of (Wiro's conventions, plus Easel's internal refere
 - a bare file name (``"bg-img2.png"``, as the seeds' curl examples send): the calling project's
   most recent file of that name uploaded with ``POST /v1/File/Upload``;
 - this server's own file URL (``<public_url>/v1/File/{accesskey}/{name}``, an output or an
-  uploaded file): resolved locally, without HTTP;
+  uploaded file): read through the storage, without HTTP;
 - any other ``http(s)`` URL: returned as is, for the caller to fetch with the safe fetcher.
 """
 from __future__ import annotations
