@@ -110,3 +110,24 @@ def test_instantid_with_openpose_depth_and_canny_and_the_openpose_condition_as_a
     without = _run(server, project, {**BASE, "selectedControlnetModel": "455,454"})
     assert without["pexit"] == "0", without["debugerror"]
     assert pixels(server.images(without)) != pixels([by_name["0.png"]])
+
+
+def test_the_seeds_curl_body_verbatim_with_its_photo_uploaded_first(server, project):
+    """The seed's own request, byte for byte, after uploading the photo it names with File/Upload."""
+    import json
+
+    from test_conformance import SEED_FILES, seed_curl, seed_sections
+
+    (seed,) = [f for f in SEED_FILES if f.name.startswith("001_")]
+    url, headers, body = seed_curl(seed_sections(seed)["Run Command - Make HTTP Post Request"])
+    assert url.endswith(f"/v1/Run/{TOOL}") and json.loads(body)["inputImageUrl"] == "input-portrait-2.jpg"
+    photo = io.BytesIO()
+    Image.open(io.BytesIO(_photo_bytes())).save(photo, "JPEG", quality=95)
+    up = server.post(project, "/v1/File/Upload", files={"file": ("input-portrait-2.jpg", photo.getvalue(), "image/jpeg")})
+    assert up.json()["result"] is True, up.text
+    r = server.post(project, f"/v1/Run/{TOOL}", headers={"Content-Type": headers["Content-Type"]}, content=body.encode())
+    assert r.json()["result"], r.text
+    task = server.wait(project, r.json()["taskid"], timeout=600)
+    assert task["pexit"] == "0", task["debugerror"]
+    assert [o["name"] for o in task["outputs"]] == ["0.png"] and png_size(server.images(task)[0]) == (120, 160)
+    assert "seed=3572004920" in task["debugoutput"]
