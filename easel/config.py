@@ -96,6 +96,16 @@ class Settings:
             quarter ``lease_seconds``) in each API process.
         metrics_token: When set, ``/metrics`` answers only requests with ``Authorization: Bearer
             <metrics_token>`` (HTTP 401 otherwise); empty (default) = open, like ``/healthz``.
+        redis_url: Redis shared by the fleet's processes (``redis://[:password@]host:port/db``,
+            ``rediss://`` for TLS): pushed live-event wake-ups (pub/sub) and the rate limit's
+            shared window; empty (default) = none.
+        redis_prefix: Prefix of Easel's Redis keys and channels (``<prefix>:events``,
+            ``<prefix>:ratelimit/...``), so several deployments can share one Redis.
+        live_push: How WebSocket and ``Prefer: wait`` waiters learn of new events: ``auto``
+            (Redis pub/sub with ``redis_url``, else PostgreSQL ``LISTEN/NOTIFY`` on a PostgreSQL
+            store, else polling), ``redis``, ``postgres`` or ``off`` (polling).
+        live_fallback_poll_interval: Seconds between the store reads of a waiter while wake-ups
+            are pushed and none comes (a lost wake-up delays an event at most this long).
     """
 
     data_dir: Path = Path("easel-data")
@@ -141,6 +151,10 @@ class Settings:
     event_retention_seconds: float = 7 * 24 * 3600.0
     sweep_interval_seconds: float = 600.0
     metrics_token: str = ""
+    redis_url: str = ""
+    redis_prefix: str = "easel"
+    live_push: str = "auto"
+    live_fallback_poll_interval: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())
@@ -153,6 +167,13 @@ class Settings:
         if self.random_model_size not in ("full", "small"):
             raise ValueError(f"random_model_size must be 'full' or 'small', not {self.random_model_size!r}")
         object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
+        from easel.store.notify import choose_backend, redact
+
+        choose_backend(self.live_push, self.redis_url, self.database_url)  # ValueError naming the setting
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://", "redis+unix://")):
+            raise ValueError(f"EASEL_REDIS_URL must be a redis://, rediss:// or unix:// URL, not {redact(self.redis_url)[:60]!r}")
+        if not self.live_fallback_poll_interval > 0:
+            raise ValueError("EASEL_LIVE_FALLBACK_POLL_INTERVAL must be a positive number of seconds")
         if tuple(self.gpus) == ("all",):
             import torch
 
