@@ -235,6 +235,15 @@ def test_the_concurrency_limit_is_one_atomic_step_in_the_store(db, tmp_path):
         assert stores[1].count_in((lc.QUEUE, *lc.RUNNING), project_id=p.id) == 3
         lc.cancel(stores[0], stores[0].tasks_of(p.id)[0].id)  # a finished task frees one slot
         assert _race_submits(stores, p.id, 4, 3).count(True) == 1
+        # at the limit, a retry with its Idempotency-Key is answered with its task, another key is refused
+        q = stores[0].create_project("q")
+        kw = dict(project_id=q.id, tool=TOOL, parameters={}, inputs={}, callbackurl="", cost_per_second=0.0,
+                  max_unfinished=1)
+        first, created = lc.submit(stores[0], **kw, idempotency_key="job-1")
+        again, created_again = lc.submit(stores[1], **kw, idempotency_key="job-1")
+        assert created and not created_again and again.id == first.id
+        with pytest.raises(LimitReached):
+            lc.submit(stores[1], **kw, idempotency_key="job-2")
         for s in stores:
             s.engine.dispose()
     finally:

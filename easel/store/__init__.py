@@ -177,7 +177,8 @@ class Store:
 
         Returns:
             ``(task, created)``. With an ``idempotency_key`` already used by the project, the
-            existing task and ``False`` (also when two requests race: the unique constraint decides).
+            existing task and ``False`` (also when two requests race: the unique constraint, or
+            with a limit the project's lock, decides; a retry is never refused for the limit).
 
         Raises:
             LimitReached: the project already has ``max_unfinished`` unfinished tasks.
@@ -193,6 +194,11 @@ class Store:
             with self.session() as s:
                 if max_unfinished > 0:
                     self._lock_project(s, project_id)
+                    if idempotency_key:  # a retry that raced its first attempt is that task, not over the limit
+                        first = s.scalar(select(Task).where(Task.project_id == project_id,
+                                                            Task.idempotency_key == idempotency_key))
+                        if first is not None:
+                            return first, False
                     n = s.scalar(select(func.count(Task.id)).where(Task.project_id == project_id,
                                                                     Task.status.in_(list(unfinished))))
                     if int(n or 0) >= max_unfinished:
