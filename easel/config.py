@@ -111,6 +111,16 @@ class Settings:
             API streams the object); ``presigned``: S3 presigned GET URLs (needs ``s3://`` storage).
         s3_presign_seconds: Lifetime of a presigned URL, 1 to 604800 (7 days, SigV4's limit); a
             new one is made at every Task/Detail, socket message and webhook.
+        redis_url: Redis shared by the fleet's processes (``redis://[:password@]host:port/db``,
+            ``rediss://`` for TLS): pushed live-event wake-ups (pub/sub) and the rate limit's
+            shared window; empty (default) = none.
+        redis_prefix: Prefix of Easel's Redis keys and channels (``<prefix>:events``,
+            ``<prefix>:ratelimit/...``), so several deployments can share one Redis.
+        live_push: How WebSocket and ``Prefer: wait`` waiters learn of new events: ``auto``
+            (Redis pub/sub with ``redis_url``, else PostgreSQL ``LISTEN/NOTIFY`` on a PostgreSQL
+            store, else polling), ``redis``, ``postgres`` or ``off`` (polling).
+        live_fallback_poll_interval: Seconds between the store reads of a waiter while wake-ups
+            are pushed and none comes (a lost wake-up delays an event at most this long).
     """
 
     data_dir: Path = Path("easel-data")
@@ -162,6 +172,10 @@ class Settings:
     s3_addressing_style: str = "auto"
     output_urls: str = "served"
     s3_presign_seconds: int = 3600
+    redis_url: str = ""
+    redis_prefix: str = "easel"
+    live_push: str = "auto"
+    live_fallback_poll_interval: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())
@@ -186,6 +200,13 @@ class Settings:
             raise ValueError(f"s3_presign_seconds must be 1 to 604800 (7 days), not {self.s3_presign_seconds}")
         if self.s3_addressing_style not in ("auto", "path", "virtual"):
             raise ValueError(f"s3_addressing_style must be 'auto', 'path' or 'virtual', not {self.s3_addressing_style!r}")
+        from easel.store.notify import choose_backend, redact
+
+        choose_backend(self.live_push, self.redis_url, self.database_url)  # ValueError naming the setting
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://", "redis+unix://")):
+            raise ValueError(f"EASEL_REDIS_URL must be a redis://, rediss:// or unix:// URL, not {redact(self.redis_url)[:60]!r}")
+        if not self.live_fallback_poll_interval > 0:
+            raise ValueError("EASEL_LIVE_FALLBACK_POLL_INTERVAL must be a positive number of seconds")
         if tuple(self.gpus) == ("all",):
             import torch
 

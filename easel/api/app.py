@@ -1,15 +1,13 @@
 """The FastAPI application: Wiro's Run, Task and Tool endpoints, output files, the live WebSocket,
 and the webhook dispatcher. Beyond Wiro: ``Idempotency-Key`` and ``Prefer: wait=N`` on Run,
-``Task/List``, a rate limit (HTTP 429) and an OpenAPI document with every tool's inputs."""
+``Task/List``, a rate limit (HTTP 429, :mod:`.ratelimit`) and an OpenAPI document with every tool's inputs."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import math
 import mimetypes
 import re
-import threading
 import time
 import uuid as uuidlib
 from contextlib import asynccontextmanager
@@ -30,7 +28,8 @@ from easel.catalog import CatalogError, InputError, ModelCatalog, ToolSpec, load
 from easel.config import Settings
 from easel.executors import Executor
 from easel.storage import create_storage, output_key, upload_key, user_file_key
-from easel.store import Project, Store, Task
+from easel.store import LimitReached, Project, Store, Task
+from easel.store.notify import Hub, Publisher
 from easel.tasks import lifecycle as lc
 
 from . import compat, live, toolinfo
@@ -41,6 +40,7 @@ from . import playground
 from .auth import authenticate
 from .errors import WiroError, error_response
 from .parsing import Body, parse_body
+from .ratelimit import RateLimiter
 from .maintenance import Maintenance
 from .webhooks import WebhookDispatcher
 
@@ -51,43 +51,18 @@ _PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*([0-9]{1,9})(?![0-9])", re.I 
 MAX_PREFER_WAIT = 60
 
 
-class RateLimiter:
-    """Sliding one-minute window of request times per API key, in this process's memory.
-
-    With several API processes each enforces the limit on the requests it sees (documented).
-    """
-
-    def __init__(self, per_minute: int):
-        self.per_minute = per_minute
-        self._hits: dict[str, collections.deque] = collections.defaultdict(collections.deque)
-        self._lock = threading.Lock()
-
-    def check(self, key: str, now: float | None = None) -> float | None:
-        """Record a request; return None if allowed, else the seconds until one is allowed."""
-        if self.per_minute <= 0:
-            return None
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            hits = self._hits[key]
-            while hits and now - hits[0] >= 60.0:
-                hits.popleft()
-            if len(hits) >= self.per_minute:
-                return 60.0 - (now - hits[0])
-            hits.append(now)
-            return None
-
-
 class Api:
     """Shared state of the HTTP layer."""
 
     def __init__(self, settings: Settings, executor: Executor | None):
         self.settings = settings
-        self.store = Store(settings.database_url)
+        self.store = Store(settings.database_url, wakeups=Publisher.for_settings(settings))
+        self.wakeups = Hub.for_settings(settings, self.store.wakeups)
         self.catalog = ModelCatalog.load(settings.catalog_override)
         self.tools = load_tools()
         self.storage = create_storage(settings)
         self.executor = executor
-        self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.redis_url, settings.redis_prefix)
         self.webhooks = WebhookDispatcher(settings, self.store, self.task_object)
         self.maintenance = Maintenance(settings, self.store, self.delete_files, self.storage)
 
@@ -95,7 +70,7 @@ class Api:
 
     def auth(self, request: Request) -> Project:
         project = authenticate(request.headers, self.store, self.settings)
-        wait = self.limiter.check(project.apikey)
+        wait = self.limiter.check(f"project-{project.id}")  # the key's project: no secret in Redis
         if wait is not None:
             seconds = max(1, math.ceil(wait))
             raise WiroError(0, f"Too many requests: this API key may make {self.settings.rate_limit_per_minute} "
@@ -210,14 +185,15 @@ class Api:
                 raise WiroError(0, exc.message) from None
             files_api.check_image_inputs(self, project, spec, inputs, task_uuid)
             limit = self.settings.max_concurrent_tasks
-            if limit and self.store.count_in((lc.QUEUE, *lc.RUNNING), project_id=project.id) >= limit:
+            try:
+                task, created = lc.submit(
+                    self.store, project_id=project.id, tool=spec.name, parameters={**fields, **shown}, inputs=inputs,
+                    callbackurl=callback, cost_per_second=spec.cost_per_second or self.settings.default_cost_per_second,
+                    uuid=task_uuid, idempotency_key=idempotency_key or None, max_unfinished=limit)
+            except LimitReached:
                 raise WiroError(96, E.CONCURRENCY, detail=f"This project may have up to {limit} unfinished (queued or "
                                 "running) tasks at the same time. Wait for a task to finish, or ask the operator to "
-                                "raise EASEL_MAX_CONCURRENT_TASKS.")
-            task, created = lc.submit(self.store, project_id=project.id, tool=spec.name, parameters={**fields, **shown},
-                                      inputs=inputs, callbackurl=callback,
-                                      cost_per_second=spec.cost_per_second or self.settings.default_cost_per_second,
-                                      uuid=task_uuid, idempotency_key=idempotency_key or None)
+                                "raise EASEL_MAX_CONCURRENT_TASKS.") from None
         except BaseException:  # a refused Run keeps none of its uploaded files
             if stored:
                 self._drop_uploads(task_uuid)
@@ -242,14 +218,20 @@ class Api:
 
     async def wait_for_end(self, task_id: int, seconds: float) -> Task:
         """Wait until the task is terminal or ``seconds`` pass, holding no thread while asleep
-        (many ``Prefer: wait`` requests must not exhaust the thread pool)."""
+        (many ``Prefer: wait`` requests must not exhaust the thread pool). Woken by the task's
+        event wake-ups (:mod:`easel.store.notify`) when pushed, else polling as the socket does."""
         deadline = time.monotonic() + seconds
-        while True:
-            task = await run_in_threadpool(self.store.get_task, task_id)
-            if task.status in lc.TERMINAL or time.monotonic() >= deadline:
-                return task
-            delay = lc.poll_delay(task, self.settings.live_poll_interval, cap=1.0)
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        with self.wakeups.watch(task_id) as watch:
+            while True:
+                watch.clear()
+                task = await run_in_threadpool(self.store.get_task, task_id)
+                if task.status in lc.TERMINAL or time.monotonic() >= deadline:
+                    return task
+                if self.wakeups.pushing:
+                    delay = self.settings.live_fallback_poll_interval
+                else:
+                    delay = lc.poll_delay(task, self.settings.live_poll_interval, cap=1.0)
+                await watch.wait(min(delay, max(0.0, deadline - time.monotonic())))
 
     def delete_io(self, project: Project, body: Body) -> dict:
         """Task/InputOutputDelete: remove a finished task's uploaded inputs and output files (idempotent)."""
@@ -420,9 +402,11 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
         if dispatch_webhooks:
             api.webhooks.start()
         api.maintenance.start()
+        await api.wakeups.start()
         try:
             yield
         finally:
+            await api.wakeups.stop()
             api.maintenance.stop()
             api.webhooks.stop()
             if on_shutdown is not None:
@@ -524,7 +508,8 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
 
     @app.websocket(settings.ws_path)
     async def socket(ws: WebSocket):
-        await live.serve_socket(ws, api.store, api.output_list, poll=settings.live_poll_interval)
+        await live.serve_socket(ws, api.store, api.output_list, poll=settings.live_poll_interval, hub=api.wakeups,
+                                fallback=settings.live_fallback_poll_interval)
 
     @app.post("/v1/File/FolderCreate", summary="Create a folder for uploaded files (name, parentid)")
     async def folder_create(request: Request):

@@ -21,8 +21,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Event, Nonce, Output, Project, Task, UserFile, WebhookDelivery
+from .notify import Publisher
 
-__all__ = ["Store", "Project", "Task", "Output", "Event", "WebhookDelivery", "UserFile", "new_token", "hash_apikey"]
+__all__ = ["Store", "Project", "Task", "Output", "Event", "WebhookDelivery", "UserFile", "new_token", "hash_apikey",
+           "LimitReached"]
 
 HERE = Path(__file__).parent
 
@@ -47,11 +49,30 @@ def new_token(n: int = 30) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(n))
 
 
-class Store:
-    """Access to the database at ``url`` (SQLite by default; PostgreSQL works with the same schema)."""
+class LimitReached(Exception):
+    """:meth:`Store.create_task` refused a task: the project already has ``limit`` unfinished tasks."""
 
-    def __init__(self, url: str):
+    def __init__(self, limit: int):
+        super().__init__(f"the project already has {limit} unfinished tasks")
+        self.limit = limit
+
+
+# first key of the PostgreSQL advisory lock that serialises one project's task creation when a
+# concurrency limit is set ("EASL"); the second key is the project id
+_PROJECT_LOCK = 0x4541534C
+
+
+class Store:
+    """Access to the database at ``url`` (SQLite by default; PostgreSQL works with the same schema).
+
+    ``wakeups`` is told about every event this store inserts (:mod:`easel.store.notify`): in the
+    transaction (``pg_notify``) and after its commit (Redis, in-process waiters); default
+    :meth:`Publisher.default_for` the URL (``LISTEN/NOTIFY`` on PostgreSQL, else nothing).
+    """
+
+    def __init__(self, url: str, wakeups: Publisher | None = None):
         self.url = url
+        self.wakeups = wakeups or Publisher.default_for(url)
         kwargs: dict = {}
         db_file = None
         if url.startswith("sqlite"):
@@ -145,12 +166,22 @@ class Store:
 
     def create_task(self, *, project_id: int, tool: str, status: str, parameters: dict, inputs: dict,
                     callbackurl: str, cost_per_second: float, first_event: str, uuid: str | None = None,
-                    idempotency_key: str | None = None) -> tuple[Task, bool]:
+                    idempotency_key: str | None = None, max_unfinished: int = 0,
+                    unfinished: Iterable[str] = ()) -> tuple[Task, bool]:
         """Insert a task and its first event.
+
+        With ``max_unfinished`` > 0, the project's tasks in ``unfinished`` statuses are counted
+        and the task inserted in one transaction that holds the project's lock (a PostgreSQL
+        advisory lock on PostgreSQL, the database's write lock on SQLite), so concurrent Runs,
+        from any number of API processes, never exceed the limit together.
 
         Returns:
             ``(task, created)``. With an ``idempotency_key`` already used by the project, the
-            existing task and ``False`` (also when two requests race: the unique constraint decides).
+            existing task and ``False`` (also when two requests race: the unique constraint, or
+            with a limit the project's lock, decides; a retry is never refused for the limit).
+
+        Raises:
+            LimitReached: the project already has ``max_unfinished`` unfinished tasks.
         """
         now = time.time()
         t = Task(uuid=uuid or str(uuidlib.uuid4()), project_id=project_id, tool=tool,
@@ -161,6 +192,17 @@ class Store:
                  event_seq=1)
         try:
             with self.session() as s:
+                if max_unfinished > 0:
+                    self._lock_project(s, project_id)
+                    if idempotency_key:  # a retry that raced its first attempt is that task, not over the limit
+                        first = s.scalar(select(Task).where(Task.project_id == project_id,
+                                                            Task.idempotency_key == idempotency_key))
+                        if first is not None:
+                            return first, False
+                    n = s.scalar(select(func.count(Task.id)).where(Task.project_id == project_id,
+                                                                    Task.status.in_(list(unfinished))))
+                    if int(n or 0) >= max_unfinished:
+                        raise LimitReached(max_unfinished)
                 s.add(t)
                 s.flush()
                 s.add(Event(task_id=t.id, type=first_event, message="", created_at=now, seq=1))
@@ -169,7 +211,17 @@ class Store:
             if existing is None:
                 raise
             return existing, False
+        # no wake-up: nobody can be waiting on a task before this call returns its id and token
         return t, True
+
+    @staticmethod
+    def _lock_project(s: Session, project_id: int) -> None:
+        """Serialise the rest of this transaction with every other one that locks the project."""
+        if s.get_bind().dialect.name == "postgresql":
+            s.execute(select(func.pg_advisory_xact_lock(_PROJECT_LOCK, project_id)))
+        else:  # SQLite: a write as the transaction's first statement takes the database's write lock
+            s.execute(update(Project).where(Project.id == project_id).values(id=Project.id)
+                      .execution_options(synchronize_session=False))
 
     def task_by_idempotency(self, project_id: int, key: str) -> Task | None:
         with self.session() as s:
@@ -255,7 +307,9 @@ class Store:
             if row is None:
                 return None
             conn.execute(insert(Event).values(task_id=row[0], type=to_status, message="", created_at=now, seq=row[1]))
-            return row[0]
+            self.wakeups.in_transaction(conn, row[0])
+        self.wakeups.committed(row[0])
+        return row[0]
 
     @staticmethod
     def _guarded(q, only_from: Iterable[str] | None, owner: str | None):
@@ -288,7 +342,9 @@ class Store:
                 conn.execute(insert(WebhookDelivery).values(
                     id="msg_" + secrets.token_hex(16), task_id=task_id, url=url, status="pending", attempts=0,
                     next_attempt_at=now, created_at=now, last_error=""))
-            return True
+            self.wakeups.in_transaction(conn, task_id)
+        self.wakeups.committed(task_id)
+        return True
 
     def add_event(self, task_id: int, type_: str, message: str = "", preview: str | None = None, *,
                   only_from: Iterable[str] | None = None, owner: str | None = None, **values) -> bool | None:
@@ -306,7 +362,9 @@ class Store:
                 return None
             conn.execute(insert(Event).values(task_id=task_id, type=type_, message=message, created_at=time.time(),
                                               preview=preview, seq=row[1]))
-            return bool(row[0])
+            self.wakeups.in_transaction(conn, task_id)
+        self.wakeups.committed(task_id)
+        return bool(row[0])
 
     def renew_lease(self, task_id: int, owner: str, until: float, running: Iterable[str]) -> bool:
         """Extend ``owner``'s lease on a running task to ``until``; False if it no longer holds it."""

@@ -25,6 +25,7 @@ from easel.models import ModelManager
 from easel.storage import create_storage, upload_key
 from easel.storage.inputs import local_copy
 from easel.store import Store
+from easel.store.notify import Publisher
 from easel.tools import load_tool
 from easel.tools.base import TaskKilled, ToolError
 
@@ -183,7 +184,7 @@ class Worker:
         self.settings = settings
         self.worker_id = worker_id
         metrics.set_worker(worker_id)
-        self.store = Store(settings.database_url)
+        self.store = Store(settings.database_url, wakeups=Publisher.for_settings(settings))
         self.catalog = ModelCatalog.load(settings.catalog_override)
         self.storage = create_storage(settings)
         self.models = ModelManager(settings, self.catalog, self.storage)
