@@ -203,7 +203,7 @@ class Settings:
         from easel.store.notify import choose_backend, redact
 
         choose_backend(self.live_push, self.redis_url, self.database_url)  # ValueError naming the setting
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://", "redis+unix://")):
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"EASEL_REDIS_URL must be a redis://, rediss:// or unix:// URL, not {redact(self.redis_url)[:60]!r}")
         if not self.live_fallback_poll_interval > 0:
             raise ValueError("EASEL_LIVE_FALLBACK_POLL_INTERVAL must be a positive number of seconds")

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from conftest import SMALL, TOOL, Server
+from conftest import SMALL, TIME_SCALE, TOOL, Server
 from easel.api.ratelimit import RateLimiter
 from easel.config import Settings
 from easel.store import LimitReached, Store
@@ -306,7 +306,7 @@ def _frames_with_arrival(server: Server, token: str) -> tuple[float, list[tuple[
         ws.send(json.dumps({"type": "task_info", "tasktoken": token}))
         registered = time.time()
         while True:
-            frame = json.loads(ws.recv(timeout=120))
+            frame = json.loads(ws.recv(timeout=120 * TIME_SCALE))
             out.append((frame, time.time()))
             if frame["type"] in lc.TERMINAL or frame.get("result") is False:
                 return registered, out
@@ -328,9 +328,10 @@ def test_events_of_api1s_worker_are_pushed_to_api2(push, tmp_path, pg_url, reque
     with api_pair(tmp_path, env, first_args=()) as (api1, api2):  # API 1 runs a worker; API 2 is API only
         _push_connected(api2, push)
         p = api2.project()
-        # a longer task first, so the socket registers before the followed task's events happen
-        blocker = api2.run(p, {**SMALL, "steps": 40, "width": 128, "height": 128})
-        answer = api2.run(p, {**SMALL, "steps": 8})
+        # the cold worker's first task (it loads the pipeline) goes first, so the socket registers
+        # before the followed task's events happen
+        blocker = api2.run(p, {**SMALL, "steps": 10})
+        answer = api2.run(p, {**SMALL, "steps": 12})
         registered, frames = _frames_with_arrival(api2, answer["socketaccesstoken"])
         assert frames[-1][0]["type"] == lc.POSTPROCESS_END, frames[-1]
         lat = _latencies(api2.store, int(answer["taskid"]), registered, frames)
