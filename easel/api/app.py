@@ -90,7 +90,8 @@ class Api:
         self.executor = executor
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self.webhooks = WebhookDispatcher(settings, self.store, self.task_object)
-        self.maintenance = Maintenance(settings, self.store, self.delete_files)
+        self.maintenance = Maintenance(settings, self.store, self.delete_files,
+                                       executor.maintain if executor is not None else None)
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Running one claimed task through its lifecycle, inside a worker process.
 
-Any executor (local processes now, Celery later) delivers task ids; :class:`Worker` claims and
-runs them. A tool failure ends that task with ``pexit`` "1" and never stops the worker.
+Any executor (local processes, or Celery workers of a fleet) delivers task ids; :class:`Worker`
+claims and runs them. A tool failure ends that task with ``pexit`` "1" and never stops the worker.
 """
 from __future__ import annotations
 
@@ -192,6 +192,18 @@ class Worker:
         if task_id is not None:
             self.execute(task_id)
         return task_id
+
+    def run_task(self, task_id: int) -> bool:
+        """Claim ``task_id`` if it is still queued and run it (a broker delivered this id).
+
+        Returns:
+            False, running nothing, when the task is no longer queued (claimed by another worker,
+            cancelled, ended, or unknown): a message delivered twice runs nothing twice.
+        """
+        if lc.claim(self.store, self.worker_id, self.settings.lease_seconds, task_id=task_id) is None:
+            return False
+        self.execute(task_id)
+        return True
 
     def advance(self, task_id: int, status: str, message: str = "", **values) -> None:
         """This worker's guarded transition; raises :class:`TaskLost` when it was rejected."""
