@@ -24,7 +24,7 @@ The broker only delivers ids; it holds no state the store does not also hold. So
 - **Who publishes again** (one mechanism): every API process's maintenance pass
   (:meth:`CeleryExecutor.maintain`) publishes the id of each queued task that was never published
   (the API died between storing and publishing, or the broker was down: ``dispatched_at`` empty
-  for 10 s), was queued again by the lease rules (:func:`lifecycle.requeue` empties
+  for 2 s), was queued again by the lease rules (:func:`lifecycle.requeue` empties
   ``dispatched_at``), or was last published ``broker_redeliver_seconds`` ago (a message lost with
   a broker that restarted without persistence). A conditional UPDATE of ``dispatched_at`` makes
   one process the publisher.
@@ -52,7 +52,7 @@ from . import Executor
 log = logging.getLogger("easel.executor.celery")
 
 TASK_NAME = "easel.run_task"
-NEVER_PUBLISHED_GRACE = 10.0  # seconds a stored task may wait for its first publication before maintenance sends it
+NEVER_PUBLISHED_GRACE = 2.0  # seconds between storing a task and its first publication by the API that stored it
 HEALTH_INTERVAL = 5.0  # seconds between broker reachability checks of an API process
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.2, "interval_max": 0.5}
 
