@@ -18,14 +18,7 @@ from easel.config import Settings
 from easel.store import Store, Task
 from easel.tasks import lifecycle as lc
 from fleet import WorkerProc, rabbitmq_broker, redis_broker
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(Settings(data_dir=tmp_path).database_url)
-    s.migrate()
-    yield s
-    s.engine.dispose()
+from test_engine import store  # noqa: F401  (the fixture: a migrated SQLite store)
 
 
 def _submit(store, tool=TOOL, inputs=None, project=None):
