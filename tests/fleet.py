@@ -76,7 +76,7 @@ class WorkerProc:
     """An ``easel worker`` subprocess with its own data directory and log."""
 
     def __init__(self, data_dir: Path, broker: str, database_url: str, env: dict, queues: str | None = None,
-                 name: str = "worker"):
+                 name: str = "worker", extra_args: tuple[str, ...] = ()):
         self.data_dir = data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = data_dir / f"{name}.log"
@@ -84,6 +84,7 @@ class WorkerProc:
                      "--database-url", database_url, "--model-source", "tiny"]
         if queues:
             self.args += ["--queues", queues]
+        self.args += list(extra_args)
         self.env = {**os.environ, **env}
         self.proc: subprocess.Popen | None = None
         self._offset = 0

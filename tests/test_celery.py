@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 from sqlalchemy import update
 
-from conftest import SMALL, TIME_SCALE, TOOL
+from conftest import SMALL, TIME_SCALE, TOOL, free_port
 from easel.catalog import FAMILIES, ModelCatalog, ToolSpec, load_tools
 from easel.config import Settings
 from easel.store import Store, Task
@@ -221,7 +222,9 @@ def test_a_worker_on_rabbitmq_runs_each_task_once_and_a_killed_one_loses_nothing
     store.migrate()
     api = CeleryExecutor(settings)
     env = {"EASEL_QUEUE_PREFIX": prefix, "EASEL_LEASE_SECONDS": "2"}
-    first = WorkerProc(tmp_path / "w1", url, settings.database_url, env, queues="sd15", name="w1")
+    metrics_port = free_port()
+    first = WorkerProc(tmp_path / "w1", url, settings.database_url, env, queues="sd15", name="w1",
+                       extra_args=("--metrics-port", str(metrics_port)))
     second = WorkerProc(tmp_path / "w2", url, settings.database_url, env, queues="sd15", name="w2")
     project = store.create_project("p")
 
@@ -246,6 +249,8 @@ def test_a_worker_on_rabbitmq_runs_each_task_once_and_a_killed_one_loses_nothing
         done = wait(run(SMALL).id)
         assert (done.status, done.pexit) == (lc.POSTPROCESS_END, "0"), done.debugerror
         assert done.worker_id == first.worker_id and len(store.outputs(done.id)) == 1
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert f'easel_tasks_total{{status="succeeded",tool="{TOOL}"}} 1.0' in scraped
         # the same id delivered twice more (a broker's redelivery, a re-publication): nothing runs
         for _ in range(2):
             api.app.send_task(TASK_NAME, args=[done.id], queue=f"{prefix}.sd15", routing_key=f"{prefix}.sd15")
@@ -285,3 +290,41 @@ def test_a_worker_on_rabbitmq_runs_each_task_once_and_a_killed_one_loses_nothing
         api.stop()
         store.engine.dispose()
         cleanup()
+
+
+def test_a_worker_per_gpu_is_started_restarted_and_stopped(tmp_path):
+    """``easel worker --gpus 0,1``: one process per GPU (its ``--gpus`` last), a dead one restarted,
+    SIGTERM passed on to all (with a stand-in for the worker command: no GPU needed)."""
+    import os
+    import signal
+
+    started = tmp_path / "started.txt"
+    stand_in = tmp_path / "worker.py"
+    stand_in.write_text("import os, sys, time\nwith open(sys.argv[1], 'a') as f:\n"
+                        "    f.write(f'{sys.argv[-1]} {os.getpid()}\\n')\ntime.sleep(300)\n")
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; from easel.cli.main import _per_gpu; "
+                               f"sys.exit(_per_gpu([sys.executable, {str(stand_in)!r}, {str(started)!r}], ('0', '1')))"])
+
+    def lines(n: int) -> list[list[str]]:
+        deadline = time.time() + 60 * TIME_SCALE
+        while time.time() < deadline:
+            found = [line.split() for line in started.read_text().splitlines()] if started.exists() else []
+            if len(found) >= n:
+                return found
+            time.sleep(0.1)
+        raise AssertionError(f"expected {n} starts: {started.read_text() if started.exists() else ''}")
+
+    try:
+        first = dict(lines(2))
+        assert set(first) == {"--gpus=0", "--gpus=1"}
+        os.kill(int(first["--gpus=1"]), signal.SIGKILL)
+        gpu, pid = lines(3)[2]
+        assert gpu == "--gpus=1" and pid != first["--gpus=1"]
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(30) == 0
+        for child in (first["--gpus=0"], pid):
+            with pytest.raises(ProcessLookupError):
+                os.kill(int(child), 0)
+    finally:
+        if parent.poll() is None:
+            parent.kill()

@@ -141,7 +141,11 @@ def serve(
     if failed:
         console.print(f"[yellow]{len(failed)} task(s) had no live worker any more; ended: {failed}")
     if settings.executor == "celery" or workers > 0:
-        executor = create_executor(settings.executor, settings)
+        try:
+            executor = create_executor(settings.executor, settings)
+        except RuntimeError as exc:  # e.g. Celery is not installed
+            console.print(f"[red]{exc}")
+            raise typer.Exit(1)
         executor.start()
     try:
         # stop the workers in the app's shutdown: uvicorn re-raises SIGTERM after its graceful
@@ -171,6 +175,8 @@ def worker(
     gpus: Optional[str] = typer.Option(None, help="GPU of this worker (CUDA_VISIBLE_DEVICES), e.g. 0; several (0,1 or "
                                                   "all) start one worker process per GPU [env EASEL_GPUS]."),
     loglevel: str = typer.Option("INFO", help="Celery log level."),
+    metrics_port: int = typer.Option(0, help="Serve this worker's Prometheus metrics (model loads, GPU memory, "
+                                             "tasks it ended) at http://0.0.0.0:PORT/metrics; 0 = off."),
     config: Optional[Path] = typer.Option(None, help="TOML file of settings [env EASEL_CONFIG_FILE]."),
 ):
     """Run a fleet worker: a Celery worker that keeps models warm and runs the tasks whose ids the
@@ -189,6 +195,9 @@ def worker(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if len(settings.gpus) > 1:
+        if metrics_port:
+            raise typer.BadParameter("one port per process: start one `easel worker --gpus N --metrics-port P` "
+                                     "per GPU instead", param_hint="--metrics-port")
         args = [f"--{k.replace('_', '-')}={v}" for k, v in (("broker", broker), ("data_dir", data_dir),
                 ("database_url", database_url), ("model_source", model_source), ("queues", queues),
                 ("config", config)) if v is not None]
@@ -200,7 +209,15 @@ def worker(
     from easel.store import Store
 
     Store(settings.database_url).migrate()
-    run_worker(settings, loglevel=loglevel)
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port)
+    try:
+        run_worker(settings, loglevel=loglevel)
+    except RuntimeError as exc:  # e.g. Celery is not installed
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1)
 
 
 def _per_gpu(command: list[str], gpus: tuple[str, ...]) -> int:
@@ -242,7 +259,8 @@ def _per_gpu(command: list[str], gpus: tuple[str, ...]) -> int:
                 restart_at[gpu] = now + backoff[gpu]
                 console.print(f"[yellow]worker on GPU {gpu} exited with code {p.returncode}; "
                               f"restarting in {backoff[gpu]:.0f} s")
-            elif now >= restart_at.pop(gpu):
+            elif now >= restart_at[gpu]:
+                del restart_at[gpu]
                 spawn(gpu)
     for p in procs.values():
         p.wait()
