@@ -328,3 +328,36 @@ def test_a_worker_per_gpu_is_started_restarted_and_stopped(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_fleet_processes_starting_together_migrate_one_postgresql_database():
+    """Every ``easel serve`` and ``easel worker`` migrates at start; on one fresh database at once
+    they must neither fail nor block each other (an advisory lock orders them)."""
+    import threading
+
+    from pg import create_database
+
+    url, drop = create_database()
+    errors: list[Exception] = []
+
+    def migrate() -> None:
+        store = Store(url)
+        try:
+            store.migrate()
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            store.engine.dispose()
+
+    threads = [threading.Thread(target=migrate, daemon=True) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60 * TIME_SCALE)
+        assert not any(t.is_alive() for t in threads) and errors == []
+        probe = Store(url)
+        assert probe.create_project("p").id == 1 and probe.get_task(1) is None
+        probe.engine.dispose()
+    finally:
+        drop()  # WITH (FORCE): also ends the sessions of a migration that hung
