@@ -361,3 +361,27 @@ def test_fleet_processes_starting_together_migrate_one_postgresql_database():
         probe.engine.dispose()
     finally:
         drop()  # WITH (FORCE): also ends the sessions of a migration that hung
+
+
+def test_a_worker_without_its_scratch_folder_fails_the_task_and_holds_nothing(tmp_path):
+    """A delivered task whose worker cannot create its scratch folder (the data directory is gone)
+    ends as failed, naming why without the server's paths; no heartbeat keeps renewing its lease."""
+    import shutil
+    import threading
+
+    from easel.tasks.runner import Worker
+
+    settings = Settings(data_dir=tmp_path / "worker", database_url=f"sqlite:///{tmp_path / 'easel.db'}")
+    store = Store(settings.database_url)
+    store.migrate()
+    worker = Worker(settings, "w1")
+    shutil.rmtree(settings.data_dir, ignore_errors=True)
+    task = _submit(store)
+    assert worker.run_task(task.id)
+    ended = store.get_task(task.id)
+    assert (ended.status, ended.pexit, ended.lease_expires_at) == (lc.POSTPROCESS_END, "1", None)
+    assert "could not create its scratch folder (No such file or directory)" in ended.debugerror
+    assert str(tmp_path) not in ended.debugerror
+    assert not [t for t in threading.enumerate() if t.name == "easel-heartbeat" and t.is_alive()]
+    worker.store.engine.dispose()
+    store.engine.dispose()

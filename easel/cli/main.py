@@ -208,6 +208,7 @@ def worker(
     from easel.executors.celery import run_worker
     from easel.store import Store
 
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # models and scratch folders
     Store(settings.database_url).migrate()
     if metrics_port:
         from prometheus_client import start_http_server

@@ -246,13 +246,19 @@ class Worker:
     def execute(self, task_id: int) -> None:
         """Walk an accepted task through preprocess, assign, start, outputs and postprocess."""
         task = self.store.get_task(task_id)
+        try:
+            workdir = Path(tempfile.mkdtemp(prefix=f"easel-{task.uuid}-", dir=self.settings.data_dir))
+        except OSError as exc:  # e.g. the data directory is gone or full: the task ends, the worker survives
+            log.error("task %s: no scratch folder in %s: %s", task_id, self.settings.data_dir, exc)
+            lc.fail(self.store, task, f"The worker could not create its scratch folder ({exc.strerror}). Submit it "
+                                      "again.", owner=self.worker_id)
+            return
         timeout = self.settings.task_timeout_seconds
         self._deadline = (task.accepttime or time.time()) + timeout if timeout > 0 else None
         self.heartbeat_lost.clear()
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(task_id, done), name="easel-heartbeat", daemon=True)
         beat.start()
-        workdir = Path(tempfile.mkdtemp(prefix=f"easel-{task.uuid}-", dir=self.settings.data_dir))
         inputs = json.loads(task.inputs)
         ctx = WorkerContext(self, task_id, workdir, self.settings.uploads_dir / task.uuid, task.project_id,
                             task_inputs.extras_requested(inputs))
