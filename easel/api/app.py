@@ -9,7 +9,6 @@ import logging
 import math
 import mimetypes
 import re
-import shutil
 import threading
 import time
 import uuid as uuidlib
@@ -22,7 +21,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.openapi.utils import get_openapi
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,7 +29,7 @@ from easel import strict
 from easel.catalog import CatalogError, InputError, ModelCatalog, ToolSpec, load_tools
 from easel.config import Settings
 from easel.executors import Executor
-from easel.storage import LocalStorage
+from easel.storage import create_storage, output_key, upload_key, user_file_key
 from easel.store import Project, Store, Task
 from easel.tasks import lifecycle as lc
 
@@ -86,11 +85,11 @@ class Api:
         self.store = Store(settings.database_url)
         self.catalog = ModelCatalog.load(settings.catalog_override)
         self.tools = load_tools()
-        self.storage = LocalStorage(settings)
+        self.storage = create_storage(settings)
         self.executor = executor
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self.webhooks = WebhookDispatcher(settings, self.store, self.task_object)
-        self.maintenance = Maintenance(settings, self.store, self.delete_files,
+        self.maintenance = Maintenance(settings, self.store, self.delete_files, self.storage,
                                        executor.maintain if executor is not None else None)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -108,7 +107,7 @@ class Api:
         spec = self.tools.get(task.tool)
         position = self.store.count_in((lc.QUEUE,), before_id=task.id) + 1 if task.status == lc.QUEUE else None
         return lc.task_view(task, self.store.outputs(task.id),
-                            lambda t, o: self.storage.url(t.file_accesskey, o.name),
+                            lambda t, o: self.storage.url(t.file_accesskey, o.name, key=f"files/{o.path}"),
                             spec.categories if spec else [], queueposition=position,
                             modeldescription=spec.description if spec else "",
                             modelid=toolinfo.tool_id(self.tools, spec) if spec else "0",
@@ -188,17 +187,21 @@ class Api:
         task_uuid = str(uuidlib.uuid4())
         names = {i.name for i in spec.inputs}
         shown: dict[str, str] = {}  # uploaded inputs as the client sees them in parameters: file URLs
-        for up in body.files:
-            target = up.field if up.field in names else f"{up.field}Url" if f"{up.field}Url" in names else None
-            if target is None:
-                continue
-            folder = self.settings.uploads_dir / task_uuid
-            folder.mkdir(parents=True, exist_ok=True)
-            safe = f"{target}-{_SAFE_NAME.sub('_', Path(up.filename).name)[:100] or 'file'}"
-            (folder / safe).write_bytes(up.data)
-            fields[target] = f"upload:{safe}"
-            shown[target] = self.storage.url(task_uuid.replace("-", ""), safe)
+        stored = False  # whether this Run stored uploads (removed again if it is refused)
         try:
+            for up in body.files:
+                target = up.field if up.field in names else f"{up.field}Url" if f"{up.field}Url" in names else None
+                if target is None:
+                    continue
+                safe = f"{target}-{_SAFE_NAME.sub('_', Path(up.filename).name)[:100] or 'file'}"
+                stored = True
+                try:
+                    self.storage.put_bytes(upload_key(task_uuid, safe), up.data)
+                except OSError:
+                    log.exception("Run: could not store the upload %s of task %s", safe, task_uuid)
+                    raise WiroError(0, "The server could not store the uploaded file; try again later.", 503) from None
+                fields[target] = f"upload:{safe}"
+                shown[target] = self.storage.url(task_uuid.replace("-", ""), safe)  # served: it is stored with the task
             compat.require_inputs(spec, fields)
             try:
                 inputs = spec.validate(compat.zero_means_default(spec, fields), self.catalog)
@@ -206,7 +209,7 @@ class Api:
                 check_urls(spec, inputs)
             except InputError as exc:
                 raise WiroError(0, exc.message) from None
-            files_api.check_image_inputs(self, project, spec, inputs, self.settings.uploads_dir / task_uuid)
+            files_api.check_image_inputs(self, project, spec, inputs, task_uuid)
             limit = self.settings.max_concurrent_tasks
             if limit and self.store.count_in((lc.QUEUE, *lc.RUNNING), project_id=project.id) >= limit:
                 raise WiroError(96, E.CONCURRENCY, detail=f"This project may have up to {limit} unfinished (queued or "
@@ -217,13 +220,22 @@ class Api:
                                       cost_per_second=spec.cost_per_second or self.settings.default_cost_per_second,
                                       uuid=task_uuid, idempotency_key=idempotency_key or None)
         except BaseException:  # a refused Run keeps none of its uploaded files
-            shutil.rmtree(self.settings.uploads_dir / task_uuid, ignore_errors=True)
+            if stored:
+                self._drop_uploads(task_uuid)
             raise
-        if not created:  # an idempotent retry: the first task's files are the ones that count
-            shutil.rmtree(self.settings.uploads_dir / task_uuid, ignore_errors=True)
+        if not created and stored:  # an idempotent retry: the first task's files are the ones that count
+            self._drop_uploads(task_uuid)
         if created and self.executor is not None:
             self.executor.submit(task.id)
         return self.run_answer(task)
+
+    def _drop_uploads(self, task_uuid: str) -> None:
+        """Remove a Run's uploads; a storage failure is logged (the retention sweeper removes
+        orphaned uploads later) and never replaces the Run's own answer."""
+        try:
+            self.storage.delete_prefix(f"uploads/{task_uuid}/")
+        except (OSError, ValueError):
+            log.exception("could not remove the uploads of refused Run %s", task_uuid)
 
     @staticmethod
     def run_answer(task: Task) -> dict:
@@ -254,11 +266,11 @@ class Api:
         self.store.drop_deliveries(task.id)
         for out in self.store.delete_outputs(task.id):
             try:
-                self.storage.path(out.path).unlink(missing_ok=True)
-            except FileNotFoundError:
-                pass
-        shutil.rmtree(self.settings.files_dir / task.uuid, ignore_errors=True)
-        shutil.rmtree(self.settings.uploads_dir / task.uuid, ignore_errors=True)
+                self.storage.delete(output_key(out.path))
+            except ValueError:  # a path no Easel wrote: nothing of ours to delete
+                log.warning("task %s: output path %r is not a storage key", task.id, out.path)
+        self.storage.delete_prefix(f"files/{task.uuid}/")
+        self.storage.delete_prefix(f"uploads/{task.uuid}/")
 
     def task_list(self, project: Project, fields: dict) -> dict:
         """Task/List: the project's tasks, newest first; ``start``, ``limit``, ``status`` and the Wiro
@@ -301,13 +313,24 @@ class Api:
         """Tool/Explore: the runnable tools grouped by category (the Wiro MCP's and WiroKit's ``explore``)."""
         return {"result": True, "errors": [], "explore": toolinfo.explore(self.tools, self.store.tool_stats(lc.POSTPROCESS_END))}
 
-    def upload_path(self, key: str, name: str) -> Path | None:
-        """The file a Run uploaded as ``name`` for the task whose uuid (no dashes) is ``key``, or None.
-        These are the URLs shown in the task's ``parameters``; the uuid is the credential."""
-        if not _UPLOAD_KEY.match(key) or Path(name).name != name or name.startswith("."):
-            return None
-        path = self.settings.uploads_dir / str(uuidlib.UUID(key)) / name
-        return path if path.is_file() else None
+    def file_key(self, accesskey: str, name: str) -> tuple[str, str] | None:
+        """``(storage key, content type)`` of the file served at ``/v1/File/{accesskey}/{name}``:
+        an output (the task's file access key), a ``File/Upload`` file (its access key) or a
+        Run's upload (the task's uuid without dashes, as shown in its ``parameters``); None if
+        there is none (an unsafe name included)."""
+        try:
+            out = self.store.output_by_key(accesskey, name)
+            if out is not None:
+                return output_key(out.path), out.contenttype
+            up = self.store.user_file_by_key(accesskey, name)
+            if up is not None:
+                return user_file_key(up.path), up.contenttype
+            if _UPLOAD_KEY.match(accesskey):
+                return upload_key(str(uuidlib.UUID(accesskey)), name), \
+                    mimetypes.guess_type(name)[0] or "application/octet-stream"
+        except ValueError:  # not a storage key: nothing Easel stored
+            pass
+        return None
 
     def cancel(self, project: Project, body: Body) -> dict:
         task = self.find_task(project, body.fields)
@@ -514,18 +537,11 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
 
     @app.api_route("/v1/File/{accesskey}/{name}", methods=["GET", "HEAD"],
                    summary="An output, an uploaded input or a File/Upload file (the key in the URL is the credential)")
-    async def file(accesskey: str, name: str):
-        out = await run_in_threadpool(api.store.output_by_key, accesskey, name)
-        if out is not None:
-            return FileResponse(api.storage.path(out.path), media_type=out.contenttype)
-        up = await run_in_threadpool(api.store.user_file_by_key, accesskey, name)
-        if up is not None:
-            path = files_api.InputFiles(settings, api.store, api.storage).user_path(up.path)
-            return FileResponse(path, media_type=up.contenttype)
-        upload = api.upload_path(accesskey, name)
-        if upload is None:
+    async def file(accesskey: str, name: str, request: Request):
+        found = await run_in_threadpool(api.file_key, accesskey, name)
+        if found is None:
             raise WiroError(1, "There is no file.", 404)
-        return FileResponse(upload, media_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
+        return await files_api.serve(api.storage, *found, head=request.method == "HEAD")
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz():

@@ -97,6 +97,10 @@ def serve(
     fetch_allow: Optional[str] = typer.Option(None, help="Comma-separated hosts/CIDRs the URL fetcher may reach "
                                                          "although private (e.g. 127.0.0.1 for local tests) "
                                                          "[env EASEL_FETCH_ALLOW]."),
+    storage: Optional[str] = typer.Option(None, help="Where outputs, uploads and fetched LoRAs live: local (under the "
+                                                     "data directory) or s3://bucket/prefix (endpoint, region and "
+                                                     "credentials from EASEL_S3_* and the usual AWS settings) "
+                                                     "[env EASEL_STORAGE; default local]."),
     executor: Optional[str] = typer.Option(None, help="local (worker processes of this server) or celery (task ids "
                                                        "go to --broker; `easel worker` processes run them; use with "
                                                        "--workers 0) [env EASEL_EXECUTOR; default local]."),
@@ -109,8 +113,7 @@ def serve(
     from easel.config import read_sources
 
     given = {"data_dir": data_dir, "model_source": model_source, "workers": workers, "public_url": public_url,
-             "fetch_allow": tuple(x.strip() for x in fetch_allow.split(",") if x.strip()) if fetch_allow else None,
-             "gpus": _csv(gpus), "executor": executor, "broker_url": broker}
+             "fetch_allow": _csv(fetch_allow), "gpus": _csv(gpus), "storage": storage, "executor": executor, "broker_url": broker}
     sources = read_sources(config)
     if public_url is None and "public_url" not in sources:
         given["public_url"] = f"http://{host}:{port}"
@@ -123,6 +126,7 @@ def serve(
             raise typer.BadParameter("with --executor celery this process runs no workers: give --workers 0 and "
                                      "start `easel worker` processes (docs/deploy.md)", param_hint="--workers")
         settings = settings.with_(workers=0)
+    check_storage(settings)
     metrics_dir = prepare_metrics_dir(settings.data_dir)  # before anything imports prometheus_client
     import uvicorn
 
@@ -169,6 +173,8 @@ def worker(
                                                        "[env EASEL_DATA_DIR; default easel-data]."),
     database_url: Optional[str] = typer.Option(None, help="The fleet's database, e.g. postgresql+psycopg://easel@db/easel "
                                                           "[env EASEL_DATABASE_URL]."),
+    storage: Optional[str] = typer.Option(None, help="The fleet's files: s3://bucket/prefix (see docs/storage.md) or "
+                                                     "local [env EASEL_STORAGE; default local]."),
     model_source: Optional[str] = typer.Option(None, help="tiny, hub or random [env EASEL_MODEL_SOURCE; default tiny]."),
     queues: Optional[str] = typer.Option(None, help="Model families to serve, comma-separated, among sd15, sdxl, flux, "
                                                     "ic-light, instantid [env EASEL_QUEUES; default all]."),
@@ -183,7 +189,7 @@ def worker(
     API processes publish (one task at a time; one worker per GPU; docs/deploy.md)."""
     import os
 
-    given = {"data_dir": data_dir, "database_url": database_url, "model_source": model_source,
+    given = {"data_dir": data_dir, "database_url": database_url, "storage": storage, "model_source": model_source,
              "queues": _csv(queues), "broker_url": broker, "executor": "celery"}
     gpu_list = _csv(gpus)
     if gpu_list == ("all",):
@@ -199,8 +205,8 @@ def worker(
             raise typer.BadParameter("one port per process: start one `easel worker --gpus N --metrics-port P` "
                                      "per GPU instead", param_hint="--metrics-port")
         args = [f"--{k.replace('_', '-')}={v}" for k, v in (("broker", broker), ("data_dir", data_dir),
-                ("database_url", database_url), ("model_source", model_source), ("queues", queues),
-                ("config", config)) if v is not None]
+                ("database_url", database_url), ("storage", storage), ("model_source", model_source),
+                ("queues", queues), ("config", config)) if v is not None]
         raise typer.Exit(_per_gpu([sys.executable, "-m", "easel", "worker", f"--loglevel={loglevel}", *args],
                                   settings.gpus))
     if settings.gpus:
@@ -209,6 +215,7 @@ def worker(
     from easel.store import Store
 
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # models and scratch folders
+    check_storage(settings)
     Store(settings.database_url).migrate()
     if metrics_port:
         from prometheus_client import start_http_server
@@ -266,6 +273,18 @@ def _per_gpu(command: list[str], gpus: tuple[str, ...]) -> int:
     for p in procs.values():
         p.wait()
     return 0
+
+
+def check_storage(settings) -> None:
+    """Stop with the reason (exit code 2) when the configured storage cannot be used, e.g. an S3
+    bucket that does not exist or refuses these credentials: better at start than at the first Run."""
+    from easel.storage import create_storage
+
+    try:
+        create_storage(settings).check()
+    except OSError as exc:
+        console.print(f"[red]Storage unusable: {exc}")
+        raise typer.Exit(2) from None
 
 
 def _stop(executor, metrics_dir: Optional[Path]) -> None:
