@@ -1,6 +1,6 @@
 """A fleet on one machine: two API processes (``easel serve --workers 0 --executor celery``) and two
 ``easel worker`` processes, each with its own working directory, sharing only a fresh PostgreSQL
-database, a Redis broker and the fleet's storage (:func:`fleet_storage`).
+database, a Redis broker and an S3 bucket on Ceph's RADOS Gateway (:func:`fleet_storage`).
 
 Worker 1 serves the ``sd15`` and ``ic-light`` queues, worker 2 ``flux``, ``sdxl`` and ``instantid``,
 so which worker runs a task is known from its tool. The seed requests of every implemented tool
@@ -14,6 +14,7 @@ import io
 import json
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -58,29 +59,39 @@ INPUT_FILES = {"bg-img2.png": _image((80, 48), "PNG"), "ic-light.png": _image((6
 
 
 @pytest.fixture(scope="module")
-def fleet_storage(tmp_path_factory):
-    """Attach a process's data directory to the storage the whole fleet shares (outputs, Run
-    uploads, File/Upload files); returns the environment the process needs for it.
+def fleet_storage(ceph_s3):
+    """The storage the whole fleet shares (outputs, Run uploads, File/Upload files, fetched LoRAs):
+    a fresh bucket on the session's Ceph RADOS Gateway (``tests/ceph.py``). Yields
+    ``(environment every process of the fleet gets, boto3 client, bucket)``; the bucket is emptied
+    and removed afterwards."""
+    import boto3
+    from botocore.config import Config
 
-    Local storage for now: one directory that every process's ``files/``, ``uploads/`` and
-    ``userfiles/`` link to (on separate machines: a network file system). With S3 storage this is
-    the one place to change: return ``{"EASEL_STORAGE": "s3://bucket/prefix", ...}`` instead.
-    """
-    shared = tmp_path_factory.mktemp("fleet-shared")
-
-    def attach(data_dir: Path) -> dict[str, str]:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("files", "uploads", "userfiles"):
-            (shared / name).mkdir(exist_ok=True)
-            (data_dir / name).symlink_to(shared / name, target_is_directory=True)
-        return {}
-
-    return attach
+    client = boto3.client("s3", endpoint_url=ceph_s3.endpoint, aws_access_key_id=ceph_s3.access_key,
+                          aws_secret_access_key=ceph_s3.secret_key, region_name="us-east-1",
+                          config=Config(signature_version="s3v4"))
+    bucket = f"easel-fleet-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    env = {"EASEL_STORAGE": f"s3://{bucket}/fleet", "EASEL_S3_ENDPOINT_URL": ceph_s3.endpoint,
+           "AWS_ACCESS_KEY_ID": ceph_s3.access_key, "AWS_SECRET_ACCESS_KEY": ceph_s3.secret_key,
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/nonexistent",
+           "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+    try:
+        yield env, client, bucket
+    finally:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for item in page.get("Contents", []):
+                client.delete_object(Bucket=bucket, Key=item["Key"])
+        client.delete_bucket(Bucket=bucket)
 
 
 class Fleet:
-    def __init__(self, apis: list[Server], workers: list[WorkerProc], project):
-        self.apis, self.workers, self.project = apis, workers, project
+    def __init__(self, apis: list[Server], workers: list[WorkerProc], project, s3, bucket: str):
+        self.apis, self.workers, self.project, self.s3, self.bucket = apis, workers, project, s3, bucket
+
+    def objects(self, prefix: str) -> list[str]:
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
     def store(self):
         return self.apis[0].store
@@ -113,19 +124,19 @@ def fleet(tmp_path_factory, tiny, fleet_storage):
         raise
     root = tmp_path_factory.mktemp("fleet")
     tiny_dir = Path(tiny["sd15"]).parent
-    env = {"EASEL_QUEUE_PREFIX": prefix, "EASEL_LEASE_SECONDS": "3", "EASEL_PREVIEW_INTERVAL": "0"}
+    storage_env, client, bucket = fleet_storage
+    env = {"EASEL_QUEUE_PREFIX": prefix, "EASEL_LEASE_SECONDS": "3", "EASEL_PREVIEW_INTERVAL": "0", **storage_env}
     apis, workers = [], []
     try:
         for i in (1, 2):
-            extra = fleet_storage(root / f"api{i}")
+            (root / f"api{i}").mkdir()
             apis.append(Server(root / f"api{i}", ("--workers", "0", "--executor", "celery", "--broker", broker),
-                               env={**env, **extra}, database_url=url))
+                               env=env, database_url=url))
         for i, queues in enumerate(QUEUES, 1):
-            extra = fleet_storage(root / f"worker{i}")
-            (root / f"worker{i}" / "models").mkdir()
+            (root / f"worker{i}" / "models").mkdir(parents=True)
             # the tiny models the session already wrote (a worker would write its own on first use)
             (root / f"worker{i}" / "models" / "tiny").symlink_to(tiny_dir, target_is_directory=True)
-            workers.append(WorkerProc(root / f"worker{i}", broker, url, {**env, **extra}, queues, name=f"worker{i}"))
+            workers.append(WorkerProc(root / f"worker{i}", broker, url, env, queues, name=f"worker{i}"))
         starts = [threading.Thread(target=p.start) for p in [*apis, *workers]]
         for t in starts:
             t.start()
@@ -137,7 +148,7 @@ def fleet(tmp_path_factory, tiny, fleet_storage):
         for name, data in INPUT_FILES.items():  # as the seeds' users: File/Upload first, then the Run names the file
             up = apis[0].post(project, "/v1/File/Upload", files={"file": (name, data)}).json()
             assert up["result"], up
-        yield Fleet(apis, workers, project)
+        yield Fleet(apis, workers, project, client, bucket)
     finally:
         for p in [*workers, *apis]:
             p.stop()
@@ -157,12 +168,18 @@ def test_the_seed_requests_of_every_tool_run_on_the_worker_of_their_family(fleet
         assert held_by == fleet.workers[ON_WORKER[tool]].worker_id, (tool, held_by)
         fleet.ran_once(answer["taskid"])
         assert task["outputs"] and all(o["url"].startswith(api.base) for o in task["outputs"])
-        for output in task["outputs"]:  # written by a worker, served by either API from the shared storage
+        uuid_ = task["uuid"]
+        assert fleet.objects(f"fleet/files/{uuid_}/") == [f"fleet/files/{uuid_}/{o['name']}" for o in task["outputs"]]
+        for output in task["outputs"]:  # written by a worker into the bucket, served by either API from there
             for base in (api.base, fleet.apis[i % 2].base):
                 got = httpx.get(output["url"].replace(api.base, base), timeout=30)
                 assert got.status_code == 200, (tool, base, got.status_code)
                 size = png_size(got.content)
                 assert size == (64, 64) if tool in (SD, FLUX) else min(size) >= 64, (tool, size)
+    assert len(fleet.objects("fleet/userfiles/")) == len(INPUT_FILES)  # the File/Upload inputs, read by the workers
+    for process in [*fleet.apis, *fleet.workers]:  # nothing of the fleet's files on a process's own disk
+        assert not any((process.data_dir / name).exists() and any((process.data_dir / name).iterdir())
+                       for name in ("files", "uploads", "userfiles")), process.data_dir
 
 
 def test_a_websocket_on_api_1_follows_a_task_that_worker_2_runs(fleet):
