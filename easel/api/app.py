@@ -64,7 +64,8 @@ class Api:
         self.executor = executor
         self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.redis_url, settings.redis_prefix)
         self.webhooks = WebhookDispatcher(settings, self.store, self.task_object)
-        self.maintenance = Maintenance(settings, self.store, self.delete_files, self.storage)
+        self.maintenance = Maintenance(settings, self.store, self.delete_files, self.storage,
+                                       executor.maintain if executor is not None else None)
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from sqlalchemy import case, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import case, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -96,7 +96,9 @@ class Store:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision (idempotent)."""
+        """Bring the schema to the newest Alembic revision (idempotent). On PostgreSQL the upgrade
+        holds a transaction-scoped advisory lock, so the processes of a fleet starting together
+        migrate one after the other (the others then find the schema current)."""
         from alembic import command
         from alembic.config import Config
 
@@ -104,6 +106,8 @@ class Store:
         cfg.set_main_option("script_location", str(HERE / "migrations"))
         cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(7345021)"))  # any fixed key: "easel migrations"
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
@@ -285,9 +289,10 @@ class Store:
             return s.scalar(select(Task).where(Task.socketaccesstoken == token))
 
     def claim_next(self, worker_id: str, from_status: str, to_status: str, time_column: str,
-                   lease_seconds: float = 60.0) -> int | None:
-        """Atomically move the oldest task in ``from_status`` to ``to_status`` for ``worker_id``
-        with a lease until now + ``lease_seconds``; return its id (None when none is waiting).
+                   lease_seconds: float = 60.0, task_id: int | None = None) -> int | None:
+        """Atomically move the oldest task in ``from_status`` (with ``task_id``: that task only)
+        to ``to_status`` for ``worker_id`` with a lease until now + ``lease_seconds``; return its
+        id (None when none is waiting, or ``task_id`` is not in ``from_status`` any more).
 
         One conditional UPDATE: two workers racing for the same row cannot both win. On
         PostgreSQL the candidate row is selected ``FOR UPDATE SKIP LOCKED``, so a worker that
@@ -295,11 +300,15 @@ class Store:
         """
         now = time.time()
         with self.engine.begin() as conn:
-            oldest = select(Task.id).where(Task.status == from_status).order_by(Task.id).limit(1)
-            if conn.dialect.name == "postgresql":
-                oldest = oldest.with_for_update(skip_locked=True)
+            if task_id is not None:
+                target = Task.id == task_id
+            else:
+                oldest = select(Task.id).where(Task.status == from_status).order_by(Task.id).limit(1)
+                if conn.dialect.name == "postgresql":
+                    oldest = oldest.with_for_update(skip_locked=True)
+                target = Task.id == oldest.scalar_subquery()
             row = conn.execute(
-                update(Task).where(Task.id == oldest.scalar_subquery(), Task.status == from_status)
+                update(Task).where(target, Task.status == from_status)
                 .values(status=to_status, worker_id=worker_id, lease_expires_at=now + lease_seconds,
                         event_seq=Task.event_seq + 1, **{time_column: now})
                 .returning(Task.id, Task.event_seq)
@@ -365,6 +374,31 @@ class Store:
             self.wakeups.in_transaction(conn, task_id)
         self.wakeups.committed(task_id)
         return bool(row[0])
+
+    def mark_dispatched(self, task_id: int, status: str, now: float, due_before: float | None = None) -> bool:
+        """Record that ``task_id`` is being published now, if it is still in ``status`` and (with
+        ``due_before``) was last published before that time or never; False (nothing written)
+        otherwise. The conditional UPDATE makes exactly one of several processes the publisher."""
+        with self.engine.begin() as conn:
+            q = update(Task).where(Task.id == task_id, Task.status == status)
+            if due_before is not None:
+                q = q.where((Task.dispatched_at.is_(None)) | (Task.dispatched_at < due_before))
+            return conn.execute(q.values(dispatched_at=now)).rowcount == 1
+
+    def clear_dispatched(self, task_id: int, status: str) -> None:
+        """Forget a publication that failed (the task is published again at the next pass)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(Task).where(Task.id == task_id, Task.status == status).values(dispatched_at=None))
+
+    def due_for_dispatch(self, status: str, never_before: float, again_before: float | None,
+                         limit: int = 500) -> list[Task]:
+        """Tasks in ``status`` never published and created before ``never_before``, or (with
+        ``again_before``) last published before ``again_before``; oldest first."""
+        due = Task.dispatched_at.is_(None) & (Task.createtime < never_before)
+        if again_before is not None:
+            due = due | (Task.dispatched_at < again_before)
+        with self.session() as s:
+            return list(s.scalars(select(Task).where(Task.status == status, due).order_by(Task.id).limit(limit)))
 
     def renew_lease(self, task_id: int, owner: str, until: float, running: Iterable[str]) -> bool:
         """Extend ``owner``'s lease on a running task to ``until``; False if it no longer holds it."""

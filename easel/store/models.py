@@ -76,6 +76,9 @@ class Task(Base):
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # the last event's per-task sequence number (assigned under this row's lock: see Event.seq)
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # when an executor last published this task's id to a broker (epoch seconds; None = not yet,
+    # or queued again since): a queued task whose publication is missing or old is published again
+    dispatched_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     __table_args__ = (Index("ix_tasks_status_id", "status", "id"),
                       UniqueConstraint("project_id", "idempotency_key", name="uq_task_idempotency"))
 
