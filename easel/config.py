@@ -96,6 +96,16 @@ class Settings:
             quarter ``lease_seconds``) in each API process.
         metrics_token: When set, ``/metrics`` answers only requests with ``Authorization: Bearer
             <metrics_token>`` (HTTP 401 otherwise); empty (default) = open, like ``/healthz``.
+        api_processes: API processes ``easel serve`` runs on the one port (the kernel spreads
+            connections over them; they share the store, and the local workers belong to the
+            serving parent process, whichever API process took the Run).
+        api_threads: Threads of each API process that run store calls (requests' synchronous
+            parts); the process's database connection pool holds as many connections.
+        torch_threads: CPU threads (``torch.set_num_threads``) of each local worker process.
+            0 (default) = automatic: without CUDA, the cores left after one for the API, shared
+            among the workers (at least 1 each), so that the API answers while torch computes;
+            with CUDA, torch's default. The ``easel worker`` of a separate machine keeps torch's
+            default unless this is set.
     """
 
     data_dir: Path = Path("easel-data")
@@ -141,6 +151,9 @@ class Settings:
     event_retention_seconds: float = 7 * 24 * 3600.0
     sweep_interval_seconds: float = 600.0
     metrics_token: str = ""
+    api_processes: int = 1
+    api_threads: int = 16
+    torch_threads: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())
@@ -153,6 +166,11 @@ class Settings:
         if self.random_model_size not in ("full", "small"):
             raise ValueError(f"random_model_size must be 'full' or 'small', not {self.random_model_size!r}")
         object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
+        for name in ("api_processes", "api_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be 0 (automatic) or more, not {self.torch_threads}")
         if tuple(self.gpus) == ("all",):
             import torch
 

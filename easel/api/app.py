@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
+import orjson
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.openapi.utils import get_openapi
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -39,7 +40,7 @@ from . import errors as E
 from . import files as files_api
 from . import metrics as http_metrics
 from . import playground
-from .auth import authenticate
+from .auth import ProjectCache, authenticate, authenticate_without_io
 from .errors import WiroError, error_response
 from .parsing import Body, parse_body
 from .maintenance import Maintenance
@@ -83,7 +84,10 @@ class Api:
 
     def __init__(self, settings: Settings, executor: Executor | None):
         self.settings = settings
-        self.store = Store(settings.database_url)
+        # a connection for each thread that may use the store at once: the request threads, the
+        # webhook senders, upkeep and metrics (no connection is opened and closed per request)
+        self.store = Store(settings.database_url, pool_size=settings.api_threads + settings.webhook_concurrency + 4)
+        self.projects = ProjectCache(self.store)
         self.catalog = ModelCatalog.load(settings.catalog_override)
         self.tools = load_tools()
         self.storage = LocalStorage(settings)
@@ -94,8 +98,10 @@ class Api:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def auth(self, request: Request) -> Project:
-        project = authenticate(request.headers, self.store, self.settings)
+    def auth(self, request: Request, project: Project | None = None) -> Project:
+        """The calling project (``project``: already authenticated by :func:`authenticate_without_io`),
+        after the rate limit; raises :class:`WiroError`."""
+        project = project or authenticate(request.headers, self.store, self.settings, self.projects)
         wait = self.limiter.check(project.apikey)
         if wait is not None:
             seconds = max(1, math.ceil(wait))
@@ -103,10 +109,12 @@ class Api:
                                f"requests per minute. Retry after {seconds} s.", 429, {"Retry-After": str(seconds)})
         return project
 
-    def view(self, task: Task) -> dict:
+    def view(self, task: Task, outputs: list | None = None, position: int | None = None) -> dict:
+        """Wiro's task object (``outputs`` and queue ``position`` are read unless given)."""
         spec = self.tools.get(task.tool)
-        position = self.store.count_in((lc.QUEUE,), before_id=task.id) + 1 if task.status == lc.QUEUE else None
-        return lc.task_view(task, self.store.outputs(task.id),
+        if position is None and task.status == lc.QUEUE:
+            position = lc.queue_positions(self.store, [task]).get(task.id)
+        return lc.task_view(task, self.store.outputs(task.id) if outputs is None else outputs,
                             lambda t, o: self.storage.url(t.file_accesskey, o.name),
                             spec.categories if spec else [], queueposition=position,
                             modeldescription=spec.description if spec else "",
@@ -272,7 +280,10 @@ class Api:
             tool = spec.name if spec else model
         tasks = self.store.tasks_of(project.id, limit=limit, start=start, status=status, tool=tool)
         total = self.store.count_tasks(project.id, status=status, tool=tool)
-        return {"result": True, "errors": [], "total": str(total), "tasklist": [self.view(t) for t in tasks]}
+        outputs = self.store.outputs_of(t.id for t in tasks)  # one query for the page, and one per queued task
+        positions = lc.queue_positions(self.store, tasks)
+        return {"result": True, "errors": [], "total": str(total),
+                "tasklist": [self.view(t, outputs[t.id], positions.get(t.id)) for t in tasks]}
 
     def tool_list(self, fields: dict) -> dict:
         start, limit = _int_field(fields, "start", 0, 0, 10**9), _int_field(fields, "limit", 20, 1, 1000)
@@ -379,6 +390,14 @@ _REQUEST_SCHEMAS = {
 }
 
 
+def respond(answer) -> Response:
+    """A JSON answer serialised by orjson (no ``jsonable_encoder`` pass: answers are plain dicts
+    of JSON types already); a :class:`Response` passes through."""
+    if isinstance(answer, Response):
+        return answer
+    return Response(orjson.dumps(answer), media_type="application/json")
+
+
 def prefer_wait(header: str) -> int | None:
     """Seconds asked for by ``Prefer: wait=N`` (capped at 60), or None."""
     m = _PREFER_WAIT.search(header or "")
@@ -394,6 +413,10 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
 
     @asynccontextmanager
     async def lifespan(_app):
+        # threads for store calls: as many as the store has connections for (see Api.__init__)
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         if dispatch_webhooks:
             api.webhooks.start()
         api.maintenance.start()
@@ -439,24 +462,33 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
     async def body_of(request: Request) -> Body:
         return await parse_body(request, settings.upload_max_bytes, settings.request_max_bytes)
 
+    async def authed(request: Request) -> Project:
+        """The calling project: on the event loop when that needs no I/O (a cached lenient or API-key
+        project), else in a thread (store read, strict nonce write)."""
+        project = authenticate_without_io(request.headers, settings, api.projects)
+        if project is not None:
+            return api.auth(request, project)
+        return await run_in_threadpool(api.auth, request)
+
     async def handle(request: Request, fn):
-        """Authenticate, parse the body, and run ``fn(project, body)`` in a worker thread."""
-        project = await run_in_threadpool(api.auth, request)
+        """Authenticate, parse the body, and run ``fn(project, body)`` in a worker thread (one
+        thread hop per request: each costs ~0.1 ms and a GIL hand-over)."""
+        project = await authed(request)
         body = await body_of(request)
-        return await run_in_threadpool(fn, project, body)
+        return respond(await run_in_threadpool(fn, project, body))
 
     @app.post("/v1/Run/{owner}/{slug}", summary="Run a tool (Wiro: POST /Run/{owner-slug}/{model-slug})",
               description="Headers beyond Wiro: `Idempotency-Key` (a retried Run returns the first task) and "
                           "`Prefer: wait=N` (N <= 60: answer when the task ends or N seconds pass, with the "
                           "task object under `tasklist`). Each tool's body is documented under its own path.")
     async def run(owner: str, slug: str, request: Request):
-        project = await run_in_threadpool(api.auth, request)
+        project = await authed(request)
         body = await body_of(request)
         answer = await run_in_threadpool(api.run, project, owner, slug, body,
                                          request.headers.get("idempotency-key", ""))
         wait = prefer_wait(request.headers.get("prefer", ""))
         if wait is None:
-            return answer
+            return respond(answer)
         task = await api.wait_for_end(int(answer["taskid"]), wait)
         answer = {**answer, "total": "1", "tasklist": [await run_in_threadpool(api.view, task)]}
         return JSONResponse(answer, headers={"Preference-Applied": f"wait={wait}"})
@@ -477,7 +509,7 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
             if current.status in lc.TERMINAL:
                 break
             await asyncio.sleep(0.1)
-        return await run_in_threadpool(api.tasklist, current, False)
+        return respond(await run_in_threadpool(api.tasklist, current, False))
 
     @app.post("/v1/Task/InputOutputDelete", summary="Delete a finished task's input and output files")
     async def input_output_delete(request: Request):

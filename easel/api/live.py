@@ -24,7 +24,8 @@ progress frames that have one carry ``preview`` (base64 JPEG of the current late
 ``easel.tools.previews``) and ``previewType`` (``image/jpeg``) as extra top-level keys, which
 Wiro clients ignore.
 
-Events come from the ``events`` table, which every worker process writes: a client may be
+Events come from the ``events`` table, which every worker process writes (previews from the
+``previews`` table, read only for a client that asked for them): a client may be
 connected to any API process, not the one whose executor started the worker. Each socket polls the
 store (one indexed query per read): every ``Settings.live_poll_interval`` (20 ms) after an event or when
 the end is near, backing off to 250 ms while nothing happens; a broker push would replace the poll, not the
@@ -114,7 +115,7 @@ async def _serve(ws: WebSocket, store: Store, outputs: Callable[[Task], list], p
         last = 0
         delay = poll
         while True:
-            events = await run_in_threadpool(store.events, task.id, last)
+            events = await run_in_threadpool(store.events, task.id, last, previews)
             if events:
                 task = await run_in_threadpool(store.get_task, task.id)
                 for ev in events:
