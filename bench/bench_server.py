@@ -404,16 +404,44 @@ class Server:
 RUN_BODY = {"prompt": "a lake", "samples": 1, "steps": 2, "width": 64, "height": 64, "selectedLoraModel": []}
 
 
-def load(server: Server, path: str, body: dict, seconds: float, connections: int = 50) -> dict:
-    """Requests/s, p50 and p99 (ms) of ``path`` at ``connections`` concurrent connections."""
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime+stime
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, (0, 0.0))[1]
+        todo.extend(c for c, (ppid, _) in stats.items() if ppid == p)
+    return total
+
+
+def load(server: Server, path: str, body: dict, seconds: float, connections: int = 50,
+         rate: float | None = None) -> dict:
+    """Requests/s, p50 and p99 (ms) of ``path`` from ``connections`` clients, and the server's CPU
+    milliseconds per request (all its processes). Without ``rate`` each client sends its next
+    request as soon as the last is answered (the most the server does); with ``rate`` each client
+    waits ``connections / rate`` seconds between requests (that many requests per second offered:
+    the latency of the server at that load)."""
+    cpu = tree_cpu(server.proc.pid)
     if shutil.which("wrk"):
         script = Path(tempfile.mkstemp(suffix=".lua")[1])
         headers = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in
                           {**server.headers, "Content-Type": "application/json"}.items())
-        script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n{headers}')
+        pace = f"function delay() return {1000 * connections / rate:.1f} end\n" if rate else ""
+        script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n{headers}{pace}')
         out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds:.0f}s", "--latency", "-s", str(script),
                               server.base + path], capture_output=True, text=True).stdout
         script.unlink()
+        cpu = tree_cpu(server.proc.pid) - cpu
+        requests = re.search(r"(\d+) requests in", out)
 
         def ms(label: str) -> float | None:
             m = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -424,11 +452,13 @@ def load(server: Server, path: str, body: dict, seconds: float, connections: int
         rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
         errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
         return {"rps": float(rps.group(1)) if rps else None, "p50": ms("50%"), "p99": ms("99%"),
-                "errors": int(errors.group(1)) if errors else 0, "tool": "wrk"}
-    return py_load(server, path, body, seconds, connections)
+                "errors": int(errors.group(1)) if errors else 0, "tool": "wrk",
+                "cpu_ms": 1000 * cpu / int(requests.group(1)) if requests else None}
+    result = py_load(server, path, body, seconds, connections, rate)
+    return {**result, "cpu_ms": 1000 * (tree_cpu(server.proc.pid) - cpu) / max(1, result["n"])}
 
 
-def py_load(server: Server, path: str, body: dict, seconds: float, connections: int) -> dict:
+def py_load(server: Server, path: str, body: dict, seconds: float, connections: int, rate: float | None) -> dict:
     """The same measurement with httpx and asyncio (slower than wrk: it shares the cores)."""
     import asyncio
 
@@ -446,6 +476,8 @@ def py_load(server: Server, path: str, body: dict, seconds: float, connections: 
                     r = await client.post(server.base + path, json=body)
                     lat.append(time.perf_counter() - t)
                     errors += r.status_code != 200
+                    if rate:
+                        await asyncio.sleep(connections / rate)
             began = time.perf_counter()
             await asyncio.gather(*[one() for _ in range(connections)])
             return lat, errors, time.perf_counter() - began
@@ -453,7 +485,7 @@ def py_load(server: Server, path: str, body: dict, seconds: float, connections: 
     lat, errors, took = asyncio.run(main())
     lat.sort()
     return {"rps": len(lat) / took, "p50": 1000 * lat[len(lat) // 2], "p99": 1000 * lat[int(len(lat) * 0.99)],
-            "errors": errors, "tool": "python"}
+            "errors": errors, "tool": "python", "n": len(lat)}
 
 
 def denoise_seconds(server: Server, taskid: str) -> float:
@@ -521,16 +553,20 @@ def run_api(codes: dict, args, rows: list) -> None:
             extra = ("--api-processes", str(procs)) if procs > 1 else ()
             servers[(v, procs)] = srv = Server(code, "--workers", "0", *extra)
             srv.detail_id = srv.post("/v1/Run/" + SD, RUN_BODY).json()["taskid"]
-        results = {k: {"run": [], "detail": []} for k in servers}
+        kinds = {"Run": ("/v1/Run/" + SD, RUN_BODY, None), "Detail": ("/v1/Task/Detail", None, None),
+                 "Run at 1000/s": ("/v1/Run/" + SD, RUN_BODY, 1000), "Detail at 2000/s": ("/v1/Task/Detail", None, 2000)}
+        results = {k: {kind: [] for kind in kinds} for k in servers}
         for _ in range(args.rounds):
             for key, srv in servers.items():  # interleaved: every variant in every round
-                results[key]["run"].append(load(srv, "/v1/Run/" + SD, RUN_BODY, args.seconds))
-                results[key]["detail"].append(load(srv, "/v1/Task/Detail", {"taskid": srv.detail_id}, args.seconds))
+                for kind, (path, body, rate) in kinds.items():
+                    results[key][kind].append(load(srv, path, body or {"taskid": srv.detail_id}, args.seconds,
+                                                   rate=rate))
         for (v, procs), res in results.items():
             for kind, rs in res.items():
                 rows.append({"section": "api", "version": v, "processes": procs, "endpoint": kind,
                              "rps": med(r["rps"] for r in rs), "p50_ms": med(r["p50"] for r in rs),
                              "p99_ms": med(r["p99"] for r in rs), "errors": sum(r["errors"] for r in rs),
+                             "cpu_ms": med(r["cpu_ms"] for r in rs),
                              "runs": [round(r["rps"] or 0) for r in rs], "tool": rs[0]["tool"]})
     finally:
         for srv in servers.values():
@@ -585,7 +621,8 @@ def table(rows: list, machine: str) -> str:
     by = {}
     for r in rows:
         key = (r["section"], r.get("case") or r.get("store") or
-               (f"{r['endpoint']} x{r['processes']} proc" if r["section"] == "api" else None) or
+               (f"{r['endpoint']}, {r['processes']} API process{'es' if r['processes'] > 1 else ''}"
+                if r["section"] == "api" else None) or
                (f"torch threads {r['torch_threads']}" if r["section"] == "poll" else "micro"))
         by.setdefault(key, {})[r["version"]] = r
 
@@ -600,8 +637,8 @@ def table(rows: list, machine: str) -> str:
         if section == "micro":
             return (f"progress write {r['progress_ms']:.3f} ms, lease renewal {r['lease_ms']:.3f} ms, 4×512² PNG {r['png4_ms']:.0f} ms, same LoRA again {r['lora_same_ms']:.2f} ms")
         if section == "api":
-            return (f"{r['rps']:.0f}/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms "
-                    f"(rounds {r['runs']}, {r['errors']} non-2xx, {r['tool']})")
+            return (f"{r['rps']:.0f}/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+                    f"{r['cpu_ms']:.2f} CPU ms/request (rounds {r['runs']}, {r['errors']} non-2xx, {r['tool']})")
         if section == "list":
             return f"Task/List {r['list_ms']:.2f} ms, queued task's view {r['position_ms']:.2f} ms"
         if section == "poll":

@@ -16,6 +16,7 @@ many connections as the process has threads that use it, so no connection is ope
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import json
 import os
@@ -28,6 +29,11 @@ from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock (see WriteLock)
+    fcntl = None
 
 from sqlalchemy import bindparam, case, create_engine, delete, event, func, insert, literal, null, select, update
 from sqlalchemy.engine import Connection, Row
@@ -135,15 +141,17 @@ def _claim(from_status: str, to_status: str, time_column: str, skip_locked: bool
 
 
 @lru_cache(maxsize=None)
-def _queue_position(queue_status: str, others: tuple[str, ...]):
-    """``(head, departed)`` for a queued task with ``queue_seq`` = ``:seq``: the smallest queue_seq
-    still queued, and how many tasks between the head and ``:seq`` have left the queue (out of
-    order: cancelled, or claimed by id). One statement, so one snapshot of the table."""
-    head = select(func.min(T.queue_seq).label("head")).where(T.status == literal(queue_status)).subquery()
-    departed = (select(func.count()).select_from(Task)
-                .where(_one_of(T.status, others), T.queue_seq > head.c.head, T.queue_seq < bindparam("seq"))
-                .correlate(head).scalar_subquery())
-    return select(head.c.head, departed).select_from(head)
+def _queue_statements(queue_status: str, others: tuple[str, ...]):
+    """The statements of :meth:`Store.queue_positions` (each a walk of the ``(status, queue_seq)`` index)."""
+    queued = T.status == literal(queue_status)
+    head = select(func.min(T.queue_seq)).where(queued)
+    departed = select(func.count()).select_from(
+        select(literal(1)).where(_one_of(T.status, others), T.queue_seq > bindparam("head"),
+                                 T.queue_seq < bindparam("seq")).limit(bindparam("cap")).subquery())
+    ahead = select(func.count()).where(queued, T.queue_seq < bindparam("seq"))
+    between = (select(T.queue_seq).where(queued, T.queue_seq >= bindparam("lo"), T.queue_seq <= bindparam("hi"))
+               .order_by(T.queue_seq))
+    return head, departed, ahead, between
 
 
 class WriteLock:
@@ -180,9 +188,7 @@ class WriteLock:
         self._pid = os.getpid()
 
     def _file(self) -> int | None:
-        try:
-            import fcntl  # noqa: F401
-        except ImportError:
+        if fcntl is None:
             return None
         if self._fd is None or self._pid != os.getpid():  # a forked child needs its own open file
             self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -195,8 +201,6 @@ class WriteLock:
             try:
                 fd = self._file()
                 if fd is not None:
-                    import fcntl
-
                     fcntl.flock(fd, fcntl.LOCK_EX)
             except BaseException:
                 self._thread_lock.release()
@@ -208,8 +212,6 @@ class WriteLock:
         self._depth -= 1
         try:
             if self._depth == 0 and self._fd is not None:
-                import fcntl
-
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._thread_lock.release()
@@ -440,28 +442,48 @@ class Store:
                 q = q.where(Task.project_id == project_id)
             return int(s.scalar(q) or 0)
 
-    def queue_positions(self, queue_status: str, other_statuses: Iterable[str], seqs: Iterable[int]) -> dict[int, int]:
+    def queue_positions(self, queue_status: str, other_statuses: Iterable[str], seqs: Iterable[int],
+                        cap: int = 2000) -> dict[int, int]:
         """The queue position (1 = next to be claimed) of queued tasks, by their ``queue_seq``.
 
-        ``queue_seq`` numbers submissions without gaps, so of the tasks between the queue's head
-        (the smallest queued ``queue_seq``) and a queued task, all are still queued except those
-        that left the queue out of order. Hence ``position = seq - head + 1 - departed``, where
-        ``departed`` counts the tasks in ``other_statuses`` (every status but ``queue_status``)
-        with ``head < queue_seq < seq``: two lookups on the ``(status, queue_seq)`` index, O(log n
-        + out-of-order departures), whatever the size of the table or of the queue.
+        ``queue_seq`` numbers submissions without gaps. For the smallest of ``seqs``, ``s``:
+        between the queue's head (the smallest queued ``queue_seq``) and ``s`` every task is still
+        queued except those that left the queue out of order, so ``position = s - head + 1 -
+        departed``, where ``departed`` counts the tasks in ``other_statuses`` (every status but
+        ``queue_status``) with ``head < queue_seq < s``: O(log n + departures out of order), the
+        usual case of a first-in first-out queue (a cancelled task, a worker that claimed by id).
+        When more than ``cap`` tasks left out of order (queues per model family, a task queued for
+        a tool no worker serves), the queued tasks ahead of ``s`` are counted instead: O(queue
+        ahead). Neither grows with the finished tasks in the table. The other seqs' positions add
+        the queued tasks between (one range read).
 
         Returns:
             ``{seq: position}`` for each of ``seqs`` still queued when read (others are left out).
         """
-        stmt = _queue_position(queue_status, tuple(other_statuses))
-        out = {}
+        head_q, departed_q, ahead_q, between_q = _queue_statements(queue_status, tuple(other_statuses))
+        wanted = sorted(s for s in set(seqs) if s is not None)
+        if not wanted:
+            return {}
         with self.engine.connect() as conn:
-            for seq in seqs:
-                if seq is None:
-                    continue
-                head, departed = conn.execute(stmt, {"seq": seq}).one()
-                if head is not None and head <= seq:
-                    out[seq] = seq - head + 1 - int(departed or 0)
+            head = conn.execute(head_q).scalar()
+            if head is None:
+                return {}
+            wanted = [s for s in wanted if s >= head]
+            if not wanted:
+                return {}
+            first = wanted[0]
+            departed = conn.execute(departed_q, {"head": head, "seq": first, "cap": cap}).scalar() or 0
+            if departed < cap:
+                position = first - head + 1 - departed
+            else:
+                position = (conn.execute(ahead_q, {"seq": first}).scalar() or 0) + 1
+            queued = [r[0] for r in conn.execute(between_q, {"lo": first, "hi": wanted[-1]})] \
+                if len(wanted) > 1 else [first]
+        out = {}
+        for s in wanted:
+            i = bisect.bisect_left(queued, s)
+            if i < len(queued) and queued[i] == s:  # still queued
+                out[s] = position + i
         return out
 
     def count_by_tool(self, statuses: Iterable[str]) -> dict[tuple[str, str], int]:
