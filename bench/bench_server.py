@@ -208,7 +208,18 @@ def child_worker(quick: bool) -> None:
         ev = store.events(tid)
         at = {e.type: e.created_at for e in ev}  # the last event of each type
         steps = [e.created_at for e in ev if e.type == lc.OUTPUT]
-        return {"easel": at[lc.POSTPROCESS_END] - t, "easel_cpu": cpu, "to_start": at[lc.START] - at[lc.ACCEPT], "denoise": steps[-1] - at[lc.START],
+        from sqlalchemy import inspect, text
+
+        with store.engine.connect() as conn:  # where the version keeps previews: in events, or apart
+            if "previews" in inspect(conn).get_table_names():
+                shots = conn.execute(text("SELECT sum(length(data)) FROM previews WHERE task_id = :t"), {"t": tid})
+            else:
+                shots = conn.execute(text("SELECT sum(length(preview)) FROM events WHERE task_id = :t"), {"t": tid})
+            preview_bytes = shots.scalar() or 0
+            event_bytes = conn.execute(text("SELECT sum(length(message)) FROM events WHERE task_id = :t"),
+                                       {"t": tid}).scalar() or 0
+        return {"easel": at[lc.POSTPROCESS_END] - t, "easel_cpu": cpu, "preview_kb": preview_bytes / 1024,
+                "events_kb": event_bytes / 1024, "to_start": at[lc.START] - at[lc.ACCEPT], "denoise": steps[-1] - at[lc.START],
                 "after_last_step": at[lc.POSTPROCESS_END] - steps[-1]}
 
     def handler(cmd: dict) -> dict:
@@ -537,6 +548,7 @@ def run_worker(codes: dict, args, rows: list) -> None:
                              "ratio_cpu": med(r["easel_cpu"] / r["raw_png_cpu"] for r in rs),
                              "to_start_ms": 1000 * med(r["to_start"] for r in rs),
                              "after_last_step_ms": 1000 * med(r["after_last_step"] for r in rs),
+                             "preview_kb": med(r["preview_kb"] for r in rs), "events_kb": med(r["events_kb"] for r in rs),
                              "n": len(rs)})
         for v, child in children.items():
             rows.append({"section": "micro", "version": v, **child.ask({"what": "micro"})})
@@ -633,7 +645,8 @@ def table(rows: list, machine: str) -> str:
             return (f"raw {r['raw_s']:.3f} s, raw+png {r['raw_png_s']:.3f} s (png {1000 * r['png_s']:.0f} ms), "
                     f"Easel {r['easel_s']:.3f} s: ×{r['ratio_png']:.3f} of raw+png, ×{r['ratio_raw']:.3f} of raw, "
                     f"fixed {r['fixed_ms']:.1f} ms; CPU ×{r['ratio_cpu']:.3f}, +{r['fixed_cpu_ms']:.1f} ms; accept→start {r['to_start_ms']:.1f} ms, "
-                    f"last step→end {r['after_last_step_ms']:.1f} ms")
+                    f"last step→end {r['after_last_step_ms']:.1f} ms; stored per task: events "
+                    f"{r['events_kb']:.1f} KB of messages, previews {r['preview_kb']:.1f} KB")
         if section == "micro":
             return (f"progress write {r['progress_ms']:.3f} ms, lease renewal {r['lease_ms']:.3f} ms, 4×512² PNG {r['png4_ms']:.0f} ms, same LoRA again {r['lora_same_ms']:.2f} ms")
         if section == "api":
