@@ -138,6 +138,16 @@ class Settings:
             store, else polling), ``redis``, ``postgres`` or ``off`` (polling).
         live_fallback_poll_interval: Seconds between the store reads of a waiter while wake-ups
             are pushed and none comes (a lost wake-up delays an event at most this long).
+        api_processes: API processes ``easel serve`` runs on the one port (the kernel spreads
+            connections over them; they share the store, and the local workers belong to the
+            serving parent process, whichever API process took the Run).
+        api_threads: Threads of each API process that run store calls (requests' synchronous
+            parts); the process's database connection pool holds as many connections.
+        torch_threads: CPU threads (``torch.set_num_threads``) of each local worker process.
+            0 (default) = automatic: without CUDA, the cores left after one for the API, shared
+            among the workers (at least 1 each), so that the API answers while torch computes;
+            with CUDA, torch's default. The ``easel worker`` of a separate machine keeps torch's
+            default unless this is set.
     """
 
     data_dir: Path = Path("easel-data")
@@ -199,6 +209,9 @@ class Settings:
     redis_prefix: str = "easel"
     live_push: str = "auto"
     live_fallback_poll_interval: float = 1.0
+    api_processes: int = 1
+    api_threads: int = 16
+    torch_threads: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())
@@ -241,6 +254,11 @@ class Settings:
             raise ValueError(f"EASEL_REDIS_URL must be a redis://, rediss:// or unix:// URL, not {redact(self.redis_url)[:60]!r}")
         if not self.live_fallback_poll_interval > 0:
             raise ValueError("EASEL_LIVE_FALLBACK_POLL_INTERVAL must be a positive number of seconds")
+        for name in ("api_processes", "api_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be 0 (automatic) or more, not {self.torch_threads}")
         if tuple(self.gpus) == ("all",):
             import torch
 

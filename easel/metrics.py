@@ -175,10 +175,20 @@ def webhook_attempt(result: str) -> None:
     WEBHOOKS.labels(result).inc()
 
 
+_http_children: dict = {}  # (route, method, status) -> the labelled counter and histogram (labels() costs ~10 µs)
+
+
 @_safe
 def http_request(route: str, method: str, status: int, seconds: float) -> None:
-    HTTP_REQUESTS.labels(route, method, str(status)).inc()
-    HTTP_SECONDS.labels(route, method).observe(seconds)
+    key = (route, method, status)
+    children = _http_children.get(key)
+    if children is None:
+        if len(_http_children) > 10_000:  # routes are templates, so this does not happen; never grow unbounded
+            _http_children.clear()
+        children = _http_children[key] = (HTTP_REQUESTS.labels(route, method, str(status)),
+                                          HTTP_SECONDS.labels(route, method))
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 @_safe

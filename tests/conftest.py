@@ -129,6 +129,15 @@ class Server:
         return [httpx.get(o["url"], timeout=30).content for o in task["outputs"]]
 
 
+@pytest.fixture
+def store(tmp_path):
+    """A migrated SQLite store of its own (in-process tests of the store and the lifecycle)."""
+    s = Store(Settings(data_dir=tmp_path).database_url)
+    s.migrate()
+    yield s
+    s.engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("easel")).start()

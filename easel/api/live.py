@@ -33,6 +33,8 @@ store (one indexed query per read) when it is woken and otherwise at intervals:
   besides, so a lost wake-up only delays;
 - without (SQLite, or the listener is reconnecting): every ``Settings.live_poll_interval`` (20 ms)
   after an event or when the end is near, backing off to 250 ms while nothing happens.
+
+Previews come from the ``previews`` table, read only for a client that asked for them.
 """
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ async def _serve(ws: WebSocket, store: Store, outputs: Callable[[Task], list], p
         with hub.watch(task.id) as watch:
             while True:
                 watch.clear()  # a wake-up from here on, even during the read, ends the next wait
-                events = await run_in_threadpool(store.events, task.id, last)
+                events = await run_in_threadpool(store.events, task.id, last, previews)
                 if events:
                     task = await run_in_threadpool(store.get_task, task.id)
                     for ev in events:

@@ -18,6 +18,9 @@ Files are found through the storage (``easel.storage``: the data directory or th
 listing of ``files/`` and ``uploads/`` per sweep (grouped by task), then one store lookup per task
 folder old enough to matter, so a sweep costs the same whatever the number of old tasks whose
 files are already gone.
+- **Checkpoints** (SQLite, every :data:`CHECKPOINT_SECONDS`): the write-ahead log is copied into
+  the database file by this thread (``Store.checkpoint``), not by whichever request's commit
+  happens to fill it (which then waits 10-25 ms for an fsync with every other writer behind it).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from easel.store import Store, Task
 from easel.tasks import lifecycle as lc
 
 log = logging.getLogger("easel.maintenance")
+CHECKPOINT_SECONDS = 1.0
 
 
 class Maintenance:
@@ -56,11 +60,22 @@ class Maintenance:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="easel-maintenance", daemon=True)
         self._thread.start()
+        if self.store.sqlite:
+            self._checkpointer = threading.Thread(target=self._checkpoints, name="easel-checkpoint", daemon=True)
+            self._checkpointer.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread:
-            self._thread.join(5)
+        for thread in (self._thread, getattr(self, "_checkpointer", None)):
+            if thread:
+                thread.join(5)
+
+    def _checkpoints(self) -> None:
+        while not self._stop.wait(CHECKPOINT_SECONDS):
+            try:
+                self.store.checkpoint()
+            except Exception:  # never let the thread die (a locked or missing database file)
+                log.exception("maintenance: checkpoint failed")
 
     def _loop(self) -> None:
         s = self.settings

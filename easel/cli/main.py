@@ -107,13 +107,17 @@ def serve(
     broker: Optional[str] = _BROKER,
     config: Optional[Path] = typer.Option(None, help="TOML file of settings (field = value) [env EASEL_CONFIG_FILE]. "
                                                      "Precedence: flags given > environment > this file > defaults."),
+    api_processes: Optional[int] = typer.Option(None, help="API processes on this port (they share the store; the "
+                                                           "local workers belong to this process) "
+                                                           "[env EASEL_API_PROCESSES; default 1]."),
 ):
     """Run the API server and its local workers (or, with --executor celery --workers 0, the API
     process of a fleet: docs/deploy.md)."""
     from easel.config import read_sources
 
     given = {"data_dir": data_dir, "model_source": model_source, "workers": workers, "public_url": public_url,
-             "fetch_allow": _csv(fetch_allow), "gpus": _csv(gpus), "storage": storage, "executor": executor, "broker_url": broker}
+             "fetch_allow": _csv(fetch_allow), "gpus": _csv(gpus), "storage": storage, "executor": executor, "broker_url": broker,
+             "api_processes": api_processes}
     sources = read_sources(config)
     if public_url is None and "public_url" not in sources:
         given["public_url"] = f"http://{host}:{port}"
@@ -151,6 +155,12 @@ def serve(
             console.print(f"[red]{exc}")
             raise typer.Exit(1)
         executor.start()
+    if settings.api_processes > 1:
+        try:
+            _serve_processes(settings, host, port, executor)
+        finally:
+            _stop(executor, metrics_dir)
+        return
     try:
         # stop the workers in the app's shutdown: uvicorn re-raises SIGTERM after its graceful
         # shutdown, so code after uvicorn.run() may never run
@@ -285,6 +295,87 @@ def check_storage(settings) -> None:
     except OSError as exc:
         console.print(f"[red]Storage unusable: {exc}")
         raise typer.Exit(2) from None
+
+
+def _api_process(settings, sock, executor, index: int) -> None:
+    """One of ``--api-processes``: uvicorn on the parent's listening socket. Exits when the parent
+    is gone (it owns the workers and the port)."""
+    import multiprocessing as mp
+    import os
+    import signal
+    import threading
+
+    import uvicorn
+
+    from easel.api import create_app
+
+    parent = mp.parent_process()
+
+    def watch() -> None:
+        while parent is None or parent.is_alive():
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="easel-parent-watch", daemon=True).start()
+    if executor is None and settings.executor == "celery":
+        from easel.executors import create_executor
+
+        executor = create_executor("celery", settings)
+        executor.start()
+    # one process sends the webhooks (the others would only compete for the same leases)
+    app = create_app(settings, executor, dispatch_webhooks=index == 0)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def _serve_processes(settings, host: str, port: int, executor) -> None:
+    """``easel serve --api-processes N``: bind the port once, run N API processes on it (spawned;
+    the kernel deals connections among them), keep them running, and stop them on SIGTERM/SIGINT.
+
+    The local workers stay in this process's executor: API processes wake them through a
+    :class:`easel.executors.local.WakeHandle` (or leave tasks to the workers' polling when there
+    is no local executor, ``--workers 0``).
+    """
+    import multiprocessing as mp
+    import signal
+    import socket as socketlib
+    import threading
+
+    ctx = mp.get_context("spawn")
+    sock = socketlib.socket(socketlib.AF_INET6 if ":" in host else socketlib.AF_INET, socketlib.SOCK_STREAM)
+    sock.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    # local workers are woken through a handle; a Celery executor cannot cross processes, so each
+    # API process of a fleet publishes through its own (see _api_process)
+    handle = executor.handle() if executor is not None and hasattr(executor, "handle") else None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def spawn(index: int):
+        p = ctx.Process(target=_api_process, args=(settings, sock, handle, index), name=f"easel-api-{index}",
+                        daemon=False)
+        p.start()
+        return p
+
+    procs = [spawn(i) for i in range(settings.api_processes)]
+    try:
+        while not stop.wait(1.0):
+            for i, p in enumerate(procs):
+                if not p.is_alive():
+                    console.print(f"[yellow]API process {i} exited with code {p.exitcode}; restarting it")
+                    procs[i] = spawn(i)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: uvicorn finishes the requests in flight
+        for p in procs:
+            p.join(15)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        sock.close()
 
 
 def _stop(executor, metrics_dir: Optional[Path]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from easel.images import ImageInputError, decode
 from easel.models.fetch import FetchError, FetchPolicy, fetch_to_file
 from easel.storage.inputs import InputFiles
-from easel.tools.base import ToolError
+from easel.tools.base import PNG_OPTIONS, ToolError
 
 EXTRA_FIELD = "extraOutputs"  # beyond Wiro: a tool's schema may offer it (see docs/api.md)
 _NAME = re.compile(r"[^A-Za-z0-9_-]+")
@@ -61,5 +61,5 @@ def save_extra(output_dir: Path, name: str, image) -> Path:
     if not isinstance(image, Image.Image):
         image = Image.fromarray(image)
     path = output_dir / f"extra-{_NAME.sub('_', name)[:60]}.png"
-    image.save(path)
+    image.save(path, format="PNG", **PNG_OPTIONS)
     return path

@@ -5,7 +5,6 @@ claims and runs them. A tool failure ends that task with ``pexit`` "1" and never
 """
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -33,6 +32,38 @@ from . import inputs as task_inputs
 from . import lifecycle as lc
 
 log = logging.getLogger("easel.worker")
+
+
+def torch_thread_count(settings: Settings, shares_cpu_with_api: bool, cuda: bool, cores: int) -> int | None:
+    """The CPU threads a worker process should give torch (None: torch's default).
+
+    ``Settings.torch_threads`` when set; otherwise, for a worker on the same machine as the API
+    (``shares_cpu_with_api``) and without CUDA, the ``cores`` left after one for the API divided
+    among ``Settings.workers`` workers, at least 1: with every core busy in torch, the API's
+    answers wait for a core and a polling client slows the denoising loop (28 % measured with 2
+    threads on 2 cores, see ``docs/benchmarks.md``). With CUDA the denoiser does not run on
+    those threads: torch's default.
+    """
+    if settings.torch_threads > 0:
+        return settings.torch_threads
+    if not shares_cpu_with_api or cuda:
+        return None
+    return max(1, (cores - 1) // max(1, settings.workers))
+
+
+def apply_torch_threads(settings: Settings, shares_cpu_with_api: bool) -> int | None:
+    """Set this process's torch threads by :func:`torch_thread_count`; returns the count set (None:
+    left at torch's default). Call it in a worker process before its first inference."""
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    threads = torch_thread_count(settings, shares_cpu_with_api, torch.cuda.is_available(), cores)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return threads
 
 
 class ServerStopping(Exception):
@@ -101,9 +132,8 @@ class WorkerContext:
             raise ServerStopping()
         if self.worker.timed_out():
             raise TaskTimedOut()
-        encoded = base64.b64encode(preview).decode() if preview else None
         kill = lc.progress(self.store, self.task_id, message, info, owner=self.worker.worker_id,
-                           lease_seconds=self.worker.settings.lease_seconds, preview=encoded)
+                           lease_seconds=self.worker.settings.lease_seconds, preview=preview)
         if kill is None:
             raise TaskLost()
         if kill:
@@ -214,9 +244,19 @@ class Worker:
 
     def advance(self, task_id: int, status: str, message: str = "", **values) -> None:
         """This worker's guarded transition; raises :class:`TaskLost` when it was rejected."""
-        if not lc.advance(self.store, task_id, status, message, owner=self.worker_id,
-                          lease_seconds=self.settings.lease_seconds, **values):
+        self.advance_through(task_id, [(status, message, values)])
+
+    def advance_through(self, task_id: int, steps: list[tuple[str, str, dict]]) -> None:
+        """Several transitions with no work between them, in one transaction
+        (:func:`lifecycle.advance_through`); raises :class:`TaskLost` when one was rejected."""
+        if not lc.advance_through(self.store, task_id, steps, owner=self.worker_id,
+                                  lease_seconds=self.settings.lease_seconds):
             raise TaskLost()
+
+    def _closing(self, output: str, errors: str) -> list[tuple[str, str, dict]]:
+        """The stages between the end of inference and the outputs, written together."""
+        return [(lc.OUTPUT_FULL, output, {"debugoutput": output}), (lc.ERROR_FULL, errors, {"debugerror": errors}),
+                (lc.END, "", {}), (lc.POSTPROCESS_START, "", {})]
 
     def timed_out(self) -> bool:
         return self._deadline is not None and time.time() > self._deadline
@@ -275,16 +315,11 @@ class Worker:
             with _StderrCapture(ctx):
                 self.advance(task_id, lc.PREPROCESS_START)
                 plan = tool.prepare(inputs, ctx)
-                self.advance(task_id, lc.PREPROCESS_END)
                 ctx.check_killed()
-                self.advance(task_id, lc.ASSIGN)
+                self.advance_through(task_id, [(lc.PREPROCESS_END, "", {}), (lc.ASSIGN, "", {})])
                 paths = tool.run(plan, ctx) + ctx.extra_paths
             ctx.check_killed()
-            output, errors = "\n".join(ctx.lines), "\n".join(ctx.error_lines)
-            self.advance(task_id, lc.OUTPUT_FULL, message=output, debugoutput=output)
-            self.advance(task_id, lc.ERROR_FULL, message=errors, debugerror=errors)
-            self.advance(task_id, lc.END)
-            self.advance(task_id, lc.POSTPROCESS_START)
+            self.advance_through(task_id, self._closing("\n".join(ctx.lines), "\n".join(ctx.error_lines)))
             saved = self._save_outputs(task.uuid, paths)
             try:
                 store.add_outputs(task_id, saved)
@@ -340,12 +375,15 @@ class Worker:
         output = "\n".join(ctx.lines)
         lc.log_event(self.store, task_id, lc.ERROR, message, owner=self.worker_id)
         errors = "\n".join([*ctx.error_lines, message])
+        steps = self._closing(output, errors) + [(lc.POSTPROCESS_END, "", {"pexit": "1", "debugerror": errors})]
+        task = self.store.get_task(task_id)
+        done = [status for status, _, _ in steps]
+        if task is not None and task.status in done:  # failed after some closing stages were written
+            steps = steps[done.index(task.status) + 1:]
+        if not steps:  # it has ended already (the heartbeat failed it at its time limit)
+            return
         try:
-            self.advance(task_id, lc.OUTPUT_FULL, message=output, debugoutput=output)
-            self.advance(task_id, lc.ERROR_FULL, message=errors, debugerror=errors)
-            self.advance(task_id, lc.END)
-            self.advance(task_id, lc.POSTPROCESS_START)
-            self.advance(task_id, lc.POSTPROCESS_END, pexit="1")
+            self.advance_through(task_id, steps)
         except TaskLost:
             pass
 
