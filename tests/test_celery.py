@@ -19,7 +19,6 @@ from easel.config import Settings
 from easel.store import Store, Task
 from easel.tasks import lifecycle as lc
 from fleet import WorkerProc, rabbitmq_broker, redis_broker
-from test_engine import store  # noqa: F401  (the fixture: a migrated SQLite store)
 
 
 def _submit(store, tool=TOOL, inputs=None, project=None):
