@@ -83,6 +83,12 @@ class Api:
         """``fn(*args)`` in one of the API's threads (see ``Settings.api_threads``)."""
         return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
 
+    @property
+    def auth_needs_io(self) -> bool:
+        """Whether the rate limit is checked over the network (in Redis): then no request is
+        authenticated on the event loop."""
+        return self.limiter.shared is not None
+
     def auth(self, request: Request, project: Project | None = None) -> Project:
         """The calling project (``project``: already authenticated by :func:`authenticate_without_io`),
         after the rate limit; raises :class:`WiroError`."""
@@ -487,8 +493,9 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
 
     async def authed(request: Request) -> Project:
         """The calling project: on the event loop when that needs no I/O (a cached lenient or API-key
-        project), else in a thread (store read, strict nonce write)."""
-        project = authenticate_without_io(request.headers, settings, api.projects)
+        project, a rate limit in this process's memory), else in a thread (store read, strict nonce
+        write, the limit's window in Redis)."""
+        project = None if api.auth_needs_io else authenticate_without_io(request.headers, settings, api.projects)
         if project is not None:
             return api.auth(request, project)
         return await api.in_thread(api.auth, request)

@@ -51,8 +51,8 @@ _EventRow = namedtuple("_EventRow", "id task_id type message created_at seq prev
 TaskRecord = namedtuple("TaskRecord", [c.key for c in Task.__table__.c], defaults=[None] * len(Task.__table__.c))
 QUEUE_SEQ = "task_queue_seq"  # the Counter row that numbers submissions
 T = Task.__table__.c
-NONCE_SWEEP_SECONDS = 60.0
-WAL_AUTOCHECKPOINT_PAGES = 10_000  # how often a strict-nonce check also deletes the expired nonces
+NONCE_SWEEP_SECONDS = 60.0  # how often a strict-nonce check also deletes the expired nonces
+WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 HERE = Path(__file__).parent
 
@@ -421,8 +421,8 @@ class Store:
                                                                 T.idempotency_key == idempotency_key)).first()
                         if first is not None:
                             return first, False
-                    n = conn.execute(select(func.count(T.id)).where(T.project_id == project_id,
-                                                                    T.status.in_(list(unfinished)))).scalar()
+                    n = conn.execute(select(func.count()).select_from(Task).where(
+                        T.project_id == project_id, T.status.in_(list(unfinished)))).scalar()
                     if int(n or 0) >= max_unfinished:
                         raise LimitReached(max_unfinished)
                 values["queue_seq"] = conn.execute(_NEXT_QUEUE_SEQ).scalar_one()
