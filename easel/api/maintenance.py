@@ -13,14 +13,14 @@
   ``orphan_retention_seconds`` (default 7 days), are removed; the per-step events (progress with
   its preview, warnings) of tasks that ended ``event_retention_seconds`` ago (default 7 days) are
   deleted, the lifecycle events kept.
+- **Checkpoints** (SQLite, every :data:`CHECKPOINT_SECONDS`): the write-ahead log is copied into
+  the database file by this thread (``Store.checkpoint``), not by whichever request's commit
+  happens to fill it (which then waits 10-25 ms for an fsync with every other writer behind it).
 
 Files are found through the storage (``easel.storage``: the data directory or the bucket): one
 listing of ``files/`` and ``uploads/`` per sweep (grouped by task), then one store lookup per task
 folder old enough to matter, so a sweep costs the same whatever the number of old tasks whose
 files are already gone.
-- **Checkpoints** (SQLite, every :data:`CHECKPOINT_SECONDS`): the write-ahead log is copied into
-  the database file by this thread (``Store.checkpoint``), not by whichever request's commit
-  happens to fill it (which then waits 10-25 ms for an fsync with every other writer behind it).
 """
 from __future__ import annotations
 
