@@ -125,7 +125,10 @@ def fleet(tmp_path_factory, tiny, fleet_storage):
     root = tmp_path_factory.mktemp("fleet")
     tiny_dir = Path(tiny["sd15"]).parent
     storage_env, client, bucket = fleet_storage
-    env = {"EASEL_QUEUE_PREFIX": prefix, "EASEL_LEASE_SECONDS": "3", "EASEL_PREVIEW_INTERVAL": "0", **storage_env}
+    # a short lease, so that the kill -9 test ends the dead worker's task soon; long enough that a
+    # heartbeat starved by a loaded 2-core machine (one renewal per third of it) does not lapse
+    env = {"EASEL_QUEUE_PREFIX": prefix, "EASEL_LEASE_SECONDS": str(round(3 * TIME_SCALE)), "EASEL_PREVIEW_INTERVAL": "0",
+           **storage_env}
     apis, workers = [], []
     try:
         for i in (1, 2):
