@@ -439,6 +439,8 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
         import anyio.to_thread
 
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        if api.threads._shutdown:  # the app is started again (e.g. an in-process test client)
+            api.threads = ThreadPoolExecutor(max_workers=settings.api_threads, thread_name_prefix="easel-api")
         # what start-up built lives as long as the process: out of the collector's reach, so that
         # a full collection under load walks only the objects of requests (shorter pauses)
         gc.collect()
