@@ -137,10 +137,11 @@ def serve(
     from easel.api import create_app
     from easel.executors import create_executor
     from easel.store import Store
+    from easel.store.notify import Publisher
     from easel.tasks import lifecycle
 
     workers = settings.workers
-    store = Store(settings.database_url)
+    store = Store(settings.database_url, wakeups=Publisher.for_settings(settings))
     store.migrate()
     executor = None
     # tasks whose worker's lease expired (a server that stopped); other live servers' tasks keep running
