@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -96,6 +97,57 @@ class Settings:
             quarter ``lease_seconds``) in each API process.
         metrics_token: When set, ``/metrics`` answers only requests with ``Authorization: Bearer
             <metrics_token>`` (HTTP 401 otherwise); empty (default) = open, like ``/healthz``.
+        executor: ``local`` (worker processes of ``easel serve``) or ``celery`` (the API sends task
+            ids to a broker; ``easel worker`` processes run them: ``docs/deploy.md``).
+        broker_url: The Celery broker of a fleet: ``redis://host:port/db`` (default
+            ``redis://127.0.0.1:6379/0``) or ``amqp://user:password@host:port/vhost`` (RabbitMQ).
+        queues: Model families an ``easel worker`` serves (its Celery queues), among ``sd15``,
+            ``sdxl``, ``flux``, ``ic-light``, ``instantid``; empty = all of them.
+        queue_prefix: Prefix of the fleet's queue names (``<prefix>.<family>``) and, on Redis, of
+            every key the broker writes, so several fleets (or test runs) can share one broker.
+        broker_visibility_timeout: Seconds a delivered, unacknowledged message stays invisible
+            (Redis ``visibility_timeout``) and may stay unacknowledged (RabbitMQ per-queue
+            ``x-consumer-timeout``) before the broker gives it to another worker; 0 = derived:
+            ``task_timeout_seconds`` + ``lease_seconds`` + 300 (one day when there is no task
+            timeout), i.e. longer than the longest task.
+        broker_redeliver_seconds: An API process publishes a task id again when the task is still
+            queued this long after its last publication (a message lost with a broker restart);
+            a task queued again by the lease rules, or whose first publication failed, is
+            published at the next maintenance pass. 0 = only those.
+        storage: Where outputs, uploads and fetched LoRAs are kept: ``local`` (under
+            ``data_dir``) or ``s3://bucket/prefix`` (S3-compatible object storage through boto3;
+            credentials from boto3's default chain: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+            ``AWS_PROFILE``, ``~/.aws``, instance roles). See ``docs/storage.md``.
+        s3_endpoint_url: S3 endpoint (MinIO, Ceph RADOS Gateway, R2...); empty = boto3's choice
+            (``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, else AWS for the region).
+        s3_region: S3 region; empty = boto3's (``AWS_REGION``/``AWS_DEFAULT_REGION``, ``~/.aws/config``).
+        s3_addressing_style: ``auto``, ``path`` (``endpoint/bucket/key``, what most self-hosted
+            servers need behind a plain host name) or ``virtual`` (``bucket.endpoint/key``).
+        output_urls: ``served`` (default): output URLs point at this API
+            (``/v1/File/{accesskey}/{name}``, the task's access key is the credential; with S3 the
+            API streams the object); ``presigned``: S3 presigned GET URLs (needs ``s3://`` storage).
+        s3_presign_seconds: Lifetime of a presigned URL, 1 to 604800 (7 days, SigV4's limit); a
+            new one is made at every Task/Detail, socket message and webhook.
+        redis_url: Redis shared by the fleet's processes (``redis://[:password@]host:port/db``,
+            ``rediss://`` for TLS): pushed live-event wake-ups (pub/sub) and the rate limit's
+            shared window; empty (default) = none.
+        redis_prefix: Prefix of Easel's Redis keys and channels (``<prefix>:events``,
+            ``<prefix>:ratelimit/...``), so several deployments can share one Redis.
+        live_push: How WebSocket and ``Prefer: wait`` waiters learn of new events: ``auto``
+            (Redis pub/sub with ``redis_url``, else PostgreSQL ``LISTEN/NOTIFY`` on a PostgreSQL
+            store, else polling), ``redis``, ``postgres`` or ``off`` (polling).
+        live_fallback_poll_interval: Seconds between the store reads of a waiter while wake-ups
+            are pushed and none comes (a lost wake-up delays an event at most this long).
+        api_processes: API processes ``easel serve`` runs on the one port (the kernel spreads
+            connections over them; they share the store, and the local workers belong to the
+            serving parent process, whichever API process took the Run).
+        api_threads: Threads of each API process that run store calls (requests' synchronous
+            parts); the process's database connection pool holds as many connections.
+        torch_threads: CPU threads (``torch.set_num_threads``) of each local worker process.
+            0 (default) = automatic: without CUDA, the cores left after one for the API, shared
+            among the workers (at least 1 each), so that the API answers while torch computes;
+            with CUDA, torch's default. The ``easel worker`` of a separate machine keeps torch's
+            default unless this is set.
     """
 
     data_dir: Path = Path("easel-data")
@@ -141,6 +193,25 @@ class Settings:
     event_retention_seconds: float = 7 * 24 * 3600.0
     sweep_interval_seconds: float = 600.0
     metrics_token: str = ""
+    executor: str = "local"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    queues: tuple[str, ...] = field(default_factory=tuple)
+    queue_prefix: str = "easel"
+    broker_visibility_timeout: float = 0.0
+    broker_redeliver_seconds: float = 900.0
+    storage: str = "local"
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_addressing_style: str = "auto"
+    output_urls: str = "served"
+    s3_presign_seconds: int = 3600
+    redis_url: str = ""
+    redis_prefix: str = "easel"
+    live_push: str = "auto"
+    live_fallback_poll_interval: float = 1.0
+    api_processes: int = 1
+    api_threads: int = 16
+    torch_threads: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())
@@ -153,6 +224,41 @@ class Settings:
         if self.random_model_size not in ("full", "small"):
             raise ValueError(f"random_model_size must be 'full' or 'small', not {self.random_model_size!r}")
         object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
+        if self.executor not in ("local", "celery"):
+            raise ValueError(f"executor must be 'local' or 'celery', not {self.executor!r}")
+        if self.broker_url.split("://", 1)[0] not in ("redis", "rediss", "amqp", "amqps", "pyamqp"):
+            raise ValueError(f"broker_url must be a redis://, rediss://, amqp:// or amqps:// URL, not {self.broker_url!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", self.queue_prefix):
+            raise ValueError(f"queue_prefix must be 1 to 40 letters, digits, '_' or '-', not {self.queue_prefix!r}")
+        from easel.catalog import FAMILIES
+
+        unknown = [q for q in self.queues if q not in FAMILIES]
+        if unknown:
+            raise ValueError(f"queues must be among {', '.join(FAMILIES)}, not {', '.join(map(repr, unknown))}")
+        if self.storage in ("", "local"):
+            object.__setattr__(self, "storage", "local")
+        else:
+            parse_s3_url(self.storage)
+        if self.output_urls not in ("served", "presigned"):
+            raise ValueError(f"output_urls must be 'served' or 'presigned', not {self.output_urls!r}")
+        if self.output_urls == "presigned" and self.storage == "local":
+            raise ValueError("output_urls 'presigned' needs S3 storage (storage = s3://bucket/prefix)")
+        if not 1 <= self.s3_presign_seconds <= 604800:
+            raise ValueError(f"s3_presign_seconds must be 1 to 604800 (7 days), not {self.s3_presign_seconds}")
+        if self.s3_addressing_style not in ("auto", "path", "virtual"):
+            raise ValueError(f"s3_addressing_style must be 'auto', 'path' or 'virtual', not {self.s3_addressing_style!r}")
+        from easel.store.notify import choose_backend, redact
+
+        choose_backend(self.live_push, self.redis_url, self.database_url)  # ValueError naming the setting
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"EASEL_REDIS_URL must be a redis://, rediss:// or unix:// URL, not {redact(self.redis_url)[:60]!r}")
+        if not self.live_fallback_poll_interval > 0:
+            raise ValueError("EASEL_LIVE_FALLBACK_POLL_INTERVAL must be a positive number of seconds")
+        for name in ("api_processes", "api_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be 0 (automatic) or more, not {self.torch_threads}")
         if tuple(self.gpus) == ("all",):
             import torch
 
@@ -193,6 +299,31 @@ class Settings:
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+
+def parse_s3_url(value: str) -> tuple[str, str]:
+    """``(bucket, prefix)`` of ``s3://bucket/prefix`` (the prefix may be empty or several segments).
+
+    Raises:
+        ValueError: not an ``s3://`` URL, a bucket name outside S3's rules (3 to 63 lower-case
+            letters, digits, ``.`` and ``-``), or a prefix with an unsafe or empty segment or over
+            120 characters.
+    """
+    if not isinstance(value, str) or not value.startswith("s3://"):
+        raise ValueError(f"storage must be 'local' or 's3://bucket/prefix', not {value!r}")
+    bucket, _, prefix = value[len("s3://"):].partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ValueError(f"storage {value!r}: the bucket name must be 3 to 63 lower-case letters, digits, "
+                         "'.' and '-', starting and ending with a letter or digit")
+    prefix = prefix.strip("/")
+    if prefix and (len(prefix) > 120 or not all(_PREFIX_SEGMENT.match(p) for p in prefix.split("/"))):
+        raise ValueError(f"storage {value!r}: the prefix must be at most 120 characters of A-Z a-z 0-9 . _ - "
+                         "in /-separated segments, none empty or starting with '.'")
+    return bucket, prefix
 
 
 def _split(value):

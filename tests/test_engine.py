@@ -15,14 +15,6 @@ from easel.store import Store
 from easel.tasks import lifecycle as lc
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(Settings(data_dir=tmp_path).database_url)
-    s.migrate()
-    yield s
-    s.engine.dispose()
-
-
 def _task(store, callback=""):
     p = store.create_project("p")
     task, _ = lc.submit(store, project_id=p.id, tool="wiro/text-to-image-sd-lora", parameters={}, inputs={},

@@ -14,10 +14,17 @@
     within ``nonce_window_seconds`` of now. Larger or smaller integers (``4242424242``, a
     nanosecond clock, a counter) are random nonces: once each, no window.
 - API-key mode: ``x-api-key`` alone (signature headers, if sent, are ignored).
+
+Projects are looked up by the hash of the key and kept for :data:`PROJECT_TTL` seconds in each API
+process (:class:`ProjectCache`), so a request of a known project costs no database read (a
+lenient or API-key project's check then needs no I/O at all, and the API runs it on its event
+loop); a project changed by another process (``easel projects nonce-policy``) is re-read within
+that time. Unknown keys are never cached: a project created a moment ago works at once.
 """
 from __future__ import annotations
 
 import hmac
+import threading
 import time
 
 from easel.config import Settings
@@ -31,6 +38,42 @@ SIGNATURE_REQUIRED = "Project requires signature authentication. x-signature and
 NOT_VALID = "Project authorization is not valid."
 NONCE_POLICIES = ("lenient", "strict")
 MAX_NONCE_LENGTH = 128
+PROJECT_TTL = 1.0  # seconds a project read from the store is reused by one API process
+
+
+class ProjectCache:
+    """Projects by API key (the store's read-only rows), each reused for ``ttl`` seconds."""
+
+    def __init__(self, store: Store, ttl: float = PROJECT_TTL):
+        self.store = store
+        self.ttl = ttl
+        self._items: dict[str, tuple[float, Project]] = {}
+        self._lock = threading.Lock()
+
+    def peek(self, apikey: str) -> Project | None:
+        """The cached project of ``apikey`` if it is fresh, else None (no I/O)."""
+        item = self._items.get(apikey)
+        return item[1] if item is not None and item[0] > time.monotonic() else None
+
+    def get(self, apikey: str) -> Project | None:
+        """The project of ``apikey``: cached, or read from the store (and cached if it exists)."""
+        project = self.peek(apikey)
+        if project is None:
+            project = self.store.project_by_key(apikey)
+            if project is not None:
+                with self._lock:
+                    if len(self._items) > 10_000:  # many projects: start over rather than grow
+                        self._items.clear()
+                    self._items[apikey] = (time.monotonic() + self.ttl, project)
+        return project
+
+    def invalidate(self, apikey: str | None = None) -> None:
+        """Forget ``apikey``'s project (every project with None)."""
+        with self._lock:
+            if apikey is None:
+                self._items.clear()
+            else:
+                self._items.pop(apikey, None)
 
 
 def nonce_time(nonce: str, window: float, now: float | None = None) -> float | None:
@@ -51,11 +94,27 @@ def nonce_time(nonce: str, window: float, now: float | None = None) -> float | N
     return None
 
 
-def authenticate(headers, store: Store, settings: Settings) -> Project:
+def authenticate(headers, store: Store, settings: Settings, projects: ProjectCache | None = None) -> Project:
     """Return the calling project or raise :class:`WiroError` (HTTP 401, code 0; the reason for a
-    refused nonce is in the error's ``detail``)."""
+    refused nonce is in the error's ``detail``). ``projects``: where to look the key up (default:
+    the store, uncached)."""
     apikey = headers.get("x-api-key", "")
-    project = store.project_by_key(apikey) if apikey else None
+    project = (projects.get(apikey) if projects is not None else store.project_by_key(apikey)) if apikey else None
+    return _check(headers, apikey, project, store, settings)
+
+
+def authenticate_without_io(headers, settings: Settings, projects: ProjectCache) -> Project | None:
+    """:func:`authenticate` when it needs neither the store nor a nonce write: the key's project is
+    cached and in API-key mode or the lenient nonce policy. Returns None when it needs I/O (then
+    call :func:`authenticate` in a thread); raises :class:`WiroError` as it does."""
+    apikey = headers.get("x-api-key", "")
+    project = projects.peek(apikey) if apikey else None
+    if project is None or (project.auth_mode != "apikey" and (project.nonce_policy or "lenient") != "lenient"):
+        return None
+    return _check(headers, apikey, project, None, settings)
+
+
+def _check(headers, apikey: str, project: Project | None, store: Store | None, settings: Settings) -> Project:
     if project is None:
         raise WiroError(0, NOT_FOUND, 401)
     if project.auth_mode == "apikey":

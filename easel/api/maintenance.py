@@ -3,14 +3,24 @@
 - **Leases** (every quarter of ``Settings.lease_seconds``): :func:`lifecycle.expire_leases` ends
   the running tasks whose worker stopped renewing its lease (its process, container or machine
   died) or that ran past ``task_timeout_seconds``. Any number of API processes may do this at
-  once: every write is conditional, so each task is ended exactly once.
+  once: every write is conditional, so each task is ended exactly once. Then the executor's own
+  upkeep (:meth:`Executor.maintain`: the Celery executor publishes queued tasks whose delivery is
+  missing, e.g. one the lease rules just queued again).
 - **Retention** (every ``sweep_interval_seconds``): finished tasks older than
   ``output_retention_seconds`` (0 = never, the default) lose their outputs and uploads through the
-  same path as ``Task/InputOutputDelete`` (the task record stays); upload folders and worker
-  scratch folders that belong to no unfinished task, and fetched LoRAs unused for
+  same path as ``Task/InputOutputDelete`` (the task record stays); upload and output folders of
+  no task, worker scratch folders that belong to no unfinished task, and fetched LoRAs unused for
   ``orphan_retention_seconds`` (default 7 days), are removed; the per-step events (progress with
   its preview, warnings) of tasks that ended ``event_retention_seconds`` ago (default 7 days) are
   deleted, the lifecycle events kept.
+- **Checkpoints** (SQLite, every :data:`CHECKPOINT_SECONDS`): the write-ahead log is copied into
+  the database file by this thread (``Store.checkpoint``), not by whichever request's commit
+  happens to fill it (which then waits 10-25 ms for an fsync with every other writer behind it).
+
+Files are found through the storage (``easel.storage``: the data directory or the bucket): one
+listing of ``files/`` and ``uploads/`` per sweep (grouped by task), then one store lookup per task
+folder old enough to matter, so a sweep costs the same whatever the number of old tasks whose
+files are already gone.
 """
 from __future__ import annotations
 
@@ -23,43 +33,62 @@ from pathlib import Path
 from typing import Callable
 
 from easel.config import Settings
+from easel.storage import Storage, create_storage
 from easel.store import Store, Task
 from easel.tasks import lifecycle as lc
 
 log = logging.getLogger("easel.maintenance")
+CHECKPOINT_SECONDS = 1.0
 
 
 class Maintenance:
     """The upkeep thread of one API process; :meth:`run_leases` and :meth:`sweep` are callable directly."""
 
-    def __init__(self, settings: Settings, store: Store, delete_files: Callable[[Task], None]):
-        """``delete_files(task)`` removes a finished task's outputs and uploads (InputOutputDelete)."""
+    def __init__(self, settings: Settings, store: Store, delete_files: Callable[[Task], None],
+                 storage: Storage | None = None, executor_upkeep: Callable[[], object] | None = None):
+        """``delete_files(task)`` removes a finished task's outputs and uploads (InputOutputDelete);
+        ``storage`` holds the files (default: the one ``settings.storage`` names);
+        ``executor_upkeep()`` (the executor's ``maintain``) runs after each lease pass."""
         self.settings = settings
         self.store = store
         self.delete_files = delete_files
+        self.storage = storage or create_storage(settings)
+        self.executor_upkeep = executor_upkeep
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="easel-maintenance", daemon=True)
         self._thread.start()
+        if self.store.sqlite:
+            self._checkpointer = threading.Thread(target=self._checkpoints, name="easel-checkpoint", daemon=True)
+            self._checkpointer.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread:
-            self._thread.join(5)
+        for thread in (self._thread, getattr(self, "_checkpointer", None)):
+            if thread:
+                thread.join(5)
+
+    def _checkpoints(self) -> None:
+        while not self._stop.wait(CHECKPOINT_SECONDS):
+            try:
+                self.store.checkpoint()
+            except Exception:  # never let the thread die (a locked or missing database file)
+                log.exception("maintenance: checkpoint failed")
 
     def _loop(self) -> None:
         s = self.settings
         next_sweep = 0.0
         while True:
-            for job in (self.run_leases, self.sweep if time.monotonic() >= next_sweep else None):
+            for job in (self.run_leases, self.executor_upkeep,
+                        self.sweep if time.monotonic() >= next_sweep else None):
                 if job is None:
                     continue
                 try:
                     job()
                 except Exception:  # never let the thread die (database briefly locked, disk full)
-                    log.exception("maintenance: %s failed", job.__name__)
+                    log.exception("maintenance: %s failed", getattr(job, "__name__", job))
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + s.sweep_interval_seconds
             if self._stop.wait(max(0.05, s.lease_seconds / 4)):
@@ -73,36 +102,58 @@ class Maintenance:
         return done
 
     def sweep(self, now: float | None = None) -> dict[str, int]:
-        """One retention pass; returns how many of each kind were removed."""
-        s = self.settings
+        """One retention pass; returns how many of each kind were removed.
+
+        Raises:
+            OSError: the storage failed (the next pass retries).
+        """
+        s, storage = self.settings, self.storage
         now = time.time() if now is None else now
         removed = {"tasks": 0, "orphans": 0, "fetched": 0, "events": 0}
-        if s.output_retention_seconds > 0:
-            for task in self.store.ended_before(lc.TERMINAL, now - s.output_retention_seconds):
-                if (s.files_dir / task.uuid).exists() or (s.uploads_dir / task.uuid).exists() \
-                        or self.store.outputs(task.id):
+        expire = now - s.output_retention_seconds if s.output_retention_seconds > 0 else None
+        orphan = now - s.orphan_retention_seconds if s.orphan_retention_seconds > 0 else None
+        done: set[str] = set()
+        for area in ("files", "uploads"):
+            for name, newest in list(storage.folders(area)):
+                # files are written before their task ends: a folder newer than both cut-offs
+                # belongs to a task that cannot be due yet (no store lookup needed)
+                if name in done or newest >= max(expire or 0.0, orphan or 0.0):
+                    continue
+                task = self.store.task_by_uuid(name)
+                if task is None:
+                    if orphan is not None and newest < orphan:  # a refused or never stored Run
+                        storage.delete_prefix(f"{area}/{name}/")
+                        removed["orphans"] += 1
+                elif expire is not None and task.status in lc.TERMINAL and _ended(task) < expire:
                     self.delete_files(task)
+                    done.add(name)
                     removed["tasks"] += 1
         if s.event_retention_seconds > 0:
             removed["events"] = self.store.thin_events(lc.TERMINAL, now - s.event_retention_seconds,
                                                        (lc.OUTPUT, lc.ERROR))
-        if s.orphan_retention_seconds > 0:
-            cutoff = now - s.orphan_retention_seconds
+        if orphan is not None:
             live = {t.uuid for t in self.store.tasks_in((lc.QUEUE, *lc.RUNNING))}
-            for path in _children(s.uploads_dir):  # files of a Run that was refused or never stored
-                if _mtime(path) < cutoff and self.store.task_by_uuid(path.name) is None:
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed["orphans"] += 1
             for path in _children(s.data_dir):  # scratch folders of workers that died mid-task
-                if path.name.startswith("easel-") and path.is_dir() and _mtime(path) < cutoff \
+                if path.name.startswith("easel-") and path.is_dir() and _mtime(path) < orphan \
                         and path.name[len("easel-"):len("easel-") + 36] not in live:
                     shutil.rmtree(path, ignore_errors=True)
                     removed["orphans"] += 1
-            for path in _children(s.models_dir / "fetched"):
-                if path.suffix in (".safetensors", ".part") and max(_mtime(path), _atime(path)) < cutoff:
-                    path.unlink(missing_ok=True)
-                    removed["fetched"] += 1
+            # fetched LoRAs (and their URL index entries): touched whenever they are used
+            for obj in list(storage.list("fetched/")):
+                if obj.mtime < orphan:
+                    storage.delete(obj.key)
+                    removed["fetched"] += obj.key.endswith((".safetensors", ".part"))
+            if storage.kind != "local":  # this machine's copies of a remote storage's LoRAs
+                for path in _children(s.models_dir / "fetched"):
+                    if path.suffix in (".safetensors", ".part") and max(_mtime(path), _atime(path)) < orphan:
+                        path.unlink(missing_ok=True)
+                        removed["fetched"] += 1
         return removed
+
+
+def _ended(task: Task) -> float:
+    """When a terminal task ended (as ``Store.ended_before`` counts it)."""
+    return task.postprocessendtime or task.canceltime or task.createtime
 
 
 def _children(folder: Path) -> list[Path]:

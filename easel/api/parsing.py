@@ -63,16 +63,18 @@ def _json(raw: bytes) -> dict:
 async def read_capped(request: Request, max_bytes: int) -> bytes:
     """The request body, read as a stream and refused (HTTP 413) as soon as it passes ``max_bytes``
     (or when ``Content-Length`` already says so), so an oversized body is never buffered whole."""
-    too_big = WiroError(0, f"{INVALID_BODY} The request body is larger than this server's limit of {max_bytes} "
-                           "bytes (EASEL_REQUEST_MAX_BYTES).", 413)
+    def too_big() -> WiroError:  # built only when raised: a WiroError matches its message against the docs'
+        return WiroError(0, f"{INVALID_BODY} The request body is larger than this server's limit of {max_bytes} "
+                            "bytes (EASEL_REQUEST_MAX_BYTES).", 413)
+
     declared = request.headers.get("content-length", "")
     if declared.isascii() and declared.isdigit() and len(declared) < 20 and int(declared) > max_bytes:
-        raise too_big
+        raise too_big()
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > max_bytes:
-            raise too_big
+            raise too_big()
         chunks.append(chunk)
     raw = b"".join(chunks)
     request._body = raw  # request.form() parses these bytes, not the consumed stream

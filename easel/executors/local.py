@@ -37,8 +37,10 @@ def _worker_main(settings: Settings, worker_id: str, wake, stop, gpu: str | None
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {worker_id} %(levelname)s %(message)s")
-    from easel.tasks.runner import Worker
+    from easel.tasks.runner import Worker, apply_torch_threads
 
+    threads = apply_torch_threads(settings, shares_cpu_with_api=True)
+    log.info("worker %s: %s torch threads", worker_id, threads or "default")
     worker = Worker(settings, worker_id)
     parent = mp.parent_process()
     # Stop when asked, and also when the server process is gone (killed without stopping us): an
@@ -59,6 +61,31 @@ def _worker_main(settings: Settings, worker_id: str, wake, stop, gpu: str | None
             wake.clear()
 
 
+class WakeHandle(Executor):
+    """What an API process that does not own the workers holds (``easel serve --api-processes N``):
+    ``submit`` wakes the owner's idle workers through their shared event, and ``health`` reads the
+    owner's count of live workers. Picklable to a spawned process; ``start``/``stop`` do nothing."""
+
+    def __init__(self, wake, alive):
+        self._wake = wake
+        self._alive = alive
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, task_id: int) -> None:
+        self._wake.set()
+
+    def health(self) -> tuple[bool, str]:
+        alive = self._alive.value
+        if alive <= 0:
+            return False, "no worker process is running (see the server's log)"
+        return True, f"{alive} worker(s) running"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        pass
+
+
 class LocalExecutor(Executor):
     """Runs :class:`easel.tasks.runner.Worker` loops in child processes, supervised.
 
@@ -75,6 +102,7 @@ class LocalExecutor(Executor):
         self._ctx = mp.get_context("spawn")
         self._wake = self._ctx.Event()
         self._stop = self._ctx.Event()
+        self._alive = self._ctx.Value("i", 0)  # live workers, for WakeHandle.health in other processes
         self._procs: list = []
         self._generation = 0
         self.restarts = 0
@@ -95,8 +123,13 @@ class LocalExecutor(Executor):
         p.easel_started = time.monotonic()
         return p
 
+    def handle(self) -> WakeHandle:
+        """A :class:`WakeHandle` for API processes spawned by this one."""
+        return WakeHandle(self._wake, self._alive)
+
     def start(self) -> None:
         self._procs = [self._spawn(i) for i in range(max(1, self.settings.workers))]
+        self._alive.value = len(self._procs)
         self._supervisor = threading.Thread(target=self._supervise, name="easel-supervisor", daemon=True)
         self._supervisor.start()
 
@@ -117,6 +150,7 @@ class LocalExecutor(Executor):
         if self._store is None:
             self._store = Store(self.settings.database_url)
         now = time.monotonic()
+        self._alive.value = sum(1 for p in self._procs if p is not None and p.is_alive())
         for slot, p in enumerate(list(self._procs)):
             if p is None:
                 if now >= self._restart_at.get(slot, 0.0) and not self._stop.is_set():

@@ -13,13 +13,16 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from easel.catalog import CatalogError, ModelCatalog, ModelEntry
 from easel.config import Settings
 
-from .cache import LoraState, PipelineCache, torch_modules
+from .cache import LoraState, PipelineCache, torch_modules, weights_bytes
 from .sources import ModelSources, Weights
+
+if TYPE_CHECKING:
+    from easel.storage import Storage
 
 __all__ = ["ModelManager", "ModelSources", "Weights", "PipelineCache", "LoraState", "dtype_kwargs", "ModelError",
            "Checkpoint", "LoraChoice", "Loaded", "RuntimeOptions"]
@@ -98,10 +101,11 @@ class ModelManager:
     (``Settings.pipeline_cache_bytes``).
     """
 
-    def __init__(self, settings: Settings, catalog: ModelCatalog):
+    def __init__(self, settings: Settings, catalog: ModelCatalog, storage: "Storage | None" = None):
+        """``storage`` keeps fetched LoRAs (default: the one ``settings.storage`` names)."""
         self.settings = settings
         self.catalog = catalog
-        self.sources = ModelSources(settings, catalog)
+        self.sources = ModelSources(settings, catalog, storage)
         self.pipelines = PipelineCache(settings.pipeline_cache_bytes)
         self.options = RuntimeOptions(torch_compile=settings.torch_compile, cpu_offload=settings.cpu_offload)
         # adapter state lives with the module that holds the adapters (a pipeline's UNet or
@@ -175,15 +179,17 @@ class ModelManager:
         Tools use :meth:`base_pipeline`, :meth:`derived_pipeline` and :meth:`component` instead."""
         return self.pipelines.get(key, loader)
 
-    def _get(self, key: str, loader: Callable[[], Any]) -> Loaded:
+    def _get(self, key: str, loader: Callable[[], Any], weights: Weights | None = None) -> Loaded:
         fresh = self.pipelines.peek(key) is None
         t0 = time.perf_counter()
-        obj = self.pipelines.get(key, loader)
+        # evict before load: the size to make room for is estimated from the weights on disk
+        expected = (lambda: weights_bytes(weights.path)) if fresh and weights is not None else None
+        obj = self.pipelines.get(key, loader, expected() if expected else None)
         return Loaded(obj, fresh, time.perf_counter() - t0)
 
     def base_pipeline(self, family: str, weights: Weights, loader: Callable[[], Any]) -> Loaded:
         """The plain pipeline of a checkpoint (one per family and weights), e.g. the SD tool's."""
-        return self._get(f"{family}:{weights.key}", loader)
+        return self._get(f"{family}:{weights.key}", loader, weights)
 
     def derived_pipeline(self, family: str, weights: Weights, transform: str, loader: Callable[[], Any]) -> Loaded:
         """A pipeline built from a base checkpoint plus a transformation (e.g. ``iclight-fbc:<offset key>``).
@@ -196,7 +202,7 @@ class ModelManager:
         Raises:
             RuntimeError: the loader returned modules shared with the plain pipeline.
         """
-        loaded = self._get(f"{family}:{weights.key}+{transform}", loader)
+        loaded = self._get(f"{family}:{weights.key}+{transform}", loader, weights)
         if loaded.fresh:
             plain = self.pipelines.peek(f"{family}:{weights.key}")
             if plain is not None:
@@ -208,7 +214,7 @@ class ModelManager:
     def component(self, kind: str, weights: Weights, loader: Callable[[Weights], Any]) -> Loaded:
         """An auxiliary network (matting, face analysis, ControlNet, IP-Adapter...) loaded once per
         worker by ``loader(weights)``, cached and budgeted like pipelines."""
-        return self._get(f"component:{kind}:{weights.key}", lambda: loader(weights))
+        return self._get(f"component:{kind}:{weights.key}", lambda: loader(weights), weights)
 
     def loads(self) -> dict[str, int]:
         """How many times each cache key was loaded in this worker (for logs and tests)."""

@@ -6,7 +6,7 @@ Times are Unix epoch seconds as floats (Wiro answers them as integer strings).
 """
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -26,6 +26,9 @@ class Project(Base):
     auth_mode: Mapped[str] = mapped_column(String(16), default="signature")
     nonce_policy: Mapped[str] = mapped_column(String(16), default="lenient", server_default="lenient")
     created_at: Mapped[float] = mapped_column(Float)
+    # how many tasks the project has (kept by ``Store.create_task``): Task/List's unfiltered total
+    # without counting the project's rows
+    task_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Nonce(Base):
@@ -49,7 +52,7 @@ class Task(Base):
     tool: Mapped[str] = mapped_column(String(200))
     socketaccesstoken: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     file_accesskey: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    status: Mapped[str] = mapped_column(String(40), index=True)
+    status: Mapped[str] = mapped_column(String(40))
     parameters: Mapped[str] = mapped_column(Text, default="{}")  # as the client sent them (JSON)
     inputs: Mapped[str] = mapped_column(Text, default="{}")  # validated, typed (JSON)
     callbackurl: Mapped[str] = mapped_column(Text, default="")
@@ -76,12 +79,21 @@ class Task(Base):
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # the last event's per-task sequence number (assigned under this row's lock: see Event.seq)
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
-    __table_args__ = (Index("ix_tasks_status_id", "status", "id"),
+    # when an executor last published this task's id to a broker (epoch seconds; None = not yet,
+    # or queued again since): a queued task whose publication is missing or old is published again
+    dispatched_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the task's place in the order of submission: 1, 2, 3, ... with no gaps, taken from the
+    # ``counters`` row ``task_queue_seq`` in the transaction that inserts the task. Workers claim
+    # in this order, and a queued task's position is computed from it in O(log n) (see
+    # ``Store.queue_positions``) instead of counting the tasks ahead of it.
+    queue_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    __table_args__ = (Index("ix_tasks_status_queue_seq", "status", "queue_seq"),
+                      Index("ix_tasks_project_tool_id", "project_id", "tool", "id"),
                       UniqueConstraint("project_id", "idempotency_key", name="uq_task_idempotency"))
 
 
 class Output(Base):
-    """A file a task produced, stored under ``path`` (relative to the storage root)."""
+    """A file a task produced, stored under the storage key ``files/<path>`` (``easel.storage``)."""
 
     __tablename__ = "outputs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -94,20 +106,43 @@ class Output(Base):
 
 
 class Event(Base):
-    """Every lifecycle event of a task in order (what the WebSocket replays)."""
+    """Every lifecycle event of a task in order (what the WebSocket replays). A progress event's
+    latent preview, if it has one, is a :class:`Preview` row with the same ``(task_id, seq)``."""
 
     __tablename__ = "events"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
     type: Mapped[str] = mapped_column(String(40))
     message: Mapped[str] = mapped_column(Text, default="")  # JSON
     created_at: Mapped[float] = mapped_column(Float)
-    preview: Mapped[str | None] = mapped_column(Text, nullable=True)  # base64 JPEG of the current latent
     # 1, 2, 3, ... per task, taken from ``Task.event_seq`` in the same transaction that inserts the
     # event, under the task row's lock: events of one task commit in ``seq`` order even on
     # PostgreSQL, where ``id`` (a sequence) may commit out of order. The WebSocket's cursor.
     seq: Mapped[int] = mapped_column(Integer, default=0)
     __table_args__ = (Index("ix_events_task_seq", "task_id", "seq"),)
+
+
+class Preview(Base):
+    """The latent preview (JPEG bytes, ``easel.tools.previews``) of the progress event
+    ``(task_id, seq)``. Kept out of ``events`` so that reading a task's events (every WebSocket
+    poll, most without previews) never reads the images; deleted by the retention sweeper with
+    the progress events."""
+
+    __tablename__ = "previews"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
+    seq: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    __table_args__ = (Index("ix_previews_task_seq", "task_id", "seq", unique=True),)
+
+
+class Counter(Base):
+    """A named counter (``task_queue_seq``: the last ``Task.queue_seq`` given), incremented with
+    ``UPDATE ... RETURNING`` inside the writing transaction, so values have no gaps."""
+
+    __tablename__ = "counters"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class WebhookDelivery(Base):
@@ -137,7 +172,7 @@ class UserFile(Base):
     """A folder or a file of a project's Files API (``/v1/File/FolderCreate``, ``/v1/File/Upload``).
 
     ``parent_id`` is the folder holding it (every project has a default ``root`` folder, made on
-    first use). Files are stored under ``path`` (relative to ``Settings.user_files_dir``) and served
+    first use). Files are stored under the storage key ``userfiles/<path>`` (``easel.storage``) and served
     at ``/v1/File/{accesskey}/{name}``, like outputs.
     """
 

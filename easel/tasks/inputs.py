@@ -2,7 +2,7 @@
 ``WorkerContext.extra_output`` do).
 
 An image input is located with :class:`easel.storage.inputs.InputFiles` (multipart upload, a file
-uploaded with ``/v1/File/Upload``, this server's own URL read locally), else fetched from its
+uploaded with ``/v1/File/Upload``, this server's own URL: read through ``easel.storage``), else fetched from its
 ``http(s)`` URL with the safe fetcher (``easel.models.fetch``: public addresses only unless
 allow-listed, pinned connection, redirects re-checked, capped at ``Settings.upload_max_bytes``),
 then decoded and validated by :func:`easel.images.decode`.
@@ -17,7 +17,7 @@ from typing import Any
 from easel.images import ImageInputError, decode
 from easel.models.fetch import FetchError, FetchPolicy, fetch_to_file
 from easel.storage.inputs import InputFiles
-from easel.tools.base import ToolError
+from easel.tools.base import PNG_OPTIONS, ToolError
 
 EXTRA_FIELD = "extraOutputs"  # beyond Wiro: a tool's schema may offer it (see docs/api.md)
 _NAME = re.compile(r"[^A-Za-z0-9_-]+")
@@ -37,7 +37,7 @@ def load_image(ctx: Any, field: str, value: str):
     settings = ctx.worker.settings
     try:
         where = InputFiles(settings, ctx.store, ctx.worker.storage).locate(ctx.project_id, field, value,
-                                                                           ctx.uploads_dir)
+                                                                           ctx.task_uuid, ctx.inputs_dir)
         if isinstance(where, Path):
             return decode(where, field, settings.max_image_pixels)
         policy = FetchPolicy(allow=settings.fetch_allow, max_bytes=settings.upload_max_bytes,
@@ -61,5 +61,5 @@ def save_extra(output_dir: Path, name: str, image) -> Path:
     if not isinstance(image, Image.Image):
         image = Image.fromarray(image)
     path = output_dir / f"extra-{_NAME.sub('_', name)[:60]}.png"
-    image.save(path)
+    image.save(path, format="PNG", **PNG_OPTIONS)
     return path

@@ -94,22 +94,48 @@ TIMEOUT_MESSAGE = ("The task ran longer than this server's limit of {seconds:.0f
 
 def submit(store: Store, *, project_id: int, tool: str, parameters: dict, inputs: dict,
            callbackurl: str, cost_per_second: float, uuid: str | None = None,
-           idempotency_key: str | None = None) -> tuple[Task, bool]:
+           idempotency_key: str | None = None, max_unfinished: int = 0) -> tuple[Task, bool]:
     """Store a new queued task (durable before the caller acknowledges it).
+
+    With ``max_unfinished`` > 0 the project may have at most that many unfinished (queued or
+    running) tasks; the count and the insert are one atomic step in the store, so concurrent Runs
+    on any number of API processes cannot overshoot it.
 
     Returns:
         ``(task, created)``; ``created`` is False when ``idempotency_key`` was already used by the
         project, and ``task`` is then the first task submitted with it.
+
+    Raises:
+        easel.store.LimitReached: the project is at ``max_unfinished``.
     """
     return store.create_task(project_id=project_id, tool=tool, status=QUEUE, parameters=parameters, inputs=inputs,
                              callbackurl=callbackurl, cost_per_second=cost_per_second, first_event=QUEUE, uuid=uuid,
-                             idempotency_key=idempotency_key)
+                             idempotency_key=idempotency_key, max_unfinished=max_unfinished,
+                             unfinished=(QUEUE, *RUNNING))
 
 
-def claim(store: Store, worker_id: str, lease_seconds: float = 60.0) -> int | None:
+def claim(store: Store, worker_id: str, lease_seconds: float = 60.0, task_id: int | None = None) -> int | None:
     """Take the oldest queued task for ``worker_id`` (``task_accept``) with a lease of
-    ``lease_seconds``; None when the queue is empty."""
-    return store.claim_next(worker_id, QUEUE, ACCEPT, TIME_COLUMN[ACCEPT], lease_seconds=lease_seconds)
+    ``lease_seconds``; None when the queue is empty.
+
+    With ``task_id`` (an executor delivered that id), take that task only, and only if it is
+    still queued: None when it was already claimed, cancelled or ended, or does not exist, so a
+    message delivered twice (a broker's redelivery, a re-publication) runs nothing twice.
+    """
+    return store.claim_next(worker_id, QUEUE, ACCEPT, TIME_COLUMN[ACCEPT], lease_seconds=lease_seconds,
+                            task_id=task_id)
+
+
+def _stamped(status: str, now: float, lease_seconds: float | None, values: dict) -> dict:
+    """``values`` with the stage's time column and the lease a write to ``status`` sets."""
+    values = dict(values)
+    if status in TIME_COLUMN:
+        values.setdefault(TIME_COLUMN[status], now)
+    if lease_seconds is not None:
+        values["lease_expires_at"] = now + lease_seconds
+    if status in TERMINAL:
+        values["lease_expires_at"] = None
+    return values
 
 
 def advance(store: Store, task_id: int, status: str, message: str = "", *, owner: str | None = None,
@@ -121,26 +147,37 @@ def advance(store: Store, task_id: int, status: str, message: str = "", *, owner
     Returns:
         False when the transition was rejected (logged, nothing written).
     """
+    return advance_through(store, task_id, [(status, message, values)], owner=owner, lease_seconds=lease_seconds)
+
+
+def advance_through(store: Store, task_id: int, steps: list[tuple[str, str, dict]], *, owner: str | None = None,
+                    lease_seconds: float | None = None) -> bool:
+    """Several :func:`advance` s in a row, ``(status, message, values)`` each, written in one
+    transaction: all of them (each checked against :data:`TRANSITIONS` from the one before), or
+    none. For stages with no work between them (``task_output_full`` ... ``task_postprocess_start``),
+    so that they cost one commit instead of one each; watchers see the same events in the same order.
+
+    Returns:
+        False when a step was rejected (logged, nothing written).
+    """
     now = time.time()
-    if status in TIME_COLUMN:
-        values.setdefault(TIME_COLUMN[status], now)
-    if lease_seconds is not None:
-        values["lease_expires_at"] = now + lease_seconds
-    if status in TERMINAL:
-        values["lease_expires_at"] = None
-    ok = store.transition(task_id, status, only_from=allowed_from(status), owner=owner, event_message=message,
-                          webhook=status in TERMINAL, **values)
+    plan = [(status, allowed_from(status), message, status in TERMINAL, _stamped(status, now, lease_seconds, values))
+            for status, message, values in steps]
+    ok = store.transitions(task_id, plan, owner=owner) if len(plan) > 1 else \
+        store.transition(task_id, plan[0][0], only_from=plan[0][1], owner=owner, event_message=plan[0][2],
+                         webhook=plan[0][3], **plan[0][4])
     if not ok:
-        _rejected(store, task_id, status, owner)
-    elif status in TERMINAL:
+        _rejected(store, task_id, " then ".join(s for s, *_ in steps), owner)
+    elif any(status in TERMINAL for status, *_ in steps):
         metrics.task_ended(store.get_task(task_id))
     return ok
 
 
 def progress(store: Store, task_id: int, message: str, info: dict, *, owner: str | None = None,
-             lease_seconds: float | None = None, preview: str | None = None) -> bool | None:
-    """Record one denoising step (``task_output`` event, status ``task_output``, latest progress),
-    renewing the worker's lease, guarded like every other write.
+             lease_seconds: float | None = None, preview: bytes | None = None) -> bool | None:
+    """Record one denoising step (``task_output`` event, status ``task_output``, latest progress,
+    ``preview``: the latent preview's JPEG bytes, if any), renewing the worker's lease, guarded
+    like every other write. One transaction of two reused statements (about 0.1-0.2 ms on SQLite).
 
     Returns:
         The task's kill flag, or None when the write was rejected: the task already ended
@@ -159,6 +196,16 @@ def progress(store: Store, task_id: int, message: str, info: dict, *, owner: str
 def log_event(store: Store, task_id: int, type_: str, message: str, owner: str | None = None) -> bool:
     """Append a log event (``task_error``) to a running task; False (not written) once it ended."""
     return store.add_event(task_id, type_, message, only_from=RUNNING, owner=owner) is not None
+
+
+def queue_positions(store: Store, tasks: list) -> dict[int, int]:
+    """Task id -> queue position (1 = next to run) of the queued ones among ``tasks`` (O(log n)
+    each, see :meth:`Store.queue_positions`); a task claimed meanwhile is left out."""
+    queued = {t.queue_seq: t.id for t in tasks if t.status == QUEUE and getattr(t, "queue_seq", None) is not None}
+    if not queued:
+        return {}
+    others = tuple(s for s in TRANSITIONS if s != QUEUE)
+    return {queued[seq]: pos for seq, pos in store.queue_positions(QUEUE, others, list(queued)).items()}
 
 
 def cancel(store: Store, task_id: int) -> bool:
@@ -194,10 +241,12 @@ def fail(store: Store, task: Task, reason: str, owner: str | None = None) -> boo
 
 
 def requeue(store: Store, task: Task) -> bool:
-    """Put a task that never started back in the queue (its worker is gone)."""
+    """Put a task that never started back in the queue (its worker is gone). Its publication is
+    forgotten (``dispatched_at``), so a broker executor delivers its id again."""
     return store.transition(task.id, QUEUE, only_from=tuple(s for s in NOT_STARTED if s in allowed_from(QUEUE)),
                             owner=task.worker_id, worker_id="", lease_expires_at=None, accepttime=None,
-                            preprocessstarttime=None, preprocessendtime=None, assigntime=None)
+                            preprocessstarttime=None, preprocessendtime=None, assigntime=None,
+                            dispatched_at=None)
 
 
 def expire_leases(store: Store, lease_seconds: float, task_timeout: float = 0.0,

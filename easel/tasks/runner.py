@@ -1,11 +1,10 @@
 """Running one claimed task through its lifecycle, inside a worker process.
 
-Any executor (local processes now, Celery later) delivers task ids; :class:`Worker` claims and
-runs them. A tool failure ends that task with ``pexit`` "1" and never stops the worker.
+Any executor (local processes, or Celery workers of a fleet) delivers task ids; :class:`Worker`
+claims and runs them. A tool failure ends that task with ``pexit`` "1" and never stops the worker.
 """
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -20,9 +19,12 @@ from typing import Callable
 from easel import metrics
 from easel.catalog import ModelCatalog
 from easel.config import Settings
+from easel.images import ImageInputError
 from easel.models import ModelManager
-from easel.storage import LocalStorage
+from easel.storage import create_storage, upload_key
+from easel.storage.inputs import local_copy
 from easel.store import Store
+from easel.store.notify import Publisher
 from easel.tools import load_tool
 from easel.tools.base import TaskKilled, ToolError
 
@@ -30,6 +32,38 @@ from . import inputs as task_inputs
 from . import lifecycle as lc
 
 log = logging.getLogger("easel.worker")
+
+
+def torch_thread_count(settings: Settings, shares_cpu_with_api: bool, cuda: bool, cores: int) -> int | None:
+    """The CPU threads a worker process should give torch (None: torch's default).
+
+    ``Settings.torch_threads`` when set; otherwise, for a worker on the same machine as the API
+    (``shares_cpu_with_api``) and without CUDA, the ``cores`` left after one for the API divided
+    among ``Settings.workers`` workers, at least 1: with every core busy in torch, the API's
+    answers wait for a core and a polling client slows the denoising loop (28 % measured with 2
+    threads on 2 cores, see ``docs/benchmarks.md``). With CUDA the denoiser does not run on
+    those threads: torch's default.
+    """
+    if settings.torch_threads > 0:
+        return settings.torch_threads
+    if not shares_cpu_with_api or cuda:
+        return None
+    return max(1, (cores - 1) // max(1, settings.workers))
+
+
+def apply_torch_threads(settings: Settings, shares_cpu_with_api: bool) -> int | None:
+    """Set this process's torch threads by :func:`torch_thread_count`; returns the count set (None:
+    left at torch's default). Call it in a worker process before its first inference."""
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    threads = torch_thread_count(settings, shares_cpu_with_api, torch.cuda.is_available(), cores)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return threads
 
 
 class ServerStopping(Exception):
@@ -49,7 +83,7 @@ class TaskTimedOut(Exception):
 class WorkerContext:
     """The ``ToolContext`` a tool receives for one task (see ``easel.tools.base``)."""
 
-    def __init__(self, worker: "Worker", task_id: int, output_dir: Path, uploads_dir: Path, project_id: int = 0,
+    def __init__(self, worker: "Worker", task_id: int, output_dir: Path, task_uuid: str, project_id: int = 0,
                  extras_requested: bool = False):
         self.worker = worker
         self.store = worker.store
@@ -57,7 +91,10 @@ class WorkerContext:
         self.task_id = task_id
         self.project_id = project_id
         self.output_dir = output_dir
-        self.uploads_dir = uploads_dir
+        self.task_uuid = task_uuid
+        # stored inputs read from a storage without local files (S3) are downloaded here;
+        # it is inside the task's scratch folder, removed when the task ends
+        self.inputs_dir = output_dir / ".inputs"
         self.extras_requested = extras_requested
         self.extra_paths: list[Path] = []
         self.lines: list[str] = []
@@ -95,9 +132,8 @@ class WorkerContext:
             raise ServerStopping()
         if self.worker.timed_out():
             raise TaskTimedOut()
-        encoded = base64.b64encode(preview).decode() if preview else None
         kill = lc.progress(self.store, self.task_id, message, info, owner=self.worker.worker_id,
-                           lease_seconds=self.worker.settings.lease_seconds, preview=encoded)
+                           lease_seconds=self.worker.settings.lease_seconds, preview=preview)
         if kill is None:
             raise TaskLost()
         if kill:
@@ -112,11 +148,12 @@ class WorkerContext:
         lc.log_event(self.store, self.task_id, lc.ERROR, line, owner=self.worker.worker_id)
 
     def input_file(self, value: str) -> Path:
+        """A local file of the Run's multipart upload ``upload:<name>`` (through the storage)."""
         name = value.removeprefix("upload:")
-        path = (self.uploads_dir / name).resolve()
-        if path.parent != self.uploads_dir.resolve() or not path.is_file():
-            raise ToolError(f"uploaded file {name!r} is missing")
-        return path
+        try:
+            return local_copy(self.worker.storage, upload_key(self.task_uuid, name), self.inputs_dir, "")
+        except (ImageInputError, ValueError):
+            raise ToolError(f"uploaded file {name[:80]!r} is missing") from None
 
     def image(self, field: str, value: str):
         return task_inputs.load_image(self, field, value)
@@ -177,10 +214,10 @@ class Worker:
         self.settings = settings
         self.worker_id = worker_id
         metrics.set_worker(worker_id)
-        self.store = Store(settings.database_url)
+        self.store = Store(settings.database_url, wakeups=Publisher.for_settings(settings))
         self.catalog = ModelCatalog.load(settings.catalog_override)
-        self.models = ModelManager(settings, self.catalog)
-        self.storage = LocalStorage(settings)
+        self.storage = create_storage(settings)
+        self.models = ModelManager(settings, self.catalog, self.storage)
         self.should_stop: Callable[[], bool] = lambda: False  # set by the executor
         self.exit_process: Callable[[int], None] = os._exit  # what the heartbeat calls when stuck while stopping
         self.heartbeat_lost = threading.Event()
@@ -193,11 +230,33 @@ class Worker:
             self.execute(task_id)
         return task_id
 
+    def run_task(self, task_id: int) -> bool:
+        """Claim ``task_id`` if it is still queued and run it (a broker delivered this id).
+
+        Returns:
+            False, running nothing, when the task is no longer queued (claimed by another worker,
+            cancelled, ended, or unknown): a message delivered twice runs nothing twice.
+        """
+        if lc.claim(self.store, self.worker_id, self.settings.lease_seconds, task_id=task_id) is None:
+            return False
+        self.execute(task_id)
+        return True
+
     def advance(self, task_id: int, status: str, message: str = "", **values) -> None:
         """This worker's guarded transition; raises :class:`TaskLost` when it was rejected."""
-        if not lc.advance(self.store, task_id, status, message, owner=self.worker_id,
-                          lease_seconds=self.settings.lease_seconds, **values):
+        self.advance_through(task_id, [(status, message, values)])
+
+    def advance_through(self, task_id: int, steps: list[tuple[str, str, dict]]) -> None:
+        """Several transitions with no work between them, in one transaction
+        (:func:`lifecycle.advance_through`); raises :class:`TaskLost` when one was rejected."""
+        if not lc.advance_through(self.store, task_id, steps, owner=self.worker_id,
+                                  lease_seconds=self.settings.lease_seconds):
             raise TaskLost()
+
+    def _closing(self, output: str, errors: str) -> list[tuple[str, str, dict]]:
+        """The stages between the end of inference and the outputs, written together."""
+        return [(lc.OUTPUT_FULL, output, {"debugoutput": output}), (lc.ERROR_FULL, errors, {"debugerror": errors}),
+                (lc.END, "", {}), (lc.POSTPROCESS_START, "", {})]
 
     def timed_out(self) -> bool:
         return self._deadline is not None and time.time() > self._deadline
@@ -234,15 +293,21 @@ class Worker:
     def execute(self, task_id: int) -> None:
         """Walk an accepted task through preprocess, assign, start, outputs and postprocess."""
         task = self.store.get_task(task_id)
+        try:
+            workdir = Path(tempfile.mkdtemp(prefix=f"easel-{task.uuid}-", dir=self.settings.data_dir))
+        except OSError as exc:  # e.g. the data directory is gone or full: the task ends, the worker survives
+            log.error("task %s: no scratch folder in %s: %s", task_id, self.settings.data_dir, exc)
+            lc.fail(self.store, task, f"The worker could not create its scratch folder ({exc.strerror}). Submit it "
+                                      "again.", owner=self.worker_id)
+            return
         timeout = self.settings.task_timeout_seconds
         self._deadline = (task.accepttime or time.time()) + timeout if timeout > 0 else None
         self.heartbeat_lost.clear()
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(task_id, done), name="easel-heartbeat", daemon=True)
         beat.start()
-        workdir = Path(tempfile.mkdtemp(prefix=f"easel-{task.uuid}-", dir=self.settings.data_dir))
         inputs = json.loads(task.inputs)
-        ctx = WorkerContext(self, task_id, workdir, self.settings.uploads_dir / task.uuid, task.project_id,
+        ctx = WorkerContext(self, task_id, workdir, task.uuid, task.project_id,
                             task_inputs.extras_requested(inputs))
         store = self.store
         try:
@@ -250,16 +315,11 @@ class Worker:
             with _StderrCapture(ctx):
                 self.advance(task_id, lc.PREPROCESS_START)
                 plan = tool.prepare(inputs, ctx)
-                self.advance(task_id, lc.PREPROCESS_END)
                 ctx.check_killed()
-                self.advance(task_id, lc.ASSIGN)
+                self.advance_through(task_id, [(lc.PREPROCESS_END, "", {}), (lc.ASSIGN, "", {})])
                 paths = tool.run(plan, ctx) + ctx.extra_paths
             ctx.check_killed()
-            output, errors = "\n".join(ctx.lines), "\n".join(ctx.error_lines)
-            self.advance(task_id, lc.OUTPUT_FULL, message=output, debugoutput=output)
-            self.advance(task_id, lc.ERROR_FULL, message=errors, debugerror=errors)
-            self.advance(task_id, lc.END)
-            self.advance(task_id, lc.POSTPROCESS_START)
+            self.advance_through(task_id, self._closing("\n".join(ctx.lines), "\n".join(ctx.error_lines)))
             saved = self._save_outputs(task.uuid, paths)
             try:
                 store.add_outputs(task_id, saved)
@@ -315,12 +375,15 @@ class Worker:
         output = "\n".join(ctx.lines)
         lc.log_event(self.store, task_id, lc.ERROR, message, owner=self.worker_id)
         errors = "\n".join([*ctx.error_lines, message])
+        steps = self._closing(output, errors) + [(lc.POSTPROCESS_END, "", {"pexit": "1", "debugerror": errors})]
+        task = self.store.get_task(task_id)
+        done = [status for status, _, _ in steps]
+        if task is not None and task.status in done:  # failed after some closing stages were written
+            steps = steps[done.index(task.status) + 1:]
+        if not steps:  # it has ended already (the heartbeat failed it at its time limit)
+            return
         try:
-            self.advance(task_id, lc.OUTPUT_FULL, message=output, debugoutput=output)
-            self.advance(task_id, lc.ERROR_FULL, message=errors, debugerror=errors)
-            self.advance(task_id, lc.END)
-            self.advance(task_id, lc.POSTPROCESS_START)
-            self.advance(task_id, lc.POSTPROCESS_END, pexit="1")
+            self.advance_through(task_id, steps)
         except TaskLost:
             pass
 

@@ -53,7 +53,7 @@ import numpy as np
 from easel.catalog import load_tools
 from easel.models import Checkpoint, ModelError, Weights
 
-from .base import Phases, ToolContext, ToolError
+from .base import Phases, ToolContext, ToolError, save_pngs
 from .previews import latent_to_jpeg
 from .sd_lora import parse_seed, read_pipeline
 
@@ -480,7 +480,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
               "negative_prompt": plan.negative_prompt, "steps": plan.steps, "guidance_scale": plan.cfg,
               "highres_scale": plan.highres_scale, "highres_denoise": plan.highres_denoise,
               "bg_source": plan.bg_source, "seed": plan.seed, "width": w, "height": h}
-    paths = []
+    jobs = []
     for i, image in enumerate(results):
         info = PngInfo()
         info.add_text("parameters", f"{plan.prompt}, {ADDED_PROMPT}\nNegative prompt: {plan.negative_prompt}\n"
@@ -489,9 +489,8 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
                                     f"IC-Light: fbc, Background: {plan.bg_source}, Hires upscale: "
                                     f"{plan.highres_scale:g}, Denoising strength: {plan.highres_denoise:g}")
         info.add_text("easel", json.dumps({**params, "sample": i}, sort_keys=True))
-        path = ctx.output_dir / f"{i}.png"
-        Image.fromarray(image).save(path, pnginfo=info)
-        paths.append(path)
+        jobs.append((Image.fromarray(image), ctx.output_dir / f"{i}.png", info))
+    paths = save_pngs(jobs)
     for name, image in extras.items():
         ctx.extra_output(name, image)
     return paths

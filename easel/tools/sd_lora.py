@@ -163,7 +163,11 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         base_scheduler = pipe._easel_base_scheduler_config = dict(pipe.scheduler.config)
     if plan.scheduler not in SCHEDULERS:
         raise ToolError(f"scheduler must be one of {', '.join(SCHEDULERS)}")
-    pipe.scheduler = getattr(diffusers, plan.scheduler).from_config(base_scheduler)
+    if type(pipe.scheduler).__name__ != plan.scheduler:
+        # a new scheduler (0.7 ms) only when the class changes: every instance is made from the
+        # checkpoint's own config, and diffusers schedulers reset their per-run state in
+        # set_timesteps, which every pipeline call makes first
+        pipe.scheduler = getattr(diffusers, plan.scheduler).from_config(base_scheduler)
     try:
         models.adapters(pipe).apply(pipe, [(k, p, s) for k, p, s, _ in plan.loras])
     except ValueError as exc:
