@@ -323,6 +323,8 @@ def _tool_in_process(data: Path, photo_path: Path, inputs: dict):
             pass
 
     ctx = Ctx()
+    # as the server's validation hands it over: the multiselect as a list of ids
+    inputs = {**inputs, "selectedControlnetModel": [m for m in inputs["selectedControlnetModel"].split(",") if m]}
     return lambda: instant_id.run(instant_id.prepare(dict(inputs), ctx), ctx)
 
 
