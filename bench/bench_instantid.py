@@ -21,7 +21,8 @@ PNG written as the tool writes it:
    task is still running, or polls Task/Detail every 20 ms, ``--client``).
 
 Both sides are warm. Each case is measured ``--repeats`` times **interleaved** (a, b, a, b, ...)
-so that load from other processes hits both alike; wall time and CPU time are printed (CPU: this
+so that load from other processes hits both alike, with the same torch thread count on both sides
+(``--threads``; default the local worker's automatic count, ``EASEL_TORCH_THREADS``); wall time and CPU time are printed (CPU: this
 process for (a), the API and worker processes for the server), because on a shared, overloaded
 machine wall time mostly measures the other processes. The load average (``os.getloadavg``) is
 printed before and after.
@@ -72,6 +73,8 @@ def main() -> None:
     ap.add_argument("--client", choices=("wait", "poll"), default="wait")
     ap.add_argument("--no-server", action="store_true")
     ap.add_argument("--no-pieces", action="store_true", help="skip part 1 (the pieces), run Run-to-done only")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads here and in the server's worker (EASEL_TORCH_THREADS); 0: the worker's automatic count")
     ap.add_argument("--cases", default="none,three", help="Run-to-done cases: none (no ControlNet), three (all three)")
     args = ap.parse_args()
 
@@ -85,7 +88,14 @@ def main() -> None:
     from easel.models.tiny import make_tiny
     from easel.models.tiny_faces import draw_test_face
 
-    print(f"before: {_load()}, {os.cpu_count()} CPUs")
+    from easel.config import Settings
+    from easel.tasks.runner import torch_thread_count
+
+    cores = len(os.sched_getaffinity(0))
+    args.threads = args.threads or torch_thread_count(Settings(), True, torch.cuda.is_available(), cores) \
+        or torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # the same count on both sides of every comparison
+    print(f"before: {_load()}, {cores} CPUs, torch threads {args.threads} (here and in the worker)")
     data = Path(tempfile.mkdtemp(prefix="easel-bench-"))
     tiny = make_tiny(data / "models" / "tiny")
     photo = Image.new("RGB", (args.size, args.size), (128, 128, 128))
@@ -217,7 +227,8 @@ def run_to_done(args, data: Path, photo, base, adapter, nets, analyzer, depth, p
 
     # (2) through the server
     results = {}
-    with serve(data, "--model-source", "tiny", "--fetch-allow", "127.0.0.1") as srv:
+    with serve(data, "--model-source", "tiny", "--fetch-allow", "127.0.0.1",
+               env={"EASEL_TORCH_THREADS": str(args.threads)}) as srv:
         procs = _server_processes(data)
         for name, controlnets in cases:
             params = params_for(controlnets, url)
@@ -312,6 +323,8 @@ def _tool_in_process(data: Path, photo_path: Path, inputs: dict):
             pass
 
     ctx = Ctx()
+    # as the server's validation hands it over: the multiselect as a list of ids
+    inputs = {**inputs, "selectedControlnetModel": [m for m in inputs["selectedControlnetModel"].split(",") if m]}
     return lambda: instant_id.run(instant_id.prepare(dict(inputs), ctx), ctx)
 
 
