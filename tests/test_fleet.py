@@ -125,9 +125,9 @@ def fleet(tmp_path_factory, tiny, fleet_storage):
     root = tmp_path_factory.mktemp("fleet")
     tiny_dir = Path(tiny["sd15"]).parent
     storage_env, client, bucket = fleet_storage
-    # a short lease, so that the kill -9 test ends the dead worker's task soon; long enough that a
-    # heartbeat starved by a loaded 2-core machine (one renewal per third of it) does not lapse
-    env = {"EASEL_QUEUE_PREFIX": prefix, "EASEL_LEASE_SECONDS": str(round(3 * TIME_SCALE)), "EASEL_PREVIEW_INTERVAL": "0",
+    # a lease short enough for the kill -9 test, long enough that a heartbeat starved on a loaded
+    # machine does not lose it (4 s at scale 1, 12 s at the default 3)
+    env = {"EASEL_QUEUE_PREFIX": prefix, "EASEL_LEASE_SECONDS": str(4 * TIME_SCALE), "EASEL_PREVIEW_INTERVAL": "0",
            **storage_env}
     apis, workers = [], []
     try:
