@@ -1,23 +1,32 @@
-"""Time InstantID's preprocessing and a direct pipeline call on the tiny models (CPU or GPU).
+"""Time InstantID's preprocessing and Run-to-done against a direct pipeline call, on the tiny models.
 
-Prints the median of ``--repeats`` runs of: face analysis (insightface over the tiny antelopev2
-ONNX pack, 640×640 detector input, detection + recognition), keypoint drawing, canny (OpenCV),
-depth (tiny DPT through transformers), and one InstantID generation at ``--size`` with IdentityNet
-plus canny and depth ControlNets (``easel.models.instantid.generate``), next to the same call
-with IdentityNet alone. The tiny detector is a fixed ONNX graph, so the face-analysis time shows
-insightface's pre/post-processing and ONNX Runtime overhead, not SCRFD-10GF's cost.
+Part 1 (pieces): the median of ``--repeats`` runs (after a warm-up) of face analysis (insightface
+over the tiny antelopev2 ONNX pack, 640×640 detector input, detection + recognition), keypoint
+drawing, and each condition extraction: canny (OpenCV), depth (tiny DPT through transformers),
+openpose (tiny ViTPose through transformers: person box, affine crop, heatmaps, DARK decoding,
+COCO→OpenPose and the skeleton drawing), then one InstantID generation at ``--size`` with
+IdentityNet alone and with IdentityNet + openpose + depth + canny
+(``easel.models.instantid.generate``). The tiny detector and pose model are fixed graphs, so their
+times show the libraries' pre/post-processing and runtime overhead, not the real networks' cost.
 
-Then (unless ``--no-server``) Run-to-done: the tool ``wiro/instant-id-controlnet-lora`` through a
-real ``easel serve`` (photo by URL from a loopback file server, polling Task/Detail every 20 ms),
-against a direct in-process call doing the same work (resize as the tool does for tiny models,
-face analysis, ``draw_kps``, ``generate`` with IdentityNet at 0.8, PNG writing is not included).
+Part 2 (unless ``--no-server``): Run-to-done of ``wiro/instant-id-controlnet-lora`` through a real
+``easel serve`` (photo by URL from a loopback file server; the client waits with ``Prefer:
+wait=60`` or polls Task/Detail every 20 ms, ``--client``) against (a), the same work in this
+process: fetch-free decode of the same PNG, the tool's resize, face analysis, ``draw_kps``, the
+condition images, ``generate`` with IdentityNet at 0.8, and the PNG written as the tool writes it.
+Both sides are warm. Each case is measured ``--repeats`` times **interleaved** (a, b, a, b, ...)
+so that load from other processes hits both alike; the load average (``os.getloadavg``) is printed
+before and after, since the machine may be shared.
 
-Run: ``.venv/bin/python bench/bench_instantid.py [--size 256] [--steps 8] [--repeats 3] [--no-server]``.
+Run: ``.venv/bin/python bench/bench_instantid.py [--size 256] [--steps 8] [--repeats 5]
+[--tool-steps 20] [--client wait|poll] [--no-server]``.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import http.server
+import os
 import statistics
 import sys
 import tempfile
@@ -27,6 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import serve  # noqa: E402
+
+
+TOOL = "wiro/instant-id-controlnet-lora"
 
 
 def _median(fn, repeats: int) -> float:
@@ -39,25 +51,31 @@ def _median(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _load() -> str:
+    return "load average " + " / ".join(f"{v:.2f}" for v in os.getloadavg()) + " (1 / 5 / 15 min)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tool-steps", type=int, default=20, help="steps for the Run-to-done comparison (seed default 20)")
+    ap.add_argument("--client", choices=("wait", "poll"), default="wait")
     ap.add_argument("--no-server", action="store_true")
     args = ap.parse_args()
 
     import torch
-    from diffusers import ControlNetModel, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
     from PIL import Image
 
-    from easel.models.conditions import DepthEstimator, canny_condition
+    from easel.models.conditions import DepthEstimator, OpenposeEstimator, canny_condition
     from easel.models.faces import FaceAnalyzer
-    from easel.models.instantid import InstantIDAdapter, build_pipeline, draw_kps, generate
+    from easel.models.instantid import InstantIDAdapter, build_pipeline, draw_kps, generate, load_controlnet
     from easel.models.tiny import make_tiny
     from easel.models.tiny_faces import draw_test_face
 
+    print(f"before: {_load()}, {os.cpu_count()} CPUs")
     data = Path(tempfile.mkdtemp(prefix="easel-bench-"))
     tiny = make_tiny(data / "models" / "tiny")
     photo = Image.new("RGB", (args.size, args.size), (128, 128, 128))
@@ -65,73 +83,119 @@ def main() -> None:
     draw_test_face(photo, (int(s * 0.35), int(s * 0.3), int(s * 0.65), int(s * 0.68)), 0)
     analyzer = FaceAnalyzer(tiny["faces"])
     depth = DepthEstimator(tiny["depth-dpt"])
+    pose = OpenposeEstimator(tiny["pose-vitpose"])
     face = analyzer.largest_face(photo)
     rows = {
         "face analysis (detect + embed)": _median(lambda: analyzer.largest_face(photo), args.repeats),
         "draw_kps": _median(lambda: draw_kps(photo.size, face.kps), args.repeats),
         "canny": _median(lambda: canny_condition(photo), args.repeats),
         "depth (tiny DPT)": _median(lambda: depth(photo), args.repeats),
+        "openpose (tiny ViTPose + skeleton drawing)": _median(lambda: pose(photo, face_box=face.bbox), args.repeats),
     }
     base = StableDiffusionXLPipeline.from_pretrained(str(tiny["sdxl"]))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base.to(device)
+    base.set_progress_bar_config(disable=True)
     adapter = InstantIDAdapter.load(tiny["instantid-ip-adapter"])
     adapter.attach(base.unet)
-    nets = [ControlNetModel.from_pretrained(str(tiny[f"sdxl-controlnet-{n}"])).to(device)
-            for n in ("identitynet", "canny", "depth")]
-    images = [draw_kps(photo.size, face.kps), canny_condition(photo), depth(photo)]
+    nets = {n: load_controlnet(tiny[f"sdxl-controlnet-{n}"]).to(device) for n in ("identitynet", "openpose", "depth", "canny")}
+    images = [draw_kps(photo.size, face.kps), pose(photo, face_box=face.bbox), depth(photo), canny_condition(photo)]
 
-    def gen(n: int):
-        pipe = build_pipeline(base, nets[0], nets[1:n])
-        generate(pipe, adapter, face.embedding, images[:n], [0.8] + [1.0] * (n - 1), 0.8, "a portrait",
+    def gen(names: tuple[str, ...]):
+        pipe = build_pipeline(base, nets[names[0]], [nets[n] for n in names[1:]])
+        generate(pipe, adapter, face.embedding, images[:len(names)], [0.8] + [1.0] * (len(names) - 1), 0.8, "a portrait",
                  num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0), output_type="latent")
 
-    rows[f"generate {s}² {args.steps} steps, IdentityNet only"] = _median(lambda: gen(1), args.repeats)
-    rows[f"generate {s}² {args.steps} steps, IdentityNet + canny + depth"] = _median(lambda: gen(3), args.repeats)
+    rows[f"generate {s}² {args.steps} steps, IdentityNet only"] = _median(lambda: gen(("identitynet",)), args.repeats)
+    rows[f"generate {s}² {args.steps} steps, IdentityNet + openpose + depth + canny"] = _median(
+        lambda: gen(("identitynet", "openpose", "depth", "canny")), args.repeats)
     print(f"device: {device}, torch threads: {torch.get_num_threads()}")
     for name, seconds in rows.items():
-        print(f"{name:55s} {seconds * 1000:9.1f} ms")
+        print(f"{name:70s} {seconds * 1000:9.1f} ms")
     if not args.no_server:
-        run_to_done(args, data, photo, base, adapter, nets[0], analyzer)
+        run_to_done(args, data, photo, base, adapter, nets, analyzer, depth, pose)
+    print(f"after: {_load()}")
 
 
-def run_to_done(args, data: Path, photo, base, adapter, identitynet, analyzer) -> None:
-    """Run-to-done of the tool against the same work done in process (see the module docstring)."""
+def run_to_done(args, data: Path, photo, base, adapter, nets, analyzer, depth, pose) -> None:
+    """Run-to-done of the tool against the same work done in process, interleaved (module docstring)."""
     import torch
 
+    from easel.models.conditions import canny_condition
     from easel.models.instantid import build_pipeline, draw_kps, generate
+    from easel.tools.base import write_pngs
     from easel.tools.instant_id import IDENTITYNET_SCALE, _resize
 
     www = data / "www"
     www.mkdir()
     photo.save(www / "portrait.png")
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(www), **k)  # noqa: E731
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    out = data / "direct-out"
+    out.mkdir()
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(www)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/portrait.png"
+    conditions = {"458": "openpose", "455": "depth", "454": "canny"}
 
-    def direct():
+    def direct(controlnets: tuple[str, ...]):
         from PIL import Image
 
         image = _resize(Image.open(www / "portrait.png").convert("RGB"), tiny=True)
         face = analyzer.largest_face(image)
-        pipe = build_pipeline(base, identitynet)
-        generate(pipe, adapter, face.embedding, [draw_kps(image.size, face.kps)], [IDENTITYNET_SCALE], 0.8, "a portrait",
-                 "blurry", num_inference_steps=args.tool_steps, guidance_scale=5.0,
-                 generator=[torch.Generator().manual_seed(7)])
+        images, names = [draw_kps(image.size, face.kps)], ["identitynet"]
+        for mid in controlnets:
+            cond = conditions[mid]
+            names.append(cond)
+            images.append(canny_condition(image) if cond == "canny" else depth(image) if cond == "depth"
+                          else pose(image, face_box=face.bbox))
+        pipe = build_pipeline(base, nets["identitynet"], [nets[n] for n in names[1:]])
+        result = generate(pipe, adapter, face.embedding, images, [IDENTITYNET_SCALE] + [1.0] * len(controlnets), 0.8,
+                          "a portrait", "blurry", num_inference_steps=args.tool_steps, guidance_scale=5.0,
+                          generator=[torch.Generator().manual_seed(7)])
+        write_pngs(result.images, out, 7, lambda seed: "a portrait", {"seed": 7})
 
-    raw = _median(direct, args.repeats)
-    params = {"selectedModel": "79", "selectedLoraModel": "", "selectedControlnetModel": "", "inputImageUrl": url,
-              "prompt": "a portrait", "negativePrompt": "blurry", "steps": args.tool_steps, "scale": 5.0,
-              "ip_adapter_scale": 0.8, "samples": 1, "seed": "7", "scheduler": "EulerDiscreteScheduler"}
+    def easel(srv, params) -> float:
+        """Run → task_postprocess_end as the client sees it; a ``wait`` answered before the end
+        (a task longer than 60 s on a loaded machine) goes on polling."""
+        if args.client == "poll":
+            return srv.run_to_done(TOOL, params, mode="poll")[1]
+        t0 = time.time()
+        answer = srv.client.post(f"{srv.base}/v1/Run/{TOOL}", json=params, headers={"Prefer": "wait=60"}).json()
+        task = answer["tasklist"][0]
+        if task["status"] not in ("task_postprocess_end", "task_cancel"):
+            task = srv.wait(answer["taskid"], poll=0.02)
+        assert task["pexit"] == "0", task
+        return time.time() - t0
+
+    cases = {"no ControlNet": (), "openpose + depth + canny": ("458", "455", "454")}
+    results = {}
     with serve(data, "--model-source", "tiny", "--fetch-allow", "127.0.0.1") as srv:
-        srv.run_to_done("wiro/instant-id-controlnet-lora", params, mode="poll")  # warm-up: loads everything
-        runs = [srv.run_to_done("wiro/instant-id-controlnet-lora", params, mode="poll")[1] for _ in range(args.repeats)]
+        for name, controlnets in cases.items():
+            params = {"selectedModel": "79", "selectedLoraModel": "", "selectedControlnetModel": ",".join(controlnets),
+                      "inputImageUrl": url, "prompt": "a portrait", "negativePrompt": "blurry", "steps": args.tool_steps,
+                      "scale": 5.0, "ip_adapter_scale": 0.8, "samples": 1, "seed": "7", "scheduler": "EulerDiscreteScheduler"}
+            for mid in controlnets:
+                params[{"458": "controlnet-openpose-sdxl-1.0", "455": "controlnet-depth-sdxl-1.0",
+                        "454": "controlnet-canny-sdxl-1.0"}[mid]] = 1.0
+            direct(controlnets)  # warm-up: both sides load everything
+            srv.run_to_done(TOOL, params, mode="poll")
+            a, b = [], []
+            for _ in range(args.repeats):  # interleaved
+                t = time.perf_counter()
+                direct(controlnets)
+                a.append(time.perf_counter() - t)
+                b.append(easel(srv, params))
+            results[name] = (a, b)
     httpd.shutdown()
-    easel = statistics.median(runs)
-    print(f"(a) direct: resize + face analysis + draw_kps + generate, {args.tool_steps} steps : {raw:.3f} s")
-    print(f"(b) Easel Run -> task_postprocess_end (photo by URL, polling 20 ms)      : {easel:.3f} s")
-    print(f"    ratio (b)/(a): {easel / raw:.3f}  (target <= 1.05)")
+    print(f"Run-to-done, {args.tool_steps} steps, 128×160 output, client {args.client}, {args.repeats} interleaved pairs")
+    for name, (a, b) in results.items():
+        ratios = sorted(y / x for x, y in zip(a, b))
+        print(f"  {name:26s} (a) direct {statistics.median(a):.3f} s  (b) Easel {statistics.median(b):.3f} s  "
+              f"ratio of medians {statistics.median(b) / statistics.median(a):.3f}  "
+              f"pair ratios {' '.join(f'{r:.3f}' for r in ratios)}  (target <= 1.05)")
 
 
 if __name__ == "__main__":

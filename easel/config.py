@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -106,6 +107,30 @@ class Settings:
             among the workers (at least 1 each), so that the API answers while torch computes;
             with CUDA, torch's default. The ``easel worker`` of a separate machine keeps torch's
             default unless this is set.
+        storage: Where outputs, uploads and fetched LoRAs are kept: ``local`` (under
+            ``data_dir``) or ``s3://bucket/prefix`` (S3-compatible object storage through boto3;
+            credentials from boto3's default chain: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+            ``AWS_PROFILE``, ``~/.aws``, instance roles). See ``docs/storage.md``.
+        s3_endpoint_url: S3 endpoint (MinIO, Ceph RADOS Gateway, R2...); empty = boto3's choice
+            (``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, else AWS for the region).
+        s3_region: S3 region; empty = boto3's (``AWS_REGION``/``AWS_DEFAULT_REGION``, ``~/.aws/config``).
+        s3_addressing_style: ``auto``, ``path`` (``endpoint/bucket/key``, what most self-hosted
+            servers need behind a plain host name) or ``virtual`` (``bucket.endpoint/key``).
+        output_urls: ``served`` (default): output URLs point at this API
+            (``/v1/File/{accesskey}/{name}``, the task's access key is the credential; with S3 the
+            API streams the object); ``presigned``: S3 presigned GET URLs (needs ``s3://`` storage).
+        s3_presign_seconds: Lifetime of a presigned URL, 1 to 604800 (7 days, SigV4's limit); a
+            new one is made at every Task/Detail, socket message and webhook.
+        redis_url: Redis shared by the fleet's processes (``redis://[:password@]host:port/db``,
+            ``rediss://`` for TLS): pushed live-event wake-ups (pub/sub) and the rate limit's
+            shared window; empty (default) = none.
+        redis_prefix: Prefix of Easel's Redis keys and channels (``<prefix>:events``,
+            ``<prefix>:ratelimit/...``), so several deployments can share one Redis.
+        live_push: How WebSocket and ``Prefer: wait`` waiters learn of new events: ``auto``
+            (Redis pub/sub with ``redis_url``, else PostgreSQL ``LISTEN/NOTIFY`` on a PostgreSQL
+            store, else polling), ``redis``, ``postgres`` or ``off`` (polling).
+        live_fallback_poll_interval: Seconds between the store reads of a waiter while wake-ups
+            are pushed and none comes (a lost wake-up delays an event at most this long).
     """
 
     data_dir: Path = Path("easel-data")
@@ -154,6 +179,16 @@ class Settings:
     api_processes: int = 1
     api_threads: int = 16
     torch_threads: int = 0
+    storage: str = "local"
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_addressing_style: str = "auto"
+    output_urls: str = "served"
+    s3_presign_seconds: int = 3600
+    redis_url: str = ""
+    redis_prefix: str = "easel"
+    live_push: str = "auto"
+    live_fallback_poll_interval: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())
@@ -171,6 +206,25 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be 0 (automatic) or more, not {self.torch_threads}")
+        if self.storage in ("", "local"):
+            object.__setattr__(self, "storage", "local")
+        else:
+            parse_s3_url(self.storage)
+        if self.output_urls not in ("served", "presigned"):
+            raise ValueError(f"output_urls must be 'served' or 'presigned', not {self.output_urls!r}")
+        if self.output_urls == "presigned" and self.storage == "local":
+            raise ValueError("output_urls 'presigned' needs S3 storage (storage = s3://bucket/prefix)")
+        if not 1 <= self.s3_presign_seconds <= 604800:
+            raise ValueError(f"s3_presign_seconds must be 1 to 604800 (7 days), not {self.s3_presign_seconds}")
+        if self.s3_addressing_style not in ("auto", "path", "virtual"):
+            raise ValueError(f"s3_addressing_style must be 'auto', 'path' or 'virtual', not {self.s3_addressing_style!r}")
+        from easel.store.notify import choose_backend, redact
+
+        choose_backend(self.live_push, self.redis_url, self.database_url)  # ValueError naming the setting
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"EASEL_REDIS_URL must be a redis://, rediss:// or unix:// URL, not {redact(self.redis_url)[:60]!r}")
+        if not self.live_fallback_poll_interval > 0:
+            raise ValueError("EASEL_LIVE_FALLBACK_POLL_INTERVAL must be a positive number of seconds")
         if tuple(self.gpus) == ("all",):
             import torch
 
@@ -211,6 +265,31 @@ class Settings:
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+
+def parse_s3_url(value: str) -> tuple[str, str]:
+    """``(bucket, prefix)`` of ``s3://bucket/prefix`` (the prefix may be empty or several segments).
+
+    Raises:
+        ValueError: not an ``s3://`` URL, a bucket name outside S3's rules (3 to 63 lower-case
+            letters, digits, ``.`` and ``-``), or a prefix with an unsafe or empty segment or over
+            120 characters.
+    """
+    if not isinstance(value, str) or not value.startswith("s3://"):
+        raise ValueError(f"storage must be 'local' or 's3://bucket/prefix', not {value!r}")
+    bucket, _, prefix = value[len("s3://"):].partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ValueError(f"storage {value!r}: the bucket name must be 3 to 63 lower-case letters, digits, "
+                         "'.' and '-', starting and ending with a letter or digit")
+    prefix = prefix.strip("/")
+    if prefix and (len(prefix) > 120 or not all(_PREFIX_SEGMENT.match(p) for p in prefix.split("/"))):
+        raise ValueError(f"storage {value!r}: the prefix must be at most 120 characters of A-Z a-z 0-9 . _ - "
+                         "in /-separated segments, none empty or starting with '.'")
+    return bucket, prefix
 
 
 def _split(value):

@@ -55,6 +55,9 @@ WEBHOOKS = Counter("easel_webhook_deliveries", "Webhook delivery attempts by res
                    "failed = given up, refused = URL not allowed)", ["result"])
 WEBSOCKETS = Gauge("easel_websockets_open", "Open live-progress WebSocket connections",
                    multiprocess_mode="livesum")
+LIVE_PUSH = Gauge("easel_live_push_connected", "1 while this API process's live-event wake-up listener is "
+                  "subscribed (Redis pub/sub or PostgreSQL LISTEN), by backend; 0 while waiters poll instead",
+                  ["backend"], multiprocess_mode="livemax")
 HTTP_REQUESTS = Counter("easel_http_requests", "HTTP requests by route template, method and status code",
                         ["route", "method", "status"])
 HTTP_SECONDS = Histogram("easel_http_request_duration_seconds", "Seconds to answer an HTTP request, by route",
@@ -191,6 +194,12 @@ def http_request(route: str, method: str, status: int, seconds: float) -> None:
 @_safe
 def _websockets(delta: int) -> None:
     WEBSOCKETS.inc(delta)
+
+
+@_safe
+def live_push(backend: str, connected: bool) -> None:
+    """Record whether the wake-up listener of ``backend`` (``redis``/``postgres``) is subscribed."""
+    LIVE_PUSH.labels(backend).set(1 if connected else 0)
 
 
 @contextlib.contextmanager

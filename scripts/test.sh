@@ -8,12 +8,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The playground's browser tests drive Debian's chromium with Playwright (no browser download).
-if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+# Debian packages the tests run for real, installed when missing: chromium for the playground's
+# browser tests (Playwright drives it; no browser download) and Ceph's RADOS Gateway, a real S3
+# server for the object-storage tests (tests/ceph.py starts a throwaway cluster on loopback).
+APT=()
+if [ ! -x /usr/bin/chromium ]; then APT+=(chromium fonts-dejavu-core); fi
+for bin in radosgw ceph-mon ceph-osd; do
+  if ! command -v "$bin" >/dev/null; then APT+=(radosgw ceph-mon ceph-osd); break; fi
+done
+if [ ${#APT[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${APT[@]}"
 fi
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 if [ "${EASEL_TEST_POSTGRES:-1}" != "0" ] && [ $# -eq 0 ]; then

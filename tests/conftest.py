@@ -191,6 +191,36 @@ def file_server(tmp_path_factory, tiny):
     httpd.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ceph_s3(tmp_path_factory):
+    """A real S3 server for the session: Ceph's RADOS Gateway on a throwaway single-node cluster
+    (``tests/ceph.py``) on loopback; yields the :class:`ceph.CephS3` (``endpoint``, ``access_key``,
+    ``secret_key``) and stops every daemon afterwards, also on failure.
+
+    Skipped only where the Ceph packages are missing and apt-get cannot install them; with the
+    packages present, a failed start fails the tests that use it, with the daemons' logs."""
+    import shutil
+
+    import ceph
+
+    missing = ceph.missing_binaries()
+    if missing:
+        if shutil.which("apt-get") is None:
+            pytest.skip(f"Ceph is not installed ({', '.join(missing)} missing) and there is no apt-get to install "
+                        f"Debian's {' '.join(ceph.PACKAGES)}")
+        pytest.fail(f"Ceph is not installed ({', '.join(missing)} missing): scripts/test.sh installs it with "
+                    f"apt-get install {' '.join(ceph.PACKAGES)}", pytrace=False)
+    cluster = ceph.CephS3(tmp_path_factory.mktemp("ceph"), TIME_SCALE)
+    try:
+        cluster.start()
+    except ceph.CephError as exc:
+        pytest.fail(f"the Ceph RADOS Gateway did not start: {exc}", pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     return Image.open(io.BytesIO(data)).size
 

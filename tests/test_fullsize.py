@@ -11,6 +11,7 @@ import torch
 
 from easel.config import Settings
 from easel.models.fullsize import build_random, make_random, parameter_counts
+from easel.storage import output_key
 from easel.store import Store
 from easel.tasks import lifecycle as lc
 from easel.tasks.runner import Worker
@@ -70,7 +71,7 @@ def _run(worker: Worker, tool: str, inputs: dict) -> dict:
     assert worker.run_next() == task.id
     done = worker.store.get_task(task.id)
     assert done.pexit == "0", done.debugerror
-    return {"task": done, "images": [worker.storage.path(o.path).read_bytes() for o in worker.store.outputs(task.id)]}
+    return {"task": done, "images": [worker.storage.get_bytes(output_key(o.path)) for o in worker.store.outputs(task.id)]}
 
 
 SD = ("wiro/text-to-image-sd-lora", {"prompt": "a red fish", "samples": 1, "steps": 2, "width": 64, "height": 64,

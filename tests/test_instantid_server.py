@@ -1,9 +1,11 @@
-"""The InstantID tool (draft module on the current ToolContext) through the real server: an
-uploaded photo with a tiny "face", ControlNets, a LoRA, no face, and the flow-matching scheduler."""
+"""The InstantID tool through the real server: an uploaded photo with a tiny "face" and a photo by
+URL, zero, one, two and three ControlNets (openpose, depth, canny) with their condition images as
+extra outputs, a LoRA, no face, and the flow-matching scheduler."""
 from __future__ import annotations
 
 import io
 
+import numpy as np
 from PIL import Image
 
 from conftest import png_size, pixels
@@ -74,12 +76,58 @@ def test_sd_and_flux_outputs_are_unchanged_by_an_instantid_task_in_the_same_work
     assert images("wiro/text-to-image-sd-lora", SMALL) == sd and images(FLUX, FLUX_SMALL) == flux
 
 
-def test_instantid_photo_by_url_and_an_unavailable_openpose_estimator(server, project, file_server):
+def test_instantid_photo_by_url_with_one_controlnet(server, project, file_server):
     base_url, folder = file_server
     (folder / "portrait.png").write_bytes(_photo_bytes())
-    task = server.wait(project, server.run(project, {**BASE, "inputImageUrl": f"{base_url}/portrait.png"}, tool=TOOL)["taskid"],
-                       timeout=300)
+    params = {**BASE, "inputImageUrl": f"{base_url}/portrait.png", "selectedControlnetModel": "458"}
+    task = server.wait(project, server.run(project, params, tool=TOOL)["taskid"], timeout=300)
     assert task["pexit"] == "0", task["debugerror"]
-    # openpose needs controlnet_aux (optional, not installed here): a clear error, not a stack trace
-    pose = _run(server, project, {**BASE, "selectedControlnetModel": "458"})
-    assert pose["pexit"] == "1" and "controlnet_aux" in pose["debugerror"]
+    assert [o["name"] for o in task["outputs"]] == ["0.png"]
+    assert png_size(server.images(task)[0]) == (120, 160)
+
+
+def test_instantid_with_openpose_depth_and_canny_and_the_openpose_condition_as_an_extra_output(server, project):
+    from easel.models.openpose import OPENPOSE_COLORS
+
+    fields = {**BASE, "selectedControlnetModel": "458,455,454", "controlnet-openpose-sdxl-1.0": "0.9",
+              "extraOutputs": "true"}
+    task = _run(server, project, fields)
+    assert task["pexit"] == "0", task["debugerror"]
+    names = [o["name"] for o in task["outputs"]]
+    assert names[0] == "0.png" and sorted(names[1:]) == [
+        "extra-canny.png", "extra-depth.png", "extra-identitynet-keypoints.png", "extra-openpose.png"]
+    by_name = dict(zip(names, server.images(task)))
+    pose = np.asarray(Image.open(io.BytesIO(by_name["extra-openpose.png"])).convert("RGB"))
+    assert pose.shape == (160, 120, 3)
+    colours = {tuple(c) for c in pose.reshape(-1, 3)}
+    # the tiny ViTPose sees a whole standing body in the box around the face: all 18 joints drawn
+    assert all(c in colours for c in OPENPOSE_COLORS), sorted(set(OPENPOSE_COLORS) - colours)
+    assert (pose == 0).all(axis=-1).mean() > 0.5  # on black
+    # the skeleton stands where the face is: the nose disc (red) lies in the face box's columns
+    ys, xs = np.nonzero((pose == (255, 0, 0)).all(axis=-1))
+    assert 35 < xs.mean() < 80 and ys.mean() < 110
+    # the same request without openpose gives another image: the openpose ControlNet acts
+    without = _run(server, project, {**BASE, "selectedControlnetModel": "455,454"})
+    assert without["pexit"] == "0", without["debugerror"]
+    assert pixels(server.images(without)) != pixels([by_name["0.png"]])
+
+
+def test_the_seeds_curl_body_verbatim_with_its_photo_uploaded_first(server, project):
+    """The seed's own request, byte for byte, after uploading the photo it names with File/Upload."""
+    import json
+
+    from test_conformance import SEED_FILES, seed_curl, seed_sections
+
+    (seed,) = [f for f in SEED_FILES if f.name.startswith("001_")]
+    url, headers, body = seed_curl(seed_sections(seed)["Run Command - Make HTTP Post Request"])
+    assert url.endswith(f"/v1/Run/{TOOL}") and json.loads(body)["inputImageUrl"] == "input-portrait-2.jpg"
+    photo = io.BytesIO()
+    Image.open(io.BytesIO(_photo_bytes())).save(photo, "JPEG", quality=95)
+    up = server.post(project, "/v1/File/Upload", files={"file": ("input-portrait-2.jpg", photo.getvalue(), "image/jpeg")})
+    assert up.json()["result"] is True, up.text
+    r = server.post(project, f"/v1/Run/{TOOL}", headers={"Content-Type": headers["Content-Type"]}, content=body.encode())
+    assert r.json()["result"], r.text
+    task = server.wait(project, r.json()["taskid"], timeout=600)
+    assert task["pexit"] == "0", task["debugerror"]
+    assert [o["name"] for o in task["outputs"]] == ["0.png"] and png_size(server.images(task)[0]) == (120, 160)
+    assert "seed=3572004920" in task["debugoutput"]

@@ -394,6 +394,7 @@ def test_worker_torch_threads_leave_the_api_a_core():
 
 def test_a_scheduler_is_reused_until_another_class_is_asked_for(tmp_path, tiny):
     from easel.catalog import load_tools
+    from easel.storage import output_key
     from easel.tasks.runner import Worker
 
     s = Settings(data_dir=tmp_path / "data")
@@ -414,8 +415,7 @@ def test_a_scheduler_is_reused_until_another_class_is_asked_for(tmp_path, tiny):
         assert done.pexit == "0", done.debugerror
         pipe = next(worker.models.pipelines.peek(k) for k in worker.models.pipelines.keys() if k.startswith("sd15:"))
         seen.append(pipe.scheduler)
-        out = worker.storage.path(worker.store.outputs(task.id)[0].path)
-        pixels.append(Path(out).read_bytes())
+        pixels.append(worker.storage.get_bytes(output_key(worker.store.outputs(task.id)[0].path)))
     assert seen[0] is seen[1] and type(seen[2]).__name__ == "DDIMScheduler"
     assert type(seen[3]).__name__ == "EulerDiscreteScheduler" and seen[3] is not seen[0]
     from PIL import Image

@@ -153,19 +153,28 @@ def test_fetcher_refuses_non_public_targets(url):
 
 
 def test_fetcher_allow_list_and_caps(file_server, tmp_path):
+    from easel.storage import LocalStorage
+
     base, folder = file_server
     policy = FetchPolicy(allow=("127.0.0.1",))
     assert vet_url(f"{base}/x", policy)[3] == "127.0.0.1"
-    path = fetch_safetensors(f"{base}/sd15-lora-kohya.safetensors", tmp_path, policy)
-    assert path.name == f"{__import__('hashlib').sha256(path.read_bytes()).hexdigest()}.safetensors"
-    assert fetch_safetensors(f"{base}/sd15-lora-kohya.safetensors", tmp_path, policy) == path  # cached
+    storage = LocalStorage(Settings(data_dir=tmp_path / "d"))
+    cache = tmp_path / "d" / "models" / "fetched"
+    path = fetch_safetensors(f"{base}/sd15-lora-kohya.safetensors", storage, policy, cache)
+    assert path.parent == cache and path.name == f"{__import__('hashlib').sha256(path.read_bytes()).hexdigest()}.safetensors"
+    (folder / "sd15-lora-kohya.safetensors").rename(folder / "moved.safetensors")
+    try:  # cached: the URL is not fetched again
+        assert fetch_safetensors(f"{base}/sd15-lora-kohya.safetensors", storage, policy, cache) == path
+    finally:
+        (folder / "moved.safetensors").rename(folder / "sd15-lora-kohya.safetensors")
     with pytest.raises(FetchError, match="limit"):
-        fetch_safetensors(f"{base}/sd15-lora-peft.safetensors", tmp_path, FetchPolicy(allow=("127.0.0.1",), max_bytes=1000))
+        fetch_safetensors(f"{base}/sd15-lora-peft.safetensors", storage, FetchPolicy(allow=("127.0.0.1",), max_bytes=1000),
+                          cache)
     with pytest.raises(FetchError, match="pickle"):
-        fetch_safetensors(f"{base}/evil.safetensors", tmp_path, policy)
+        fetch_safetensors(f"{base}/evil.safetensors", storage, policy, cache)
     with pytest.raises(FetchError, match="HTTP 404"):
-        fetch_safetensors(f"{base}/missing.safetensors", tmp_path, policy)
-    assert not list(tmp_path.glob("*.part"))
+        fetch_safetensors(f"{base}/missing.safetensors", storage, policy, cache)
+    assert not list(cache.glob("*.part"))
 
 
 def test_safetensors_header_checks(tmp_path):

@@ -1,17 +1,14 @@
 """The FastAPI application: Wiro's Run, Task and Tool endpoints, output files, the live WebSocket,
 and the webhook dispatcher. Beyond Wiro: ``Idempotency-Key`` and ``Prefer: wait=N`` on Run,
-``Task/List``, a rate limit (HTTP 429) and an OpenAPI document with every tool's inputs."""
+``Task/List``, a rate limit (HTTP 429, :mod:`.ratelimit`) and an OpenAPI document with every tool's inputs."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import gc
 import logging
 import math
 import mimetypes
 import re
-import shutil
-import threading
 import time
 import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +22,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.openapi.utils import get_openapi
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,8 +30,9 @@ from easel import strict
 from easel.catalog import CatalogError, InputError, ModelCatalog, ToolSpec, load_tools
 from easel.config import Settings
 from easel.executors import Executor
-from easel.storage import LocalStorage
-from easel.store import Project, Store, Task
+from easel.storage import create_storage, output_key, upload_key, user_file_key
+from easel.store import LimitReached, Project, Store, Task
+from easel.store.notify import Hub, Publisher
 from easel.tasks import lifecycle as lc
 
 from . import compat, live, toolinfo
@@ -45,6 +43,7 @@ from . import playground
 from .auth import ProjectCache, authenticate, authenticate_without_io
 from .errors import WiroError, error_response
 from .parsing import Body, parse_body
+from .ratelimit import RateLimiter
 from .maintenance import Maintenance
 from .webhooks import WebhookDispatcher
 
@@ -55,32 +54,6 @@ _PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*([0-9]{1,9})(?![0-9])", re.I 
 MAX_PREFER_WAIT = 60
 
 
-class RateLimiter:
-    """Sliding one-minute window of request times per API key, in this process's memory.
-
-    With several API processes each enforces the limit on the requests it sees (documented).
-    """
-
-    def __init__(self, per_minute: int):
-        self.per_minute = per_minute
-        self._hits: dict[str, collections.deque] = collections.defaultdict(collections.deque)
-        self._lock = threading.Lock()
-
-    def check(self, key: str, now: float | None = None) -> float | None:
-        """Record a request; return None if allowed, else the seconds until one is allowed."""
-        if self.per_minute <= 0:
-            return None
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            hits = self._hits[key]
-            while hits and now - hits[0] >= 60.0:
-                hits.popleft()
-            if len(hits) >= self.per_minute:
-                return 60.0 - (now - hits[0])
-            hits.append(now)
-            return None
-
-
 class Api:
     """Shared state of the HTTP layer."""
 
@@ -88,18 +61,20 @@ class Api:
         self.settings = settings
         # a connection for each thread that may use the store at once: the request threads, the
         # webhook senders, upkeep and metrics (no connection is opened and closed per request)
-        self.store = Store(settings.database_url, pool_size=settings.api_threads + settings.webhook_concurrency + 4)
+        self.store = Store(settings.database_url, wakeups=Publisher.for_settings(settings),
+                           pool_size=settings.api_threads + settings.webhook_concurrency + 4)
+        self.wakeups = Hub.for_settings(settings, self.store.wakeups)
         self.projects = ProjectCache(self.store)
         # the threads that run requests' store calls (asyncio's executor: a hop costs ~40 % less CPU
         # than anyio's thread pool)
         self.threads = ThreadPoolExecutor(max_workers=settings.api_threads, thread_name_prefix="easel-api")
         self.catalog = ModelCatalog.load(settings.catalog_override)
         self.tools = load_tools()
-        self.storage = LocalStorage(settings)
+        self.storage = create_storage(settings)
         self.executor = executor
-        self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.redis_url, settings.redis_prefix)
         self.webhooks = WebhookDispatcher(settings, self.store, self.task_object)
-        self.maintenance = Maintenance(settings, self.store, self.delete_files)
+        self.maintenance = Maintenance(settings, self.store, self.delete_files, self.storage)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -107,11 +82,17 @@ class Api:
         """``fn(*args)`` in one of the API's threads (see ``Settings.api_threads``)."""
         return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
 
+    @property
+    def auth_needs_io(self) -> bool:
+        """Whether the rate limit is checked over the network (in Redis): then no request is
+        authenticated on the event loop."""
+        return self.limiter.shared is not None
+
     def auth(self, request: Request, project: Project | None = None) -> Project:
         """The calling project (``project``: already authenticated by :func:`authenticate_without_io`),
         after the rate limit; raises :class:`WiroError`."""
         project = project or authenticate(request.headers, self.store, self.settings, self.projects)
-        wait = self.limiter.check(project.apikey)
+        wait = self.limiter.check(f"project-{project.id}")  # the key's project: no secret in Redis
         if wait is not None:
             seconds = max(1, math.ceil(wait))
             raise WiroError(0, f"Too many requests: this API key may make {self.settings.rate_limit_per_minute} "
@@ -124,7 +105,7 @@ class Api:
         if position is None and task.status == lc.QUEUE:
             position = lc.queue_positions(self.store, [task]).get(task.id)
         return lc.task_view(task, self.store.outputs(task.id) if outputs is None else outputs,
-                            lambda t, o: self.storage.url(t.file_accesskey, o.name),
+                            lambda t, o: self.storage.url(t.file_accesskey, o.name, key=f"files/{o.path}"),
                             spec.categories if spec else [], queueposition=position,
                             modeldescription=spec.description if spec else "",
                             modelid=toolinfo.tool_id(self.tools, spec) if spec else "0",
@@ -204,17 +185,21 @@ class Api:
         task_uuid = str(uuidlib.uuid4())
         names = {i.name for i in spec.inputs}
         shown: dict[str, str] = {}  # uploaded inputs as the client sees them in parameters: file URLs
-        for up in body.files:
-            target = up.field if up.field in names else f"{up.field}Url" if f"{up.field}Url" in names else None
-            if target is None:
-                continue
-            folder = self.settings.uploads_dir / task_uuid
-            folder.mkdir(parents=True, exist_ok=True)
-            safe = f"{target}-{_SAFE_NAME.sub('_', Path(up.filename).name)[:100] or 'file'}"
-            (folder / safe).write_bytes(up.data)
-            fields[target] = f"upload:{safe}"
-            shown[target] = self.storage.url(task_uuid.replace("-", ""), safe)
+        stored = False  # whether this Run stored uploads (removed again if it is refused)
         try:
+            for up in body.files:
+                target = up.field if up.field in names else f"{up.field}Url" if f"{up.field}Url" in names else None
+                if target is None:
+                    continue
+                safe = f"{target}-{_SAFE_NAME.sub('_', Path(up.filename).name)[:100] or 'file'}"
+                stored = True
+                try:
+                    self.storage.put_bytes(upload_key(task_uuid, safe), up.data)
+                except OSError:
+                    log.exception("Run: could not store the upload %s of task %s", safe, task_uuid)
+                    raise WiroError(0, "The server could not store the uploaded file; try again later.", 503) from None
+                fields[target] = f"upload:{safe}"
+                shown[target] = self.storage.url(task_uuid.replace("-", ""), safe)  # served: it is stored with the task
             compat.require_inputs(spec, fields)
             try:
                 inputs = spec.validate(compat.zero_means_default(spec, fields), self.catalog)
@@ -222,24 +207,34 @@ class Api:
                 check_urls(spec, inputs)
             except InputError as exc:
                 raise WiroError(0, exc.message) from None
-            files_api.check_image_inputs(self, project, spec, inputs, self.settings.uploads_dir / task_uuid)
+            files_api.check_image_inputs(self, project, spec, inputs, task_uuid)
             limit = self.settings.max_concurrent_tasks
-            if limit and self.store.count_in((lc.QUEUE, *lc.RUNNING), project_id=project.id) >= limit:
+            try:
+                task, created = lc.submit(
+                    self.store, project_id=project.id, tool=spec.name, parameters={**fields, **shown}, inputs=inputs,
+                    callbackurl=callback, cost_per_second=spec.cost_per_second or self.settings.default_cost_per_second,
+                    uuid=task_uuid, idempotency_key=idempotency_key or None, max_unfinished=limit)
+            except LimitReached:
                 raise WiroError(96, E.CONCURRENCY, detail=f"This project may have up to {limit} unfinished (queued or "
                                 "running) tasks at the same time. Wait for a task to finish, or ask the operator to "
-                                "raise EASEL_MAX_CONCURRENT_TASKS.")
-            task, created = lc.submit(self.store, project_id=project.id, tool=spec.name, parameters={**fields, **shown},
-                                      inputs=inputs, callbackurl=callback,
-                                      cost_per_second=spec.cost_per_second or self.settings.default_cost_per_second,
-                                      uuid=task_uuid, idempotency_key=idempotency_key or None)
+                                "raise EASEL_MAX_CONCURRENT_TASKS.") from None
         except BaseException:  # a refused Run keeps none of its uploaded files
-            shutil.rmtree(self.settings.uploads_dir / task_uuid, ignore_errors=True)
+            if stored:
+                self._drop_uploads(task_uuid)
             raise
-        if not created:  # an idempotent retry: the first task's files are the ones that count
-            shutil.rmtree(self.settings.uploads_dir / task_uuid, ignore_errors=True)
+        if not created and stored:  # an idempotent retry: the first task's files are the ones that count
+            self._drop_uploads(task_uuid)
         if created and self.executor is not None:
             self.executor.submit(task.id)
         return self.run_answer(task)
+
+    def _drop_uploads(self, task_uuid: str) -> None:
+        """Remove a Run's uploads; a storage failure is logged (the retention sweeper removes
+        orphaned uploads later) and never replaces the Run's own answer."""
+        try:
+            self.storage.delete_prefix(f"uploads/{task_uuid}/")
+        except (OSError, ValueError):
+            log.exception("could not remove the uploads of refused Run %s", task_uuid)
 
     @staticmethod
     def run_answer(task: Task) -> dict:
@@ -247,14 +242,20 @@ class Api:
 
     async def wait_for_end(self, task_id: int, seconds: float) -> Task:
         """Wait until the task is terminal or ``seconds`` pass, holding no thread while asleep
-        (many ``Prefer: wait`` requests must not exhaust the thread pool)."""
+        (many ``Prefer: wait`` requests must not exhaust the thread pool). Woken by the task's
+        event wake-ups (:mod:`easel.store.notify`) when pushed, else polling as the socket does."""
         deadline = time.monotonic() + seconds
-        while True:
-            task = await run_in_threadpool(self.store.get_task, task_id)
-            if task.status in lc.TERMINAL or time.monotonic() >= deadline:
-                return task
-            delay = lc.poll_delay(task, self.settings.live_poll_interval, cap=1.0)
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        with self.wakeups.watch(task_id) as watch:
+            while True:
+                watch.clear()
+                task = await run_in_threadpool(self.store.get_task, task_id)
+                if task.status in lc.TERMINAL or time.monotonic() >= deadline:
+                    return task
+                if self.wakeups.pushing:
+                    delay = self.settings.live_fallback_poll_interval
+                else:
+                    delay = lc.poll_delay(task, self.settings.live_poll_interval, cap=1.0)
+                await watch.wait(min(delay, max(0.0, deadline - time.monotonic())))
 
     def delete_io(self, project: Project, body: Body) -> dict:
         """Task/InputOutputDelete: remove a finished task's uploaded inputs and output files (idempotent)."""
@@ -270,11 +271,11 @@ class Api:
         self.store.drop_deliveries(task.id)
         for out in self.store.delete_outputs(task.id):
             try:
-                self.storage.path(out.path).unlink(missing_ok=True)
-            except FileNotFoundError:
-                pass
-        shutil.rmtree(self.settings.files_dir / task.uuid, ignore_errors=True)
-        shutil.rmtree(self.settings.uploads_dir / task.uuid, ignore_errors=True)
+                self.storage.delete(output_key(out.path))
+            except ValueError:  # a path no Easel wrote: nothing of ours to delete
+                log.warning("task %s: output path %r is not a storage key", task.id, out.path)
+        self.storage.delete_prefix(f"files/{task.uuid}/")
+        self.storage.delete_prefix(f"uploads/{task.uuid}/")
 
     def task_list(self, project: Project, fields: dict) -> dict:
         """Task/List: the project's tasks, newest first; ``start``, ``limit``, ``status`` and the Wiro
@@ -320,13 +321,24 @@ class Api:
         """Tool/Explore: the runnable tools grouped by category (the Wiro MCP's and WiroKit's ``explore``)."""
         return {"result": True, "errors": [], "explore": toolinfo.explore(self.tools, self.store.tool_stats(lc.POSTPROCESS_END))}
 
-    def upload_path(self, key: str, name: str) -> Path | None:
-        """The file a Run uploaded as ``name`` for the task whose uuid (no dashes) is ``key``, or None.
-        These are the URLs shown in the task's ``parameters``; the uuid is the credential."""
-        if not _UPLOAD_KEY.match(key) or Path(name).name != name or name.startswith("."):
-            return None
-        path = self.settings.uploads_dir / str(uuidlib.UUID(key)) / name
-        return path if path.is_file() else None
+    def file_key(self, accesskey: str, name: str) -> tuple[str, str] | None:
+        """``(storage key, content type)`` of the file served at ``/v1/File/{accesskey}/{name}``:
+        an output (the task's file access key), a ``File/Upload`` file (its access key) or a
+        Run's upload (the task's uuid without dashes, as shown in its ``parameters``); None if
+        there is none (an unsafe name included)."""
+        try:
+            out = self.store.output_by_key(accesskey, name)
+            if out is not None:
+                return output_key(out.path), out.contenttype
+            up = self.store.user_file_by_key(accesskey, name)
+            if up is not None:
+                return user_file_key(up.path), up.contenttype
+            if _UPLOAD_KEY.match(accesskey):
+                return upload_key(str(uuidlib.UUID(accesskey)), name), \
+                    mimetypes.guess_type(name)[0] or "application/octet-stream"
+        except ValueError:  # not a storage key: nothing Easel stored
+            pass
+        return None
 
     def cancel(self, project: Project, body: Body) -> dict:
         task = self.find_task(project, body.fields)
@@ -433,9 +445,11 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
         if dispatch_webhooks:
             api.webhooks.start()
         api.maintenance.start()
+        await api.wakeups.start()
         try:
             yield
         finally:
+            await api.wakeups.stop()
             api.maintenance.stop()
             api.webhooks.stop()
             if on_shutdown is not None:
@@ -478,8 +492,9 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
 
     async def authed(request: Request) -> Project:
         """The calling project: on the event loop when that needs no I/O (a cached lenient or API-key
-        project), else in a thread (store read, strict nonce write)."""
-        project = authenticate_without_io(request.headers, settings, api.projects)
+        project, a rate limit in this process's memory), else in a thread (store read, strict nonce
+        write, the limit's window in Redis)."""
+        project = None if api.auth_needs_io else authenticate_without_io(request.headers, settings, api.projects)
         if project is not None:
             return api.auth(request, project)
         return await api.in_thread(api.auth, request)
@@ -557,7 +572,8 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
 
     @app.websocket(settings.ws_path)
     async def socket(ws: WebSocket):
-        await live.serve_socket(ws, api.store, api.output_list, poll=settings.live_poll_interval)
+        await live.serve_socket(ws, api.store, api.output_list, poll=settings.live_poll_interval, hub=api.wakeups,
+                                fallback=settings.live_fallback_poll_interval)
 
     @app.post("/v1/File/FolderCreate", summary="Create a folder for uploaded files (name, parentid)")
     async def folder_create(request: Request):
@@ -569,18 +585,11 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
 
     @app.api_route("/v1/File/{accesskey}/{name}", methods=["GET", "HEAD"],
                    summary="An output, an uploaded input or a File/Upload file (the key in the URL is the credential)")
-    async def file(accesskey: str, name: str):
-        out = await run_in_threadpool(api.store.output_by_key, accesskey, name)
-        if out is not None:
-            return FileResponse(api.storage.path(out.path), media_type=out.contenttype)
-        up = await run_in_threadpool(api.store.user_file_by_key, accesskey, name)
-        if up is not None:
-            path = files_api.InputFiles(settings, api.store, api.storage).user_path(up.path)
-            return FileResponse(path, media_type=up.contenttype)
-        upload = api.upload_path(accesskey, name)
-        if upload is None:
+    async def file(accesskey: str, name: str, request: Request):
+        found = await run_in_threadpool(api.file_key, accesskey, name)
+        if found is None:
             raise WiroError(1, "There is no file.", 404)
-        return FileResponse(upload, media_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
+        return await files_api.serve(api.storage, *found, head=request.method == "HEAD")
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz():

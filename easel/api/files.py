@@ -1,9 +1,10 @@
 """Wiro's Files API (``POST /v1/File/FolderCreate``, ``POST /v1/File/Upload``, see Wiro's
 ``files.md``) and the checks of image inputs made before a Run is queued.
 
-Files belong to the project that uploaded them. Each is stored under
-``<data_dir>/userfiles/<file id>/<name>`` and served at ``/v1/File/{accesskey}/{name}`` (the same
-route as outputs; the access key is the credential). A Run references a file by that URL, or by
+Files belong to the project that uploaded them. Each is stored under the storage key
+``userfiles/<file id>/<name>`` (``easel.storage``: ``<data_dir>/userfiles/...`` or the bucket) and
+served at ``/v1/File/{accesskey}/{name}`` (the same route as outputs; the access key is the
+credential). A Run references a file by that URL, or by
 its bare name, as the seeds' curl examples do (``"inputImageUrl": "bg-img2.png"``): the project's
 most recent file of that name. ZIP archives are stored as they are (Wiro extracts them; Easel does
 not yet).
@@ -13,10 +14,16 @@ from __future__ import annotations
 import mimetypes
 import re
 import secrets
+import tempfile
 from pathlib import Path
+from typing import BinaryIO
+
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from easel.catalog import ToolSpec
 from easel.images import ImageInputError, probe
+from easel.storage import Storage, user_file_key
 from easel.storage.inputs import InputFiles
 from easel.store import Project, UserFile
 
@@ -86,17 +93,19 @@ def upload(api, project: Project, body: Body) -> dict:
     answer = []
     for name, data in rows:
         file_id = secrets.token_hex(16)
-        folder = api.settings.user_files_dir / file_id
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(data)  # the bytes first: a row never points at a missing file
+        ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        try:  # the bytes first: a row never points at a missing file
+            api.storage.put_bytes(user_file_key(f"{file_id}/{name}"), data, content_type=ctype)
+        except OSError:
+            raise WiroError(0, "The server could not store the uploaded file; try again later.", 503) from None
         row = api.store.add_user_file(id=file_id, project_id=project.id, parent_id=parent.id, is_folder=False,
                                       name=name, size=len(data), path=f"{file_id}/{name}",
-                                      contenttype=mimetypes.guess_type(name)[0] or "application/octet-stream")
+                                      contenttype=ctype)
         answer.append(file_object(api, row))
     return {"result": True, "errors": [], "list": answer}
 
 
-def check_image_inputs(api, project: Project, spec: ToolSpec, inputs: dict, uploads_dir: Path) -> None:
+def check_image_inputs(api, project: Project, spec: ToolSpec, inputs: dict, task_uuid: str) -> None:
     """Before queueing: check every image input whose bytes are already on this server.
 
     Multipart files, files uploaded with ``/v1/File/Upload`` (a bare name is rewritten to
@@ -108,16 +117,53 @@ def check_image_inputs(api, project: Project, spec: ToolSpec, inputs: dict, uplo
         WiroError: code 0, naming the field.
     """
     locator = InputFiles(api.settings, api.store, api.storage)
-    for i in spec.inputs:
-        value = str(inputs.get(i.name, "") or "").strip()
-        if i.accepts != "image" or not value:
-            continue
-        try:
-            where = locator.locate(project.id, i.name, value, uploads_dir)
-            if isinstance(where, str):
-                continue  # a remote URL: the worker fetches it
-            probe(where, i.name, api.settings.max_image_pixels)
-        except ImageInputError as exc:
-            raise WiroError(0, exc.message) from None
-        if not value.lower().startswith(("http://", "https://", "upload:", "file:")):
-            inputs[i.name] = f"file:{api.store.user_file_by_name(project.id, value).id}"
+    with tempfile.TemporaryDirectory(prefix="easel-check-") as scratch:  # stored files read from S3 land here
+        for i in spec.inputs:
+            value = str(inputs.get(i.name, "") or "").strip()
+            if i.accepts != "image" or not value:
+                continue
+            try:
+                where = locator.locate(project.id, i.name, value, task_uuid, Path(scratch))
+                if isinstance(where, str):
+                    continue  # a remote URL: the worker fetches it
+                probe(where, i.name, api.settings.max_image_pixels)
+            except ImageInputError as exc:
+                raise WiroError(0, exc.message) from None
+            except OSError:
+                raise WiroError(0, f"Request parameter [{i.name}]: the server could not read the file; try "
+                                   "again later.", 503) from None
+            if not value.lower().startswith(("http://", "https://", "upload:", "file:")):
+                inputs[i.name] = f"file:{api.store.user_file_by_name(project.id, value).id}"
+
+
+CHUNK = 256 * 1024
+
+
+async def serve(storage: Storage, key: str, media_type: str, head: bool = False) -> Response:
+    """The HTTP answer of ``GET``/``HEAD /v1/File/{accesskey}/{name}`` for the stored file ``key``:
+    streamed from the storage in chunks (from disk, or from S3 without a local copy), with its
+    ``Content-Length``; a file gone from the storage is Wiro's "There is no file." (404).
+
+    Raises:
+        WiroError: 404 when the file is gone, 503 when the storage fails.
+    """
+    try:
+        if head:
+            stat = await run_in_threadpool(storage.stat, key)
+            if stat is None:
+                raise FileNotFoundError(key)
+            return Response(status_code=200, media_type=media_type, headers={"Content-Length": str(stat.size)})
+        stream, size = await run_in_threadpool(storage.open, key)
+    except FileNotFoundError:
+        raise WiroError(1, "There is no file.", 404) from None
+    except OSError:
+        raise WiroError(0, "The server could not read the file; try again later.", 503) from None
+    return StreamingResponse(_chunks(stream), media_type=media_type, headers={"Content-Length": str(size)})
+
+
+def _chunks(stream: BinaryIO):
+    try:
+        while block := stream.read(CHUNK):
+            yield block
+    finally:
+        stream.close()

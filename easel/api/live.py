@@ -26,10 +26,14 @@ Wiro clients ignore.
 
 Events come from the ``events`` table, which every worker process writes (previews from the
 ``previews`` table, read only for a client that asked for them): a client may be
-connected to any API process, not the one whose executor started the worker. Each socket polls the
-store (one indexed query per read): every ``Settings.live_poll_interval`` (20 ms) after an event or when
-the end is near, backing off to 250 ms while nothing happens; a broker push would replace the poll, not the
-protocol.
+connected to any API process, not the one whose executor started the worker. Each socket reads the
+store (one indexed query per read) when it is woken and otherwise at intervals:
+
+- with pushed wake-ups (:mod:`easel.store.notify`: Redis pub/sub, or PostgreSQL ``LISTEN/NOTIFY``),
+  at once after each event's commit, and every ``Settings.live_fallback_poll_interval`` (1 s)
+  besides, so a lost wake-up only delays;
+- without (SQLite, or the listener is reconnecting): every ``Settings.live_poll_interval`` (20 ms)
+  after an event or when the end is near, backing off to 250 ms while nothing happens.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from easel import metrics
 from easel.store import Event, Store, Task
+from easel.store.notify import Hub
 from easel.tasks import lifecycle as lc
 
 REGISTER_TIMEOUT = 60.0
@@ -84,14 +89,20 @@ def frame(task: Task, event: Event, outputs: Callable[[Task], list], previews: b
     return out
 
 
-async def serve_socket(ws: WebSocket, store: Store, outputs: Callable[[Task], list], poll: float = 0.1) -> None:
-    """Run one client connection (registration, replay, live events, close)."""
+async def serve_socket(ws: WebSocket, store: Store, outputs: Callable[[Task], list], poll: float = 0.1,
+                       hub: Hub | None = None, fallback: float = 1.0) -> None:
+    """Run one client connection (registration, replay, live events, close).
+
+    ``poll``: seconds between store reads near events when nothing is pushed; ``hub``: this
+    process's wake-up hub (None: polling only); ``fallback``: seconds between reads while the hub
+    is pushing and no wake-up comes."""
     await ws.accept()
     with metrics.websocket_open():
-        await _serve(ws, store, outputs, poll)
+        await _serve(ws, store, outputs, poll, hub or Hub(), fallback)
 
 
-async def _serve(ws: WebSocket, store: Store, outputs: Callable[[Task], list], poll: float) -> None:
+async def _serve(ws: WebSocket, store: Store, outputs: Callable[[Task], list], poll: float, hub: Hub,
+                 fallback: float) -> None:
     previews = ws.query_params.get("previews", "").lower() in ("1", "true", "yes")
     try:
         while True:
@@ -114,23 +125,25 @@ async def _serve(ws: WebSocket, store: Store, outputs: Callable[[Task], list], p
             return
         last = 0
         delay = poll
-        while True:
-            events = await run_in_threadpool(store.events, task.id, last, previews)
-            if events:
-                task = await run_in_threadpool(store.get_task, task.id)
-                for ev in events:
-                    last = ev.seq
-                    out = await run_in_threadpool(frame, task, ev, outputs, previews)
-                    if out is not None:
-                        await ws.send_json(out)
-                    if ev.type in lc.TERMINAL:
-                        await ws.close()
-                        return
-                delay = poll
-            elif task.status == lc.OUTPUT and lc.poll_delay(task, poll, 0.25) == poll:
-                delay = poll  # the last step is near: its outputs should go out at once
-            else:
-                delay = min(0.25, delay * 1.5)  # nothing new: back off, several steps per read
-            await asyncio.sleep(delay)
+        with hub.watch(task.id) as watch:
+            while True:
+                watch.clear()  # a wake-up from here on, even during the read, ends the next wait
+                events = await run_in_threadpool(store.events, task.id, last, previews)
+                if events:
+                    task = await run_in_threadpool(store.get_task, task.id)
+                    for ev in events:
+                        last = ev.seq
+                        out = await run_in_threadpool(frame, task, ev, outputs, previews)
+                        if out is not None:
+                            await ws.send_json(out)
+                        if ev.type in lc.TERMINAL:
+                            await ws.close()
+                            return
+                    delay = poll
+                elif task.status == lc.OUTPUT and lc.poll_delay(task, poll, 0.25) == poll:
+                    delay = poll  # the last step is near: its outputs should go out at once
+                else:
+                    delay = min(0.25, delay * 1.5)  # nothing new: back off, several steps per read
+                await watch.wait(fallback if hub.pushing else delay)
     except (WebSocketDisconnect, asyncio.TimeoutError, RuntimeError):
         return

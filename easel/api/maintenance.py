@@ -6,14 +6,19 @@
   once: every write is conditional, so each task is ended exactly once.
 - **Retention** (every ``sweep_interval_seconds``): finished tasks older than
   ``output_retention_seconds`` (0 = never, the default) lose their outputs and uploads through the
-  same path as ``Task/InputOutputDelete`` (the task record stays); upload folders and worker
-  scratch folders that belong to no unfinished task, and fetched LoRAs unused for
+  same path as ``Task/InputOutputDelete`` (the task record stays); upload and output folders of
+  no task, worker scratch folders that belong to no unfinished task, and fetched LoRAs unused for
   ``orphan_retention_seconds`` (default 7 days), are removed; the per-step events (progress with
   its preview, warnings) of tasks that ended ``event_retention_seconds`` ago (default 7 days) are
   deleted, the lifecycle events kept.
 - **Checkpoints** (SQLite, every :data:`CHECKPOINT_SECONDS`): the write-ahead log is copied into
   the database file by this thread (``Store.checkpoint``), not by whichever request's commit
   happens to fill it (which then waits 10-25 ms for an fsync with every other writer behind it).
+
+Files are found through the storage (``easel.storage``: the data directory or the bucket): one
+listing of ``files/`` and ``uploads/`` per sweep (grouped by task), then one store lookup per task
+folder old enough to matter, so a sweep costs the same whatever the number of old tasks whose
+files are already gone.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from easel.config import Settings
+from easel.storage import Storage, create_storage
 from easel.store import Store, Task
 from easel.tasks import lifecycle as lc
 
@@ -36,11 +42,14 @@ CHECKPOINT_SECONDS = 1.0
 class Maintenance:
     """The upkeep thread of one API process; :meth:`run_leases` and :meth:`sweep` are callable directly."""
 
-    def __init__(self, settings: Settings, store: Store, delete_files: Callable[[Task], None]):
-        """``delete_files(task)`` removes a finished task's outputs and uploads (InputOutputDelete)."""
+    def __init__(self, settings: Settings, store: Store, delete_files: Callable[[Task], None],
+                 storage: Storage | None = None):
+        """``delete_files(task)`` removes a finished task's outputs and uploads (InputOutputDelete);
+        ``storage`` holds the files (default: the one ``settings.storage`` names)."""
         self.settings = settings
         self.store = store
         self.delete_files = delete_files
+        self.storage = storage or create_storage(settings)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -88,36 +97,58 @@ class Maintenance:
         return done
 
     def sweep(self, now: float | None = None) -> dict[str, int]:
-        """One retention pass; returns how many of each kind were removed."""
-        s = self.settings
+        """One retention pass; returns how many of each kind were removed.
+
+        Raises:
+            OSError: the storage failed (the next pass retries).
+        """
+        s, storage = self.settings, self.storage
         now = time.time() if now is None else now
         removed = {"tasks": 0, "orphans": 0, "fetched": 0, "events": 0}
-        if s.output_retention_seconds > 0:
-            for task in self.store.ended_before(lc.TERMINAL, now - s.output_retention_seconds):
-                if (s.files_dir / task.uuid).exists() or (s.uploads_dir / task.uuid).exists() \
-                        or self.store.outputs(task.id):
+        expire = now - s.output_retention_seconds if s.output_retention_seconds > 0 else None
+        orphan = now - s.orphan_retention_seconds if s.orphan_retention_seconds > 0 else None
+        done: set[str] = set()
+        for area in ("files", "uploads"):
+            for name, newest in list(storage.folders(area)):
+                # files are written before their task ends: a folder newer than both cut-offs
+                # belongs to a task that cannot be due yet (no store lookup needed)
+                if name in done or newest >= max(expire or 0.0, orphan or 0.0):
+                    continue
+                task = self.store.task_by_uuid(name)
+                if task is None:
+                    if orphan is not None and newest < orphan:  # a refused or never stored Run
+                        storage.delete_prefix(f"{area}/{name}/")
+                        removed["orphans"] += 1
+                elif expire is not None and task.status in lc.TERMINAL and _ended(task) < expire:
                     self.delete_files(task)
+                    done.add(name)
                     removed["tasks"] += 1
         if s.event_retention_seconds > 0:
             removed["events"] = self.store.thin_events(lc.TERMINAL, now - s.event_retention_seconds,
                                                        (lc.OUTPUT, lc.ERROR))
-        if s.orphan_retention_seconds > 0:
-            cutoff = now - s.orphan_retention_seconds
+        if orphan is not None:
             live = {t.uuid for t in self.store.tasks_in((lc.QUEUE, *lc.RUNNING))}
-            for path in _children(s.uploads_dir):  # files of a Run that was refused or never stored
-                if _mtime(path) < cutoff and self.store.task_by_uuid(path.name) is None:
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed["orphans"] += 1
             for path in _children(s.data_dir):  # scratch folders of workers that died mid-task
-                if path.name.startswith("easel-") and path.is_dir() and _mtime(path) < cutoff \
+                if path.name.startswith("easel-") and path.is_dir() and _mtime(path) < orphan \
                         and path.name[len("easel-"):len("easel-") + 36] not in live:
                     shutil.rmtree(path, ignore_errors=True)
                     removed["orphans"] += 1
-            for path in _children(s.models_dir / "fetched"):
-                if path.suffix in (".safetensors", ".part") and max(_mtime(path), _atime(path)) < cutoff:
-                    path.unlink(missing_ok=True)
-                    removed["fetched"] += 1
+            # fetched LoRAs (and their URL index entries): touched whenever they are used
+            for obj in list(storage.list("fetched/")):
+                if obj.mtime < orphan:
+                    storage.delete(obj.key)
+                    removed["fetched"] += obj.key.endswith((".safetensors", ".part"))
+            if storage.kind != "local":  # this machine's copies of a remote storage's LoRAs
+                for path in _children(s.models_dir / "fetched"):
+                    if path.suffix in (".safetensors", ".part") and max(_mtime(path), _atime(path)) < orphan:
+                        path.unlink(missing_ok=True)
+                        removed["fetched"] += 1
         return removed
+
+
+def _ended(task: Task) -> float:
+    """When a terminal task ended (as ``Store.ended_before`` counts it)."""
+    return task.postprocessendtime or task.canceltime or task.createtime
 
 
 def _children(folder: Path) -> list[Path]:

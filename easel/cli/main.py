@@ -93,6 +93,10 @@ def serve(
     fetch_allow: Optional[str] = typer.Option(None, help="Comma-separated hosts/CIDRs the URL fetcher may reach "
                                                          "although private (e.g. 127.0.0.1 for local tests) "
                                                          "[env EASEL_FETCH_ALLOW]."),
+    storage: Optional[str] = typer.Option(None, help="Where outputs, uploads and fetched LoRAs live: local (under the "
+                                                     "data directory) or s3://bucket/prefix (endpoint, region and "
+                                                     "credentials from EASEL_S3_* and the usual AWS settings) "
+                                                     "[env EASEL_STORAGE; default local]."),
     config: Optional[Path] = typer.Option(None, help="TOML file of settings (field = value) [env EASEL_CONFIG_FILE]. "
                                                      "Precedence: flags given > environment > this file > defaults."),
     api_processes: Optional[int] = typer.Option(None, help="API processes on this port (they share the store; the "
@@ -105,13 +109,15 @@ def serve(
     given = {"data_dir": data_dir, "model_source": model_source, "workers": workers, "public_url": public_url,
              "api_processes": api_processes,
              "fetch_allow": tuple(x.strip() for x in fetch_allow.split(",") if x.strip()) if fetch_allow else None,
-             "gpus": tuple(x.strip() for x in gpus.split(",") if x.strip()) if gpus else None}
+             "gpus": tuple(x.strip() for x in gpus.split(",") if x.strip()) if gpus else None,
+             "storage": storage}
     if public_url is None and "public_url" not in read_sources(config):
         given["public_url"] = f"http://{host}:{port}"
     try:
         settings = _settings_from(config, **given)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    check_storage(settings)
     metrics_dir = prepare_metrics_dir(settings.data_dir)  # before anything imports prometheus_client
     import uvicorn
 
@@ -219,6 +225,16 @@ def _serve_processes(settings, host: str, port: int, executor) -> None:
                 p.kill()
                 p.join(5)
         sock.close()
+def check_storage(settings) -> None:
+    """Stop with the reason (exit code 2) when the configured storage cannot be used, e.g. an S3
+    bucket that does not exist or refuses these credentials: better at start than at the first Run."""
+    from easel.storage import create_storage
+
+    try:
+        create_storage(settings).check()
+    except OSError as exc:
+        console.print(f"[red]Storage unusable: {exc}")
+        raise typer.Exit(2) from None
 
 
 def _stop(executor, metrics_dir: Optional[Path]) -> None:

@@ -13,13 +13,16 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from easel.catalog import CatalogError, ModelCatalog, ModelEntry
 from easel.config import Settings
 
 from .cache import LoraState, PipelineCache, torch_modules, weights_bytes
 from .sources import ModelSources, Weights
+
+if TYPE_CHECKING:
+    from easel.storage import Storage
 
 __all__ = ["ModelManager", "ModelSources", "Weights", "PipelineCache", "LoraState", "dtype_kwargs", "ModelError",
            "Checkpoint", "LoraChoice", "Loaded", "RuntimeOptions"]
@@ -98,10 +101,11 @@ class ModelManager:
     (``Settings.pipeline_cache_bytes``).
     """
 
-    def __init__(self, settings: Settings, catalog: ModelCatalog):
+    def __init__(self, settings: Settings, catalog: ModelCatalog, storage: "Storage | None" = None):
+        """``storage`` keeps fetched LoRAs (default: the one ``settings.storage`` names)."""
         self.settings = settings
         self.catalog = catalog
-        self.sources = ModelSources(settings, catalog)
+        self.sources = ModelSources(settings, catalog, storage)
         self.pipelines = PipelineCache(settings.pipeline_cache_bytes)
         self.options = RuntimeOptions(torch_compile=settings.torch_compile, cpu_offload=settings.cpu_offload)
         # adapter state lives with the module that holds the adapters (a pipeline's UNet or

@@ -3,12 +3,10 @@
 Follows InstantID's multi-ControlNet demo (``gradio_demo/controlnet_util.py`` of
 ``instantX-research/InstantID``): canny with OpenCV (thresholds 100/200 on the BGR image), depth
 with transformers' ``DPTForDepthEstimation`` (the demo uses ``Intel/dpt-hybrid-midas``) min-max
-normalised to 0–255 grey, openpose with ``controlnet_aux``'s ``OpenposeDetector``
-(``lllyasviel/Annotators``). Estimators load from a local folder (a Hub snapshot or a placed copy).
-
-``controlnet_aux`` is optional: it pulls torchvision and timm (and on PyPI a CUDA torch), so Easel
-does not install it by default; without it openpose fails with :class:`ConditionError` saying how
-to install it. Depth and canny need only transformers and OpenCV.
+normalised to 0–255 grey. Openpose: the demo uses ``controlnet_aux``'s ``OpenposeDetector``;
+Easel uses transformers' ViTPose (``usyd-community/vitpose-base-simple``) and draws its keypoints
+as OpenPose skeletons (:mod:`easel.models.openpose`), because controlnet_aux pulls torchvision,
+timm and a CUDA torch. Estimators load from a local folder (a Hub snapshot or a placed copy).
 """
 from __future__ import annotations
 
@@ -20,6 +18,33 @@ import numpy as np
 
 class ConditionError(RuntimeError):
     """A condition extractor is unavailable (missing package or weights); the message says what to do."""
+
+
+def _load_model(cls, path: str | Path, model_type: str, what: str):
+    """``cls.from_pretrained(path)`` only if ``path`` holds a ``model_type`` model with every weight.
+
+    transformers loads a checkpoint of another architecture, or with weights missing, with a
+    warning and randomly initialised layers; an estimator would then draw noise. This refuses both.
+
+    Raises:
+        ConditionError: no config, another ``model_type``, or missing weights (named by ``what``).
+    """
+    import json
+
+    config = Path(path) / "config.json"
+    try:
+        found = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        raise ConditionError(f"no {what} model in {path}: no readable config.json") from None
+    if found != model_type:
+        raise ConditionError(f"no {what} model in {path}: config.json has model_type {found!r}, not {model_type!r}")
+    try:
+        model, info = cls.from_pretrained(str(path), output_loading_info=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConditionError(f"no {what} model in {path}: {str(exc).splitlines()[0][:200]}") from None
+    if info.get("missing_keys"):
+        raise ConditionError(f"the {what} model in {path} lacks weights, e.g. {sorted(info['missing_keys'])[:2]}")
+    return model
 
 
 def canny_condition(image, low: int = 100, high: int = 200):
@@ -52,11 +77,11 @@ class DepthEstimator:
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or (torch.float16 if self.device == "cuda" else torch.float32)
+        self.model = _load_model(DPTForDepthEstimation, path, "dpt", "DPT depth").to(self.device, self.dtype).eval()
         try:
             self.processor = AutoImageProcessor.from_pretrained(str(path))
-            self.model = DPTForDepthEstimation.from_pretrained(str(path)).to(self.device, self.dtype).eval()
         except (OSError, ValueError) as exc:
-            raise ConditionError(f"no DPT depth model in {path}: {str(exc).splitlines()[0][:200]}") from None
+            raise ConditionError(f"no DPT image processor in {path}: {str(exc).splitlines()[0][:200]}") from None
         self._lock = threading.Lock()
 
     def __call__(self, image, size: tuple[int, int] | None = None):
@@ -77,50 +102,66 @@ class DepthEstimator:
         return Image.fromarray(np.stack([grey] * 3, axis=-1))
 
 
-OPENPOSE_MISSING = (
-    "the openpose ControlNet needs the controlnet_aux package, which Easel does not install by default "
-    "(it pulls torchvision and timm): install it with `pip install controlnet_aux` in Easel's "
-    "environment, matching your torch build")
-
-
-def require_openpose() -> None:
-    """Raise :class:`ConditionError` (saying how to install it) unless controlnet_aux is importable."""
-    import importlib.util
-
-    if importlib.util.find_spec("controlnet_aux") is None:
-        raise ConditionError(OPENPOSE_MISSING)
-
-
 class OpenposeEstimator:
-    """Body pose skeleton with ``controlnet_aux.OpenposeDetector`` (from ``lllyasviel/Annotators``).
+    """Body pose as an OpenPose skeleton image, with ViTPose (transformers' ``VitPoseForPoseEstimation``).
+
+    ViTPose (Xu et al., arXiv 2204.12484) is a *top-down* estimator: it finds the 17 COCO
+    keypoints of the one person inside a given box (the crop is the box padded by 1.25 at the
+    model's 3:4 aspect, affine-warped to its input size; keypoints are decoded from heatmaps with
+    DARK sub-pixel refinement, all by transformers' ``VitPoseImageProcessorPil``). The keypoints
+    are converted to OpenPose-18 and drawn as the openpose ControlNets were trained to read them
+    (:mod:`easel.models.openpose`). InstantID's demo runs controlnet_aux's OpenPose body network
+    instead; that package pulls torchvision, timm and a CUDA torch, which Easel does not install,
+    while transformers (already a dependency) carries ViTPose.
 
     Args:
-        path: local folder holding ``body_pose_model.pth`` (and optionally hand/face models), e.g. a
-            snapshot of ``lllyasviel/Annotators``. Those ``.pth`` files are torch pickles loaded by
-            controlnet_aux; only point this at a trusted, pinned source.
+        path: local folder with ``config.json``, ``model.safetensors`` and
+            ``preprocessor_config.json`` (a snapshot of ``usyd-community/vitpose-base-simple``).
+        device, dtype: where to run (default: CUDA fp16 when available, else CPU fp32).
 
     Raises:
-        ConditionError: controlnet_aux is not installed, or the weights are missing.
+        ConditionError: the folder does not hold a ViTPose model.
     """
 
-    def __init__(self, path: str | Path, device: str | None = None):
-        require_openpose()
-        try:
-            from controlnet_aux import OpenposeDetector
-        except ImportError as exc:
-            raise ConditionError(f"{OPENPOSE_MISSING} (import failed: {exc})") from None
+    def __init__(self, path: str | Path, device: str | None = None, dtype=None):
         import torch
+        from transformers import VitPoseForPoseEstimation
+        from transformers.models.vitpose.image_processing_pil_vitpose import VitPoseImageProcessorPil
 
-        if not (Path(path) / "body_pose_model.pth").is_file():
-            raise ConditionError(f"no body_pose_model.pth in {path} (a snapshot of lllyasviel/Annotators)")
-        self.detector = OpenposeDetector.from_pretrained(str(path))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.detector.to(self.device)
+        self.dtype = dtype or (torch.float16 if self.device == "cuda" else torch.float32)
+        self.model = _load_model(VitPoseForPoseEstimation, path, "vitpose", "ViTPose").to(self.device, self.dtype).eval()
+        try:  # the PIL/NumPy/SciPy processor: the default one needs torchvision
+            self.processor = VitPoseImageProcessorPil.from_pretrained(str(path))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConditionError(f"no ViTPose image processor in {path}: {str(exc).splitlines()[0][:200]}") from None
+        if self.model.config.num_labels != 17:
+            raise ConditionError(f"{path}: a ViTPose model with {self.model.config.num_labels} keypoints; "
+                                 "the openpose condition needs the 17 COCO body keypoints")
         self._lock = threading.Lock()
 
-    def __call__(self, image, size: tuple[int, int] | None = None):
-        """Pose image (RGB ``PIL.Image`` of ``size``, default the input's) of an RGB ``PIL.Image``."""
+    def keypoints(self, image, box: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+        """COCO-17 keypoints of the person in ``box`` (``x, y, width, height`` pixels) of an RGB
+        ``PIL.Image``: ``(float32 [17, 2] pixels, float32 [17] scores)``."""
+        import torch
+
+        boxes = [[list(map(float, box))]]
+        inputs = self.processor(images=image.convert("RGB"), boxes=boxes, return_tensors="pt")
+        with self._lock, torch.no_grad():
+            out = self.model(inputs.pixel_values.to(self.device, self.dtype))
+        out.heatmaps = out.heatmaps.float()
+        pose = self.processor.post_process_pose_estimation(out, boxes=boxes)[0][0]
+        return pose["keypoints"].numpy().astype(np.float32), pose["scores"].numpy().astype(np.float32).reshape(-1)
+
+    def __call__(self, image, size: tuple[int, int] | None = None, face_box=None):
+        """Pose image of an RGB ``PIL.Image``: an RGB image of ``size`` (``(width, height)``,
+        default the input's) with the OpenPose skeleton of the person around ``face_box``
+        (``(x0, y0, x1, y1)``, see :func:`easel.models.openpose.person_box`; None: the whole image)
+        on black. Keypoints scored at most 0.3 are left out."""
+        from .openpose import coco_to_openpose, draw_bodypose, person_box
+
+        keypoints, scores = self.keypoints(image, person_box(face_box, image.size))
+        points, visible = coco_to_openpose(keypoints, scores)
         width, height = size or image.size
-        with self._lock:
-            pose = self.detector(image.convert("RGB"))
-        return pose.convert("RGB").resize((width, height))
+        points = points * np.array([width / image.size[0], height / image.size[1]])
+        return draw_bodypose((width, height), points, visible)

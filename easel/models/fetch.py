@@ -9,7 +9,8 @@
 - Connect/read timeouts and a total deadline per download (DNS included); a byte cap enforced
   on ``Content-Length`` and while streaming; ``Accept-Encoding: identity``, encoded bodies refused.
 - Weight files must parse as ``safetensors`` (header, dtypes, offsets); pickles are refused before
-  anything deserialises them. Accepted files are cached under their SHA-256.
+  anything deserialises them. Accepted files are kept under their SHA-256 in the storage
+  (``fetched/``, see :func:`fetch_safetensors`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import socket
 import struct
 import tempfile
@@ -25,12 +27,17 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpcore
 import httpx
 
+if TYPE_CHECKING:
+    from easel.storage import Storage
+
 MAX_REDIRECTS = 5
+_FETCHED_NAME = re.compile(r"^[0-9a-f]{64}\.safetensors$")
 _SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
                        "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
@@ -356,20 +363,40 @@ def check_safetensors(path: Path) -> dict:
     return tensors
 
 
-def fetch_safetensors(url: str, cache_dir: Path, policy: FetchPolicy) -> Path:
-    """Fetch a ``.safetensors`` file from an untrusted URL into ``cache_dir/<sha256>.safetensors``.
+def fetch_safetensors(url: str, storage: "Storage", policy: FetchPolicy, cache_dir: Path,
+                      refresh_after: float = 0.0) -> Path:
+    """Fetch a ``.safetensors`` file from an untrusted URL; return a local path of it.
 
-    A URL fetched before is served from the cache index without a new download.
+    The file is kept in the storage (``easel.storage``: the data directory, or the bucket every
+    worker of a fleet shares) as ``fetched/<sha256>.safetensors``, and the URL's answer as
+    ``fetched/urls/<sha256 of the URL>`` (holding that file name). A URL fetched before, by this
+    process or any other sharing the storage, is not downloaded again: the stored file is used
+    (downloaded once into ``cache_dir`` when the storage is remote). With ``refresh_after`` > 0,
+    a stored file older than that many seconds is touched when used, so the retention sweeper
+    (which deletes fetched files not used for ``orphan_retention_seconds``) keeps it.
 
     Raises:
         FetchError: see :func:`fetch_to_file` and :func:`check_safetensors`.
+        OSError: the storage failed.
     """
+    index = f"fetched/urls/{hashlib.sha256(url.encode()).hexdigest()}"
+    try:
+        name = storage.get_bytes(index).decode("ascii", "replace")
+    except FileNotFoundError:
+        name = ""
+    if _FETCHED_NAME.match(name):
+        try:
+            path = storage.local_path(f"fetched/{name}", cache_dir)
+        except FileNotFoundError:
+            pass  # swept meanwhile: fetch again
+        else:
+            if refresh_after > 0:
+                stat = storage.stat(index)
+                if stat is not None and stat.mtime < time.time() - refresh_after:
+                    storage.touch(f"fetched/{name}")
+                    storage.touch(index)
+            return path
     cache_dir.mkdir(parents=True, exist_ok=True)
-    index_path = cache_dir / "urls.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {}
-    known = index.get(url)
-    if known and (cache_dir / known).exists():
-        return cache_dir / known
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
     os.close(fd)
     tmp_path = Path(tmp)
@@ -384,6 +411,6 @@ def fetch_safetensors(url: str, cache_dir: Path, policy: FetchPolicy) -> Path:
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)
-    index[url] = final.name
-    index_path.write_text(json.dumps(index))
+    storage.put(f"fetched/{final.name}", final, content_type="application/octet-stream")
+    storage.put_bytes(index, final.name.encode(), content_type="text/plain")
     return final

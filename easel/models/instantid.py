@@ -437,6 +437,40 @@ def draw_kps(size: tuple[int, int], kps: Sequence[Sequence[float]], colors: Sequ
 
 
 # ---------------------------------------------------------------------------------------------
+# Loading ControlNets
+
+
+def load_controlnet(path: str | Path, **kwargs):
+    """An SDXL ``ControlNetModel`` from a local folder, in either layout the Hub repos use.
+
+    - diffusers' own: ``config.json`` + ``diffusion_pytorch_model.safetensors`` (IdentityNet's
+      ``ControlNetModel/``, ``diffusers/controlnet-{canny,depth}-sdxl-1.0``): ``from_pretrained``;
+    - ``config.json`` + one other ``.safetensors`` holding the same diffusers keys
+      (``thibaud/controlnet-openpose-sdxl-1.0`` ships ``OpenPoseXL2.safetensors``, its only
+      safetensors copy besides a pickled ``.bin``): diffusers' ``from_single_file`` with the
+      folder as ``config``.
+
+    Args:
+        kwargs: passed to the diffusers loader (e.g. ``torch_dtype``).
+
+    Raises:
+        ValueError: no ``config.json``, or no single weights file to choose.
+    """
+    from diffusers import ControlNetModel
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a ControlNet folder (no config.json)")
+    if (folder / "diffusion_pytorch_model.safetensors").is_file():
+        return ControlNetModel.from_pretrained(str(folder), use_safetensors=True, **kwargs)
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError(f"{folder}: expected diffusion_pytorch_model.safetensors or exactly one .safetensors "
+                         f"file, found {[f.name for f in files]}")
+    return ControlNetModel.from_single_file(str(files[0]), config=str(folder), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
 # IdentityNet + user ControlNets
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from easel.catalog import CatalogError, ModelCatalog, ModelEntry
 from easel.config import Settings
+from easel.storage import Storage, create_storage
 
 from .fetch import FetchPolicy, fetch_safetensors
 from .tiny import make_tiny
@@ -42,9 +43,11 @@ class Weights:
 class ModelSources:
     """Turn catalog entries and LoRA URLs into :class:`Weights` according to the settings."""
 
-    def __init__(self, settings: Settings, catalog: ModelCatalog):
+    def __init__(self, settings: Settings, catalog: ModelCatalog, storage: "Storage | None" = None):
+        """``storage`` keeps fetched weights (default: the one ``settings.storage`` names)."""
         self.settings = settings
         self.catalog = catalog
+        self._storage = storage
         self._tiny_lock = threading.Lock()
         self._tiny: dict[str, Path] | None = None
         self._random: dict[str, Path] = {}
@@ -200,8 +203,17 @@ class ModelSources:
 
     # -- helpers ------------------------------------------------------------------------------
 
+    @property
+    def storage(self) -> "Storage":
+        if self._storage is None:
+            self._storage = create_storage(self.settings)
+        return self._storage
+
     def _fetch(self, url: str) -> Path:
-        return fetch_safetensors(url, self.settings.models_dir / "fetched", self.lora_policy)
+        """A URL's weights through the storage's ``fetched/`` area, with this machine's copy under
+        ``<data_dir>/models/fetched`` (the same folder when the storage is local)."""
+        return fetch_safetensors(url, self.storage, self.lora_policy, self.settings.models_dir / "fetched",
+                                 refresh_after=self.settings.orphan_retention_seconds / 2)
 
     def _hub_error(self, what: str, exc: Exception) -> CatalogError:
         return CatalogError(

@@ -44,7 +44,7 @@ import json
 import re
 from pathlib import Path
 
-TINY_VERSION = 6
+TINY_VERSION = 7
 _SEED = 0
 
 

@@ -41,17 +41,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Counter, Event, Nonce, Output, Preview, Project, Task, UserFile, WebhookDelivery
+from .notify import Publisher
 
 __all__ = ["Store", "Project", "Task", "Output", "Event", "Preview", "WebhookDelivery", "UserFile", "new_token",
-           "hash_apikey"]
+           "hash_apikey", "LimitReached"]
 
 _EventRow = namedtuple("_EventRow", "id task_id type message created_at seq preview")
 # a task just written, with Task's attributes (a detached ORM object costs 0.1 ms more to build)
 TaskRecord = namedtuple("TaskRecord", [c.key for c in Task.__table__.c], defaults=[None] * len(Task.__table__.c))
 QUEUE_SEQ = "task_queue_seq"  # the Counter row that numbers submissions
 T = Task.__table__.c
-NONCE_SWEEP_SECONDS = 60.0
-WAL_AUTOCHECKPOINT_PAGES = 10_000  # how often a strict-nonce check also deletes the expired nonces
+NONCE_SWEEP_SECONDS = 60.0  # how often a strict-nonce check also deletes the expired nonces
+WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 HERE = Path(__file__).parent
 
@@ -217,15 +218,33 @@ class WriteLock:
             self._thread_lock.release()
 
 
+class LimitReached(Exception):
+    """:meth:`Store.create_task` refused a task: the project already has ``limit`` unfinished tasks."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"the project already has {limit} unfinished tasks")
+        self.limit = limit
+
+
+# first key of the PostgreSQL advisory lock that serialises one project's task creation when a
+# concurrency limit is set ("EASL"); the second key is the project id
+_PROJECT_LOCK = 0x4541534C
+
+
 class Store:
     """Access to the database at ``url`` (SQLite by default; PostgreSQL works with the same schema).
+
+    ``wakeups`` is told about every event this store inserts (:mod:`easel.store.notify`): in the
+    transaction (``pg_notify``) and after its commit (Redis, in-process waiters); default
+    :meth:`Publisher.default_for` the URL (``LISTEN/NOTIFY`` on PostgreSQL, else nothing).
 
     ``pool_size``: connections kept open, at least the number of threads of this process that use
     the store at the same time (the API passes its thread pool's size; a worker needs 2).
     """
 
-    def __init__(self, url: str, pool_size: int = 5):
+    def __init__(self, url: str, wakeups: Publisher | None = None, pool_size: int = 5):
         self.url = url
+        self.wakeups = wakeups or Publisher.default_for(url)
         kwargs: dict = {"pool_size": pool_size, "max_overflow": max(10, pool_size)}
         db_file = None
         self.sqlite = url.startswith("sqlite")
@@ -361,12 +380,22 @@ class Store:
 
     def create_task(self, *, project_id: int, tool: str, status: str, parameters: dict, inputs: dict,
                     callbackurl: str, cost_per_second: float, first_event: str, uuid: str | None = None,
-                    idempotency_key: str | None = None) -> tuple[Task, bool]:
+                    idempotency_key: str | None = None, max_unfinished: int = 0,
+                    unfinished: Iterable[str] = ()) -> tuple[Task, bool]:
         """Insert a task and its first event (the task as a read-only :data:`TaskRecord`).
+
+        With ``max_unfinished`` > 0, the project's tasks in ``unfinished`` statuses are counted
+        and the task inserted in one transaction that holds the project's lock (a PostgreSQL
+        advisory lock on PostgreSQL, the database's write lock on SQLite), so concurrent Runs,
+        from any number of API processes, never exceed the limit together.
 
         Returns:
             ``(task, created)``. With an ``idempotency_key`` already used by the project, the
-            existing task and ``False`` (also when two requests race: the unique constraint decides).
+            existing task and ``False`` (also when two requests race: the unique constraint, or
+            with a limit the project's lock, decides; a retry is never refused for the limit).
+
+        Raises:
+            LimitReached: the project already has ``max_unfinished`` unfinished tasks.
         """
         now = time.time()
         values = dict(uuid=uuid or str(uuidlib.uuid4()), project_id=project_id, tool=tool,
@@ -377,6 +406,17 @@ class Store:
                       event_seq=1, lease_expires_at=None)
         try:
             with self._write() as conn:
+                if max_unfinished > 0:
+                    self._lock_project(conn, project_id)
+                    if idempotency_key:  # a retry that raced its first attempt is that task, not over the limit
+                        first = conn.execute(_SELECT_TASK.where(T.project_id == project_id,
+                                                                T.idempotency_key == idempotency_key)).first()
+                        if first is not None:
+                            return first, False
+                    n = conn.execute(select(func.count()).select_from(Task).where(
+                        T.project_id == project_id, T.status.in_(list(unfinished)))).scalar()
+                    if int(n or 0) >= max_unfinished:
+                        raise LimitReached(max_unfinished)
                 values["queue_seq"] = conn.execute(_NEXT_QUEUE_SEQ).scalar_one()
                 values["id"] = conn.execute(_INSERT_TASK, values).scalar_one()
                 conn.execute(_INSERT_EVENT, {"task_id": values["id"], "type": first_event, "message": "",
@@ -387,7 +427,16 @@ class Store:
             if existing is None:
                 raise
             return existing, False
+        # no wake-up: nobody can be waiting on a task before this call returns its id and token
         return TaskRecord(**values), True
+
+    @staticmethod
+    def _lock_project(conn: Connection, project_id: int) -> None:
+        """Serialise the rest of this transaction with every other one that locks the project."""
+        if conn.dialect.name == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(_PROJECT_LOCK, project_id)))
+        else:  # SQLite: a write as the transaction's first statement takes the database's write lock
+            conn.execute(update(Project).where(Project.id == project_id).values(id=Project.id))
 
     def task_by_idempotency(self, project_id: int, key: str) -> Task | None:
         with self._read() as s:
@@ -519,7 +568,9 @@ class Store:
                 return None
             conn.execute(_INSERT_EVENT, {"task_id": row[0], "type": to_status, "message": "", "created_at": now,
                                          "seq": row[1]})
-            return row[0]
+            self.wakeups.in_transaction(conn, row[0])
+        self.wakeups.committed(row[0])
+        return row[0]
 
     def _step(self, conn: Connection, task_id: int, status: str, only_from: Iterable[str] | None, owner: str | None,
               message: str, webhook: bool, now: float, values: dict) -> bool:
@@ -550,7 +601,11 @@ class Store:
         Core, not the ORM, with reused statements: see the module doc.)
         """
         with self._write() as conn:
-            return self._step(conn, task_id, status, only_from, owner, event_message, webhook, time.time(), values)
+            if not self._step(conn, task_id, status, only_from, owner, event_message, webhook, time.time(), values):
+                return False
+            self.wakeups.in_transaction(conn, task_id)
+        self.wakeups.committed(task_id)
+        return True
 
     def transitions(self, task_id: int, steps: list[tuple[str, Iterable[str] | None, str, bool, dict]], *,
                     owner: str | None = None) -> bool:
@@ -567,8 +622,10 @@ class Store:
                 for status, only_from, message, webhook, values in steps:
                     if not self._step(conn, task_id, status, only_from, owner, message, webhook, now, values):
                         raise _Rejected()
+                self.wakeups.in_transaction(conn, task_id)
         except _Rejected:
             return False
+        self.wakeups.committed(task_id)
         return True
 
     def add_event(self, task_id: int, type_: str, message: str = "", preview: bytes | None = None, *,
@@ -592,7 +649,9 @@ class Store:
                                          "created_at": time.time(), "seq": row[1]})
             if preview:
                 conn.execute(_INSERT_PREVIEW, {"task_id": task_id, "seq": row[1], "data": bytes(preview)})
-            return bool(row[0])
+            self.wakeups.in_transaction(conn, task_id)
+        self.wakeups.committed(task_id)
+        return bool(row[0])
 
     def renew_lease(self, task_id: int, owner: str, until: float, running: Iterable[str]) -> bool:
         """Extend ``owner``'s lease on a running task to ``until``; False if it no longer holds it."""

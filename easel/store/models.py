@@ -90,7 +90,7 @@ class Task(Base):
 
 
 class Output(Base):
-    """A file a task produced, stored under ``path`` (relative to the storage root)."""
+    """A file a task produced, stored under the storage key ``files/<path>`` (``easel.storage``)."""
 
     __tablename__ = "outputs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -169,7 +169,7 @@ class UserFile(Base):
     """A folder or a file of a project's Files API (``/v1/File/FolderCreate``, ``/v1/File/Upload``).
 
     ``parent_id`` is the folder holding it (every project has a default ``root`` folder, made on
-    first use). Files are stored under ``path`` (relative to ``Settings.user_files_dir``) and served
+    first use). Files are stored under the storage key ``userfiles/<path>`` (``easel.storage``) and served
     at ``/v1/File/{accesskey}/{name}``, like outputs.
     """
 

@@ -2,7 +2,7 @@
 ``WorkerContext.extra_output`` do).
 
 An image input is located with :class:`easel.storage.inputs.InputFiles` (multipart upload, a file
-uploaded with ``/v1/File/Upload``, this server's own URL read locally), else fetched from its
+uploaded with ``/v1/File/Upload``, this server's own URL: read through ``easel.storage``), else fetched from its
 ``http(s)`` URL with the safe fetcher (``easel.models.fetch``: public addresses only unless
 allow-listed, pinned connection, redirects re-checked, capped at ``Settings.upload_max_bytes``),
 then decoded and validated by :func:`easel.images.decode`.
@@ -37,7 +37,7 @@ def load_image(ctx: Any, field: str, value: str):
     settings = ctx.worker.settings
     try:
         where = InputFiles(settings, ctx.store, ctx.worker.storage).locate(ctx.project_id, field, value,
-                                                                           ctx.uploads_dir)
+                                                                           ctx.task_uuid, ctx.inputs_dir)
         if isinstance(where, Path):
             return decode(where, field, settings.max_image_pixels)
         policy = FetchPolicy(allow=settings.fetch_allow, max_bytes=settings.upload_max_bytes,

@@ -94,16 +94,24 @@ TIMEOUT_MESSAGE = ("The task ran longer than this server's limit of {seconds:.0f
 
 def submit(store: Store, *, project_id: int, tool: str, parameters: dict, inputs: dict,
            callbackurl: str, cost_per_second: float, uuid: str | None = None,
-           idempotency_key: str | None = None) -> tuple[Task, bool]:
+           idempotency_key: str | None = None, max_unfinished: int = 0) -> tuple[Task, bool]:
     """Store a new queued task (durable before the caller acknowledges it).
+
+    With ``max_unfinished`` > 0 the project may have at most that many unfinished (queued or
+    running) tasks; the count and the insert are one atomic step in the store, so concurrent Runs
+    on any number of API processes cannot overshoot it.
 
     Returns:
         ``(task, created)``; ``created`` is False when ``idempotency_key`` was already used by the
         project, and ``task`` is then the first task submitted with it.
+
+    Raises:
+        easel.store.LimitReached: the project is at ``max_unfinished``.
     """
     return store.create_task(project_id=project_id, tool=tool, status=QUEUE, parameters=parameters, inputs=inputs,
                              callbackurl=callbackurl, cost_per_second=cost_per_second, first_event=QUEUE, uuid=uuid,
-                             idempotency_key=idempotency_key)
+                             idempotency_key=idempotency_key, max_unfinished=max_unfinished,
+                             unfinished=(QUEUE, *RUNNING))
 
 
 def claim(store: Store, worker_id: str, lease_seconds: float = 60.0) -> int | None:

@@ -19,9 +19,12 @@ from typing import Callable
 from easel import metrics
 from easel.catalog import ModelCatalog
 from easel.config import Settings
+from easel.images import ImageInputError
 from easel.models import ModelManager
-from easel.storage import LocalStorage
+from easel.storage import create_storage, upload_key
+from easel.storage.inputs import local_copy
 from easel.store import Store
+from easel.store.notify import Publisher
 from easel.tools import load_tool
 from easel.tools.base import TaskKilled, ToolError
 
@@ -80,7 +83,7 @@ class TaskTimedOut(Exception):
 class WorkerContext:
     """The ``ToolContext`` a tool receives for one task (see ``easel.tools.base``)."""
 
-    def __init__(self, worker: "Worker", task_id: int, output_dir: Path, uploads_dir: Path, project_id: int = 0,
+    def __init__(self, worker: "Worker", task_id: int, output_dir: Path, task_uuid: str, project_id: int = 0,
                  extras_requested: bool = False):
         self.worker = worker
         self.store = worker.store
@@ -88,7 +91,10 @@ class WorkerContext:
         self.task_id = task_id
         self.project_id = project_id
         self.output_dir = output_dir
-        self.uploads_dir = uploads_dir
+        self.task_uuid = task_uuid
+        # stored inputs read from a storage without local files (S3) are downloaded here;
+        # it is inside the task's scratch folder, removed when the task ends
+        self.inputs_dir = output_dir / ".inputs"
         self.extras_requested = extras_requested
         self.extra_paths: list[Path] = []
         self.lines: list[str] = []
@@ -142,11 +148,12 @@ class WorkerContext:
         lc.log_event(self.store, self.task_id, lc.ERROR, line, owner=self.worker.worker_id)
 
     def input_file(self, value: str) -> Path:
+        """A local file of the Run's multipart upload ``upload:<name>`` (through the storage)."""
         name = value.removeprefix("upload:")
-        path = (self.uploads_dir / name).resolve()
-        if path.parent != self.uploads_dir.resolve() or not path.is_file():
-            raise ToolError(f"uploaded file {name!r} is missing")
-        return path
+        try:
+            return local_copy(self.worker.storage, upload_key(self.task_uuid, name), self.inputs_dir, "")
+        except (ImageInputError, ValueError):
+            raise ToolError(f"uploaded file {name[:80]!r} is missing") from None
 
     def image(self, field: str, value: str):
         return task_inputs.load_image(self, field, value)
@@ -207,10 +214,10 @@ class Worker:
         self.settings = settings
         self.worker_id = worker_id
         metrics.set_worker(worker_id)
-        self.store = Store(settings.database_url)
+        self.store = Store(settings.database_url, wakeups=Publisher.for_settings(settings))
         self.catalog = ModelCatalog.load(settings.catalog_override)
-        self.models = ModelManager(settings, self.catalog)
-        self.storage = LocalStorage(settings)
+        self.storage = create_storage(settings)
+        self.models = ModelManager(settings, self.catalog, self.storage)
         self.should_stop: Callable[[], bool] = lambda: False  # set by the executor
         self.exit_process: Callable[[int], None] = os._exit  # what the heartbeat calls when stuck while stopping
         self.heartbeat_lost = threading.Event()
@@ -282,7 +289,7 @@ class Worker:
         beat.start()
         workdir = Path(tempfile.mkdtemp(prefix=f"easel-{task.uuid}-", dir=self.settings.data_dir))
         inputs = json.loads(task.inputs)
-        ctx = WorkerContext(self, task_id, workdir, self.settings.uploads_dir / task.uuid, task.project_id,
+        ctx = WorkerContext(self, task_id, workdir, task.uuid, task.project_id,
                             task_inputs.extras_requested(inputs))
         store = self.store
         try:

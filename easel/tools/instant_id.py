@@ -1,12 +1,12 @@
 """``wiro/instant-id-controlnet-lora``: InstantID on an SDXL checkpoint, with optional openpose /
 depth / canny ControlNets derived from the face photo and one SDXL LoRA.
 
-**Draft** written against the current ``ToolContext`` (``easel/tools/base.py``), in the style of
-``sd_lora``: the image input is an ``upload:`` file or an http(s) URL fetched with the safe
-fetcher, ControlNets are kept warm in the pipeline cache, and condition images are not yet extra
-outputs. When the image-tool runtime (typed image inputs, component cache, adapter state per
-module, extra outputs, progress phases) lands, this module moves onto it; the library code it
-calls (``easel.models.instantid``, ``faces``, ``conditions``) does not change.
+Runs on the image-tool runtime (``easel/tools/base.py``): the photo is an image input (an upload, a
+``File/Upload`` name or an http(s) URL through the safe fetcher), ControlNets, condition estimators
+and the face pack are components of the model cache, and the condition images are extra outputs
+when asked (``extraOutputs``). The library code it calls lives in ``easel.models.instantid``
+(IP-Adapter, IdentityNet pipeline, ``draw_kps``, ``load_controlnet``), ``faces`` (insightface),
+``conditions`` (canny, DPT depth, ViTPose openpose) and ``openpose`` (skeleton drawing).
 
 Inputs (schema: ``easel/catalog/tools/wiro__instant-id-controlnet-lora.json``) → InstantID:
 
@@ -17,7 +17,9 @@ Wiro field                       Easel / diffusers
 ``selectedLoraModel``            one SDXL LoRA at its ``generatesettings`` scale
 ``selectedLoraModelPrivateUrl``  a LoRA URL or upload that replaces it, scale 1.0
 ``inputImageUrl``                the face photo (upload, ``File/Upload`` name or http(s) URL)
-``selectedControlnetModel``      openpose / depth / canny ControlNets, each at its scale
+``selectedControlnetModel``      openpose / depth / canny ControlNets, each at its scale; their
+                                 condition images come from the resized photo (openpose: ViTPose
+                                 in a box around the used face, drawn as an OpenPose skeleton)
 ``prompt`` / ``negativePrompt``  text prompts
 ``steps`` / ``scale``            ``num_inference_steps`` / ``guidance_scale``
 ``ip_adapter_scale``             IP-Adapter attention weight
@@ -39,7 +41,7 @@ from typing import Any
 
 from easel.catalog import CatalogError
 from easel.models import dtype_kwargs
-from easel.models.conditions import ConditionError, require_openpose
+from easel.models.conditions import ConditionError
 from easel.models.faces import FacePackMissing, NoFaceError
 from easel.models.fetch import FetchError, check_safetensors
 from easel.models.instantid import AdapterFormatError
@@ -51,7 +53,7 @@ from .sd_lora import SCHEDULERS, parse_seed
 
 TOOL = "wiro/instant-id-controlnet-lora"
 IDENTITYNET_SCALE = 0.8
-IDENTITYNET, ADAPTER, DEPTH, OPENPOSE = "instantid-identitynet", "instantid-ip-adapter", "dpt-hybrid-midas", "openpose-annotator"
+IDENTITYNET, ADAPTER, DEPTH, OPENPOSE = "instantid-identitynet", "instantid-ip-adapter", "dpt-hybrid-midas", "vitpose-base-simple"
 FLOW_MATCH = "FlowMatchEulerDiscreteScheduler"
 
 
@@ -130,8 +132,6 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
                 raise ToolError(f"selectedControlnetModel {mid} ({cn.label}) is not an openpose/depth/canny SDXL ControlNet")
             scale = float(inputs.get(cn.generatesettings[0]["id"], 1.0)) if cn.generatesettings else 1.0
             controlnets.append((cn.id, models.sources.component(cn), scale, cn.condition, cn.label))
-            if cn.condition == "openpose":
-                require_openpose()
             if cn.condition in ("depth", "openpose"):
                 est = catalog.get(DEPTH if cn.condition == "depth" else OPENPOSE)
                 estimators[cn.condition] = models.sources.component(est)
@@ -193,10 +193,10 @@ class _Net:
     """A ControlNet held in the pipeline cache (which sizes entries by their ``components``)."""
 
     def __init__(self, path: Path):
-        from diffusers import ControlNetModel
+        from easel.models.instantid import load_controlnet
 
         device, dtype = _device_dtype()
-        self.net = ControlNetModel.from_pretrained(str(path), use_safetensors=True, **dtype_kwargs(dtype)).to(device)
+        self.net = load_controlnet(path, **dtype_kwargs(dtype)).to(device)
         self.components = {"controlnet": self.net}
 
 
@@ -258,7 +258,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
             else:
                 est = models.component("openpose", plan.estimators["openpose"],
                                        lambda w: _Estimator(OpenposeEstimator(w.path))).obj
-                images.append(est.fn(photo))
+                images.append(est.fn(photo, face_box=face.bbox))  # the pose of the person whose face is used
             ctx.extra_output(condition, images[-1])
         models.adapters(base).apply(base, [plan.lora[:3]] if plan.lora else [])
     except NoFaceError as exc:
