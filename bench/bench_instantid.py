@@ -9,17 +9,26 @@ IdentityNet alone and with IdentityNet + openpose + depth + canny
 (``easel.models.instantid.generate``). The tiny detector and pose model are fixed graphs, so their
 times show the libraries' pre/post-processing and runtime overhead, not the real networks' cost.
 
-Part 2 (unless ``--no-server``): Run-to-done of ``wiro/instant-id-controlnet-lora`` through a real
-``easel serve`` (photo by URL from a loopback file server; the client waits with ``Prefer:
-wait=60`` or polls Task/Detail every 20 ms, ``--client``) against (a), the same work in this
-process: fetch-free decode of the same PNG, the tool's resize, face analysis, ``draw_kps``, the
-condition images, ``generate`` with IdentityNet at 0.8, and the PNG written as the tool writes it.
+Part 2 (unless ``--no-server``), for each case of ``--cases`` (no ControlNet; openpose + depth +
+canny), against (a), the same work in this process: decode of the same PNG, the tool's resize,
+face analysis, ``draw_kps``, the condition images, ``generate`` with IdentityNet at 0.8, and the
+PNG written as the tool writes it:
+
+1. (b) the tool module itself (``prepare`` + ``run``) in this process with a stub context (no HTTP,
+   no store, no events): what the tool adds;
+2. (b) Run-to-done of ``wiro/instant-id-controlnet-lora`` through a real ``easel serve`` (photo by
+   URL from a loopback file server; the client waits with ``Prefer: wait=50``, then polls if the
+   task is still running, or polls Task/Detail every 20 ms, ``--client``).
+
 Both sides are warm. Each case is measured ``--repeats`` times **interleaved** (a, b, a, b, ...)
-so that load from other processes hits both alike; the load average (``os.getloadavg``) is printed
-before and after, since the machine may be shared.
+so that load from other processes hits both alike, with the same torch thread count on both sides
+(``--threads``; default the local worker's automatic count, ``EASEL_TORCH_THREADS``); wall time and CPU time are printed (CPU: this
+process for (a), the API and worker processes for the server), because on a shared, overloaded
+machine wall time mostly measures the other processes. The load average (``os.getloadavg``) is
+printed before and after.
 
 Run: ``.venv/bin/python bench/bench_instantid.py [--size 256] [--steps 8] [--repeats 5]
-[--tool-steps 20] [--client wait|poll] [--no-server]``.
+[--tool-steps 20] [--client wait|poll] [--cases none,three] [--no-pieces] [--no-server]``.
 """
 from __future__ import annotations
 
@@ -63,6 +72,10 @@ def main() -> None:
     ap.add_argument("--tool-steps", type=int, default=20, help="steps for the Run-to-done comparison (seed default 20)")
     ap.add_argument("--client", choices=("wait", "poll"), default="wait")
     ap.add_argument("--no-server", action="store_true")
+    ap.add_argument("--no-pieces", action="store_true", help="skip part 1 (the pieces), run Run-to-done only")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads here and in the server's worker (EASEL_TORCH_THREADS); 0: the worker's automatic count")
+    ap.add_argument("--cases", default="none,three", help="Run-to-done cases: none (no ControlNet), three (all three)")
     args = ap.parse_args()
 
     import torch
@@ -75,7 +88,14 @@ def main() -> None:
     from easel.models.tiny import make_tiny
     from easel.models.tiny_faces import draw_test_face
 
-    print(f"before: {_load()}, {os.cpu_count()} CPUs")
+    from easel.config import Settings
+    from easel.tasks.runner import torch_thread_count
+
+    cores = len(os.sched_getaffinity(0))
+    args.threads = args.threads or torch_thread_count(Settings(), True, torch.cuda.is_available(), cores) \
+        or torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # the same count on both sides of every comparison
+    print(f"before: {_load()}, {cores} CPUs, torch threads {args.threads} (here and in the worker)")
     data = Path(tempfile.mkdtemp(prefix="easel-bench-"))
     tiny = make_tiny(data / "models" / "tiny")
     photo = Image.new("RGB", (args.size, args.size), (128, 128, 128))
@@ -85,13 +105,6 @@ def main() -> None:
     depth = DepthEstimator(tiny["depth-dpt"])
     pose = OpenposeEstimator(tiny["pose-vitpose"])
     face = analyzer.largest_face(photo)
-    rows = {
-        "face analysis (detect + embed)": _median(lambda: analyzer.largest_face(photo), args.repeats),
-        "draw_kps": _median(lambda: draw_kps(photo.size, face.kps), args.repeats),
-        "canny": _median(lambda: canny_condition(photo), args.repeats),
-        "depth (tiny DPT)": _median(lambda: depth(photo), args.repeats),
-        "openpose (tiny ViTPose + skeleton drawing)": _median(lambda: pose(photo, face_box=face.bbox), args.repeats),
-    }
     base = StableDiffusionXLPipeline.from_pretrained(str(tiny["sdxl"]))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base.to(device)
@@ -106,12 +119,20 @@ def main() -> None:
         generate(pipe, adapter, face.embedding, images[:len(names)], [0.8] + [1.0] * (len(names) - 1), 0.8, "a portrait",
                  num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0), output_type="latent")
 
-    rows[f"generate {s}² {args.steps} steps, IdentityNet only"] = _median(lambda: gen(("identitynet",)), args.repeats)
-    rows[f"generate {s}² {args.steps} steps, IdentityNet + openpose + depth + canny"] = _median(
-        lambda: gen(("identitynet", "openpose", "depth", "canny")), args.repeats)
-    print(f"device: {device}, torch threads: {torch.get_num_threads()}")
-    for name, seconds in rows.items():
-        print(f"{name:70s} {seconds * 1000:9.1f} ms")
+    if not args.no_pieces:
+        rows = {
+            "face analysis (detect + embed)": _median(lambda: analyzer.largest_face(photo), args.repeats),
+            "draw_kps": _median(lambda: draw_kps(photo.size, face.kps), args.repeats),
+            "canny": _median(lambda: canny_condition(photo), args.repeats),
+            "depth (tiny DPT)": _median(lambda: depth(photo), args.repeats),
+            "openpose (tiny ViTPose + skeleton drawing)": _median(lambda: pose(photo, face_box=face.bbox), args.repeats),
+        }
+        rows[f"generate {s}² {args.steps} steps, IdentityNet only"] = _median(lambda: gen(("identitynet",)), args.repeats)
+        rows[f"generate {s}² {args.steps} steps, IdentityNet + openpose + depth + canny"] = _median(
+            lambda: gen(("identitynet", "openpose", "depth", "canny")), args.repeats)
+        print(f"device: {device}, torch threads: {torch.get_num_threads()}")
+        for name, seconds in rows.items():
+            print(f"{name:70s} {seconds * 1000:9.1f} ms")
     if not args.no_server:
         run_to_done(args, data, photo, base, adapter, nets, analyzer, depth, pose)
     print(f"after: {_load()}")
@@ -159,43 +180,152 @@ def run_to_done(args, data: Path, photo, base, adapter, nets, analyzer, depth, p
 
     def easel(srv, params) -> float:
         """Run → task_postprocess_end as the client sees it; a ``wait`` answered before the end
-        (a task longer than 60 s on a loaded machine) goes on polling."""
+        (a task longer than 50 s on a loaded machine) goes on polling."""
         if args.client == "poll":
             return srv.run_to_done(TOOL, params, mode="poll")[1]
         t0 = time.time()
-        answer = srv.client.post(f"{srv.base}/v1/Run/{TOOL}", json=params, headers={"Prefer": "wait=60"}).json()
+        answer = srv.client.post(f"{srv.base}/v1/Run/{TOOL}", json=params, headers={"Prefer": "wait=50"},
+                                 timeout=120).json()
         task = answer["tasklist"][0]
         if task["status"] not in ("task_postprocess_end", "task_cancel"):
             task = srv.wait(answer["taskid"], poll=0.02)
         assert task["pexit"] == "0", task
         return time.time() - t0
 
-    cases = {"no ControlNet": (), "openpose + depth + canny": ("458", "455", "454")}
+    all_cases = {"none": ("no ControlNet", ()), "three": ("openpose + depth + canny", ("458", "455", "454"))}
+    cases = [all_cases[c] for c in args.cases.split(",")]
+
+    def params_for(controlnets, photo_url):
+        params = {"selectedModel": "79", "selectedLoraModel": "", "selectedControlnetModel": ",".join(controlnets),
+                  "inputImageUrl": photo_url, "prompt": "a portrait", "negativePrompt": "blurry", "steps": args.tool_steps,
+                  "scale": 5.0, "ip_adapter_scale": 0.8, "samples": 1, "seed": "7", "scheduler": "EulerDiscreteScheduler"}
+        for mid in controlnets:
+            params[{"458": "controlnet-openpose-sdxl-1.0", "455": "controlnet-depth-sdxl-1.0",
+                    "454": "controlnet-canny-sdxl-1.0"}[mid]] = 1.0
+        return params
+
+    def timed(fn) -> tuple[float, float]:
+        """(wall s, CPU s of this process) of ``fn()``."""
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        return time.perf_counter() - t, time.process_time() - c
+
+    # (1) the tool module in this process with a stub context (no HTTP, no store, no events):
+    # what the tool itself adds to the direct call
+    tool_rows = {}
+    for name, controlnets in cases:
+        run_tool = _tool_in_process(data, www / "portrait.png", params_for(controlnets, "portrait.png"))
+        run_tool()  # warm-up: the tool's own model cache loads everything
+        direct(controlnets)
+        a, b = [], []
+        for _ in range(args.repeats):
+            a.append(timed(lambda: direct(controlnets)))
+            b.append(timed(run_tool))
+        tool_rows[name] = (a, b)
+    _report(f"The tool module in process (stub context), {args.tool_steps} steps, 128×160, "
+            f"{args.repeats} interleaved pairs: (a) direct, (b) prepare + run", tool_rows)
+
+    # (2) through the server
     results = {}
-    with serve(data, "--model-source", "tiny", "--fetch-allow", "127.0.0.1") as srv:
-        for name, controlnets in cases.items():
-            params = {"selectedModel": "79", "selectedLoraModel": "", "selectedControlnetModel": ",".join(controlnets),
-                      "inputImageUrl": url, "prompt": "a portrait", "negativePrompt": "blurry", "steps": args.tool_steps,
-                      "scale": 5.0, "ip_adapter_scale": 0.8, "samples": 1, "seed": "7", "scheduler": "EulerDiscreteScheduler"}
-            for mid in controlnets:
-                params[{"458": "controlnet-openpose-sdxl-1.0", "455": "controlnet-depth-sdxl-1.0",
-                        "454": "controlnet-canny-sdxl-1.0"}[mid]] = 1.0
+    with serve(data, "--model-source", "tiny", "--fetch-allow", "127.0.0.1",
+               env={"EASEL_TORCH_THREADS": str(args.threads)}) as srv:
+        procs = _server_processes(data)
+        for name, controlnets in cases:
+            params = params_for(controlnets, url)
             direct(controlnets)  # warm-up: both sides load everything
             srv.run_to_done(TOOL, params, mode="poll")
             a, b = [], []
             for _ in range(args.repeats):  # interleaved
-                t = time.perf_counter()
-                direct(controlnets)
-                a.append(time.perf_counter() - t)
-                b.append(easel(srv, params))
+                a.append(timed(lambda: direct(controlnets)))
+                c = _cpu(procs)
+                wall = easel(srv, params)
+                b.append((wall, _cpu(procs) - c))
             results[name] = (a, b)
     httpd.shutdown()
-    print(f"Run-to-done, {args.tool_steps} steps, 128×160 output, client {args.client}, {args.repeats} interleaved pairs")
-    for name, (a, b) in results.items():
-        ratios = sorted(y / x for x, y in zip(a, b))
-        print(f"  {name:26s} (a) direct {statistics.median(a):.3f} s  (b) Easel {statistics.median(b):.3f} s  "
-              f"ratio of medians {statistics.median(b) / statistics.median(a):.3f}  "
-              f"pair ratios {' '.join(f'{r:.3f}' for r in ratios)}  (target <= 1.05)")
+    _report(f"Run-to-done, {args.tool_steps} steps, 128×160 output, client {args.client}, {args.repeats} interleaved "
+            "pairs: (a) direct, (b) Easel (CPU: API + worker processes)", results)
+
+
+def _report(title: str, rows: dict) -> None:
+    print(title)
+    for name, (a, b) in rows.items():
+        wa, ca = [x[0] for x in a], [x[1] for x in a]
+        wb, cb = [x[0] for x in b], [x[1] for x in b]
+        ratios = sorted(y / x for x, y in zip(wa, wb))
+        print(f"  {name:26s} wall: (a) {statistics.median(wa):.3f} s (b) {statistics.median(wb):.3f} s, ratio of medians "
+              f"{statistics.median(wb) / statistics.median(wa):.3f}, pair ratios {' '.join(f'{r:.2f}' for r in ratios)}")
+        print(f"  {'':26s} CPU:  (a) {statistics.median(ca):.3f} s (b) {statistics.median(cb):.3f} s, ratio of medians "
+              f"{statistics.median(cb) / statistics.median(ca):.3f}   (target <= 1.05)")
+
+
+def _server_processes(data: Path) -> list:
+    """The ``easel serve`` process on ``data`` and its descendants (API and worker processes)."""
+    import psutil  # a dependency of accelerate
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "serve" in cmd and str(data) in cmd:
+            return [proc, *proc.children(recursive=True)]
+    raise RuntimeError("the easel serve process was not found")
+
+
+def _cpu(procs: list) -> float:
+    """CPU seconds (user + system, all threads) used so far by ``procs``."""
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except Exception:  # a process that ended
+            pass
+    return total
+
+
+def _tool_in_process(data: Path, photo_path: Path, inputs: dict):
+    """``prepare`` + ``run`` of the tool module on a stub ``ToolContext`` (tiny models, no store)."""
+    from PIL import Image
+
+    from easel.catalog import ModelCatalog
+    from easel.config import Settings
+    from easel.models import ModelManager
+    from easel.tools import instant_id
+
+    models = ModelManager(Settings(data_dir=data, model_source="tiny"), ModelCatalog.load())
+    out = data / "tool-out"
+    out.mkdir(exist_ok=True)
+
+    class Ctx:
+        extras_requested = False
+        output_dir = out
+
+        def __init__(self):
+            self.models = models
+
+        def started(self):
+            pass
+
+        def progress(self, step, total, preview=None, task="Generate"):
+            pass
+
+        def wants_preview(self, step, total):
+            return False
+
+        def log(self, line):
+            pass
+
+        def input_file(self, value):
+            raise KeyError(value)
+
+        def image(self, field, value):
+            return Image.open(photo_path).convert("RGB")
+
+        def extra_output(self, name, image):
+            pass
+
+    ctx = Ctx()
+    # as the server's validation hands it over: the multiselect as a list of ids
+    inputs = {**inputs, "selectedControlnetModel": [m for m in inputs["selectedControlnetModel"].split(",") if m]}
+    return lambda: instant_id.run(instant_id.prepare(dict(inputs), ctx), ctx)
 
 
 if __name__ == "__main__":

@@ -97,16 +97,23 @@ class Settings:
             quarter ``lease_seconds``) in each API process.
         metrics_token: When set, ``/metrics`` answers only requests with ``Authorization: Bearer
             <metrics_token>`` (HTTP 401 otherwise); empty (default) = open, like ``/healthz``.
-        api_processes: API processes ``easel serve`` runs on the one port (the kernel spreads
-            connections over them; they share the store, and the local workers belong to the
-            serving parent process, whichever API process took the Run).
-        api_threads: Threads of each API process that run store calls (requests' synchronous
-            parts); the process's database connection pool holds as many connections.
-        torch_threads: CPU threads (``torch.set_num_threads``) of each local worker process.
-            0 (default) = automatic: without CUDA, the cores left after one for the API, shared
-            among the workers (at least 1 each), so that the API answers while torch computes;
-            with CUDA, torch's default. The ``easel worker`` of a separate machine keeps torch's
-            default unless this is set.
+        executor: ``local`` (worker processes of ``easel serve``) or ``celery`` (the API sends task
+            ids to a broker; ``easel worker`` processes run them: ``docs/deploy.md``).
+        broker_url: The Celery broker of a fleet: ``redis://host:port/db`` (default
+            ``redis://127.0.0.1:6379/0``) or ``amqp://user:password@host:port/vhost`` (RabbitMQ).
+        queues: Model families an ``easel worker`` serves (its Celery queues), among ``sd15``,
+            ``sdxl``, ``flux``, ``ic-light``, ``instantid``; empty = all of them.
+        queue_prefix: Prefix of the fleet's queue names (``<prefix>.<family>``) and, on Redis, of
+            every key the broker writes, so several fleets (or test runs) can share one broker.
+        broker_visibility_timeout: Seconds a delivered, unacknowledged message stays invisible
+            (Redis ``visibility_timeout``) and may stay unacknowledged (RabbitMQ per-queue
+            ``x-consumer-timeout``) before the broker gives it to another worker; 0 = derived:
+            ``task_timeout_seconds`` + ``lease_seconds`` + 300 (one day when there is no task
+            timeout), i.e. longer than the longest task.
+        broker_redeliver_seconds: An API process publishes a task id again when the task is still
+            queued this long after its last publication (a message lost with a broker restart);
+            a task queued again by the lease rules, or whose first publication failed, is
+            published at the next maintenance pass. 0 = only those.
         storage: Where outputs, uploads and fetched LoRAs are kept: ``local`` (under
             ``data_dir``) or ``s3://bucket/prefix`` (S3-compatible object storage through boto3;
             credentials from boto3's default chain: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
@@ -131,6 +138,16 @@ class Settings:
             store, else polling), ``redis``, ``postgres`` or ``off`` (polling).
         live_fallback_poll_interval: Seconds between the store reads of a waiter while wake-ups
             are pushed and none comes (a lost wake-up delays an event at most this long).
+        api_processes: API processes ``easel serve`` runs on the one port (the kernel spreads
+            connections over them; they share the store, and the local workers belong to the
+            serving parent process, whichever API process took the Run).
+        api_threads: Threads of each API process that run store calls (requests' synchronous
+            parts); the process's database connection pool holds as many connections.
+        torch_threads: CPU threads (``torch.set_num_threads``) of each local worker process.
+            0 (default) = automatic: without CUDA, the cores left after one for the API, shared
+            among the workers (at least 1 each), so that the API answers while torch computes;
+            with CUDA, torch's default. The ``easel worker`` of a separate machine keeps torch's
+            default unless this is set.
     """
 
     data_dir: Path = Path("easel-data")
@@ -176,9 +193,12 @@ class Settings:
     event_retention_seconds: float = 7 * 24 * 3600.0
     sweep_interval_seconds: float = 600.0
     metrics_token: str = ""
-    api_processes: int = 1
-    api_threads: int = 16
-    torch_threads: int = 0
+    executor: str = "local"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    queues: tuple[str, ...] = field(default_factory=tuple)
+    queue_prefix: str = "easel"
+    broker_visibility_timeout: float = 0.0
+    broker_redeliver_seconds: float = 900.0
     storage: str = "local"
     s3_endpoint_url: str = ""
     s3_region: str = ""
@@ -189,6 +209,9 @@ class Settings:
     redis_prefix: str = "easel"
     live_push: str = "auto"
     live_fallback_poll_interval: float = 1.0
+    api_processes: int = 1
+    api_threads: int = 16
+    torch_threads: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())
@@ -201,11 +224,17 @@ class Settings:
         if self.random_model_size not in ("full", "small"):
             raise ValueError(f"random_model_size must be 'full' or 'small', not {self.random_model_size!r}")
         object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
-        for name in ("api_processes", "api_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.torch_threads < 0:
-            raise ValueError(f"torch_threads must be 0 (automatic) or more, not {self.torch_threads}")
+        if self.executor not in ("local", "celery"):
+            raise ValueError(f"executor must be 'local' or 'celery', not {self.executor!r}")
+        if self.broker_url.split("://", 1)[0] not in ("redis", "rediss", "amqp", "amqps", "pyamqp"):
+            raise ValueError(f"broker_url must be a redis://, rediss://, amqp:// or amqps:// URL, not {self.broker_url!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", self.queue_prefix):
+            raise ValueError(f"queue_prefix must be 1 to 40 letters, digits, '_' or '-', not {self.queue_prefix!r}")
+        from easel.catalog import FAMILIES
+
+        unknown = [q for q in self.queues if q not in FAMILIES]
+        if unknown:
+            raise ValueError(f"queues must be among {', '.join(FAMILIES)}, not {', '.join(map(repr, unknown))}")
         if self.storage in ("", "local"):
             object.__setattr__(self, "storage", "local")
         else:
@@ -225,6 +254,11 @@ class Settings:
             raise ValueError(f"EASEL_REDIS_URL must be a redis://, rediss:// or unix:// URL, not {redact(self.redis_url)[:60]!r}")
         if not self.live_fallback_poll_interval > 0:
             raise ValueError("EASEL_LIVE_FALLBACK_POLL_INTERVAL must be a positive number of seconds")
+        for name in ("api_processes", "api_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be 0 (automatic) or more, not {self.torch_threads}")
         if tuple(self.gpus) == ("all",):
             import torch
 

@@ -38,6 +38,8 @@ def test_instantid_runs_with_an_uploaded_photo_controlnets_and_a_lora(server, pr
     plain = _run(server, project, BASE)
     assert plain["pexit"] == "0", plain["debugerror"]
     assert "face: box=" in plain["debugoutput"]
+    # insightface's internal FutureWarning (scikit-image's deprecated `estimate`, on every face) stays out
+    assert "FutureWarning" not in plain["debugerror"], plain["debugerror"]
     images = server.images(plain)
     assert len(images) == 1 and png_size(images[0]) == (120, 160)  # reference resize (1/8 scale for tiny): 128 short side, 160 long at most
     styled = _run(server, project, {**BASE, "selectedLoraModel": "80", "selectedControlnetModel": "454,455",

@@ -24,6 +24,7 @@ import pytest
 
 from conftest import SMALL, TIME_SCALE, TOOL, free_port
 from easel.config import Settings
+from easel.storage import output_key
 from easel.store import Store, new_token
 from easel.tasks import lifecycle as lc
 

@@ -61,8 +61,8 @@ class Api:
         self.settings = settings
         # a connection for each thread that may use the store at once: the request threads, the
         # webhook senders, upkeep and metrics (no connection is opened and closed per request)
-        self.store = Store(settings.database_url, wakeups=Publisher.for_settings(settings),
-                           pool_size=settings.api_threads + settings.webhook_concurrency + 4)
+        self.store = Store(settings.database_url, pool_size=settings.api_threads + settings.webhook_concurrency + 4,
+                           wakeups=Publisher.for_settings(settings))
         self.wakeups = Hub.for_settings(settings, self.store.wakeups)
         self.projects = ProjectCache(self.store)
         # the threads that run requests' store calls (asyncio's executor: a hop costs ~40 % less CPU
@@ -74,7 +74,8 @@ class Api:
         self.executor = executor
         self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.redis_url, settings.redis_prefix)
         self.webhooks = WebhookDispatcher(settings, self.store, self.task_object)
-        self.maintenance = Maintenance(settings, self.store, self.delete_files, self.storage)
+        self.maintenance = Maintenance(settings, self.store, self.delete_files, self.storage,
+                                       executor.maintain if executor is not None else None)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -438,6 +439,8 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
         import anyio.to_thread
 
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        if api.threads._shutdown:  # the app is started again (e.g. an in-process test client)
+            api.threads = ThreadPoolExecutor(max_workers=settings.api_threads, thread_name_prefix="easel-api")
         # what start-up built lives as long as the process: out of the collector's reach, so that
         # a full collection under load walks only the objects of requests (shorter pauses)
         gc.collect()

@@ -24,8 +24,7 @@ progress frames that have one carry ``preview`` (base64 JPEG of the current late
 ``easel.tools.previews``) and ``previewType`` (``image/jpeg``) as extra top-level keys, which
 Wiro clients ignore.
 
-Events come from the ``events`` table, which every worker process writes (previews from the
-``previews`` table, read only for a client that asked for them): a client may be
+Events come from the ``events`` table, which every worker process writes: a client may be
 connected to any API process, not the one whose executor started the worker. Each socket reads the
 store (one indexed query per read) when it is woken and otherwise at intervals:
 
@@ -34,6 +33,8 @@ store (one indexed query per read) when it is woken and otherwise at intervals:
   besides, so a lost wake-up only delays;
 - without (SQLite, or the listener is reconnecting): every ``Settings.live_poll_interval`` (20 ms)
   after an event or when the end is near, backing off to 250 ms while nothing happens.
+
+Previews come from the ``previews`` table, read only for a client that asked for them.
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 - **Leases** (every quarter of ``Settings.lease_seconds``): :func:`lifecycle.expire_leases` ends
   the running tasks whose worker stopped renewing its lease (its process, container or machine
   died) or that ran past ``task_timeout_seconds``. Any number of API processes may do this at
-  once: every write is conditional, so each task is ended exactly once.
+  once: every write is conditional, so each task is ended exactly once. Then the executor's own
+  upkeep (:meth:`Executor.maintain`: the Celery executor publishes queued tasks whose delivery is
+  missing, e.g. one the lease rules just queued again).
 - **Retention** (every ``sweep_interval_seconds``): finished tasks older than
   ``output_retention_seconds`` (0 = never, the default) lose their outputs and uploads through the
   same path as ``Task/InputOutputDelete`` (the task record stays); upload and output folders of
@@ -43,13 +45,15 @@ class Maintenance:
     """The upkeep thread of one API process; :meth:`run_leases` and :meth:`sweep` are callable directly."""
 
     def __init__(self, settings: Settings, store: Store, delete_files: Callable[[Task], None],
-                 storage: Storage | None = None):
+                 storage: Storage | None = None, executor_upkeep: Callable[[], object] | None = None):
         """``delete_files(task)`` removes a finished task's outputs and uploads (InputOutputDelete);
-        ``storage`` holds the files (default: the one ``settings.storage`` names)."""
+        ``storage`` holds the files (default: the one ``settings.storage`` names);
+        ``executor_upkeep()`` (the executor's ``maintain``) runs after each lease pass."""
         self.settings = settings
         self.store = store
         self.delete_files = delete_files
         self.storage = storage or create_storage(settings)
+        self.executor_upkeep = executor_upkeep
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -77,13 +81,14 @@ class Maintenance:
         s = self.settings
         next_sweep = 0.0
         while True:
-            for job in (self.run_leases, self.sweep if time.monotonic() >= next_sweep else None):
+            for job in (self.run_leases, self.executor_upkeep,
+                        self.sweep if time.monotonic() >= next_sweep else None):
                 if job is None:
                     continue
                 try:
                     job()
                 except Exception:  # never let the thread die (database briefly locked, disk full)
-                    log.exception("maintenance: %s failed", job.__name__)
+                    log.exception("maintenance: %s failed", getattr(job, "__name__", job))
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + s.sweep_interval_seconds
             if self._stop.wait(max(0.05, s.lease_seconds / 4)):

@@ -26,6 +26,10 @@ LORA_KINDS = ("sd15-lora", "sdxl-lora", "flux-lora")
 # InstantID's IP-Adapter, the face-analysis pack, condition estimators)
 COMPONENT_KINDS = ("sd15-iclight", "matting", "sdxl-controlnet", "sdxl-ip-adapter", "face-analysis", "annotator")
 KINDS = CHECKPOINT_KINDS + LORA_KINDS + COMPONENT_KINDS
+# Model families: what a worker keeps warm. A fleet has one queue per family (easel.executors.celery);
+# ic-light and instantid are families of their own because their pipelines are more than a checkpoint
+# (IC-Light's offset UNet and matting; InstantID's ControlNets, IP-Adapter and face analysis).
+FAMILIES = ("sd15", "sdxl", "flux", "ic-light", "instantid")
 
 
 class InputError(ValueError):
@@ -159,7 +163,8 @@ class ToolSpec:
 
     ``base_model`` is the catalog id of the checkpoint a tool without a model selector runs
     (FLUX tools); ``preset`` fixes inputs a "model" page does not expose, e.g. Comics Factory's
-    ``{"lora": "<catalog id>", "scale": 1.0}``.
+    ``{"lora": "<catalog id>", "scale": 1.0}``. ``family`` (one of :data:`FAMILIES`) is set in
+    the tool's file only when its pipeline is more than its checkpoint (see :meth:`model_family`).
     """
 
     owner: str
@@ -173,10 +178,29 @@ class ToolSpec:
     tags: list[str] = field(default_factory=list)
     base_model: str | None = None
     preset: dict = field(default_factory=dict)
+    family: str = ""
 
     @property
     def name(self) -> str:
         return f"{self.owner}/{self.slug}"
+
+    def model_family(self, inputs: dict[str, Any], catalog: "ModelCatalog") -> str:
+        """The model family (one of :data:`FAMILIES`) whose warm pipelines run a task of this tool.
+
+        The tool file's ``family`` when set (``ic-light``, ``instantid``); else the family of the
+        checkpoint the task runs: the tool's ``base_model`` (FLUX tools), or the checkpoint chosen
+        in the first ``select`` input whose value (``inputs``, as :meth:`validate` returns them)
+        is a catalog checkpoint (the SD tool's ``selectedModel``). ``sd15`` when none is found.
+        """
+        if self.family:
+            return self.family
+        chosen = [self.base_model] if self.base_model else []
+        chosen += [str(inputs.get(i.name, "")) for i in self.inputs if i.type == "select"]
+        for mid in chosen:
+            entry = catalog.entries.get(str(mid))
+            if entry is not None and entry.kind in CHECKPOINT_KINDS:
+                return entry.family
+        return "sd15"
 
     def input(self, name: str) -> InputSpec:
         for i in self.inputs:
@@ -334,7 +358,9 @@ def load_tools() -> dict[str, ToolSpec]:
             owner=t["owner"], slug=t["slug"], module=t.get("module"), description=t.get("description", ""),
             categories=t.get("categories", []), inputs=inputs, cost_per_second=float(t.get("cost_per_second", 0)),
             cover=t.get("cover", ""), tags=t.get("tags", []), base_model=t.get("base_model"),
-            preset=t.get("preset", {}),
+            preset=t.get("preset", {}), family=t.get("family", ""),
         )
+        if spec.family and spec.family not in FAMILIES:
+            raise CatalogError(f"tool {spec.name}: family {spec.family!r} is not one of {', '.join(FAMILIES)}")
         tools[spec.name] = spec
     return tools

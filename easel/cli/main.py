@@ -1,4 +1,4 @@
-"""The ``easel`` command: serve, projects, models, run, demo."""
+"""The ``easel`` command: serve, worker, projects, models, run, demo."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 app = typer.Typer(help="Easel: a self-hostable image-generation server speaking the Wiro tool API.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 projects_app = typer.Typer(help="Manage projects (API key + secret).", no_args_is_help=True)
 models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 app.add_typer(projects_app, name="projects")
@@ -74,6 +74,10 @@ def _settings_from(config: Optional[Path], **kw):
     return Settings.from_env(config, **kw)
 
 
+_BROKER = typer.Option(None, help="Celery broker URL: redis://host:6379/0 or amqp://user:pass@host/ "
+                                  "[env EASEL_BROKER_URL; default redis://127.0.0.1:6379/0].")
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
@@ -97,26 +101,35 @@ def serve(
                                                      "data directory) or s3://bucket/prefix (endpoint, region and "
                                                      "credentials from EASEL_S3_* and the usual AWS settings) "
                                                      "[env EASEL_STORAGE; default local]."),
+    executor: Optional[str] = typer.Option(None, help="local (worker processes of this server) or celery (task ids "
+                                                       "go to --broker; `easel worker` processes run them; use with "
+                                                       "--workers 0) [env EASEL_EXECUTOR; default local]."),
+    broker: Optional[str] = _BROKER,
     config: Optional[Path] = typer.Option(None, help="TOML file of settings (field = value) [env EASEL_CONFIG_FILE]. "
                                                      "Precedence: flags given > environment > this file > defaults."),
     api_processes: Optional[int] = typer.Option(None, help="API processes on this port (they share the store; the "
                                                            "local workers belong to this process) "
                                                            "[env EASEL_API_PROCESSES; default 1]."),
 ):
-    """Run the API server and its local workers."""
+    """Run the API server and its local workers (or, with --executor celery --workers 0, the API
+    process of a fleet: docs/deploy.md)."""
     from easel.config import read_sources
 
     given = {"data_dir": data_dir, "model_source": model_source, "workers": workers, "public_url": public_url,
-             "api_processes": api_processes,
-             "fetch_allow": tuple(x.strip() for x in fetch_allow.split(",") if x.strip()) if fetch_allow else None,
-             "gpus": tuple(x.strip() for x in gpus.split(",") if x.strip()) if gpus else None,
-             "storage": storage}
-    if public_url is None and "public_url" not in read_sources(config):
+             "fetch_allow": _csv(fetch_allow), "gpus": _csv(gpus), "storage": storage, "executor": executor, "broker_url": broker,
+             "api_processes": api_processes}
+    sources = read_sources(config)
+    if public_url is None and "public_url" not in sources:
         given["public_url"] = f"http://{host}:{port}"
     try:
         settings = _settings_from(config, **given)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if settings.executor == "celery":
+        if settings.workers > 0 and (workers is not None or "workers" in sources):
+            raise typer.BadParameter("with --executor celery this process runs no workers: give --workers 0 and "
+                                     "start `easel worker` processes (docs/deploy.md)", param_hint="--workers")
+        settings = settings.with_(workers=0)
     check_storage(settings)
     metrics_dir = prepare_metrics_dir(settings.data_dir)  # before anything imports prometheus_client
     import uvicorn
@@ -124,10 +137,11 @@ def serve(
     from easel.api import create_app
     from easel.executors import create_executor
     from easel.store import Store
+    from easel.store.notify import Publisher
     from easel.tasks import lifecycle
 
     workers = settings.workers
-    store = Store(settings.database_url)
+    store = Store(settings.database_url, wakeups=Publisher.for_settings(settings))
     store.migrate()
     executor = None
     # tasks whose worker's lease expired (a server that stopped); other live servers' tasks keep running
@@ -135,8 +149,12 @@ def serve(
                                            requeue_unstarted=settings.requeue_unstarted)
     if failed:
         console.print(f"[yellow]{len(failed)} task(s) had no live worker any more; ended: {failed}")
-    if workers > 0:
-        executor = create_executor("local", settings)
+    if settings.executor == "celery" or workers > 0:
+        try:
+            executor = create_executor(settings.executor, settings)
+        except RuntimeError as exc:  # e.g. Celery is not installed
+            console.print(f"[red]{exc}")
+            raise typer.Exit(1)
         executor.start()
     if settings.api_processes > 1:
         try:
@@ -151,6 +169,133 @@ def serve(
                     host=host, port=port, log_level="warning")
     finally:
         _stop(executor, metrics_dir)
+
+
+def _csv(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    """A comma-separated flag as a tuple (None when the flag was not given)."""
+    return tuple(x.strip() for x in value.split(",") if x.strip()) if value else None
+
+
+@app.command()
+def worker(
+    broker: Optional[str] = _BROKER,
+    data_dir: Optional[Path] = typer.Option(None, help="This worker's own directory: models, scratch files (and the "
+                                                       "SQLite database when no --database-url) "
+                                                       "[env EASEL_DATA_DIR; default easel-data]."),
+    database_url: Optional[str] = typer.Option(None, help="The fleet's database, e.g. postgresql+psycopg://easel@db/easel "
+                                                          "[env EASEL_DATABASE_URL]."),
+    storage: Optional[str] = typer.Option(None, help="The fleet's files: s3://bucket/prefix (see docs/storage.md) or "
+                                                     "local [env EASEL_STORAGE; default local]."),
+    model_source: Optional[str] = typer.Option(None, help="tiny, hub or random [env EASEL_MODEL_SOURCE; default tiny]."),
+    queues: Optional[str] = typer.Option(None, help="Model families to serve, comma-separated, among sd15, sdxl, flux, "
+                                                    "ic-light, instantid [env EASEL_QUEUES; default all]."),
+    gpus: Optional[str] = typer.Option(None, help="GPU of this worker (CUDA_VISIBLE_DEVICES), e.g. 0; several (0,1 or "
+                                                  "all) start one worker process per GPU [env EASEL_GPUS]."),
+    loglevel: str = typer.Option("INFO", help="Celery log level."),
+    metrics_port: int = typer.Option(0, help="Serve this worker's Prometheus metrics (model loads, GPU memory, "
+                                             "tasks it ended) at http://0.0.0.0:PORT/metrics; 0 = off."),
+    config: Optional[Path] = typer.Option(None, help="TOML file of settings [env EASEL_CONFIG_FILE]."),
+):
+    """Run a fleet worker: a Celery worker that keeps models warm and runs the tasks whose ids the
+    API processes publish (one task at a time; one worker per GPU; docs/deploy.md)."""
+    import os
+
+    given = {"data_dir": data_dir, "database_url": database_url, "storage": storage, "model_source": model_source,
+             "queues": _csv(queues), "broker_url": broker, "executor": "celery"}
+    gpu_list = _csv(gpus)
+    if gpu_list == ("all",):
+        import torch
+
+        gpu_list = tuple(str(i) for i in range(torch.cuda.device_count()))
+    try:
+        settings = _settings_from(config, **given, gpus=gpu_list)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if len(settings.gpus) > 1:
+        if metrics_port:
+            raise typer.BadParameter("one port per process: start one `easel worker --gpus N --metrics-port P` "
+                                     "per GPU instead", param_hint="--metrics-port")
+        args = [f"--{k.replace('_', '-')}={v}" for k, v in (("broker", broker), ("data_dir", data_dir),
+                ("database_url", database_url), ("storage", storage), ("model_source", model_source),
+                ("queues", queues), ("config", config)) if v is not None]
+        raise typer.Exit(_per_gpu([sys.executable, "-m", "easel", "worker", f"--loglevel={loglevel}", *args],
+                                  settings.gpus))
+    if settings.gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus[0]  # before anything initialises CUDA
+    from easel.executors.celery import run_worker
+    from easel.store import Store
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # models and scratch folders
+    check_storage(settings)
+    Store(settings.database_url).migrate()
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port)
+    try:
+        run_worker(settings, loglevel=loglevel)
+    except RuntimeError as exc:  # e.g. Celery is not installed
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1)
+
+
+def _per_gpu(command: list[str], gpus: tuple[str, ...]) -> int:
+    """Run ``command --gpus G`` for each GPU and supervise them: a child that exits is restarted
+    (1 s, doubling to 60 s while it keeps dying within 30 s); SIGTERM/SIGINT are passed on and
+    the children awaited. Returns 0 after a requested stop."""
+    import signal
+
+    stopping = False
+    procs: dict[str, subprocess.Popen] = {}
+    started: dict[str, float] = {}
+    backoff: dict[str, float] = {}
+    restart_at: dict[str, float] = {}
+
+    def spawn(gpu: str) -> None:
+        procs[gpu] = subprocess.Popen([*command, f"--gpus={gpu}"])
+        started[gpu] = time.monotonic()
+
+    def stop(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for gpu in gpus:
+        spawn(gpu)
+    while not stopping:
+        time.sleep(0.5)
+        for gpu, p in list(procs.items()):
+            if stopping or p.poll() is None:
+                continue
+            now = time.monotonic()
+            if gpu not in restart_at:
+                short = now - started[gpu] < 30.0
+                backoff[gpu] = min(60.0, backoff.get(gpu, 0.5) * 2) if short else 1.0
+                restart_at[gpu] = now + backoff[gpu]
+                console.print(f"[yellow]worker on GPU {gpu} exited with code {p.returncode}; "
+                              f"restarting in {backoff[gpu]:.0f} s")
+            elif now >= restart_at[gpu]:
+                del restart_at[gpu]
+                spawn(gpu)
+    for p in procs.values():
+        p.wait()
+    return 0
+
+
+def check_storage(settings) -> None:
+    """Stop with the reason (exit code 2) when the configured storage cannot be used, e.g. an S3
+    bucket that does not exist or refuses these credentials: better at start than at the first Run."""
+    from easel.storage import create_storage
+
+    try:
+        create_storage(settings).check()
+    except OSError as exc:
+        console.print(f"[red]Storage unusable: {exc}")
+        raise typer.Exit(2) from None
 
 
 def _api_process(settings, sock, executor, index: int) -> None:
@@ -173,6 +318,11 @@ def _api_process(settings, sock, executor, index: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="easel-parent-watch", daemon=True).start()
+    if executor is None and settings.executor == "celery":
+        from easel.executors import create_executor
+
+        executor = create_executor("celery", settings)
+        executor.start()
     # one process sends the webhooks (the others would only compete for the same leases)
     app = create_app(settings, executor, dispatch_webhooks=index == 0)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
@@ -197,7 +347,9 @@ def _serve_processes(settings, host: str, port: int, executor) -> None:
     sock.bind((host, port))
     sock.listen(2048)
     sock.set_inheritable(True)
-    handle = executor.handle() if executor is not None else None
+    # local workers are woken through a handle; a Celery executor cannot cross processes, so each
+    # API process of a fleet publishes through its own (see _api_process)
+    handle = executor.handle() if executor is not None and hasattr(executor, "handle") else None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -225,16 +377,6 @@ def _serve_processes(settings, host: str, port: int, executor) -> None:
                 p.kill()
                 p.join(5)
         sock.close()
-def check_storage(settings) -> None:
-    """Stop with the reason (exit code 2) when the configured storage cannot be used, e.g. an S3
-    bucket that does not exist or refuses these credentials: better at start than at the first Run."""
-    from easel.storage import create_storage
-
-    try:
-        create_storage(settings).check()
-    except OSError as exc:
-        console.print(f"[red]Storage unusable: {exc}")
-        raise typer.Exit(2) from None
 
 
 def _stop(executor, metrics_dir: Optional[Path]) -> None:

@@ -1,8 +1,9 @@
-"""Executors deliver queued task ids to workers. ``local`` runs worker processes on this machine.
+"""Executors deliver queued task ids to workers. ``local`` runs worker processes on this machine;
+``celery`` publishes the ids to a broker (Redis or RabbitMQ) whose ``easel worker`` processes, on
+any machine sharing the database, claim and run them (``easel.executors.celery``).
 
-The interface is deliberately small so that a Celery executor (Redis or RabbitMQ broker) can be
-added without touching the API or the tools: ``submit`` would send the task id to the broker, and
-a Celery task would call ``easel.tasks.runner.Worker.execute`` after claiming that id.
+The store stays the source of truth: an executor only delivers ids, and a worker claims a task
+through :mod:`easel.tasks.lifecycle` before running it.
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ class Executor(ABC):
     def submit(self, task_id: int) -> None:
         """Deliver a newly stored task id (a hint: workers also poll the store)."""
 
+    def maintain(self) -> None:
+        """Periodic upkeep, called by every API process's maintenance thread (every quarter of
+        ``Settings.lease_seconds``); e.g. publish queued tasks whose delivery is missing. Raises on
+        store or broker errors (the caller logs and retries)."""
+
     def health(self) -> tuple[bool, str]:
         """``(ok, reason)``: whether a worker can run tasks now (``/healthz`` answers 503 if not)."""
         return True, "ok"
@@ -31,9 +37,17 @@ class Executor(ABC):
 
 
 def create_executor(name: str, settings) -> Executor:
-    """The executor named ``name`` (only ``local`` for now)."""
+    """The executor named ``name``: ``local`` (worker processes) or ``celery`` (a broker).
+
+    Raises:
+        ValueError: another name.
+    """
     if name == "local":
         from .local import LocalExecutor
 
         return LocalExecutor(settings)
-    raise ValueError(f"executor must be 'local', not {name!r}")
+    if name == "celery":
+        from .celery import CeleryExecutor
+
+        return CeleryExecutor(settings)
+    raise ValueError(f"executor must be 'local' or 'celery', not {name!r}")

@@ -145,10 +145,11 @@ class LocalExecutor(Executor):
         a dead worker whose task could not be failed yet is handled again next time."""
         from easel import metrics
         from easel.store import Store
+        from easel.store.notify import Publisher
         from easel.tasks import lifecycle as lc
 
         if self._store is None:
-            self._store = Store(self.settings.database_url)
+            self._store = Store(self.settings.database_url, wakeups=Publisher.for_settings(self.settings))
         now = time.monotonic()
         self._alive.value = sum(1 for p in self._procs if p is not None and p.is_alive())
         for slot, p in enumerate(list(self._procs)):
@@ -208,10 +209,11 @@ class LocalExecutor(Executor):
         self._procs.clear()
         if killed:  # their tasks would otherwise wait for their leases to expire
             from easel.store import Store
+            from easel.store.notify import Publisher
             from easel.tasks import lifecycle as lc
 
             try:
-                store = self._store or Store(self.settings.database_url)
+                store = self._store or Store(self.settings.database_url, wakeups=Publisher.for_settings(self.settings))
                 for worker_id in killed:
                     lc.fail_worker_tasks(store, worker_id, lc.INTERRUPTED_MESSAGE)
             except Exception:

@@ -11,6 +11,7 @@ tests use the tiny stand-ins of ``easel.models.tiny_faces`` (same file names and
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,11 @@ class FaceAnalyzer:
 
         rgb = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)  # insightface takes OpenCV's BGR order
-        with self._lock:
+        with self._lock, warnings.catch_warnings():
+            # insightface 0.7.3 calls scikit-image's deprecated SimilarityTransform.estimate on every
+            # face: a library-internal FutureWarning that would otherwise reach each task's debugerror
+            warnings.filterwarnings("ignore", message=".*`estimate` is deprecated", category=FutureWarning,
+                                    module=r"insightface\.")
             found = self._app.get(bgr)
         faces = [FaceInfo(np.asarray(f.bbox, np.float32), np.asarray(f.kps, np.float32),
                           np.asarray(f.embedding, np.float32), float(f.det_score)) for f in found]

@@ -35,7 +35,7 @@ try:
 except ImportError:  # Windows: no flock (see WriteLock)
     fcntl = None
 
-from sqlalchemy import bindparam, case, create_engine, delete, event, func, insert, literal, null, select, update
+from sqlalchemy import bindparam, case, create_engine, delete, event, func, insert, literal, null, select, text, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -131,11 +131,15 @@ _EVENTS_WITH_PREVIEWS = (select(Event.id, Event.task_id, Event.type, Event.messa
 
 
 @lru_cache(maxsize=None)
-def _claim(from_status: str, to_status: str, time_column: str, skip_locked: bool):
-    oldest = select(T.id).where(T.status == literal(from_status)).order_by(T.queue_seq, T.id).limit(1)
-    if skip_locked:
-        oldest = oldest.with_for_update(skip_locked=True)
-    return (update(Task).where(T.id == oldest.scalar_subquery(), T.status == literal(from_status))
+def _claim(from_status: str, to_status: str, time_column: str, skip_locked: bool, by_id: bool = False):
+    if by_id:  # the task a broker delivered
+        target = T.id == bindparam("task_id")
+    else:  # the oldest waiting
+        oldest = select(T.id).where(T.status == literal(from_status)).order_by(T.queue_seq, T.id).limit(1)
+        if skip_locked:
+            oldest = oldest.with_for_update(skip_locked=True)
+        target = T.id == oldest.scalar_subquery()
+    return (update(Task).where(target, T.status == literal(from_status))
             .values(status=literal(to_status), worker_id=bindparam("owner"), lease_expires_at=bindparam("lease"),
                     event_seq=T.event_seq + 1, **{time_column: bindparam("now")})
             .returning(T.id, T.event_seq))
@@ -234,15 +238,15 @@ _PROJECT_LOCK = 0x4541534C
 class Store:
     """Access to the database at ``url`` (SQLite by default; PostgreSQL works with the same schema).
 
+    ``pool_size``: connections kept open, at least the number of threads of this process that use
+    the store at the same time (the API passes its thread pool's size; a worker needs 2).
+
     ``wakeups`` is told about every event this store inserts (:mod:`easel.store.notify`): in the
     transaction (``pg_notify``) and after its commit (Redis, in-process waiters); default
     :meth:`Publisher.default_for` the URL (``LISTEN/NOTIFY`` on PostgreSQL, else nothing).
-
-    ``pool_size``: connections kept open, at least the number of threads of this process that use
-    the store at the same time (the API passes its thread pool's size; a worker needs 2).
     """
 
-    def __init__(self, url: str, wakeups: Publisher | None = None, pool_size: int = 5):
+    def __init__(self, url: str, pool_size: int = 5, wakeups: Publisher | None = None):
         self.url = url
         self.wakeups = wakeups or Publisher.default_for(url)
         kwargs: dict = {"pool_size": pool_size, "max_overflow": max(10, pool_size)}
@@ -286,7 +290,9 @@ class Store:
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
     def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision (idempotent)."""
+        """Bring the schema to the newest Alembic revision (idempotent). On PostgreSQL the upgrade
+        holds a transaction-scoped advisory lock, so the processes of a fleet starting together
+        migrate one after the other (the others then find the schema current)."""
         from alembic import command
         from alembic.config import Config
 
@@ -294,6 +300,8 @@ class Store:
         cfg.set_main_option("script_location", str(HERE / "migrations"))
         cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(7345021)"))  # any fixed key: "easel migrations"
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
@@ -552,18 +560,22 @@ class Store:
         return rows[0] if rows else None
 
     def claim_next(self, worker_id: str, from_status: str, to_status: str, time_column: str,
-                   lease_seconds: float = 60.0) -> int | None:
-        """Atomically move the oldest task in ``from_status`` to ``to_status`` for ``worker_id``
-        with a lease until now + ``lease_seconds``; return its id (None when none is waiting).
+                   lease_seconds: float = 60.0, task_id: int | None = None) -> int | None:
+        """Atomically move the oldest task in ``from_status`` (with ``task_id``: that task only)
+        to ``to_status`` for ``worker_id`` with a lease until now + ``lease_seconds``; return its
+        id (None when none is waiting, or ``task_id`` is not in ``from_status`` any more).
 
         One conditional UPDATE: two workers racing for the same row cannot both win. On
         PostgreSQL the candidate row is selected ``FOR UPDATE SKIP LOCKED``, so a worker that
         would lose the race takes the next queued task instead of coming back empty.
         """
         now = time.time()
-        stmt = _claim(from_status, to_status, time_column, self._skip_locked)
+        stmt = _claim(from_status, to_status, time_column, self._skip_locked, task_id is not None)
+        params = {"owner": worker_id, "lease": now + lease_seconds, "now": now}
+        if task_id is not None:
+            params["task_id"] = task_id
         with self._write() as conn:
-            row = conn.execute(stmt, {"owner": worker_id, "lease": now + lease_seconds, "now": now}).first()
+            row = conn.execute(stmt, params).first()
             if row is None:
                 return None
             conn.execute(_INSERT_EVENT, {"task_id": row[0], "type": to_status, "message": "", "created_at": now,
@@ -652,6 +664,32 @@ class Store:
             self.wakeups.in_transaction(conn, task_id)
         self.wakeups.committed(task_id)
         return bool(row[0])
+
+    def mark_dispatched(self, task_id: int, status: str, now: float, due_before: float | None = None) -> bool:
+        """Record that ``task_id`` is being published now, if it is still in ``status`` and (with
+        ``due_before``) was last published before that time or never; False (nothing written)
+        otherwise. The conditional UPDATE makes exactly one of several processes the publisher."""
+        with self._write() as conn:
+            q = update(Task).where(Task.id == task_id, Task.status == status)
+            if due_before is not None:
+                q = q.where((Task.dispatched_at.is_(None)) | (Task.dispatched_at < due_before))
+            return conn.execute(q.values(dispatched_at=now)).rowcount == 1
+
+    def clear_dispatched(self, task_id: int, status: str) -> None:
+        """Forget a publication that failed (the task is published again at the next pass)."""
+        with self._write() as conn:
+            conn.execute(update(Task).where(Task.id == task_id, Task.status == status).values(dispatched_at=None))
+
+    def due_for_dispatch(self, status: str, never_before: float, again_before: float | None,
+                         limit: int = 500) -> list[Task]:
+        """Tasks in ``status`` never published and created before ``never_before``, or (with
+        ``again_before``) last published before ``again_before``; oldest first."""
+        due = Task.dispatched_at.is_(None) & (Task.createtime < never_before)
+        if again_before is not None:
+            due = due | (Task.dispatched_at < again_before)
+        with self._read() as s:
+            return list(s.scalars(select(Task).where(Task.status == status, due).order_by(Task.queue_seq, Task.id)
+                                  .limit(limit)))
 
     def renew_lease(self, task_id: int, owner: str, until: float, running: Iterable[str]) -> bool:
         """Extend ``owner``'s lease on a running task to ``until``; False if it no longer holds it."""

@@ -79,6 +79,9 @@ class Task(Base):
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # the last event's per-task sequence number (assigned under this row's lock: see Event.seq)
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # when an executor last published this task's id to a broker (epoch seconds; None = not yet,
+    # or queued again since): a queued task whose publication is missing or old is published again
+    dispatched_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # the task's place in the order of submission: 1, 2, 3, ... with no gaps, taken from the
     # ``counters`` row ``task_queue_seq`` in the transaction that inserts the task. Workers claim
     # in this order, and a queued task's position is computed from it in O(log n) (see

@@ -114,10 +114,16 @@ def submit(store: Store, *, project_id: int, tool: str, parameters: dict, inputs
                              unfinished=(QUEUE, *RUNNING))
 
 
-def claim(store: Store, worker_id: str, lease_seconds: float = 60.0) -> int | None:
+def claim(store: Store, worker_id: str, lease_seconds: float = 60.0, task_id: int | None = None) -> int | None:
     """Take the oldest queued task for ``worker_id`` (``task_accept``) with a lease of
-    ``lease_seconds``; None when the queue is empty."""
-    return store.claim_next(worker_id, QUEUE, ACCEPT, TIME_COLUMN[ACCEPT], lease_seconds=lease_seconds)
+    ``lease_seconds``; None when the queue is empty.
+
+    With ``task_id`` (an executor delivered that id), take that task only, and only if it is
+    still queued: None when it was already claimed, cancelled or ended, or does not exist, so a
+    message delivered twice (a broker's redelivery, a re-publication) runs nothing twice.
+    """
+    return store.claim_next(worker_id, QUEUE, ACCEPT, TIME_COLUMN[ACCEPT], lease_seconds=lease_seconds,
+                            task_id=task_id)
 
 
 def _stamped(status: str, now: float, lease_seconds: float | None, values: dict) -> dict:
@@ -235,10 +241,12 @@ def fail(store: Store, task: Task, reason: str, owner: str | None = None) -> boo
 
 
 def requeue(store: Store, task: Task) -> bool:
-    """Put a task that never started back in the queue (its worker is gone)."""
+    """Put a task that never started back in the queue (its worker is gone). Its publication is
+    forgotten (``dispatched_at``), so a broker executor delivers its id again."""
     return store.transition(task.id, QUEUE, only_from=tuple(s for s in NOT_STARTED if s in allowed_from(QUEUE)),
                             owner=task.worker_id, worker_id="", lease_expires_at=None, accepttime=None,
-                            preprocessstarttime=None, preprocessendtime=None, assigntime=None)
+                            preprocessstarttime=None, preprocessendtime=None, assigntime=None,
+                            dispatched_at=None)
 
 
 def expire_leases(store: Store, lease_seconds: float, task_timeout: float = 0.0,

@@ -1,7 +1,7 @@
 """Running one claimed task through its lifecycle, inside a worker process.
 
-Any executor (local processes now, Celery later) delivers task ids; :class:`Worker` claims and
-runs them. A tool failure ends that task with ``pexit`` "1" and never stops the worker.
+Any executor (local processes, or Celery workers of a fleet) delivers task ids; :class:`Worker`
+claims and runs them. A tool failure ends that task with ``pexit`` "1" and never stops the worker.
 """
 from __future__ import annotations
 
@@ -230,6 +230,18 @@ class Worker:
             self.execute(task_id)
         return task_id
 
+    def run_task(self, task_id: int) -> bool:
+        """Claim ``task_id`` if it is still queued and run it (a broker delivered this id).
+
+        Returns:
+            False, running nothing, when the task is no longer queued (claimed by another worker,
+            cancelled, ended, or unknown): a message delivered twice runs nothing twice.
+        """
+        if lc.claim(self.store, self.worker_id, self.settings.lease_seconds, task_id=task_id) is None:
+            return False
+        self.execute(task_id)
+        return True
+
     def advance(self, task_id: int, status: str, message: str = "", **values) -> None:
         """This worker's guarded transition; raises :class:`TaskLost` when it was rejected."""
         self.advance_through(task_id, [(status, message, values)])
@@ -281,13 +293,19 @@ class Worker:
     def execute(self, task_id: int) -> None:
         """Walk an accepted task through preprocess, assign, start, outputs and postprocess."""
         task = self.store.get_task(task_id)
+        try:
+            workdir = Path(tempfile.mkdtemp(prefix=f"easel-{task.uuid}-", dir=self.settings.data_dir))
+        except OSError as exc:  # e.g. the data directory is gone or full: the task ends, the worker survives
+            log.error("task %s: no scratch folder in %s: %s", task_id, self.settings.data_dir, exc)
+            lc.fail(self.store, task, f"The worker could not create its scratch folder ({exc.strerror}). Submit it "
+                                      "again.", owner=self.worker_id)
+            return
         timeout = self.settings.task_timeout_seconds
         self._deadline = (task.accepttime or time.time()) + timeout if timeout > 0 else None
         self.heartbeat_lost.clear()
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(task_id, done), name="easel-heartbeat", daemon=True)
         beat.start()
-        workdir = Path(tempfile.mkdtemp(prefix=f"easel-{task.uuid}-", dir=self.settings.data_dir))
         inputs = json.loads(task.inputs)
         ctx = WorkerContext(self, task_id, workdir, task.uuid, task.project_id,
                             task_inputs.extras_requested(inputs))

@@ -9,8 +9,8 @@
 - ``previews``: the latent previews, moved out of ``events.preview`` (base64 text) as JPEG bytes.
 - ``ix_events_task_id`` is dropped: ``ix_events_task_seq`` (task_id, seq) serves every query it did.
 
-Revision ID: 0006_queue_seq_previews
-Revises: 0005_files
+Revision ID: 0007_queue_seq_previews
+Revises: 0006_dispatch
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import base64
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_queue_seq_previews"
-down_revision = "0005_files"
+revision = "0007_queue_seq_previews"
+down_revision = "0006_dispatch"
 branch_labels = None
 depends_on = None
 
