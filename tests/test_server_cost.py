@@ -395,7 +395,6 @@ def test_worker_torch_threads_leave_the_api_a_core():
 
 def test_a_scheduler_is_reused_until_another_class_is_asked_for(tmp_path, tiny):
     from easel.catalog import load_tools
-    from easel.storage import output_key
     from easel.tasks.runner import Worker
 
     s = Settings(data_dir=tmp_path / "data")
