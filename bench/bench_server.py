@@ -692,6 +692,9 @@ def main() -> None:
         began = time.time()
         sections[name.strip()](codes, args, rows)
         print(f"[{name}: {time.time() - began:.0f} s, load average now {os.getloadavg()[0]:.1f}]", file=sys.stderr)
+        print(table([r for r in rows if r["section"] in (name.strip(), "micro")], machine), file=sys.stderr)
+        if args.json:  # what is measured so far survives an interrupted run
+            args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     machine += f"; {os.getloadavg()[0]:.1f} at the end"
     print(table(rows, machine))
     if args.json:
