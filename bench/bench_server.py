@@ -11,8 +11,10 @@ source tree, "A", interleaved with B so that both see the same load on a shared 
   Cases: SD 1.5 tool and FLUX tool at the seeds' sizes, and a tiny SD task (64², 2 steps).
 - **micro**: one per-step progress write, one lifecycle transition, four 512² PNGs of noise,
   ``LoraState.apply`` asked for the active LoRA again.
-- **api**: ``POST /v1/Run`` and ``/v1/Task/Detail`` at 50 connections with ``wrk`` (a Python
-  load generator when wrk is missing), servers with ``--workers 0`` (the API's own capacity),
+- **api**: ``POST /v1/Run`` and ``/v1/Task/Detail`` at 50 connections with ``wrk`` (the most
+  the server answers) and ``hey -q`` (a fixed offered rate: the latency at 1000 and 2000/s;
+  Debian's ``wrk`` and ``hey`` packages, a Python load generator when they are missing),
+  servers with ``--workers 0`` (the API's own capacity),
   one API process and, for B, ``--api-processes 2``; requests/s, p50, p99.
 - **list**: ``Task/List`` (20 newest) and a queued task's ``Task/Detail`` view in a store of
   100 000 tasks, with 1 % queued and with all of them queued (the last one asked for), in process.
@@ -438,10 +440,12 @@ def load(server: Server, path: str, body: dict, seconds: float, connections: int
          rate: float | None = None) -> dict:
     """Requests/s, p50 and p99 (ms) of ``path`` from ``connections`` clients, and the server's CPU
     milliseconds per request (all its processes). Without ``rate`` each client sends its next
-    request as soon as the last is answered (the most the server does); with ``rate`` each client
-    waits ``connections / rate`` seconds between requests (that many requests per second offered:
-    the latency of the server at that load)."""
+    request as soon as the last is answered (the most the server does, ``wrk``); with ``rate``
+    that many requests per second are offered (``hey -q``, :func:`hey_load`; without hey each
+    client waits ``connections / rate`` seconds between requests): the latency at that load."""
     cpu = tree_cpu(server.proc.pid)
+    if rate and shutil.which("hey"):
+        return hey_load(server, path, body, seconds, connections, rate, cpu)
     if shutil.which("wrk"):
         script = Path(tempfile.mkstemp(suffix=".lua")[1])
         headers = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in
@@ -467,6 +471,31 @@ def load(server: Server, path: str, body: dict, seconds: float, connections: int
                 "cpu_ms": 1000 * cpu / int(requests.group(1)) if requests else None}
     result = py_load(server, path, body, seconds, connections, rate)
     return {**result, "cpu_ms": 1000 * (tree_cpu(server.proc.pid) - cpu) / max(1, result["n"])}
+
+
+def hey_load(server: Server, path: str, body: dict, seconds: float, connections: int, rate: float,
+             cpu_before: float) -> dict:
+    """``rate`` requests/s offered by ``connections`` clients with ``hey -q``: each client sends on
+    its own clock (every ``connections / rate`` s), not a fixed pause after each answer, so the
+    offered rate does not fall as the server slows (wrk's ``delay()`` would offer less)."""
+    payload = Path(tempfile.mkstemp(suffix=".json")[1])
+    payload.write_text(json.dumps(body))
+    headers = [a for k, v in server.headers.items() for a in ("-H", f"{k}: {v}")]
+    out = subprocess.run(["hey", "-z", f"{seconds:.0f}s", "-c", str(connections), "-q", f"{rate / connections:g}",
+                          "-m", "POST", "-T", "application/json", *headers, "-D", str(payload), server.base + path],
+                         capture_output=True, text=True).stdout
+    payload.unlink()
+    cpu = tree_cpu(server.proc.pid) - cpu_before
+    codes = {int(c): int(n) for c, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
+    n = sum(codes.values())
+
+    def ms(pct: int) -> float | None:
+        m = re.search(rf"^\s*{pct}% in ([\d.]+) secs", out, re.M)
+        return 1000 * float(m.group(1)) if m else None
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return {"rps": float(rps.group(1)) if rps else None, "p50": ms(50), "p99": ms(99),
+            "errors": n - codes.get(200, 0), "tool": "hey", "cpu_ms": 1000 * cpu / n if n else None}
 
 
 def py_load(server: Server, path: str, body: dict, seconds: float, connections: int, rate: float | None) -> dict:

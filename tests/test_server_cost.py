@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import pytest
 from conftest import SMALL, TIME_SCALE, TOOL, free_port
 from easel.config import Settings
 from easel.storage import output_key
-from easel.store import Store, new_token
+from easel.store import LimitReached, Store, new_token
 from easel.tasks import lifecycle as lc
 
 OTHERS = tuple(s for s in lc.TRANSITIONS if s != lc.QUEUE)
@@ -208,6 +209,91 @@ def test_sqlite_writers_of_two_processes_take_turns(store, tmp_path):
     with store._write_lock, other._write_lock:
         p = other.create_project("nested")  # a write through the second store inside the first's turn
     assert store.project_by_key(p.apikey).name == "nested"
+
+
+def _submit_together(store, calls: list[dict]) -> list:
+    """Run ``calls`` (``lc.submit`` keywords) in threads while this thread holds the write turn, so
+    that all of them queue up behind one leader; returns each call's task, or the exception."""
+    from sqlalchemy import event as sa_event
+
+    commits: list[int] = []
+    sa_event.listen(store.engine, "commit", lambda _conn: commits.append(1))
+    results: list = [None] * len(calls)
+
+    def one(i: int) -> None:
+        try:
+            results[i] = lc.submit(store, tool=TOOL, parameters={"i": i}, inputs={}, callbackurl="",
+                                   cost_per_second=0, **calls[i])
+        except Exception as exc:  # noqa: BLE001 - compared by the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
+    with store._write_lock:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30 * TIME_SCALE
+        while len(store._group.queue) < len(calls) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(store._group.queue) == len(calls)  # the leader waits for the turn, the others for it
+    for t in threads:
+        t.join(30 * TIME_SCALE)
+    return results, len(commits)
+
+
+def test_concurrent_runs_are_committed_together_with_each_answer_as_if_alone(store):
+    p, q = store.create_project("p"), store.create_project("q")
+    calls = ([{"project_id": p.id}] * 10 + [{"project_id": p.id, "idempotency_key": "dup"}] * 3
+             + [{"project_id": q.id, "max_unfinished": 2}] * 4 + [{"project_id": q.id, "max_unfinished": 2,
+                                                                    "idempotency_key": "again"}] * 2)
+    results, commits = _submit_together(store, calls)
+    assert commits == 1  # nineteen Runs, one transaction
+    assert not store._group.leading and not store._group.queue
+    plain = [r for r, c in zip(results, calls) if c == {"project_id": p.id}]
+    assert all(created for _task, created in plain)
+    dup = [r for r, c in zip(results, calls) if c.get("idempotency_key") == "dup"]
+    assert sorted(created for _t, created in dup) == [False, False, True]
+    assert len({t.id for t, _c in dup}) == 1  # the retries get the first call's task
+    limited = [r for r, c in zip(results, calls) if c["project_id"] == q.id]
+    refused = [r for r in limited if isinstance(r, LimitReached)]
+    admitted = [r for r in limited if not isinstance(r, Exception) and r[1]]
+    retried = [r for r in limited if not isinstance(r, Exception) and not r[1]]
+    assert len(admitted) == 2 and len(refused) + len(retried) == 4  # limit 2, whatever the arrival order
+    assert all(t.id in {a[0].id for a in admitted} for t, _c in retried)  # an admitted "again", answered again
+    assert store.count_in((lc.QUEUE, *lc.RUNNING), project_id=q.id) == 2
+    # what each call got is what the database holds: ids, sequence numbers, tokens, the first event
+    created = [r[0] for r in results if not isinstance(r, Exception) and r[1]]
+    assert len(created) == 10 + 1 + 2 and all(not isinstance(r, Exception) for r in results[:13])
+    for task in created:
+        row = store.get_task(task.id)
+        assert (row.uuid, row.queue_seq, row.socketaccesstoken, json.loads(row.parameters)) == \
+            (task.uuid, task.queue_seq, task.socketaccesstoken, json.loads(task.parameters))
+        assert [e.type for e in store.events(task.id)] == [lc.QUEUE]
+    seqs = [t.queue_seq for t in sorted(created, key=lambda t: t.id)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # the queue keeps the insertion order
+    assert lc.queue_positions(store, sorted(created, key=lambda t: t.id)) == \
+        {t.id: i + 1 for i, t in enumerate(sorted(created, key=lambda t: t.id))}
+    assert store.count_tasks(p.id) == 11 and store.count_tasks(q.id) == 2
+    # a lone Run afterwards is its own group
+    _submit(store, p.id, 1)
+    assert store.count_tasks(p.id) == 12
+
+
+def test_a_failed_group_fails_each_of_its_runs_and_the_next_run_leads_again(store, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    p = store.create_project("p")
+    real = store._insert_group
+
+    def broken(conn, group):
+        real(conn, group)  # every call got a result, then the commit's database fails
+        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(store, "_insert_group", broken)
+    results, _commits = _submit_together(store, [{"project_id": p.id}] * 5)
+    assert all(isinstance(r, OperationalError) for r in results), results
+    assert store.count_tasks(p.id) == 0 and store.tasks_of(p.id) == []  # rolled back, nothing half-stored
+    monkeypatch.setattr(store, "_insert_group", real)
+    assert len(_submit(store, p.id, 3)) == 3 and store.count_tasks(p.id) == 3
 
 
 def test_tokens_are_alphanumeric_and_random():

@@ -116,12 +116,13 @@ def check_image_inputs(api, project: Project, spec: ToolSpec, inputs: dict, task
     Raises:
         WiroError: code 0, naming the field.
     """
+    given = [(i, value) for i in spec.inputs if i.accepts == "image"
+             and (value := str(inputs.get(i.name, "") or "").strip())]
+    if not given:  # most Runs (text-to-image): no scratch folder, no storage look-up
+        return
     locator = InputFiles(api.settings, api.store, api.storage)
     with tempfile.TemporaryDirectory(prefix="easel-check-") as scratch:  # stored files read from S3 land here
-        for i in spec.inputs:
-            value = str(inputs.get(i.name, "") or "").strip()
-            if i.accepts != "image" or not value:
-                continue
+        for i, value in given:
             try:
                 where = locator.locate(project.id, i.name, value, task_uuid, Path(scratch))
                 if isinstance(where, str):
