@@ -296,6 +296,26 @@ def test_a_failed_group_fails_each_of_its_runs_and_the_next_run_leads_again(stor
     assert len(_submit(store, p.id, 3)) == 3 and store.count_tasks(p.id) == 3
 
 
+def test_a_claim_enters_preprocess_in_its_transaction_and_outputs_land_with_the_last_stage(store):
+    p = store.create_project("p")
+    tid = _submit(store, p.id, 1)[0]
+    assert lc.claim(store, "w1", 60, preprocess=True) == tid
+    assert [e.type for e in store.events(tid)] == [lc.QUEUE, lc.ACCEPT, lc.PREPROCESS_START]
+    task = store.get_task(tid)
+    assert task.status == lc.PREPROCESS_START and task.worker_id == "w1" and task.accepttime
+    walk = [(lc.PREPROCESS_END, "", {}), (lc.ASSIGN, "", {}), (lc.START, "", {}), (lc.OUTPUT_FULL, "", {}),
+            (lc.ERROR_FULL, "", {}), (lc.END, "", {}), (lc.POSTPROCESS_START, "", {})]
+    assert lc.advance_through(store, tid, walk, owner="w1")
+    out = [{"name": "0.png", "contenttype": "image/png", "size": 3, "path": f"{task.uuid}/0.png"}]
+    end = [(lc.POSTPROCESS_END, "", {"pexit": "0"})]
+    assert not lc.advance_through(store, tid, end, owner="w2", outputs=out)  # not its task: nothing stored
+    assert store.outputs(tid) == [] and store.get_task(tid).status == lc.POSTPROCESS_START
+    assert lc.advance_through(store, tid, end, owner="w1", outputs=out)
+    done = store.get_task(tid)
+    assert (done.status, done.pexit) == (lc.POSTPROCESS_END, "0")
+    assert [o.name for o in store.outputs(tid)] == ["0.png"]
+
+
 def test_tokens_are_alphanumeric_and_random():
     tokens = {new_token() for _ in range(2000)}
     assert len(tokens) == 2000

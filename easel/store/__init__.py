@@ -706,10 +706,13 @@ class Store:
         return rows[0] if rows else None
 
     def claim_next(self, worker_id: str, from_status: str, to_status: str, time_column: str,
-                   lease_seconds: float = 60.0, task_id: int | None = None) -> int | None:
+                   lease_seconds: float = 60.0, task_id: int | None = None,
+                   then: list[tuple[str, Iterable[str] | None, str, bool, dict]] = ()) -> int | None:
         """Atomically move the oldest task in ``from_status`` (with ``task_id``: that task only)
         to ``to_status`` for ``worker_id`` with a lease until now + ``lease_seconds``; return its
         id (None when none is waiting, or ``task_id`` is not in ``from_status`` any more).
+        ``then``: further steps of the claimed task, as :meth:`transitions` takes them, in the same
+        transaction (the claim and the worker's first stage: one commit).
 
         One conditional UPDATE: two workers racing for the same row cannot both win. On
         PostgreSQL the candidate row is selected ``FOR UPDATE SKIP LOCKED``, so a worker that
@@ -726,6 +729,9 @@ class Store:
                 return None
             conn.execute(_INSERT_EVENT, {"task_id": row[0], "type": to_status, "message": "", "created_at": now,
                                          "seq": row[1]})
+            for status, only_from, message, webhook, values in then:
+                if not self._step(conn, row[0], status, only_from, worker_id, message, webhook, now, values):
+                    raise ValueError(f"the claimed task {row[0]} cannot go on to {status}")  # rolled back
             self.wakeups.in_transaction(conn, row[0])
         self.wakeups.committed(row[0])
         return row[0]
@@ -766,10 +772,12 @@ class Store:
         return True
 
     def transitions(self, task_id: int, steps: list[tuple[str, Iterable[str] | None, str, bool, dict]], *,
-                    owner: str | None = None) -> bool:
+                    owner: str | None = None, outputs: list[dict] = ()) -> bool:
         """Several :meth:`transition` s of one task in one transaction, all or none: ``steps`` are
         ``(status, only_from, event_message, webhook, values)``, applied in order. False (nothing
-        written) as soon as one is rejected. One commit instead of one per step."""
+        written) as soon as one is rejected. One commit instead of one per step. ``outputs``
+        (:meth:`add_outputs` rows) are inserted in the same transaction: stored with the steps, or
+        not at all."""
 
         class _Rejected(Exception):
             pass
@@ -780,6 +788,8 @@ class Store:
                 for status, only_from, message, webhook, values in steps:
                     if not self._step(conn, task_id, status, only_from, owner, message, webhook, now, values):
                         raise _Rejected()
+                if outputs:
+                    conn.execute(insert(Output), self._output_rows(task_id, outputs, now))
                 self.wakeups.in_transaction(conn, task_id)
         except _Rejected:
             return False
@@ -951,11 +961,14 @@ class Store:
     # -- outputs ------------------------------------------------------------------------------
 
     def add_outputs(self, task_id: int, outputs: list[dict]) -> None:
-        now = time.time()
-        rows = [{"id": secrets.token_hex(16), "task_id": task_id, "addedtime": now, **o} for o in outputs]
-        if rows:
+        """Store a task's outputs (``name``, ``contenttype``, ``size``, ``path`` each)."""
+        if outputs:
             with self._write() as conn:
-                conn.execute(insert(Output), rows)
+                conn.execute(insert(Output), self._output_rows(task_id, outputs, time.time()))
+
+    @staticmethod
+    def _output_rows(task_id: int, outputs: list[dict], now: float) -> list[dict]:
+        return [{"id": secrets.token_hex(16), "task_id": task_id, "addedtime": now, **o} for o in outputs]
 
     def outputs(self, task_id: int) -> list[Row]:
         """The task's outputs by name, as read-only rows with :class:`Output`'s attributes."""

@@ -114,16 +114,24 @@ def submit(store: Store, *, project_id: int, tool: str, parameters: dict, inputs
                              unfinished=(QUEUE, *RUNNING))
 
 
-def claim(store: Store, worker_id: str, lease_seconds: float = 60.0, task_id: int | None = None) -> int | None:
+def claim(store: Store, worker_id: str, lease_seconds: float = 60.0, task_id: int | None = None, *,
+          preprocess: bool = False) -> int | None:
     """Take the oldest queued task for ``worker_id`` (``task_accept``) with a lease of
     ``lease_seconds``; None when the queue is empty.
 
     With ``task_id`` (an executor delivered that id), take that task only, and only if it is
     still queued: None when it was already claimed, cancelled or ended, or does not exist, so a
     message delivered twice (a broker's redelivery, a re-publication) runs nothing twice.
+    
+    With ``preprocess``, the claimed task also enters ``task_preprocess_start`` in the same
+    transaction (a worker that prepares it at once: one commit, not two).
     """
+    then = []
+    if preprocess:
+        then.append((PREPROCESS_START, allowed_from(PREPROCESS_START), "", False,
+                     _stamped(PREPROCESS_START, time.time(), lease_seconds, {})))
     return store.claim_next(worker_id, QUEUE, ACCEPT, TIME_COLUMN[ACCEPT], lease_seconds=lease_seconds,
-                            task_id=task_id)
+                            task_id=task_id, then=then)
 
 
 def _stamped(status: str, now: float, lease_seconds: float | None, values: dict) -> dict:
@@ -151,11 +159,13 @@ def advance(store: Store, task_id: int, status: str, message: str = "", *, owner
 
 
 def advance_through(store: Store, task_id: int, steps: list[tuple[str, str, dict]], *, owner: str | None = None,
-                    lease_seconds: float | None = None) -> bool:
+                    lease_seconds: float | None = None, outputs: list[dict] = ()) -> bool:
     """Several :func:`advance` s in a row, ``(status, message, values)`` each, written in one
     transaction: all of them (each checked against :data:`TRANSITIONS` from the one before), or
     none. For stages with no work between them (``task_output_full`` ... ``task_postprocess_start``),
     so that they cost one commit instead of one each; watchers see the same events in the same order.
+    ``outputs`` (rows of :meth:`Store.add_outputs`) are stored in the same transaction, so a task
+    is never ended with some of its outputs, nor are outputs kept for a rejected step.
 
     Returns:
         False when a step was rejected (logged, nothing written).
@@ -163,7 +173,7 @@ def advance_through(store: Store, task_id: int, steps: list[tuple[str, str, dict
     now = time.time()
     plan = [(status, allowed_from(status), message, status in TERMINAL, _stamped(status, now, lease_seconds, values))
             for status, message, values in steps]
-    ok = store.transitions(task_id, plan, owner=owner) if len(plan) > 1 else \
+    ok = store.transitions(task_id, plan, owner=owner, outputs=outputs) if len(plan) > 1 or outputs else \
         store.transition(task_id, plan[0][0], only_from=plan[0][1], owner=owner, event_message=plan[0][2],
                          webhook=plan[0][3], **plan[0][4])
     if not ok:

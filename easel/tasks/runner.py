@@ -225,7 +225,7 @@ class Worker:
 
     def run_next(self) -> int | None:
         """Claim and run the oldest queued task; return its id, or None if the queue was empty."""
-        task_id = lc.claim(self.store, self.worker_id, self.settings.lease_seconds)
+        task_id = lc.claim(self.store, self.worker_id, self.settings.lease_seconds, preprocess=True)
         if task_id is not None:
             self.execute(task_id)
         return task_id
@@ -237,7 +237,7 @@ class Worker:
             False, running nothing, when the task is no longer queued (claimed by another worker,
             cancelled, ended, or unknown): a message delivered twice runs nothing twice.
         """
-        if lc.claim(self.store, self.worker_id, self.settings.lease_seconds, task_id=task_id) is None:
+        if lc.claim(self.store, self.worker_id, self.settings.lease_seconds, task_id=task_id, preprocess=True) is None:
             return False
         self.execute(task_id)
         return True
@@ -246,11 +246,11 @@ class Worker:
         """This worker's guarded transition; raises :class:`TaskLost` when it was rejected."""
         self.advance_through(task_id, [(status, message, values)])
 
-    def advance_through(self, task_id: int, steps: list[tuple[str, str, dict]]) -> None:
-        """Several transitions with no work between them, in one transaction
+    def advance_through(self, task_id: int, steps: list[tuple[str, str, dict]], outputs: list[dict] = ()) -> None:
+        """Several transitions with no work between them, in one transaction, with ``outputs``
         (:func:`lifecycle.advance_through`); raises :class:`TaskLost` when one was rejected."""
         if not lc.advance_through(self.store, task_id, steps, owner=self.worker_id,
-                                  lease_seconds=self.settings.lease_seconds):
+                                  lease_seconds=self.settings.lease_seconds, outputs=outputs):
             raise TaskLost()
 
     def _closing(self, output: str, errors: str) -> list[tuple[str, str, dict]]:
@@ -291,7 +291,8 @@ class Worker:
                 log.exception("task %s: heartbeat failed", task_id)
 
     def execute(self, task_id: int) -> None:
-        """Walk an accepted task through preprocess, assign, start, outputs and postprocess."""
+        """Walk a claimed task (``task_preprocess_start``, see :func:`lifecycle.claim`) through
+        preprocess, assign, start, outputs and postprocess."""
         task = self.store.get_task(task_id)
         try:
             workdir = Path(tempfile.mkdtemp(prefix=f"easel-{task.uuid}-", dir=self.settings.data_dir))
@@ -312,8 +313,7 @@ class Worker:
         store = self.store
         try:
             tool = load_tool(task.tool)
-            with _StderrCapture(ctx):
-                self.advance(task_id, lc.PREPROCESS_START)
+            with _StderrCapture(ctx):  # the claim entered task_preprocess_start (lc.claim(preprocess=True))
                 plan = tool.prepare(inputs, ctx)
                 ctx.check_killed()
                 self.advance_through(task_id, [(lc.PREPROCESS_END, "", {}), (lc.ASSIGN, "", {})])
@@ -321,12 +321,10 @@ class Worker:
             ctx.check_killed()
             self.advance_through(task_id, self._closing("\n".join(ctx.lines), "\n".join(ctx.error_lines)))
             saved = self._save_outputs(task.uuid, paths)
-            try:
-                store.add_outputs(task_id, saved)
-                self.advance(task_id, lc.POSTPROCESS_END, pexit="0")
+            try:  # the outputs' rows and the last stage in one transaction: both or neither
+                self.advance_through(task_id, [(lc.POSTPROCESS_END, "", {"pexit": "0"})], outputs=saved)
             except BaseException:  # no output of a task that did not succeed stays behind
                 self.storage.discard(task.uuid, saved)
-                _quietly(store.delete_outputs, task_id)
                 raise
         except TaskLost:
             log.warning("task %s was ended elsewhere; abandoned", task_id)
@@ -386,10 +384,3 @@ class Worker:
             self.advance_through(task_id, steps)
         except TaskLost:
             pass
-
-
-def _quietly(fn, *args) -> None:
-    try:
-        fn(*args)
-    except Exception:
-        log.exception("clean-up %s failed", getattr(fn, "__name__", fn))
