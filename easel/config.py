@@ -49,6 +49,10 @@ class Settings:
         cors_origins: Browser origins allowed to call the API cross-origin (CORS, with preflight
             answers); empty (the default) sends no CORS headers; ``*`` allows any origin.
         pipeline_cache_bytes: Memory budget of warm pipelines (weights' bytes), LRU-evicted.
+        device_memory_headroom_bytes: On CUDA, device memory a worker keeps free for a task's
+            activations: before a model loads, warm ones are evicted until the device's actually
+            free memory (the driver's count, so another worker on the GPU counts) holds the new
+            weights plus this much.
         max_resident_loras: LoRA adapters kept loaded per pipeline before the LRU one is deleted.
         lora_hotswap_rank: Highest LoRA rank the FLUX tools' hot-swap slot takes (adapters are
             zero-padded to it; a higher-rank LoRA is loaded the slow way).
@@ -167,6 +171,7 @@ class Settings:
     nonce_retention_seconds: int = 86400
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     pipeline_cache_bytes: int = 16 * 1024**3
+    device_memory_headroom_bytes: int = 3 * 1024**3
     max_resident_loras: int = 8
     lora_hotswap_rank: int = 128
     torch_compile: bool = False

@@ -123,6 +123,19 @@ def test_gpu_tools_load_their_pipelines_in_the_catalog_dtype(random_worker):
     assert flux.transformer.dtype == torch.bfloat16
 
 
+def test_the_device_memory_probe_answers_only_with_cuda():
+    from easel.models.cache import device_free_bytes
+
+    if not CUDA:
+        assert device_free_bytes() is None
+        return
+    before = device_free_bytes()
+    block = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # 256 MiB, held
+    assert 0 < device_free_bytes() <= before - 200 * 2**20
+    del block  # back to the allocator's reserve: free again for this process
+    assert device_free_bytes() >= before - 16 * 2**20
+
+
 def test_gpus_are_dealt_round_robin_to_worker_slots():
     from easel.executors.local import gpu_for_slot
 

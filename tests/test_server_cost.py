@@ -446,6 +446,36 @@ def test_evicting_a_compiled_entry_drops_compile_state(monkeypatch):
     assert released == [True]
 
 
+def test_the_cache_evicts_until_the_device_has_room_for_the_new_weights_and_the_headroom(monkeypatch):
+    """A GPU of 20 MiB where another process (a second worker) holds 6 MiB: the byte budget (100
+    MiB) would keep everything, the device's free memory decides. The probe is the accounting of
+    this test's device (the resident models' bytes + the other process's); on CUDA it is
+    ``torch.cuda.mem_get_info`` (``device_free_bytes``, the ``gpu`` tests)."""
+    from easel.models import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "release_device_memory", lambda compiled: None)
+    mib, other = 2**20, [6 * 2**20]
+    cache = cache_mod.PipelineCache(budget_bytes=100 * mib, headroom_bytes=3 * mib,
+                                    free_bytes=lambda: 20 * mib - other[0] - cache.used_bytes)
+    log: list = []
+    cache.get("a", lambda: _Model(4, log, "a"), expected_bytes=4 * mib)
+    cache.get("b", lambda: _Model(4, log, "b"), expected_bytes=4 * mib)  # 6 + 8 used: 6 MiB free
+    assert cache.keys() == ["a", "b"] and cache.evictions == []
+    # c needs 4 + 3 MiB of headroom: a goes before c loads (10 MiB free then)
+    cache.get("c", lambda: _Model(4, log, "c"), expected_bytes=4 * mib)
+    assert cache.evictions == ["a"] and cache.keys() == ["b", "c"]
+    other[0] = 12 * 2**20  # the other worker loaded more: 20 - 12 - 8 = 0 MiB free
+    cache.get("b", lambda: _Model(4, log, "b"))  # a hit evicts nothing: no load, no new memory
+    assert cache.keys() == ["c", "b"]
+    cache.get("d", lambda: _Model(2, log, "d"), expected_bytes=2 * mib)  # needs 5: c and b go
+    assert cache.evictions == ["a", "c", "b"] and cache.keys() == ["d"]
+    # without a device (the probe answers None) only the byte budget counts
+    cpu = cache_mod.PipelineCache(budget_bytes=100 * mib, headroom_bytes=3 * mib, free_bytes=lambda: None)
+    for name in "xyz":
+        cpu.get(name, lambda: _Model(4, log, name), expected_bytes=4 * mib)
+    assert cpu.evictions == []
+
+
 def test_releasing_memory_without_cuda_is_harmless():
     from easel.models.cache import release_device_memory
 

@@ -106,7 +106,7 @@ class ModelManager:
         self.settings = settings
         self.catalog = catalog
         self.sources = ModelSources(settings, catalog, storage)
-        self.pipelines = PipelineCache(settings.pipeline_cache_bytes)
+        self.pipelines = PipelineCache(settings.pipeline_cache_bytes, settings.device_memory_headroom_bytes)
         self.options = RuntimeOptions(torch_compile=settings.torch_compile, cpu_offload=settings.cpu_offload)
         # adapter state lives with the module that holds the adapters (a pipeline's UNet or
         # transformer): a reloaded module is a new key, a module shared by two pipelines one key

@@ -96,6 +96,20 @@ def release_device_memory(compiled: bool) -> None:
         torch.cuda.empty_cache()
 
 
+def device_free_bytes() -> int | None:
+    """Bytes this process could still allocate on its current CUDA device: what the driver
+    reports free (``torch.cuda.mem_get_info``; memory that other processes hold, e.g. a second
+    worker on the same GPU, is already taken out) plus what PyTorch's caching allocator holds
+    reserved but unallocated. None without CUDA (torch not imported, or no device)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info()
+    return int(free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated())
+
+
 class PipelineCache:
     """LRU cache of loaded pipelines within ``budget_bytes``.
 
@@ -105,10 +119,19 @@ class PipelineCache:
     was last loaded, else the caller's estimate (the weights' bytes on disk, see
     :func:`weights_bytes`); if the loaded object is larger, more is evicted after the load.
     Evicted entries' memory is released (:func:`release_device_memory`).
+
+    **Device memory actually free**: with a ``free_bytes`` probe that answers (CUDA:
+    :func:`device_free_bytes`), a load also evicts until the probe shows room for the new weights
+    plus ``headroom_bytes`` (activations), whatever the byte budget says: the budget is the
+    operator's ceiling, the probe what the GPU really has left (another worker's models, the
+    allocator's fragments). After a load, entries are evicted while less than the headroom is free.
     """
 
-    def __init__(self, budget_bytes: int):
+    def __init__(self, budget_bytes: int, headroom_bytes: int = 0,
+                 free_bytes: Callable[[], int | None] = device_free_bytes):
         self.budget_bytes = budget_bytes
+        self.headroom_bytes = headroom_bytes
+        self.free_bytes = free_bytes
         self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self.loads: dict[str, int] = {}
         self.evictions: list[str] = []  # keys in the order they were evicted
@@ -127,31 +150,37 @@ class PipelineCache:
                 self._items.move_to_end(key)
                 return self._items[key][0]
             expected = self._sizes.get(key) or expected_bytes or 0
-            if expected:
-                self._evict_until(expected)
+            self._evict_until(expected, expected)
             began = time.monotonic()
             pipe = loader()
             metrics.model_loaded(key, time.monotonic() - began)
             size = module_bytes(pipe)
-            self._evict_until(size)
+            self._evict_until(size, 0)  # the new weights are on the device already
             self._items[key] = (pipe, size)
             self._sizes[key] = size
             self.loads[key] = self.loads.get(key, 0) + 1
             metrics.cache_bytes(self.used_bytes)
             return pipe
 
-    def _evict_until(self, incoming: int) -> None:
-        """Evict least recently used entries until ``incoming`` more bytes fit the budget."""
+    def _evict_until(self, incoming: int, incoming_device: int) -> None:
+        """Evict least recently used entries until ``incoming`` more bytes fit the budget and the
+        device has ``incoming_device`` + the headroom free (when the probe answers)."""
         compiled = False
         evicted = False
-        while self._items and self.used_bytes + incoming > self.budget_bytes:
+
+        def short_of_device() -> bool:
+            free = self.free_bytes()
+            return free is not None and free < incoming_device + self.headroom_bytes
+
+        while self._items and (self.used_bytes + incoming > self.budget_bytes or short_of_device()):
             key, (obj, _) = self._items.popitem(last=False)
             compiled = compiled or is_compiled(obj)
             self.evictions.append(key)
             del obj
             evicted = True
+            release_device_memory(compiled)  # before the probe is asked again
+            compiled = False
         if evicted:
-            release_device_memory(compiled)
             metrics.cache_bytes(self.used_bytes)
 
     @property
