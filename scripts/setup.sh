@@ -1,14 +1,31 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11) and install Easel with the CPU torch wheel; idempotent.
+# Create .venv and install Easel with torch (its CPU wheel on 3.11); idempotent. The interpreter
+# is python3.11 (else python3), or PYTHON=/path/to/python3.12 bash scripts/setup.sh. An existing
+# .venv is kept as it is, unless PYTHON names another Python version: then this stops and says so
+# (remove .venv to recreate it) rather than delete an environment that may hold a hand-installed
+# CUDA torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3.11}
-command -v "$PY" >/dev/null || PY=python3
-if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
+if [ -n "${PYTHON:-}" ]; then
+  PY=$PYTHON
+  command -v "$PY" >/dev/null || { echo "scripts/setup.sh: PYTHON=$PY is not an executable" >&2; exit 1; }
+else
+  PY=python3.11
+  command -v "$PY" >/dev/null || PY=python3
+fi
+pyver() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+elif [ -n "${PYTHON:-}" ] && [ "$(pyver .venv/bin/python)" != "$(pyver "$PY")" ]; then
+  echo "scripts/setup.sh: .venv is Python $(pyver .venv/bin/python), not the $(pyver "$PY") of PYTHON=$PY;" \
+       "remove it (rm -r .venv) and run this again to recreate it" >&2
+  exit 1
+fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
-# torch first, pinned to the version whose CPU wheel is available offline here; GPU boxes may
-# install their CUDA build of torch beforehand instead (any torch>=2.4 satisfies Easel).
+# torch first, pinned to the version whose CPU wheel is available offline here (Python 3.11; on 3.12
+# PyPI's cp312 wheel of it is the CUDA build, several GB); GPU boxes may install their CUDA build of
+# torch beforehand instead (any torch>=2.4 satisfies Easel).
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 # insightface depends on opencv-python (GUI build, needs libGL); both it and opencv-python-headless
