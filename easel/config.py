@@ -15,6 +15,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
+CPU_PRECISIONS = ("float32", "half")  # Settings.cpu_precision's values (easel.models.precision)
+
+
+def check_cpu_precision(value: str) -> str:
+    """``value`` if it is one of :data:`CPU_PRECISIONS`.
+
+    Raises:
+        ValueError: any other value (the message lists the accepted ones).
+    """
+    if value not in CPU_PRECISIONS:
+        raise ValueError(f"cpu_precision must be one of {', '.join(CPU_PRECISIONS)}, not {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Configuration of one Easel deployment.
@@ -60,6 +74,10 @@ class Settings:
             hot-swap without recompiling).
         cpu_offload: Force ``enable_model_cpu_offload`` for FLUX (it is also chosen automatically
             when the GPU's memory is below the weights' size plus 25 %).
+        cpu_precision: Dtypes of the networks on a machine without CUDA: ``float32`` (default) or
+            ``half``, the dtypes CUDA uses (bf16 for FLUX, fp16 for SD 1.5 / SDXL, IC-Light's
+            bf16 VAE...), so the GPU path's dtype combinations run on the CPU (slowly); for tests
+            and debugging. No effect with CUDA. See ``easel.models.precision``.
         preview_interval: Every how many denoising steps a latent preview JPEG is stored with the
             progress event (and at the last step); 0 disables previews.
         max_concurrent_tasks: Unfinished tasks one project may have (queued or running) before
@@ -176,6 +194,7 @@ class Settings:
     lora_hotswap_rank: int = 128
     torch_compile: bool = False
     cpu_offload: bool = False
+    cpu_precision: str = "float32"
     preview_interval: int = 5
     max_concurrent_tasks: int = 0
     rate_limit_per_minute: int = 0
@@ -262,6 +281,7 @@ class Settings:
         for name in ("api_processes", "api_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        check_cpu_precision(self.cpu_precision)
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be 0 (automatic) or more, not {self.torch_threads}")
         if tuple(self.gpus) == ("all",):

@@ -19,13 +19,14 @@ from easel.catalog import CatalogError, ModelCatalog, ModelEntry
 from easel.config import Settings
 
 from .cache import LoraState, PipelineCache, torch_modules, weights_bytes
+from .precision import Precision, precision as _precision
 from .sources import ModelSources, Weights
 
 if TYPE_CHECKING:
     from easel.storage import Storage
 
 __all__ = ["ModelManager", "ModelSources", "Weights", "PipelineCache", "LoraState", "dtype_kwargs", "ModelError",
-           "Checkpoint", "LoraChoice", "Loaded", "RuntimeOptions"]
+           "Checkpoint", "LoraChoice", "Loaded", "RuntimeOptions", "Precision"]
 
 
 def dtype_kwargs(dtype: Any) -> dict:
@@ -111,6 +112,17 @@ class ModelManager:
         # adapter state lives with the module that holds the adapters (a pipeline's UNet or
         # transformer): a reloaded module is a new key, a module shared by two pipelines one key
         self._adapters: "weakref.WeakKeyDictionary[Any, LoraState]" = weakref.WeakKeyDictionary()
+
+    def precision(self, kind: str) -> Precision:
+        """Device and dtypes of a ``kind`` of pipeline in this worker (``sd15``, ``sdxl``,
+        ``instantid``, ``flux``, ``ic-light``, ``condition``, ``matting``): the catalog's half
+        dtypes on CUDA; on the CPU float32, or the same half dtypes with
+        ``Settings.cpu_precision = "half"`` (:func:`easel.models.precision.precision`).
+
+        Raises:
+            ValueError: an unknown kind.
+        """
+        return _precision(kind, self.settings.cpu_precision)
 
     # -- weights ------------------------------------------------------------------------------
 

@@ -92,7 +92,9 @@ def release_device_memory(compiled: bool) -> None:
         except Exception:  # an old or partial torch: nothing compiled to release
             pass
         gc.collect()
-    if torch.cuda.is_available():
+    from .precision import cuda_available
+
+    if cuda_available():
         torch.cuda.empty_cache()
 
 

@@ -47,6 +47,15 @@ def _load_model(cls, path: str | Path, model_type: str, what: str):
     return model
 
 
+def _where(device, dtype) -> tuple:
+    """``(device, dtype)``: the given ones, else :func:`easel.models.precision.precision`'s for
+    kind ``condition``."""
+    from .precision import precision
+
+    default = precision("condition")
+    return device or default.device, dtype or default.dtype
+
+
 def canny_condition(image, low: int = 100, high: int = 200):
     """Canny edges of an RGB ``PIL.Image`` as an ``L`` image of the same size (0 or 255).
 
@@ -65,18 +74,17 @@ class DepthEstimator:
     Args:
         path: local folder with ``config.json``, weights and ``preprocessor_config.json``
             (e.g. a snapshot of ``Intel/dpt-hybrid-midas``).
-        device, dtype: where to run (default: CUDA fp16 when available, else CPU fp32).
+        device, dtype: where to run (default: ``easel.models.precision.precision("condition")``,
+            CUDA float16 when available, else CPU float32).
 
     Raises:
         ConditionError: the folder does not hold a DPT depth model.
     """
 
     def __init__(self, path: str | Path, device: str | None = None, dtype=None):
-        import torch
         from transformers import AutoImageProcessor, DPTForDepthEstimation
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = dtype or (torch.float16 if self.device == "cuda" else torch.float32)
+        self.device, self.dtype = _where(device, dtype)
         self.model = _load_model(DPTForDepthEstimation, path, "dpt", "DPT depth").to(self.device, self.dtype).eval()
         try:
             self.processor = AutoImageProcessor.from_pretrained(str(path))
@@ -117,19 +125,18 @@ class OpenposeEstimator:
     Args:
         path: local folder with ``config.json``, ``model.safetensors`` and
             ``preprocessor_config.json`` (a snapshot of ``usyd-community/vitpose-base-simple``).
-        device, dtype: where to run (default: CUDA fp16 when available, else CPU fp32).
+        device, dtype: where to run (default: ``easel.models.precision.precision("condition")``,
+            CUDA float16 when available, else CPU float32).
 
     Raises:
         ConditionError: the folder does not hold a ViTPose model.
     """
 
     def __init__(self, path: str | Path, device: str | None = None, dtype=None):
-        import torch
         from transformers import VitPoseForPoseEstimation
         from transformers.models.vitpose.image_processing_pil_vitpose import VitPoseImageProcessorPil
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = dtype or (torch.float16 if self.device == "cuda" else torch.float32)
+        self.device, self.dtype = _where(device, dtype)
         self.model = _load_model(VitPoseForPoseEstimation, path, "vitpose", "ViTPose").to(self.device, self.dtype).eval()
         try:  # the PIL/NumPy/SciPy processor: the default one needs torchvision
             self.processor = VitPoseImageProcessorPil.from_pretrained(str(path))

@@ -147,7 +147,8 @@ def build_random(family: str, size: str = "full", device: str = "cpu", dtype: An
             ``flux`` (``FluxPipeline``, FLUX.1-dev with guidance embedding).
         size: ``full`` (published sizes) or ``small`` (see the module docstring).
         device: torch device for the weights (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
-        dtype: torch dtype; default float32 on CPU, bfloat16 for FLUX and float16 otherwise on CUDA.
+        dtype: torch dtype; default float32 on CPU, else the family's catalog dtype
+            (:func:`easel.models.precision.catalog_dtypes`: bfloat16 for FLUX, float16 otherwise).
             The SDXL VAE keeps ``force_upcast`` so diffusers decodes it in float32, as for the real one.
         seed: ``torch.manual_seed`` before the weights are drawn (reproducible weights per device).
 
@@ -164,11 +165,12 @@ def build_random(family: str, size: str = "full", device: str = "cpu", dtype: An
     from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,
                               T5EncoderModel)
 
+    from .precision import catalog_dtypes
     from .tiny import write_clip_tokenizer, write_t5_tokenizer
 
     cfg = component_configs(family, size)
     if dtype is None:
-        dtype = torch.float32 if str(device) == "cpu" else (torch.bfloat16 if family == "flux" else torch.float16)
+        dtype = torch.float32 if str(device) == "cpu" else catalog_dtypes(family)[0]
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         tok = write_clip_tokenizer(Path(tmp) / "clip")

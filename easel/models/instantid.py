@@ -551,7 +551,8 @@ def generate(pipe, adapter: InstantIDAdapter, face_embedding, control_images: Se
         kwargs: passed to the diffusers pipeline (e.g. ``control_guidance_end``).
 
     Returns:
-        The pipeline's output (``.images``: PIL images, or latents with ``output_type="latent"``).
+        The pipeline's output (``.images``: PIL images, or latents with ``output_type="latent"``);
+        the latents are decoded by :func:`decode` (in the VAE's own dtype).
 
     Raises:
         ValueError: the numbers of control images, scales and nets differ, or the UNet has no
@@ -574,7 +575,38 @@ def generate(pipe, adapter: InstantIDAdapter, face_embedding, control_images: Se
                     negative_pooled_prompt_embeds=npooled)
     width = width or control_images[0].size[0]
     height = height or control_images[0].size[1]
-    return pipe(image=list(control_images), controlnet_conditioning_scale=[float(s) for s in conditioning_scales],
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                num_images_per_prompt=num_images_per_prompt, generator=generator, width=width, height=height,
-                callback_on_step_end=callback_on_step_end, output_type=output_type, **call, **kwargs)
+    out = pipe(image=list(control_images), controlnet_conditioning_scale=[float(s) for s in conditioning_scales],
+               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+               num_images_per_prompt=num_images_per_prompt, generator=generator, width=width, height=height,
+               callback_on_step_end=callback_on_step_end, output_type="latent", **call, **kwargs)
+    if output_type != "latent":
+        out.images = decode(pipe, out.images, output_type)
+    return out
+
+
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor, output_type: str = "pil") -> Any:
+    """SDXL latents ``[b, 4, h, w]`` (any dtype, on the pipeline's execution device) → images, with
+    the VAE in the dtype it is held in.
+
+    diffusers' SDXL pipelines decode a float16 VAE whose config says ``force_upcast`` by casting it
+    to float32 and back on every call (``upcast_vae``, deprecated, with a warning each time); Easel
+    holds such a VAE in float32 instead (``easel.models.precision.Precision.vae_dtype_for``), and
+    this decodes in whatever dtype the VAE has, so the fp16 UNet's latents never meet fp32 weights
+    unconverted. Denormalisation as diffusers: ``latents · std / scaling_factor + mean`` when the
+    config has ``latents_mean``/``latents_std``, else ``latents / scaling_factor``.
+
+    Returns:
+        ``pipe.image_processor.postprocess(image, output_type)``: PIL images, ``np`` or ``pt``.
+    """
+    vae = pipe.vae
+    latents = latents.to(dtype=vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type=output_type)

@@ -75,11 +75,12 @@ class ModelSources:
             raise CatalogError(f"no random full-size model exists for the {family} family")
         with self._tiny_lock:
             if family not in self._random:
-                import torch
+                from .precision import precision
 
-                device = "cuda" if torch.cuda.is_available() else "cpu"
+                where = precision(family, self.settings.cpu_precision)
                 self._random[family] = make_random(self.settings.models_dir / "random", family,
-                                                   self.settings.random_model_size, device=device)
+                                                   self.settings.random_model_size, device=where.device,
+                                                   dtype=where.dtype)
             return self._random[family]
 
     def checkpoint(self, entry: ModelEntry) -> Weights:

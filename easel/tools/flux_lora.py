@@ -21,12 +21,13 @@ Wiro field                       diffusers
                                  submission with a message naming the field, never rounded
 ===============================  ============================================================
 
-"fast" and "bf16", as the seed's tags promise: on CUDA the pipeline runs in bfloat16, stays
-resident between tasks (``Settings.pipeline_cache_bytes``), and LoRAs change by **hot-swapping**
-into one adapter slot of the resident transformer (``easel.models.cache.LoraState``), so a
-``torch.compile``-d transformer (``Settings.torch_compile``) is not recompiled when the LoRA
-changes. ``Settings.cpu_offload`` enables diffusers' model CPU offload for small GPUs. On the CPU
-the same code runs in float32.
+"fast" and "bf16", as the seed's tags promise: on CUDA the pipeline runs in bfloat16
+(``easel.models.precision``, kind ``flux``), stays resident between tasks
+(``Settings.pipeline_cache_bytes``), and LoRAs change by **hot-swapping** into one adapter slot of
+the resident transformer (``easel.models.cache.LoraState``), so a ``torch.compile``-d transformer
+(``Settings.torch_compile``) is not recompiled when the LoRA changes. ``Settings.cpu_offload``
+enables diffusers' model CPU offload for small GPUs. On the CPU the same code runs in float32, or
+in bfloat16 with ``Settings.cpu_precision = "half"``.
 
 Flux LoRAs are accepted in the diffusers/PEFT, Kohya, XLabs and BFL key layouts (converted by
 diffusers' ``FluxLoraLoaderMixin``); Easel reads the file's keys first and refuses a LoRA for
@@ -43,9 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from easel.catalog import load_tools
-from easel.models import ModelError, dtype_kwargs
+from easel.models import ModelError, Precision, dtype_kwargs
 from easel.models.fetch import FetchError
 from easel.models.lora_formats import LoraFormatError, require_family
+from easel.models.precision import cast, generators, place, precision
 
 from .base import ToolContext, ToolError, write_pngs
 from .previews import latent_to_jpeg
@@ -154,24 +156,25 @@ def needs_offload(model_bytes: int, gpu_total_bytes: int, forced: bool, headroom
     return forced or gpu_total_bytes < model_bytes * headroom
 
 
-def load_pipeline(weights, options) -> Any:
-    """Load a ``FluxPipeline`` from a local diffusers folder.
+def load_pipeline(weights, options, where: Precision | None = None) -> Any:
+    """Load a ``FluxPipeline`` from a local diffusers folder, in ``where``'s dtypes on its device
+    (default ``precision("flux")``: bfloat16 on CUDA, float32 on the CPU).
 
-    bfloat16 on CUDA, with ``enable_model_cpu_offload`` when :func:`needs_offload` says so
-    (``options.cpu_offload``, an :class:`easel.models.RuntimeOptions`, forces it); float32 on CPU.
+    On CUDA, ``enable_model_cpu_offload`` when :func:`needs_offload` says so (``options.cpu_offload``,
+    an :class:`easel.models.RuntimeOptions`, forces it).
     """
     import torch
     from diffusers import FluxPipeline
 
-    cuda = torch.cuda.is_available()
-    pipe = FluxPipeline.from_pretrained(str(weights.path), use_safetensors=True,
-                                        **dtype_kwargs(torch.bfloat16 if cuda else torch.float32))
+    where = where or precision("flux")
+    pipe = FluxPipeline.from_pretrained(str(weights.path), use_safetensors=True, **dtype_kwargs(where.dtype))
     pipe.set_progress_bar_config(disable=True)
-    if cuda and needs_offload(weights_bytes(weights.path), torch.cuda.get_device_properties(0).total_memory,
-                              options.cpu_offload):
+    cast(pipe.vae, where.vae_dtype)
+    if where.device == "cuda" and needs_offload(weights_bytes(weights.path),
+                                                torch.cuda.get_device_properties(0).total_memory, options.cpu_offload):
         pipe.enable_model_cpu_offload()
     else:
-        pipe.to("cuda" if cuda else "cpu")
+        place(pipe, where.device)
     return pipe
 
 
@@ -182,10 +185,9 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         ToolError: the LoRA does not fit the transformer.
         easel.tools.base.TaskKilled: (from ``ctx.progress``) when the task was killed.
     """
-    import torch
-
     models = ctx.models
-    loaded = models.base_pipeline("flux", plan.base, lambda: load_pipeline(plan.base, models.options))
+    loaded = models.base_pipeline("flux", plan.base,
+                                  lambda: load_pipeline(plan.base, models.options, models.precision("flux")))
     pipe = loaded.obj
     ctx.log(loaded.describe(f"base model {plan.base_label}"))
     state = models.adapters(pipe, hotswap=True)
@@ -209,11 +211,11 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         ctx.progress(step + 1, plan.steps, preview)
         return callback_kwargs
 
-    generators = [torch.Generator("cpu").manual_seed(plan.seed + i) for i in range(plan.samples)]
     ctx.started()
     images = pipe(
         prompt=plan.prompt, num_images_per_prompt=plan.samples, num_inference_steps=plan.steps,
-        guidance_scale=plan.guidance_scale, width=plan.width, height=plan.height, generator=generators,
+        guidance_scale=plan.guidance_scale, width=plan.width, height=plan.height,
+        generator=generators(plan.seed, plan.samples),
         callback_on_step_end=on_step_end,
     ).images
 

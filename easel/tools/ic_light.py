@@ -29,7 +29,9 @@ steps_offset=1)``), one ``torch.Generator`` seeded with ``seed`` for both passes
 samples (as the reference: samples are one batch; the generator lives on the CPU so results do
 not depend on the device's RNG), the prompt ``prompt + ", best quality"`` (the reference's default
 added prompt) and ``negativePrompt``, both encoded in 75-token chunks. On CUDA the UNet and text
-encoder run in float16 and the VAE in bfloat16, as the reference; on the CPU everything is float32.
+encoder run in float16 and the VAE in bfloat16, as the reference (``easel.models.precision``, kind
+``ic-light``; RMBG stays float32, kind ``matting``); on the CPU everything is float32, or the CUDA
+dtypes with ``Settings.cpu_precision = "half"``.
 
 Deviations, all for inputs the reference cannot take: an empty prompt is one empty chunk (the
 reference crashes), a matting feed side is at least 64 pixels, ``highres_denoise`` is at least 0.1.
@@ -51,7 +53,8 @@ from typing import Any, Callable
 import numpy as np
 
 from easel.catalog import load_tools
-from easel.models import Checkpoint, ModelError, Weights
+from easel.models import Checkpoint, ModelError, Precision, Weights
+from easel.models.precision import cast, generators, precision
 
 from .base import Phases, ToolContext, ToolError, save_pngs
 from .previews import latent_to_jpeg
@@ -210,12 +213,14 @@ def make_scheduler():
                                        algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, steps_offset=1)
 
 
-def load_iclight(base: Weights, offset_path: str | Path, offset_label: str = "fbc") -> Any:
+def load_iclight(base: Weights, offset_path: str | Path, offset_label: str = "fbc",
+                 where: Precision | None = None) -> Any:
     """Build the IC-Light text-to-image pipeline from base SD 1.5 weights and an fbc offset file.
 
     Loads its **own** modules (never the SD tool's pipeline), in float32 for the merge, then
-    widens ``conv_in``, merges the offset, installs the concat hook, and moves to the device:
-    CUDA → UNet and text encoder float16, VAE bfloat16 (as the reference); CPU → float32.
+    widens ``conv_in``, merges the offset, installs the concat hook, and moves UNet and text
+    encoder to ``where.device`` in ``where.dtype``, the VAE in ``where.vae_dtype`` (default
+    ``precision("ic-light")``: float16 / bfloat16 on CUDA as the reference, float32 on the CPU).
 
     Returns:
         A ``StableDiffusionPipeline`` with the reference's scheduler; :func:`img2img` makes the
@@ -232,10 +237,10 @@ def load_iclight(base: Weights, offset_path: str | Path, offset_label: str = "fb
     merge_offset(pipe.unet, load_file(str(offset_path)), offset_label)
     install_concat_hook(pipe.unet)
     pipe.scheduler = make_scheduler()
-    if torch.cuda.is_available():
-        pipe.text_encoder.to("cuda", torch.float16)
-        pipe.unet.to("cuda", torch.float16)
-        pipe.vae.to("cuda", torch.bfloat16)
+    where = where or precision("ic-light")
+    cast(pipe.text_encoder, where.dtype, where.device)
+    cast(pipe.unet, where.dtype, where.device)
+    cast(pipe.vae, where.vae_dtype, where.device)
     return pipe
 
 
@@ -292,7 +297,7 @@ def matte(rmbg: Any, image: np.ndarray, sigma: float = 0.0) -> tuple[np.ndarray,
     """Cut out the foreground with RMBG and composite it on grey.
 
     Args:
-        rmbg: :class:`easel.models.rmbg.BriaRMBG` (float32).
+        rmbg: :class:`easel.models.rmbg.BriaRMBG` (float32, kind ``matting``; fed in its own dtype).
         image: uint8 ``[H, W, 3]``.
 
     Returns:
@@ -305,7 +310,7 @@ def matte(rmbg: Any, image: np.ndarray, sigma: float = 0.0) -> tuple[np.ndarray,
     feed = resize(image, max(64, int(64 * round(w * k))), max(64, int(64 * round(h * k))))
     param = next(rmbg.parameters())
     with torch.inference_mode():
-        alpha = rmbg(to_tensor([feed]).to(device=param.device, dtype=torch.float32))
+        alpha = rmbg(to_tensor([feed]).to(device=param.device, dtype=param.dtype))
         alpha = torch.nn.functional.interpolate(alpha, size=(h, w), mode="bilinear")
     alpha = alpha.movedim(1, -1)[0].float().cpu().numpy().clip(0, 1)
     out = 127 + (image.astype(np.float32) - 127 + sigma) * alpha
@@ -385,7 +390,7 @@ def relight(pipe: Any, fg: np.ndarray, bg: np.ndarray, prompt: str, negative_pro
     import torch
 
     device = pipe.unet.device
-    rng = torch.Generator("cpu").manual_seed(seed)
+    rng = generators(seed)[0]
     conds, unconds = encode_prompt_pair(pipe, f"{prompt}, {ADDED_PROMPT}", negative_prompt)
     vae = pipe.vae
 
@@ -448,18 +453,19 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         ToolError: the offset does not fit the checkpoint, or the matting weights are not RMBG-1.4.
         easel.tools.base.TaskKilled: (from ``ctx.progress``) when the task was killed.
     """
-    import torch
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     from easel.models.rmbg import load_rmbg
 
     models = ctx.models
+    where = models.precision("ic-light")
     try:
         loaded = models.derived_pipeline("sd15", plan.checkpoint.weights, f"iclight-fbc:{plan.offset.key}",
-                                         lambda: load_iclight(plan.checkpoint.weights, plan.offset.path, plan.offset.key))
+                                         lambda: load_iclight(plan.checkpoint.weights, plan.offset.path,
+                                                              plan.offset.key, where))
         ctx.log(loaded.describe(f"IC-Light model ({plan.checkpoint.label} + fbc offset)"))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = models.precision("matting").device
         rmbg = models.component("matting", plan.matting, lambda w: load_rmbg(w.path, device))
         ctx.log(rmbg.describe("RMBG-1.4 matting"))
     except ValueError as exc:

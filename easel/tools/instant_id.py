@@ -40,12 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from easel.catalog import CatalogError
-from easel.models import dtype_kwargs
+from easel.models import Precision, dtype_kwargs
 from easel.models.conditions import ConditionError
 from easel.models.faces import FacePackMissing, NoFaceError
 from easel.models.fetch import FetchError, check_safetensors
 from easel.models.instantid import AdapterFormatError
 from easel.models.lora_formats import LoraFormatError, require_family
+from easel.models.precision import cast, generators, place, precision
 
 from .base import ToolContext, ToolError, write_pngs
 from .flux_lora import needs_offload
@@ -160,21 +161,17 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
 # -- loading ----------------------------------------------------------------------------------
 
 
-def _device_dtype():
-    import torch
-
-    cuda = torch.cuda.is_available()
-    return ("cuda" if cuda else "cpu"), (torch.float16 if cuda else torch.float32)
-
-
-def load_base(weights, adapter_weights) -> Any:
-    """SDXL pipeline (fp16 on CUDA, fp32 on CPU) with the InstantID IP-Adapter attached to its UNet."""
+def load_base(weights, adapter_weights, where: Precision | None = None) -> Any:
+    """SDXL pipeline with the InstantID IP-Adapter attached to its UNet, in ``where``'s dtypes on
+    its device (default ``precision("instantid")``: float16 on CUDA, float32 on the CPU). The VAE
+    is held in float32 when its config says ``force_upcast`` (``Precision.vae_dtype_for``: the SDXL
+    VAE overflows in float16) and :func:`easel.models.instantid.generate` decodes in its dtype."""
     from diffusers import StableDiffusionXLPipeline
 
     from easel.models.instantid import InstantIDAdapter
 
-    device, dtype = _device_dtype()
-    kwargs = dict(**dtype_kwargs(dtype), add_watermarker=False)
+    where = where or precision("instantid")
+    kwargs = dict(**dtype_kwargs(where.dtype), add_watermarker=False)
     if weights.format == "diffusers":
         pipe = StableDiffusionXLPipeline.from_pretrained(str(weights.path), use_safetensors=True, **kwargs)
     else:
@@ -182,7 +179,8 @@ def load_base(weights, adapter_weights) -> Any:
             kwargs["config"] = str(weights.config)
         pipe = StableDiffusionXLPipeline.from_single_file(str(weights.path), **kwargs)
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
+    place(pipe, where.device)
+    cast(pipe.vae, where.vae_dtype_for(pipe.vae))
     adapter = InstantIDAdapter.load(adapter_weights.path)
     adapter.attach(pipe.unet)
     pipe._easel_instantid = adapter
@@ -190,13 +188,13 @@ def load_base(weights, adapter_weights) -> Any:
 
 
 class _Net:
-    """A ControlNet held in the pipeline cache (which sizes entries by their ``components``)."""
+    """A ControlNet held in the pipeline cache (which sizes entries by their ``components``), in
+    ``where``'s dtype on its device (the UNet's: kind ``instantid``)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, where: Precision):
         from easel.models.instantid import load_controlnet
 
-        device, dtype = _device_dtype()
-        self.net = load_controlnet(path, **dtype_kwargs(dtype)).to(device)
+        self.net = load_controlnet(path, **dtype_kwargs(where.dtype)).to(where.device)
         self.components = {"controlnet": self.net}
 
 
@@ -231,9 +229,10 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
 
     models = ctx.models
     tiny = models.settings.model_source == "tiny"
+    where, cond = models.precision("instantid"), models.precision("condition")
     try:
         base = models.pipeline(f"sdxl-instantid:{plan.checkpoint.key}:{plan.adapter.key}",
-                               lambda: load_base(plan.checkpoint, plan.adapter))
+                               lambda: load_base(plan.checkpoint, plan.adapter, where))
         photo = _resize(plan.photo, tiny)
         from easel.models import Weights
         from easel.models.faces import FaceAnalyzer
@@ -243,21 +242,21 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         ctx.log(f"face: box={[round(float(v)) for v in face.bbox]} score={face.score:.2f}")
         images = [draw_kps(photo.size, face.kps)]
         # ControlNets and condition estimators: components, loaded once per worker, in the budget
-        nets = [models.component("controlnet", plan.identitynet, lambda w: _Net(w.path)).obj.net]
+        nets = [models.component("controlnet", plan.identitynet, lambda w: _Net(w.path, where)).obj.net]
         scales = [IDENTITYNET_SCALE]
         ctx.extra_output("identitynet-keypoints", images[0])
         for _, weights, scale, condition, _ in plan.controlnets:
-            nets.append(models.component("controlnet", weights, lambda w: _Net(w.path)).obj.net)
+            nets.append(models.component("controlnet", weights, lambda w: _Net(w.path, where)).obj.net)
             scales.append(scale)
             if condition == "canny":
                 images.append(canny_condition(photo))
             elif condition == "depth":
                 est = models.component("depth", plan.estimators["depth"],
-                                       lambda w: _Estimator(DepthEstimator(w.path))).obj
+                                       lambda w: _Estimator(DepthEstimator(w.path, cond.device, cond.dtype))).obj
                 images.append(est.fn(photo))
             else:
                 est = models.component("openpose", plan.estimators["openpose"],
-                                       lambda w: _Estimator(OpenposeEstimator(w.path))).obj
+                                       lambda w: _Estimator(OpenposeEstimator(w.path, cond.device, cond.dtype))).obj
                 images.append(est.fn(photo, face_box=face.bbox))  # the pose of the person whose face is used
             ctx.extra_output(condition, images[-1])
         models.adapters(base).apply(base, [plan.lora[:3]] if plan.lora else [])
@@ -271,21 +270,21 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         base_scheduler = base._easel_base_scheduler_config = dict(base.scheduler.config)
     base.scheduler = getattr(diffusers, plan.scheduler).from_config(base_scheduler)
     pipe = build_pipeline(base, nets[0], nets[1:], num_tokens=base._easel_instantid.num_tokens)
-    device, _ = _device_dtype()
-    if device == "cuda" and needs_offload(sum(p.numel() * p.element_size() for c in pipe.components.values()
-                                              if hasattr(c, "parameters") for p in c.parameters()),
-                                          torch.cuda.get_device_properties(0).total_memory, models.settings.cpu_offload):
+    if where.device == "cuda" and needs_offload(sum(p.numel() * p.element_size() for c in pipe.components.values()
+                                                    if hasattr(c, "parameters") for p in c.parameters()),
+                                                torch.cuda.get_device_properties(0).total_memory,
+                                                models.settings.cpu_offload):
         pipe.enable_model_cpu_offload()
 
     def on_step_end(_pipe, step, _timestep, callback_kwargs):
         ctx.progress(step + 1, plan.steps)
         return callback_kwargs
 
-    generators = [torch.Generator("cpu").manual_seed(plan.seed + i) for i in range(plan.samples)]
     ctx.started()
     out = generate(pipe, base._easel_instantid, face.embedding, images, scales, plan.ip_adapter_scale, plan.prompt,
                    plan.negative_prompt, num_inference_steps=plan.steps, guidance_scale=plan.guidance_scale,
-                   num_images_per_prompt=plan.samples, generator=generators, callback_on_step_end=on_step_end)
+                   num_images_per_prompt=plan.samples, generator=generators(plan.seed, plan.samples),
+                   callback_on_step_end=on_step_end)
     width, height = photo.size
     params = {
         "tool": TOOL, "model": plan.checkpoint_label, "prompt": plan.prompt, "negative_prompt": plan.negative_prompt,

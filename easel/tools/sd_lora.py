@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from easel.models import ModelError, dtype_kwargs
+from easel.models import ModelError, Precision, dtype_kwargs
 from easel.models.fetch import FetchError
 from easel.models.lora_formats import LoraFormatError
+from easel.models.precision import cast, generators, place, precision
 
 from .base import ToolContext, ToolError, write_pngs
 from .previews import latent_to_jpeg
@@ -116,12 +117,14 @@ def read_pipeline(weights, dtype) -> Any:
     return pipe
 
 
-def load_pipeline(weights) -> Any:
-    """Load a ``StableDiffusionPipeline`` (float32 on CPU, float16 on CUDA) from local weights."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    return read_pipeline(weights, torch.float16 if cuda else torch.float32).to("cuda" if cuda else "cpu")
+def load_pipeline(weights, where: Precision | None = None) -> Any:
+    """Load a ``StableDiffusionPipeline`` from local weights on ``where.device``, UNet and text
+    encoder in ``where.dtype``, VAE in ``where.vae_dtype`` (default: ``precision("sd15")``,
+    float16 on CUDA, float32 on the CPU)."""
+    where = where or precision("sd15")
+    pipe = place(read_pipeline(weights, where.dtype), where.device)
+    cast(pipe.vae, where.vae_dtype)
+    return pipe
 
 
 def encode_prompt(pipe: Any, prompts: list[str], clip_skip: int):
@@ -154,10 +157,10 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         easel.tools.base.TaskKilled: (from ``ctx.progress``) when the task was killed.
     """
     import diffusers
-    import torch
 
     models = ctx.models
-    pipe = models.base_pipeline("sd15", plan.checkpoint, lambda: load_pipeline(plan.checkpoint)).obj
+    pipe = models.base_pipeline("sd15", plan.checkpoint,
+                                lambda: load_pipeline(plan.checkpoint, models.precision("sd15"))).obj
     base_scheduler = getattr(pipe, "_easel_base_scheduler_config", None)
     if base_scheduler is None:
         base_scheduler = pipe._easel_base_scheduler_config = dict(pipe.scheduler.config)
@@ -173,10 +176,9 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     except ValueError as exc:
         raise ToolError(str(exc)) from None
 
-    generators = [torch.Generator("cpu").manual_seed(plan.seed + i) for i in range(plan.samples)]
     kwargs: dict[str, Any] = dict(
         num_images_per_prompt=plan.samples, num_inference_steps=plan.steps, guidance_scale=plan.guidance_scale,
-        width=plan.width, height=plan.height, generator=generators,
+        width=plan.width, height=plan.height, generator=generators(plan.seed, plan.samples),
     )
     if plan.clip_skip > 0:
         kwargs["prompt_embeds"] = encode_prompt(pipe, [plan.prompt], plan.clip_skip)

@@ -1,0 +1,171 @@
+"""Where a tool's networks run and in which dtypes: **the one place that asks whether CUDA exists**.
+
+Every tool asks :meth:`easel.models.ModelManager.precision` (or :func:`precision` here) for a
+*kind* of pipeline and gets a :class:`Precision`: the device, the dtype of its networks and the
+dtype of its VAE. The dtypes are the catalog's (the reference implementations'):
+
+===============  =================================  ========  ==============================================
+kind             networks                           dtype     VAE
+===============  =================================  ========  ==============================================
+``sd15``         UNet, CLIP text encoder, LoRAs     float16   float16 (decoded in float16, as diffusers'
+                                                              SD 1.5 pipeline does)
+``sdxl``         UNet, both text encoders,          float16   float32 when its config says ``force_upcast``
+(``instantid``)  ControlNets, IP-Adapter resampler            (the SDXL VAE overflows in float16; diffusers'
+                 and attention, LoRAs                         SDXL pipelines upcast it for every decode),
+                                                              else float16
+``flux``         transformer, CLIP, T5, LoRA        bfloat16  bfloat16
+``ic-light``     UNet (+ offset), text encoder      float16   bfloat16 (as ``gradio_demo_bg.py``)
+``condition``    DPT depth, ViTPose                 float16   (none)
+``matting``      RMBG-1.4                           float32   (none; float32 everywhere, as the reference)
+===============  =================================  ========  ==============================================
+
+On CUDA the table applies. On the CPU everything is float32 by default, because half precision
+on a CPU is slow and only useful to check the GPU path; ``Settings.cpu_precision = "half"``
+(``EASEL_CPU_PRECISION=half``) runs the CPU in the table's dtypes too, so the exact dtype
+combinations of the GPU path (fp16 UNet with fp16 LoRA layers, bf16 FLUX transformer,
+fp16 IC-Light UNet fed by a bf16 VAE, fp16 IP-Adapter attention...) execute, and are tested, on a
+machine without a GPU. PyTorch 2.13 has CPU kernels for Half and BFloat16 for every op these
+pipelines call (the tests run all five tools so). The one CPU gap found is antialiased
+``interpolate`` (``_upsample_bilinear2d_aa`` / ``_upsample_bicubic2d_aa``: "compute_index_ranges_weights
+not implemented for 'Half'", and for 'BFloat16' too, so a bfloat16 stand-in would not help); no tool
+resizes a half tensor with ``antialias=True`` (images are resized with PIL, or in float32), so no
+stand-in dtype is used: the CPU runs exactly the CUDA dtypes.
+
+Seeds: every tool draws its noise from CPU ``torch.Generator``\\ s (:func:`generators`), as
+diffusers advises for reproducibility ("If reproducibility is important, you should use a CPU
+Generator"): ``randn_tensor`` samples on the CPU and moves the noise to the device, so a seed gives
+the same initial noise on the CPU and on any GPU (a CUDA generator samples with another algorithm
+and would tie a seed's image to the device), and a CPU run with ``cpu_precision = "half"`` starts
+from the very noise the GPU run starts from.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from easel.config import check_cpu_precision
+
+KINDS = ("sd15", "sdxl", "instantid", "flux", "ic-light", "condition", "matting")
+
+# kind → (dtype name, VAE dtype name) on CUDA; names, so that importing this module imports no torch
+_CATALOG = {
+    "sd15": ("float16", "float16"),
+    "sdxl": ("float16", "float16"),
+    "instantid": ("float16", "float16"),
+    "flux": ("bfloat16", "bfloat16"),
+    "ic-light": ("float16", "bfloat16"),
+    "condition": ("float16", "float16"),
+    "matting": ("float32", "float32"),
+}
+_UPCAST_VAE = ("sdxl", "instantid")  # a float16 VAE whose config says force_upcast is held in float32
+
+
+class Precision(NamedTuple):
+    """Where and how a kind of pipeline runs.
+
+    Attributes:
+        device: ``"cuda"`` or ``"cpu"`` (a worker sees one GPU: ``CUDA_VISIBLE_DEVICES``).
+        dtype: ``torch.dtype`` of the networks (denoiser, text encoders, ControlNets, adapters).
+        vae_dtype: ``torch.dtype`` of the VAE's weights (IC-Light's differs from ``dtype``); see
+            :meth:`vae_dtype_for` for a VAE whose config asks for float32 decoding.
+        vae_upcast: whether a float16 VAE whose config says ``force_upcast`` is held in float32
+            (the SDXL kinds).
+    """
+
+    device: str
+    dtype: Any
+    vae_dtype: Any
+    vae_upcast: bool = False
+
+    def vae_dtype_for(self, vae: Any) -> Any:
+        """The dtype to hold ``vae`` (an ``AutoencoderKL``) in: float32 instead of float16 when
+        :attr:`vae_upcast` and its config says ``force_upcast``, else :attr:`vae_dtype`.
+
+        Holding it in float32 is what diffusers' SDXL pipelines do for every decode (they cast a
+        float16 VAE up, decode, and cast it back, with a deprecation warning), done once at load.
+        """
+        import torch
+
+        if self.vae_upcast and self.vae_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            return torch.float32
+        return self.vae_dtype
+
+
+def cuda_available() -> bool:
+    """Whether this process may use CUDA: the only ``torch.cuda.is_available()`` call of the tools
+    and models (False when torch has no CUDA build, or no device is visible)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def catalog_dtypes(kind: str) -> tuple[Any, Any]:
+    """``(dtype, vae_dtype)`` of ``kind`` on CUDA (the table above).
+
+    Raises:
+        ValueError: an unknown kind (the message lists :data:`KINDS`).
+    """
+    import torch
+
+    try:
+        names = _CATALOG[kind]
+    except KeyError:
+        raise ValueError(f"unknown precision kind {kind!r}; one of {', '.join(KINDS)}") from None
+    return getattr(torch, names[0]), getattr(torch, names[1])
+
+
+def precision(kind: str, cpu_precision: str = "float32") -> Precision:
+    """The device and dtypes a ``kind`` of pipeline runs in (see the module docstring).
+
+    Args:
+        kind: one of :data:`KINDS` (the catalog families, ``condition`` for DPT / ViTPose and
+            ``matting`` for RMBG).
+        cpu_precision: without CUDA, ``"float32"`` (everything float32) or ``"half"`` (the CUDA
+            dtypes); ``Settings.cpu_precision``.
+
+    Returns:
+        ``Precision(device, dtype, vae_dtype, vae_upcast)``: the catalog dtypes on ``"cuda"``, and
+        on ``"cpu"`` either float32 twice or the catalog dtypes.
+
+    Raises:
+        ValueError: an unknown kind or ``cpu_precision``.
+    """
+    import torch
+
+    check_cpu_precision(cpu_precision)
+    dtype, vae_dtype = catalog_dtypes(kind)
+    upcast = kind in _UPCAST_VAE
+    if cuda_available():
+        return Precision("cuda", dtype, vae_dtype, upcast)
+    if cpu_precision == "half":
+        return Precision("cpu", dtype, vae_dtype, upcast)
+    return Precision("cpu", torch.float32, torch.float32, upcast)
+
+
+def cast(module: Any, dtype: Any, device: str | None = None) -> Any:
+    """Move ``module`` (a torch module) to ``device`` (None: stay) and cast it to ``dtype``; the
+    cast is skipped when every floating parameter already has ``dtype`` (diffusers 0.42 logs a
+    "should be kept in float32" warning on every ``to(dtype)``, a no-op one too). Returns ``module``."""
+    if device is not None:
+        module.to(device)
+    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+        module.to(dtype=dtype)
+    return module
+
+
+def place(pipe: Any, device: str) -> Any:
+    """Move a pipeline just loaded (on the CPU, where ``from_pretrained`` puts it) to ``device``;
+    for ``"cpu"`` nothing moves, which also spares diffusers' warning that a float16 pipeline
+    "cannot run" on the CPU (it can: see the module docstring). Returns ``pipe``."""
+    if device != "cpu":
+        pipe.to(device)
+    return pipe
+
+
+def generators(seed: int, count: int = 1) -> list:
+    """``count`` CPU ``torch.Generator``\\ s seeded ``seed``, ``seed + 1``, … (image *i* of a
+    request uses seed ``seed + i``): for a given dtype, the same noise on every device (module
+    docstring; torch samples float16, bfloat16 and float32 noise differently, so a seed's image
+    also depends on the dtype)."""
+    import torch
+
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
