@@ -105,8 +105,10 @@ def device_free_bytes() -> int | None:
     reserved but unallocated. None without CUDA (torch not imported, or no device)."""
     import sys
 
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
+    from .precision import cuda_available
+
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    if torch is None or not cuda_available():
         return None
     free, _total = torch.cuda.mem_get_info()
     return int(free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated())
