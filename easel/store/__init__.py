@@ -7,7 +7,9 @@ is durable before the API acknowledges it.
 Cost. The statements that run per request or per denoising step (task reads, claims, transitions,
 progress events, outputs) are built once with bound parameters and reused, so SQLAlchemy compiles
 each once per process and a call costs what the database does plus ~0.1 ms (building a
-statement per call cost 4× that). Their reads return read-only rows (``sqlalchemy.Row``: the
+statement per call cost 4× that); the worker's per-task and per-step writes (claims,
+transitions, progress events) and its kill check run their compiled SQL on the DBAPI cursor
+(:class:`_Direct`), about half that again. Their reads return read-only rows (``sqlalchemy.Row``: the
 same attribute names as the ORM class) instead of ORM objects. On SQLite, writes of one process
 take turns on one lock (one writer at a time, as SQLite allows anyway) instead of racing for the
 database lock, whose busy handler sleeps up to 100 ms per retry; the connection pool holds as
@@ -163,6 +165,38 @@ def _queue_statements(queue_status: str, others: tuple[str, ...]):
     between = (select(T.queue_seq).where(queued, T.queue_seq >= bindparam("lo"), T.queue_seq <= bindparam("hi"))
                .order_by(T.queue_seq))
     return head, departed, ahead, between
+
+
+class _Direct:
+    """Core statements executed on the DBAPI cursor of a SQLAlchemy connection, inside its
+    transaction: each statement is compiled once for the engine's dialect (with the columns the
+    call sets, for an INSERT), and a call only orders its parameters and runs the SQL. That skips
+    SQLAlchemy's per-execution context and result set-up, about half of a short statement's CPU
+    (0.107 → 0.058 ms for a progress step's UPDATE + INSERT on SQLite). For the worker's
+    statements that run per task and per step; no expanding parameters, no type processing (the
+    columns are integers, floats, strings, booleans and bytes, which both drivers take as they
+    are), rows are plain tuples."""
+
+    def __init__(self, dialect):
+        self.dialect = dialect
+        self._compiled: dict[tuple, tuple] = {}
+
+    def rows(self, conn: Connection, stmt, params: dict) -> list[tuple]:
+        key = (stmt, tuple(params) if stmt.is_insert else None)
+        entry = self._compiled.get(key)
+        if entry is None:
+            compiled = stmt.compile(dialect=self.dialect, column_keys=list(params) if stmt.is_insert else None)
+            entry = self._compiled[key] = (compiled, compiled.string,
+                                           compiled.positiontup if compiled.positional else None)
+        compiled, sql, order = entry
+        values = compiled.construct_params(params)
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute(sql, [values[k] for k in order] if order is not None else values)
+            # all rows (the statement runs to its end); none where it returns none (DBAPI: no description)
+            return cursor.fetchall() if cursor.description is not None else []
+        finally:
+            cursor.close()
 
 
 class WriteLock:
@@ -349,6 +383,7 @@ class Store:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._skip_locked = self.engine.dialect.name == "postgresql"
         self._group = _GroupCommit()
+        self._direct = _Direct(self.engine.dialect)
 
     def checkpoint(self) -> None:
         """SQLite: copy the write-ahead log into the database file without blocking anyone
@@ -724,11 +759,12 @@ class Store:
         if task_id is not None:
             params["task_id"] = task_id
         with self._write() as conn:
-            row = conn.execute(stmt, params).first()
-            if row is None:
+            rows = self._direct.rows(conn, stmt, params)
+            if not rows:
                 return None
-            conn.execute(_INSERT_EVENT, {"task_id": row[0], "type": to_status, "message": "", "created_at": now,
-                                         "seq": row[1]})
+            row = rows[0]
+            self._direct.rows(conn, _INSERT_EVENT, {"task_id": row[0], "type": to_status, "message": "",
+                                                    "created_at": now, "seq": row[1]})
             for status, only_from, message, webhook, values in then:
                 if not self._step(conn, row[0], status, only_from, worker_id, message, webhook, now, values):
                     raise ValueError(f"the claimed task {row[0]} cannot go on to {status}")  # rolled back
@@ -742,13 +778,13 @@ class Store:
         values = {"status": status, **values}
         stmt = _task_update(tuple(only_from) if only_from is not None else None, owner is not None,
                             tuple(sorted(values)), ("callbackurl", "event_seq"))
-        row = conn.execute(stmt, {"task_id": task_id, "owner": owner,
-                                  **{"v_" + k: v for k, v in values.items()}}).first()
-        if row is None:
+        rows = self._direct.rows(conn, stmt, {"task_id": task_id, "owner": owner,
+                                              **{"v_" + k: v for k, v in values.items()}})
+        if not rows:
             return False
-        url, seq = row
-        conn.execute(_INSERT_EVENT, {"task_id": task_id, "type": status, "message": message, "created_at": now,
-                                     "seq": seq})
+        url, seq = rows[0]
+        self._direct.rows(conn, _INSERT_EVENT, {"task_id": task_id, "type": status, "message": message,
+                                                "created_at": now, "seq": seq})
         if webhook and url:
             conn.execute(insert(WebhookDelivery), {
                 "id": "msg_" + secrets.token_hex(16), "task_id": task_id, "url": url, "status": "pending",
@@ -809,14 +845,15 @@ class Store:
         stmt = _task_update(tuple(only_from) if only_from is not None else None, owner is not None,
                             tuple(sorted(values)), ("kill_requested", "event_seq"))
         with self._write() as conn:
-            row = conn.execute(stmt, {"task_id": task_id, "owner": owner,
-                                      **{"v_" + k: v for k, v in values.items()}}).first()
-            if row is None:
+            rows = self._direct.rows(conn, stmt, {"task_id": task_id, "owner": owner,
+                                                  **{"v_" + k: v for k, v in values.items()}})
+            if not rows:
                 return None
-            conn.execute(_INSERT_EVENT, {"task_id": task_id, "type": type_, "message": message,
-                                         "created_at": time.time(), "seq": row[1]})
+            row = rows[0]
+            self._direct.rows(conn, _INSERT_EVENT, {"task_id": task_id, "type": type_, "message": message,
+                                                    "created_at": time.time(), "seq": row[1]})
             if preview:
-                conn.execute(_INSERT_PREVIEW, {"task_id": task_id, "seq": row[1], "data": bytes(preview)})
+                self._direct.rows(conn, _INSERT_PREVIEW, {"task_id": task_id, "seq": row[1], "data": bytes(preview)})
             self.wakeups.in_transaction(conn, task_id)
         self.wakeups.committed(task_id)
         return bool(row[0])
@@ -870,7 +907,8 @@ class Store:
             return res.rowcount == 1
 
     def kill_requested(self, task_id: int) -> bool:
-        rows = self._rows(_KILL_REQUESTED, {"task_id": task_id})
+        with self.engine.connect() as conn:
+            rows = self._direct.rows(conn, _KILL_REQUESTED, {"task_id": task_id})
         return bool(rows and rows[0][0])
 
     def task_by_uuid(self, uuid: str) -> Task | None:
