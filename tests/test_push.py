@@ -221,6 +221,42 @@ def _race_submits(stores: list[Store], project_id: int, n: int, limit: int) -> l
 
 
 @pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_limited_runs_of_several_projects_from_two_processes_neither_overshoot_nor_deadlock(db, tmp_path):
+    """Groups of Runs (group commit) from two engines, each group holding several projects'
+    locks: every project ends at exactly its limit and no Run fails (the locks are taken in one
+    order, so two groups never wait for each other in a circle)."""
+    if db == "postgres":
+        url, drop = create_database()
+    else:
+        url, drop = Settings(data_dir=tmp_path).database_url, (lambda: None)
+    try:
+        stores = [Store(url), Store(url)]
+        stores[0].migrate()
+        projects = [stores[0].create_project(f"p{i}").id for i in range(3)]
+        n, limit = 36, 4
+        barrier = threading.Barrier(n)
+
+        def one(i: int):
+            barrier.wait()
+            try:
+                return lc.submit(stores[i % 2], project_id=projects[(i // 2) % 3 if i % 4 < 2 else 2 - (i // 2) % 3],
+                                 tool=TOOL, parameters={}, inputs={}, callbackurl="", cost_per_second=0.0,
+                                 max_unfinished=limit)[0].project_id
+            except LimitReached:
+                return None
+
+        with ThreadPoolExecutor(n) as pool:
+            got = list(pool.map(one, range(n)))  # any other exception (a deadlock) fails the test here
+        assert sorted(p for p in got if p is not None) == sorted(projects * limit)
+        for p in projects:
+            assert stores[1].count_in((lc.QUEUE, *lc.RUNNING), project_id=p) == limit
+        for s in stores:
+            s.engine.dispose()
+    finally:
+        drop()
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
 def test_the_concurrency_limit_is_one_atomic_step_in_the_store(db, tmp_path):
     if db == "postgres":
         url, drop = create_database()

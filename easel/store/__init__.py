@@ -559,6 +559,10 @@ class Store:
         first_of_key: dict[tuple, _NewTask] = {}
         unfinished_now: dict[int, int] = {}  # limited projects: unfinished tasks, with this group's
         retries: list[tuple[_NewTask, _NewTask]] = []
+        # the limited projects' locks first, in one order in every process: two groups (two API
+        # processes on PostgreSQL) never wait for each other's locks in a circle
+        for pid in sorted({job.values["project_id"] for job in group if job.max_unfinished > 0}):
+            self._lock_project(conn, pid)
         for job in group:
             v = job.values
             pid, key = v["project_id"], v["idempotency_key"]
@@ -574,7 +578,6 @@ class Store:
                     continue
             if job.max_unfinished > 0:
                 if pid not in unfinished_now:
-                    self._lock_project(conn, pid)
                     n = conn.execute(select(func.count()).select_from(Task).where(
                         T.project_id == pid, T.status.in_(list(job.unfinished)))).scalar()
                     unfinished_now[pid] = int(n or 0) + sum(1 for a in admitted if a.values["project_id"] == pid)
@@ -602,7 +605,7 @@ class Store:
             per_project[job.values["project_id"]] = per_project.get(job.values["project_id"], 0) + 1
         conn.execute(_INSERT_EVENT, [{"task_id": job.values["id"], "type": job.first_event, "message": "",
                                       "created_at": job.values["createtime"], "seq": 1} for job in admitted])
-        conn.execute(_COUNT_PROJECT_TASKS, [{"pid": pid, "n": n} for pid, n in per_project.items()])
+        conn.execute(_COUNT_PROJECT_TASKS, [{"pid": pid, "n": n} for pid, n in sorted(per_project.items())])
         for job, first in retries:
             job.result = (first.result[0], False)
 
