@@ -497,7 +497,8 @@ class Store:
         """Insert a task and its first event (the task as a read-only :data:`TaskRecord`).
 
         Concurrent calls in this process are committed together (:class:`_GroupCommit`); the task
-        is durable when this returns, as if inserted alone.
+        is durable when this returns, as if inserted alone. Not to be called by a thread that holds
+        this store's write turn (it could wait for a leader that waits for that turn).
 
         With ``max_unfinished`` > 0, the project's tasks in ``unfinished`` statuses are counted
         and the task inserted in one transaction that holds the project's lock (a PostgreSQL
