@@ -85,3 +85,18 @@ def test_api_keys_are_stored_hashed_and_files_are_owner_only(tmp_path):
     assert stat.S_IMODE(os.stat(settings.data_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(settings.data_dir / "easel.db").st_mode) == 0o600
     store.engine.dispose()
+
+
+def test_a_setting_of_the_wrong_type_in_the_environment_is_a_usage_error_naming_it(tmp_path):
+    """``easel serve`` and ``easel worker`` with a bad ``EASEL_*`` value: exit 2 and the
+    variable's name, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    for command in (["serve", "--port", "0"], ["worker"]):
+        env = {**os.environ, "EASEL_DEVICE_MEMORY_HEADROOM_BYTES": "lots"}
+        out = subprocess.run([sys.executable, "-m", "easel", *command, "--data-dir", str(tmp_path)],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 2, out.stderr
+        assert "EASEL_DEVICE_MEMORY_HEADROOM_BYTES" in out.stderr and "Traceback" not in out.stderr

@@ -68,10 +68,25 @@ def _settings(data_dir: Optional[Path], **kw):
 
 
 def _settings_from(config: Optional[Path], **kw):
-    """Settings from the config file and environment, with the flags that were given on top."""
+    """Settings from the config file and environment, with the flags that were given on top; a
+    value of the wrong type is a usage error naming the variable (no traceback)."""
     from easel.config import Settings
 
-    return Settings.from_env(config, **kw)
+    try:
+        return Settings.from_env(config, **kw)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _sources(config: Optional[Path]) -> dict:
+    """What the config file and the environment set (:func:`easel.config.read_sources`), as
+    :func:`_settings_from` reports a bad value."""
+    from easel.config import read_sources
+
+    try:
+        return read_sources(config)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 _BROKER = typer.Option(None, help="Celery broker URL: redis://host:6379/0 or amqp://user:pass@host/ "
@@ -113,18 +128,13 @@ def serve(
 ):
     """Run the API server and its local workers (or, with --executor celery --workers 0, the API
     process of a fleet: docs/deploy.md)."""
-    from easel.config import read_sources
-
     given = {"data_dir": data_dir, "model_source": model_source, "workers": workers, "public_url": public_url,
              "fetch_allow": _csv(fetch_allow), "gpus": _csv(gpus), "storage": storage, "executor": executor, "broker_url": broker,
              "api_processes": api_processes}
-    sources = read_sources(config)
+    sources = _sources(config)
     if public_url is None and "public_url" not in sources:
         given["public_url"] = f"http://{host}:{port}"
-    try:
-        settings = _settings_from(config, **given)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    settings = _settings_from(config, **given)
     if settings.executor == "celery":
         if settings.workers > 0 and (workers is not None or "workers" in sources):
             raise typer.BadParameter("with --executor celery this process runs no workers: give --workers 0 and "
@@ -207,10 +217,7 @@ def worker(
         import torch
 
         gpu_list = tuple(str(i) for i in range(torch.cuda.device_count()))
-    try:
-        settings = _settings_from(config, **given, gpus=gpu_list)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    settings = _settings_from(config, **given, gpus=gpu_list)
     if len(settings.gpus) > 1:
         if metrics_port:
             raise typer.BadParameter("one port per process: start one `easel worker --gpus N --metrics-port P` "
