@@ -105,6 +105,11 @@ class Settings:
             and the transfer), whatever the per-read timeouts allow.
         request_max_bytes: Largest request body (files included) the API reads; larger bodies
             are refused with HTTP 413 while streaming, before they are buffered.
+        openai_wait_seconds: Longest an OpenAI Images API request (``/v1/images/...``) holds for its
+            task's end (``Prefer: wait=N`` lowers it per request); past it, HTTP 504 with the Wiro
+            task id, and the task keeps running.
+        openai_kill_on_disconnect: Stop (cancel or kill) an OpenAI Images API request's task when its
+            client disconnects before the end; off by default (the task runs on, as a Wiro Run's).
         webhook_concurrency: Webhook attempts sent at the same time by one API process.
         output_retention_seconds: Delete a finished task's outputs and uploads this long after
             it ended (the record stays, as after InputOutputDelete); 0 = keep for ever.
@@ -236,6 +241,8 @@ class Settings:
     api_processes: int = 1
     api_threads: int = 16
     torch_threads: int = 0
+    openai_wait_seconds: float = 600.0
+    openai_kill_on_disconnect: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())

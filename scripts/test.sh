@@ -13,6 +13,9 @@ bash scripts/setup.sh
 # server for the object-storage tests (tests/ceph.py starts a throwaway cluster on loopback).
 APT=()
 if [ ! -x /usr/bin/chromium ]; then APT+=(chromium fonts-dejavu-core); fi
+# Node.js and npm for the official Node `openai` client test (tests/test_openai.py npm-installs the
+# client itself, outside the repository, when missing)
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then APT+=(nodejs npm); fi
 for bin in radosgw ceph-mon ceph-osd; do
   if ! command -v "$bin" >/dev/null; then APT+=(radosgw ceph-mon ceph-osd); break; fi
 done

@@ -35,7 +35,7 @@ from easel.store import LimitReached, Project, Store, Task
 from easel.store.notify import Hub, Publisher
 from easel.tasks import lifecycle as lc
 
-from . import compat, live, toolinfo
+from . import compat, live, openai_api, toolinfo
 from . import errors as E
 from . import files as files_api
 from . import metrics as http_metrics
@@ -470,6 +470,7 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
                            expose_headers=["Retry-After", "Preference-Applied"], max_age=600)
     http_metrics.install(app, api)
     playground.install(app, settings)
+    app.include_router(openai_api.router)  # /v1/images/*, /v1/models (docs/openai.md)
 
     @app.exception_handler(WiroError)
     async def _wiro_error(_request, exc: WiroError):

@@ -165,6 +165,7 @@ class ToolSpec:
     (FLUX tools); ``preset`` fixes inputs a "model" page does not expose, e.g. Comics Factory's
     ``{"lora": "<catalog id>", "scale": 1.0}``. ``family`` (one of :data:`FAMILIES`) is set in
     the tool's file only when its pipeline is more than its checkpoint (see :meth:`model_family`).
+    ``openai`` is how the OpenAI-compatible Images API maps onto the tool (:mod:`easel.api.openai_map`).
     """
 
     owner: str
@@ -179,6 +180,7 @@ class ToolSpec:
     base_model: str | None = None
     preset: dict = field(default_factory=dict)
     family: str = ""
+    openai: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -358,7 +360,7 @@ def load_tools() -> dict[str, ToolSpec]:
             owner=t["owner"], slug=t["slug"], module=t.get("module"), description=t.get("description", ""),
             categories=t.get("categories", []), inputs=inputs, cost_per_second=float(t.get("cost_per_second", 0)),
             cover=t.get("cover", ""), tags=t.get("tags", []), base_model=t.get("base_model"),
-            preset=t.get("preset", {}), family=t.get("family", ""),
+            preset=t.get("preset", {}), family=t.get("family", ""), openai=t.get("openai", {}),
         )
         if spec.family and spec.family not in FAMILIES:
             raise CatalogError(f"tool {spec.name}: family {spec.family!r} is not one of {', '.join(FAMILIES)}")
