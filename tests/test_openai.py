@@ -117,9 +117,17 @@ def test_edit_with_ic_light_and_instantid(server, key, tmp_path):
     faces = _decoded(face.data)
     assert len(faces) == 2 and faces[0].size == (120, 160) and faces[0].tobytes() != faces[1].tobytes()
 
+    events = list(client.images.edit(model="ic-light", image=[FG, BG], prompt="a woman", stream=True,
+                                     partial_images=1, extra_body={"steps": 2, "seed": "7"}))
+    assert [e.type for e in events][-1] == "image_edit.completed" and len(events) <= 2
+    assert {e.type for e in events} <= {"image_edit.partial_image", "image_edit.completed"}
+
     with pytest.raises(openai.BadRequestError) as exc:  # IC-Light takes a foreground and a background
         client.images.edit(model="ic-light", image=[FG, BG, BG], prompt="x")
     assert exc.value.status_code == 400 and exc.value.param == "image"
+    with pytest.raises(openai.BadRequestError) as exc:  # the background is required (bg_source's default)
+        client.images.edit(model="ic-light", image=FG, prompt="x")
+    assert exc.value.param == "image" and "image 2 of 2" in exc.value.message
     with pytest.raises(openai.BadRequestError) as exc:
         client.images.edit(model="ic-light", image=FG, mask=FG, prompt="x")
     assert exc.value.param == "mask" and "mask" in exc.value.message
@@ -204,9 +212,12 @@ def test_models_are_the_tools(server, key):
 def test_an_openai_task_is_an_ordinary_wiro_task(server, key):
     client = _client(server, key)
     raw = client.images.with_raw_response.generate(model="sd-lora", prompt="an ordinary task", size="64x64",
-                                                   extra_body=SD_EXTRA)
+                                                   extra_body=SD_EXTRA, extra_headers={"Idempotency-Key": "oai-1"})
     taskid = raw.headers["x-easel-task-id"]
     assert len(raw.parse().data) == 1
+    again = client.images.with_raw_response.generate(model="sd-lora", prompt="an ordinary task", size="64x64",
+                                                     extra_body=SD_EXTRA, extra_headers={"Idempotency-Key": "oai-1"})
+    assert again.headers["x-easel-task-id"] == taskid and again.parse().data == raw.parse().data  # Wiro's idempotency
     listed = _wiro(server, key, "/v1/Task/List", {"limit": 5})["tasklist"]
     task = next(t for t in listed if t["id"] == taskid)
     assert task["status"] == "task_postprocess_end" and task["pexit"] == "0"
@@ -252,6 +263,36 @@ def test_the_deadline_answers_504_with_the_task_id(server, key):
     task = _wiro(server, key, "/v1/Task/Detail", {"taskid": taskid})["tasklist"][0]
     assert task["status"] not in ("task_postprocess_end", "task_cancel")  # it keeps running
     _wiro(server, key, "/v1/Task/Kill", {"taskid": taskid})
+
+
+def test_a_client_that_goes_away_leaves_its_task_running_by_default(server, key):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base}/v1/images/generations", headers={"Authorization": f"Bearer {key}"}, timeout=2,
+                   json={"model": "sd-lora", "prompt": "left behind", "size": "512x512", **SD_EXTRA, "steps": 150})
+    task = _wait_running(server, key, "left behind")
+    time.sleep(1.5)  # longer than the server's disconnect check
+    assert _wiro(server, key, "/v1/Task/Detail", {"taskid": task["id"]})["tasklist"][0]["status"] == "task_output"
+    _wiro(server, key, "/v1/Task/Kill", {"taskid": task["id"]})
+
+
+def test_kill_on_disconnect_cancels_the_task_when_enabled(tmp_path):
+    from conftest import Server
+
+    srv = Server(tmp_path, ("--workers", "0"), env={"EASEL_OPENAI_KILL_ON_DISCONNECT": "true"}).start()
+    try:
+        key = srv.project(auth="apikey").apikey
+        with pytest.raises(httpx.ReadTimeout):  # no worker: the task stays queued until the client goes
+            httpx.post(f"{srv.base}/v1/images/generations", headers={"Authorization": f"Bearer {key}"}, timeout=1,
+                       json={"model": "sd-lora", "prompt": "abandoned"})
+        deadline = time.time() + 20 * TIME_SCALE
+        while time.time() < deadline:
+            task = _wiro(srv, key, "/v1/Task/List", {})["tasklist"][0]
+            if task["status"] == "task_cancel":
+                break
+            time.sleep(0.1)
+        assert task["parameters"]["prompt"] == "abandoned" and task["status"] == "task_cancel", task["status"]
+    finally:
+        srv.stop()
 
 
 NODE_DIR = Path(os.environ.get("EASEL_TEST_NODE_DIR", Path.home() / ".cache" / "easel-tests" / "node"))

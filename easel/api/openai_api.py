@@ -54,7 +54,7 @@ def _api(request: Request):
 
 def _from_wiro(exc: WiroError, spec=None) -> OpenAIError:
     """A Wiro error of the shared Run path in OpenAI's shape (the field mapped back to OpenAI's name)."""
-    message = f"{exc.message} {exc.detail}".strip() if exc.detail and exc.detail not in exc.message else exc.message
+    message = f"{exc.message}: {exc.detail}" if exc.detail and exc.detail not in exc.message else exc.message
     if exc.status == 401:
         return OpenAIError(401, message, code="invalid_api_key")
     if exc.status == 429 or exc.code == 96:
@@ -63,7 +63,12 @@ def _from_wiro(exc: WiroError, spec=None) -> OpenAIError:
         return OpenAIError(exc.status, message, code="server_error", headers=exc.headers)
     if exc.status == 413:
         return OpenAIError(413, message, code="request_too_large", retry=False)
-    return OpenAIError(400, message, param_of_message(spec, message) if spec is not None else None, "invalid_value")
+    param = param_of_message(spec, message) if spec is not None else None
+    slots = spec.openai.get("images", []) if spec is not None else []
+    for number, slot in enumerate(slots, 1):
+        if param == "image" and f"[{slot}]" in message:
+            message += f" ('{slot}' is filled by image {number} of {len(slots)} in 'image')"
+    return OpenAIError(400, message, param, "invalid_value")
 
 
 async def _guard(coro) -> Response:
