@@ -289,6 +289,8 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         check_cpu_precision(self.cpu_precision)
+        if not self.openai_wait_seconds > 0:
+            raise ValueError(f"openai_wait_seconds must be a positive number of seconds, not {self.openai_wait_seconds}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be 0 (automatic) or more, not {self.torch_threads}")
         if tuple(self.gpus) == ("all",):

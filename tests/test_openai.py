@@ -251,6 +251,21 @@ def test_kill_through_wiro_ends_the_openai_request(server, key):
     assert isinstance(exc, openai.ConflictError) and exc.status_code == 409 and exc.code == "task_killed"
     assert task["id"] in exc.message and exc.response.headers["x-should-retry"] == "false"
 
+    def stream():  # a stream ends with an error event, which the client raises
+        try:
+            list(client.images.generate(model="sd-lora", prompt="streamed, then killed", size="512x512", stream=True,
+                                        extra_body={**SD_EXTRA, "steps": 150}))
+        except openai.APIError as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    task = _wait_running(server, key, "streamed, then killed")
+    assert _wiro(server, key, "/v1/Task/Kill", {"taskid": task["id"]})["result"]
+    thread.join(TIMEOUT)
+    assert not thread.is_alive() and len(failure) == 2 and "was killed" in failure[1].message
+    assert failure[1].body["code"] == "task_killed"
+
 
 def test_the_deadline_answers_504_with_the_task_id(server, key):
     client = _client(server, key)

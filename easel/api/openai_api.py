@@ -40,7 +40,7 @@ from easel.tasks import lifecycle as lc
 
 from .errors import WiroError
 from .openai_map import OpenAIError, failure, find_model, map_request, model_object, openai_tools, param_of_message
-from .openai_map import Request as Mapped
+from .openai_map import MappedRequest as Mapped
 from .parsing import Body, Upload, parse_body, read_capped
 
 log = logging.getLogger("easel.api.openai")

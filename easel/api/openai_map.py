@@ -74,7 +74,7 @@ class OpenAIError(Exception):
 
 
 @dataclass
-class Request:
+class MappedRequest:
     """An OpenAI request mapped onto a tool: the Run's Wiro ``fields``, the uploads per tool input
     (``images``: list of ``(tool input, filename, bytes)``) and how to answer."""
 
@@ -202,7 +202,7 @@ def _size_range(spec: ToolSpec, names: list[str]) -> str:
 
 
 def map_request(spec: ToolSpec, raw: dict[str, Any], endpoint: str, catalog: ModelCatalog,
-                uploads: list[tuple[str, bytes]] = ()) -> Request:
+                uploads: list[tuple[str, bytes]] = ()) -> MappedRequest:
     """Map an OpenAI request body onto ``spec``'s Wiro fields.
 
     Args:
@@ -215,7 +215,7 @@ def map_request(spec: ToolSpec, raw: dict[str, Any], endpoint: str, catalog: Mod
         uploads: ``(filename, bytes)`` of the ``image`` / ``image[]`` files, in order (edits).
 
     Returns:
-        The :class:`Request`; its ``fields`` go to a Run unchanged (validated there).
+        The :class:`MappedRequest`; its ``fields`` go to a Run unchanged (validated there).
 
     Raises:
         OpenAIError: 400 naming the field: a missing ``prompt``, a value out of OpenAI's range, an
@@ -253,7 +253,7 @@ def map_request(spec: ToolSpec, raw: dict[str, Any], endpoint: str, catalog: Mod
         if name not in allowed_extra:
             raise OpenAIError(400, f"Unrecognized request argument supplied: {name}. Besides OpenAI's fields, "
                                    f"'{spec.name}' takes its own Wiro fields (in extra_body): "
-                                   f"{', '.join(sorted(allowed_extra - mapped - set(slots)))}.", name,
+                                   f"{', '.join(sorted(allowed_extra - mapped))}.", name,
                               "unknown_parameter")
         if name in mapped:
             openai_name = wiro_to_openai_param(spec, name)
@@ -267,7 +267,7 @@ def map_request(spec: ToolSpec, raw: dict[str, Any], endpoint: str, catalog: Mod
         raise OpenAIError(400, "Invalid type for 'prompt': expected a string.", "prompt", "invalid_type")
     if "prompt" in mapping:
         fields[mapping["prompt"]] = prompt
-    out = Request(spec=spec, fields=fields)
+    out = MappedRequest(spec=spec, fields=fields)
     out.n = _int(raw.get("n", 1), "n", 1, 10)
     if "n" in mapping:
         samples = spec.input(mapping["n"])
@@ -300,7 +300,11 @@ def map_request(spec: ToolSpec, raw: dict[str, Any], endpoint: str, catalog: Mod
     out.stream = _bool(raw.get("stream", False), "stream")
     out.partial_images = _int(raw.get("partial_images", 0), "partial_images", 0, 3)
     if endpoint == "edits":
-        if not uploads:
+        if "image" in raw:
+            raise OpenAIError(400, "Invalid type for 'image': expected a file (multipart 'image' or 'image[]'). An "
+                                   f"image URL goes in the tool's own field instead ({', '.join(slots)}).", "image",
+                              "invalid_type")
+        if not uploads and not any(slot in fields for slot in slots):
             raise OpenAIError(400, "Missing required parameter: 'image'.", "image", "missing_required_parameter")
         if len(uploads) > len(slots):
             raise OpenAIError(400, f"Invalid 'image': '{spec.name}' takes at most {len(slots)} image"
