@@ -230,41 +230,37 @@ def test_an_openai_task_is_an_ordinary_wiro_task(server, key):
     assert frames[-1]["message"][0]["url"] == task["outputs"][0]["url"]
 
 
-def test_kill_through_wiro_ends_the_openai_request(server, key):
-    client = _client(server, key)
+def _killed_while_running(server, key, prompt: str, call) -> tuple[dict, openai.APIError]:
+    """Run ``call()`` (an OpenAI request for a long task with ``prompt``) in a thread, kill its task
+    through Wiro's Task/Kill once it runs, and return the task and what the call raised."""
     failure: list[BaseException] = []
 
-    def generate():
+    def run():
         try:
-            client.images.generate(model="sd-lora", prompt="to be killed", size="512x512",
-                                   extra_body={**SD_EXTRA, "steps": 150})
+            call()
         except openai.APIError as exc:
             failure.append(exc)
 
-    thread = threading.Thread(target=generate)
+    thread = threading.Thread(target=run)
     thread.start()
-    task = _wait_running(server, key, "to be killed")
+    task = _wait_running(server, key, prompt)
     assert _wiro(server, key, "/v1/Task/Kill", {"taskid": task["id"]})["result"]
     thread.join(TIMEOUT)
     assert not thread.is_alive() and len(failure) == 1
-    exc = failure[0]
+    return task, failure[0]
+
+
+def test_kill_through_wiro_ends_the_openai_request(server, key):
+    client = _client(server, key)
+    long = {**SD_EXTRA, "steps": 150}
+    task, exc = _killed_while_running(server, key, "to be killed", lambda: client.images.generate(
+        model="sd-lora", prompt="to be killed", size="512x512", extra_body=long))
     assert isinstance(exc, openai.ConflictError) and exc.status_code == 409 and exc.code == "task_killed"
     assert task["id"] in exc.message and exc.response.headers["x-should-retry"] == "false"
-
-    def stream():  # a stream ends with an error event, which the client raises
-        try:
-            list(client.images.generate(model="sd-lora", prompt="streamed, then killed", size="512x512", stream=True,
-                                        extra_body={**SD_EXTRA, "steps": 150}))
-        except openai.APIError as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=stream)
-    thread.start()
-    task = _wait_running(server, key, "streamed, then killed")
-    assert _wiro(server, key, "/v1/Task/Kill", {"taskid": task["id"]})["result"]
-    thread.join(TIMEOUT)
-    assert not thread.is_alive() and len(failure) == 2 and "was killed" in failure[1].message
-    assert failure[1].body["code"] == "task_killed"
+    # a stream ends with an error event, which the client raises
+    task, exc = _killed_while_running(server, key, "streamed, then killed", lambda: list(client.images.generate(
+        model="sd-lora", prompt="streamed, then killed", size="512x512", stream=True, extra_body=long)))
+    assert f"Task {task['id']} was killed" in exc.message and exc.body["code"] == "task_killed"
 
 
 def test_the_deadline_answers_504_with_the_task_id(server, key):
