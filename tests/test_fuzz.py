@@ -45,6 +45,8 @@ HOSTILE = [
     '"' + "x" * 20000 + '"', '"\\ud800"', '"a\\udfffb"', '"\\u0000\\u0001\\u001f\\u007f\\u2028\\u2029"',
     '"\\uffff\\ufffe"', '"<script>alert(1)</script>"', '"   "', '"\\u0661\\u0662\\u0663"', '"\\u00b2"', '"1_000"',
     '"0x10"', '"1e400"', '"NaN"', '"-Infinity"', '"' + "9" * 5000 + '"', '"\\ud83d\\ude00"',
+    '"http://example.com/a\\u0000b"', '"http://[::1"', '"http://127.0.0.1:0/"', '"javascript:alert(1)"',
+    '"https://example.com/' + "a" * 9000 + '"',
 ]
 
 
@@ -59,7 +61,7 @@ def _fields() -> list[tuple[str, str, dict]]:
         if not spec.module:
             continue
         base = {"prompt": "a fish", **{i.name: "https://example.com/a.png" for i in spec.inputs if i.accepts == "image"}}
-        for name in [i.name for i in spec.inputs] + ["notAnInput"]:
+        for name in [i.name for i in spec.inputs] + ["notAnInput", "callbackUrl"]:
             if name not in seen:
                 seen.add(name)
                 out.append((f"/v1/Run/{spec.owner}/{spec.slug}", name, base))

@@ -193,7 +193,8 @@ def test_a_multipart_body_over_the_request_cap_is_refused_while_it_streams():
 @pytest.mark.parametrize("url,why", [("http://127.0.0.1:9/hook", "loopback"), ("http://10.1.2.3/hook", "private"),
                                      ("http://169.254.169.254/latest", "link-local"), ("http://[::1]/x", "loopback"),
                                      ("ftp://example.com/hook", "only http(s)"), ("file:///etc/passwd", "only http(s)"),
-                                     ("https:///nohost", "no host"), ("http://example.com:99999/x", "not a valid URL")])
+                                     ("https:///nohost", "no host"), ("http://example.com:99999/x", "not a valid URL"),
+                                     ("http://example.com/a\x00b", "control character")])
 def test_a_callback_url_that_would_never_be_delivered_is_refused(api, url, why):
     http, headers, *_ = api
     text = refused(http.post(SD, headers=headers, json={"prompt": "x", "samples": 1, "callbackUrl": url}),

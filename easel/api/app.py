@@ -374,16 +374,21 @@ def _int_field(fields: dict, name: str, default: int, lo: int, hi: int) -> int:
 
 def check_urls(spec: ToolSpec, inputs: dict) -> None:
     """Refuse at Run, naming the field, a URL input (``...Url``) that is not an absolute http(s) URL
-    (``file://``, ``gopher://``, no scheme): the worker would refuse it later anyway. Image inputs
-    also take a ``File/Upload`` file's bare name; :func:`files.check_image_inputs` checks those."""
+    (``file://``, ``gopher://``, no scheme) or not a URL at all (``http://[::1``, a port out of
+    range): the worker would refuse it later anyway. Image inputs also take a ``File/Upload``
+    file's bare name; :func:`files.check_image_inputs` checks those."""
     images = {i.name for i in spec.inputs if i.accepts == "image"}
     for name, value in inputs.items():
-        if not name.lower().endswith("url") or not isinstance(value, str) or name in images:
+        if not name.lower().endswith("url") or not isinstance(value, str):
             continue
         value = value.strip()
-        if not value or value.startswith("upload:"):
+        if not value or value.startswith("upload:") or (name in images and "://" not in value):
             continue
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (raises ValueError for a port out of range)
+        except ValueError as exc:  # e.g. "http://[::1": an unclosed IPv6 literal
+            raise InputError(name, f"Request parameter [{name}] is not a valid URL: {exc}") from None
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise InputError(name, f"Request parameter [{name}] must be an http:// or https:// URL "
                                    f"(got {value[:60]!r})")

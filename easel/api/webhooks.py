@@ -162,6 +162,8 @@ def callback_url(value, settings: Settings) -> str:
         raise WiroError(0, f"Request parameter [callbackUrl] is not a valid URL: {exc}") from None
     if not url or not scheme:
         return ""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise WiroError(0, "Request parameter [callbackUrl] is not a valid URL: it contains a control character.")
     policy = FetchPolicy(allow=settings.fetch_allow)
     try:
         check_url(url, policy, min(CHECK_SECONDS, settings.webhook_timeout))
