@@ -110,6 +110,10 @@ class Settings:
             task id, and the task keeps running.
         openai_kill_on_disconnect: Stop (cancel or kill) an OpenAI Images API request's task when its
             client disconnects before the end; off by default (the task runs on, as a Wiro Run's).
+        body_max_bytes: Largest JSON or URL-encoded body (no files: a JSON object sent under a
+            multipart content type too) and largest text part of a multipart body; refused
+            with HTTP 413 while streaming. Much lower than ``request_max_bytes``, which
+            bounds bodies that carry files.
         webhook_concurrency: Webhook attempts sent at the same time by one API process.
         output_retention_seconds: Delete a finished task's outputs and uploads this long after
             it ended (the record stays, as after InputOutputDelete); 0 = keep for ever.
@@ -216,6 +220,7 @@ class Settings:
     task_timeout_seconds: float = 3600.0
     fetch_total_timeout_seconds: float = 600.0
     request_max_bytes: int = 256 * 1024**2
+    body_max_bytes: int = 1024**2
     webhook_concurrency: int = 8
     output_retention_seconds: float = 0.0
     orphan_retention_seconds: float = 7 * 24 * 3600.0

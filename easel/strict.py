@@ -8,6 +8,7 @@ length, a range check, and a :class:`StrictError` whose message names the field.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -17,6 +18,7 @@ import orjson
 _INT = re.compile(r"[+-]?[0-9]{1,40}", re.ASCII)
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]{1,40}(?:\.[0-9]{0,40})?|\.[0-9]{1,40})(?:[eE][+-]?[0-9]{1,3})?", re.ASCII)
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_LONG_DIGITS = re.compile(r"[0-9]{19}", re.ASCII)
 MAX_ID_DIGITS = 18  # fits a signed 64-bit database integer
 
 
@@ -121,14 +123,55 @@ def lone_surrogate_field(value: Any, path: str = "") -> str | None:
     return None
 
 
+INT64 = (-2**63, 2**63 - 1)  # the integers a request value may be (a database integer; orjson writes them)
+
+
+def _unstorable(item: Any) -> bool:
+    if isinstance(item, bool):
+        return False
+    if isinstance(item, int):
+        return not INT64[0] <= item <= INT64[1]
+    return isinstance(item, float) and not math.isfinite(item)
+
+
+def unstorable_number_field(value: Any, path: str = "") -> str | None:
+    """The name (dotted path) of the first number in ``value`` that cannot be stored and answered
+    as JSON: an integer outside the signed 64-bit range (``orjson`` refuses 2^64 and up; a database
+    column overflows) or a float that is NaN or infinite (Python's parser reads ``NaN``,
+    ``Infinity`` and ``1e400``, which are not JSON). None when there is none.
+
+    The common case costs one ``json.dumps`` (in C): only a text with ``NaN``, ``Infinity`` or a
+    run of 19 digits is walked."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = "NaN"
+    if "NaN" not in text and "Infinity" not in text and not _LONG_DIGITS.search(text):
+        return None
+    stack = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if _unstorable(item):
+            return where or "body"
+        if isinstance(item, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((where, v) for v in item)
+    return None
+
+
 def clean_text(value: Any) -> Any:
-    """``value`` with every lone surrogate replaced by U+FFFD (for answering stored data)."""
+    """``value`` with every lone surrogate replaced by U+FFFD and every integer outside the signed
+    64-bit range written as a string (for answering stored data, which may predate the checks
+    at Run: see :func:`unstorable_number_field`)."""
     if isinstance(value, (dict, list)) and _encodable(value):
         return value
     return _clean_text(value)
 
 
 def _clean_text(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+        return str(value)
     if isinstance(value, str):
         try:
             value.encode("utf-8")

@@ -19,6 +19,10 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then APT+=(nodej
 for bin in radosgw ceph-mon ceph-osd; do
   if ! command -v "$bin" >/dev/null; then APT+=(radosgw ceph-mon ceph-osd); break; fi
 done
+# the seeds' bash recipe (openssl, curl) and the docs' Node sample run as their readers run them
+for pkg in openssl:openssl curl:curl node:nodejs; do
+  if ! command -v "${pkg%%:*}" >/dev/null; then APT+=("${pkg#*:}"); fi
+done
 if [ ${#APT[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

@@ -35,6 +35,10 @@ DOCS, SEEDS = SHARED / "wiro-docs", SHARED / "seeds"
 TASK_EXTRAS = {"progress", "queueposition", "eta"}
 TOOL_EXTRAS = {"available"}
 ERROR_EXTRAS = {"detail"}
+# code-examples.md's polling samples read a `data` object from the Run and Task/Detail answers
+# (docs/api.md, "The data object"): added beside the flat fields, which stay exactly as documented
+RUN_EXTRAS = {"data"}
+DETAIL_EXTRAS = {"data"}
 DOCUMENTED_ERRORS = {
     "Project authorization is not founded.", "Project authorization is not valid.",
     "Project requires signature authentication. x-signature and x-nonce headers are required.",
@@ -163,9 +167,12 @@ def done(server, project):
 
 def test_run_and_detail_answers(done):
     answer, detail = done
-    check_shape(answer, [SEED_RUN])
+    check_shape(answer, [SEED_RUN], extras=RUN_EXTRAS)
     check_shape(detail, [SEED_DETAIL, TASKS_MD_DETAIL], exact=False)
-    assert set(detail) == {"total", "errors", "tasklist", "result"}
+    assert set(detail) == {"total", "errors", "tasklist", "result"} | DETAIL_EXTRAS
+    assert answer["data"] == {"taskid": answer["taskid"], "socketaccesstoken": answer["socketaccesstoken"]}
+    assert detail["data"] == {"taskid": answer["taskid"], "socketaccesstoken": answer["socketaccesstoken"],
+                              "status": "end", "output": [o["url"] for o in detail["tasklist"][0]["outputs"]]}
     task = detail["tasklist"][0]
     check_shape(task, [SEED_DETAIL["tasklist"][0], TASKS_MD_DETAIL["tasklist"][0], SEED_KILL["tasklist"][0]],
                 extras=TASK_EXTRAS, path="tasklist[]")
@@ -499,7 +506,7 @@ def test_the_seeds_curl_bodies_verbatim(queue, seed):
         assert answer["errors"][0]["message"] == "tool-not-accessible" and answer["errors"][0]["code"] == 1
         return
     assert answer["result"] is True, answer
-    check_shape(answer, [SEED_RUN])
+    check_shape(answer, [SEED_RUN], extras=RUN_EXTRAS)
     sent = {k: v for k, v in json.loads(body).items() if k != "callbackUrl"}  # a sentence, not a URL: dropped
     for section, key, value in (("Get Task Detail - Make HTTP Post Request with Task ID", "taskid", answer["taskid"]),
                                 ("Get Task Detail - Make HTTP Post Request with Socket Access Token", "tasktoken",

@@ -45,7 +45,7 @@ from .errors import WiroError, error_response
 from .parsing import Body, parse_body
 from .ratelimit import RateLimiter
 from .maintenance import Maintenance
-from .webhooks import WebhookDispatcher
+from .webhooks import WebhookDispatcher, callback_url
 
 log = logging.getLogger("easel.api")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -135,6 +135,8 @@ class Api:
                 raise WiroError(0, exc.message) from None
         else:
             task = self.store.get_task(token=token)
+            if task is None and token.isascii() and token.isdigit() and len(token) <= strict.MAX_ID_DIGITS:
+                task = self.store.get_task(task_id=int(token))  # code-examples.md sends the task id here
         if task is None:
             raise not_found or WiroError(1, E.NO_TASK)
         if task.project_id != project.id:
@@ -180,9 +182,11 @@ class Api:
         if not spec.module:
             raise WiroError(1, E.TOOL_NOT_ACCESSIBLE, detail=f"{spec.name} is not implemented on this server yet.")
         fields = dict(body.fields)
-        callback = str(fields.pop("callbackUrl", "") or "").strip()
-        if urlsplit(callback).scheme not in ("http", "https") or not urlsplit(callback).hostname:
-            callback = ""  # Wiro clients often send the doc's sentence here; it must not fail the Run
+        try:
+            spec.check_lengths(fields)
+        except InputError as exc:
+            raise WiroError(0, exc.message) from None
+        callback = callback_url(fields.pop("callbackUrl", ""), self.settings)
         task_uuid = str(uuidlib.uuid4())
         names = {i.name for i in spec.inputs}
         shown: dict[str, str] = {}  # uploaded inputs as the client sees them in parameters: file URLs
@@ -239,7 +243,8 @@ class Api:
 
     @staticmethod
     def run_answer(task: Task) -> dict:
-        return {"errors": [], "taskid": str(task.id), "socketaccesstoken": task.socketaccesstoken, "result": True}
+        return compat.run_data({"errors": [], "taskid": str(task.id), "socketaccesstoken": task.socketaccesstoken,
+                                "result": True})
 
     async def wait_for_end(self, task_id: int, seconds: float) -> Task:
         """Wait until the task is terminal or ``seconds`` pass, holding no thread while asleep
@@ -369,16 +374,21 @@ def _int_field(fields: dict, name: str, default: int, lo: int, hi: int) -> int:
 
 def check_urls(spec: ToolSpec, inputs: dict) -> None:
     """Refuse at Run, naming the field, a URL input (``...Url``) that is not an absolute http(s) URL
-    (``file://``, ``gopher://``, no scheme): the worker would refuse it later anyway. Image inputs
-    also take a ``File/Upload`` file's bare name; :func:`files.check_image_inputs` checks those."""
+    (``file://``, ``gopher://``, no scheme) or not a URL at all (``http://[::1``, a port out of
+    range): the worker would refuse it later anyway. Image inputs also take a ``File/Upload``
+    file's bare name; :func:`files.check_image_inputs` checks those."""
     images = {i.name for i in spec.inputs if i.accepts == "image"}
     for name, value in inputs.items():
-        if not name.lower().endswith("url") or not isinstance(value, str) or name in images:
+        if not name.lower().endswith("url") or not isinstance(value, str):
             continue
         value = value.strip()
-        if not value or value.startswith("upload:"):
+        if not value or value.startswith("upload:") or (name in images and "://" not in value):
             continue
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (raises ValueError for a port out of range)
+        except ValueError as exc:  # e.g. "http://[::1": an unclosed IPv6 literal
+            raise InputError(name, f"Request parameter [{name}] is not a valid URL: {exc}") from None
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise InputError(name, f"Request parameter [{name}] must be an http:// or https:// URL "
                                    f"(got {value[:60]!r})")
@@ -492,7 +502,7 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
         return error_response(0, "Internal server error; the operator's log has the details.", 500)
 
     async def body_of(request: Request) -> Body:
-        return await parse_body(request, settings.upload_max_bytes, settings.request_max_bytes)
+        return await parse_body(request, settings.upload_max_bytes, settings.request_max_bytes, settings.body_max_bytes)
 
     async def authed(request: Request) -> Project:
         """The calling project: on the event loop when that needs no I/O (a cached lenient or API-key
@@ -537,8 +547,8 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
 
     @app.post("/v1/Task/Detail", summary="Task status, times, logs and outputs")
     async def detail(request: Request):
-        return respond(await handle(request, lambda project, body: api.tasklist(api.find_task(project, body.fields)),
-                                    reads=True))
+        return respond(await handle(request, lambda project, body: compat.detail_data(
+            api.tasklist(api.find_task(project, body.fields))), reads=True))
 
     @app.post("/v1/Task/Cancel", summary="Cancel a queued task")
     async def cancel(request: Request):

@@ -1,7 +1,8 @@
 """Per-project authentication, as Wiro's docs define it.
 
 - Signature mode: ``x-api-key``, ``x-nonce``, ``x-signature`` where the signature is the hex
-  HMAC-SHA256 keyed with the API key over ``API_SECRET + NONCE``. What is asked of the nonce is
+  HMAC-SHA256 keyed with the API key over ``API_SECRET + NONCE`` (also accepted after the label
+  ``openssl dgst`` prints, ``SHA2-256(stdin)= <hex>``: the seeds' curl recipe sends that line whole). What is asked of the nonce is
   the project's **nonce policy**:
 
   - ``lenient`` (the default): a valid signature is accepted whatever the nonce ("unix time or
@@ -24,6 +25,7 @@ that time. Unknown keys are never cached: a project created a moment ago works a
 from __future__ import annotations
 
 import hmac
+import re
 import threading
 import time
 
@@ -39,6 +41,19 @@ NOT_VALID = "Project authorization is not valid."
 NONCE_POLICIES = ("lenient", "strict")
 MAX_NONCE_LENGTH = 128
 PROJECT_TTL = 1.0  # seconds a project read from the store is reused by one API process
+# what ``openssl dgst -sha256 -hmac KEY`` prints (the seeds' curl recipe sends all of it):
+# ``SHA2-256(stdin)= <hex>`` (OpenSSL 3), ``HMAC-SHA256(stdin)= <hex>`` or ``(stdin)= <hex>`` (1.1)
+_OPENSSL_LABEL = re.compile(r"(?:[A-Za-z0-9-]{1,24})?\((?:stdin|-)\)= ?([0-9A-Fa-f]{64})", re.ASCII)
+
+
+def signature_hex(sent: str) -> str:
+    """The hex digest in an ``x-signature`` value, lower-cased: the value itself, or the hex after
+    an ``openssl dgst`` label (``SHA2-256(stdin)= ``, ``(stdin)= ``), which the seeds' bash recipe
+    sends because it keeps openssl's whole output line. Anything else is returned as sent (and
+    then fails the comparison): only that label is tolerated, the HMAC is still checked in full."""
+    sent = sent.strip()
+    m = _OPENSSL_LABEL.fullmatch(sent)
+    return (m.group(1) if m else sent).lower()
 
 
 class ProjectCache:
@@ -125,7 +140,7 @@ def _check(headers, apikey: str, project: Project | None, store: Store | None, s
     if len(nonce) > MAX_NONCE_LENGTH or not nonce.isascii():
         raise WiroError(0, NOT_VALID, 401, detail=f"x-nonce must be at most {MAX_NONCE_LENGTH} ASCII characters.")
     expected = signature(apikey, project.apisecret, nonce)  # the key as sent: only its hash is stored
-    if not hmac.compare_digest(expected, sig.strip().lower()):
+    if not hmac.compare_digest(expected, signature_hex(sig)):
         raise WiroError(0, NOT_VALID, 401)
     if (project.nonce_policy or "lenient") == "lenient":
         return project

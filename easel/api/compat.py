@@ -8,6 +8,12 @@
   ``scale`` 1 (SD applies guidance only above 1).
 - **Required inputs** (``prompt``) that are missing or empty answer Wiro's documented
   ``Request parameter [prompt] required``.
+- **The polling samples of ``code-examples.md``** read ``data.taskid`` from the Run answer, send
+  it back as ``tasktoken`` and read ``data.status`` (``end``, ``error``, ``cancel``) and
+  ``data.output`` from Task/Detail, while every other page shows the flat answers Easel gives.
+  Both answers also carry that ``data`` object (:func:`run_data`, :func:`detail_data`); the flat
+  fields are untouched. A numeric ``tasktoken`` that is no task's token is read as a task id
+  (``Api.find_task``).
 """
 from __future__ import annotations
 
@@ -53,3 +59,29 @@ def require_inputs(spec: ToolSpec, fields: dict) -> None:
         value = fields.get(i.name)
         if value is None or (isinstance(value, str) and not value.strip()) or value == []:
             raise WiroError(0, f"Request parameter [{i.name}] required")
+
+
+# Task status → the simple status the code-examples.md samples test (docs/api.md, "data")
+SIMPLE_STATUS = {"task_queue": "queue", "task_cancel": "cancel"}
+
+
+def simple_status(status: str, pexit: str) -> str:
+    """``queue``, ``running``, ``end`` (finished with ``pexit`` "0"), ``error`` (finished with
+    another ``pexit``) or ``cancel`` for a task's ``status`` and ``pexit``."""
+    if status == "task_postprocess_end":
+        return "end" if pexit == "0" else "error"
+    return SIMPLE_STATUS.get(status, "running")
+
+
+def run_data(answer: dict) -> dict:
+    """The Run answer with ``data: {taskid, socketaccesstoken}`` added."""
+    return {**answer, "data": {"taskid": answer["taskid"], "socketaccesstoken": answer["socketaccesstoken"]}}
+
+
+def detail_data(answer: dict) -> dict:
+    """Task/Detail's answer with ``data: {taskid, socketaccesstoken, status, output}`` added, where
+    ``status`` is :func:`simple_status` and ``output`` the output files' URLs."""
+    task = answer["tasklist"][0]
+    return {**answer, "data": {"taskid": task["id"], "socketaccesstoken": task["socketaccesstoken"],
+                               "status": simple_status(task["status"], task["pexit"]),
+                               "output": [o["url"] for o in task["outputs"]]}}

@@ -26,12 +26,13 @@ from typing import Callable
 
 from easel import metrics
 from easel.config import Settings
-from easel.models.fetch import FetchError, FetchPolicy, URLRefused, post_pinned
+from easel.models.fetch import FetchError, FetchPolicy, URLRefused, check_url, post_pinned
 from easel.signing import webhook_signature
 from easel.store import Store, WebhookDelivery
 
 log = logging.getLogger("easel.webhooks")
 MAX_BACKOFF = 600.0
+CHECK_SECONDS = 5.0  # longest a Run waits on resolving its callbackUrl's host
 
 
 class WebhookDispatcher:
@@ -135,3 +136,42 @@ class WebhookDispatcher:
         task = self.store.get_task(task_id)
         project = self.store.project_by_id(task.project_id) if task else None
         return project.apisecret if project else ""
+
+
+def callback_url(value, settings: Settings) -> str:
+    """The ``callbackUrl`` a Run stores ("" for none), checked when the Run is submitted under
+    the policy the deliveries use, so a URL that would never be delivered is refused at once.
+
+    Empty, or text with no URL scheme at all (the seeds send the sentence "You can provide a
+    callback URL; ..." in this field), means no webhook, as before. A URL the fetch policy
+    refuses (a scheme other than http(s), no host, a loopback, private, link-local or other
+    non-public address that ``--fetch-allow`` does not list) is refused. A host that does not
+    resolve now is accepted (it may resolve when the task ends; the delivery then retries).
+
+    Raises:
+        WiroError: code 0, naming ``callbackUrl`` and the reason.
+    """
+    from urllib.parse import urlsplit
+
+    from .errors import WiroError
+
+    url = str(value if value is not None else "").strip()
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError as exc:  # e.g. an invalid IPv6 literal
+        raise WiroError(0, f"Request parameter [callbackUrl] is not a valid URL: {exc}") from None
+    if not url or not scheme:
+        return ""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise WiroError(0, "Request parameter [callbackUrl] is not a valid URL: it contains a control character.")
+    policy = FetchPolicy(allow=settings.fetch_allow)
+    try:
+        check_url(url, policy, min(CHECK_SECONDS, settings.webhook_timeout))
+    except URLRefused as exc:
+        raise WiroError(0, f"Request parameter [callbackUrl] cannot receive webhooks: {exc}. Send a public "
+                           "http(s) URL (the operator can allow a host with --fetch-allow).") from None
+    except FetchError as exc:  # not resolvable now: deliveries retry
+        log.info("callbackUrl %r not checked: %s", url[:200], exc)
+    except ValueError as exc:  # a port out of range, a malformed host
+        raise WiroError(0, f"Request parameter [callbackUrl] is not a valid URL: {exc}") from None
+    return url

@@ -19,6 +19,7 @@ from typing import Any
 from easel import strict
 
 HERE = Path(__file__).parent
+_INVALID = "Request parameters are invalid."  # Wiro's documented text (easel.api.errors.INVALID_BODY)
 
 CHECKPOINT_KINDS = ("sd15", "sdxl", "flux")
 LORA_KINDS = ("sd15-lora", "sdxl-lora", "flux-lora")
@@ -210,6 +211,24 @@ class ToolSpec:
                 return i
         raise KeyError(name)
 
+    def check_lengths(self, raw: dict[str, Any]) -> None:
+        """Refuse a Run body with a field over its length cap (:mod:`easel.catalog.limits`).
+
+        Raises:
+            InputError: naming the field, its cap and the length sent.
+        """
+        from . import limits
+
+        over = limits.over_cap({i.name: i.type for i in self.inputs}, raw)
+        if over is None:
+            return
+        name, cap, got = over
+        if name == "body":
+            raise InputError(name, f"{_INVALID} The request has {got} fields; a Run takes at most {cap}.")
+        if name == "name":
+            raise InputError(name, f"{_INVALID} A field name is {got} characters long; at most {cap} are accepted.")
+        raise InputError(name, f"Request parameter [{name}] is too long: at most {cap} characters (got {got})")
+
     def validate(self, raw: dict[str, Any], catalog: ModelCatalog) -> dict[str, Any]:
         """Coerce and check raw request values against this tool's inputs.
 
@@ -280,7 +299,7 @@ def _coerce(spec: InputSpec, value: Any) -> Any:
             return str(spec.default or "")
         value = _id_str(value)
         if value not in allowed and value not in default_values:
-            raise InputError(name, f"Request parameter [{name}] must be one of: {_accepts(allowed, default_values)} (got {value!r})")
+            raise InputError(name, f"Request parameter [{name}] must be one of: {_accepts(allowed, default_values)} (got {_show(value)})")
         return value
     if spec.type == "multiselect":
         if value is None:
@@ -288,7 +307,7 @@ def _coerce(spec: InputSpec, value: Any) -> Any:
         items = [_id_str(v) for v in _split(value)]
         for v in items:
             if v not in allowed and v not in default_values:
-                raise InputError(name, f"Request parameter [{name}] values must be among: {_accepts(allowed, default_values)} (got {v!r})")
+                raise InputError(name, f"Request parameter [{name}] values must be among: {_accepts(allowed, default_values)} (got {_show(v)})")
         return list(dict.fromkeys(items))
     raise InputError(name, f"Request parameter [{name}] has an unsupported type {spec.type!r}")
 
@@ -319,9 +338,15 @@ def _number(name: str, value: Any, integer: bool) -> int | float:
         raise InputError(name, exc.message) from None
     if integer:
         if not num.is_integer():
-            raise InputError(name, f"Request parameter [{name}] must be an integer (got {value!r})")
+            raise InputError(name, f"Request parameter [{name}] must be an integer (got {_show(value)})")
         return int(num)
     return num
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, shortened for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _fmt(x: float | None) -> str:

@@ -231,6 +231,17 @@ def vet_url(url: str, policy: FetchPolicy, deadline: _Deadline | None = None) ->
     return parts.scheme, host, port, str(ips[0])
 
 
+def check_url(url: str, policy: FetchPolicy, seconds: float) -> None:
+    """:func:`vet_url` within ``seconds`` (DNS included): whether ``url`` may be fetched or posted
+    to under ``policy`` (e.g. a webhook's ``callbackUrl``, checked when the Run is submitted).
+
+    Raises:
+        URLRefused: bad scheme, no host, or a non-public address that is not allowed.
+        FetchError: the host cannot be resolved (now: it may resolve later) or not in time.
+    """
+    vet_url(url, policy, _Deadline(seconds, "checking the URL"))
+
+
 def _pinned(url: str, policy: FetchPolicy, deadline: _Deadline | None = None) -> tuple[str, str, str]:
     """``url`` with its host replaced by the vetted IP; also the host (for SNI) and Host header."""
     scheme, host, port, ip = vet_url(url, policy, deadline)
