@@ -170,6 +170,10 @@ class Settings:
             among the workers (at least 1 each), so that the API answers while torch computes;
             with CUDA, torch's default. The ``easel worker`` of a separate machine keeps torch's
             default unless this is set.
+        secret_key: The operator key(s) that encrypt the projects' API secrets in the database:
+            Fernet keys, comma-separated, the first encrypts (``easel.store.secretbox``). Empty
+            (default): ``<data_dir>/secret.key``, created with mode 0600 at first start. Every
+            API process of a fleet needs the same keys.
     """
 
     data_dir: Path = Path("easel-data")
@@ -236,6 +240,7 @@ class Settings:
     api_processes: int = 1
     api_threads: int = 16
     torch_threads: int = 0
+    secret_key: str = field(default="", repr=False)  # never in a log line
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())

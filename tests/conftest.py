@@ -2,6 +2,7 @@
 worker), projects made in its store, and a local HTTP file server for URL LoRAs."""
 from __future__ import annotations
 
+import base64
 import http.server
 import io
 import os
@@ -23,6 +24,9 @@ from easel.signing import signature
 from easel.store import Store
 
 TOOL = "wiro/text-to-image-sd-lora"
+# one operator key for every store and server of the session (the projects' API secrets are sealed
+# with it, easel.store.secretbox), as a fleet's processes share one; tests of the key itself unset it
+os.environ.setdefault("EASEL_SECRET_KEY", base64.urlsafe_b64encode(os.urandom(32)).decode())
 # deadlines of waits on tasks scale with this (a heavily shared 2-core machine may need 2-3)
 TIME_SCALE = float(os.environ.get("EASEL_TEST_TIME_SCALE", "3"))  # waits are deadlines: a task that ends early returns at once
 SMALL = {"selectedLoraModel": [], "samples": 1, "steps": 3, "width": 64, "height": 64, "seed": "42",
