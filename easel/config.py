@@ -179,6 +179,10 @@ class Settings:
             among the workers (at least 1 each), so that the API answers while torch computes;
             with CUDA, torch's default. The ``easel worker`` of a separate machine keeps torch's
             default unless this is set.
+        secret_key: The operator key(s) that encrypt the projects' API secrets in the database:
+            Fernet keys, comma-separated, the first encrypts (``easel.store.secretbox``). Empty
+            (default): ``<data_dir>/secret.key``, created with mode 0600 at first start. Every
+            API process of a fleet needs the same keys.
     """
 
     data_dir: Path = Path("easel-data")
@@ -248,6 +252,7 @@ class Settings:
     torch_threads: int = 0
     openai_wait_seconds: float = 600.0
     openai_kill_on_disconnect: bool = False
+    secret_key: str = field(default="", repr=False)  # never in a log line
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())

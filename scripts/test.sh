@@ -5,6 +5,9 @@
 # hygiene checks and the two-server test. Running everything twice would double the suite's time
 # for little: the SQL differences are in the store, which these tests exercise.
 # EASEL_TEST_POSTGRES=0 skips the PostgreSQL pass; extra arguments go to the SQLite pass only.
+# A missing service (PostgreSQL, Redis, RabbitMQ, Ceph, Chromium) skips its tests, listed at the end
+# of the run; with CI=true it fails them, naming the service (tests/services.py), and a PostgreSQL
+# that is not listening fails the PostgreSQL pass instead of skipping it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -35,6 +38,9 @@ if [ "${EASEL_TEST_POSTGRES:-1}" != "0" ] && [ $# -eq 0 ]; then
     EASEL_TEST_POSTGRES=1 .venv/bin/python -m pytest -q -p no:cacheprovider \
       tests/test_postgres.py tests/test_hygiene.py tests/test_runs.py tests/test_live.py \
       -k "not flux and not compile"
+  elif [ "${CI:-}" = "true" ] || [ "${CI:-}" = "1" ] || [ "${CI:-}" = "yes" ]; then
+    echo "PostgreSQL is missing and CI=true requires it: nothing listens on 127.0.0.1:5432" >&2
+    exit 1
   else
     echo "PostgreSQL is not listening on 127.0.0.1:5432: PostgreSQL pass skipped" >&2
   fi

@@ -2,6 +2,7 @@
 worker), projects made in its store, and a local HTTP file server for URL LoRAs."""
 from __future__ import annotations
 
+import base64
 import http.server
 import io
 import os
@@ -16,16 +17,23 @@ import httpx
 import pytest
 from PIL import Image
 
+import services
 from easel.config import Settings
 from easel.models.tiny import make_tiny
 from easel.signing import signature
 from easel.store import Store
 
 TOOL = "wiro/text-to-image-sd-lora"
+# one operator key for every store and server of the session (the projects' API secrets are sealed
+# with it, easel.store.secretbox), as a fleet's processes share one; tests of the key itself unset it
+os.environ.setdefault("EASEL_SECRET_KEY", base64.urlsafe_b64encode(os.urandom(32)).decode())
 # deadlines of waits on tasks scale with this (a heavily shared 2-core machine may need 2-3)
 TIME_SCALE = float(os.environ.get("EASEL_TEST_TIME_SCALE", "3"))  # waits are deadlines: a task that ends early returns at once
 SMALL = {"selectedLoraModel": [], "samples": 1, "steps": 3, "width": 64, "height": 64, "seed": "42",
          "clipSkip": 0, "prompt": "a red fish"}
+
+# the missing-services summary (and CI's rule that a missing service fails): tests/services.py
+pytest_terminal_summary = services.pytest_terminal_summary
 
 
 def free_port() -> int:
@@ -197,17 +205,19 @@ def ceph_s3(tmp_path_factory):
     (``tests/ceph.py``) on loopback; yields the :class:`ceph.CephS3` (``endpoint``, ``access_key``,
     ``secret_key``) and stops every daemon afterwards, also on failure.
 
-    Skipped only where the Ceph packages are missing and apt-get cannot install them; with the
+    Skipped only where the Ceph packages are missing and apt-get cannot install them (failed in CI,
+    :mod:`services`); with the
     packages present, a failed start fails the tests that use it, with the daemons' logs."""
     import shutil
 
     import ceph
 
+    services.require("Ceph")
     missing = ceph.missing_binaries()
     if missing:
         if shutil.which("apt-get") is None:
-            pytest.skip(f"Ceph is not installed ({', '.join(missing)} missing) and there is no apt-get to install "
-                        f"Debian's {' '.join(ceph.PACKAGES)}")
+            services.missing("Ceph", f"not installed ({', '.join(missing)} missing) and there is no apt-get to "
+                                     f"install Debian's {' '.join(ceph.PACKAGES)}")
         pytest.fail(f"Ceph is not installed ({', '.join(missing)} missing): scripts/test.sh installs it with "
                     f"apt-get install {' '.join(ceph.PACKAGES)}", pytrace=False)
     cluster = ceph.CephS3(tmp_path_factory.mktemp("ceph"), TIME_SCALE)

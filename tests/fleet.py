@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
+import services
 from conftest import TIME_SCALE
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -29,12 +29,12 @@ def new_prefix() -> str:
 
 def redis_broker():
     """``(url, prefix, cleanup)`` for the local Redis; skips the test when it is not reachable."""
-    redis = pytest.importorskip("redis", reason="redis-py is not installed (the `fleet` extra)")
+    redis = services.import_or_missing("redis", "Redis", "redis-py is not installed (the `fleet` extra)")
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
     try:
         client.ping()
     except Exception as exc:
-        pytest.skip(f"Redis is not reachable on 127.0.0.1:6379: {exc}")
+        services.missing("Redis", f"not reachable on 127.0.0.1:6379: {exc}")
     prefix = new_prefix()
 
     def cleanup() -> None:
@@ -48,12 +48,12 @@ def redis_broker():
 
 def rabbitmq_broker():
     """``(url, prefix, cleanup)`` for the local RabbitMQ (guest/guest); skips when not reachable."""
-    kombu = pytest.importorskip("kombu", reason="kombu is not installed (the `fleet` extra)")
+    kombu = services.import_or_missing("kombu", "RabbitMQ", "kombu is not installed (the `fleet` extra)")
     try:
         with kombu.Connection(RABBITMQ_URL, connect_timeout=3) as conn:
             conn.ensure_connection(max_retries=1, timeout=3)
     except Exception as exc:
-        pytest.skip(f"RabbitMQ is not reachable on 127.0.0.1:5672 (guest/guest): {exc}")
+        services.missing("RabbitMQ", f"not reachable on 127.0.0.1:5672 (guest/guest): {exc}")
     prefix = new_prefix()
 
     def cleanup() -> None:

@@ -18,14 +18,21 @@ import httpx
 import pytest
 from PIL import Image
 
+import services
 from conftest import SMALL, TOOL
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason="Debian's chromium is not installed (scripts/test.sh installs it)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _chromium():
+    """Every test here drives Chromium: skipped without it (failed in CI, tests/services.py)."""
+    services.require("Chromium")
+    if not Path(CHROMIUM).exists():
+        services.missing("Chromium", "Debian's chromium is not installed (scripts/test.sh installs it)")
 
 
 @pytest.fixture(scope="module")

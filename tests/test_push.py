@@ -29,6 +29,7 @@ from easel.config import Settings
 from easel.store import LimitReached, Store
 from easel.store.notify import Hub, Publisher, choose_backend, redact, redis_channel
 from easel.tasks import lifecycle as lc
+import services
 from pg import create_database
 
 REDIS_URL = os.environ.get("EASEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -37,11 +38,11 @@ BOUND = 2.0  # latency bound those tests assert (push on loopback is tens of mil
 
 
 def redis_or_skip() -> str:
-    redis = pytest.importorskip("redis")
+    redis = services.import_or_missing("redis", "Redis")
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except Exception as exc:
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}: {exc}")
+        services.missing("Redis", f"not reachable at {REDIS_URL}: {exc}")
     return REDIS_URL
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 import pytest
 
+import services
 from easel.catalog import CatalogError, InputError, ModelCatalog, load_tools
 from easel.config import Settings
 from easel.models.fetch import FetchError, FetchPolicy, check_safetensors, fetch_safetensors, vet_url
@@ -188,11 +189,11 @@ def test_safetensors_header_checks(tmp_path):
 # -- store on PostgreSQL ---------------------------------------------------------------------
 
 def test_schema_migrates_and_claims_on_postgresql():
-    psycopg = pytest.importorskip("psycopg")
+    psycopg = services.import_or_missing("psycopg", "PostgreSQL")
     try:
         admin = psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True, connect_timeout=3)
     except Exception as exc:
-        pytest.skip(f"PostgreSQL is not reachable on 127.0.0.1: {exc}")
+        services.missing("PostgreSQL", f"not reachable on 127.0.0.1: {exc}")
     name = f"easel_test_{os.getpid()}"
     admin.execute(f"DROP DATABASE IF EXISTS {name}")
     admin.execute(f"CREATE DATABASE {name}")

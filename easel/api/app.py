@@ -31,7 +31,7 @@ from easel.catalog import CatalogError, InputError, ModelCatalog, ToolSpec, load
 from easel.config import Settings
 from easel.executors import Executor
 from easel.storage import create_storage, output_key, upload_key, user_file_key
-from easel.store import LimitReached, Project, Store, Task
+from easel.store import LimitReached, Project, SecretBox, Store, Task
 from easel.store.notify import Hub, Publisher
 from easel.tasks import lifecycle as lc
 
@@ -62,7 +62,7 @@ class Api:
         # a connection for each thread that may use the store at once: the request threads, the
         # webhook senders, upkeep and metrics (no connection is opened and closed per request)
         self.store = Store(settings.database_url, pool_size=settings.api_threads + settings.webhook_concurrency + 4,
-                           wakeups=Publisher.for_settings(settings))
+                           wakeups=Publisher.for_settings(settings), secrets=SecretBox.for_settings(settings))
         self.wakeups = Hub.for_settings(settings, self.store.wakeups)
         self.projects = ProjectCache(self.store)
         # the threads that run requests' store calls (asyncio's executor: a hop costs ~40 % less CPU

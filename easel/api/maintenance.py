@@ -12,7 +12,10 @@
   no task, worker scratch folders that belong to no unfinished task, and fetched LoRAs unused for
   ``orphan_retention_seconds`` (default 7 days), are removed; the per-step events (progress with
   its preview, warnings) of tasks that ended ``event_retention_seconds`` ago (default 7 days) are
-  deleted, the lifecycle events kept.
+  deleted, the lifecycle events kept. Every pass, and at start-up (the first pass runs at once), the
+  leftovers of work that ended are removed whatever their age (:meth:`Maintenance.remove_leftovers`):
+  ``models/fetched/*.part`` downloads that no live process is writing (a worker killed mid-download;
+  :mod:`easel.models.partfiles`) and the scratch folders of tasks that have ended.
 - **Checkpoints** (SQLite, every :data:`CHECKPOINT_SECONDS`): the write-ahead log is copied into
   the database file by this thread (``Store.checkpoint``), not by whichever request's commit
   happens to fill it (which then waits 10-25 ms for an fsync with every other writer behind it).
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -33,12 +37,15 @@ from pathlib import Path
 from typing import Callable
 
 from easel.config import Settings
+from easel.models import partfiles
 from easel.storage import Storage, create_storage
 from easel.store import Store, Task
 from easel.tasks import lifecycle as lc
 
 log = logging.getLogger("easel.maintenance")
 CHECKPOINT_SECONDS = 1.0
+# a worker's scratch folder: tempfile.mkdtemp(prefix=f"easel-{task.uuid}-") in the data directory
+_SCRATCH = re.compile(r"^easel-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-")
 
 
 class Maintenance:
@@ -110,6 +117,7 @@ class Maintenance:
         s, storage = self.settings, self.storage
         now = time.time() if now is None else now
         removed = {"tasks": 0, "orphans": 0, "fetched": 0, "events": 0}
+        removed["fetched"], removed["orphans"] = self.remove_leftovers()
         expire = now - s.output_retention_seconds if s.output_retention_seconds > 0 else None
         orphan = now - s.orphan_retention_seconds if s.orphan_retention_seconds > 0 else None
         done: set[str] = set()
@@ -149,6 +157,25 @@ class Maintenance:
                         path.unlink(missing_ok=True)
                         removed["fetched"] += 1
         return removed
+
+    def remove_leftovers(self) -> tuple[int, int]:
+        """Remove what ended work left behind, whatever its age: the ``.part`` files in
+        ``<data_dir>/models/fetched`` that no live process is writing (:mod:`easel.models.partfiles`)
+        and the worker scratch folders (``<data_dir>/easel-<task uuid>-*``) of tasks that have
+        ended (one store read per folder; a folder of an unknown task waits for the orphan
+        retention in :meth:`sweep`). Returns ``(.part files, scratch folders)`` removed."""
+        s = self.settings
+        parts = partfiles.remove_abandoned(s.models_dir / "fetched", s.fetch_total_timeout_seconds)
+        folders = 0
+        for path in _children(s.data_dir):
+            m = _SCRATCH.match(path.name)
+            if m is None or not path.is_dir():
+                continue
+            task = self.store.task_by_uuid(m.group(1))
+            if task is not None and task.status in lc.TERMINAL:
+                shutil.rmtree(path, ignore_errors=True)
+                folders += 1
+        return parts, folders
 
 
 def _ended(task: Task) -> float:

@@ -146,12 +146,13 @@ def serve(
 
     from easel.api import create_app
     from easel.executors import create_executor
-    from easel.store import Store
+    from easel.store import SecretBox, Store
     from easel.store.notify import Publisher
     from easel.tasks import lifecycle
 
     workers = settings.workers
-    store = Store(settings.database_url, wakeups=Publisher.for_settings(settings))
+    store = Store(settings.database_url, wakeups=Publisher.for_settings(settings),
+                  secrets=SecretBox.for_settings(settings))  # migrate() checks that the key opens the secrets
     store.migrate()
     executor = None
     # tasks whose worker's lease expired (a server that stopped); other live servers' tasks keep running
@@ -407,10 +408,10 @@ def projects_create(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Create a project and print its apikey and apisecret."""
-    from easel.store import Store
+    from easel.store import SecretBox, Store
 
     settings = _settings(data_dir)
-    store = Store(settings.database_url)
+    store = Store(settings.database_url, secrets=SecretBox.for_settings(settings))
     store.migrate()
     if auth not in ("signature", "apikey"):
         raise typer.BadParameter("must be 'signature' or 'apikey'", param_hint="--auth")
@@ -433,17 +434,32 @@ def projects_nonce_policy(
     data_dir: Path = typer.Option(Path("easel-data")),
 ):
     """Change a project's nonce policy (projects made before 0.3 are lenient after the upgrade)."""
-    from easel.store import Store
+    from easel.store import SecretBox, Store
 
     if policy not in ("lenient", "strict"):
         raise typer.BadParameter("must be 'lenient' or 'strict'", param_hint="POLICY")
-    store = Store(_settings(data_dir).database_url)
+    settings = _settings(data_dir)
+    store = Store(settings.database_url, secrets=SecretBox.for_settings(settings))
     store.migrate()
     project = store.set_nonce_policy(apikey, policy)
     if project is None:
         console.print("[red]no project has this API key")
         raise typer.Exit(1)
     console.print(f"{project.name}: nonce policy {project.nonce_policy}")
+
+
+@projects_app.command("rotate-key")
+def projects_rotate_key(
+    data_dir: Optional[Path] = typer.Option(None, help="[env EASEL_DATA_DIR; default easel-data]"),
+    new: bool = typer.Option(False, "--new", help="First put a new key first in the key file (secret.key)."),
+    drop_old: bool = typer.Option(False, "--drop-old", help="Then keep only the first key in the key file."),
+):
+    """Re-encrypt every project's API secret with the first operator key (docs/configuration.md)."""
+    from easel.cli.keys import rotate_key
+
+    done = rotate_key(_settings(data_dir), new=new, drop_old=drop_old)
+    console.print(f"{done.projects} API secret(s) re-encrypted with the first key of {done.source}"
+                  + (f"; {done.dropped} old key(s) removed from it" if done.dropped else ""), soft_wrap=True)
 
 
 @models_app.command("make-tiny")
@@ -790,7 +806,13 @@ def demo(data_dir: Path = typer.Option(Path(".easel-demo"), help="Data directory
 
 
 def main() -> None:
-    app()
+    from easel.store.secretbox import SecretKeyError
+
+    try:
+        app()
+    except SecretKeyError as exc:  # a missing or wrong operator key: what to do, not a traceback
+        console.print(f"[red]API secrets: {exc}", soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import httpcore
 import httpx
 
+from . import partfiles
+
 if TYPE_CHECKING:
     from easel.storage import Storage
 
@@ -408,10 +410,10 @@ def fetch_safetensors(url: str, storage: "Storage", policy: FetchPolicy, cache_d
                     storage.touch(index)
             return path
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=partfiles.SUFFIX)
     tmp_path = Path(tmp)
     try:
+        partfiles.hold(fd)  # until the file is renamed or removed: see easel.models.partfiles
         fetch_to_file(url, tmp_path, policy)
         check_safetensors(tmp_path)
         digest = hashlib.sha256()
@@ -422,6 +424,7 @@ def fetch_safetensors(url: str, storage: "Storage", policy: FetchPolicy, cache_d
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)
+        os.close(fd)
     storage.put(f"fetched/{final.name}", final, content_type="application/octet-stream")
     storage.put_bytes(index, final.name.encode(), content_type="text/plain")
     return final

@@ -44,13 +44,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Counter, Event, Nonce, Output, Preview, Project, Task, UserFile, WebhookDelivery
 from .notify import Publisher
+from .secretbox import SecretBox, SecretKeyError
 
 __all__ = ["Store", "Project", "Task", "Output", "Event", "Preview", "WebhookDelivery", "UserFile", "new_token",
-           "hash_apikey", "LimitReached"]
+           "hash_apikey", "LimitReached", "SecretBox", "SecretKeyError"]
 
 _EventRow = namedtuple("_EventRow", "id task_id type message created_at seq preview")
 # a task just written, with Task's attributes (a detached ORM object costs 0.1 ms more to build)
 TaskRecord = namedtuple("TaskRecord", [c.key for c in Task.__table__.c], defaults=[None] * len(Task.__table__.c))
+# a project as read, with Project's attributes and its API secret opened (secretbox)
+ProjectRecord = namedtuple("ProjectRecord", [c.key for c in Project.__table__.c])
 QUEUE_SEQ = "task_queue_seq"  # the Counter row that numbers submissions
 T = Task.__table__.c
 NONCE_SWEEP_SECONDS = 60.0  # how often a strict-nonce check also deletes the expired nonces
@@ -125,6 +128,7 @@ _OUTPUTS_OF = (select(*Output.__table__.c).where(Output.task_id.in_(bindparam("i
                .order_by(Output.task_id, Output.name))
 _KILL_REQUESTED = select(T.kill_requested).where(T.id == bindparam("task_id"))
 _PROJECT_BY_KEY = select(*Project.__table__.c).where(Project.apikey == bindparam("key"))
+_PROJECT_BY_ID = select(*Project.__table__.c).where(Project.id == bindparam("id"))
 _EVENTS = (select(Event.id, Event.task_id, Event.type, Event.message, Event.created_at, Event.seq,
                   null().label("preview"))
            .where(Event.task_id == bindparam("task_id"), Event.seq > bindparam("after")).order_by(Event.seq))
@@ -343,10 +347,16 @@ class Store:
     ``wakeups`` is told about every event this store inserts (:mod:`easel.store.notify`): in the
     transaction (``pg_notify``) and after its commit (Redis, in-process waiters); default
     :meth:`Publisher.default_for` the URL (``LISTEN/NOTIFY`` on PostgreSQL, else nothing).
+
+    ``secrets`` seals and opens the projects' API secrets (:mod:`.secretbox`); default
+    :meth:`SecretBox.default_for` the URL (``EASEL_SECRET_KEY``, else for SQLite the ``secret.key``
+    next to the database), looked up when a secret is first needed (a worker needs none).
     """
 
-    def __init__(self, url: str, pool_size: int = 5, wakeups: Publisher | None = None):
+    def __init__(self, url: str, pool_size: int = 5, wakeups: Publisher | None = None,
+                 secrets: SecretBox | None = None):
         self.url = url
+        self._secrets = secrets
         self.wakeups = wakeups or Publisher.default_for(url)
         kwargs: dict = {"pool_size": pool_size, "max_overflow": max(10, pool_size)}
         db_file = None
@@ -400,11 +410,62 @@ class Store:
         cfg = Config(str(HERE / "alembic.ini"))
         cfg.set_main_option("script_location", str(HERE / "migrations"))
         cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        box = self.secret_box(create=self.sqlite)  # SQLite: this machine's data directory; else if configured
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(7345021)"))  # any fixed key: "easel migrations"
             cfg.attributes["connection"] = conn
+            cfg.attributes["secret_box"] = box  # 0008 seals the secrets stored in clear
             command.upgrade(cfg, "head")
+            if box is not None:
+                self._seal_and_check(conn, box)
+
+    def secret_box(self, create: bool = False) -> SecretBox | None:
+        """This store's :class:`SecretBox` (see the class doc); None if there is no key and not ``create``.
+
+        Raises:
+            SecretKeyError: a key is malformed."""
+        if self._secrets is None:
+            self._secrets = SecretBox.default_for(self.url, create=create)
+        return self._secrets
+
+    def _box(self) -> SecretBox:
+        box = self.secret_box(create=self.sqlite)
+        if box is None:
+            raise SecretKeyError("the API secrets are encrypted and this process has no key: set EASEL_SECRET_KEY "
+                                 "(docs/configuration.md)")
+        return box
+
+    @staticmethod
+    def _seal_and_check(conn: Connection, box: SecretBox) -> None:
+        """Seal the secrets still in clear (a process without the key migrated) and open every
+        sealed one, so that a wrong key stops the process at start instead of failing requests."""
+        wrong = 0
+        for pid, stored in conn.execute(select(Project.id, Project.apisecret)).all():
+            if not box.sealed(stored):
+                conn.execute(update(Project).where(Project.id == pid).values(apisecret=box.seal(stored)))
+                continue
+            try:
+                box.open(stored)
+            except SecretKeyError:
+                wrong += 1
+        if wrong:
+            raise SecretKeyError(f"{wrong} project(s)' API secrets do not open with the key(s) of {box.source}: "
+                                 "start every process with the key the secrets were sealed with (EASEL_SECRET_KEY, "
+                                 "or the same secret.key file; docs/configuration.md). Nothing was changed.")
+
+    def rotate_secrets(self) -> int:
+        """Re-encrypt every project's API secret with the first key (after a new key was put
+        first: :func:`SecretBox` decrypts with any of them); returns how many. One transaction.
+
+        Raises:
+            SecretKeyError: a secret opens with none of the keys (nothing is changed)."""
+        box = self._box()
+        with self._write() as conn:
+            rows = conn.execute(select(Project.id, Project.apisecret)).all()
+            for pid, stored in rows:
+                conn.execute(update(Project).where(Project.id == pid).values(apisecret=box.rotate(stored)))
+        return len(rows)
 
     def _locked(self):
         return self._write_lock if self._write_lock is not None else nullcontext()
@@ -445,12 +506,12 @@ class Store:
             raise ValueError("auth_mode must be 'signature' or 'apikey'")
         if nonce_policy not in ("lenient", "strict"):
             raise ValueError("nonce_policy must be 'lenient' or 'strict'")
-        apikey = secrets.token_hex(16)
-        p = Project(name=name, apikey=hash_apikey(apikey), apisecret=secrets.token_hex(24),
+        apikey, apisecret = secrets.token_hex(16), secrets.token_hex(24)
+        p = Project(name=name, apikey=hash_apikey(apikey), apisecret=self._box().seal(apisecret),
                     auth_mode=auth_mode, nonce_policy=nonce_policy, created_at=time.time())
         with self.session() as s:
             s.add(p)
-        p.apikey = apikey  # detached: not written back
+        p.apikey, p.apisecret = apikey, apisecret  # detached: not written back
         return p
 
     def set_nonce_policy(self, apikey: str, nonce_policy: str) -> Project | None:
@@ -461,15 +522,25 @@ class Store:
             s.execute(update(Project).where(Project.apikey == hash_apikey(apikey)).values(nonce_policy=nonce_policy))
         return self.project_by_key(apikey)
 
-    def project_by_key(self, apikey: str) -> Row | None:
-        """The project whose API key is ``apikey`` (looked up by hash), or None (a read-only row
-        with :class:`Project`'s attributes; ``apikey`` is the stored hash)."""
-        rows = self._rows(_PROJECT_BY_KEY, {"key": hash_apikey(apikey)})
-        return rows[0] if rows else None
+    def project_by_key(self, apikey: str) -> ProjectRecord | None:
+        """The project whose API key is ``apikey`` (looked up by hash), or None (a read-only
+        record with :class:`Project`'s attributes; ``apikey`` is the stored hash, ``apisecret``
+        the secret, opened).
 
-    def project_by_id(self, project_id: int) -> Project | None:
-        with self._read() as s:
-            return s.get(Project, project_id)
+        Raises:
+            SecretKeyError: the secret does not open with this store's key."""
+        rows = self._rows(_PROJECT_BY_KEY, {"key": hash_apikey(apikey)})
+        return self._opened(rows[0]) if rows else None
+
+    def project_by_id(self, project_id: int) -> ProjectRecord | None:
+        """The project with this id, or None (as :meth:`project_by_key` returns it)."""
+        rows = self._rows(_PROJECT_BY_ID, {"id": project_id})
+        return self._opened(rows[0]) if rows else None
+
+    def _opened(self, row: Row) -> ProjectRecord:
+        stored = row.apisecret
+        return ProjectRecord(**{**row._asdict(), "apisecret": self._box().open(stored) if SecretBox.sealed(stored)
+                                else stored})
 
     def use_nonce(self, project_id: int, nonce: str, retention_seconds: float) -> bool:
         """Record ``nonce`` for the project; False if it was already used (a replay). Nonces older

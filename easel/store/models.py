@@ -22,7 +22,8 @@ class Project(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     apikey: Mapped[str] = mapped_column(String(80), unique=True, index=True)  # "sha256:<hex>" of the key
-    apisecret: Mapped[str] = mapped_column(String(128))
+    # "fernet:<token>": sealed with the operator key (easel.store.secretbox; in clear before 0008)
+    apisecret: Mapped[str] = mapped_column(String(512))
     auth_mode: Mapped[str] = mapped_column(String(16), default="signature")
     nonce_policy: Mapped[str] = mapped_column(String(16), default="lenient", server_default="lenient")
     created_at: Mapped[float] = mapped_column(Float)
