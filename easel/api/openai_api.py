@@ -263,7 +263,7 @@ async def _images_request(request: Request, endpoint: str) -> Response:
     api = _api(request)
     project = await _project(api, request)
     if endpoint == "generations":
-        raw = await read_capped(request, api.settings.request_max_bytes)
+        raw = await read_capped(request, api.settings.body_max_bytes)
         try:
             fields = json.loads(raw.decode("utf-8-sig") or "null")
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -273,7 +273,8 @@ async def _images_request(request: Request, endpoint: str) -> Response:
             raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
         uploads: list[tuple[str, bytes]] = []
     else:
-        body = await parse_body(request, api.settings.upload_max_bytes, api.settings.request_max_bytes)
+        body = await parse_body(request, api.settings.upload_max_bytes, api.settings.request_max_bytes,
+                                api.settings.body_max_bytes)
         fields = dict(body.fields)
         unknown = [up.field for up in body.files if up.field not in ("image", "mask")]
         if unknown:

@@ -120,6 +120,22 @@ def _declared_over(request: Request, limit: int) -> bool:
     return declared.isascii() and declared.isdigit() and len(declared) < 20 and int(declared) > limit
 
 
+async def read_capped(request: Request, max_bytes: int, setting: str = "EASEL_BODY_MAX_BYTES") -> bytes:
+    """The whole request body as bytes, streamed and refused (HTTP 413, naming ``setting``) as soon as
+    it passes ``max_bytes`` (or when ``Content-Length`` already says so): an oversized body is never
+    buffered whole. For endpoints that parse the bytes themselves (the OpenAI Images API's JSON).
+
+    Raises:
+        WiroError: HTTP 413 for a body over ``max_bytes``.
+    """
+    body = _Capped(request, max_bytes, setting)
+    if _declared_over(request, max_bytes):
+        raise body.too_big()
+    raw = await body.rest(max_bytes, setting)
+    request._body = raw  # request.form() and request.json() read these bytes, not the consumed stream
+    return raw
+
+
 async def parse_body(request: Request, max_file_bytes: int, max_body_bytes: int | None = None,
                      max_text_bytes: int | None = None) -> Body:
     """Parse any accepted body into fields and uploaded files, streaming it: a refused body is
