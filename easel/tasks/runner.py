@@ -21,7 +21,7 @@ from easel.catalog import ModelCatalog
 from easel.config import Settings
 from easel.diskfull import is_disk_full
 from easel.images import ImageInputError
-from easel.models import ModelManager
+from easel.models import ModelManager, partfiles
 from easel.storage import create_storage, upload_key
 from easel.storage.inputs import local_copy
 from easel.store import Store
@@ -219,6 +219,8 @@ class Worker:
         self.catalog = ModelCatalog.load(settings.catalog_override)
         self.storage = create_storage(settings)
         self.models = ModelManager(settings, self.catalog, self.storage)
+        # downloads a dead worker left half done on this machine (a fleet worker's own models dir too)
+        partfiles.remove_abandoned(settings.models_dir / "fetched", settings.fetch_total_timeout_seconds)
         self.should_stop: Callable[[], bool] = lambda: False  # set by the executor
         self.exit_process: Callable[[int], None] = os._exit  # what the heartbeat calls when stuck while stopping
         self.heartbeat_lost = threading.Event()
