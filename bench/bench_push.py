@@ -110,7 +110,7 @@ def follow(base: str, token: str) -> tuple[float, list[tuple[str, float]]]:
 
 def run_mode(mode: str, tasks: int, steps: int, size: int) -> list[float]:
     from easel.config import Settings
-    from easel.store import Store
+    from easel.store import SecretBox, Store
 
     with ExitStack() as stack:
         data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"easel-bench-push-{mode}-")))
@@ -121,7 +121,7 @@ def run_mode(mode: str, tasks: int, steps: int, size: int) -> list[float]:
             env["EASEL_DATABASE_URL"] = url
         if mode == "redis":
             env |= {"EASEL_REDIS_URL": REDIS, "EASEL_REDIS_PREFIX": f"easel-bench-{secrets.token_hex(4)}"}
-        store = Store(url)
+        store = Store(url, secrets=SecretBox.for_settings(Settings(data_dir=data, database_url=url)))  # the servers' key
         store.migrate()
         project = store.create_project("bench", "apikey")
         api1 = stack.enter_context(server(data, env))  # API + one worker

@@ -27,6 +27,56 @@ from prometheus_client import Counter, Gauge, Histogram
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
+
+def _allocate_mmap_files() -> None:
+    """Make prometheus_client's multiprocess files allocate their disk space before use.
+
+    It grows each memory-mapped file with ``truncate``, which leaves holes; writing a sample into a
+    hole when the disk is full (or a tmpfs over its size) raises SIGBUS and kills the process on
+    the spot: the API process and its workers died that way on a full data disk, with nothing in
+    the log (issue 21). ``posix_fallocate`` first turns that into an ``OSError`` (ENOSPC) raised by
+    the metric update, which :func:`_safe` logs; the process and its request or task go on.
+    Relies on ``MmapedDict``'s ``_f``/``_used``/``_capacity`` (prometheus_client 0.17-0.26);
+    without them, or without ``posix_fallocate``, it leaves the class as it is."""
+    from prometheus_client import mmap_dict, values
+
+    base = mmap_dict.MmapedDict
+    if not hasattr(os, "posix_fallocate") or getattr(values.MmapedDict, "easel_allocates", False):
+        return
+
+    class AllocatedMmapedDict(base):
+        easel_allocates = True
+
+        def __init__(self, filename, read_mode=False):
+            if not read_mode:
+                fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    if os.fstat(fd).st_size == 0:
+                        try:
+                            os.posix_fallocate(fd, 0, mmap_dict._INITIAL_MMAP_SIZE)
+                        except OSError:
+                            os.unlink(filename)  # an empty file would break /metrics' reading of the folder
+                            raise
+                finally:
+                    os.close(fd)
+            super().__init__(filename, read_mode)
+
+        def _init_value(self, key):
+            size = len(key.encode("utf-8")) + 4
+            needed, capacity = self._used + size + (8 - size % 8) + 16, self._capacity
+            while needed > capacity:
+                capacity *= 2
+            if capacity > self._capacity:
+                os.posix_fallocate(self._f.fileno(), 0, capacity)
+            super()._init_value(key)
+
+    if all(hasattr(base, name) for name in ("_init_value", "read_value")):
+        values.MmapedDict = AllocatedMmapedDict
+
+
+if os.environ.get(MULTIPROC_ENV):
+    _allocate_mmap_files()
+
 # Tasks on these image tools take seconds to minutes: buckets from 50 ms to 30 min.
 TASK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

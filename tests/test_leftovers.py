@@ -98,3 +98,14 @@ def test_a_download_in_progress_holds_its_part_file(tmp_path, monkeypatch):
                                 fetch.FetchPolicy(), settings.models_dir / "fetched")
     assert seen == {"removed": 0, "exists": True}
     assert list((settings.models_dir / "fetched").glob("*.part")) == []  # a failed download leaves none
+
+
+def test_a_worker_start_removes_the_downloads_a_dead_worker_left(tmp_path):
+    """A fleet worker's models folder is its own machine's: its start cleans it too."""
+    from easel.tasks.runner import Worker
+
+    settings = Settings(data_dir=tmp_path)
+    (settings.models_dir / "fetched").mkdir(parents=True)
+    abandoned = Path(tempfile.mkstemp(dir=settings.models_dir / "fetched", suffix=".part")[1])
+    Worker(settings, "w-test")
+    assert not abandoned.exists()

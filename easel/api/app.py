@@ -23,12 +23,15 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from easel import strict
 from easel.catalog import CatalogError, InputError, ModelCatalog, ToolSpec, load_tools
 from easel.config import Settings
+from easel.diskfull import DiskWatch
+from easel.diskfull import MESSAGE as DISK_FULL
 from easel.executors import Executor
 from easel.storage import create_storage, output_key, upload_key, user_file_key
 from easel.store import LimitReached, Project, SecretBox, Store, Task
@@ -74,8 +77,9 @@ class Api:
         self.executor = executor
         self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.redis_url, settings.redis_prefix)
         self.webhooks = WebhookDispatcher(settings, self.store, self.task_object)
+        self.disk = DiskWatch(settings.data_dir)  # /healthz and HTTP 507 on a full disk (easel.diskfull)
         self.maintenance = Maintenance(settings, self.store, self.delete_files, self.storage,
-                                       executor.maintain if executor is not None else None)
+                                       executor.maintain if executor is not None else None, self.disk)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -501,6 +505,15 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
         log.exception("unhandled error")
         return error_response(0, "Internal server error; the operator's log has the details.", 500)
 
+    @app.exception_handler(OSError)
+    @app.exception_handler(SQLAlchemyError)
+    async def _io_error(request, exc: Exception):
+        """A full disk (database or files) answers 507 and the server carries on; else as above."""
+        if not api.disk.noticed(exc):
+            return await _unexpected(request, exc)
+        log.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
+        return error_response(0, DISK_FULL, 507, {"Retry-After": "30"})
+
     async def body_of(request: Request) -> Body:
         return await parse_body(request, settings.upload_max_bytes, settings.request_max_bytes, settings.body_max_bytes)
 
@@ -608,6 +621,8 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
     @app.get("/healthz", include_in_schema=False)
     async def healthz():
         ok, why = executor.health() if executor is not None else (True, "API only (no local workers)")
+        full = api.disk.problem()
+        ok, why = (False, full) if full else (ok, why)
         return JSONResponse({"ok": ok, "reason": why}, status_code=200 if ok else 503)
 
     def openapi() -> dict:

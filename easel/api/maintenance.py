@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from easel.config import Settings
+from easel.diskfull import DiskWatch
 from easel.models import partfiles
 from easel.storage import Storage, create_storage
 from easel.store import Store, Task
@@ -52,11 +53,14 @@ class Maintenance:
     """The upkeep thread of one API process; :meth:`run_leases` and :meth:`sweep` are callable directly."""
 
     def __init__(self, settings: Settings, store: Store, delete_files: Callable[[Task], None],
-                 storage: Storage | None = None, executor_upkeep: Callable[[], object] | None = None):
+                 storage: Storage | None = None, executor_upkeep: Callable[[], object] | None = None,
+                 disk: DiskWatch | None = None):
         """``delete_files(task)`` removes a finished task's outputs and uploads (InputOutputDelete);
         ``storage`` holds the files (default: the one ``settings.storage`` names);
-        ``executor_upkeep()`` (the executor's ``maintain``) runs after each lease pass."""
+        ``executor_upkeep()`` (the executor's ``maintain``) runs after each lease pass; ``disk``
+        is told about this thread's failures, and pauses lease expiry while the disk is full."""
         self.settings = settings
+        self.disk = disk
         self.store = store
         self.delete_files = delete_files
         self.storage = storage or create_storage(settings)
@@ -78,11 +82,19 @@ class Maintenance:
                 thread.join(5)
 
     def _checkpoints(self) -> None:
+        full = False
         while not self._stop.wait(CHECKPOINT_SECONDS):
             try:
                 self.store.checkpoint()
-            except Exception:  # never let the thread die (a locked or missing database file)
-                log.exception("maintenance: checkpoint failed")
+            except Exception as exc:  # never let the thread die (a locked or missing database file)
+                if self.disk is None or not self.disk.noticed(exc):
+                    log.exception("maintenance: checkpoint failed")
+                    continue
+                if not full:  # once per spell of full disk, not every second
+                    log.error("maintenance: checkpoint failed: the disk is full")
+                full = True
+            else:
+                full = False
 
     def _loop(self) -> None:
         s = self.settings
@@ -94,7 +106,9 @@ class Maintenance:
                     continue
                 try:
                     job()
-                except Exception:  # never let the thread die (database briefly locked, disk full)
+                except Exception as exc:  # never let the thread die (database briefly locked, disk full)
+                    if self.disk is not None:
+                        self.disk.noticed(exc)
                     log.exception("maintenance: %s failed", getattr(job, "__name__", job))
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + s.sweep_interval_seconds
@@ -102,7 +116,14 @@ class Maintenance:
                 return
 
     def run_leases(self) -> dict[int, str]:
+        """End the tasks whose lease expired (see the module doc); returns ``{task id: how}``.
+        Paused while the disk is full or was within a lease period (``disk``): a worker whose
+        lease renewals failed for lack of space is not gone, and ends its task itself, with the
+        reason, once space returns (``Worker._fail``)."""
         s = self.settings
+        if self.disk is not None and self.disk.full_within(s.lease_seconds):
+            log.warning("lease expiry paused: the disk is or was full within %.0f s", s.lease_seconds)
+            return {}
         done = lc.expire_leases(self.store, s.lease_seconds, s.task_timeout_seconds, s.requeue_unstarted)
         if done:
             log.warning("ended tasks whose worker is gone or that ran too long: %s", done)

@@ -61,7 +61,8 @@ class SecretBox:
 
     @classmethod
     def for_settings(cls, settings, create: bool = True) -> "SecretBox | None":
-        """The box of ``settings``: ``settings.secret_key`` (``EASEL_SECRET_KEY``), else the
+        """The box of ``settings``: ``settings.secret_key`` (``EASEL_SECRET_KEY``; read from the
+        environment also for settings built in code, as :meth:`default_for` reads it), else the
         ``secret.key`` file of the data directory (on SQLite: of the database's folder, the data
         directory unless ``EASEL_DATABASE_URL`` moves it, so that every process of that database
         finds it), created (0600) when missing and ``create``; None when there is no key and
@@ -72,7 +73,7 @@ class SecretBox:
         """
         url = settings.database_url
         folder = Path(url.split("///", 1)[1]).parent if url.startswith("sqlite") else Path(settings.data_dir)
-        return cls.configured(settings.secret_key, folder / KEY_FILE, create)
+        return cls.configured(settings.secret_key or os.environ.get(ENV, ""), folder / KEY_FILE, create)
 
     @classmethod
     def default_for(cls, url: str, create: bool = False) -> "SecretBox | None":

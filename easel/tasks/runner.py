@@ -19,8 +19,9 @@ from typing import Callable
 from easel import metrics
 from easel.catalog import ModelCatalog
 from easel.config import Settings
+from easel.diskfull import is_disk_full
 from easel.images import ImageInputError
-from easel.models import ModelManager
+from easel.models import ModelManager, partfiles
 from easel.storage import create_storage, upload_key
 from easel.storage.inputs import local_copy
 from easel.store import Store
@@ -218,6 +219,8 @@ class Worker:
         self.catalog = ModelCatalog.load(settings.catalog_override)
         self.storage = create_storage(settings)
         self.models = ModelManager(settings, self.catalog, self.storage)
+        # downloads a dead worker left half done on this machine (a fleet worker's own models dir too)
+        partfiles.remove_abandoned(settings.models_dir / "fetched", settings.fetch_total_timeout_seconds)
         self.should_stop: Callable[[], bool] = lambda: False  # set by the executor
         self.exit_process: Callable[[int], None] = os._exit  # what the heartbeat calls when stuck while stopping
         self.heartbeat_lost = threading.Event()
@@ -335,7 +338,11 @@ class Worker:
         except TaskTimedOut:
             self._fail(task_id, lc.TIMEOUT_MESSAGE.format(seconds=timeout), ctx)
         except Exception as exc:  # the worker must survive any tool failure
-            if isinstance(exc, (ToolError, ValueError)):
+            if is_disk_full(exc):  # the outputs (or a model, a download) could not be written
+                message = ("The server's disk is full: the task could not write its files (No space left on "
+                           "device). Submit it again once the operator has freed space.")
+                log.error("task %s failed: the disk is full: %s", task_id, exc)
+            elif isinstance(exc, (ToolError, ValueError)):
                 message = str(exc)
             elif isinstance(exc, OSError) and exc.strerror:  # never show server paths (exc.filename)
                 message = f"{type(exc).__name__}: {exc.strerror}"
@@ -369,9 +376,31 @@ class Worker:
 
     def _fail(self, task_id: int, message: str, ctx: WorkerContext) -> None:
         """End the task as failed through Wiro's closing stages; stops quietly where a stage is
-        rejected (the task was ended elsewhere meanwhile)."""
+        rejected (the task was ended elsewhere meanwhile). While the disk is full (the database
+        refuses the write: often the very cause of the failure) it retries until space returns,
+        so that the task ends with its own reason rather than as a lost lease; the API pauses
+        lease expiry meanwhile (:meth:`easel.api.maintenance.Maintenance.run_leases`)."""
+        self._while_disk_full(task_id, lambda: lc.log_event(self.store, task_id, lc.ERROR, message,
+                                                            owner=self.worker_id))
+        self._while_disk_full(task_id, lambda: self._close_failed(task_id, message, ctx))
+
+    def _while_disk_full(self, task_id: int, write: Callable[[], object]) -> None:
+        """``write()``, again every few seconds while it fails for a full disk (until the worker
+        is told to stop); any other error is raised."""
+        delay = 0.5
+        while True:
+            try:
+                write()
+                return
+            except Exception as exc:
+                if not is_disk_full(exc) or self.should_stop():
+                    raise
+                log.warning("task %s: the disk is full; ending the task again in %.1f s", task_id, delay)
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+    def _close_failed(self, task_id: int, message: str, ctx: WorkerContext) -> None:
         output = "\n".join(ctx.lines)
-        lc.log_event(self.store, task_id, lc.ERROR, message, owner=self.worker_id)
         errors = "\n".join([*ctx.error_lines, message])
         steps = self._closing(output, errors) + [(lc.POSTPROCESS_END, "", {"pexit": "1", "debugerror": errors})]
         task = self.store.get_task(task_id)
