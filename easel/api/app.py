@@ -253,8 +253,10 @@ class Api:
     async def wait_for_end(self, task_id: int, seconds: float) -> Task:
         """Wait until the task is terminal or ``seconds`` pass, holding no thread while asleep
         (many ``Prefer: wait`` requests must not exhaust the thread pool). Woken by the task's
-        event wake-ups (:mod:`easel.store.notify`) when pushed, else polling as the socket does."""
+        event wake-ups (:mod:`easel.store.notify`) when pushed, else polling as the socket does
+        (backing off to 0.25 s while the task is queued)."""
         deadline = time.monotonic() + seconds
+        delay = self.settings.live_poll_interval
         with self.wakeups.watch(task_id) as watch:
             while True:
                 watch.clear()
@@ -263,6 +265,8 @@ class Api:
                     return task
                 if self.wakeups.pushing:
                     delay = self.settings.live_fallback_poll_interval
+                elif task.status == lc.QUEUE:  # nothing ends before a worker claims it: back off to 0.25 s
+                    delay = min(0.25, delay * 1.5)  # (200 queued waiters polling every 20 ms starved the worker)
                 else:
                     delay = lc.poll_delay(task, self.settings.live_poll_interval, cap=1.0)
                 await watch.wait(min(delay, max(0.0, deadline - time.monotonic())))
