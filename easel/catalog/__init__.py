@@ -59,6 +59,10 @@ class ModelEntry:
     ``lora_format`` (LoRAs only) names the key layout the file uses, when known. ``tiny`` names
     the offline tiny model (``easel.models.tiny``) that stands in for a component in tiny mode;
     ``condition`` (ControlNets) the condition image it reads: ``canny``, ``depth`` or ``openpose``.
+    ``license``: ``{"id", "url"?, "noncommercial"?, "gated"?, "accept"?}``; with ``accept`` the
+    weights are fetched only once the operator accepted that name (``Settings.accept_licenses``).
+    Hub sources may also carry ``revision``, ``repo_type`` (``dataset``), ``files`` (exact repo
+    paths), ``allow_patterns``, ``sha256`` and ``size`` (bytes); see docs/models.md.
     """
 
     id: str
@@ -72,6 +76,7 @@ class ModelEntry:
     lora_format: str = ""
     tiny: str = ""
     condition: str = ""
+    license: dict = field(default_factory=dict)
 
     @property
     def family(self) -> str:
@@ -115,7 +120,7 @@ class ModelCatalog:
                 triggerwords=tuple(e.get("triggerwords", ())),
                 generatesettings=tuple(e.get("generatesettings", ())),
                 source=e.get("source"), why=e.get("why", ""), lora_format=e.get("lora_format", ""),
-                tiny=e.get("tiny", ""), condition=e.get("condition", ""),
+                tiny=e.get("tiny", ""), condition=e.get("condition", ""), license=e.get("license") or {},
             )
         return cls(entries, override_path)
 
@@ -132,7 +137,8 @@ class ModelCatalog:
             f"Model {entry.id} ({entry.label}) has no weights source configured: its true source is not "
             f"public knowledge. The server operator can set it in {where}, e.g. "
             f'{{"models": {{"{entry.id}": {{"source": {{"type": "url", "url": "https://.../model.safetensors"}}}}}}}} '
-            f'or {{"source": {{"type": "hf", "repo": "owner/name"}}}}, then restart the server.'
+            f'or {{"source": {{"type": "hf", "repo": "owner/name"}}}}, then restart the server; or run '
+            f"`easel models set {entry.id} --hf OWNER/REPO[:FILE] | --url URL`."
         )
 
 
