@@ -415,6 +415,8 @@ def seed_repos(tiny: dict[str, Path], work: Path) -> list[HubRepo]:
         repo("black-forest-labs/FLUX.1-dev", diffusers_repo(flux, {"flux1-dev.safetensors": small_st,
                                                                   "ae.safetensors": small_st}, False), gated=True),
         repo("XLabs-AI/flux-RealismLora", {"lora.safetensors": tiny["flux-lora-xlabs"]}),
+        # not a real repo: where a test operator puts Comics Factory's (unpublished) LoRA
+        repo("easel-test/comics-factory-v1", {"comics_factory_v1.safetensors": tiny["flux-lora-peft"]}),
         repo("nerijs/pixel-art-xl", {"pixel-art-xl.safetensors": tiny["sdxl-lora-kohya"]}),
         repo("ostris/emotion-sliders", {"emotion_happy_slider_v1.safetensors": tiny["sd15-lora-kohya"]}),
         repo("lllyasviel/ic-light", {"iclight_sd15_fbc.safetensors": tiny["iclight-fbc"],

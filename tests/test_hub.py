@@ -5,6 +5,9 @@ Civitai-style URL through the safe fetcher."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -228,3 +231,59 @@ def test_a_civitai_style_url_follows_the_redirect_and_keeps_the_token_on_civitai
     pinned = _sources(tmp_path / "b", {"554": {"source": {"type": "url", "url": url, "sha256": "1" * 64}}})
     with pytest.raises(DownloadError, match="sha256 mismatch"):
         pinned.checkpoint(pinned.catalog.get("554"))
+
+
+def _is_duplicate(path: str) -> bool:
+    return (path.endswith((".ckpt", ".msgpack", ".pth")) or ".fp16." in path or "safety_checker" in path
+            or "/onnx/" in path or path.endswith(("sd_xl_base_1.0.safetensors", "flux1-dev.safetensors", "/ae.safetensors"))
+            or (path.endswith(".bin") and not path.endswith("InstantX/InstantID/ip-adapter.bin")))
+
+
+def _easel(env_vars: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "easel", "models", *args], capture_output=True, text=True,
+                          env={**os.environ, **env_vars}, timeout=600)
+
+
+def test_models_pull_seeds_fetches_exactly_the_files_the_seeds_pipelines_load(env, tmp_path):
+    """`easel models set` an operator's Comics Factory LoRA, then `easel models pull --seeds`
+    fetches every file the five seed requests load, none twice and no duplicate copy; `easel
+    models list --json` then shows them local."""
+    env_vars = {"HF_ENDPOINT": env.url, "HF_TOKEN": "hf_test_token", "EASEL_DATA_DIR": str(tmp_path),
+                "EASEL_DOWNLOAD_RESERVE_BYTES": "0"}
+    out = _easel(env_vars, "set", "comics-factory-v1", "--hf", "easel-test/comics-factory-v1:comics_factory_v1.safetensors")
+    assert out.returncode == 0, out.stderr
+    refused = _easel(env_vars, "pull", "flux.1-dev")
+    assert refused.returncode == 1 and "--accept-license flux.1-dev" in refused.stdout.replace("\n", "")
+    out = _easel(env_vars, "pull", "--seeds", "--accept-license", "all")
+    assert out.returncode == 0, out.stdout + out.stderr
+    fetched = env.fetched()
+    assert len(fetched) == len(set(fetched)) and [p for p in fetched if _is_duplicate(p)] == []
+    for must in ("CompVis/stable-diffusion-v1-4/unet/diffusion_pytorch_model.safetensors",
+                 "black-forest-labs/FLUX.1-dev/transformer/diffusion_pytorch_model.safetensors",
+                 "easel-test/comics-factory-v1/comics_factory_v1.safetensors", "briaai/RMBG-1.4/model.safetensors",
+                 "InstantX/InstantID/ControlNetModel/diffusion_pytorch_model.safetensors",
+                 "DIAMONIK7777/antelopev2/glintr100.onnx", "lllyasviel/ic-light/iclight_sd15_fbc.safetensors"):
+        assert must in fetched
+    assert not any("pixel-art" in p or "RealismLora" in p for p in fetched)  # the seeds ask for no LoRA
+    listed = {r["id"]: r for r in json.loads(_easel(env_vars, "list", "--json").stdout)}
+    assert all(listed[m]["local"] for m in SEED_IDS + ("comics-factory-v1",))
+    assert listed["61"]["source"] is None and "easel models set 61" in listed["61"]["why"]
+    assert listed["dpt-hybrid-midas"]["source"]["revision"] == "refs/pr/5" and not listed["454"]["local"]
+
+
+def test_seed_defaults_that_name_no_listed_option_and_empty_selections_mean_no_lora():
+    from easel.catalog import load_tools
+    from easel.models.needs import SEED_REQUESTS, run_needs
+
+    tools, catalog = load_tools(), ModelCatalog.load()
+    instantid, flux, sd = (tools[t] for t in ("wiro/instant-id-controlnet-lora", "wiro/text-to-image-flux-lora-fast",
+                                               "wiro/text-to-image-sd-lora"))
+    assert run_needs(instantid, SEED_REQUESTS[instantid.name], catalog) == [
+        "79", "instantid-identitynet", "instantid-ip-adapter", "antelopev2"]  # no pixel-art-xl (80)
+    assert run_needs(flux, {}, catalog) == ["flux.1-dev"]  # default 655 is no listed option
+    assert run_needs(flux, {"selectedLoraModel": "655"}, catalog) == ["655", "flux.1-dev"]  # asked for: applied
+    assert run_needs(sd, {"selectedLoraModel": []}, catalog) == ["1"]
+    assert run_needs(sd, {}, catalog) == ["1", "61"]  # a listed default stays
+    assert run_needs(instantid, {"selectedLoraModel": "80", "selectedControlnetModel": "458,455"}, catalog) == [
+        "79", "80", "458", "455", "instantid-identitynet", "instantid-ip-adapter", "antelopev2",
+        "vitpose-base-simple", "dpt-hybrid-midas"]

@@ -234,6 +234,8 @@ class ToolSpec:
         out: dict[str, Any] = {}
         for spec in self.inputs:
             out[spec.name] = _coerce(spec, raw.get(spec.name))
+            if spec.type in ("select", "multiselect"):
+                out[spec.name] = _no_stand_in_lora(spec, raw.get(spec.name), out[spec.name], catalog)
         for spec in self.inputs:
             if spec.type not in ("select", "multiselect"):
                 continue
@@ -244,6 +246,25 @@ class ToolSpec:
                 for gs in catalog.get(mid).generatesettings:
                     out[gs["id"]] = _scale(gs, raw.get(gs["id"]))
         return out
+
+
+def _no_stand_in_lora(spec: InputSpec, raw: Any, value: Any, catalog: "ModelCatalog") -> Any:
+    """A LoRA input's value without the LoRAs nobody chose: an empty selection sent by the client
+    (``[]``, ``""``) means no LoRA, not the seed's default; a default that names no listed option
+    (e.g. InstantID's ``80``, the Flux tool's ``655``) is not applied either. Explicitly chosen
+    ids and defaults that are listed options stay."""
+    def lora(mid: str) -> bool:
+        entry = catalog.entries.get(str(mid))
+        return entry is not None and entry.kind in LORA_KINDS
+
+    options = spec.option_values()
+    if spec.type == "select":
+        if value and lora(value) and _missing(raw) and (raw is not None or value not in options):
+            return ""
+        return value
+    if raw is None:
+        return [v for v in value if not lora(v) or v in options]
+    return value
 
 
 def _missing(value: Any) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from easel.catalog import CatalogError, ModelCatalog, ModelEntry
+from easel.catalog import CHECKPOINT_KINDS, LORA_KINDS, CatalogError, ModelCatalog, ModelEntry
 from easel.config import Settings
 from easel.storage import Storage, create_storage
 
@@ -60,6 +60,7 @@ class ModelSources:
         # told the bytes of each download (done, total) while a task resolves its weights; it may
         # raise to stop the download (the worker sets it for the task's preprocess phase)
         self.progress: "Callable[[int, int], None] | None" = None
+        self.on_file: "Callable | None" = None  # told each file a Hub download starts (easel models pull)
 
     @property
     def lora_policy(self) -> FetchPolicy:
@@ -253,7 +254,7 @@ class ModelSources:
         plan = hub_plan(root, source)
         if target is not None:
             plan.folder, plan.marker = target, None
-        return run_plan(plan, root, self.progress, self.settings.download_reserve_bytes)
+        return run_plan(plan, root, self.progress, self.settings.download_reserve_bytes, on_file=self.on_file)
 
     def _hub_file(self, entry: ModelEntry | None, source: dict, default: str,
                   suffixes: tuple[str, ...] = (".safetensors",)) -> Path:
@@ -297,6 +298,51 @@ class ModelSources:
         if pin and path.stem != pin.lower():
             raise DownloadError(f"could not download {where}: sha256 mismatch (expected {pin}, got {path.stem})")
         return path
+
+    def resolve(self, entry: ModelEntry) -> Path:
+        """The local weights of any entry (``easel models pull``): a checkpoint, LoRA, component,
+        or the face-analysis pack (its insightface root).
+
+        Raises:
+            CatalogError: as :meth:`checkpoint`.
+        """
+        if entry.kind in CHECKPOINT_KINDS:
+            return self.checkpoint(entry).path
+        if entry.kind in LORA_KINDS:
+            return self.lora(entry).path
+        if entry.kind == "face-analysis":
+            return self.face_root()
+        return self.component(entry).path
+
+    def is_local(self, entry: ModelEntry) -> bool:
+        """Whether ``entry``'s weights are on this machine (hub mode's folders, fetched URLs, a
+        placed face pack), without asking any server."""
+        import hashlib
+        import json
+
+        from .faces import REQUIRED, pack_folder
+
+        if entry.kind == "face-analysis":
+            return all((pack_folder(self.settings.models_dir / "insightface") / n).is_file() for n in REQUIRED)
+        source = entry.source or {}
+        if source.get("type") == "url":
+            try:
+                self.storage.get_bytes(f"fetched/urls/{hashlib.sha256(source['url'].encode()).hexdigest()}")
+                return True
+            except (FileNotFoundError, OSError):
+                return False
+        if source.get("type") != "hf":
+            return False
+        from .download import repo_folder
+
+        folder = repo_folder(self.settings.models_dir / "hub", source)
+        for marker in (folder / ".easel").glob("*.json"):
+            try:
+                if all((folder / f).is_file() for f in json.loads(marker.read_text())["files"]):
+                    return True
+            except (OSError, ValueError, KeyError):
+                continue
+        return False
 
     # -- licences -----------------------------------------------------------------------------
 
