@@ -52,6 +52,14 @@ class Settings:
         fetch_allow: Hosts or CIDR ranges the URL fetcher may reach although they are loopback,
             private or link-local (tests allow their local file server this way).
         lora_max_bytes: Size cap of a LoRA downloaded from a user URL, in bytes.
+        accept_licenses: Licence names (the catalog entries' ``license.accept``: ``flux.1-dev``,
+            ``antelopev2``, ``bria-rmbg-1.4`` ...; ``all`` for every one) the operator accepts;
+            weights under another such licence are not fetched and a Run needing them fails
+            saying how to accept (``EASEL_ACCEPT_LICENSES=flux.1-dev,antelopev2``).
+        download_reserve_bytes: Bytes a weights download must leave free on its disk (checked
+            before it starts).
+        weights_max_bytes: Size cap of one weights file from a catalog ``url`` source.
+        weights_fetch_timeout_seconds: Time limit of one catalog ``url`` download.
         upload_max_bytes: Size cap of one uploaded request file (Run multipart or
             ``/v1/File/Upload``) and of an input image fetched from a URL, in bytes.
         max_image_pixels: Largest image input (width × height) a tool decodes; larger ones,
@@ -194,6 +202,10 @@ class Settings:
     gpus: tuple[str, ...] = field(default_factory=tuple)
     fetch_allow: tuple[str, ...] = field(default_factory=tuple)
     lora_max_bytes: int = 2 * 1024**3
+    accept_licenses: tuple[str, ...] = field(default_factory=tuple)
+    download_reserve_bytes: int = 512 * 1024**2
+    weights_max_bytes: int = 64 * 1024**3
+    weights_fetch_timeout_seconds: float = 6 * 3600.0
     upload_max_bytes: int = 64 * 1024**2
     max_image_pixels: int = 4096 * 4096
     fetch_connect_timeout: float = 10.0

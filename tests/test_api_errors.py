@@ -118,4 +118,11 @@ def test_hub_mode_refuses_a_preset_whose_weights_are_unknown(tmp_path):
         assert "catalog.override.json" in message
         flux = http.post("/v1/Run/wiro/text-to-image-flux-lora-fast", headers={"x-api-key": p.apikey},
                          json={"prompt": "a lion"}).json()
-        assert flux["result"] is True  # FLUX.1-dev and the default LoRA 655 have public sources
+        assert flux["result"] is False  # FLUX.1-dev has a public source, under a licence not accepted yet
+        message = flux["errors"][0]["message"]
+        assert "flux-1-dev-non-commercial-license" in message and "EASEL_ACCEPT_LICENSES=flux.1-dev" in message
+    accepted = Settings(data_dir=tmp_path, model_source="hub", accept_licenses=("flux.1-dev",))
+    with TestClient(create_app(accepted, None, dispatch_webhooks=False)) as http:
+        flux = http.post("/v1/Run/wiro/text-to-image-flux-lora-fast", headers={"x-api-key": p.apikey},
+                         json={"prompt": "a lion"}).json()
+        assert flux["result"] is True, flux  # accepted: FLUX.1-dev has a public source

@@ -86,7 +86,7 @@ def test_random_source_runs_the_tools_deterministically_without_lora_leaks(rando
     LoRA changes the output and leaves nothing behind for the next task without one."""
     plain = pixels(_run(random_worker, tool, inputs)["images"])
     assert pixels(_run(random_worker, tool, inputs)["images"]) == plain
-    lora = {"selectedLoraModel": [61]} if tool == SD[0] else {}  # the Flux tool's default LoRA is on
+    lora = {"selectedLoraModel": [61]} if tool == SD[0] else {"selectedLoraModel": "655"}
     without = {} if tool == SD[0] else {"selectedLoraModel": "", "flux-RealismLora": 0}
     with_lora = pixels(_run(random_worker, tool, {**inputs, **lora})["images"])
     assert with_lora != pixels(_run(random_worker, tool, {**inputs, **without})["images"])

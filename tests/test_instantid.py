@@ -536,7 +536,7 @@ def test_ip_adapter_attention_survives_loading_and_switching_loras(instantid, fa
 # -- catalog and sources ------------------------------------------------------------------------
 
 def test_catalog_components_resolve_to_their_tiny_stand_ins(tmp_path, tiny):
-    from easel.catalog import ModelCatalog
+    from easel.catalog import CatalogError, ModelCatalog
     from easel.config import Settings
     from easel.models.sources import ModelSources
 
@@ -556,10 +556,15 @@ def test_catalog_components_resolve_to_their_tiny_stand_ins(tmp_path, tiny):
     pose = catalog.get("vitpose-base-simple")
     assert pose.source["repo"] == "usyd-community/vitpose-base-simple" and "Apache-2.0" in pose.why
     assert sources.component(pose).path == tiny["pose-vitpose"]
-    assert catalog.get("458").source["allow_patterns"] == ["config.json", "OpenPoseXL2.safetensors"]
+    assert catalog.get("458").source["files"] == ["config.json", "OpenPoseXL2.safetensors"]
     assert sources.face_root() == tiny["faces"]
-    assert "non-commercial" in catalog.get("antelopev2").why
+    assert "non-commercial" in catalog.get("antelopev2").why and catalog.get("antelopev2").license["noncommercial"]
     hub = ModelSources(Settings(data_dir=tmp_path, model_source="hub"), catalog)
+    with pytest.raises(CatalogError, match="EASEL_ACCEPT_LICENSES=antelopev2"):
+        hub.face_root()  # not placed by hand: fetched only once its licence was accepted
+    from easel.models.tiny_faces import write_face_pack
+
+    write_face_pack(tmp_path / "models" / "insightface")  # placed by hand: used as it is
     assert hub.face_root() == tmp_path / "models" / "insightface"
 
 

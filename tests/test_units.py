@@ -228,8 +228,9 @@ def test_hub_source_fails_clearly_when_offline(tmp_path, monkeypatch):
     with pytest.raises(CatalogError) as e:
         sources.checkpoint(ModelCatalog.load().get("1"))
     assert "CompVis/stable-diffusion-v1-4" in str(e.value) and "--model-source tiny" in str(e.value)
-    with pytest.raises(CatalogError, match="no weights source configured"):
-        sources.checkpoint(ModelCatalog.load().get("881"))
+    with pytest.raises(CatalogError, match="no weights source configured") as e:
+        sources.lora(ModelCatalog.load().get("61"))
+    assert "easel models set 61 --hf" in str(e.value)
 
 
 # -- FLUX: LoRA layouts and the hot-swap slot ----------------------------------------------------

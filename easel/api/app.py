@@ -153,24 +153,26 @@ class Api:
         return {**head, "errors": [], "tasklist": [self.view(task)], "result": True}
 
     def check_sources(self, spec: ToolSpec, inputs: dict) -> None:
-        """In hub mode, refuse a Run whose chosen catalog models have no configured source."""
+        """In hub mode, refuse a Run whose chosen catalog models have no configured source or a
+        licence the operator has not accepted (``easel.models.sources.license_problem``)."""
         if self.settings.model_source != "hub":
             return
-        for i in spec.inputs:
-            if i.type in ("select", "multiselect"):
-                chosen = inputs[i.name] if i.type == "multiselect" else [inputs[i.name]]
-                for mid in chosen:
-                    if mid in self.catalog.entries:
-                        try:
-                            self.catalog.require_source(self.catalog.get(mid))
-                        except CatalogError as exc:
-                            raise WiroError(0, f"Request parameter [{i.name}]: {exc}") from None
-        fixed = [mid for mid in (spec.base_model, spec.preset.get("lora")) if mid]
-        for mid in fixed:
-            try:
-                self.catalog.require_source(self.catalog.get(mid))
-            except CatalogError as exc:
-                raise WiroError(0, f"{spec.name} cannot run on this server: {exc}") from None
+        from easel.models.sources import license_problem
+
+        chosen = [(f"Request parameter [{i.name}]", mid) for i in spec.inputs if i.type in ("select", "multiselect")
+                  for mid in (inputs[i.name] if i.type == "multiselect" else [inputs[i.name]])]
+        chosen += [(f"{spec.name} cannot run on this server", mid) for mid in (spec.base_model, *spec.preset.values())]
+        chosen = [(where, mid) for where, mid in chosen if isinstance(mid, str) and mid in self.catalog.entries]
+        for licences in (False, True):  # an unknown source first: accepting a licence would not help
+            for where, mid in chosen:
+                entry = self.catalog.get(mid)
+                try:
+                    self.catalog.require_source(entry)
+                except CatalogError as exc:
+                    raise WiroError(0, f"{where}: {exc}") from None
+                problem = license_problem(entry, self.settings) if licences else None
+                if problem:
+                    raise WiroError(0, f"{where}: {problem}")
 
     # -- endpoints (sync parts run in a thread) ----------------------------------------------
 

@@ -60,6 +60,10 @@ class ModelEntry:
     ``lora_format`` (LoRAs only) names the key layout the file uses, when known. ``tiny`` names
     the offline tiny model (``easel.models.tiny``) that stands in for a component in tiny mode;
     ``condition`` (ControlNets) the condition image it reads: ``canny``, ``depth`` or ``openpose``.
+    ``license``: ``{"id", "url"?, "noncommercial"?, "gated"?, "accept"?}``; with ``accept`` the
+    weights are fetched only once the operator accepted that name (``Settings.accept_licenses``).
+    Hub sources may also carry ``revision``, ``repo_type`` (``dataset``), ``files`` (exact repo
+    paths), ``allow_patterns``, ``sha256`` and ``size`` (bytes); see docs/models.md.
     """
 
     id: str
@@ -73,6 +77,7 @@ class ModelEntry:
     lora_format: str = ""
     tiny: str = ""
     condition: str = ""
+    license: dict = field(default_factory=dict)
 
     @property
     def family(self) -> str:
@@ -116,7 +121,7 @@ class ModelCatalog:
                 triggerwords=tuple(e.get("triggerwords", ())),
                 generatesettings=tuple(e.get("generatesettings", ())),
                 source=e.get("source"), why=e.get("why", ""), lora_format=e.get("lora_format", ""),
-                tiny=e.get("tiny", ""), condition=e.get("condition", ""),
+                tiny=e.get("tiny", ""), condition=e.get("condition", ""), license=e.get("license") or {},
             )
         return cls(entries, override_path)
 
@@ -133,7 +138,8 @@ class ModelCatalog:
             f"Model {entry.id} ({entry.label}) has no weights source configured: its true source is not "
             f"public knowledge. The server operator can set it in {where}, e.g. "
             f'{{"models": {{"{entry.id}": {{"source": {{"type": "url", "url": "https://.../model.safetensors"}}}}}}}} '
-            f'or {{"source": {{"type": "hf", "repo": "owner/name"}}}}, then restart the server.'
+            f'or {{"source": {{"type": "hf", "repo": "owner/name"}}}}, then restart the server; or run '
+            f"`easel models set {entry.id} --hf OWNER/REPO[:FILE] | --url URL`."
         )
 
 
@@ -249,6 +255,8 @@ class ToolSpec:
         out: dict[str, Any] = {}
         for spec in self.inputs:
             out[spec.name] = _coerce(spec, raw.get(spec.name))
+            if spec.type in ("select", "multiselect"):
+                out[spec.name] = _no_stand_in_lora(spec, raw.get(spec.name), out[spec.name], catalog)
         for spec in self.inputs:
             if spec.type not in ("select", "multiselect"):
                 continue
@@ -259,6 +267,25 @@ class ToolSpec:
                 for gs in catalog.get(mid).generatesettings:
                     out[gs["id"]] = _scale(gs, raw.get(gs["id"]))
         return out
+
+
+def _no_stand_in_lora(spec: InputSpec, raw: Any, value: Any, catalog: "ModelCatalog") -> Any:
+    """A LoRA input's value without the LoRAs nobody chose: an empty selection sent by the client
+    (``[]``, ``""``) means no LoRA, not the seed's default; a default that names no listed option
+    (e.g. InstantID's ``80``, the Flux tool's ``655``) is not applied either. Explicitly chosen
+    ids and defaults that are listed options stay."""
+    def lora(mid: str) -> bool:
+        entry = catalog.entries.get(str(mid))
+        return entry is not None and entry.kind in LORA_KINDS
+
+    options = spec.option_values()
+    if spec.type == "select":
+        if value and lora(value) and _missing(raw) and (raw is not None or value not in options):
+            return ""
+        return value
+    if raw is None:
+        return [v for v in value if not lora(v) or v in options]
+    return value
 
 
 def _missing(value: Any) -> bool:

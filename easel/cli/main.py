@@ -528,7 +528,7 @@ def _follow(client, taskid: str, tasktoken: str) -> dict:
         job = bar.add_task("task_queue", total=100, info="")
 
         def show(status: str, progress: dict) -> None:
-            info = (f"step {progress['stepCurrent']}/{progress['stepTotal']}  {progress.get('speed', '?')} "
+            info = (f"{progress.get('task', '')} {progress['stepCurrent']}/{progress['stepTotal']}  {progress.get('speed', '?')} "
                     f"{progress.get('speedType', 'it/s')}  ETA {progress.get('remainingTime', '?')}") if progress else None
             fields = {"info": info} if info else {}
             completed = float(progress["percentage"]) if progress else (100 if status == "task_postprocess_end" else None)
@@ -803,6 +803,11 @@ def demo(data_dir: Path = typer.Option(Path(".easel-demo"), help="Data directory
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+from easel.cli import models as _models_cli  # noqa: E402  (easel models pull | list | set)
+
+_models_cli.register(models_app, console, _settings_from)
 
 
 def main() -> None:

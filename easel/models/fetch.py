@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpcore
@@ -276,8 +276,13 @@ def post_pinned(url: str, body: bytes, headers: dict, policy: FetchPolicy) -> in
         return resp.status_code
 
 
-def fetch_to_file(url: str, dest: Path, policy: FetchPolicy) -> int:
+def fetch_to_file(url: str, dest: Path, policy: FetchPolicy, headers: dict | None = None,
+                  progress: "Callable[[int, int], None] | None" = None) -> int:
     """Download ``url`` to ``dest`` under ``policy``; return the byte count.
+
+    ``headers`` (e.g. a Civitai token) go to the URL's own host only, never to a host a redirect
+    leads to (Civitai redirects to its storage host with a signed URL). ``progress(done, total)``
+    (total 0 when the server sends no length) is called at most every 0.25 s; it may raise to stop.
 
     The request asks for ``Accept-Encoding: identity`` and a body sent with any other
     ``Content-Encoding`` is refused: bytes are never decompressed, so the size cap counts what
@@ -289,10 +294,12 @@ def fetch_to_file(url: str, dest: Path, policy: FetchPolicy) -> int:
             over the cap.
     """
     deadline = _Deadline(policy.total_timeout, "the download")
+    first_host = urlsplit(url).netloc
     with _client(policy, deadline) as client:
         for _ in range(MAX_REDIRECTS + 1):
             pinned, host, host_header = _pinned(url, policy, deadline)
-            req = client.build_request("GET", pinned, headers={"Host": host_header, "Accept-Encoding": "identity"},
+            extra = headers if headers and urlsplit(url).netloc == first_host else {}
+            req = client.build_request("GET", pinned, headers={**extra, "Host": host_header, "Accept-Encoding": "identity"},
                                        extensions={"sni_hostname": host, "timeout": deadline.timeout(policy).as_dict()})
             try:
                 resp = client.send(req, stream=True)
@@ -316,6 +323,8 @@ def fetch_to_file(url: str, dest: Path, policy: FetchPolicy) -> int:
                         and int(declared) > policy.max_bytes:
                     raise FetchError(f"file is {int(declared)} bytes, over the {policy.max_bytes}-byte limit")
                 total = 0
+                expected = int(declared) if declared.isascii() and declared.isdigit() and len(declared) < 20 else 0
+                last = 0.0
                 try:
                     with open(dest, "wb") as fh:
                         for chunk in resp.iter_raw(1 << 20):
@@ -323,6 +332,9 @@ def fetch_to_file(url: str, dest: Path, policy: FetchPolicy) -> int:
                             if total > policy.max_bytes:
                                 raise FetchError(f"file exceeds the {policy.max_bytes}-byte limit")
                             fh.write(chunk)
+                            if progress is not None and time.monotonic() - last >= 0.25:
+                                last = time.monotonic()
+                                progress(total, max(expected, total))
                 except httpx.TimeoutException:
                     deadline.left()
                     raise FetchError(f"timed out reading from {host}") from None
@@ -377,7 +389,8 @@ def check_safetensors(path: Path) -> dict:
 
 
 def fetch_safetensors(url: str, storage: "Storage", policy: FetchPolicy, cache_dir: Path,
-                      refresh_after: float = 0.0) -> Path:
+                      refresh_after: float = 0.0, headers: dict | None = None,
+                      progress: "Callable[[int, int], None] | None" = None) -> Path:
     """Fetch a ``.safetensors`` file from an untrusted URL; return a local path of it.
 
     The file is kept in the storage (``easel.storage``: the data directory, or the bucket every
@@ -414,7 +427,7 @@ def fetch_safetensors(url: str, storage: "Storage", policy: FetchPolicy, cache_d
     tmp_path = Path(tmp)
     try:
         partfiles.hold(fd)  # until the file is renamed or removed: see easel.models.partfiles
-        fetch_to_file(url, tmp_path, policy)
+        fetch_to_file(url, tmp_path, policy, headers=headers, progress=progress)
         check_safetensors(tmp_path)
         digest = hashlib.sha256()
         with open(tmp_path, "rb") as fh:

@@ -9,21 +9,27 @@ Two sources, chosen by ``Settings.model_source``:
   (or ``Settings.random_model_size="small"``), written once as a diffusers folder under
   ``<data_dir>/models/random`` on the device the worker runs on (``easel.models.fullsize``);
   LoRAs resolve to random LoRAs of rank 16 over those networks. For speed and memory work.
-- ``hub``: Hub repos download with ``huggingface_hub`` into ``<data_dir>/models/hub`` on first use;
-  ``url`` sources go through the safe fetcher. Offline, the error says so.
+- ``hub``: Hub repos download on first use (or ``easel models pull``) into ``<data_dir>/models/hub``,
+  exactly the files the pipeline loads (``easel.models.download``); ``url`` sources go through the
+  safe fetcher. Weights whose licence must be accepted are fetched only once it was
+  (:meth:`ModelSources.require_license`). Offline, the error says so.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from easel.catalog import CatalogError, ModelCatalog, ModelEntry
+from easel.catalog import CHECKPOINT_KINDS, LORA_KINDS, CatalogError, ModelCatalog, ModelEntry
 from easel.config import Settings
 from easel.storage import Storage, create_storage
 
 from .fetch import FetchPolicy, fetch_safetensors
 from .tiny import make_tiny
+
+LICENSES_FILE = "accepted-licenses.json"
+FACE_PACK = "antelopev2"
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,10 @@ class ModelSources:
         self._tiny_lock = threading.Lock()
         self._tiny: dict[str, Path] | None = None
         self._random: dict[str, Path] = {}
+        # told the bytes of each download (done, total) while a task resolves its weights; it may
+        # raise to stop the download (the worker sets it for the task's preprocess phase)
+        self.progress: "Callable[[int, int], None] | None" = None
+        self.on_file: "Callable | None" = None  # told each file a Hub download starts (easel models pull)
 
     @property
     def lora_policy(self) -> FetchPolicy:
@@ -105,11 +115,12 @@ class ModelSources:
             return Weights("diffusers", tiny[fam], key=f"tiny-{fam}")
         source = self.catalog.require_source(entry)
         if source["type"] == "hf":
-            if source.get("weight_name"):
-                return Weights("single_file", self._hub_file(source), key=f"hf:{source['repo']}/{source['weight_name']}")
-            return Weights("diffusers", self._hub_snapshot(source), key=f"hf:{source['repo']}")
+            if source.get("weight_name") or len(source.get("files") or []) == 1:
+                path = self._hub_file(entry, source, "")
+                return Weights("single_file", path, key=f"hf:{source['repo']}/{path.name}")
+            return Weights("diffusers", self._hub(entry, source), key=f"hf:{source['repo']}@{source.get('revision', '')}")
         if source["type"] == "url":
-            path = self._fetch(source["url"])
+            path = self._catalog_url(entry, source)
             return Weights("single_file", path, key=f"file:{path.name}")
         raise CatalogError(f"catalog id {entry.id}: unknown source type {source.get('type')!r} (use 'hf' or 'url')")
 
@@ -139,9 +150,9 @@ class ModelSources:
             return Weights("lora", tiny[name], key=f"tiny-{name}")
         source = self.catalog.require_source(entry)
         if source["type"] == "hf":
-            path = self._hub_file({**source, "weight_name": source.get("weight_name") or "pytorch_lora_weights.safetensors"})
+            path = self._hub_file(entry, source, "pytorch_lora_weights.safetensors")
         elif source["type"] == "url":
-            path = self._fetch(source["url"])
+            path = self._catalog_url(entry, source)
         else:
             raise CatalogError(f"catalog id {entry.id}: unknown source type {source.get('type')!r}")
         return Weights("lora", path, key=f"file:{path.name}")
@@ -169,15 +180,15 @@ class ModelSources:
             return Weights("diffusers" if path.is_dir() else "file", path, key=f"tiny-{name}")
         source = self.catalog.require_source(entry)
         if source["type"] == "url" and single_file:
-            path = self._fetch(source["url"])
+            path = self._catalog_url(entry, source)
             return Weights("file", path, key=f"file:{path.name}")
         if source["type"] != "hf":
             raise CatalogError(f"catalog id {entry.id}: unknown source type {source.get('type')!r} for a component")
         if source.get("weight_name") or single_file:
-            path = self._hub_file({**source, "weight_name": source.get("weight_name") or "model.safetensors"},
+            path = self._hub_file(entry, source, "model.safetensors",
                                   suffixes=(".safetensors",) if single_file else (".safetensors", ".bin"))
             return Weights("file", path, key=f"hf:{source['repo']}/{path.name}")
-        folder = self._hub_snapshot(source, patterns=source.get("allow_patterns"))
+        folder = self._hub(entry, source)
         if source.get("subfolder"):
             folder = folder / source["subfolder"]
         return Weights("diffusers", folder, key=f"hf:{source['repo']}/{source.get('subfolder', '')}")
@@ -185,13 +196,24 @@ class ModelSources:
     def face_root(self) -> Path:
         """The insightface ``root`` whose ``models/antelopev2/`` holds the face-analysis pack.
 
-        Tiny mode: the tiny ONNX pack. Otherwise ``<data_dir>/models/insightface``, where the
-        operator places the pack by hand (its licence is non-commercial; see
-        ``easel.models.faces.PLACEMENT``); :class:`easel.models.faces.FaceAnalyzer` checks it.
+        Tiny mode: the tiny ONNX pack. Otherwise ``<data_dir>/models/insightface``: a pack placed
+        there by hand is used as it is; in hub mode a missing one is fetched from the catalog's
+        ``antelopev2`` source into it, after its licence (non-commercial) was accepted.
+        :class:`easel.models.faces.FaceAnalyzer` checks it.
+
+        Raises:
+            CatalogError: (hub mode, pack missing) licence not accepted, or the download failed.
         """
         if self.settings.model_source == "tiny":
             return self.tiny()["faces"]
-        return self.settings.models_dir / "insightface"
+        from .faces import REQUIRED, pack_folder
+
+        root = self.settings.models_dir / "insightface"
+        entry = self.catalog.entries.get(FACE_PACK)
+        if self.settings.model_source == "hub" and entry is not None and entry.source \
+                and not all((pack_folder(root) / n).is_file() for n in REQUIRED):
+            self._hub(entry, {**entry.source, "files": list(entry.source.get("files") or REQUIRED)}, pack_folder(root))
+        return root
 
     def lora_from_url(self, url: str) -> Weights:
         """Fetch a user's LoRA URL with the safe fetcher (in every model-source mode).
@@ -216,33 +238,162 @@ class ModelSources:
         return fetch_safetensors(url, self.storage, self.lora_policy, self.settings.models_dir / "fetched",
                                  refresh_after=self.settings.orphan_retention_seconds / 2)
 
-    def _hub_error(self, what: str, exc: Exception) -> CatalogError:
-        return CatalogError(
-            f"could not download {what} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
-            "Is this machine online, and does the repo exist (gated repos need HF_TOKEN)? "
-            "For offline testing run the server with --model-source tiny.")
+    def _hub(self, entry: ModelEntry | None, source: dict, target: Path | None = None) -> Path:
+        """The local folder of an ``hf`` source's selection (``easel.models.download``): from disk
+        when it was fetched completely before, else fetched now (licence checked first), with
+        :attr:`progress` told the bytes. ``target`` puts the files in that folder instead."""
+        from .download import complete_folder, hub_plan, run_plan
 
-    def _hub_snapshot(self, source: dict, patterns: list[str] | None = None) -> Path:
-        from huggingface_hub import snapshot_download
+        root = self.settings.models_dir / "hub"
+        if entry is not None:
+            self.require_license(entry)
+        if target is None:
+            folder = complete_folder(root, source)
+            if folder is not None:
+                return folder
+        plan = hub_plan(root, source)
+        if target is not None:
+            plan.folder, plan.marker = target, None
+        return run_plan(plan, root, self.progress, self.settings.download_reserve_bytes, on_file=self.on_file)
 
+    def _hub_file(self, entry: ModelEntry | None, source: dict, default: str,
+                  suffixes: tuple[str, ...] = (".safetensors",)) -> Path:
+        """One file of a Hub repo: ``files[0]``, ``subfolder/weight_name`` or ``default``. ``.bin`` is
+        allowed only for InstantID's IP-Adapter, which is read with ``torch.load(weights_only=True)``
+        (``easel.models.instantid.load_adapter_file``)."""
+        files = source.get("files") or []
+        sub = (source.get("subfolder") or "").strip("/")
+        name = files[0] if len(files) == 1 else source.get("weight_name") or default
+        path = name if files or not sub else f"{sub}/{name}"
+        if not path.endswith(suffixes):
+            raise CatalogError(f"{source['repo']}/{path}: only {' or '.join(suffixes)} weights are loaded")
+        return self._hub(entry, {**source, "files": [path]}) / path
+
+    def _catalog_url(self, entry: ModelEntry, source: dict) -> Path:
+        """A catalog ``url`` source (e.g. Civitai's download API) through the safe fetcher, with the
+        weights' size cap, progress, ``CIVITAI_TOKEN`` for civitai.com and a pinned ``sha256``."""
+        import hashlib
+        import os
+        from urllib.parse import urlsplit
+
+        from .download import DownloadError
+        from .fetch import FetchError
+
+        self.require_license(entry)
+        s = self.settings
+        policy = FetchPolicy(allow=s.fetch_allow, max_bytes=s.weights_max_bytes, connect_timeout=s.fetch_connect_timeout,
+                             read_timeout=s.fetch_read_timeout, total_timeout=s.weights_fetch_timeout_seconds)
+        headers = {}
+        host = (urlsplit(source["url"]).hostname or "").lower()
+        if os.environ.get("CIVITAI_TOKEN") and (host == "civitai.com" or host.endswith(".civitai.com")):
+            headers["Authorization"] = f"Bearer {os.environ['CIVITAI_TOKEN']}"
+        where = f"{entry.id} ({entry.label}) from {source['url']}"
         try:
-            return Path(snapshot_download(
-                source["repo"], revision=source.get("revision"), cache_dir=self.settings.models_dir / "hub",
-                allow_patterns=patterns or ["*.json", "*.txt", "*.model", "**/*.safetensors", "**/*.json", "**/*.txt"],
-                ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt", "*.bin", "*.pt", "*.pth"]))
-        except Exception as exc:  # huggingface_hub raises many types when offline
-            raise self._hub_error(source["repo"], exc) from None
+            path = fetch_safetensors(source["url"], self.storage, policy, s.models_dir / "fetched",
+                                     refresh_after=s.orphan_retention_seconds / 2, headers=headers,
+                                     progress=self.progress)
+        except FetchError as exc:
+            raise DownloadError(f"could not download {where}: {exc}") from None
+        pin = source.get("sha256")
+        if pin and path.stem != pin.lower():
+            raise DownloadError(f"could not download {where}: sha256 mismatch (expected {pin}, got {path.stem})")
+        return path
 
-    def _hub_file(self, source: dict, suffixes: tuple[str, ...] = (".safetensors",)) -> Path:
-        """One file of a Hub repo. ``.bin`` is allowed only for InstantID's IP-Adapter, which is read
-        with ``torch.load(weights_only=True)`` (``easel.models.instantid.load_adapter_file``)."""
-        from huggingface_hub import hf_hub_download
+    def resolve(self, entry: ModelEntry) -> Path:
+        """The local weights of any entry (``easel models pull``): a checkpoint, LoRA, component,
+        or the face-analysis pack (its insightface root).
 
-        name = source["weight_name"]
-        if not name.endswith(suffixes):
-            raise CatalogError(f"{source['repo']}/{name}: only {' or '.join(suffixes)} weights are loaded")
-        try:
-            return Path(hf_hub_download(source["repo"], name, subfolder=source.get("subfolder"),
-                                        revision=source.get("revision"), cache_dir=self.settings.models_dir / "hub"))
-        except Exception as exc:
-            raise self._hub_error(f"{source['repo']}/{name}", exc) from None
+        Raises:
+            CatalogError: as :meth:`checkpoint`.
+        """
+        if entry.kind in CHECKPOINT_KINDS:
+            return self.checkpoint(entry).path
+        if entry.kind in LORA_KINDS:
+            return self.lora(entry).path
+        if entry.kind == "face-analysis":
+            return self.face_root()
+        return self.component(entry).path
+
+    def is_local(self, entry: ModelEntry) -> bool:
+        """Whether ``entry``'s weights are on this machine (hub mode's folders, fetched URLs, a
+        placed face pack), without asking any server."""
+        import hashlib
+        import json
+
+        from .faces import REQUIRED, pack_folder
+
+        if entry.kind == "face-analysis":
+            return all((pack_folder(self.settings.models_dir / "insightface") / n).is_file() for n in REQUIRED)
+        source = entry.source or {}
+        if source.get("type") == "url":
+            try:
+                self.storage.get_bytes(f"fetched/urls/{hashlib.sha256(source['url'].encode()).hexdigest()}")
+                return True
+            except (FileNotFoundError, OSError):
+                return False
+        if source.get("type") != "hf":
+            return False
+        from .download import repo_folder
+
+        folder = repo_folder(self.settings.models_dir / "hub", source)
+        for marker in (folder / ".easel").glob("*.json"):
+            try:
+                if all((folder / f).is_file() for f in json.loads(marker.read_text())["files"]):
+                    return True
+            except (OSError, ValueError, KeyError):
+                continue
+        return False
+
+    # -- licences -----------------------------------------------------------------------------
+
+    def accepted_licenses(self) -> set[str]:
+        """Licence names the operator accepted (:func:`accepted_licenses`)."""
+        return accepted_licenses(self.settings)
+
+    def record_license(self, names: list[str]) -> None:
+        """Record licence names as accepted (``easel models pull --accept-license``)."""
+        import json
+
+        accepted = sorted(self.accepted_licenses() | {n.strip().lower() for n in names if n.strip()})
+        path = self.settings.models_dir / LICENSES_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(accepted))
+
+    def require_license(self, entry: ModelEntry) -> None:
+        """Raise :class:`easel.models.download.LicenseNotAccepted` when ``entry``'s licence must be
+        accepted (``license.accept`` names it) and was not (:func:`license_problem`)."""
+        from .download import LicenseNotAccepted
+
+        problem = license_problem(entry, self.settings)
+        if problem:
+            raise LicenseNotAccepted(problem)
+
+
+def accepted_licenses(settings: Settings) -> set[str]:
+    """Licence names the operator accepted, lower-cased: ``Settings.accept_licenses``
+    (``EASEL_ACCEPT_LICENSES``) and those recorded by ``easel models pull --accept-license`` in
+    ``<data_dir>/models/accepted-licenses.json``."""
+    import json
+
+    names = {n.strip().lower() for n in settings.accept_licenses if n.strip()}
+    try:
+        names |= {str(n).lower() for n in json.loads((settings.models_dir / LICENSES_FILE).read_text())}
+    except (OSError, ValueError, TypeError):
+        pass
+    return names
+
+
+def license_problem(entry: ModelEntry, settings: Settings) -> str | None:
+    """Why ``entry``'s weights may not be used yet (its licence's ``accept`` name was not accepted,
+    see :func:`accepted_licenses`; ``all`` accepts every one), naming the licence and how to accept
+    it; None when nothing needs accepting or it was accepted."""
+    lic = entry.license or {}
+    name = lic.get("accept")
+    accepted = accepted_licenses(settings)
+    if not name or name.lower() in accepted or "all" in accepted:
+        return None
+    terms = "non-commercial use only" if lic.get("noncommercial") else "terms that must be accepted"
+    where = f", {lic['url']}" if lic.get("url") else ""
+    return (f"{entry.label} ({entry.id}) is under the {lic.get('id', name)} licence ({terms}{where}), which the "
+            f"operator has not accepted. To accept it, set EASEL_ACCEPT_LICENSES={name} (comma-separated with "
+            f"others) for the server and its workers, or run `easel models pull {entry.id} --accept-license {name}`.")

@@ -119,14 +119,15 @@ class WorkerContext:
         every = self.worker.settings.preview_interval
         return every > 0 and (step % every == 0 or step == total)
 
-    def progress(self, step: int, total: int, preview: bytes | None = None, task: str = "Generate") -> None:
+    def progress(self, step: int, total: int, preview: bytes | None = None, task: str = "Generate",
+                 speed_type: str = "it/s") -> None:
         now = time.time()
         begin = self._started_at or now
         elapsed = now - begin
         speed = step / elapsed if elapsed > 0 else 0.0
         remaining = (total - step) / speed if speed > 0 else 0.0
         info = {"task": task, "percentage": f"{100.0 * step / total:.0f}", "stepCurrent": str(step),
-                "stepTotal": str(total), "speed": f"{speed:.2f}", "speedType": "it/s",
+                "stepTotal": str(total), "speed": f"{speed:.2f}", "speedType": speed_type,
                 "elapsedTime": f"{elapsed:.1f}s", "remainingTime": f"{remaining:.1f}s"}
         message = json.dumps({"type": "progressGenerate", **info})  # Wiro's flat task_output message
         if self.worker.should_stop():
@@ -139,6 +140,16 @@ class WorkerContext:
             raise TaskLost()
         if kill:
             raise TaskKilled()
+
+    def download_progress(self, done: int, total: int) -> None:
+        """Weights being downloaded for this task (bytes ``done`` of ``total``): a progress frame
+        with ``task`` "Downloading"; raises as :meth:`progress` does (kill, stop, time limit)."""
+        self._download_started = getattr(self, "_download_started", None) or time.time()
+        started, self._started_at = self._started_at, self._download_started
+        try:
+            self.progress(done, max(total, done, 1), task="Downloading", speed_type="B/s")
+        finally:
+            self._started_at = started
 
     def log(self, line: str) -> None:
         self.lines.append(line)
@@ -317,7 +328,11 @@ class Worker:
         try:
             tool = load_tool(task.tool)
             with _StderrCapture(ctx):  # the claim entered task_preprocess_start (lc.claim(preprocess=True))
-                plan = tool.prepare(inputs, ctx)
+                self.models.sources.progress = ctx.download_progress  # weights fetched now show as "Downloading"
+                try:
+                    plan = tool.prepare(inputs, ctx)
+                finally:
+                    self.models.sources.progress = None
                 ctx.check_killed()
                 self.advance_through(task_id, [(lc.PREPROCESS_END, "", {}), (lc.ASSIGN, "", {})])
                 paths = tool.run(plan, ctx) + ctx.extra_paths

@@ -1,0 +1,214 @@
+"""``easel models pull | list | set``: fetch catalog weights ahead of time (with progress bars,
+licence acceptance, resume and hash checks), show every id's source status, and point an id at
+its weights in the operator's override file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+from rich.table import Table
+
+_DATA = typer.Option(None, "--data-dir", help="Data directory [env EASEL_DATA_DIR; default easel-data].")
+_CONFIG = typer.Option(None, "--config", help="TOML file of settings [env EASEL_CONFIG_FILE].")
+
+
+def _source_text(source: Optional[dict]) -> str:
+    if not source:
+        return "none"
+    if source.get("type") == "url":
+        return source["url"]
+    text = f"{'dataset:' if source.get('repo_type') == 'dataset' else ''}{source['repo']}"
+    files = source.get("files") or ([source["weight_name"]] if source.get("weight_name") else [])
+    if len(files) == 1:
+        text += f":{files[0]}"
+    if source.get("revision") and source["revision"] != "main":
+        text += f"@{source['revision']}"
+    return text
+
+
+def _raw_catalog() -> dict:
+    """The built-in catalog's JSON entries (with their display-only fields: approx_bytes, verified)."""
+    return json.loads((Path(__file__).parent.parent / "catalog" / "models.json").read_text())["models"]
+
+
+def register(models_app: typer.Typer, console: Console, settings_from: Callable) -> None:
+    """Add ``pull``, ``list`` and ``set`` to the ``easel models`` command group.
+
+    ``settings_from(config, **flags)`` builds the settings as every other command does.
+    """
+
+    def load(config, data_dir):
+        from easel.catalog import ModelCatalog
+        from easel.models.sources import ModelSources
+
+        settings = settings_from(config, data_dir=data_dir, model_source="hub")
+        return settings, ModelSources(settings, ModelCatalog.load(settings.catalog_override))
+
+    @models_app.command("pull")
+    def pull(
+        ids: Optional[list[str]] = typer.Argument(None, help="Catalog ids to fetch."),
+        tool: Optional[str] = typer.Option(None, "--tool", help="OWNER/SLUG: what a Run of it with its defaults loads."),
+        seeds: bool = typer.Option(False, "--seeds", help="Everything the five seed pages' own example requests load."),
+        all_: bool = typer.Option(False, "--all", help="Every id with a public source."),
+        accept_license: list[str] = typer.Option([], "--accept-license", help="Accept a licence by name (see "
+                                                  "`easel models list`), e.g. flux.1-dev; repeat or comma-separate; "
+                                                  "recorded in the data directory for the server too."),
+        data_dir: Optional[Path] = _DATA,
+        config: Optional[Path] = _CONFIG,
+    ):
+        """Download catalog weights now (exactly the files the pipelines load), with a progress bar per
+        file; an interrupted pull resumes; two pulls or a pull and a worker never fetch a file twice."""
+        from easel.catalog import CatalogError, InputError, load_tools
+        from easel.models.download import human_size
+        from easel.models.needs import SEED_REQUESTS, run_needs
+
+        settings, sources = load(config, data_dir)
+        catalog = sources.catalog
+        wanted = list(ids or [])
+        tools = load_tools()
+        try:
+            if tool:
+                if tool not in tools:
+                    raise typer.BadParameter(f"unknown tool {tool!r}; tools: {', '.join(sorted(tools))}",
+                                             param_hint="--tool")
+                wanted += run_needs(tools[tool], {}, catalog)
+            if seeds:
+                for name, raw in SEED_REQUESTS.items():
+                    wanted += run_needs(tools[name], raw, catalog)
+        except InputError as exc:
+            raise typer.BadParameter(exc.message) from None
+        if all_:
+            wanted += [mid for mid, e in catalog.entries.items() if e.source]
+        wanted = list(dict.fromkeys(wanted))
+        if not wanted:
+            raise typer.BadParameter("name catalog ids, or use --tool, --seeds or --all")
+        unknown = [m for m in wanted if m not in catalog.entries]
+        if unknown:
+            raise typer.BadParameter(f"not in the catalog: {', '.join(unknown)}")
+        names = [n.strip() for item in accept_license for n in item.split(",") if n.strip()]
+        if names:
+            sources.record_license(names)
+            console.print(f"accepted licences: {', '.join(names)}")
+        failed = []
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=console) as bars:
+            for mid in wanted:
+                entry = catalog.get(mid)
+                current: dict = {"task": None, "done": 0}
+
+                def on_file(f, mid=mid) -> None:
+                    current["task"] = bars.add_task(f"{mid} {f.path}", total=f.size or None)
+
+                def progress(done: int, total: int, mid=mid) -> None:
+                    if current["task"] is None:
+                        current["task"] = bars.add_task(f"{mid}", total=total or None)
+                    if done < current["done"]:
+                        current["done"] = 0
+                    bars.advance(current["task"], done - current["done"])
+                    current["done"] = done
+
+                sources.progress = progress
+                sources.on_file = on_file
+                try:
+                    here = sources.is_local(entry)
+                    path = sources.resolve(entry)
+                    console.print(f"[green]{mid}[/green] ({entry.label}): {path}{' (already here)' if here else ''}")
+                except CatalogError as exc:
+                    failed.append(mid)
+                    console.print(f"[red]{mid}[/red] ({entry.label}): {exc}")
+                finally:
+                    sources.progress = None
+                    sources.on_file = None
+        if failed:
+            console.print(f"[red]not fetched: {', '.join(failed)}")
+            raise typer.Exit(1)
+        raw = _raw_catalog()
+        total = sum(raw.get(m, {}).get("approx_bytes") or 0 for m in wanted)
+        console.print(f"all {len(wanted)} ready" + (f" (~{human_size(total)})" if total else ""))
+
+    @models_app.command("list")
+    def list_(
+        as_json: bool = typer.Option(False, "--json", help="A JSON array, one object per id."),
+        data_dir: Optional[Path] = _DATA,
+        config: Optional[Path] = _CONFIG,
+    ):
+        """Every catalog id: kind, weights source (or why there is none), licence, size, and whether
+        it is on this machine."""
+        from easel.models.download import human_size
+        from easel.models.sources import accepted_licenses
+
+        settings, sources = load(config, data_dir)
+        raw = _raw_catalog()
+        accepted = accepted_licenses(settings)
+        rows = []
+        for mid, entry in sources.catalog.entries.items():
+            lic = entry.license or {}
+            extra = raw.get(mid, {})
+            rows.append({"id": mid, "kind": entry.kind, "label": entry.label, "source": entry.source,
+                         "license": lic or None, "license_accepted": (not lic.get("accept")) or
+                         lic["accept"].lower() in accepted or "all" in accepted,
+                         "approx_bytes": extra.get("approx_bytes"), "verified": extra.get("verified", ""),
+                         "local": sources.is_local(entry), "why": "" if entry.source else entry.why})
+        if as_json:
+            print(json.dumps(rows, indent=1))
+            return
+        table = Table("id", "kind", "source", "licence", "size", "local")
+        for r in rows:
+            lic = r["license"] or {}
+            licence = lic.get("id", "")
+            if lic.get("accept"):
+                licence += f" [accept: {lic['accept']}{', accepted' if r['license_accepted'] else ''}]"
+            table.add_row(r["id"], r["kind"], _source_text(r["source"]) if r["source"] else "[yellow]none: easel models set",
+                          licence, human_size(r["approx_bytes"]) if r["approx_bytes"] else "?",
+                          "yes" if r["local"] else "no")
+        console.print(table)
+
+    @models_app.command("set")
+    def set_(
+        model_id: str = typer.Argument(..., help="A catalog id."),
+        hf: Optional[str] = typer.Option(None, "--hf", help="OWNER/REPO[:FILE][@REVISION] on the Hugging Face Hub."),
+        url: Optional[str] = typer.Option(None, "--url", help="An https URL of a .safetensors file (Civitai's "
+                                                              "download API works; CIVITAI_TOKEN if it asks)."),
+        sha256: Optional[str] = typer.Option(None, "--sha256", help="Pin the file's hash (hex)."),
+        data_dir: Optional[Path] = _DATA,
+        config: Optional[Path] = _CONFIG,
+    ):
+        """Point a catalog id at its weights: writes the operator's override file
+        (``<data_dir>/catalog.override.json``); restart the server to use it."""
+        import re
+
+        from easel.models.download import parse_hf_spec
+
+        settings, sources = load(config, data_dir)
+        if model_id not in sources.catalog.entries:
+            raise typer.BadParameter(f"{model_id!r} is not in the catalog", param_hint="MODEL_ID")
+        if bool(hf) == bool(url):
+            raise typer.BadParameter("give exactly one of --hf and --url")
+        if hf:
+            try:
+                source = parse_hf_spec(hf)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--hf") from None
+        else:
+            if not re.match(r"https?://[^/\s]+/", url or ""):
+                raise typer.BadParameter("must be an http(s) URL", param_hint="--url")
+            source = {"type": "url", "url": url}
+        if sha256:
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+                raise typer.BadParameter("must be 64 hex digits", param_hint="--sha256")
+            source["sha256"] = sha256.lower()
+        path = Path(settings.catalog_override)
+        try:
+            data = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError as exc:
+            raise typer.BadParameter(f"{path} is not valid JSON: {exc}") from None
+        data.setdefault("models", {}).setdefault(model_id, {})["source"] = source
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        console.print(f"{model_id}: {_source_text(source)} (written to {path}; restart the server to use it)")

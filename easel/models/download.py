@@ -1,0 +1,447 @@
+"""Downloading catalog weights from the Hugging Face Hub: exactly the files a pipeline loads, with
+progress, a disk-space check, resume, ``sha256`` verification and one download per file across
+processes.
+
+The Hub's own client, ``huggingface_hub``, answers what a repo holds at a revision
+(``HfApi.model_info`` / ``dataset_info`` with ``files_metadata``: each file's size and LFS
+``sha256``, and the commit the revision names), builds the file URLs (``hf_hub_url``) and the
+request headers (``build_hf_headers``: ``HF_TOKEN``, user agent), and maps the Hub's error answers
+(gated, not found) to its exception types. The bytes themselves are streamed here with ``httpx``
+rather than with ``hf_hub_download`` because Easel needs what that function does not offer in
+``huggingface_hub`` 1.x/2.x: resuming an interrupted file across processes (the Hub client writes
+to a per-process temporary file it deletes), a kill check and byte progress for the task between
+chunks, and verification of a pinned ``sha256``. ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` are read
+at each call.
+
+Layout under ``root`` (``<data_dir>/models/hub``): ``<models|datasets>--<owner>--<name>/<revision>/``
+holds the repo's files under their repo paths, a revision folder per pinned revision
+(``refs/pr/5`` → ``refs--pr--5``). ``.easel/<selection>.json`` in it records a complete selection
+(its files and the commit): a later resolution of the same selection answers from disk without
+asking the Hub. Partial downloads live in ``<root>/.partial/`` only, never at a weights path.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from easel.catalog import CatalogError
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: bytes of this download done so far and in all. It may raise (e.g.
+``TaskKilled``) to stop the download; the partial file is then removed."""
+
+# weights a pipeline never loads: half-precision and EMA copies, pickles, other frameworks
+IGNORED = ("*.fp16*", "*non_ema*", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data",
+           "*.bin", "onnx/*", "flax_model*", "tf_model*")
+# the files of a diffusers component folder that from_pretrained reads
+COMPONENT_FILES = ("*.json", "*.txt", "*.model", "*.safetensors")
+# components the pipelines are built without (``safety_checker=None``)
+SKIPPED_COMPONENTS = ("safety_checker",)
+CHUNK = 1 << 20
+REPORT_EVERY = 0.25  # seconds between progress reports
+
+
+class DownloadError(CatalogError):
+    """Weights could not be fetched; the message names the source and the reason."""
+
+
+class LicenseNotAccepted(CatalogError):
+    """The weights' licence has not been accepted by the operator; the message says how."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file to fetch: its path in the repo, URL, size (bytes, None if unknown) and expected
+    ``sha256`` (hex; the catalog's pin, else the Hub's LFS hash, else None)."""
+
+    path: str
+    url: str
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass
+class Plan:
+    """The files of one selection and where they land (``folder / file.path``)."""
+
+    label: str
+    folder: Path
+    files: list[RemoteFile]
+    headers: dict = field(default_factory=dict)
+    commit: str = ""
+    marker: Path | None = None
+
+    def missing(self) -> list[RemoteFile]:
+        """Files not yet at their final path."""
+        return [f for f in self.files if not (self.folder / f.path).is_file()]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size or 0 for f in self.files)
+
+
+def hub_endpoint() -> str:
+    """The Hub's base URL: ``$HF_ENDPOINT`` (read now) or https://huggingface.co."""
+    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or "https://huggingface.co"
+
+
+def offline() -> bool:
+    """``HF_HUB_OFFLINE`` set (in the environment now, or in ``huggingface_hub.constants``)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _token() -> str | None:
+    from huggingface_hub import get_token
+
+    return os.environ.get("HF_TOKEN") or get_token()
+
+
+def repo_folder(root: Path, source: dict) -> Path:
+    """``<root>/<models|datasets>--<owner>--<name>/<revision with / as -->``."""
+    kind = "datasets" if source.get("repo_type") == "dataset" else "models"
+    revision = (source.get("revision") or "main").replace("/", "--")
+    return Path(root) / f"{kind}--{source['repo'].replace('/', '--')}" / revision
+
+
+def _selection_key(source: dict) -> str:
+    keys = ("files", "allow_patterns", "ignore_patterns", "weight_name", "subfolder", "layout")
+    spec = json.dumps({k: source.get(k) for k in keys}, sort_keys=True)
+    return hashlib.sha1(spec.encode()).hexdigest()[:16]
+
+
+def complete_folder(root: Path, source: dict) -> Path | None:
+    """The local folder of ``source`` if its selection was downloaded completely, else None."""
+    folder = repo_folder(root, source)
+    marker = folder / ".easel" / f"{_selection_key(source)}.json"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return folder if all((folder / f).is_file() for f in files) else None
+
+
+def _hub_message(exc: Exception, what: str) -> str:
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    if isinstance(exc, GatedRepoError):
+        return (f"{what} is gated: accept its conditions on its Hugging Face page with your account, then set "
+                "HF_TOKEN to a token of that account (HTTP "
+                f"{getattr(exc.response, 'status_code', '401/403')})")
+    if isinstance(exc, RevisionNotFoundError):
+        return f"{what}: the revision does not exist on the Hub"
+    if isinstance(exc, RepositoryNotFoundError):
+        return (f"{what} does not exist on the Hub, or is private: if your account can see it, set HF_TOKEN "
+                "(HTTP 401/404)")
+    if isinstance(exc, OfflineModeIsEnabled):
+        return f"{what} is not on this machine and HF_HUB_OFFLINE is set (for offline testing: --model-source tiny)"
+    if isinstance(exc, HfHubHTTPError):
+        status = getattr(exc.response, "status_code", None)
+        if status in (401, 403):
+            return (f"{what}: the Hub refused access (HTTP {status}); set HF_TOKEN to a token of an account that "
+                    "may read it (gated repos: accept their conditions on their page first)")
+        return f"{what}: the Hub answered HTTP {status}"
+    return (f"{what}: could not reach {hub_endpoint()} ({type(exc).__name__}: {exc}). Is this machine online? "
+            "For offline testing run the server with --model-source tiny")
+
+
+def _select(names: list[str], source: dict, model_index: Callable[[], dict] | None) -> list[str]:
+    """The repo paths of ``source``'s selection among ``names`` (see :func:`hub_plan`)."""
+    present = set(names)
+    sub = (source.get("subfolder") or "").strip("/")
+    if source.get("files"):
+        chosen = list(source["files"])
+    elif source.get("weight_name"):
+        chosen = [f"{sub}/{source['weight_name']}" if sub else source["weight_name"]]
+    elif source.get("allow_patterns"):
+        chosen = [n for n in names if any(fnmatch.fnmatch(n, p) for p in source["allow_patterns"])]
+        ignore = source.get("ignore_patterns", IGNORED)
+        chosen = [n for n in chosen if not any(fnmatch.fnmatch(n, p) for p in ignore)]
+    elif "model_index.json" in present and model_index is not None:
+        # a diffusers pipeline folder: model_index.json and what each loaded component reads
+        index = model_index()
+        comps = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]
+                 and k not in SKIPPED_COMPONENTS]
+        chosen = ["model_index.json"] + [
+            n for n in names if "/" in n and n.split("/", 1)[0] in comps and "/" not in n.split("/", 1)[1]
+            and any(fnmatch.fnmatch(n, p) for p in COMPONENT_FILES)
+            and not any(fnmatch.fnmatch(n, p) for p in IGNORED)]
+    else:
+        prefix = f"{sub}/" if sub else ""
+        chosen = [n for n in names if n.startswith(prefix) and any(fnmatch.fnmatch(n, p) for p in COMPONENT_FILES)
+                  and not any(fnmatch.fnmatch(n, p) for p in IGNORED)]
+    absent = [n for n in chosen if n not in present]
+    if absent:
+        raise DownloadError(f"not in the repo at this revision: {', '.join(absent)}")
+    if not any(n.endswith((".safetensors", ".bin", ".onnx", ".pth")) for n in chosen):
+        raise DownloadError("the selection holds no weights file (check the revision and allow_patterns)")
+    return chosen
+
+
+def hub_plan(root: Path, source: dict) -> Plan:
+    """What to download for a catalog ``hf`` source, asking the Hub (``HfApi``) what the repo
+    holds at the source's ``revision``.
+
+    The selection is, in this order: ``files`` (exact repo paths), ``weight_name`` (in
+    ``subfolder``), ``allow_patterns`` (minus ``ignore_patterns``, default :data:`IGNORED`), a
+    diffusers pipeline (``model_index.json`` and, of each component it lists except the safety
+    checker, the configs, tokenizer files and ``.safetensors`` weights, without fp16/EMA copies,
+    pickles or single-file checkpoints), else the configs and ``.safetensors`` of ``subfolder``.
+    ``sha256`` (a hex string for one file, or path → hex) pins hashes; the Hub's LFS hashes are
+    checked otherwise.
+
+    Raises:
+        DownloadError: the Hub refused or failed (gated, not found, offline, ...), or the selection
+            names files the revision does not have or holds no weights.
+    """
+    from huggingface_hub import HfApi, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    repo, revision = source["repo"], source.get("revision") or "main"
+    repo_type = "dataset" if source.get("repo_type") == "dataset" else "model"
+    label = f"{'dataset ' if repo_type == 'dataset' else ''}{repo}@{revision}"
+    folder = repo_folder(root, source)
+    if offline():
+        raise DownloadError(f"{label} is not on this machine and HF_HUB_OFFLINE is set (download it with `easel models "
+                            "pull` while online; for offline testing run the server with --model-source tiny)")
+    endpoint, token = hub_endpoint(), _token()
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        info = (api.dataset_info if repo_type == "dataset" else api.model_info)(repo, revision=revision,
+                                                                                  files_metadata=True)
+    except Exception as exc:  # huggingface_hub raises many types (HTTP, connection, offline)
+        raise DownloadError(_hub_message(exc, label)) from None
+    siblings = {s.rfilename: s for s in (info.siblings or [])}
+    pins = source.get("sha256") or {}
+    headers = build_hf_headers(token=token)
+
+    def remote(name: str) -> RemoteFile:
+        s = siblings[name]
+        lfs = getattr(s, "lfs", None)
+        pin = pins if isinstance(pins, str) else pins.get(name)
+        return RemoteFile(name, hf_hub_url(repo, name, repo_type=repo_type, revision=info.sha, endpoint=endpoint),
+                          getattr(s, "size", None) or (lfs.size if lfs else None),
+                          pin or (lfs.sha256 if lfs else None))
+
+    def model_index() -> dict:
+        f = remote("model_index.json")
+        with _folder_lock(root, folder):
+            if not (folder / f.path).is_file():
+                fetch_file(f, folder / f.path, root, headers)
+        return json.loads((folder / f.path).read_text())
+
+    try:
+        names = _select(sorted(siblings), source, model_index)
+    except DownloadError as exc:
+        raise DownloadError(f"{label}: {exc}") from None
+    if isinstance(pins, str) and len(names) != 1:
+        raise DownloadError(f"{label}: one sha256 pinned for {len(names)} files; pin a path → hash table")
+    return Plan(f"hf:{label}", folder, [remote(n) for n in names], headers, info.sha or "",
+                folder / ".easel" / f"{_selection_key(source)}.json")
+
+
+def _folder_lock(root: Path, folder: Path):
+    """The inter-process lock (``filelock``) of one download folder."""
+    from filelock import FileLock
+
+    locks = Path(root) / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(locks / (hashlib.sha1(str(folder).encode()).hexdigest() + ".lock")))
+
+
+def _partial(root: Path, dest: Path) -> Path:
+    return Path(root) / ".partial" / (hashlib.sha1(str(dest).encode()).hexdigest() + ".part")
+
+
+def fetch_file(f: RemoteFile, dest: Path, root: Path, headers: dict, progress: Callable[[int], None] | None = None,
+               retries: int = 3) -> None:
+    """Stream ``f`` to ``dest``: into ``<root>/.partial/`` first (resumed with ``Range`` when a
+    part is there), verified against its size and ``sha256``, then renamed into place.
+
+    ``progress(n)`` gets each chunk's byte count (the bytes a resumed part already held first).
+    A connection lost mid-file is resumed up to ``retries`` times. On any other failure, and when
+    ``progress`` raises, the part is removed and the exception propagates; on
+    ``KeyboardInterrupt`` / process death the part stays for the next try to resume.
+
+    Raises:
+        DownloadError: an HTTP error status, a size or sha256 mismatch, a full disk.
+    """
+    import httpx
+
+    part = _partial(root, dest)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    keep = False
+    try:
+        have = part.stat().st_size if part.exists() else 0
+        if f.size is not None and have > f.size:
+            part.unlink()
+            have = 0
+        with open(part, "ab") as out:
+            if have:
+                with open(part, "rb") as old:
+                    for block in iter(lambda: old.read(CHUNK), b""):
+                        digest.update(block)
+                if progress:
+                    progress(have)
+            attempt = 0
+            while True:
+                req_headers = {**headers, "Accept-Encoding": "identity"}
+                if have:
+                    req_headers["Range"] = f"bytes={have}-"
+                try:
+                    with httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0, read=120.0),
+                                      trust_env=True) as client, \
+                            client.stream("GET", f.url, headers=req_headers) as resp:
+                        if resp.status_code in (401, 403):
+                            raise DownloadError(
+                                f"{f.path}: access refused (HTTP {resp.status_code}); set HF_TOKEN (or CIVITAI_TOKEN) "
+                                "to a token allowed to read it (gated repos: accept their conditions first)")
+                        if resp.status_code == 404:
+                            raise DownloadError(f"{f.path}: not found (HTTP 404)")
+                        if resp.status_code == 416 and f.size is not None and have == f.size:
+                            break
+                        if resp.status_code not in (200, 206):
+                            raise DownloadError(f"{f.path}: the server answered HTTP {resp.status_code}")
+                        if have and resp.status_code == 200:  # Range ignored: start again
+                            out.seek(0)
+                            out.truncate()
+                            digest = hashlib.sha256()
+                            have = 0
+                        for chunk in resp.iter_raw(CHUNK):
+                            try:
+                                out.write(chunk)
+                            except OSError as exc:
+                                raise DownloadError(f"{f.path}: could not write ({exc.strerror}); is the disk full?") \
+                                    from None
+                            digest.update(chunk)
+                            have += len(chunk)
+                            if progress:
+                                progress(len(chunk))
+                    break
+                except (httpx.TransportError, httpx.StreamError) as exc:
+                    attempt += 1
+                    out.flush()
+                    if attempt > retries:
+                        raise DownloadError(f"{f.path}: connection failed ({type(exc).__name__}: {exc})") from None
+                    time.sleep(min(4.0, 0.5 * attempt))
+        if f.size is not None and have != f.size:
+            raise DownloadError(f"{f.path}: got {have} bytes, expected {f.size}")
+        got = digest.hexdigest()
+        if f.sha256 and got != f.sha256.lower():
+            raise DownloadError(f"{f.path}: sha256 mismatch (expected {f.sha256}, got {got}); the file was removed")
+        os.replace(part, dest)
+    except (KeyboardInterrupt, SystemExit):
+        keep = True  # an interrupted `easel models pull` resumes from here
+        raise
+    finally:
+        if not keep:
+            part.unlink(missing_ok=True)
+
+
+def check_disk(folder: Path, need: int, reserve: int) -> None:
+    """Refuse (``DownloadError`` with the numbers) when ``folder``'s disk has less than ``need +
+    reserve`` bytes free."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need + reserve:
+        raise DownloadError(f"not enough disk space in {folder}: the download needs {_size(need)}"
+                            f"{f' plus {_size(reserve)} kept free' if reserve else ''}, {_size(free)} is free")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes as ``1.2 GB`` (powers of 1000)."""
+    return _size(n)
+
+
+def run_plan(plan: Plan, root: Path, progress: Progress | None = None, reserve_bytes: int = 0,
+             on_file: Callable[[RemoteFile], None] | None = None) -> Path:
+    """Fetch the plan's missing files under one lock per folder (another process fetching the
+    same files is waited for, then nothing is fetched twice); return ``plan.folder``.
+
+    ``progress(done, total)`` is called at most every 0.25 s while bytes arrive, and while waiting
+    for another process's download of the same folder (with ``done`` 0), so a kill is noticed.
+
+    Raises:
+        DownloadError: see :func:`fetch_file` and :func:`check_disk`.
+    """
+    from filelock import Timeout
+
+    lock = _folder_lock(root, plan.folder)
+    total = sum(f.size or 0 for f in plan.missing())
+    while True:
+        try:
+            lock.acquire(timeout=0.5)
+            break
+        except Timeout:
+            if progress:
+                progress(0, total)
+    try:
+        missing = plan.missing()
+        total = sum(f.size or 0 for f in missing)
+        if missing:
+            held = sum(_partial(root, plan.folder / f.path).stat().st_size
+                       for f in missing if _partial(root, plan.folder / f.path).exists())
+            check_disk(plan.folder, max(0, total - held), reserve_bytes)
+        done = 0
+        last = 0.0
+
+        def tick(n: int) -> None:
+            nonlocal done, last
+            done += n
+            now = time.monotonic()
+            if progress and (now - last >= REPORT_EVERY or done >= total):
+                last = now
+                progress(done, total)
+
+        if progress and missing:
+            progress(0, total)
+        for f in missing:
+            if on_file:
+                on_file(f)
+            fetch_file(f, plan.folder / f.path, root, plan.headers, tick)
+        if plan.marker is not None:
+            plan.marker.parent.mkdir(parents=True, exist_ok=True)
+            plan.marker.write_text(json.dumps({"files": [f.path for f in plan.files], "commit": plan.commit,
+                                               "label": plan.label, "sizes": {f.path: f.size for f in plan.files}}))
+        return plan.folder
+    finally:
+        lock.release()
+
+
+def parse_hf_spec(spec: str) -> dict:
+    """``owner/name[:path/in/repo][@revision]`` (``easel models set --hf``) → an ``hf`` source.
+
+    Raises:
+        ValueError: not of that form.
+    """
+    m = re.fullmatch(r"([\w.-]+/[\w.-]+)(?::([^@]+))?(?:@(.+))?", spec.strip())
+    if not m:
+        raise ValueError(f"{spec!r} is not owner/name[:file][@revision]")
+    source = {"type": "hf", "repo": m.group(1)}
+    if m.group(2):
+        source["files"] = [m.group(2)]
+    if m.group(3):
+        source["revision"] = m.group(3)
+    return source
