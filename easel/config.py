@@ -170,6 +170,17 @@ class Settings:
             among the workers (at least 1 each), so that the API answers while torch computes;
             with CUDA, torch's default. The ``easel worker`` of a separate machine keeps torch's
             default unless this is set.
+        shutdown_grace_seconds: On SIGTERM/SIGINT, how long a running task may take to finish
+            before it is ended as failed ("the server stopped ...") and its worker exits; idle
+            workers stop at once. A worker that still has not exited a few seconds later is
+            killed (SIGKILL) and its task failed by the server.
+        preload: Tools (``OWNER/SLUG``) whose pipelines each local worker loads at start, before
+            it takes its first task, so the first Run of these tools starts denoising at once;
+            ``/readyz`` says which are warm.
+        log_format: ``text`` (default: one line per record) or ``json`` (one JSON object per
+            line: ``time``, ``level``, ``logger``, ``process``, ``message``, ``exc_info``).
+        log_level: Level of Easel's own log lines (``DEBUG``, ``INFO``, ``WARNING``...). The ML
+            libraries' progress bars and warnings are logged at ``DEBUG`` only.
     """
 
     data_dir: Path = Path("easel-data")
@@ -236,6 +247,10 @@ class Settings:
     api_processes: int = 1
     api_threads: int = 16
     torch_threads: int = 0
+    shutdown_grace_seconds: float = 5.0
+    preload: tuple[str, ...] = field(default_factory=tuple)
+    log_format: str = "text"
+    log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())
@@ -282,6 +297,12 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         check_cpu_precision(self.cpu_precision)
+        if self.shutdown_grace_seconds < 0:
+            raise ValueError(f"shutdown_grace_seconds must be 0 or more, not {self.shutdown_grace_seconds}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be 'text' or 'json', not {self.log_format!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be 0 (automatic) or more, not {self.torch_threads}")
         if tuple(self.gpus) == ("all",):
