@@ -191,6 +191,17 @@ class Settings:
             Fernet keys, comma-separated, the first encrypts (``easel.store.secretbox``). Empty
             (default): ``<data_dir>/secret.key``, created with mode 0600 at first start. Every
             API process of a fleet needs the same keys.
+        shutdown_grace_seconds: On SIGTERM/SIGINT, how long a running task may take to finish
+            before it is ended as failed ("the server stopped ...") and its worker exits; idle
+            workers stop at once. A worker that still has not exited a few seconds later is
+            killed (SIGKILL) and its task failed by the server.
+        preload: Tools (``OWNER/SLUG``) whose pipelines each local worker loads at start, before
+            it takes its first task, so the first Run of these tools starts denoising at once;
+            ``/readyz`` says which are warm.
+        log_format: ``text`` (default: one line per record) or ``json`` (one JSON object per
+            line: ``time``, ``level``, ``logger``, ``process``, ``message``, ``exc_info``).
+        log_level: Level of Easel's own log lines (``DEBUG``, ``INFO``, ``WARNING``...). The ML
+            libraries' progress bars and warnings are logged at ``DEBUG`` only.
     """
 
     data_dir: Path = Path("easel-data")
@@ -265,6 +276,10 @@ class Settings:
     openai_wait_seconds: float = 600.0
     openai_kill_on_disconnect: bool = False
     secret_key: str = field(default="", repr=False)  # never in a log line
+    shutdown_grace_seconds: float = 5.0
+    preload: tuple[str, ...] = field(default_factory=tuple)
+    log_format: str = "text"
+    log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())
@@ -313,6 +328,12 @@ class Settings:
         check_cpu_precision(self.cpu_precision)
         if not self.openai_wait_seconds > 0:
             raise ValueError(f"openai_wait_seconds must be a positive number of seconds, not {self.openai_wait_seconds}")
+        if self.shutdown_grace_seconds < 0:
+            raise ValueError(f"shutdown_grace_seconds must be 0 or more, not {self.shutdown_grace_seconds}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be 'text' or 'json', not {self.log_format!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be 0 (automatic) or more, not {self.torch_threads}")
         if tuple(self.gpus) == ("all",):

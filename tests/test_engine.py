@@ -132,15 +132,15 @@ def test_supervisor_survives_store_errors_and_health_says_why(tmp_path):
         ok, why = ex.health()
         assert not ok and "no worker process is running" in why
     finally:
-        ex._stop.set()
+        ex._done.set()
         ex._supervisor.join(5)
     ok, why = ex.health()
     assert not ok and "supervisor is not running" in why
 
 
 class _FakeProc:
-    def __init__(self, exitcode, started):
-        self.exitcode, self.easel_started, self.easel_worker_id = exitcode, started, f"dead-{exitcode}"
+    def __init__(self, exitcode):
+        self.exitcode = exitcode
         self.pid = None  # multiprocessing.Process has one; the supervisor reports it to the metrics
 
     def is_alive(self):
@@ -149,20 +149,21 @@ class _FakeProc:
 
 def test_a_worker_that_keeps_dying_is_restarted_with_backoff(tmp_path, store):
     from easel.executors.local import LocalExecutor
+    from easel.supervise import Child
 
     ex = LocalExecutor(Settings(data_dir=tmp_path))
     ex._store = store
     spawned = []
-    ex._spawn = lambda slot: spawned.append(slot) or _FakeProc(1, time.monotonic())
+    ex.workers.spawn = lambda slot: spawned.append(slot) or Child(_FakeProc(1), "dead-1")
     tid = _to_output(store, worker="dead-1")
-    ex._procs = [_FakeProc(1, time.monotonic())]
+    ex.workers.children = [Child(_FakeProc(1), "dead-1")]
     delays = []
     for _ in range(4):
         ex.supervise_once()
-        delays.append(ex._restart_at[0] - time.monotonic())
-        ex._restart_at[0] = 0.0
+        delays.append(ex.workers._restart_at[0] - time.monotonic())
+        ex.workers._restart_at[0] = 0.0
         ex.supervise_once()  # the restart after the backoff
-    assert delays == sorted(delays) and delays[-1] > delays[0] >= 0.5
+    assert delays == sorted(delays) and delays[-1] > delays[0] >= 0.5 and spawned == [0] * 4
     task = store.get_task(tid)
     assert task.status == lc.POSTPROCESS_END and "exit code 1" in task.debugerror
 

@@ -631,6 +631,13 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
         ok, why = (False, full) if full else (ok, why)
         return JSONResponse({"ok": ok, "reason": why}, status_code=200 if ok else 503)
 
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz():
+        """Whether a task would start now: a worker has imported torch and loaded the preloaded
+        tools; which tools are warm (``Executor.ready``). 503 until then."""
+        info = executor.ready() if executor is not None else {"ready": True, "workers": [], "warm": []}
+        return JSONResponse(info, status_code=200 if info["ready"] else 503)
+
     def openapi() -> dict:
         if app.openapi_schema:
             return app.openapi_schema

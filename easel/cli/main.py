@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from easel.cli.follow import follow, progress_of  # noqa: F401 - progress_of is part of this module's API
 
 app = typer.Typer(help="Easel: a self-hostable image-generation server speaking the Wiro tool API.",
                   no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -125,12 +127,14 @@ def serve(
     api_processes: Optional[int] = typer.Option(None, help="API processes on this port (they share the store; the "
                                                            "local workers belong to this process) "
                                                            "[env EASEL_API_PROCESSES; default 1]."),
+    preload: Optional[str] = typer.Option(None, help="Tools whose pipelines the workers load at start, e.g. "
+                                                     "wiro/text-to-image-sd-lora (comma-separated) [env EASEL_PRELOAD]."),
 ):
     """Run the API server and its local workers (or, with --executor celery --workers 0, the API
     process of a fleet: docs/deploy.md)."""
     given = {"data_dir": data_dir, "model_source": model_source, "workers": workers, "public_url": public_url,
              "fetch_allow": _csv(fetch_allow), "gpus": _csv(gpus), "storage": storage, "executor": executor, "broker_url": broker,
-             "api_processes": api_processes}
+             "api_processes": api_processes, "preload": _csv(preload)}
     sources = _sources(config)
     if public_url is None and "public_url" not in sources:
         given["public_url"] = f"http://{host}:{port}"
@@ -140,16 +144,19 @@ def serve(
             raise typer.BadParameter("with --executor celery this process runs no workers: give --workers 0 and "
                                      "start `easel worker` processes (docs/deploy.md)", param_hint="--workers")
         settings = settings.with_(workers=0)
+    check_preload(settings)
     check_storage(settings)
     metrics_dir = prepare_metrics_dir(settings.data_dir)  # before anything imports prometheus_client
-    import uvicorn
-
     from easel.api import create_app
+    from easel.cli.serving import run_app, start_line
+    from easel.logs import configure_logging
     from easel.executors import create_executor
     from easel.store import SecretBox, Store
     from easel.store.notify import Publisher
     from easel.tasks import lifecycle
 
+    configure_logging(settings)
+    logging.getLogger("easel.serve").info(start_line(settings, host, port))
     workers = settings.workers
     store = Store(settings.database_url, wakeups=Publisher.for_settings(settings),
                   secrets=SecretBox.for_settings(settings))  # migrate() checks that the key opens the secrets
@@ -173,11 +180,8 @@ def serve(
         finally:
             _stop(executor, metrics_dir)
         return
-    try:
-        # stop the workers in the app's shutdown: uvicorn re-raises SIGTERM after its graceful
-        # shutdown, so code after uvicorn.run() may never run
-        uvicorn.run(create_app(settings, executor, on_shutdown=lambda: _stop(executor, metrics_dir)),
-                    host=host, port=port, log_level="warning")
+    try:  # SIGTERM/SIGINT: uvicorn's graceful shutdown, the app's (workers stop there), then here
+        run_app(create_app(settings, executor, on_shutdown=lambda: _stop(executor, metrics_dir)), host, port)
     finally:
         _stop(executor, metrics_dir)
 
@@ -294,6 +298,19 @@ def _per_gpu(command: list[str], gpus: tuple[str, ...]) -> int:
     return 0
 
 
+def check_preload(settings) -> None:
+    """Stop with a usage error naming the setting when ``Settings.preload`` names a tool that does
+    not exist or is not implemented."""
+    from easel.catalog import load_tools
+
+    tools = load_tools()
+    bad = [t for t in settings.preload if t not in tools or not tools[t].module]
+    if bad:
+        known = ", ".join(sorted(t for t, spec in tools.items() if spec.module))
+        raise typer.BadParameter(f"unknown tool(s) {', '.join(bad)}; implemented tools: {known}",
+                                 param_hint="--preload / EASEL_PRELOAD")
+
+
 def check_storage(settings) -> None:
     """Stop with the reason (exit code 2) when the configured storage cannot be used, e.g. an S3
     bucket that does not exist or refuses these credentials: better at start than at the first Run."""
@@ -314,9 +331,8 @@ def _api_process(settings, sock, executor, index: int) -> None:
     import signal
     import threading
 
-    import uvicorn
-
     from easel.api import create_app
+    from easel.cli.serving import run_app
 
     parent = mp.parent_process()
 
@@ -333,7 +349,7 @@ def _api_process(settings, sock, executor, index: int) -> None:
         executor.start()
     # one process sends the webhooks (the others would only compete for the same leases)
     app = create_app(settings, executor, dispatch_webhooks=index == 0)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    run_app(app, sockets=[sock])
 
 
 def _serve_processes(settings, host: str, port: int, executor) -> None:
@@ -511,45 +527,9 @@ def _parse_params(params: list[str]) -> tuple[dict, dict]:
     return values, files
 
 
-def progress_of(frame: dict) -> dict:
-    """The progress fields of a ``task_output`` frame ({} for any other): Wiro's flat
-    ``progressGenerate`` message (Easel before 0.3 nested it one level deeper)."""
-    message = frame.get("message")
-    if frame.get("type") != "task_output" or not isinstance(message, dict):
-        return {}
-    progress = message.get("progressGenerate") if isinstance(message.get("progressGenerate"), dict) else message
-    return progress if {"stepCurrent", "stepTotal", "percentage"} <= set(progress) else {}
-
-
 def _follow(client, taskid: str, tasktoken: str) -> dict:
-    """Follow a task with a live progress bar (WebSocket frames; polling if the socket fails)."""
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=console) as bar:
-        job = bar.add_task("task_queue", total=100, info="")
-
-        def show(status: str, progress: dict) -> None:
-            info = (f"{progress.get('task', '')} {progress['stepCurrent']}/{progress['stepTotal']}  {progress.get('speed', '?')} "
-                    f"{progress.get('speedType', 'it/s')}  ETA {progress.get('remainingTime', '?')}") if progress else None
-            fields = {"info": info} if info else {}
-            completed = float(progress["percentage"]) if progress else (100 if status == "task_postprocess_end" else None)
-            bar.update(job, description=status, completed=completed, **fields)
-
-        def on_event(frame: dict) -> None:
-            if frame.get("type") in ("task_error", "task_output_full", "task_error_full"):
-                return  # logs, not stages
-            show(frame.get("type", ""), progress_of(frame))
-
-        def on_poll(task: dict) -> None:
-            show(task["status"], task.get("progress") if isinstance(task.get("progress"), dict) else {})
-
-        try:
-            for frame in client.events(tasktoken):
-                on_event(frame)
-        except Exception:  # no WebSocket: poll Task/Detail
-            return client.wait(taskid, on_update=on_poll, poll=0.3)
-        task = client.detail(taskid)
-        on_poll(task)
-        return task
+    """Follow a task: a live bar on a terminal, a line per phase and every few seconds otherwise."""
+    return follow(client, taskid, tasktoken, console)
 
 
 tasks_app = typer.Typer(help="List and manage your tasks (uses EASEL_BASE_URL / EASEL_API_KEY / EASEL_API_SECRET).")
@@ -571,16 +551,27 @@ def _client_call(base_url: str, api_key: str, api_secret: Optional[str], fn):
 
 @tasks_app.command("list")
 def tasks_list(limit: int = typer.Option(20), status: str = typer.Option("", help="Only this status."),
+               as_json: bool = typer.Option(False, "--json", help="Print Task/List's task objects as JSON."),
                base_url: str = _BASE, api_key: str = _KEY, api_secret: Optional[str] = _SECRET):
-    """The project's tasks, newest first."""
+    """The project's tasks, newest first (a table on a terminal; whole values, tab-separated, when
+    piped)."""
+    tasks = _client_call(base_url, api_key, api_secret, lambda c: c.tasks(limit=limit, status=status))
+    if as_json:
+        print(json.dumps(tasks, indent=2))
+        return
+    header = ("id", "tool", "status", "pexit", "created", "outputs")
+    rows = [(t["id"], f"{t.get('modelslugowner', '')}/{t.get('modelslugproject', '')}", t["status"],
+             t.get("pexit", ""), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(t.get("createtime") or 0))),
+             str(len(t.get("outputs") or []))) for t in tasks]
+    if not console.is_terminal:  # a table cut to 80 columns would lose values
+        for row in (header, *rows):
+            print("\t".join(map(str, row)))
+        return
     from rich.table import Table
 
-    tasks = _client_call(base_url, api_key, api_secret, lambda c: c.tasks(limit=limit, status=status))
-    table = Table("id", "tool", "status", "pexit", "created", "outputs")
-    for t in tasks:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(t.get("createtime") or 0)))
-        table.add_row(t["id"], f"{t.get('modelslugowner', '')}/{t.get('modelslugproject', '')}", t["status"],
-                      t.get("pexit", ""), created, str(len(t.get("outputs") or [])))
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*map(str, row))
     console.print(table)
 
 
@@ -752,14 +743,21 @@ def demo(data_dir: Path = typer.Option(Path(".easel-demo"), help="Data directory
     from easel.client import Client
     from easel.signing import signature
 
+    from easel.supervise import stop_process
+
     specs = load_tools()
     chosen = [t for t in DEMO_REQUESTS if (not tool or t in tool) and specs[t].module]
+    unknown = [t for t in tool if t not in DEMO_REQUESTS or not specs[t].module]
+    if unknown:
+        raise typer.BadParameter(f"no demo request for {', '.join(unknown)}; among: {', '.join(DEMO_REQUESTS)}",
+                                 param_hint="--tool")
     port = _free_port()
-    log = open(data_dir.parent / f"{data_dir.name}-server.log", "w") if data_dir.parent.exists() else subprocess.DEVNULL
-    console.print(f"starting easel serve on 127.0.0.1:{port} (data dir {data_dir}, tiny models)")
+    log_path = data_dir.parent / f"{data_dir.name}-server.log"
+    log = open(log_path, "w") if data_dir.parent.exists() else subprocess.DEVNULL
+    print(f"starting easel serve on 127.0.0.1:{port} (data dir {data_dir}, tiny models; log {log_path})", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "easel", "serve", "--port", str(port), "--data-dir", str(data_dir),
                              "--model-source", "tiny"], stdout=log, stderr=subprocess.STDOUT)
-    results: dict[str, list[Path]] = {}
+    results: dict[str, list[tuple[Path, str]]] = {}
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(600):
@@ -778,31 +776,37 @@ def demo(data_dir: Path = typer.Option(Path(".easel-demo"), help="Data directory
         files = demo_files()
         for name in sorted({v for t in chosen for v in DEMO_REQUESTS[t].values() if isinstance(v, str) and v in files}):
             item = client.upload(name, files[name])
-            console.print(f"uploaded {name} with File/Upload: {item['url']}")
+            print(f"uploaded {name} with File/Upload: {item['url']}", flush=True)  # whole URL: no wrapping
         for name in chosen:
-            console.print(f"[bold]{name}[/bold]: the seed's request")
+            print(f"{name}: the seed's request", flush=True)
             nonce = str(int(time.time() * 1000))
             headers = {"Content-Type": "multipart/form-data", "x-api-key": project["apikey"], "x-nonce": nonce,
                        "x-signature": signature(project["apikey"], project["apisecret"], nonce)}
             t0 = time.time()
             answer = httpx.post(f"{base}/v1/Run/{name}", headers=headers, content=json.dumps(DEMO_REQUESTS[name])).json()
-            console.print(answer)
+            print(json.dumps(answer), flush=True)
             if not answer.get("result"):
                 raise typer.Exit(1)
             task = _follow(client, answer["taskid"], answer["socketaccesstoken"])
             if task["pexit"] != "0":
                 console.print(f"[red]{name} failed: {task['debugerror']}")
                 raise typer.Exit(1)
-            console.print(f"done in {time.time() - t0:.1f} s")
-            results[name] = client.download(task, data_dir / "outputs" / answer["taskid"])
-        console.print("(tiny random models: the images are noise)")
-        for name, paths in results.items():
+            print(f"done in {time.time() - t0:.1f} s", flush=True)
+            paths = client.download(task, data_dir / "outputs" / answer["taskid"])
+            urls = {Path(o["name"]).name: o["url"] for o in task.get("outputs", []) if o.get("url")}
+            results[name] = [(path, urls.get(path.name, "")) for path in paths]
+        print("(tiny random models: the images are noise)")
+        for name, outputs in results.items():
             print(f"{name}:")
-            for path in paths:
-                print(f"  {path.resolve()}")
+            for path, url in outputs:
+                print(f"  {path.resolve()}  {url}")
+        sys.stdout.flush()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        # the work is done (or failed) whatever the server's stop takes: escalate, say so, never raise
+        stop_process(proc, DEMO_STOP_SECONDS, "the demo server", say=lambda m: print(m, file=sys.stderr, flush=True))
+
+
+DEMO_STOP_SECONDS = 30.0  # an idle server stops in about 1 s; then SIGKILL, with a line saying so
 
 
 from easel.cli import models as _models_cli  # noqa: E402  (easel models pull | list | set)

@@ -30,6 +30,14 @@ class Executor(ABC):
         """``(ok, reason)``: whether a worker can run tasks now (``/healthz`` answers 503 if not)."""
         return True, "ok"
 
+    def ready(self) -> dict:
+        """``{"ready": bool, "workers": [{"id", "state", "warm"}], "warm": [tools]}`` for
+        ``/readyz``: whether a worker of this executor can start a task now (torch imported,
+        ``Settings.preload`` loaded) and which tools' pipelines are warm. By default: the
+        health, with no detail."""
+        ok, _why = self.health()
+        return {"ready": ok, "workers": [], "warm": []}
+
     @abstractmethod
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the workers. A task still running is abandoned at its next denoising step and ended

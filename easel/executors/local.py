@@ -4,10 +4,14 @@ Workers are separate processes (``spawn``), so inference never holds the API's e
 GIL. A shared event wakes an idle worker as soon as a task is submitted; without it, workers poll
 the store every ``Settings.poll_interval`` seconds.
 
-A supervisor thread watches the workers. When one dies (killed by the kernel's OOM killer, a
-segfault in a CUDA kernel, ``kill -9``), the task it was running is ended as failed, with the exit
-code in ``debugerror``, and a new worker takes its place, so the server never silently stops
-running tasks.
+The workers are kept by an :class:`easel.supervise.Supervisor`. When one dies (killed by the
+kernel's OOM killer, a segfault in a CUDA kernel, ``kill -9``), the task it was running is ended
+as failed, with the exit code in ``debugerror``, and a new worker takes its place, so the server
+never silently stops running tasks. Stopping follows the supervisor's deadlines: idle workers
+exit at once, a running task gets ``Settings.shutdown_grace_seconds`` to finish, then it is ended
+as failed ("the server stopped") and its worker exits; a worker that does not is killed and its
+task failed here. A worker whose server process is gone (``kill -9``) ends its task and exits
+within about a second (:func:`easel.supervise.watch_parent`).
 """
 from __future__ import annotations
 
@@ -19,10 +23,14 @@ import threading
 import time
 
 from easel.config import Settings
+from easel.supervise import Child, Supervisor, watch_parent
 
 from . import Executor
 
 log = logging.getLogger("easel.executor")
+
+STARTING, IDLE, BUSY = 0, 1, 2  # a worker's state, in a shared value its executor reads
+PARENT_GONE_GRACE = 0.7  # seconds a worker whose server died leaves its task's next step to end it
 
 
 def gpu_for_slot(slot: int, gpus: tuple[str, ...]) -> str | None:
@@ -32,33 +40,70 @@ def gpu_for_slot(slot: int, gpus: tuple[str, ...]) -> str | None:
     return gpus[slot % len(gpus)] if gpus else None
 
 
-def _worker_main(settings: Settings, worker_id: str, wake, stop, gpu: str | None = None) -> None:
+def _worker_main(settings: Settings, worker_id: str, wake, drain, stop, state, gpu: str | None = None) -> None:
+    """A worker process: run tasks until ``drain`` (finish the task, then exit) or ``stop``
+    (abandon the task at its next step) is set, or the server process is gone."""
+    gone = threading.Event()
+    held: dict = {}
+
+    def parent_gone() -> None:
+        # the server was killed without stopping us: an orphaned worker must not keep running,
+        # claiming tasks or holding memory. The next denoising step ends the task ("the server
+        # stopped ..."); in a long phase without steps (download, model load) it is ended here.
+        gone.set()
+        time.sleep(PARENT_GONE_GRACE)
+        threading.Timer(0.5, os._exit, (3,)).start()  # whatever the store does
+        worker = held.get("worker")
+        if worker is not None and worker.current_task is not None:
+            worker.abandon(worker.current_task)
+        _exit_now(3)
+
+    watch_parent(parent_gone)  # before the imports below, which take seconds on a loaded machine
     if gpu is not None:  # before anything imports torch in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {worker_id} %(levelname)s %(message)s")
-    from easel.tasks.runner import Worker, apply_torch_threads
+    from easel.logs import configure_logging
+
+    configure_logging(settings, worker_id)
+    from easel.tasks.runner import Worker, apply_torch_threads  # imports torch: ready before the first Run
+    from easel.logs import quiet_libraries
+
+    quiet_libraries(debug=settings.log_level.upper() == "DEBUG")
 
     threads = apply_torch_threads(settings, shares_cpu_with_api=True)
-    log.info("worker %s: %s torch threads", worker_id, threads or "default")
-    worker = Worker(settings, worker_id)
-    parent = mp.parent_process()
-    # Stop when asked, and also when the server process is gone (killed without stopping us): an
-    # orphaned worker must not keep running, claiming tasks or holding memory. A running task is
-    # abandoned at its next denoising step and ends as failed ("the server stopped ..."); in a
-    # long phase without steps (download, model load) the heartbeat fails it and exits.
-    worker.should_stop = lambda: stop.is_set() or (parent is not None and not parent.is_alive())
+    log.debug("worker %s: %s torch threads", worker_id, threads or "default")
+    worker = held["worker"] = Worker(settings, worker_id)
+    worker.should_stop = lambda: stop.is_set() or gone.is_set()
+    state.value = IDLE
     delay = settings.poll_interval
-    while not worker.should_stop():
+    while not drain.is_set() and not worker.should_stop():
         try:
+            state.value = BUSY
             idle = worker.run_next() is None
             delay = settings.poll_interval
         except Exception:  # e.g. the database is unreachable or the disk is full: retry, backing off
             log.exception("worker %s: claiming or ending a task failed; retrying in %.1f s", worker_id, delay)
             idle, delay = True, min(30.0, delay * 2)
-        if idle:
+        finally:
+            state.value = IDLE
+        if idle and not drain.is_set():
             wake.wait(delay)
             wake.clear()
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """End a worker process at once: the interpreter's teardown with torch loaded takes a second
+    or more, and nothing of the process needs it, except ``multiprocessing``'s finalizers, run
+    here: they unlink the semaphores the libraries made (tqdm's write lock), which the resource
+    tracker would otherwise report as leaked at the server's exit."""
+    from multiprocessing import util
+
+    try:
+        logging.shutdown()
+        util._run_finalizers(0)  # the finalizers with an exit priority: semaphores (SemLock._cleanup)
+    finally:
+        os._exit(code)
 
 
 class WakeHandle(Executor):
@@ -101,120 +146,131 @@ class LocalExecutor(Executor):
         self.supervise_interval = supervise_interval
         self._ctx = mp.get_context("spawn")
         self._wake = self._ctx.Event()
-        self._stop = self._ctx.Event()
+        self._drain = self._ctx.Event()  # finish the task in hand, claim no more, exit
+        self._stop = self._ctx.Event()  # abandon the task in hand at its next step
         self._alive = self._ctx.Value("i", 0)  # live workers, for WakeHandle.health in other processes
-        self._procs: list = []
         self._generation = 0
-        self.restarts = 0
+        self._done = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._store = None
-        self._backoff: dict[int, float] = {}
-        self._restart_at: dict[int, float] = {}
-        self.last_death = ""
+        self.workers = Supervisor(self._spawn, max(1, settings.workers), on_death=self._on_death,
+                                  what="worker", max_backoff=self.MAX_BACKOFF)
 
-    def _spawn(self, slot: int):
+    @property
+    def restarts(self) -> int:
+        return self.workers.restarts
+
+    def _spawn(self, slot: int) -> Child:
         self._generation += 1
         worker_id = f"local-{os.getpid()}-{slot}-{self._generation}"
+        state = self._ctx.RawValue("i", STARTING)
         p = self._ctx.Process(target=_worker_main, name=f"easel-worker-{slot}", daemon=True,
-                              args=(self.settings, worker_id, self._wake, self._stop,
+                              args=(self.settings, worker_id, self._wake, self._drain, self._stop, state,
                                     gpu_for_slot(slot, self.settings.gpus)))
         p.start()
-        p.easel_worker_id = worker_id
-        p.easel_started = time.monotonic()
-        return p
+        child = Child(p, worker_id)
+        child.state = state
+        return child
 
     def handle(self) -> WakeHandle:
         """A :class:`WakeHandle` for API processes spawned by this one."""
         return WakeHandle(self._wake, self._alive)
 
     def start(self) -> None:
-        self._procs = [self._spawn(i) for i in range(max(1, self.settings.workers))]
-        self._alive.value = len(self._procs)
+        self.workers.start()
+        self._alive.value = len(self.workers.alive())
         self._supervisor = threading.Thread(target=self._supervise, name="easel-supervisor", daemon=True)
         self._supervisor.start()
 
     def _supervise(self) -> None:
-        while not self._stop.wait(self.supervise_interval):
+        while not self._done.wait(self.supervise_interval):
             try:
                 self.supervise_once()
             except Exception:  # the supervisor must outlive any error (database locked, disk full)
                 log.exception("supervisor iteration failed; retrying")
 
+    def _store_(self):
+        if self._store is None:
+            from easel.store import Store
+            from easel.store.notify import Publisher
+
+            self._store = Store(self.settings.database_url, wakeups=Publisher.for_settings(self.settings))
+        return self._store
+
+    def _on_death(self, slot: int, child: Child) -> None:
+        from easel import metrics
+        from easel.tasks import lifecycle as lc
+
+        reason = (f"The worker process running this task died (exit code {child.exitcode}: e.g. killed "
+                  "for lack of memory, a crash in native code, or an error it could not survive such as "
+                  "a full disk). Submit it again.")
+        failed = lc.fail_worker_tasks(self._store_(), child.name, reason)
+        metrics.process_dead(child.pid)
+        if failed:
+            log.warning("worker %s died; failed its task(s) %s", child.name, failed)
+
     def supervise_once(self) -> None:
         """Fail the tasks of dead workers and restart them (with backoff). Raises on store errors;
         a dead worker whose task could not be failed yet is handled again next time."""
-        from easel import metrics
-        from easel.store import Store
-        from easel.store.notify import Publisher
-        from easel.tasks import lifecycle as lc
+        self._alive.value = len(self.workers.alive())
+        self.workers.check()
 
-        if self._store is None:
-            self._store = Store(self.settings.database_url, wakeups=Publisher.for_settings(self.settings))
-        now = time.monotonic()
-        self._alive.value = sum(1 for p in self._procs if p is not None and p.is_alive())
-        for slot, p in enumerate(list(self._procs)):
-            if p is None:
-                if now >= self._restart_at.get(slot, 0.0) and not self._stop.is_set():
-                    self._procs[slot] = self._spawn(slot)
-                    self.restarts += 1
-                continue
-            if p.is_alive() or self._stop.is_set():
-                continue
-            reason = (f"The worker process running this task died (exit code {p.exitcode}: e.g. killed "
-                      "for lack of memory, a crash in native code, or an error it could not survive such as "
-                      "a full disk). Submit it again.")
-            failed = lc.fail_worker_tasks(self._store, p.easel_worker_id, reason)
-            metrics.process_dead(p.pid)
-            # a worker that died soon after it started is probably dying of the same cause again
-            short_lived = now - p.easel_started < 30.0
-            backoff = min(self.MAX_BACKOFF, self._backoff.get(slot, 0.5) * 2) if short_lived else 1.0
-            self._backoff[slot] = backoff
-            self._restart_at[slot] = now + (backoff if short_lived else 0.0)
-            self.last_death = f"worker {slot} exited with code {p.exitcode}"
-            log.warning("worker %s died (exit code %s); failed tasks %s; restarting in %.1f s",
-                        p.easel_worker_id, p.exitcode, failed, self._restart_at[slot] - now)
-            self._procs[slot] = None
-            if now >= self._restart_at[slot]:
-                self._procs[slot] = self._spawn(slot)
-                self.restarts += 1
+    @property
+    def last_death(self) -> str:
+        return self.workers.last_death
 
     def health(self) -> tuple[bool, str]:
         """``(ok, reason)``: ok while at least one worker process is alive and supervised."""
         if self._supervisor is None or not self._supervisor.is_alive():
             return False, "the worker supervisor is not running"
-        alive = sum(1 for p in self._procs if p is not None and p.is_alive())
+        alive = len(self.workers.alive())
         if alive == 0:
-            waiting = [max(0.0, t - time.monotonic()) for t in self._restart_at.values()]
-            return False, (f"no worker process is running ({self.last_death or 'starting'}); "
-                           f"next restart in {min(waiting, default=0):.0f} s")
+            return False, (f"no worker process is running ({self.workers.last_death or 'starting'}); "
+                           f"next restart in {self.workers.next_restart_in():.0f} s")
         return True, f"{alive} worker(s) running"
+
+    def ready(self) -> dict:
+        """Each worker's state: ``{"workers": [{"id", "state"}], "ready": n}``; a worker is ready
+        once it has imported torch and waits for (or runs) tasks."""
+        names = {STARTING: "starting", IDLE: "idle", BUSY: "busy"}
+        rows = [{"id": c.name, "state": names.get(c.state.value, "?") if c.alive() else "exited"}
+                for c in self.workers.children if c is not None]
+        return {"ready": any(r["state"] in ("idle", "busy") for r in rows), "workers": rows, "warm": []}
 
     def submit(self, task_id: int) -> None:
         self._wake.set()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._supervisor is not None:
-            self._supervisor.join(timeout)
-        killed = []
-        for p in self._procs:
-            if p is None:
-                continue
-            p.join(timeout)
-            if p.is_alive():
-                p.terminate()
-                p.join(2)
-                killed.append(p.easel_worker_id)
-        self._procs.clear()
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the workers: idle ones at once, a running task after at most ``timeout`` seconds
+        (default ``Settings.shutdown_grace_seconds``), then ended as failed; a worker that still
+        does not exit is killed and its task failed here."""
+        grace = self.settings.shutdown_grace_seconds if timeout is None else timeout
+        if self._supervisor is None:
+            return
+        busy = [c.name for c in self.workers.alive() if c.state.value == BUSY]
+        log.info("stopping %d worker(s)%s", len(self.workers.alive()),
+                 f"; {len(busy)} running a task get {grace:.0f} s to finish it" if busy else "")
+
+        def ask() -> None:
+            self._drain.set()
+            self._wake.set()
+
+        def abort() -> None:
+            self._stop.set()
+
+        from easel.tasks.runner import Worker
+
+        killed = self.workers.stop(grace, ask=ask, abort=abort, abort_wait=Worker.STOP_GRACE + 2.0,
+                                   busy=lambda c: c.state.value == BUSY)
+        self._done.set()
+        self._supervisor.join(5)
+        self._supervisor = None
+        self._alive.value = 0
         if killed:  # their tasks would otherwise wait for their leases to expire
-            from easel.store import Store
-            from easel.store.notify import Publisher
             from easel.tasks import lifecycle as lc
 
             try:
-                store = self._store or Store(self.settings.database_url, wakeups=Publisher.for_settings(self.settings))
-                for worker_id in killed:
-                    lc.fail_worker_tasks(store, worker_id, lc.INTERRUPTED_MESSAGE)
+                for child in killed:
+                    lc.fail_worker_tasks(self._store_(), child.name, lc.INTERRUPTED_MESSAGE)
             except Exception:
                 log.exception("could not fail the tasks of stopped workers (their leases will expire)")

@@ -154,11 +154,6 @@ class WorkerContext:
     def log(self, line: str) -> None:
         self.lines.append(line)
 
-    def error_line(self, line: str) -> None:
-        """A stderr-like line (a library warning): stored and sent live as ``task_error``."""
-        self.error_lines.append(line)
-        lc.log_event(self.store, self.task_id, lc.ERROR, line, owner=self.worker.worker_id)
-
     def input_file(self, value: str) -> Path:
         """A local file of the Run's multipart upload ``upload:<name>`` (through the storage)."""
         name = value.removeprefix("upload:")
@@ -176,8 +171,12 @@ class WorkerContext:
 
 
 class _StderrCapture(logging.Handler):
-    """Routes WARNING+ records of the ML libraries and Python warnings to a task's ``task_error``
-    events while the task runs (a worker runs one task at a time)."""
+    """While a task runs, routes WARNING+ records of the ML libraries and Python warnings to the
+    task's ``debugoutput`` (and this process's log at DEBUG), never to ``task_error``: they are
+    benign for Easel's use ("No LoRA keys associated to CLIPTextModel found", "CLIPImageProcessor
+    requires torchvision"), and Wiro's clients show ``task_error`` lines as errors. A task's own
+    failure still ends with its message in ``task_error`` and ``debugerror``. A worker runs one
+    task at a time."""
 
     LOGGERS = ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "torch")
 
@@ -185,11 +184,15 @@ class _StderrCapture(logging.Handler):
         super().__init__(logging.WARNING)
         self.ctx = ctx
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def note(self, line: str) -> None:
         try:
-            self.ctx.error_line(f"{record.levelname}: {record.getMessage()}".strip())
+            self.ctx.log(line)
+            log.debug("task %s: %s", self.ctx.task_id, line)
         except Exception:  # a log line must never fail the task
             pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.note(f"{record.levelname}: {record.getMessage()}".strip())
 
     def __enter__(self):
         for name in self.LOGGERS:
@@ -197,10 +200,9 @@ class _StderrCapture(logging.Handler):
         self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()
         warnings.simplefilter("default")  # each task sees its warnings, not only the process's first task
-        for category in (DeprecationWarning, PendingDeprecationWarning):  # library-internal, not for users
+        for category in (DeprecationWarning, PendingDeprecationWarning, ResourceWarning):  # library-internal
             warnings.filterwarnings("ignore", category=category)
-        warnings.showwarning = lambda message, category, *_a, **_k: self.ctx.error_line(
-            f"{category.__name__}: {message}")
+        warnings.showwarning = lambda message, category, *_a, **_k: self.note(f"{category.__name__}: {message}")
         return self
 
     def __exit__(self, *exc):
@@ -236,6 +238,15 @@ class Worker:
         self.exit_process: Callable[[int], None] = os._exit  # what the heartbeat calls when stuck while stopping
         self.heartbeat_lost = threading.Event()
         self._deadline: float | None = None
+        self.current_task: int | None = None  # the task being executed, for :meth:`abandon`
+
+    def abandon(self, task_id: int) -> None:
+        """End ``task_id`` as failed with :data:`lifecycle.INTERRUPTED_MESSAGE` because this
+        worker is stopping without finishing it (its server stopped or died); a task already
+        ended elsewhere is left as it is."""
+        task = self.store.get_task(task_id)
+        if task is not None:
+            lc.fail(self.store, task, lc.INTERRUPTED_MESSAGE, owner=self.worker_id)
 
     def run_next(self) -> int | None:
         """Claim and run the oldest queued task; return its id, or None if the queue was empty."""
@@ -285,8 +296,7 @@ class Worker:
                 if self.should_stop():
                     stopping_since = stopping_since or time.monotonic()
                     if time.monotonic() - stopping_since > self.STOP_GRACE:
-                        task = self.store.get_task(task_id)
-                        lc.fail(self.store, task, lc.INTERRUPTED_MESSAGE, owner=self.worker_id)
+                        self.abandon(task_id)
                         log.warning("task %s: stopping while in a long phase; worker exits", task_id)
                         self.exit_process(3)
                         return
@@ -315,6 +325,7 @@ class Worker:
             lc.fail(self.store, task, f"The worker could not create its scratch folder ({exc.strerror}). Submit it "
                                       "again.", owner=self.worker_id)
             return
+        self.current_task = task_id
         timeout = self.settings.task_timeout_seconds
         self._deadline = (task.accepttime or time.time()) + timeout if timeout > 0 else None
         self.heartbeat_lost.clear()
@@ -369,6 +380,7 @@ class Worker:
         finally:
             done.set()
             self._deadline = None
+            self.current_task = None
             shutil.rmtree(workdir, ignore_errors=True)
             metrics.device_memory()
 
