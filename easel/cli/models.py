@@ -100,21 +100,21 @@ def register(models_app: typer.Typer, console: Console, settings_from: Callable)
         with Progress(*columns, console=console) as bars:
             for mid in wanted:
                 entry = catalog.get(mid)
-                current: dict = {"task": None, "done": 0}
+                bars_of: dict = {}
 
                 def on_file(f, mid=mid) -> None:
-                    current["task"] = bars.add_task(f"{mid} {f.path}", total=f.size or None)
+                    bars_of[f.path] = bars.add_task(f"{mid} {f.path}", total=f.size or None)
 
-                def progress(done: int, total: int, mid=mid) -> None:
-                    if current["task"] is None:
-                        current["task"] = bars.add_task(f"{mid}", total=total or None)
-                    if done < current["done"]:
-                        current["done"] = 0
-                    bars.advance(current["task"], done - current["done"])
-                    current["done"] = done
+                def on_bytes(f, n: int) -> None:
+                    bars.advance(bars_of[f.path], n)
 
-                sources.progress = progress
-                sources.on_file = on_file
+                def progress(done: int, total: int, mid=mid) -> None:  # URL sources: one file, no on_file
+                    if not bars_of:
+                        bars_of["url"] = bars.add_task(mid, total=total or None)
+                    if "url" in bars_of:
+                        bars.update(bars_of["url"], completed=done, total=total or None)
+
+                sources.progress, sources.on_file, sources.on_bytes = progress, on_file, on_bytes
                 try:
                     here = sources.is_local(entry)
                     path = sources.resolve(entry)
@@ -123,8 +123,7 @@ def register(models_app: typer.Typer, console: Console, settings_from: Callable)
                     failed.append(mid)
                     console.print(f"[red]{mid}[/red] ({entry.label}): {exc}")
                 finally:
-                    sources.progress = None
-                    sources.on_file = None
+                    sources.progress = sources.on_file = sources.on_bytes = None
         if failed:
             console.print(f"[red]not fetched: {', '.join(failed)}")
             raise typer.Exit(1)

@@ -47,6 +47,7 @@ COMPONENT_FILES = ("*.json", "*.txt", "*.model", "*.safetensors")
 SKIPPED_COMPONENTS = ("safety_checker",)
 CHUNK = 1 << 20
 REPORT_EVERY = 0.25  # seconds between progress reports
+PARALLEL = 4  # files streamed at once
 
 
 class DownloadError(CatalogError):
@@ -375,17 +376,29 @@ def human_size(n: int) -> str:
     return _size(n)
 
 
+class _Stopped(Exception):
+    """Another file of the same plan failed or the caller stopped the download."""
+
+
 def run_plan(plan: Plan, root: Path, progress: Progress | None = None, reserve_bytes: int = 0,
-             on_file: Callable[[RemoteFile], None] | None = None) -> Path:
+             on_file: Callable[[RemoteFile], None] | None = None,
+             on_bytes: Callable[[RemoteFile, int], None] | None = None, parallel: int = PARALLEL) -> Path:
     """Fetch the plan's missing files under one lock per folder (another process fetching the
     same files is waited for, then nothing is fetched twice); return ``plan.folder``.
 
-    ``progress(done, total)`` is called at most every 0.25 s while bytes arrive, and while waiting
-    for another process's download of the same folder (with ``done`` 0), so a kill is noticed.
+    Up to ``parallel`` files stream at once (as ``snapshot_download`` does). ``progress(done,
+    total)`` is called from this thread every 0.25 s while bytes arrive, and while waiting for
+    another process's download of the same folder (with ``done`` 0): when it raises (a kill),
+    every file stops at its next chunk and its part is removed. ``on_file(f)`` is told when a file
+    starts and ``on_bytes(f, n)`` each chunk (from the download threads; ``easel models pull``'s
+    bars).
 
     Raises:
         DownloadError: see :func:`fetch_file` and :func:`check_disk`.
     """
+    import threading
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
     from filelock import Timeout
 
     lock = _folder_lock(root, plan.folder)
@@ -405,22 +418,42 @@ def run_plan(plan: Plan, root: Path, progress: Progress | None = None, reserve_b
                        for f in missing if _partial(root, plan.folder / f.path).exists())
             check_disk(plan.folder, max(0, total - held), reserve_bytes)
         done = 0
-        last = 0.0
+        counter = threading.Lock()
+        stop = threading.Event()
 
-        def tick(n: int) -> None:
-            nonlocal done, last
-            done += n
-            now = time.monotonic()
-            if progress and (now - last >= REPORT_EVERY or done >= total):
-                last = now
-                progress(done, total)
+        def fetch(f: RemoteFile) -> None:
+            def tick(n: int) -> None:
+                nonlocal done
+                if stop.is_set():
+                    raise _Stopped()
+                with counter:
+                    done += n
+                if on_bytes:
+                    on_bytes(f, n)
 
-        if progress and missing:
-            progress(0, total)
-        for f in missing:
             if on_file:
                 on_file(f)
             fetch_file(f, plan.folder / f.path, root, plan.headers, tick)
+
+        if progress and missing:
+            progress(0, total)
+        if missing:
+            with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(missing))),
+                                    thread_name_prefix="easel-download") as pool:
+                futures = [pool.submit(fetch, f) for f in missing]
+                try:
+                    while True:
+                        finished, pending = wait(futures, timeout=REPORT_EVERY, return_when=FIRST_EXCEPTION)
+                        if progress:
+                            progress(done, total)
+                        if not pending or any(fut.exception() for fut in finished):
+                            break
+                    errors = [fut.exception() for fut in futures if fut.done() and fut.exception()]
+                    real = [e for e in errors if not isinstance(e, _Stopped)]
+                    if real:
+                        raise real[0]
+                finally:
+                    stop.set()  # the other files stop at their next chunk (their parts are removed)
         if plan.marker is not None:
             plan.marker.parent.mkdir(parents=True, exist_ok=True)
             plan.marker.write_text(json.dumps({"files": [f.path for f in plan.files], "commit": plan.commit,

@@ -60,7 +60,9 @@ class ModelSources:
         # told the bytes of each download (done, total) while a task resolves its weights; it may
         # raise to stop the download (the worker sets it for the task's preprocess phase)
         self.progress: "Callable[[int, int], None] | None" = None
-        self.on_file: "Callable | None" = None  # told each file a Hub download starts (easel models pull)
+        # told each file a Hub download starts, and its bytes (easel models pull's bars)
+        self.on_file: "Callable | None" = None
+        self.on_bytes: "Callable | None" = None
 
     @property
     def lora_policy(self) -> FetchPolicy:
@@ -254,7 +256,8 @@ class ModelSources:
         plan = hub_plan(root, source)
         if target is not None:
             plan.folder, plan.marker = target, None
-        return run_plan(plan, root, self.progress, self.settings.download_reserve_bytes, on_file=self.on_file)
+        return run_plan(plan, root, self.progress, self.settings.download_reserve_bytes, on_file=self.on_file,
+                        on_bytes=self.on_bytes)
 
     def _hub_file(self, entry: ModelEntry | None, source: dict, default: str,
                   suffixes: tuple[str, ...] = (".safetensors",)) -> Path:

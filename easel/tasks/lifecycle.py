@@ -203,6 +203,20 @@ def progress(store: Store, task_id: int, message: str, info: dict, *, owner: str
     return kill
 
 
+def preprocess_progress(store: Store, task_id: int, message: str, info: dict, *, owner: str | None = None,
+                        lease_seconds: float | None = None) -> bool | None:
+    """Record progress of the preprocess phase (weights downloading: ``info["task"]``
+    "Downloading"): a ``task_output`` event and the latest progress, the status staying
+    ``task_preprocess_start``, renewing the worker's lease. Returns as :func:`progress`."""
+    values = {"progress": json.dumps(info)}
+    if lease_seconds is not None:
+        values["lease_expires_at"] = time.time() + lease_seconds
+    kill = store.add_event(task_id, OUTPUT, message, only_from=(PREPROCESS_START,), owner=owner, **values)
+    if kill is None:
+        _rejected(store, task_id, OUTPUT, owner)
+    return kill
+
+
 def log_event(store: Store, task_id: int, type_: str, message: str, owner: str | None = None) -> bool:
     """Append a log event (``task_error``) to a running task; False (not written) once it ended."""
     return store.add_event(task_id, type_, message, only_from=RUNNING, owner=owner) is not None

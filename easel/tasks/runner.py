@@ -120,9 +120,9 @@ class WorkerContext:
         return every > 0 and (step % every == 0 or step == total)
 
     def progress(self, step: int, total: int, preview: bytes | None = None, task: str = "Generate",
-                 speed_type: str = "it/s") -> None:
+                 speed_type: str = "it/s", since: float | None = None, write: Callable | None = None) -> None:
         now = time.time()
-        begin = self._started_at or now
+        begin = since or self._started_at or now
         elapsed = now - begin
         speed = step / elapsed if elapsed > 0 else 0.0
         remaining = (total - step) / speed if speed > 0 else 0.0
@@ -134,8 +134,9 @@ class WorkerContext:
             raise ServerStopping()
         if self.worker.timed_out():
             raise TaskTimedOut()
-        kill = lc.progress(self.store, self.task_id, message, info, owner=self.worker.worker_id,
-                           lease_seconds=self.worker.settings.lease_seconds, preview=preview)
+        extra = {"preview": preview} if write is None else {}
+        kill = (write or lc.progress)(self.store, self.task_id, message, info, owner=self.worker.worker_id,
+                                      lease_seconds=self.worker.settings.lease_seconds, **extra)
         if kill is None:
             raise TaskLost()
         if kill:
@@ -145,11 +146,8 @@ class WorkerContext:
         """Weights being downloaded for this task (bytes ``done`` of ``total``): a progress frame
         with ``task`` "Downloading"; raises as :meth:`progress` does (kill, stop, time limit)."""
         self._download_started = getattr(self, "_download_started", None) or time.time()
-        started, self._started_at = self._started_at, self._download_started
-        try:
-            self.progress(done, max(total, done, 1), task="Downloading", speed_type="B/s")
-        finally:
-            self._started_at = started
+        self.progress(done, max(total, done, 1), task="Downloading", speed_type="B/s", since=self._download_started,
+                      write=lc.preprocess_progress)
 
     def log(self, line: str) -> None:
         self.lines.append(line)
