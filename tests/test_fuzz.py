@@ -50,6 +50,10 @@ HOSTILE = [
 ]
 
 
+# raw bytes of a multipart text part: invalid UTF-8, an encoded surrogate, NUL, over the part cap
+RAW_PARTS = [b"\xff\xfe\xfd", b"\xed\xa0\x80", b"a\x00b\x1b[31m", b"\xc0\xaf", b"x" * 70000, b"9" * 30]
+
+
 def _fields() -> list[tuple[str, str, dict]]:
     """(tool path, field, base body) for every input of every runnable tool (each name once) and a
     field no tool has; the base body holds what the tool requires (image inputs: a remote URL,
@@ -79,6 +83,13 @@ def test_hostile_values_in_every_field_store_and_read_back():
                 text = json.dumps({k: v for k, v in base.items() if k != field})[:-1] + f', "{field}": {value}}}'
                 r = http.post(path, headers=headers, content=text.encode())
                 assert r.status_code < 500, (path, field, value[:40], r.text[:300])
+                statuses.add(r.status_code)
+                if r.json().get("result"):
+                    stored.append(r.json()["taskid"])
+            for raw in RAW_PARTS:  # the same field as a multipart text part of raw bytes
+                parts = {k: (None, str(v).encode()) for k, v in base.items() if k != field}
+                r = http.post(path, headers={"x-api-key": _PROJECT.apikey}, files={**parts, field: (None, raw)})
+                assert r.status_code < 500, (path, field, raw[:40], r.text[:300])
                 statuses.add(r.status_code)
                 if r.json().get("result"):
                     stored.append(r.json()["taskid"])

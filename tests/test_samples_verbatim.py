@@ -128,7 +128,7 @@ def test_code_examples_python_sample_unchanged(server, tmp_path):
     p = server.project("apikey")
     script = tmp_path / "sample.py"
     script.write_text(as_a_user(code_sample("Python"), server, p.apikey))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180 * TIME_SCALE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60 * TIME_SCALE)
     assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-2000:]
     taskid = re.search(r"Task ID: (\d+)", done.stdout).group(1)
     assert "Status: end" in done.stdout and "Done! Output: ['http" in done.stdout, done.stdout
@@ -139,7 +139,7 @@ def test_code_examples_python_sample_unchanged(server, tmp_path):
 def test_code_examples_curl_sample_unchanged(server, tmp_path):
     need("bash", "curl", "python3")
     p = server.project("apikey")
-    out = bash(as_a_user(code_sample("curl"), server, p.apikey), timeout=180 * TIME_SCALE)
+    out = bash(as_a_user(code_sample("curl"), server, p.apikey), timeout=60 * TIME_SCALE)
     assert re.search(r"Task ID: \d+", out) and "Status: end" in out and "Done! Output:" in out, out[-2000:]
 
 
