@@ -122,3 +122,34 @@ def test_clear_secrets_are_sealed_on_upgrade_and_rotation_keeps_every_signature_
     assert run.returncode == 2, out
     assert "API secrets: 2 project(s)' API secrets do not open with the key(s) of EASEL_SECRET_KEY" in out, out
     assert "Traceback" not in out
+
+
+def test_on_postgresql_the_migration_widens_the_column_and_seals_clear_secrets():
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    import easel.store as store_pkg
+    from pg import create_database
+
+    url, drop = create_database()
+    try:
+        cfg = Config(str(store_pkg.HERE / "alembic.ini"))
+        cfg.set_main_option("script_location", str(store_pkg.HERE / "migrations"))
+        cfg.set_main_option("sqlalchemy.url", url)
+        command.upgrade(cfg, "0007_queue_seq_previews")
+        box = SecretBox(Fernet.generate_key().decode(), "EASEL_SECRET_KEY")
+        store = Store(url, secrets=box)
+        with store.engine.begin() as conn:
+            conn.execute(text("INSERT INTO projects (name, apikey, apisecret, auth_mode, nonce_policy, created_at, "
+                              "task_count) VALUES ('old', :k, :s, 'signature', 'lenient', 0, 0)"),
+                         {"k": hash_apikey("k" * 32), "s": "s" * 48})
+        store.migrate()
+        assert store.project_by_key("k" * 32).apisecret == "s" * 48
+        made = store.create_project("new")  # a sealed secret (171 characters) fits the widened column
+        with store.engine.connect() as conn:
+            stored = [r[0] for r in conn.execute(text("SELECT apisecret FROM projects ORDER BY id"))]
+        assert all(s.startswith("fernet:") and "s" * 48 not in s and made.apisecret not in s for s in stored)
+        store.engine.dispose()
+    finally:
+        drop()

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Counter, Event, Nonce, Output, Preview, Project, Task, UserFile, WebhookDelivery
 from .notify import Publisher
-from .secretbox import SecretBox, SecretKeyError
+from .secretbox import SecretBox, SecretKeyError, rotate_all, seal_and_check
 
 __all__ = ["Store", "Project", "Task", "Output", "Event", "Preview", "WebhookDelivery", "UserFile", "new_token",
            "hash_apikey", "LimitReached", "SecretBox", "SecretKeyError"]
@@ -418,7 +418,7 @@ class Store:
             cfg.attributes["secret_box"] = box  # 0008 seals the secrets stored in clear
             command.upgrade(cfg, "head")
             if box is not None:
-                self._seal_and_check(conn, box)
+                seal_and_check(conn, box)
 
     def secret_box(self, create: bool = False) -> SecretBox | None:
         """This store's :class:`SecretBox` (see the class doc); None if there is no key and not ``create``.
@@ -436,24 +436,6 @@ class Store:
                                  "(docs/configuration.md)")
         return box
 
-    @staticmethod
-    def _seal_and_check(conn: Connection, box: SecretBox) -> None:
-        """Seal the secrets still in clear (a process without the key migrated) and open every
-        sealed one, so that a wrong key stops the process at start instead of failing requests."""
-        wrong = 0
-        for pid, stored in conn.execute(select(Project.id, Project.apisecret)).all():
-            if not box.sealed(stored):
-                conn.execute(update(Project).where(Project.id == pid).values(apisecret=box.seal(stored)))
-                continue
-            try:
-                box.open(stored)
-            except SecretKeyError:
-                wrong += 1
-        if wrong:
-            raise SecretKeyError(f"{wrong} project(s)' API secrets do not open with the key(s) of {box.source}: "
-                                 "start every process with the key the secrets were sealed with (EASEL_SECRET_KEY, "
-                                 "or the same secret.key file; docs/configuration.md). Nothing was changed.")
-
     def rotate_secrets(self) -> int:
         """Re-encrypt every project's API secret with the first key (after a new key was put
         first: :func:`SecretBox` decrypts with any of them); returns how many. One transaction.
@@ -462,10 +444,7 @@ class Store:
             SecretKeyError: a secret opens with none of the keys (nothing is changed)."""
         box = self._box()
         with self._write() as conn:
-            rows = conn.execute(select(Project.id, Project.apisecret)).all()
-            for pid, stored in rows:
-                conn.execute(update(Project).where(Project.id == pid).values(apisecret=box.rotate(stored)))
-        return len(rows)
+            return rotate_all(conn, box)
 
     def _locked(self):
         return self._write_lock if self._write_lock is not None else nullcontext()

@@ -21,6 +21,9 @@ import os
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from sqlalchemy import select, update
+
+from .models import Project
 
 PREFIX = "fernet:"
 KEY_FILE = "secret.key"
@@ -142,6 +145,40 @@ class SecretBox:
         Raises:
             SecretKeyError: no key opens it."""
         return self.seal(self.open(stored))
+
+
+def seal_and_check(conn, box: SecretBox) -> None:
+    """In the transaction of ``conn``: seal the secrets still in clear (a process without the key
+    migrated) and open every sealed one, so that a wrong key stops a process at start
+    (``Store.migrate``) instead of failing its requests.
+
+    Raises:
+        SecretKeyError: some secrets open with none of the keys (the transaction should roll back)."""
+    wrong = 0
+    for pid, stored in conn.execute(select(Project.id, Project.apisecret)).all():
+        if not box.sealed(stored):
+            conn.execute(update(Project).where(Project.id == pid).values(apisecret=box.seal(stored)))
+            continue
+        try:
+            box.open(stored)
+        except SecretKeyError:
+            wrong += 1
+    if wrong:
+        raise SecretKeyError(f"{wrong} project(s)' API secrets do not open with the key(s) of {box.source}: "
+                             "start every process with the key the secrets were sealed with (EASEL_SECRET_KEY, "
+                             "or the same secret.key file; docs/configuration.md). Nothing was changed.")
+
+
+def rotate_all(conn, box: SecretBox) -> int:
+    """In the transaction of ``conn``: re-encrypt every project's secret with the first key;
+    returns how many.
+
+    Raises:
+        SecretKeyError: a secret opens with none of the keys (the transaction should roll back)."""
+    rows = conn.execute(select(Project.id, Project.apisecret)).all()
+    for pid, stored in rows:
+        conn.execute(update(Project).where(Project.id == pid).values(apisecret=box.rotate(stored)))
+    return len(rows)
 
 
 def write_key_file(path: Path, keys: list[str], new: bool = False) -> None:
