@@ -303,10 +303,11 @@ def test_a_client_that_goes_away_leaves_its_task_running_by_default(server, key)
     _wiro(server, key, "/v1/Task/Kill", {"taskid": task["id"]})
 
 
-def test_kill_on_disconnect_cancels_the_task_when_enabled(tmp_path):
+def test_kill_on_disconnect_and_the_concurrency_limit(tmp_path):
     from conftest import Server
 
-    srv = Server(tmp_path, ("--workers", "0"), env={"EASEL_OPENAI_KILL_ON_DISCONNECT": "true"}).start()
+    srv = Server(tmp_path, ("--workers", "0"), env={"EASEL_OPENAI_KILL_ON_DISCONNECT": "true",
+                                                   "EASEL_MAX_CONCURRENT_TASKS": "1"}).start()
     try:
         key = srv.project(auth="apikey").apikey
         with pytest.raises(httpx.ReadTimeout):  # no worker: the task stays queued until the client goes
@@ -319,6 +320,14 @@ def test_kill_on_disconnect_cancels_the_task_when_enabled(tmp_path):
                 break
             time.sleep(0.1)
         assert task["parameters"]["prompt"] == "abandoned" and task["status"] == "task_cancel", task["status"]
+        client = _client(srv, key)
+        with pytest.raises(openai.InternalServerError) as exc:  # queued for good (no worker): the deadline
+            client.images.generate(model="sd-lora", prompt="queued", extra_headers={"Prefer": "wait=1"})
+        assert exc.value.status_code == 504
+        with pytest.raises(openai.RateLimitError) as exc:  # the project's one unfinished task is that one
+            client.images.generate(model="sd-lora", prompt="one too many")
+        assert exc.value.status_code == 429 and exc.value.code == "rate_limit_exceeded"
+        assert "concurrent task limit" in exc.value.message and "EASEL_MAX_CONCURRENT_TASKS" in exc.value.message
     finally:
         srv.stop()
 
