@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.server
 import io
 import json
 import os
@@ -210,11 +211,27 @@ def test_models_are_the_tools(server, key):
 
 
 def test_an_openai_task_is_an_ordinary_wiro_task(server, key):
+    from test_metrics import _Hooks
+
+    hooks = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hooks)
+    threading.Thread(target=hooks.serve_forever, daemon=True).start()
     client = _client(server, key)
-    raw = client.images.with_raw_response.generate(model="sd-lora", prompt="an ordinary task", size="64x64",
-                                                   extra_body=SD_EXTRA, extra_headers={"Idempotency-Key": "oai-1"})
-    taskid = raw.headers["x-easel-task-id"]
-    assert len(raw.parse().data) == 1
+    try:
+        callback = f"http://127.0.0.1:{hooks.server_address[1]}/hook"  # a Wiro webhook, named in extra_body
+        raw = client.images.with_raw_response.generate(
+            model="sd-lora", prompt="an ordinary task", size="64x64", extra_body={**SD_EXTRA, "callbackUrl": callback},
+            extra_headers={"Idempotency-Key": "oai-1"})
+        taskid = raw.headers["x-easel-task-id"]
+        assert len(raw.parse().data) == 1
+        deadline = time.time() + 30 * TIME_SCALE
+        while not any(json.loads(body)["id"] == taskid for body in _Hooks.received):
+            assert time.time() < deadline, "no webhook for the task"
+            time.sleep(0.1)
+    finally:
+        hooks.shutdown()
+    metrics = httpx.get(f"{server.base}/metrics", timeout=30).text.splitlines()
+    assert any(line.startswith("easel_http_requests_total{") and 'route="/v1/images/generations"' in line
+               and 'status="200"' in line for line in metrics)
     again = client.images.with_raw_response.generate(model="sd-lora", prompt="an ordinary task", size="64x64",
                                                      extra_body=SD_EXTRA, extra_headers={"Idempotency-Key": "oai-1"})
     assert again.headers["x-easel-task-id"] == taskid and again.parse().data == raw.parse().data  # Wiro's idempotency
@@ -286,10 +303,11 @@ def test_a_client_that_goes_away_leaves_its_task_running_by_default(server, key)
     _wiro(server, key, "/v1/Task/Kill", {"taskid": task["id"]})
 
 
-def test_kill_on_disconnect_cancels_the_task_when_enabled(tmp_path):
+def test_kill_on_disconnect_and_the_concurrency_limit(tmp_path):
     from conftest import Server
 
-    srv = Server(tmp_path, ("--workers", "0"), env={"EASEL_OPENAI_KILL_ON_DISCONNECT": "true"}).start()
+    srv = Server(tmp_path, ("--workers", "0"), env={"EASEL_OPENAI_KILL_ON_DISCONNECT": "true",
+                                                   "EASEL_MAX_CONCURRENT_TASKS": "1"}).start()
     try:
         key = srv.project(auth="apikey").apikey
         with pytest.raises(httpx.ReadTimeout):  # no worker: the task stays queued until the client goes
@@ -302,6 +320,14 @@ def test_kill_on_disconnect_cancels_the_task_when_enabled(tmp_path):
                 break
             time.sleep(0.1)
         assert task["parameters"]["prompt"] == "abandoned" and task["status"] == "task_cancel", task["status"]
+        client = _client(srv, key)
+        with pytest.raises(openai.InternalServerError) as exc:  # queued for good (no worker): the deadline
+            client.images.generate(model="sd-lora", prompt="queued", extra_headers={"Prefer": "wait=1"})
+        assert exc.value.status_code == 504
+        with pytest.raises(openai.RateLimitError) as exc:  # the project's one unfinished task is that one
+            client.images.generate(model="sd-lora", prompt="one too many")
+        assert exc.value.status_code == 429 and exc.value.code == "rate_limit_exceeded"
+        assert "concurrent task limit" in exc.value.message and "EASEL_MAX_CONCURRENT_TASKS" in exc.value.message
     finally:
         srv.stop()
 
