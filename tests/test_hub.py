@@ -287,3 +287,28 @@ def test_seed_defaults_that_name_no_listed_option_and_empty_selections_mean_no_l
     assert run_needs(instantid, {"selectedLoraModel": "80", "selectedControlnetModel": "458,455"}, catalog) == [
         "79", "80", "458", "455", "instantid-identitynet", "instantid-ip-adapter", "antelopev2",
         "vitpose-base-simple", "dpt-hybrid-midas"]
+
+
+def test_a_full_disk_during_the_download_ends_clearly_without_a_partial_file(env, tmp_path):
+    """The disk fills up mid-file (here: a file-size limit, RLIMIT_FSIZE, makes writes past 1 MB fail
+    as a full disk does): the download ends with a message saying so and no part is left."""
+    script = f"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+from easel.catalog import ModelCatalog
+from easel.config import Settings
+from easel.models.sources import ModelSources
+s = ModelSources(Settings(data_dir={str(tmp_path)!r}, model_source="hub", download_reserve_bytes=0), ModelCatalog.load())
+try:
+    s.checkpoint(s.catalog.get("632"))
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_ENDPOINT": env.url})
+    assert "DownloadError" in out.stdout and "could not write" in out.stdout and "is the disk full?" in out.stdout, \
+        out.stdout + out.stderr
+    _no_partials(tmp_path)
+    folder = tmp_path / "models" / "hub" / "models--ItsJayQz--GTA5_Artwork_Diffusion" / "main"
+    assert not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()

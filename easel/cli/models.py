@@ -52,7 +52,7 @@ def register(models_app: typer.Typer, console: Console, settings_from: Callable)
     @models_app.command("pull")
     def pull(
         ids: Optional[list[str]] = typer.Argument(None, help="Catalog ids to fetch."),
-        tool: Optional[str] = typer.Option(None, "--tool", help="OWNER/SLUG: what a Run of it with its defaults loads."),
+        tool: Optional[str] = typer.Option(None, "--tool", help="OWNER/SLUG: what its seed page's own request loads."),
         seeds: bool = typer.Option(False, "--seeds", help="Everything the five seed pages' own example requests load."),
         all_: bool = typer.Option(False, "--all", help="Every id with a public source."),
         accept_license: list[str] = typer.Option([], "--accept-license", help="Accept a licence by name (see "
@@ -76,7 +76,7 @@ def register(models_app: typer.Typer, console: Console, settings_from: Callable)
                 if tool not in tools:
                     raise typer.BadParameter(f"unknown tool {tool!r}; tools: {', '.join(sorted(tools))}",
                                              param_hint="--tool")
-                wanted += run_needs(tools[tool], {}, catalog)
+                wanted += run_needs(tools[tool], SEED_REQUESTS.get(tool, {}), catalog)
             if seeds:
                 for name, raw in SEED_REQUESTS.items():
                     wanted += run_needs(tools[name], raw, catalog)

@@ -3,10 +3,11 @@ insightface's ``FaceAnalysis`` over the ``antelopev2`` ONNX pack (ONNX Runtime),
 InstantID reference does (``FaceAnalysis(name="antelopev2", root=...)``,
 ``prepare(det_size=(640, 640))``, the largest face by box area).
 
-The pack cannot be downloaded by Easel: insightface's pretrained models are licensed for
-non-commercial research use only, so an operator must obtain it and accept that licence
-themselves, and place the files by hand (see :data:`PLACEMENT` and docs/catalog.md). Offline
-tests use the tiny stand-ins of ``easel.models.tiny_faces`` (same file names and tensor layout).
+insightface's pretrained models are licensed for non-commercial research use only: in hub mode
+Easel fetches the pack from the catalog's ``antelopev2`` source only after the operator accepted
+that licence (``easel.models.sources.ModelSources.face_root``); or the operator places the files
+by hand (see :data:`PLACEMENT` and docs/models.md). Offline tests use the tiny stand-ins of
+``easel.models.tiny_faces`` (same file names and tensor layout).
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import numpy as np
 PACK = "antelopev2"
 REQUIRED = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
 PLACEMENT = (
-    "InstantID needs insightface's antelopev2 face-analysis pack, which Easel does not download: its "
-    "licence allows non-commercial research use only, so the operator must obtain it and accept that "
-    "licence. Place scrfd_10g_bnkps.onnx (detector) and glintr100.onnx (recogniser) from antelopev2 in "
-    "{folder} (a symlink to a shared copy works); see docs/catalog.md, section InstantID.")
+    "InstantID needs insightface's antelopev2 face-analysis pack, whose licence allows non-commercial "
+    "research use only. With --model-source hub Easel fetches it once the operator accepted that licence "
+    "(EASEL_ACCEPT_LICENSES=antelopev2); or place scrfd_10g_bnkps.onnx (detector) and glintr100.onnx "
+    "(recogniser) from antelopev2 in {folder} (a symlink to a shared copy works); see docs/models.md.")
 
 
 class FacePackMissing(RuntimeError):
