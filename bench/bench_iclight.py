@@ -56,7 +56,8 @@ def main() -> None:
             marks[phase] = time.perf_counter()
 
         ic_light.process(pipe, rmbg, fg, bg, ic_light.UPLOAD, body["prompt"], body["negativePrompt"], 1, 123456,
-                         args.steps, 2.0, 1.5, 0.5, on_step)
+                         args.steps, 2.0, 1.5, 0.5, on_step,
+                         ic_light.lowres_size(*fg.size, ic_light.MIN_SIDE // 8, ic_light.MAX_SIDE // 8))  # as tiny mode
         end = time.perf_counter()
         m, lo = marks["Matting"], marks["Low-res pass"]
         return end - t0, {"matting": m - t0, "low-res": lo - m, "high-res": end - lo}

@@ -1,10 +1,11 @@
-"""wiro/ic-light-background: the model surgery, the procedure against an independent transcription of
-the reference (lllyasviel/IC-Light gradio_demo_bg.py), and the tool through the real server
-(uploads, URLs, the seed's curl body with File/Upload names, flipped backgrounds, caching, bad input)."""
+"""wiro/ic-light-background: the model surgery, the procedure against the reference's own numbers
+(lllyasviel/IC-Light gradio_demo_bg.py run on the tiny weights, tests/data/iclight_bg.npz), and the
+tool through the real server (uploads, URLs, the seed's curl body with File/Upload names, flipped backgrounds, caching, bad input)."""
 from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ from PIL import Image
 from conftest import SMALL, pixels, png_size
 
 TOOL = "wiro/ic-light-background"
+DATA = Path(__file__).parent / "data"
+GOLDEN_SOURCES = ("Use Background Image", "Use Flipped Background Image", "Left Light", "Right Light", "Top Light",
+                  "Bottom Light", "Ambient")
 
 
 def image_bytes(size, seed, fmt="PNG", mode="RGB") -> bytes:
@@ -95,119 +99,35 @@ def procedure_inputs(tiny):
     return load_rmbg(tiny["rmbg"]), fg, bg
 
 
-def _reference_process(tiny, rmbg, fg_img, bg_img, prompt, n_prompt, num_samples, seed, steps, cfg, hs, hd,
-                       flip=False):
-    """The reference procedure, transcribed step by step in its own structure: separately loaded
-    modules, conv_in swapped, the forward monkey-patched to read ``concat_conds`` from
-    ``cross_attention_kwargs``, the offset merged by ``load_state_dict`` of the sums, one
-    DPM++ 2M SDE Karras scheduler shared by a text-to-image and an image-to-image pipeline."""
-    import torch
-    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline,
-                           StableDiffusionPipeline, UNet2DConditionModel)
-    from safetensors.torch import load_file
-    from transformers import CLIPTextModel, CLIPTokenizer
+@pytest.mark.parametrize("index", range(7))
+def test_procedure_equals_the_reference_numbers(tiny, iclight_pipe, index):
+    """Easel's procedure against the reference's own ``process_relight`` (``gradio_demo_bg.py``)
+    run on the same tiny weights and inputs, for each of the seven light sources, two samples and
+    the upscaling high-res pass for the first (``tests/data/README.md``): identical pixels
+    (tolerance 0 levels on 8-bit images; both run float32 on the CPU)."""
+    from easel.models.rmbg import load_rmbg
+    from easel.tools import ic_light
 
-    root = str(tiny["sd15"])
-    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-    with torch.no_grad():
-        conv = torch.nn.Conv2d(12, unet.conv_in.out_channels, unet.conv_in.kernel_size, unet.conv_in.stride,
-                               unet.conv_in.padding)
-        conv.weight.zero_()
-        conv.weight[:, :4, :, :].copy_(unet.conv_in.weight)
-        conv.bias = unet.conv_in.bias
-        unet.conv_in = conv
-    original_forward = unet.forward
-
-    def hooked(sample, timestep, encoder_hidden_states, **kwargs):
-        c = kwargs["cross_attention_kwargs"]["concat_conds"].to(sample)
-        c = torch.cat([c] * (sample.shape[0] // c.shape[0]), dim=0)
-        kwargs["cross_attention_kwargs"] = {}
-        return original_forward(torch.cat([sample, c], dim=1), timestep, encoder_hidden_states, **kwargs)
-
-    unet.forward = hooked
-    offset, origin = load_file(str(tiny["iclight-fbc"])), unet.state_dict()
-    unet.load_state_dict({k: origin[k] + offset[k] for k in origin}, strict=True)
-    sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                        algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, steps_offset=1)
-    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
-                 safety_checker=None, requires_safety_checker=False, feature_extractor=None)
-    t2i, i2i = StableDiffusionPipeline(**parts), StableDiffusionImg2ImgPipeline(**parts)
-
-    def enc(txt):
-        ids = tokenizer(txt, truncation=False, add_special_tokens=False)["input_ids"]
-        chunks = [[tokenizer.bos_token_id] + ids[i:i + 75] + [tokenizer.eos_token_id] for i in range(0, len(ids), 75)]
-        chunks = [c + [tokenizer.eos_token_id] * (77 - len(c)) for c in chunks]
-        return text_encoder(torch.tensor(chunks)).last_hidden_state
-
-    def to_t(imgs):
-        return (torch.from_numpy(np.stack(imgs, 0)).float() / 127.0 - 1.0).movedim(-1, 1)
-
-    def to_np(imgs, quant=True):
-        out = []
-        for x in imgs:
-            y = x.movedim(0, -1)
-            out.append((y * 127.5 + 127.5).numpy().clip(0, 255).astype(np.uint8) if quant
-                       else (y * 0.5 + 0.5).numpy().clip(0, 1).astype(np.float32))
-        return out
-
-    def crop(img, w, h):
-        p = Image.fromarray(img)
-        s = max(w / p.size[0], h / p.size[1])
-        rw, rh = int(round(p.size[0] * s)), int(round(p.size[1] * s))
-        p = p.resize((rw, rh), Image.LANCZOS)
-        return np.array(p.crop(((rw - w) / 2, (rh - h) / 2, (rw + w) / 2, (rh + h) / 2)))
-
-    with torch.inference_mode():
-        img = np.array(fg_img)
-        H, W, _ = img.shape
-        k = (256.0 / float(H * W)) ** 0.5
-        feed = np.array(Image.fromarray(img).resize((int(64 * round(W * k)), int(64 * round(H * k))), Image.LANCZOS))
-        alpha = torch.nn.functional.interpolate(rmbg(to_t([feed])), size=(H, W), mode="bilinear")
-        alpha = alpha.movedim(1, -1)[0].numpy().clip(0, 1)
-        input_fg = (127 + (img.astype(np.float32) - 127) * alpha).clip(0, 255).astype(np.uint8)
-        input_bg = np.array(bg_img)
-        if flip:
-            input_bg = np.fliplr(input_bg)
-        width, height = int(round(W / 64)) * 64, int(round(H / 64)) * 64
-        rng = torch.Generator().manual_seed(seed)
-        cc = vae.encode(to_t([crop(input_fg, width, height), crop(input_bg, width, height)])).latent_dist.mode()
-        cc = torch.cat([c[None] for c in cc * vae.config.scaling_factor], dim=1)
-        c, uc = enc(prompt + ", best quality"), enc(n_prompt)
-        c, uc = torch.cat(list(c), 0)[None], torch.cat(list(uc), 0)[None]
-        lat = t2i(prompt_embeds=c, negative_prompt_embeds=uc, width=width, height=height, num_inference_steps=steps,
-                  num_images_per_prompt=num_samples, generator=rng, output_type="latent", guidance_scale=cfg,
-                  cross_attention_kwargs={"concat_conds": cc}).images / vae.config.scaling_factor
-        pix = to_np(vae.decode(lat).sample)
-        tw, th = int(round(width * hs / 64.0) * 64), int(round(height * hs / 64.0) * 64)
-        pix = [np.array(Image.fromarray(p).resize((tw, th), Image.LANCZOS)) for p in pix]
-        lat = vae.encode(to_t(pix)).latent_dist.mode() * vae.config.scaling_factor
-        height, width = lat.shape[2] * 8, lat.shape[3] * 8
-        cc = vae.encode(to_t([crop(input_fg, width, height), crop(input_bg, width, height)])).latent_dist.mode()
-        cc = torch.cat([c_[None] for c_ in cc * vae.config.scaling_factor], dim=1)
-        lat = i2i(image=lat, strength=hd, prompt_embeds=c, negative_prompt_embeds=uc, width=width, height=height,
-                  num_inference_steps=int(round(steps / hd)), num_images_per_prompt=num_samples, generator=rng,
-                  output_type="latent", guidance_scale=cfg, cross_attention_kwargs={"concat_conds": cc}).images
-        out = to_np(vae.decode(lat / vae.config.scaling_factor).sample, quant=False)
-    return [(x * 255.0).clip(0, 255).astype(np.uint8) for x in out]
+    golden = np.load(DATA / "iclight_bg.npz")
+    assert ic_light.BG_SOURCES[index] == GOLDEN_SOURCES[index]  # the reference's BGSource order
+    expected = golden[f"source{index}"]
+    samples, hs = (2, 1.5) if index == 0 else (1, 1.0)
+    ours, extras = ic_light.process(iclight_pipe, load_rmbg(tiny["rmbg"]), Image.fromarray(golden["fg"]),
+                                    Image.fromarray(golden["bg"]), ic_light.BG_SOURCES[index], "a woman", "bad quality",
+                                    samples, 123, 3, 2.0, hs, 0.5, size=(64, 64))
+    assert np.stack(ours).shape == expected.shape
+    assert np.array_equal(np.stack(ours), expected)
+    if index == 0:
+        assert not np.array_equal(ours[0], ours[1])  # two samples of one batch
+        assert extras["alpha"].shape == (96, 64) and extras["foreground"].shape == (96, 64, 3)
 
 
-def test_procedure_equals_the_reference(tiny, procedure_inputs):
+@pytest.fixture(scope="module")
+def iclight_pipe(tiny):
     from easel.models.sources import Weights
     from easel.tools import ic_light
 
-    rmbg, fg, bg = procedure_inputs
-    pipe = ic_light.load_iclight(Weights("diffusers", tiny["sd15"]), tiny["iclight-fbc"])
-    args = ("a woman", "bad quality", 2, 123, 3, 2.0, 1.5, 0.5)
-    ours, extras = ic_light.process(pipe, rmbg, fg, bg, ic_light.UPLOAD_FLIP, *args)
-    ref = _reference_process(tiny, rmbg, fg, bg, *args, flip=True)
-    assert [o.shape for o in ours] == [(192, 128, 3)] * 2
-    for a, b in zip(ours, ref):
-        assert np.array_equal(a, b)
-    assert not np.array_equal(ours[0], ours[1])  # two samples of one batch
-    assert extras["alpha"].shape == (96, 64) and extras["foreground"].shape == (96, 64, 3)
+    return ic_light.load_iclight(Weights("diffusers", tiny["sd15"]), tiny["iclight-fbc"])
 
 
 def test_zero_offset_equals_the_base_model_fed_the_same_conditioning(tiny, tmp_path, procedure_inputs):
@@ -230,13 +150,41 @@ def test_zero_offset_equals_the_base_model_fed_the_same_conditioning(tiny, tmp_p
 
     base.unet.register_forward_pre_hook(drop_concat, with_kwargs=True)
     args = (ic_light.UPLOAD, "a woman", "bad quality", 1, 5, 3, 2.0, 1.5, 0.5)
-    a, _ = ic_light.process(iclight, rmbg, fg, bg, *args)
-    b, _ = ic_light.process(base, rmbg, fg, bg, *args)
+    a, _ = ic_light.process(iclight, rmbg, fg, bg, *args, size=(64, 128))
+    b, _ = ic_light.process(base, rmbg, fg, bg, *args, size=(64, 128))
     diff = np.abs(a[0].astype(int) - b[0].astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.01  # float summation order only
     c, _ = ic_light.process(ic_light.load_iclight(Weights("diffusers", tiny["sd15"]), tiny["iclight-fbc"]),
-                            rmbg, fg, bg, *args)
+                            rmbg, fg, bg, *args, size=(64, 128))
     assert np.abs(c[0].astype(int) - a[0].astype(int)).mean() > 1  # a non-zero offset changes the result
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((512, 640), (512, 640)),  # the reference's default sliders: kept
+    ((64, 96), (256, 384)),  # small: raised to the reference's minimum side, aspect kept
+    ((3000, 2000), (1024, 704)),  # large: the longer side at the reference's maximum
+    ((100, 1000), (256, 1024)),  # beyond 4:1: the longer side wins, the shorter clamped (cover-crop trims)
+    ((1000, 1000), (1024, 1024)),  # rounded to the nearest multiple of 64
+])
+def test_lowres_size_fits_the_foreground_into_the_reference_slider_range(size, expected):
+    from easel.tools.ic_light import lowres_size
+
+    assert lowres_size(*size) == expected
+
+
+def test_a_highres_pass_of_no_step_is_refused_at_validation():
+    from easel.catalog import InputError, ModelCatalog, load_tools
+    from easel.catalog.rules import highres_steps
+
+    spec, catalog = load_tools()[TOOL], ModelCatalog.load()
+    base = {**QUICK, "selectedModel": "1", "inputImageUrl": "a.png", "inputImage2Url": "b.png"}
+    for steps, denoise in ((1, "0.7"), (1, "0.45"), (1, "0.3"), (1, "0.9")):
+        assert highres_steps(steps, float(denoise))[1] == 0  # what diffusers would run
+        with pytest.raises(InputError) as err:
+            spec.validate({**base, "steps": steps, "highres_denoise": denoise}, catalog)
+        assert err.value.field == "highres_denoise" and "[steps] 1" in err.value.message
+    for steps, denoise in ((1, "0.5"), (1, "1"), (2, "0.9"), (30, "0.5")):  # at least one step runs
+        spec.validate({**base, "steps": steps, "highres_denoise": denoise}, catalog)
 
 
 # -- through the server ------------------------------------------------------------------------
@@ -347,6 +295,9 @@ def test_bad_inputs_name_the_field(server, project, file_server):
     assert "[inputImageUrl]" in msg and "decompression bomb" in msg
     assert "[highres_denoise]" in refused({**QUICK, "inputImageUrl": "ok.png", "inputImage2Url": "ok.png",
                                            "highres_denoise": "0.05"})
+    # a high-res pass of no step (steps 1, denoise 0.7: one step scheduled, int(0.7) = 0 run) is refused at Run
+    msg = refused({**QUICK, "inputImageUrl": "ok.png", "inputImage2Url": "ok.png", "steps": 1, "highres_denoise": "0.7"})
+    assert "[highres_denoise]" in msg and "steps of at least 2" in msg, msg
     # URLs are only known when fetched: pexit 1, the reason (naming the field) in debugerror
     (folder / "big.png").write_bytes(bomb_png(5000, 5000))
     (folder / "text.png").write_bytes(b"not an image at all")

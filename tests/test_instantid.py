@@ -452,16 +452,17 @@ def instantid(tiny):
     return base, adapter, nets
 
 
-def _run(instantid, embedding, ip_scale, nets=("identitynet",), scales=(0.8,), images=None, seed=0, steps=STEPS):
+def _run(instantid, embedding, ip_scale, nets=("identitynet",), scales=(0.8,), images=None, seed=0, steps=STEPS,
+         face_mask=None, prompt="a portrait"):
     from easel.models.instantid import build_pipeline, draw_kps, generate
 
     base, adapter, all_nets = instantid
     pipe = build_pipeline(base, all_nets[nets[0]], [all_nets[n] for n in nets[1:]])
     kps = draw_kps((SIZE, SIZE), [[22, 26], [42, 26], [32, 36], [24, 46], [40, 46]])
     images = images or [kps] + [kps] * (len(nets) - 1)
-    return generate(pipe, adapter, embedding, images, scales, ip_scale, prompt="a portrait", negative_prompt="blurry",
+    return generate(pipe, adapter, embedding, images, scales, ip_scale, prompt=prompt, negative_prompt="blurry",
                     num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
-                    output_type="np").images[0]
+                    output_type="np", face_mask=face_mask).images[0]
 
 
 @pytest.fixture(scope="module")
@@ -502,6 +503,59 @@ def test_a_controlnet_at_scale_zero_equals_leaving_it_out(instantid, faces):
     with_canny = _run(instantid, emb, 0.8, ("identitynet", "canny"), (0.8, 0.0))
     assert np.array_equal(with_canny, _run(instantid, emb, 0.8))
     assert not np.array_equal(_run(instantid, emb, 0.8, ("identitynet", "canny"), (0.8, 0.5)), with_canny)
+
+
+def test_identitynet_reads_the_face_tokens_and_the_other_nets_the_text(instantid):
+    """The demos' ``_full`` pipeline: net 0 (IdentityNet) attends to the face tokens, the user
+    ControlNets to the text tokens, and a face mask scales IdentityNet's residuals only."""
+    from easel.models.instantid import MASK_SCALES, InstantIDMultiControlNet, mask_pyramid
+
+    _, _, nets = instantid
+    multi = InstantIDMultiControlNet([nets["identitynet"], nets["canny"]], num_tokens=4)
+    g = torch.Generator().manual_seed(0)
+    sample, cond = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    width = nets["canny"].config.cross_attention_dim
+    text, face = torch.randn(2, 10, width, generator=g), torch.randn(2, 4, width, generator=g)
+    pooled = nets["canny"].config.projection_class_embeddings_input_dim - 6 * nets["canny"].config.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(2, pooled, generator=g), "time_ids": torch.randn(2, 6, generator=g)}
+
+    def net(name, context, scale):
+        return nets[name](sample, 5, encoder_hidden_states=context, controlnet_cond=cond, conditioning_scale=scale,
+                          added_cond_kwargs=added, return_dict=False)
+
+    with torch.no_grad():
+        mask = torch.zeros(64, 64)
+        mask[8:40, 16:48] = 1.0
+        for face_mask in (None, mask):
+            multi.face_mask = face_mask
+            down, mid = multi(sample, 5, torch.cat([text, face], dim=1), [cond, cond], [0.8, 0.5],
+                              added_cond_kwargs=added)
+            (d0, m0), (d1, m1) = net("identitynet", face, 0.8), net("canny", text, 0.5)
+            if face_mask is not None:
+                weights = mask_pyramid(face_mask)
+                assert len(weights) == len(MASK_SCALES) == len(d0)
+                d0, m0 = [r * w for r, w in zip(d0, weights)], m0 * weights[-1]
+            for got, a, b in zip([*down, mid], [*d0, m0], [*d1, m1]):
+                torch.testing.assert_close(got, a + b, rtol=0, atol=0)
+        multi.face_mask = None
+
+
+def test_face_region_masking(instantid, faces):
+    """"Enhance non-face region": outside the mask neither IdentityNet nor the IP-Adapter acts.
+    A mask of zeros is exactly both turned off; a mask of ones is exactly no mask."""
+    from easel.models.instantid import face_box_mask
+
+    emb = faces[0].embedding
+    off = _run(instantid, emb, 0.0, scales=(0.0,))
+    assert np.array_equal(_run(instantid, emb, 0.8, face_mask=np.zeros((SIZE, SIZE), np.float32)), off)
+    whole = _run(instantid, emb, 0.8)
+    assert np.array_equal(_run(instantid, emb, 0.8, face_mask=np.ones((SIZE, SIZE), np.float32)), whole)
+    box = face_box_mask((SIZE, SIZE), (10.7, 12.2, 40.9, 50.5))
+    assert box.sum() == (50 - 12) * (40 - 10) and box[12, 10] == 1 and box[50, 40] == 0  # truncated, end exclusive
+    masked = _run(instantid, emb, 0.8, face_mask=box)
+    assert not np.array_equal(masked, whole) and not np.array_equal(masked, off)
+    with pytest.raises(ValueError, match="face_mask"):
+        _run(instantid, emb, 0.8, face_mask=np.ones((8, 8), np.float32))
 
 
 def test_ip_adapter_attention_survives_loading_and_switching_loras(instantid, faces, tiny):

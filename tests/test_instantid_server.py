@@ -59,6 +59,7 @@ def test_instantid_runs_with_an_uploaded_photo_controlnets_and_a_lora(server, pr
 def test_instantid_documented_failures(server, project):
     noface = _run(server, project, BASE, face=False)
     assert noface["pexit"] == "1" and "no face detected" in noface["debugerror"]
+    assert "96x128 image" in noface["debugerror"], noface["debugerror"]  # the upload's size, not the analysed copy's
     flow = _run(server, project, {**BASE, "scheduler": "FlowMatchEulerDiscreteScheduler"})
     assert flow["pexit"] == "1" and "scheduler" in flow["debugerror"] and "DDIMScheduler" in flow["debugerror"]
 

@@ -250,7 +250,8 @@ class ToolSpec:
             catalog default).
 
         Raises:
-            InputError: naming the first offending field and what it accepts.
+            InputError: naming the first offending field and what it accepts, or a combination of
+                inputs the tool cannot run (:mod:`easel.catalog.rules`).
         """
         out: dict[str, Any] = {}
         for spec in self.inputs:
@@ -266,6 +267,9 @@ class ToolSpec:
                     continue
                 for gs in catalog.get(mid).generatesettings:
                     out[gs["id"]] = _scale(gs, raw.get(gs["id"]))
+        from .rules import check
+
+        check(self.name, out)  # combinations of inputs that cannot run (easel.catalog.rules)
         return out
 
 

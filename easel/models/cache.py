@@ -297,7 +297,8 @@ class LoraState:
                 # keys) leaves that module's previous LoRA weights in place otherwise (diffusers only
                 # swaps the components the new file has keys for).
                 _scale_lora_b(pipe, self.SLOT, 0.0)
-                pipe.load_lora_weights(loadable(path), adapter_name=self.SLOT, hotswap=True)
+                with _quiet_hotswap_errors():  # a refused swap is handled below and logged as an action
+                    pipe.load_lora_weights(loadable(path), adapter_name=self.SLOT, hotswap=True)
                 self.hotswaps += 1
                 metrics.lora_hotswapped()
                 self.last_action = "LoRA hot-swapped into the resident adapter slot"
@@ -323,12 +324,13 @@ class LoraState:
                        for m in getattr(pipe, "components", {}).values())
         # a compiled transformer recompiles once for the new structure (counted as a reload), never again
         pipe.enable_lora_hotswap(target_rank=self.hotswap_rank, check_compiled="ignore" if compiled else "error")
-        self._load(pipe, key, path, self.SLOT)
+        self._load(pipe, key, path, self.SLOT, covering=True)
 
-    def _load(self, pipe: Any, key: str, path: str, name: str) -> None:
-        """Load the LoRA file as a new adapter ``name``; on failure leave no half-loaded adapter."""
+    def _load(self, pipe: Any, key: str, path: str, name: str, covering: bool = False) -> None:
+        """Load the LoRA file as a new adapter ``name``; on failure leave no half-loaded adapter.
+        ``covering``: the hot-swap slot, padded to every block layer (:func:`covering_state_dict`)."""
         try:
-            pipe.load_lora_weights(loadable(path), adapter_name=name)
+            pipe.load_lora_weights(covering_state_dict(pipe, path) if covering else loadable(path), adapter_name=name)
         except Exception as exc:
             _cleanup_failed(pipe, name)
             raise ValueError(f"LoRA {key} could not be loaded into {type(pipe).__name__}: {exc}") from None
@@ -346,6 +348,68 @@ class LoraState:
             pipe.delete_adapters(victim)
             del self._loaded[victim]
             self._active = None
+
+
+# The layers a FLUX LoRA targets live in the transformer's blocks; the hot-swap slot covers all of them
+SLOT_MODULE_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+
+
+def covering_state_dict(pipe: Any, path: str) -> Any:
+    """The LoRA at ``path`` as diffusers reads it, plus zero LoRA weights for every other
+    ``Linear`` layer of the transformer's blocks (:data:`SLOT_MODULE_PREFIXES`), so the adapter
+    slot it creates targets every layer a later LoRA may target.
+
+    PEFT hot-swaps only into layers the resident adapter already has (a LoRA with weights for
+    another layer is refused with "unexpected keys" and the slot must be reloaded, which recompiles
+    a compiled transformer). Slots were shaped by the first LoRA: XLabs' RealismLora (the FLUX
+    tool's default) has LoRA layers in the double blocks' attention only, so every LoRA reaching
+    the single blocks (the Comics Factory style, any ai-toolkit or Kohya LoRA) fell back. The
+    added layers hold ``lora_B = 0``, so they change nothing (``ΔW = B·A = 0``); they cost
+    memory and time like a LoRA of that rank on those layers (at rank 128 in bfloat16, about
+    1.4 GB for FLUX.1-dev). A pipeline without a ``transformer`` (or a file diffusers cannot read)
+    gets :func:`loadable`'s value unchanged.
+    """
+    import torch
+
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None or not hasattr(pipe, "lora_state_dict"):
+        return loadable(path)
+    try:
+        state, alphas = pipe.lora_state_dict(loadable(path), return_alphas=True)
+    except Exception:
+        return loadable(path)  # load_lora_weights gives diffusers' own error, which the caller reports
+    prefix = "transformer."
+    ranks = [v.shape[0] for k, v in state.items() if k.startswith(prefix) and k.endswith("lora_A.weight")]
+    if not ranks:
+        return loadable(path)
+    rank = min(ranks)
+    covered = {k[len(prefix):-len(".lora_A.weight")] for k in state if k.startswith(prefix) and k.endswith(".lora_A.weight")}
+    ref = next(v for k, v in state.items() if k.endswith("lora_A.weight"))
+    out = dict(state)
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith(SLOT_MODULE_PREFIXES) and name not in covered:
+            out[f"{prefix}{name}.lora_A.weight"] = torch.zeros(rank, module.in_features, dtype=ref.dtype)
+            out[f"{prefix}{name}.lora_B.weight"] = torch.zeros(module.out_features, rank, dtype=ref.dtype)
+    out.update(alphas or {})
+    return out
+
+
+class _quiet_hotswap_errors:
+    """Silence diffusers' ``logger.error("Hotswapping ... was unsuccessful")`` around a hot-swap
+    attempt: Easel handles the refusal (the slot is reloaded, :attr:`LoraState.last_action` says
+    why, in the task's ``debugoutput``); an ERROR line on stderr would reach ``debugerror`` of a
+    task that succeeded."""
+
+    def __enter__(self):
+        import logging
+
+        self.logger = logging.getLogger("diffusers.loaders.peft")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+        return False
 
 
 def _scale_lora_b(pipe: Any, adapter: str, factor: float) -> None:

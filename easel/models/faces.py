@@ -122,15 +122,25 @@ class FaceAnalyzer:
                           np.asarray(f.embedding, np.float32), float(f.det_score)) for f in found]
         return sorted(faces, key=lambda f: f.area, reverse=True)
 
-    def largest_face(self, image, field: str = "inputImageUrl") -> FaceInfo:
+    def largest_face(self, image, field: str = "inputImageUrl",
+                     original_size: tuple[int, int] | None = None) -> FaceInfo:
         """The largest face (box area), as InstantID uses.
 
+        Args:
+            image: RGB ``PIL.Image`` or uint8 ``[H, W, 3]`` array, the image analysed.
+            original_size: ``(width, height)`` of the user's image when ``image`` is a resized copy
+                of it; the error message reports that size (the one the user knows), and the
+                analysed size after it.
+
         Raises:
-            NoFaceError: ``"no face detected in <field>: ..."``.
+            NoFaceError: ``"no face detected in <field> (<W>x<H> image...): ..."``.
         """
         faces = self.faces(image)
         if not faces:
             w, h = image.size if hasattr(image, "size") else (image.shape[1], image.shape[0])
-            raise NoFaceError(f"no face detected in {field} ({w}x{h} image): InstantID needs a photo with a "
+            size = f"{w}x{h} image"
+            if original_size is not None and tuple(original_size) != (w, h):
+                size = f"{original_size[0]}x{original_size[1]} image, analysed at {w}x{h}"
+            raise NoFaceError(f"no face detected in {field} ({size}): InstantID needs a photo with a "
                               "clearly visible face")
         return faces[0]

@@ -22,9 +22,11 @@ How the identity enters the model (the embedding enters **twice**):
    ``ip_adapter_scale``.
 
 User ControlNets (openpose / depth / canny) run with IdentityNet as one
-:class:`InstantIDMultiControlNet`, each at its own scale; like the reference pipeline, every net
-in the multi-ControlNet gets the face tokens as its cross-attention context (the reference passes
-``prompt_image_emb`` to ``self.controlnet`` whether it is one net or several).
+:class:`InstantIDMultiControlNet`, each at its own scale. As the pipeline both reference demos
+use (``pipeline_stable_diffusion_xl_instantid_full.py``): IdentityNet gets the face tokens as its
+cross-attention context and the user ControlNets the text tokens, and with "Enhance non-face
+region" (:func:`face_box_mask`, :class:`face_region`) IdentityNet's residuals and the IP-Adapter
+attention are restricted to the face box.
 
 Tensors: face embedding ``float32 [512]`` (insightface's unnormalised ``Face.embedding``); face
 tokens ``[batch, num_tokens, unet.config.cross_attention_dim]`` in the UNet's dtype.
@@ -40,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from torch import nn
+
+from .prompts import encode_sdxl, needs_weighting
 
 NUM_TOKENS = 16
 FACE_EMBEDDING_DIM = 512
@@ -165,6 +169,7 @@ class IPAttnProcessor(nn.Module):
         super().__init__()
         self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
         self.num_tokens, self.scale = num_tokens, scale
+        self.region_mask: torch.Tensor | None = None  # [H, W] in 0..1 at the image's size: see face_region
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
 
@@ -199,6 +204,8 @@ class IPAttnProcessor(nn.Module):
         out = F.scaled_dot_product_attention(query, heads(key), heads(value), attn_mask=attention_mask)
         if self.scale != 0:
             ip = F.scaled_dot_product_attention(query, heads(self.to_k_ip(ip_tokens)), heads(self.to_v_ip(ip_tokens)))
+            if self.region_mask is not None:  # the face region only (the reference's region_control)
+                ip = ip * _region_weights(self.region_mask, query.shape[2]).to(ip.dtype)
             out = out + self.scale * ip
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -207,6 +214,23 @@ class IPAttnProcessor(nn.Module):
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def _region_weights(region_mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The face mask at an attention layer's resolution, ``[1, 1, tokens, 1]``: nearest-neighbour
+    down-scaling by ``sqrt(H·W / tokens)`` with ``F.interpolate(scale_factor=…)``, the call the
+    reference's ``IPAttnProcessor2_0`` makes (so the same rows and columns are picked). For sides
+    that are not multiples of 32 (the tiny models' sizes; the reference's are multiples of 64) the
+    UNet's feature maps round up at each downsampling, and the mask is resized to that map's size."""
+    h, w = region_mask.shape[:2]
+    ratio = (h * w / tokens) ** 0.5
+    out = F.interpolate(region_mask[None, None], scale_factor=1 / ratio, mode="nearest")
+    if out.numel() != tokens:
+        fh, fw = -(-h // 8), -(-w // 8)
+        while fh * fw > tokens:
+            fh, fw = -(-fh // 2), -(-fw // 2)
+        out = F.interpolate(region_mask[None, None], size=(fh, fw), mode="nearest")
+    return out.reshape(1, 1, -1, 1)
 
 
 def ip_layer_shapes(unet) -> dict[int, tuple[int, int]]:
@@ -474,38 +498,105 @@ def load_controlnet(path: str | Path, **kwargs):
 # IdentityNet + user ControlNets
 
 
+# The resolutions of an SDXL ControlNet's nine down-block residuals (conv_in, three blocks of
+# two resnets, two downsamplers), as fractions of the image: the reference's mask scales
+MASK_SCALES = (8, 8, 8, 16, 16, 16, 32, 32, 32)
+
+
 class InstantIDMultiControlNet(MultiControlNetModel):
     """diffusers' ``MultiControlNetModel`` for InstantID: net 0 is IdentityNet, the rest are user
     ControlNets; each runs at its own conditioning scale and the residuals are summed.
 
     The pipeline hands it ``encoder_hidden_states`` = text tokens followed by the ``num_tokens``
-    face tokens (what the IP-Adapter UNet needs); each net gets only the face tokens as its
-    cross-attention context, as in the reference. A net whose scale is exactly 0 is not run (its
-    residuals would be zero), so a ControlNet at scale 0 costs nothing and equals leaving it out.
+    face tokens (what the IP-Adapter UNet needs). As the reference demos' pipeline
+    (``pipeline_stable_diffusion_xl_instantid_full.py``), IdentityNet gets the face tokens as its
+    cross-attention context and every other net the **text** tokens; with a face mask
+    (:attr:`face_mask`, see :func:`face_region`) IdentityNet's residuals are multiplied by the mask
+    at each residual's resolution (bilinear, :data:`MASK_SCALES`), so the identity is imposed in
+    the face box only. A net whose scale is exactly 0 is not run (its residuals would be zero), so
+    a ControlNet at scale 0 costs nothing and equals leaving it out.
     """
 
     def __init__(self, controlnets, num_tokens: int = NUM_TOKENS):
         super().__init__(list(controlnets))
         self.num_tokens = num_tokens
+        self.face_mask: torch.Tensor | None = None  # [H, W] in 0..1 at the image's size
 
     def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, class_labels=None,
                 timestep_cond=None, attention_mask=None, added_cond_kwargs=None, cross_attention_kwargs=None,
                 guess_mode: bool = False, return_dict: bool = True):
         face = encoder_hidden_states[:, -self.num_tokens:]
+        text = encoder_hidden_states[:, :-self.num_tokens]
         down, mid = None, None
         runs = [i for i, s in enumerate(conditioning_scale) if float(s) != 0.0] or [0]
         for i in runs:
             d, m = self.nets[i](
-                sample=sample, timestep=timestep, encoder_hidden_states=face, controlnet_cond=controlnet_cond[i],
+                sample=sample, timestep=timestep, encoder_hidden_states=face if i == 0 else text,
+                controlnet_cond=controlnet_cond[i],
                 conditioning_scale=conditioning_scale[i], class_labels=class_labels, timestep_cond=timestep_cond,
                 attention_mask=attention_mask, added_cond_kwargs=added_cond_kwargs,
                 cross_attention_kwargs=cross_attention_kwargs, guess_mode=guess_mode, return_dict=False)
+            if i == 0 and self.face_mask is not None:
+                weights = mask_pyramid(self.face_mask.to(m.dtype), [r.shape[-2:] for r in d])
+                d = [r * w for r, w in zip(d, weights)]
+                m = m * weights[-1]
             if down is None:
                 down, mid = list(d), m
             else:
                 down = [a + b for a, b in zip(down, d)]
                 mid = mid + m
         return down, mid
+
+
+def mask_pyramid(mask: torch.Tensor, sizes: Sequence[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+    """``[H, W]`` mask → one ``[1, 1, H // s, W // s]`` bilinear resize per :data:`MASK_SCALES`
+    entry, as the reference. ``sizes``: the residuals' own ``(h, w)``, used where they differ
+    (sides that are not multiples of 32 round up in the ControlNet; the reference's never do)."""
+    h, w = mask.shape[-2:]
+    sizes = list(sizes) if sizes is not None else []
+    shapes = [tuple(sizes[i]) if i < len(sizes) else (h // s, w // s) for i, s in enumerate(MASK_SCALES)]
+    return [F.interpolate(mask[None, None], shape, mode="bilinear") for shape in shapes]
+
+
+def face_box_mask(size: tuple[int, int], bbox: Sequence[float]) -> np.ndarray:
+    """The reference demos' ``control_mask`` ("Enhance non-face region"): a ``[H, W]`` float32
+    array, 1 inside the face box (corners truncated to integers, ``[y0:y1, x0:x1]``), 0 elsewhere.
+
+    Args:
+        size: ``(width, height)`` of the generated image.
+        bbox: ``(x0, y0, x1, y1)`` pixels (insightface ``Face.bbox``).
+    """
+    width, height = size
+    x0, y0, x1, y1 = (int(v) for v in bbox[:4])
+    mask = np.zeros((height, width), dtype=np.float32)
+    mask[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = 1.0
+    return mask
+
+
+class face_region:
+    """Within the block, restrict IdentityNet's residuals and the IP-Adapter attention of ``pipe``
+    to ``mask`` (``[H, W]`` array in 0..1 at the generated image's size; None: no restriction), as
+    the reference demos' ``_full`` pipeline does with ``control_mask``; the pipeline is left
+    unrestricted afterwards. The mask is held in the UNet's dtype (the reference's dtype)."""
+
+    def __init__(self, pipe, mask: np.ndarray | None):
+        self.pipe, self.mask = pipe, mask
+
+    def _set(self, value):
+        self.pipe.controlnet.face_mask = value
+        for proc in self.pipe.unet.attn_processors.values():
+            if isinstance(proc, IPAttnProcessor):
+                proc.region_mask = value
+
+    def __enter__(self):
+        unet = self.pipe.unet
+        self._set(None if self.mask is None else
+                  torch.as_tensor(np.asarray(self.mask, dtype=np.float32)).to(unet.device, unet.dtype))
+        return self
+
+    def __exit__(self, *exc):
+        self._set(None)
+        return False
 
 
 def build_pipeline(base, identitynet, controlnets: Sequence = (), num_tokens: int = NUM_TOKENS):
@@ -536,7 +627,8 @@ def build_pipeline(base, identitynet, controlnets: Sequence = (), num_tokens: in
 def generate(pipe, adapter: InstantIDAdapter, face_embedding, control_images: Sequence, conditioning_scales: Sequence[float],
              ip_adapter_scale: float, prompt: str, negative_prompt: str = "", num_inference_steps: int = 30,
              guidance_scale: float = 5.0, num_images_per_prompt: int = 1, generator=None, width: int | None = None,
-             height: int | None = None, callback_on_step_end=None, output_type: str = "pil", **kwargs) -> Any:
+             height: int | None = None, callback_on_step_end=None, output_type: str = "pil",
+             face_mask: np.ndarray | None = None, **kwargs) -> Any:
     """Run InstantID: text + face tokens through the IP-Adapter UNet, IdentityNet + ControlNets.
 
     Args:
@@ -546,8 +638,14 @@ def generate(pipe, adapter: InstantIDAdapter, face_embedding, control_images: Se
             ControlNet, in :func:`build_pipeline` order; resized by the pipeline to ``width × height``.
         conditioning_scales: one float per net (IdentityNet's first); 0 skips a net.
         ip_adapter_scale: weight of the IP-Adapter attention (≥ 0; 0 removes that path).
+        prompt, negative_prompt: text; with A1111 weights (``(word:1.2)``, ``[word]``) or longer
+            than 75 tokens both are encoded as the demos' ``_full`` pipeline does
+            (:func:`easel.models.prompts.encode_sdxl`), else by diffusers' ``encode_prompt``.
         num_images_per_prompt: images generated in one batch; ``generator`` may be a list of that length.
         width, height: output size in pixels (multiples of 8); default: the first control image's.
+        face_mask: ``[height, width]`` array in 0..1 (:func:`face_box_mask`): IdentityNet and the
+            IP-Adapter act inside it only (:class:`face_region`, the demos' "Enhance non-face
+            region"); None: everywhere.
         kwargs: passed to the diffusers pipeline (e.g. ``control_guidance_end``).
 
     Returns:
@@ -566,8 +664,12 @@ def generate(pipe, adapter: InstantIDAdapter, face_embedding, control_images: Se
         raise ValueError("the UNet has no IP-Adapter attention; call InstantIDAdapter.attach(pipe.unet) first")
     cfg = guidance_scale > 1
     device = pipe._execution_device
-    pe, npe, pooled, npooled = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=cfg, negative_prompt=negative_prompt or None)
+    if needs_weighting(pipe.tokenizer, prompt, negative_prompt):  # weights or > 75 tokens: the _full pipeline's encoding
+        pe, npe, pooled, npooled = (t.to(device) for t in encode_sdxl(pipe, prompt, negative_prompt))
+    else:  # a plain prompt: diffusers' own encoding, unchanged
+        pe, npe, pooled, npooled = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=cfg,
+                                                      negative_prompt=negative_prompt or None)
     cond, uncond = adapter.face_tokens(face_embedding)
     call: dict[str, Any] = dict(prompt_embeds=torch.cat([pe, cond.to(pe.device, pe.dtype)], dim=1), pooled_prompt_embeds=pooled)
     if cfg:
@@ -575,10 +677,13 @@ def generate(pipe, adapter: InstantIDAdapter, face_embedding, control_images: Se
                     negative_pooled_prompt_embeds=npooled)
     width = width or control_images[0].size[0]
     height = height or control_images[0].size[1]
-    out = pipe(image=list(control_images), controlnet_conditioning_scale=[float(s) for s in conditioning_scales],
-               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-               num_images_per_prompt=num_images_per_prompt, generator=generator, width=width, height=height,
-               callback_on_step_end=callback_on_step_end, output_type="latent", **call, **kwargs)
+    if face_mask is not None and tuple(np.shape(face_mask)) != (height, width):
+        raise ValueError(f"face_mask must be [{height}, {width}] (the image's size), got {list(np.shape(face_mask))}")
+    with face_region(pipe, face_mask):
+        out = pipe(image=list(control_images), controlnet_conditioning_scale=[float(s) for s in conditioning_scales],
+                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                   num_images_per_prompt=num_images_per_prompt, generator=generator, width=width, height=height,
+                   callback_on_step_end=callback_on_step_end, output_type="latent", **call, **kwargs)
     if output_type != "latent":
         out.images = decode(pipe, out.images, output_type)
     return out

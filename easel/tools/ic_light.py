@@ -13,8 +13,9 @@ foreground + background conditioned), re-implemented here:
    foreground composited on grey: ``127 + (fg - 127) · alpha``.
 3. **Background.** As given, flipped left-right, or (beyond the seed) one of the reference's
    other light sources: a left/right/top/bottom gradient (224 → 32) or flat grey (64).
-4. **Low-res pass.** At the foreground's size rounded to multiples of 64 (scaled down first to
-   at most 1024 per side, the reference's slider range): fg and bg resized to cover and
+4. **Low-res pass.** At the foreground's size fitted into the reference's size-slider range,
+   256 to 1024 per side in multiples of 64, keeping its aspect (:func:`lowres_size`; 1/8 of that
+   range with the tiny test model): fg and bg resized to cover and
    centre-cropped (Lanczos), VAE-encoded (distribution mode × scaling factor) as the concat
    conditioning; text-to-image with ``steps`` steps and CFG ``scale``.
 5. **High-res pass.** Decode, resize by ``highres_scale`` (rounded to multiples of 64, Lanczos),
@@ -53,6 +54,7 @@ from typing import Any, Callable
 import numpy as np
 
 from easel.catalog import load_tools
+from easel.catalog.rules import highres_steps  # also refuses, at /Run, a high-res pass of no step
 from easel.models import Checkpoint, ModelError, Precision, Weights
 from easel.models.precision import cast, generators, precision
 
@@ -65,7 +67,7 @@ UPLOAD, UPLOAD_FLIP = "Use Background Image", "Use Flipped Background Image"
 LEFT, RIGHT, TOP, BOTTOM, GREY = "Left Light", "Right Light", "Top Light", "Bottom Light", "Ambient"
 BG_SOURCES = (UPLOAD, UPLOAD_FLIP, LEFT, RIGHT, TOP, BOTTOM, GREY)
 ADDED_PROMPT = "best quality"
-MAX_SIDE = 1024
+MIN_SIDE, MAX_SIDE = 256, 1024  # the reference's size sliders
 PHASES = ("Matting", "Low-res pass", "High-res pass")
 
 
@@ -91,23 +93,34 @@ class Plan:
     height: int
 
 
-def lowres_size(width: int, height: int, max_side: int = MAX_SIDE) -> tuple[int, int]:
-    """The low-res pass's size: the input's, scaled down to ``max_side`` if larger, rounded to
-    multiples of 64 (at least 64)."""
-    s = min(1.0, max_side / max(width, height))
-    return max(64, int(round(width * s / 64.0)) * 64), max(64, int(round(height * s / 64.0)) * 64)
+def lowres_size(width: int, height: int, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE) -> tuple[int, int]:
+    """The low-res pass's size for a foreground of ``width × height`` pixels.
+
+    The reference (``gradio_demo_bg.py``) generates at its width/height sliders: 256 to 1024 in
+    steps of 64, default 512 × 640. Wiro's page has no size inputs, so Easel takes the
+    foreground's own size and fits it into that range keeping its aspect: scaled down so the
+    longer side is at most ``max_side``, or up so the shorter side is at least ``min_side``
+    (when both cannot hold, as for a panorama beyond 4:1, the longer side wins and the shorter is
+    raised to ``min_side``: the cover-crop of the conditioning then trims it), each side rounded
+    to the nearest multiple of 64 and clamped to ``[min_side, max_side]``.
+
+    Examples: 512 × 640 → 512 × 640; 64 × 96 → 256 × 384; 3000 × 2000 → 1024 × 704;
+    100 × 1000 → 256 × 1024.
+    """
+    short, long = min(width, height), max(width, height)
+    s = min(1.0, max_side / long)
+    if short * s < min_side:
+        s = min(min_side / short, max_side / long)
+
+    def side(v: int) -> int:
+        return min(max_side, max(min_side, int(round(v * s / 64.0)) * 64))
+
+    return side(width), side(height)
 
 
 def highres_size(width: int, height: int, highres_scale: float) -> tuple[int, int]:
     """The high-res pass's (= the output's) size: ``size · highres_scale`` rounded to multiples of 64."""
     return int(round(width * highres_scale / 64.0) * 64), int(round(height * highres_scale / 64.0) * 64)
-
-
-def highres_steps(steps: int, denoise: float) -> tuple[int, int]:
-    """``(scheduled, run)``: img2img schedules ``round(steps / denoise)`` steps and runs the last
-    ``min(int(scheduled · denoise), scheduled)`` of them (diffusers' ``get_timesteps``)."""
-    scheduled = int(round(steps / denoise))
-    return scheduled, min(int(scheduled * denoise), scheduled)
 
 
 def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
@@ -128,7 +141,8 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
         raise ToolError(f"Request parameter [bg_source] must be one of: {', '.join(BG_SOURCES)}")
     fg = ctx.image("inputImage2Url", inputs.get("inputImage2Url", "")).convert("RGB")
     bg = ctx.image("inputImageUrl", inputs.get("inputImageUrl", "")).convert("RGB")
-    width, height = lowres_size(*fg.size)
+    tiny = ctx.models.settings.model_source == "tiny"  # the tiny model's range is 1/8 of the reference's
+    width, height = lowres_size(*fg.size, *((MIN_SIDE // 8, MAX_SIDE // 8) if tiny else (MIN_SIDE, MAX_SIDE)))
     seed = parse_seed(inputs.get("seed", ""))
     ctx.log(f"seed={seed} foreground {fg.size[0]}x{fg.size[1]} background {bg.size[0]}x{bg.size[1]} "
             f"low-res {width}x{height}")
@@ -427,15 +441,20 @@ def relight(pipe: Any, fg: np.ndarray, bg: np.ndarray, prompt: str, negative_pro
 
 def process(pipe: Any, rmbg: Any, fg_image, bg_image, bg_source: str, prompt: str, negative_prompt: str,
             samples: int, seed: int, steps: int, cfg: float, highres_scale: float, highres_denoise: float,
-            on_step: Callable[[str, Any], None] | None = None) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+            on_step: Callable[[str, Any], None] | None = None,
+            size: tuple[int, int] | None = None) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
     """The whole procedure (reference ``process_relight``) on PIL images: matting, background,
     both passes. Used by :func:`run` and by ``bench/bench_iclight.py`` as the direct call.
+
+    Args:
+        size: ``(width, height)`` of the low-res pass (the reference's size sliders); default
+            :func:`lowres_size` of the foreground.
 
     Returns:
         ``(results, intermediates)``: uint8 images at the final size, and ``foreground`` (matted on
         grey), ``alpha`` (uint8 matte) and ``background`` (as used).
     """
-    width, height = lowres_size(*fg_image.size)
+    width, height = size or lowres_size(*fg_image.size)
     fg, alpha = matte(rmbg, np.array(fg_image.convert("RGB")))
     if on_step is not None:
         on_step(PHASES[0], None)
@@ -480,7 +499,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     ctx.started()
     results, extras = process(loaded.obj, rmbg.obj, plan.fg, plan.bg, plan.bg_source, plan.prompt,
                               plan.negative_prompt, plan.samples, plan.seed, plan.steps, plan.cfg,
-                              plan.highres_scale, plan.highres_denoise, on_step)
+                              plan.highres_scale, plan.highres_denoise, on_step, (plan.width, plan.height))
     h, w = results[0].shape[:2]
     params = {"tool": TOOL, "model": plan.checkpoint.label, "prompt": plan.prompt,
               "negative_prompt": plan.negative_prompt, "steps": plan.steps, "guidance_scale": plan.cfg,

@@ -31,7 +31,10 @@ Size: as the reference demo, the photo is resized so its shorter side is 1024 an
 at most 1280 px (multiples of 64), faces are analysed on that image, and the output has its size.
 With ``--model-source tiny`` the sides are 1/8 of that (the tiny SDXL's images are noise anyway).
 IdentityNet runs at conditioning scale 0.8, the reference demo's default (the seed has no input
-for it).
+for it). The procedure is the demos' (``pipeline_stable_diffusion_xl_instantid_full.py``): the
+user ControlNets attend to the text, IdentityNet to the face tokens, and with
+``enhance_face_region`` (beyond the seed; default true, as the demos' "Enhance non-face region")
+IdentityNet and the IP-Adapter act inside the face box only.
 """
 from __future__ import annotations
 
@@ -79,6 +82,7 @@ class Plan:
     samples: int = 1
     seed: int = 0
     scheduler: str = "DDIMScheduler"
+    enhance_face_region: bool = True
 
 
 def _lora(inputs: dict, ctx: ToolContext) -> tuple[str, str, float, str] | None:
@@ -155,6 +159,7 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
         prompt=inputs.get("prompt", ""), negative_prompt=inputs.get("negativePrompt", ""), steps=int(inputs["steps"]),
         guidance_scale=float(inputs["scale"]), ip_adapter_scale=float(inputs["ip_adapter_scale"]),
         samples=int(inputs["samples"]), seed=seed, scheduler=scheduler,
+        enhance_face_region=str(inputs.get("enhance_face_region", "true")).lower() != "false",
     )
 
 
@@ -225,7 +230,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     import torch
 
     from easel.models.conditions import DepthEstimator, OpenposeEstimator, canny_condition
-    from easel.models.instantid import build_pipeline, draw_kps, generate
+    from easel.models.instantid import build_pipeline, draw_kps, face_box_mask, generate
 
     models = ctx.models
     tiny = models.settings.model_source == "tiny"
@@ -238,7 +243,8 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         from easel.models.faces import FaceAnalyzer
 
         pack = Weights("folder", plan.face_root, key=f"faces:{plan.face_root}")
-        face = models.component("face-analysis", pack, lambda w: FaceAnalyzer(w.path)).obj.largest_face(photo)
+        face = models.component("face-analysis", pack, lambda w: FaceAnalyzer(w.path)).obj.largest_face(
+            photo, original_size=plan.photo.size)
         ctx.log(f"face: box={[round(float(v)) for v in face.bbox]} score={face.score:.2f}")
         images = [draw_kps(photo.size, face.kps)]
         # ControlNets and condition estimators: components, loaded once per worker, in the budget
@@ -284,12 +290,14 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     out = generate(pipe, base._easel_instantid, face.embedding, images, scales, plan.ip_adapter_scale, plan.prompt,
                    plan.negative_prompt, num_inference_steps=plan.steps, guidance_scale=plan.guidance_scale,
                    num_images_per_prompt=plan.samples, generator=generators(plan.seed, plan.samples),
+                   face_mask=face_box_mask(photo.size, face.bbox) if plan.enhance_face_region else None,
                    callback_on_step_end=on_step_end)
     width, height = photo.size
     params = {
         "tool": TOOL, "model": plan.checkpoint_label, "prompt": plan.prompt, "negative_prompt": plan.negative_prompt,
         "steps": plan.steps, "guidance_scale": plan.guidance_scale, "scheduler": plan.scheduler,
         "ip_adapter_scale": plan.ip_adapter_scale, "identitynet_scale": IDENTITYNET_SCALE,
+        "enhance_face_region": plan.enhance_face_region,
         "controlnets": [{"name": label, "scale": s} for _, _, s, _, label in plan.controlnets],
         "lora": {"name": plan.lora[3], "scale": plan.lora[2]} if plan.lora else None, "width": width, "height": height,
     }

@@ -9,7 +9,9 @@ Wiro field                     diffusers
 ``selectedModel``              checkpoint (``from_pretrained`` folder or ``from_single_file``)
 ``selectedLoraModel``          LoRA adapters, each at its ``generatesettings`` scale
 ``selectedLoraModelPrivateUrl``  one more LoRA from a user URL (safe fetcher), scale 1.0
-``prompt`` / ``negativePrompt``  ``prompt`` / ``negative_prompt``
+``prompt`` / ``negativePrompt``  ``prompt`` / ``negative_prompt``; with A1111 weights
+                               (``(word:1.2)``, ``[word]``) or beyond 75 tokens, embeddings
+                               from :func:`easel.models.prompts.encode_sd15` (chunks, weights)
 ``samples``                    ``num_images_per_prompt`` (image *i* uses seed ``seed + i``)
 ``steps``                      ``num_inference_steps``
 ``scale``                      ``guidance_scale``
@@ -158,6 +160,8 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     """
     import diffusers
 
+    from easel.models.prompts import encode_sd15, needs_weighting
+
     models = ctx.models
     pipe = models.base_pipeline("sd15", plan.checkpoint,
                                 lambda: load_pipeline(plan.checkpoint, models.precision("sd15"))).obj
@@ -180,7 +184,11 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         num_images_per_prompt=plan.samples, num_inference_steps=plan.steps, guidance_scale=plan.guidance_scale,
         width=plan.width, height=plan.height, generator=generators(plan.seed, plan.samples),
     )
-    if plan.clip_skip > 0:
+    if needs_weighting(pipe.tokenizer, plan.prompt, plan.negative_prompt):
+        # A1111 weights or more than 75 tokens: chunked, weighted (easel.models.prompts), with clip skip
+        kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"] = encode_sd15(
+            pipe, plan.prompt, plan.negative_prompt, plan.clip_skip)
+    elif plan.clip_skip > 0:
         kwargs["prompt_embeds"] = encode_prompt(pipe, [plan.prompt], plan.clip_skip)
         if plan.guidance_scale > 1:
             kwargs["negative_prompt_embeds"] = encode_prompt(pipe, [plan.negative_prompt], plan.clip_skip)
