@@ -105,12 +105,16 @@ def test_a_body_over_the_cap_is_413_and_not_buffered(api, proj):
                  data={"prompt": "x"})
     assert "larger than" in _error(r, 413)
 
-    def chunks():  # no Content-Length: refused while streaming
+    def chunks(head: bytes = b'{"prompt": "'):  # no Content-Length: refused while streaming
+        yield head
         for _ in range(100):
-            yield b"\0" * 10_000
+            yield b"x" * 10_000
 
-    r = api.post(proj, f"/v1/Run/{TOOL}", content=chunks(), headers={"content-type": "application/octet-stream"})
+    r = api.post(proj, f"/v1/Run/{TOOL}", content=chunks(), headers={"content-type": "application/json"})
     assert "larger than" in _error(r, 413)
+    # a body that is neither JSON nor a form is refused from its first bytes, before the rest is read
+    r = api.post(proj, f"/v1/Run/{TOOL}", content=chunks(b"\0"), headers={"content-type": "application/octet-stream"})
+    assert "Send application/json" in r.json()["errors"][0]["detail"]
 
 
 def test_uploads_of_a_refused_run_are_removed(api, proj):

@@ -5,6 +5,11 @@ fields and ``name[]`` become lists); ``application/x-www-form-urlencoded``; and 
 under a multipart or form content type with no real form encoding (the seeds' curl examples do
 ``-H "Content-Type: multipart/form-data" -d '{...}'``), or with no content type at all. A UTF-8
 byte-order mark before a JSON body (Windows tools write one) is ignored.
+
+Bodies are read as a stream and refused (HTTP 413) as soon as they pass their cap: a body without
+files (JSON, URL-encoded) at ``EASEL_BODY_MAX_BYTES``, a multipart body at
+``EASEL_REQUEST_MAX_BYTES``; each multipart text part at :data:`MAX_TEXT_PART`. File parts are
+spooled to disk by Starlette's parser, never held whole in memory before their size is checked.
 """
 from __future__ import annotations
 
@@ -185,9 +190,7 @@ async def _form(request: Request, max_file_bytes: int) -> Body:
     """A multipart or URL-encoded body (``request`` reads the capped stream)."""
     try:
         form = await request.form(max_part_size=MAX_TEXT_PART, max_fields=MAX_FIELDS)
-    except WiroError:
-        raise
-    except ClientDisconnect:
+    except (WiroError, ClientDisconnect):
         raise
     except Exception as exc:
         detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
