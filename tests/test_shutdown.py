@@ -72,12 +72,13 @@ def _log(srv: Server) -> str:
     return (srv.data_dir / "server.log").read_text()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_an_idle_server_stops_within_2_s_and_cleanly(tmp_path, sig):
-    srv = Server(tmp_path).start()
+@pytest.mark.parametrize("sig,args", [(signal.SIGTERM, ()), (signal.SIGINT, ()),
+                                      (signal.SIGTERM, ("--api-processes", "2", "--workers", "0"))])
+def test_an_idle_server_stops_within_2_s_and_cleanly(tmp_path, sig, args):
+    srv = Server(tmp_path, extra_args=args).start()
     try:
         ready = _wait_ready(srv)
-        assert ready["ready"] and ready["workers"][0]["state"] == "idle", ready
+        assert ready["ready"] and all(w["state"] == "idle" for w in ready["workers"]), ready
         seconds, code = _stop_timed(srv, sig)
     finally:
         srv.stop()

@@ -178,7 +178,9 @@ def serve(
             _serve_processes(settings, host, port, executor)
         finally:
             _stop(executor, metrics_dir)
-        return
+        from easel.supervise import exit_now
+
+        exit_now(0)  # all stopped and cleaned; the interpreter's teardown took seconds here
     try:  # SIGTERM/SIGINT: uvicorn's graceful shutdown, the app's (workers stop there), then here
         run_app(create_app(settings, executor, on_shutdown=lambda: _stop(executor, metrics_dir)), host, port)
     finally:
@@ -322,7 +324,9 @@ def _api_process(settings, sock, executor, index: int) -> None:
 
     from easel.api import create_app
     from easel.cli.serving import run_app
+    from easel.logs import configure_logging
 
+    configure_logging(settings, f"easel-api-{index}")
     parent = mp.parent_process()
 
     def watch() -> None:
@@ -339,6 +343,9 @@ def _api_process(settings, sock, executor, index: int) -> None:
     # one process sends the webhooks (the others would only compete for the same leases)
     app = create_app(settings, executor, dispatch_webhooks=index == 0)
     run_app(app, sockets=[sock])
+    from easel.supervise import exit_now
+
+    exit_now(0)  # stopped: the interpreter's teardown would only delay the server's exit
 
 
 def _serve_processes(settings, host: str, port: int, executor) -> None:

@@ -24,7 +24,7 @@ import threading
 import time
 
 from easel.config import Settings
-from easel.supervise import Child, Supervisor, watch_parent
+from easel.supervise import Child, Supervisor, exit_now, watch_parent
 
 from . import Executor
 
@@ -83,7 +83,7 @@ def _worker_main(settings: Settings, worker_id: str, wake, drain, stop, state, i
         worker = held.get("worker")
         if worker is not None and worker.current_task is not None:
             worker.abandon(worker.current_task)
-        _exit_now(3)
+        exit_now(3)
 
     watch_parent(parent_gone)  # before the imports below, which take seconds on a loaded machine
     if gpu is not None:  # before anything imports torch in this process
@@ -118,21 +118,7 @@ def _worker_main(settings: Settings, worker_id: str, wake, drain, stop, state, i
         if idle and not drain.is_set():
             wake.wait(delay)
             wake.clear()
-    _exit_now(0)
-
-
-def _exit_now(code: int) -> None:
-    """End a worker process at once: the interpreter's teardown with torch loaded takes a second
-    or more, and nothing of the process needs it, except ``multiprocessing``'s finalizers, run
-    here: they unlink the semaphores the libraries made (tqdm's write lock), which the resource
-    tracker would otherwise report as leaked at the server's exit."""
-    from multiprocessing import util
-
-    try:
-        logging.shutdown()
-        util._run_finalizers(0)  # the finalizers with an exit priority: semaphores (SemLock._cleanup)
-    finally:
-        os._exit(code)
+    exit_now(0)
 
 
 class WakeHandle(Executor):
