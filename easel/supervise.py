@@ -301,3 +301,18 @@ def watch_parent(on_gone: Callable[[], None], interval: float = 0.2) -> threadin
     thread = threading.Thread(target=watch, name="easel-parent-watch", daemon=True)
     thread.start()
     return thread
+
+
+def exit_now(code: int) -> None:
+    """End this (child) process at once, without the interpreter's teardown, which takes a second
+    or more with torch or the API's modules loaded and which nothing of these processes needs,
+    except ``multiprocessing``'s finalizers, run here: they unlink the semaphores the libraries
+    made (tqdm's write lock), which the resource tracker would otherwise report as leaked at the
+    server's exit. Log handlers are flushed first."""
+    from multiprocessing import util
+
+    try:
+        logging.shutdown()
+        util._run_finalizers(0)  # the finalizers with an exit priority: semaphores (SemLock._cleanup)
+    finally:
+        os._exit(code)

@@ -305,7 +305,7 @@ def test_a_worker_per_gpu_is_started_restarted_and_stopped(tmp_path):
     stand_in.write_text("import os, sys, time\nwith open(sys.argv[1], 'a') as f:\n"
                         "    f.write(f'{sys.argv[-1]} {os.getpid()}\\n')\ntime.sleep(300)\n")
     parent = subprocess.Popen([sys.executable, "-c", "import sys; from easel.cli.main import _per_gpu; "
-                               f"sys.exit(_per_gpu([sys.executable, {str(stand_in)!r}, {str(started)!r}], ('0', '1')))"])
+                               f"sys.exit(_per_gpu([sys.executable, {str(stand_in)!r}, {str(started)!r}], ('0', '1'), 10.0))"])
 
     def lines(n: int) -> list[list[str]]:
         deadline = time.time() + 60 * TIME_SCALE

@@ -369,6 +369,12 @@ def test_cli_tasks_list_detail_delete(server, project):
         return out.stdout
 
     assert re.search(rf"\b{task['id']}\b.*task_postprocess_end", cli("list", "--limit", "50"))
+    env["COLUMNS"] = "40"  # piped: whole values, tab-separated, whatever the width
+    rows = [line.split("\t") for line in cli("list", "--limit", "50").splitlines()]
+    assert rows[0] == ["id", "tool", "status", "pexit", "created", "outputs"]
+    assert [task["id"], "wiro/text-to-image-sd-lora", "task_postprocess_end", "0"] in [r[:4] for r in rows]
+    listed = json.loads(cli("list", "--limit", "50", "--json"))
+    assert task["id"] in [t["id"] for t in listed] and all("outputs" in t for t in listed)
     assert json.loads(cli("detail", task["id"]))["id"] == task["id"]
     assert "deleted" in cli("delete", task["id"])
     assert server.detail(project, task["id"])["outputs"] == []

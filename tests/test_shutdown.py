@@ -72,12 +72,13 @@ def _log(srv: Server) -> str:
     return (srv.data_dir / "server.log").read_text()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_an_idle_server_stops_within_2_s_and_cleanly(tmp_path, sig):
-    srv = Server(tmp_path).start()
+@pytest.mark.parametrize("sig,args", [(signal.SIGTERM, ()), (signal.SIGINT, ()),
+                                      (signal.SIGTERM, ("--api-processes", "2", "--workers", "0"))])
+def test_an_idle_server_stops_within_2_s_and_cleanly(tmp_path, sig, args):
+    srv = Server(tmp_path, extra_args=args).start()
     try:
         ready = _wait_ready(srv)
-        assert ready["ready"] and ready["workers"][0]["state"] == "idle", ready
+        assert ready["ready"] and all(w["state"] == "idle" for w in ready["workers"]), ready
         seconds, code = _stop_timed(srv, sig)
     finally:
         srv.stop()
@@ -247,3 +248,75 @@ def test_demo_exits_0_and_prints_the_png_paths_and_urls(tmp_path):
         data = Path(path).read_bytes()
         assert data.startswith(b"\x89PNG") and Path(path).is_relative_to(tmp_path)
     assert re.search(r"^uploaded|^wiro/text-to-image-sd-lora: the seed's request$", run.stdout, re.M)
+
+
+STUBBORN = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "
+            "time.sleep(60)")
+
+
+def _stubborn() -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "up\n"  # its SIGTERM handler is in place
+    return proc
+
+
+def test_stop_process_escalates_to_sigkill_and_says_so():
+    from easel.supervise import stop_process
+
+    proc, said = _stubborn(), []
+    t0 = time.monotonic()
+    assert stop_process(proc, 0.5, "the stubborn server", say=said.append) == -signal.SIGKILL
+    assert time.monotonic() - t0 < 5 * SLOW
+    assert said and "the stubborn server" in said[0] and "SIGKILL" in said[0]
+
+
+def test_supervisor_stop_deadlines(caplog):
+    """ask, grace for busy children, abort, then SIGTERM/SIGKILL: every child is gone, and those
+    signalled are returned (their work must be ended by the caller)."""
+    from easel.supervise import Child, Supervisor
+
+    procs = {}
+
+    def spawn(slot):
+        procs[slot] = _stubborn() if slot == 0 else subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        return Child(procs[slot], f"child-{slot}")
+
+    sup = Supervisor(spawn, 2)
+    sup.start()
+    aborted = []
+    t0 = time.monotonic()
+    signalled = sup.stop(0.3, ask=lambda: None, abort=lambda: aborted.append(1), abort_wait=0.2,
+                         busy=lambda c: c.name == "child-0")
+    assert time.monotonic() - t0 < 8 * SLOW
+    assert aborted == [1] and sorted(c.name for c in signalled) == ["child-0", "child-1"]
+    assert procs[0].returncode == -signal.SIGKILL and procs[1].returncode == -signal.SIGTERM
+    sup.check()  # stopping: nothing is restarted
+    assert sup.restarts == 0
+
+
+def _model_loads(srv: Server) -> float:
+    text = httpx.get(f"{srv.base}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("easel_model_loads_total"))
+
+
+def test_preload_warms_a_tool_before_the_first_run(tmp_path):
+    """``--preload``: the worker loads the tool's pipeline before it is ready; /readyz says the tool
+    is warm, and the first Run of it loads no pipeline."""
+    srv = Server(tmp_path, extra_args=("--preload", TOOL)).start()
+    try:
+        ready = _wait_ready(srv)
+        assert ready["warm"] == [TOOL] and ready["workers"][0]["warm"] == [TOOL], ready
+        loads = _model_loads(srv)
+        assert loads >= 1
+        p = srv.project()
+        assert srv.wait(p, srv.run(p, SMALL)["taskid"])["pexit"] == "0"
+        assert _model_loads(srv) == loads
+    finally:
+        srv.stop()
+    assert re.search(rf"preloading {TOOL}.*\n(.*\n)*.*{TOOL} is warm", _log(srv)), _log(srv)[-3000:]
+
+
+def test_preload_of_an_unknown_tool_is_a_usage_error(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "easel", "serve", "--data-dir", str(tmp_path), "--preload", "no/such"],
+                         capture_output=True, text=True, timeout=120 * SLOW)
+    assert run.returncode == 2 and "no/such" in run.stderr and "Traceback" not in run.stderr, run.stderr

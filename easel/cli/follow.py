@@ -26,10 +26,19 @@ def progress_of(frame: dict) -> dict:
     return progress if {"stepCurrent", "stepTotal", "percentage"} <= set(progress) else {}
 
 
+# what a task is doing in each status before its progress frames name a phase
+DOING = {"task_queue": "waiting for a worker", "task_accept": "taken by a worker",
+         "task_preprocess_start": "preparing: inputs, weights (downloaded on first use)",
+         "task_preprocess_end": "prepared", "task_assign": "loading the pipeline (warm after the first run)",
+         "task_start": "denoising", "task_end": "writing the outputs", "task_postprocess_start": "storing the outputs",
+         "task_postprocess_end": "done", "task_cancel": "cancelled"}
+
+
 def describe(status: str, progress: dict) -> str:
-    """``status`` and, when known, the phase, step and speed of ``progress``, as one line."""
+    """``status`` and, when known, the phase, step and speed of ``progress``, as one line (with
+    what the task is doing, :data:`DOING`, when there is no progress yet)."""
     if not progress:
-        return status
+        return f"{status} ({DOING[status]})" if status in DOING else status
     phase = progress.get("task") or ""
     if "stepCurrent" not in progress:
         return f"{status} {phase}".strip()

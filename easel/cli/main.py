@@ -179,7 +179,9 @@ def serve(
             _serve_processes(settings, host, port, executor)
         finally:
             _stop(executor, metrics_dir)
-        return
+        from easel.supervise import exit_now
+
+        exit_now(0)  # all stopped and cleaned; the interpreter's teardown took seconds here
     try:  # SIGTERM/SIGINT: uvicorn's graceful shutdown, the app's (workers stop there), then here
         run_app(create_app(settings, executor, on_shutdown=lambda: _stop(executor, metrics_dir)), host, port)
     finally:
@@ -231,7 +233,7 @@ def worker(
                 ("database_url", database_url), ("storage", storage), ("model_source", model_source),
                 ("queues", queues), ("config", config)) if v is not None]
         raise typer.Exit(_per_gpu([sys.executable, "-m", "easel", "worker", f"--loglevel={loglevel}", *args],
-                                  settings.gpus))
+                                  settings.gpus, settings.shutdown_grace_seconds + 30.0))
     if settings.gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus[0]  # before anything initialises CUDA
     from easel.executors.celery import run_worker
@@ -251,50 +253,40 @@ def worker(
         raise typer.Exit(1)
 
 
-def _per_gpu(command: list[str], gpus: tuple[str, ...]) -> int:
-    """Run ``command --gpus G`` for each GPU and supervise them: a child that exits is restarted
-    (1 s, doubling to 60 s while it keeps dying within 30 s); SIGTERM/SIGINT are passed on and
-    the children awaited. Returns 0 after a requested stop."""
+def _per_gpu(command: list[str], gpus: tuple[str, ...], grace: float) -> int:
+    """Run ``command --gpus G`` for each GPU and supervise them (:class:`easel.supervise.Supervisor`):
+    a child that exits is restarted (1 s, doubling to 60 s while it keeps dying within 30 s);
+    SIGTERM/SIGINT are passed on (Celery's warm shutdown: the task in hand finishes) and a child
+    still running ``grace`` seconds later is killed, saying so. A child also gets SIGTERM from the
+    kernel if this process dies (``PR_SET_PDEATHSIG``). Returns 0 after a requested stop."""
     import signal
+    import threading
 
-    stopping = False
-    procs: dict[str, subprocess.Popen] = {}
-    started: dict[str, float] = {}
-    backoff: dict[str, float] = {}
-    restart_at: dict[str, float] = {}
+    from easel.supervise import Child, Supervisor, parent_death_signal
 
-    def spawn(gpu: str) -> None:
-        procs[gpu] = subprocess.Popen([*command, f"--gpus={gpu}"])
-        started[gpu] = time.monotonic()
+    stopping = threading.Event()
+    received: list[int] = []
+
+    def spawn(slot: int) -> Child:
+        proc = subprocess.Popen([*command, f"--gpus={gpus[slot]}"], preexec_fn=parent_death_signal)
+        return Child(proc, f"GPU {gpus[slot]}")
 
     def stop(signum, _frame) -> None:
-        nonlocal stopping
-        stopping = True
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signum)
+        received.append(signum)
+        stopping.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for gpu in gpus:
-        spawn(gpu)
-    while not stopping:
-        time.sleep(0.5)
-        for gpu, p in list(procs.items()):
-            if stopping or p.poll() is None:
-                continue
-            now = time.monotonic()
-            if gpu not in restart_at:
-                short = now - started[gpu] < 30.0
-                backoff[gpu] = min(60.0, backoff.get(gpu, 0.5) * 2) if short else 1.0
-                restart_at[gpu] = now + backoff[gpu]
-                console.print(f"[yellow]worker on GPU {gpu} exited with code {p.returncode}; "
-                              f"restarting in {backoff[gpu]:.0f} s")
-            elif now >= restart_at[gpu]:
-                del restart_at[gpu]
-                spawn(gpu)
-    for p in procs.values():
-        p.wait()
+    children = Supervisor(spawn, len(gpus), what="worker")
+    children.start()
+    while not stopping.wait(0.5):
+        children.check()
+
+    def ask() -> None:
+        for child in children.alive():
+            child.signal(received[0])
+
+    children.stop(grace, ask=ask)
     return 0
 
 
@@ -333,7 +325,9 @@ def _api_process(settings, sock, executor, index: int) -> None:
 
     from easel.api import create_app
     from easel.cli.serving import run_app
+    from easel.logs import configure_logging
 
+    configure_logging(settings, f"easel-api-{index}")
     parent = mp.parent_process()
 
     def watch() -> None:
@@ -350,6 +344,9 @@ def _api_process(settings, sock, executor, index: int) -> None:
     # one process sends the webhooks (the others would only compete for the same leases)
     app = create_app(settings, executor, dispatch_webhooks=index == 0)
     run_app(app, sockets=[sock])
+    from easel.supervise import exit_now
+
+    exit_now(0)  # stopped: the interpreter's teardown would only delay the server's exit
 
 
 def _serve_processes(settings, host: str, port: int, executor) -> None:
@@ -760,15 +757,23 @@ def demo(data_dir: Path = typer.Option(Path(".easel-demo"), help="Data directory
     results: dict[str, list[tuple[Path, str]]] = {}
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(600):
+        t0, said = time.monotonic(), False
+        while True:  # /readyz: the worker has imported torch (a task sent earlier would only wait)
             try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
+                if httpx.get(f"{base}/readyz").status_code == 200:
                     break
+                if not said:
+                    print("server up; waiting for its worker process to be ready (importing torch)", flush=True)
+                    said = True
             except httpx.HTTPError:
                 if proc.poll() is not None:
-                    console.print("[red]the server exited; see the log")
+                    console.print(f"[red]the server exited; see {log_path}")
                     raise typer.Exit(1)
+            if time.monotonic() - t0 > DEMO_READY_SECONDS:
+                console.print(f"[red]the server was not ready after {DEMO_READY_SECONDS:.0f} s; see {log_path}")
+                raise typer.Exit(1)
             time.sleep(0.2)
+        print(f"server ready after {time.monotonic() - t0:.1f} s", flush=True)
         out = subprocess.run([sys.executable, "-m", "easel", "projects", "create", "demo", "--data-dir", str(data_dir),
                               "--json"], capture_output=True, text=True, check=True)
         project = json.loads(out.stdout)
@@ -806,6 +811,7 @@ def demo(data_dir: Path = typer.Option(Path(".easel-demo"), help="Data directory
         stop_process(proc, DEMO_STOP_SECONDS, "the demo server", say=lambda m: print(m, file=sys.stderr, flush=True))
 
 
+DEMO_READY_SECONDS = 900.0  # a loaded machine may take minutes to import torch
 DEMO_STOP_SECONDS = 30.0  # an idle server stops in about 1 s; then SIGKILL, with a line saying so
 
 

@@ -15,6 +15,7 @@ within about a second (:func:`easel.supervise.watch_parent`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -23,7 +24,7 @@ import threading
 import time
 
 from easel.config import Settings
-from easel.supervise import Child, Supervisor, watch_parent
+from easel.supervise import Child, Supervisor, exit_now, watch_parent
 
 from . import Executor
 
@@ -40,7 +41,33 @@ def gpu_for_slot(slot: int, gpus: tuple[str, ...]) -> str | None:
     return gpus[slot % len(gpus)] if gpus else None
 
 
-def _worker_main(settings: Settings, worker_id: str, wake, drain, stop, state, gpu: str | None = None) -> None:
+def _publish(info, warm: list[str]) -> None:
+    """Write this worker's warm tools into its shared ``info`` buffer (JSON, read by ``ready``)."""
+    data = json.dumps(warm).encode()
+    if len(data) < len(info) and info.value != data:
+        info.value = data
+
+
+def _preload(worker, tools: tuple[str, ...], info) -> None:
+    """Load the pipelines of ``tools`` (``Settings.preload``) before taking tasks; a tool that
+    fails to warm up is logged and skipped."""
+    from easel.tasks.preload import preload
+
+    for tool in tools:
+        if worker.should_stop():
+            return
+        log.info("worker %s: preloading %s", worker.worker_id, tool)
+        try:
+            seconds = preload(worker, tool)
+        except Exception as exc:  # noqa: BLE001 - a warm-up failure must not keep the worker from tasks
+            log.warning("worker %s: could not preload %s: %s: %s", worker.worker_id, tool, type(exc).__name__, exc)
+            continue
+        log.info("worker %s: %s is warm (%.1f s)", worker.worker_id, tool, seconds)
+        worker.warm.append(tool)
+        _publish(info, worker.warm)
+
+
+def _worker_main(settings: Settings, worker_id: str, wake, drain, stop, state, info, gpu: str | None = None) -> None:
     """A worker process: run tasks until ``drain`` (finish the task, then exit) or ``stop``
     (abandon the task at its next step) is set, or the server process is gone."""
     gone = threading.Event()
@@ -56,7 +83,7 @@ def _worker_main(settings: Settings, worker_id: str, wake, drain, stop, state, g
         worker = held.get("worker")
         if worker is not None and worker.current_task is not None:
             worker.abandon(worker.current_task)
-        _exit_now(3)
+        exit_now(3)
 
     watch_parent(parent_gone)  # before the imports below, which take seconds on a loaded machine
     if gpu is not None:  # before anything imports torch in this process
@@ -74,6 +101,7 @@ def _worker_main(settings: Settings, worker_id: str, wake, drain, stop, state, g
     log.debug("worker %s: %s torch threads", worker_id, threads or "default")
     worker = held["worker"] = Worker(settings, worker_id)
     worker.should_stop = lambda: stop.is_set() or gone.is_set()
+    _preload(worker, settings.preload, info)
     state.value = IDLE
     delay = settings.poll_interval
     while not drain.is_set() and not worker.should_stop():
@@ -86,24 +114,11 @@ def _worker_main(settings: Settings, worker_id: str, wake, drain, stop, state, g
             idle, delay = True, min(30.0, delay * 2)
         finally:
             state.value = IDLE
+            _publish(info, worker.warm)
         if idle and not drain.is_set():
             wake.wait(delay)
             wake.clear()
-    _exit_now(0)
-
-
-def _exit_now(code: int) -> None:
-    """End a worker process at once: the interpreter's teardown with torch loaded takes a second
-    or more, and nothing of the process needs it, except ``multiprocessing``'s finalizers, run
-    here: they unlink the semaphores the libraries made (tqdm's write lock), which the resource
-    tracker would otherwise report as leaked at the server's exit."""
-    from multiprocessing import util
-
-    try:
-        logging.shutdown()
-        util._run_finalizers(0)  # the finalizers with an exit priority: semaphores (SemLock._cleanup)
-    finally:
-        os._exit(code)
+    exit_now(0)
 
 
 class WakeHandle(Executor):
@@ -164,12 +179,13 @@ class LocalExecutor(Executor):
         self._generation += 1
         worker_id = f"local-{os.getpid()}-{slot}-{self._generation}"
         state = self._ctx.RawValue("i", STARTING)
+        info = self._ctx.RawArray("c", 4096)  # the worker's warm tools, JSON (see _publish)
         p = self._ctx.Process(target=_worker_main, name=f"easel-worker-{slot}", daemon=True,
-                              args=(self.settings, worker_id, self._wake, self._drain, self._stop, state,
+                              args=(self.settings, worker_id, self._wake, self._drain, self._stop, state, info,
                                     gpu_for_slot(slot, self.settings.gpus)))
         p.start()
         child = Child(p, worker_id)
-        child.state = state
+        child.state, child.info = state, info
         return child
 
     def handle(self) -> WakeHandle:
@@ -230,12 +246,23 @@ class LocalExecutor(Executor):
         return True, f"{alive} worker(s) running"
 
     def ready(self) -> dict:
-        """Each worker's state: ``{"workers": [{"id", "state"}], "ready": n}``; a worker is ready
-        once it has imported torch and waits for (or runs) tasks."""
+        """``{"ready", "workers": [{"id", "state", "warm"}], "warm"}``: a worker is ready once it
+        has imported torch and loaded ``Settings.preload``, and waits for (or runs) tasks; a tool
+        is warm in a worker once preloaded or run there (its pipelines may since have been
+        evicted from the cache to make room for others')."""
         names = {STARTING: "starting", IDLE: "idle", BUSY: "busy"}
-        rows = [{"id": c.name, "state": names.get(c.state.value, "?") if c.alive() else "exited"}
-                for c in self.workers.children if c is not None]
-        return {"ready": any(r["state"] in ("idle", "busy") for r in rows), "workers": rows, "warm": []}
+        rows = []
+        for c in self.workers.children:
+            if c is None:
+                continue
+            try:
+                warm = json.loads(c.info.value or b"[]")
+            except ValueError:  # read while the worker wrote it: next time
+                warm = []
+            rows.append({"id": c.name, "state": names.get(c.state.value, "?") if c.alive() else "exited",
+                         "warm": warm})
+        live = [r for r in rows if r["state"] in ("idle", "busy")]
+        return {"ready": bool(live), "workers": rows, "warm": sorted({t for r in live for t in r["warm"]})}
 
     def submit(self, task_id: int) -> None:
         self._wake.set()

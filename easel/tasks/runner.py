@@ -237,6 +237,7 @@ class Worker:
         self.heartbeat_lost = threading.Event()
         self._deadline: float | None = None
         self.current_task: int | None = None  # the task being executed, for :meth:`abandon`
+        self.warm: list[str] = []  # tools preloaded or run successfully by this worker (``/readyz``)
 
     def abandon(self, task_id: int) -> None:
         """End ``task_id`` as failed with :data:`lifecycle.INTERRUPTED_MESSAGE` because this
@@ -353,6 +354,8 @@ class Worker:
             except BaseException:  # no output of a task that did not succeed stays behind
                 self.storage.discard(task.uuid, saved)
                 raise
+            if task.tool not in self.warm:
+                self.warm.append(task.tool)
         except TaskLost:
             log.warning("task %s was ended elsewhere; abandoned", task_id)
         except TaskKilled:
