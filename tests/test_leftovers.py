@@ -4,7 +4,6 @@ sweeper, whatever their age (the default orphan retention is a week), and by the
 start-up; a download in progress and the scratch folder of a queued or running task stay."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from easel.storage import create_storage
 from easel.tasks import lifecycle as lc
 
 HOLDER = """
-import os, sys, tempfile, time
+import sys, tempfile, time
 from easel.models import partfiles
 fd, path = tempfile.mkstemp(dir=sys.argv[1], suffix=".part")
 partfiles.hold(fd)
