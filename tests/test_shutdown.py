@@ -320,3 +320,23 @@ def test_preload_of_an_unknown_tool_is_a_usage_error(tmp_path):
     run = subprocess.run([sys.executable, "-m", "easel", "serve", "--data-dir", str(tmp_path), "--preload", "no/such"],
                          capture_output=True, text=True, timeout=120 * SLOW)
     assert run.returncode == 2 and "no/such" in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_the_phase_shows_in_task_detail_before_the_first_step(tmp_path, tiny, monkeypatch):
+    """Queued: "Waiting for a worker"; from task_assign to the first step: "Loading weights"."""
+    from test_engine import _submit, _worker
+
+    from easel.tasks import lifecycle as lc
+    from easel.tools import sd_lora
+
+    worker = _worker(tmp_path, tiny)
+    tid = _submit(worker)
+    view = lambda: lc.task_view(worker.store.get_task(tid), [], lambda *_: "", [])  # noqa: E731
+    assert view()["progress"]["task"] == "Waiting for a worker"
+    seen = []
+    real_run = sd_lora.run
+    monkeypatch.setattr(sd_lora, "run", lambda plan, ctx: seen.append(view()) or real_run(plan, ctx))
+    worker.run_next()
+    assert seen[0]["status"] == lc.ASSIGN and seen[0]["progress"]["task"] == "Loading weights"
+    assert seen[0]["eta"] == ""
+    assert view()["progress"]["task"] == "Generate" and view()["pexit"] == "0"

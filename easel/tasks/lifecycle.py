@@ -327,6 +327,16 @@ def elapsed_seconds(task: Task) -> float:
     return max(0.0, (end or time.time()) - begin)
 
 
+WAITING = "Waiting for a worker"  # the phase of a queued task (Task/Detail's progress.task)
+
+
+def phase(name: str) -> dict:
+    """A progress object (Task/Detail's ``progress``) for a phase without steps yet: ``task`` is
+    the phase's name, the counts are "0" and the time left unknown."""
+    return {"task": name, "percentage": "0", "stepCurrent": "0", "stepTotal": "0", "speed": "0.00",
+            "speedType": "it/s", "elapsedTime": "0.0s", "remainingTime": ""}
+
+
 def eta_seconds(task: Task) -> float | None:
     """Seconds until the task should end, from its latest progress (None when unknown)."""
     if task.status in TERMINAL:
@@ -397,7 +407,8 @@ def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output
         "preprocessendtime": _t(task.preprocessendtime), "postprocessstarttime": _t(task.postprocessstarttime),
         "postprocessendtime": _t(task.postprocessendtime), "pexit": "0" if cancelled else task.pexit if task.pexit is not None else "",
         "categories": json.dumps(categories, separators=(",", ":")), "outputs": out_list,
-        "progress": json.loads(task.progress) if task.progress else {},  # beyond Wiro: latest progressGenerate
+        # beyond Wiro: the latest progressGenerate, or the phase without steps
+        "progress": json.loads(task.progress) if task.progress else phase(WAITING) if task.status == QUEUE else {},
         "queueposition": str(queueposition) if queueposition is not None and task.status == QUEUE else "",
         "eta": "" if eta is None else f"{eta:.1f}",
         "size": str(sum(o.size for o in outputs)),

@@ -67,6 +67,9 @@ def apply_torch_threads(settings: Settings, shares_cpu_with_api: bool) -> int | 
     return threads
 
 
+LOADING = "Loading weights"  # the phase from task_assign to the first step (load, or reuse when warm)
+
+
 class ServerStopping(Exception):
     """Raised at a denoising step when the worker must stop (server shutdown, or its parent process
     is gone); the task ends as failed with :data:`lifecycle.INTERRUPTED_MESSAGE`."""
@@ -344,7 +347,9 @@ class Worker:
                 finally:
                     self.models.sources.progress = None
                 ctx.check_killed()
-                self.advance_through(task_id, [(lc.PREPROCESS_END, "", {}), (lc.ASSIGN, "", {})])
+                # Task/Detail's progress names the phase until the first step reports "Generate"
+                self.advance_through(task_id, [(lc.PREPROCESS_END, "", {}),
+                                               (lc.ASSIGN, "", {"progress": json.dumps(lc.phase(LOADING))})])
                 paths = tool.run(plan, ctx) + ctx.extra_paths
             ctx.check_killed()
             self.advance_through(task_id, self._closing("\n".join(ctx.lines), "\n".join(ctx.error_lines)))
