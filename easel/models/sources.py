@@ -112,7 +112,7 @@ class ModelSources:
                 raise CatalogError(f"no tiny model exists yet for the {entry.family} family (catalog id {entry.id})")
             fam = entry.family
             source = entry.source or {}
-            if source.get("type") == "url" or source.get("weight_name"):
+            if source.get("type") == "url" or source.get("weight_name") or len(source.get("files") or []) == 1:
                 return Weights("single_file", tiny[f"{fam}-single-file"], config=tiny[fam], key=f"tiny-{fam}-single")
             return Weights("diffusers", tiny[fam], key=f"tiny-{fam}")
         source = self.catalog.require_source(entry)
