@@ -419,6 +419,9 @@ def seed_repos(tiny: dict[str, Path], work: Path) -> list[HubRepo]:
         repo("easel-test/comics-factory-v1", {"comics_factory_v1.safetensors": tiny["flux-lora-peft"]}),
         repo("nerijs/pixel-art-xl", {"pixel-art-xl.safetensors": tiny["sdxl-lora-kohya"]}),
         repo("ostris/emotion-sliders", {"emotion_happy_slider_v1.safetensors": tiny["sd15-lora-kohya"]}),
+        # the file name of these was not seen by the research: the catalog takes the repo's one .safetensors
+        repo("Muapi/minimalist-flat-icons-xl", {"minimalist-flat-icons-xl.safetensors": tiny["sdxl-lora-kohya"],
+                                                "README.md": checker_cfg}),
         repo("lllyasviel/ic-light", {"iclight_sd15_fbc.safetensors": tiny["iclight-fbc"],
                                      "iclight_sd15_fc.safetensors": tiny["iclight-fbc"],
                                      "iclight_sd15_fcon.safetensors": tiny["iclight-fbc"]}),

@@ -111,6 +111,13 @@ def test_seed_weights_fetch_exactly_what_the_pipelines_load(env, tmp_path):
     _no_partials(tmp_path)
 
 
+def test_a_lora_repo_whose_file_name_is_unknown_gives_its_one_safetensors(env, tmp_path):
+    sources = _sources(tmp_path)
+    weights = sources.lora(sources.catalog.get("480"))
+    assert weights.path.name == "minimalist-flat-icons-xl.safetensors"
+    assert env.fetched("Muapi/minimalist-flat-icons-xl") == ["minimalist-flat-icons-xl.safetensors"]
+
+
 def test_gated_repo_needs_a_token_and_says_so(env, tmp_path, monkeypatch):
     sources = _sources(tmp_path)
     flux = sources.catalog.get("flux.1-dev")

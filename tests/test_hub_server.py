@@ -76,6 +76,13 @@ def test_sd_seed_request_downloads_with_progress_then_runs(hub, hub_server):
     fetched = hub.fetched("CompVis/stable-diffusion-v1-4")
     assert "unet/diffusion_pytorch_model.safetensors" in fetched and not any(".bin" in p or "fp16" in p for p in fetched)
     assert any(p["task"] == "Generate" for p in seen)
+    # the same progress reaches WebSocket clients as progressGenerate frames (replayed history here)
+    from easel.cli.main import progress_of
+    from test_live import ws_frames
+
+    frames = [progress_of(f) for f in ws_frames(hub_server, r.json()["socketaccesstoken"])]
+    live = [f for f in frames if f.get("task") == "Downloading"]
+    assert live and live[-1]["stepTotal"] == str(total) and live[-1]["type"] == "progressGenerate"
 
 
 def test_a_kill_during_the_download_ends_the_task_and_leaves_no_partial_file(hub, hub_server):

@@ -150,7 +150,7 @@ def test_sd_tool_in_half_precision(half):
 FLUX = "wiro/text-to-image-flux-lora-fast"
 COMICS = "Adel_AI/Comics-Factory-v1"
 FLUX_SMALL = {"prompt": "ComicsFact1 style. a detective", "samples": 1, "steps": 2, "scale": 3.5, "seed": "7",
-              "width": 64, "height": 64}
+              "width": 64, "height": 64, "selectedLoraModel": "655"}  # 655: asked for (no listed option)
 
 
 def test_flux_tools_in_bfloat16(half):
@@ -164,7 +164,7 @@ def test_flux_tools_in_bfloat16(half):
     pipe = _resident(half, "flux:")
     for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
         assert _dtypes(getattr(pipe, name)) == {BF16}, name
-    with_lora = _run(half, FLUX, FLUX_SMALL)[0]  # the catalog's default LoRA, hot-swap slot in bf16
+    with_lora = _run(half, FLUX, FLUX_SMALL)[0]  # XLabs-AI/flux-RealismLora, hot-swap slot in bf16
     assert _dtypes(pipe.transformer) == {BF16} and pixels(with_lora) != pixels(plain)
     assert pixels(_run(half, FLUX, no_lora)[0]) == pixels(plain)
     # scale 0 equals a plain diffusers FluxPipeline in bf16 with the same CPU generator: the zeroed slot adds nothing
@@ -218,7 +218,7 @@ def test_instantid_in_half_precision_decodes_the_sdxl_vae_in_float32(half):
     _, _, (base_url, folder) = half
     (folder / "half-portrait.png").write_bytes(_photo_bytes())
     body = {**ID_SMALL, "inputImageUrl": f"{base_url}/half-portrait.png"}
-    zero = {**body, "pixel-art-xl": "0"}  # the tool's default LoRA (catalog 80) at scale 0: it adds nothing
+    zero = {**body, "selectedLoraModel": "80", "pixel-art-xl": "0"}  # pixel-art-xl (catalog 80) at scale 0: it adds nothing
     plain, _, task = _run(half, INSTANTID, zero)
     _real(plain, (120, 160))
     assert "FutureWarning" not in task.debugerror and "cannot run" not in task.debugerror, task.debugerror
@@ -244,7 +244,7 @@ def test_instantid_in_half_precision_decodes_the_sdxl_vae_in_float32(half):
         hook.remove()
     assert seen == [(F32, F32)] and pixels(again) == pixels(plain)
     # SDXL LoRAs in fp16 (Kohya at scale 1, then a PEFT file by URL) act, and leave nothing behind
-    styled, _, _ = _run(half, INSTANTID, body)
+    styled, _, _ = _run(half, INSTANTID, {**body, "selectedLoraModel": "80"})
     assert _dtypes(pipe.unet) == {F16} and any("lora_A" in n for n, _ in pipe.unet.named_parameters())
     url = _run(half, INSTANTID, {**body, "selectedLoraModelPrivateUrl": f"{base_url}/sdxl-lora-peft.safetensors"})[0]
     assert len({*pixels(plain), *pixels(styled), *pixels(url)}) == 3

@@ -60,10 +60,10 @@ def test_validation_quirks():
 def test_unknown_source_error_tells_the_operator_what_to_do(tmp_path):
     catalog = ModelCatalog.load(tmp_path / "override.json")
     with pytest.raises(CatalogError) as e:
-        catalog.require_source(catalog.get("881"))
-    assert "override.json" in str(e.value) and '"881"' in str(e.value)
-    (tmp_path / "override.json").write_text('{"models": {"881": {"source": {"type": "hf", "repo": "me/paragon"}}}}')
-    assert ModelCatalog.load(tmp_path / "override.json").get("881").source["repo"] == "me/paragon"
+        catalog.require_source(catalog.get("1087"))
+    assert "override.json" in str(e.value) and '"1087"' in str(e.value) and "easel models set 1087" in str(e.value)
+    (tmp_path / "override.json").write_text('{"models": {"1087": {"source": {"type": "hf", "repo": "me/doll"}}}}')
+    assert ModelCatalog.load(tmp_path / "override.json").get("1087").source["repo"] == "me/doll"
 
 
 # -- tiny models, clip skip, cache -----------------------------------------------------------

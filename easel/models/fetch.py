@@ -401,6 +401,9 @@ def fetch_safetensors(url: str, storage: "Storage", policy: FetchPolicy, cache_d
     a stored file older than that many seconds is touched when used, so the retention sweeper
     (which deletes fetched files not used for ``orphan_retention_seconds``) keeps it.
 
+    ``headers`` and ``progress`` are passed to :func:`fetch_to_file` (catalog URL sources: a
+    Civitai token for Civitai's own host, the task's "Downloading" progress).
+
     Raises:
         FetchError: see :func:`fetch_to_file` and :func:`check_safetensors`.
         OSError: the storage failed.

@@ -112,7 +112,7 @@ class ModelSources:
                 raise CatalogError(f"no tiny model exists yet for the {entry.family} family (catalog id {entry.id})")
             fam = entry.family
             source = entry.source or {}
-            if source.get("type") == "url" or source.get("weight_name"):
+            if source.get("type") == "url" or source.get("weight_name") or len(source.get("files") or []) == 1:
                 return Weights("single_file", tiny[f"{fam}-single-file"], config=tiny[fam], key=f"tiny-{fam}-single")
             return Weights("diffusers", tiny[fam], key=f"tiny-{fam}")
         source = self.catalog.require_source(entry)
@@ -151,7 +151,9 @@ class ModelSources:
                 raise CatalogError(f"no tiny {entry.family} LoRA in the {layout} layout (catalog id {entry.id})")
             return Weights("lora", tiny[name], key=f"tiny-{name}")
         source = self.catalog.require_source(entry)
-        if source["type"] == "hf":
+        if source["type"] == "hf" and source.get("allow_patterns") and not (source.get("files") or source.get("weight_name")):
+            path = self._one_file(entry, source)  # a repo whose file name is not known: its one .safetensors
+        elif source["type"] == "hf":
             path = self._hub_file(entry, source, "pytorch_lora_weights.safetensors")
         elif source["type"] == "url":
             path = self._catalog_url(entry, source)
@@ -271,6 +273,21 @@ class ModelSources:
         if not path.endswith(suffixes):
             raise CatalogError(f"{source['repo']}/{path}: only {' or '.join(suffixes)} weights are loaded")
         return self._hub(entry, {**source, "files": [path]}) / path
+
+    def _one_file(self, entry: ModelEntry, source: dict) -> Path:
+        """The one ``.safetensors`` an ``allow_patterns`` selection fetched (a LoRA repo whose file
+        name was not known when the catalog was written).
+
+        Raises:
+            CatalogError: the selection holds several files (the message lists them and how to pin one).
+        """
+        folder = self._hub(entry, source)
+        found = sorted(p for p in folder.rglob("*.safetensors") if ".easel" not in p.parts)
+        if len(found) != 1:
+            names = ", ".join(str(p.relative_to(folder)) for p in found)
+            raise CatalogError(f"{entry.id} ({entry.label}): {source['repo']} holds {len(found)} .safetensors files "
+                               f"({names}); pin one with `easel models set {entry.id} --hf {source['repo']}:FILE`")
+        return found[0]
 
     def _catalog_url(self, entry: ModelEntry, source: dict) -> Path:
         """A catalog ``url`` source (e.g. Civitai's download API) through the safe fetcher, with the
