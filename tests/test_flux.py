@@ -49,6 +49,17 @@ def test_comics_factory_runs_and_equals_flux_tool_with_same_lora(server, project
     assert pixels(ok_images(server, other, 2, (64, 64))) != pixels(comics_images)
 
 
+def test_comics_after_the_flux_default_is_hot_swapped_with_a_clean_debugerror(server, project):
+    """The seed's Comics Factory task after a FLUX task with its default LoRA (XLabs RealismLora,
+    double-block attention only) hot-swaps its style LoRA (single blocks too) into the slot:
+    no reload (a compiled transformer would recompile), and no diffusers ERROR line in debugerror."""
+    ok_images(server, run_flux(server, project, FLUX_SMALL), 1, (64, 64))
+    comics = run_flux(server, project, FLUX_SMALL, tool=COMICS)
+    ok_images(server, comics, 1, (64, 64))
+    assert "hot-swapped" in comics["debugoutput"], comics["debugoutput"]
+    assert "unsuccessful" not in comics["debugerror"] and "ERROR" not in comics["debugerror"], comics["debugerror"]
+
+
 def test_lora_scale_zero_equals_the_plain_flux_pipeline(server, project):
     import torch
     from diffusers import FluxPipeline

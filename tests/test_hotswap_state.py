@@ -68,8 +68,10 @@ def test_the_slot_is_prepared_again_after_a_non_hot_swappable_lora(tiny, tmp_pat
     capfd.readouterr()
     state.apply(pipe, [("te", _with_text_encoder_keys(tiny, tmp_path), 1.0)])  # text encoder too: slot reloaded
     assert "adapter slot reloaded" in state.last_action
-    # a handled fallback is an action (the task's debugoutput), not diffusers' ERROR line on stderr (debugerror)
-    assert "was unsuccessful" not in capfd.readouterr().err
+    # a handled fallback is an action (the task's debugoutput), not diffusers' ERROR line on stderr (debugerror);
+    # the reloaded slot covers the block layers PEFT already wrapped (no "unexpected keys" warning)
+    err = capfd.readouterr().err
+    assert "was unsuccessful" not in err and "unexpected keys" not in err, err
     layers = [m for m in pipe.transformer.modules() if hasattr(m, "lora_A") and LoraState.SLOT in m.lora_A]
     assert layers
     for m in layers:  # padded to the slot's rank: what hot-swapping a compiled transformer needs

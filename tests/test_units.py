@@ -326,18 +326,33 @@ def test_hotswap_slot_gives_the_same_pixels_as_a_fresh_load(tiny):
     np.testing.assert_array_equal(_flux_image(pipe), plain)
 
 
-def test_non_hotswappable_lora_reloads_the_slot_not_the_base(tiny):
+def test_non_hotswappable_lora_reloads_the_slot_not_the_base(tiny, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
     from easel.models.cache import LoraState
 
+    # the PEFT LoRA plus text-encoder weights: the slot (made by a transformer-only LoRA) has no
+    # text-encoder layers, so it cannot be hot-swapped (block layers always can: the slot covers them)
+    sd = load_file(str(tiny["flux-lora-peft"]))
+    te = _flux_pipe(tiny).text_encoder
+    g = torch.Generator().manual_seed(0)
+    for name, module in te.named_modules():
+        if name.endswith(("q_proj", "v_proj")):
+            sd[f"text_encoder.{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=g)
+            sd[f"text_encoder.{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=g)
+    path = tmp_path / "peft-te.safetensors"
+    save_file(sd, str(path))
     pipe = _flux_pipe(tiny)
     transformer = pipe.transformer
     state = LoraState(hotswap_rank=16)
-    state.apply(pipe, [("xlabs", str(tiny["flux-lora-xlabs"]), 1.0)])  # double blocks only
-    state.apply(pipe, [("kohya", str(tiny["flux-lora-kohya"]), 1.0)])  # also single blocks: cannot hot-swap
+    state.apply(pipe, [("xlabs", str(tiny["flux-lora-xlabs"]), 1.0)])  # transformer only
+    state.apply(pipe, [("peft-te", str(path), 1.0)])  # text encoder too: cannot hot-swap
     assert "adapter slot reloaded" in state.last_action
     assert pipe.transformer is transformer and state.loads == 2
     ref = _flux_pipe(tiny)
-    ref.load_lora_weights(str(tiny["flux-lora-kohya"]), adapter_name="x")
+    ref.load_lora_weights(str(path), adapter_name="x")
+    assert "text_encoder" in ref.get_list_adapters()
     _assert_same_image_up_to_rounding(_flux_image(pipe), _flux_image(ref))
 
 

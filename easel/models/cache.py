@@ -387,7 +387,11 @@ def covering_state_dict(pipe: Any, path: str) -> Any:
     ref = next(v for k, v in state.items() if k.endswith("lora_A.weight"))
     out = dict(state)
     for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith(SLOT_MODULE_PREFIXES) and name not in covered:
+        # a layer PEFT has wrapped before (a slot reloaded after a failed swap) holds its Linear as base_layer
+        name = name.removesuffix(".base_layer")
+        if isinstance(module, torch.nn.Linear) and name.startswith(SLOT_MODULE_PREFIXES) and ".lora_" not in name \
+                and name not in covered:
+            covered.add(name)
             out[f"{prefix}{name}.lora_A.weight"] = torch.zeros(rank, module.in_features, dtype=ref.dtype)
             out[f"{prefix}{name}.lora_B.weight"] = torch.zeros(module.out_features, rank, dtype=ref.dtype)
     out.update(alphas or {})
