@@ -32,9 +32,35 @@ def hub_server(hub, tmp_path_factory):
                                          "files": ["comics_factory_v1.safetensors"]}}}}))
     srv = Server(data, extra_args=("--model-source", "hub"),
                  env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test_token", "HF_HOME": str(data / "hf-home"),
-                      "EASEL_ACCEPT_LICENSES": "flux.1-dev", "EASEL_DOWNLOAD_RESERVE_BYTES": "0"}).start()
+                      "EASEL_ACCEPT_LICENSES": "flux.1-dev,bria-rmbg-1.4,antelopev2", "EASEL_DOWNLOAD_RESERVE_BYTES": "0"}).start()
     yield srv
     srv.stop()
+
+
+def _seed_request(tool: str) -> tuple[dict, str]:
+    """The tool seed's own curl request: its headers and its body, verbatim."""
+    from test_conformance import SEED_FILES, seed_curl, seed_sections
+
+    (seed,) = [f for f in SEED_FILES if f"/v1/Run/{tool}" in f.read_text()]
+    url, headers, body = seed_curl(seed_sections(seed)["Run Command - Make HTTP Post Request"])
+    assert url.endswith(f"/v1/Run/{tool}")
+    return headers, body
+
+
+def _run_seed(hub_server, project, tool: str, timeout: float = 300) -> tuple[dict, dict]:
+    """Post the seed's body byte for byte (its image inputs uploaded before); the ended task and the body."""
+    headers, body = _seed_request(tool)
+    r = hub_server.post(project, f"/v1/Run/{tool}", headers={"Content-Type": headers["Content-Type"]},
+                        content=body.encode())
+    assert r.json()["result"], r.text
+    task, _ = _follow(hub_server, project, r.json()["taskid"], timeout=timeout)
+    assert task["pexit"] == "0", task["debugerror"]
+    return task, json.loads(body)
+
+
+def _upload(hub_server, project, name: str, data: bytes) -> None:
+    r = hub_server.post(project, "/v1/File/Upload", files={"file": (name, data)}).json()
+    assert r["result"] is True, r
 
 
 def _follow(server, project, taskid: str, timeout: float = 300) -> tuple[dict, list[dict]]:
@@ -53,10 +79,7 @@ def _follow(server, project, taskid: str, timeout: float = 300) -> tuple[dict, l
 
 def test_sd_seed_request_downloads_with_progress_then_runs(hub, hub_server):
     """The SD tool seed's own request, verbatim, on a server that has no weights yet."""
-    from test_conformance import SEED_FILES, seed_curl, seed_sections
-
-    (seed,) = [f for f in SEED_FILES if SD in f.read_text()[:300]]
-    url, headers, body = seed_curl(seed_sections(seed)["Run Command - Make HTTP Post Request"])
+    headers, body = _seed_request(SD)
     project = hub_server.project()
     hub.throttle = 4_000_000  # bytes/s: the download lasts a few seconds, as real ones do
     try:
@@ -131,3 +154,49 @@ def test_comics_factory_with_an_operator_set_lora_runs_on_gated_flux_with_a_toke
     assert task["pexit"] == "0", task["debugerror"]
     assert "easel-test/comics-factory-v1/comics_factory_v1.safetensors" in hub.fetched()
     assert "black-forest-labs/FLUX.1-dev/transformer/diffusion_pytorch_model.safetensors" in hub.fetched()
+
+
+def test_ic_light_seed_request_runs_on_the_fetched_weights(hub, hub_server):
+    """The IC-Light seed's request, verbatim, its two images uploaded first under the names it uses:
+    IC-Light's fbc offset, RMBG-1.4 (licence accepted) and the SD 1.5 base come from the Hub."""
+    from test_ic_light import BG, FG
+
+    project = hub_server.project()
+    _upload(hub_server, project, "bg-img2.png", BG)
+    _upload(hub_server, project, "ic-light.png", FG)
+    task, body = _run_seed(hub_server, project, "wiro/ic-light-background", timeout=900)
+    assert [o["name"] for o in task["outputs"]] == ["0.png"] and len(hub_server.images(task)[0]) > 0
+    assert task["progress"]["stepTotal"] == str(1 + body["steps"] + body["steps"])  # matting, low-res, high-res
+    fetched = hub.fetched()
+    assert "lllyasviel/ic-light/iclight_sd15_fbc.safetensors" in fetched
+    assert not any(p.startswith("lllyasviel/ic-light/") and "fbc" not in p for p in fetched)
+    assert "briaai/RMBG-1.4/model.safetensors" in fetched
+    assert not any(p.startswith("briaai/RMBG-1.4/") and not p.endswith(("model.safetensors", ".json"))
+                   for p in fetched)
+
+
+def test_instantid_seed_request_runs_on_the_fetched_weights(hub, hub_server):
+    """The InstantID seed's request, verbatim, its portrait uploaded first: SDXL, IdentityNet, the
+    IP-Adapter and antelopev2 (licence accepted) come from the Hub; no LoRA, no extra ControlNet."""
+    from test_instantid_server import _photo_bytes
+
+    project = hub_server.project()
+    _upload(hub_server, project, "input-portrait-2.jpg", _photo_bytes())
+    task, _ = _run_seed(hub_server, project, "wiro/instant-id-controlnet-lora", timeout=900)
+    assert [o["name"] for o in task["outputs"]] == ["0.png"]
+    assert "face: box=" in task["debugoutput"] and "seed=3572004920" in task["debugoutput"]
+    fetched = hub.fetched()
+    assert "InstantX/InstantID/ip-adapter.bin" in fetched
+    assert "InstantX/InstantID/ControlNetModel/diffusion_pytorch_model.safetensors" in fetched
+    assert any(p.startswith("DIAMONIK7777/antelopev2/") for p in fetched)
+    assert not any(p.startswith(("nerijs/", "diffusers/controlnet", "thibaud/")) for p in fetched)
+
+
+def test_flux_tool_seed_request_runs_on_gated_flux_with_a_token(hub, hub_server):
+    """The FLUX tool seed's request, verbatim: gated FLUX.1-dev (licence accepted, HF_TOKEN set),
+    and no LoRA (its ``selectedLoraModel`` is empty)."""
+    project = hub_server.project()
+    task, body = _run_seed(hub_server, project, "wiro/text-to-image-flux-lora-fast", timeout=900)
+    assert len(task["outputs"]) == body["samples"] == 1
+    assert "black-forest-labs/FLUX.1-dev/transformer/diffusion_pytorch_model.safetensors" in hub.fetched()
+    assert not any("RealismLora" in p for p in hub.fetched())

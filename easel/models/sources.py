@@ -167,14 +167,14 @@ class ModelSources:
         (``diffusers``: a folder ``from_pretrained`` reads); or InstantID's IP-Adapter (one file).
 
         Hub sources: a repo folder (``subfolder`` selects e.g. IdentityNet's ``ControlNetModel/``),
-        or one file with ``weight_name`` (IP-Adapter ``ip-adapter.bin``, read with
+        or one file with ``weight_name`` or one ``files`` entry (IP-Adapter ``ip-adapter.bin``, read with
         ``torch.load(weights_only=True)``; IC-Light and RMBG default to ``model.safetensors``).
         Tiny mode: the tiny model named by the entry's ``tiny`` (or its kind's).
 
         Raises:
             CatalogError: no tiny stand-in, unknown source, or a failed download.
         """
-        single_file = entry.kind in ("sd15-iclight", "matting")
+        single_file = entry.kind in ("sd15-iclight", "matting", "sdxl-ip-adapter")
         if self.settings.model_source == "tiny":
             tiny = self.tiny()
             name = entry.tiny or {"sd15-iclight": "iclight-fbc", "matting": "rmbg"}.get(entry.kind)
@@ -189,8 +189,10 @@ class ModelSources:
         if source["type"] != "hf":
             raise CatalogError(f"catalog id {entry.id}: unknown source type {source.get('type')!r} for a component")
         if source.get("weight_name") or single_file:
+            # the IP-Adapter's released file is a pickle (ip-adapter.bin), read with weights_only=True
             path = self._hub_file(entry, source, "model.safetensors",
-                                  suffixes=(".safetensors",) if single_file else (".safetensors", ".bin"))
+                                  suffixes=(".safetensors",) if entry.kind in ("sd15-iclight", "matting")
+                                  else (".safetensors", ".bin"))
             return Weights("file", path, key=f"hf:{source['repo']}/{path.name}")
         folder = self._hub(entry, source)
         if source.get("subfolder"):
