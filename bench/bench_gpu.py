@@ -105,9 +105,9 @@ class Raw:
 
             self.pipe = mod.load_pipeline(self.models.sources.checkpoint(catalog.get(load_tools()[tool].base_model)),
                                           settings)
-            entry = catalog.get(inputs["selectedLoraModel"])
-            lora = self.models.sources.lora(entry)
-            self.models.adapters(self.pipe, hotswap=True).apply(self.pipe, [(lora.key, str(lora.path), 1.0)])
+            if inputs["selectedLoraModel"]:  # the request's LoRA, as the tool applies it (none when unselected)
+                lora = self.models.sources.lora(catalog.get(inputs["selectedLoraModel"]))
+                self.models.adapters(self.pipe, hotswap=True).apply(self.pipe, [(lora.key, str(lora.path), 1.0)])
         else:
             from easel.tools import sd_lora as mod
 

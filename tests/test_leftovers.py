@@ -85,7 +85,7 @@ def test_a_download_in_progress_holds_its_part_file(tmp_path, monkeypatch):
     sweep of any process, this one included, sees the writer's lock)."""
     seen = {}
 
-    def download(url, dest, policy):
+    def download(url, dest, policy, **_kwargs):
         seen["removed"] = partfiles.remove_abandoned(dest.parent, 0.0)
         seen["exists"] = dest.exists()
         raise fetch.FetchError("stop here")
