@@ -278,6 +278,19 @@ def test_models_pull_seeds_fetches_exactly_the_files_the_seeds_pipelines_load(en
     assert listed["dpt-hybrid-midas"]["source"]["revision"] == "refs/pr/5" and not listed["454"]["local"]
 
 
+def test_models_list_piped_prints_whole_values_with_the_licence_to_accept(tmp_path):
+    """Piped (no terminal), `easel models list` prints one tab-separated line per id with whole
+    values: the repo and file, and the licence with the name to accept (a table would cut them to
+    80 columns, and Rich markup would swallow a bracketed note)."""
+    out = _easel({"EASEL_DATA_DIR": str(tmp_path)}, "list")
+    assert out.returncode == 0, out.stderr
+    lines = {line.split("\t")[0]: line.split("\t") for line in out.stdout.splitlines()}
+    assert lines["id"] == ["id", "kind", "source", "licence", "size", "local"]
+    assert lines["655"][2] == "XLabs-AI/flux-RealismLora:lora.safetensors"
+    assert lines["655"][3].endswith("(accept: flux.1-dev)") and lines["655"][5] == "no"
+    assert lines["61"][2] == "none: easel models set"
+
+
 def test_seed_defaults_that_name_no_listed_option_and_empty_selections_mean_no_lora():
     from easel.catalog import load_tools
     from easel.models.needs import SEED_REQUESTS, run_needs

@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from easel.cli.output import print_rows
 from easel.cli.follow import follow, progress_of  # noqa: F401 - progress_of is part of this module's API
 
 app = typer.Typer(help="Easel: a self-hostable image-generation server speaking the Wiro tool API.",
@@ -560,16 +561,7 @@ def tasks_list(limit: int = typer.Option(20), status: str = typer.Option("", hel
     rows = [(t["id"], f"{t.get('modelslugowner', '')}/{t.get('modelslugproject', '')}", t["status"],
              t.get("pexit", ""), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(t.get("createtime") or 0))),
              str(len(t.get("outputs") or []))) for t in tasks]
-    if not console.is_terminal:  # a table cut to 80 columns would lose values
-        for row in (header, *rows):
-            print("\t".join(map(str, row)))
-        return
-    from rich.table import Table
-
-    table = Table(*header)
-    for row in rows:
-        table.add_row(*map(str, row))
-    console.print(table)
+    print_rows(console, header, rows)
 
 
 @tasks_app.command("detail")

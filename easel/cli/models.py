@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
-from rich.table import Table
+
+from easel.cli.output import print_rows
 
 _DATA = typer.Option(None, "--data-dir", help="Data directory [env EASEL_DATA_DIR; default easel-data].")
 _CONFIG = typer.Option(None, "--config", help="TOML file of settings [env EASEL_CONFIG_FILE].")
@@ -157,16 +158,16 @@ def register(models_app: typer.Typer, console: Console, settings_from: Callable)
         if as_json:
             print(json.dumps(rows, indent=1))
             return
-        table = Table("id", "kind", "source", "licence", "size", "local")
+        lines = []
         for r in rows:
             lic = r["license"] or {}
             licence = lic.get("id", "")
             if lic.get("accept"):
-                licence += f" [accept: {lic['accept']}{', accepted' if r['license_accepted'] else ''}]"
-            table.add_row(r["id"], r["kind"], _source_text(r["source"]) if r["source"] else "[yellow]none: easel models set",
+                licence += f" (accept: {lic['accept']}{', accepted' if r['license_accepted'] else ''})"  # () not []: Rich markup
+            lines.append((r["id"], r["kind"], _source_text(r["source"]) if r["source"] else "[yellow]none: easel models set",
                           licence, human_size(r["approx_bytes"]) if r["approx_bytes"] else "?",
-                          "yes" if r["local"] else "no")
-        console.print(table)
+                          "yes" if r["local"] else "no"))
+        print_rows(console, ("id", "kind", "source", "licence", "size", "local"), lines)
 
     @models_app.command("set")
     def set_(
