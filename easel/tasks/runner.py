@@ -104,6 +104,7 @@ class WorkerContext:
         self.lines: list[str] = []
         self.error_lines: list[str] = []
         self._started_at: float | None = None
+        self._download_started: float | None = None  # first "Downloading" report of this task
 
     def check_killed(self) -> None:
         if self.worker.heartbeat_lost.is_set():
@@ -148,7 +149,7 @@ class WorkerContext:
     def download_progress(self, done: int, total: int) -> None:
         """Weights being downloaded for this task (bytes ``done`` of ``total``): a progress frame
         with ``task`` "Downloading"; raises as :meth:`progress` does (kill, stop, time limit)."""
-        self._download_started = getattr(self, "_download_started", None) or time.time()
+        self._download_started = self._download_started or time.time()
         self.progress(done, max(total, done, 1), task="Downloading", speed_type="B/s", since=self._download_started,
                       write=lc.preprocess_progress)
 
