@@ -47,7 +47,7 @@ def main() -> None:
         source = {"repo": "bench/weights", "files": sorted(files)}
 
         def easel(dest: Path) -> None:
-            from easel.models.download import hub_plan, run_plan
+            from easel.weights.download import hub_plan, run_plan
 
             run_plan(hub_plan(dest, source), dest)
 

@@ -37,9 +37,9 @@ def main() -> None:
     import torch
 
     from easel.config import Settings
-    from easel.models.cache import LoraState
-    from easel.models.sources import Weights
-    from easel.models.tiny import make_tiny
+    from easel.weights.cache import LoraState
+    from easel.weights.sources import Weights
+    from easel.synthetic.tiny import make_tiny
     from easel.tools.flux_lora import load_pipeline
 
     prompt = "vintage matchbox artwork, a lion"

@@ -1,7 +1,7 @@
 """The GPU benchmark: every measurement of issue 14 in one command and one table.
 
 On a CUDA machine it runs the random-weight networks at their published sizes
-(``easel.models.fullsize``) at the seeds' sizes; without CUDA it runs the same code at reduced
+(``easel.synthetic.fullsize``) at the seeds' sizes; without CUDA it runs the same code at reduced
 sizes (``--size small``, small images, few steps) so that CI exercises the whole script.
 
 Rows:
@@ -93,7 +93,7 @@ class Raw:
 
     def __init__(self, tool: str, settings, params: dict):
         from easel.catalog import ModelCatalog, load_tools
-        from easel.models import ModelManager
+        from easel.weights import ModelManager
 
         self.tool, self.params = tool, params
         self.family = "flux" if tool == FLUX_TOOL else "sd15"
@@ -187,9 +187,9 @@ def bench_hotswap(settings, args) -> dict:
     import torch._dynamo
 
     from easel.catalog import ModelCatalog, load_tools
-    from easel.models.cache import LoraState
-    from easel.models.fullsize import lora_paths
-    from easel.models.sources import ModelSources
+    from easel.weights.cache import LoraState
+    from easel.synthetic.fullsize import lora_paths
+    from easel.weights.sources import ModelSources
     from easel.tools.flux_lora import load_pipeline
 
     catalog = ModelCatalog.load(None)
@@ -233,8 +233,8 @@ def bench_offload(settings, cap_gib: float = 24.0) -> dict:
     import torch
     from diffusers import FluxPipeline
 
-    from easel.models import dtype_kwargs
-    from easel.models.sources import ModelSources
+    from easel.weights import dtype_kwargs
+    from easel.weights.sources import ModelSources
     from easel.catalog import ModelCatalog, load_tools
 
     catalog = ModelCatalog.load(None)

@@ -33,9 +33,9 @@ def main() -> None:
     from PIL import Image
 
     from easel.cli.main import DEMO_REQUESTS, demo_files
-    from easel.models.rmbg import load_rmbg
-    from easel.models.sources import Weights
-    from easel.models.tiny import make_tiny
+    from easel.pipelines.rmbg import load_rmbg
+    from easel.weights.sources import Weights
+    from easel.synthetic.tiny import make_tiny
     from easel.tools import ic_light
 
     files = demo_files()

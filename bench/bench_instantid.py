@@ -6,7 +6,7 @@ drawing, and each condition extraction: canny (OpenCV), depth (tiny DPT through 
 openpose (tiny ViTPose through transformers: person box, affine crop, heatmaps, DARK decoding,
 COCO→OpenPose and the skeleton drawing), then one InstantID generation at ``--size`` with
 IdentityNet alone and with IdentityNet + openpose + depth + canny
-(``easel.models.instantid.generate``). The tiny detector and pose model are fixed graphs, so their
+(``easel.pipelines.instantid.generate``). The tiny detector and pose model are fixed graphs, so their
 times show the libraries' pre/post-processing and runtime overhead, not the real networks' cost.
 
 Part 2 (unless ``--no-server``), for each case of ``--cases`` (no ControlNet; openpose + depth +
@@ -82,11 +82,11 @@ def main() -> None:
     from diffusers import StableDiffusionXLPipeline
     from PIL import Image
 
-    from easel.models.conditions import DepthEstimator, OpenposeEstimator, canny_condition
-    from easel.models.faces import FaceAnalyzer
-    from easel.models.instantid import InstantIDAdapter, build_pipeline, draw_kps, generate, load_controlnet
-    from easel.models.tiny import make_tiny
-    from easel.models.tiny_faces import draw_test_face
+    from easel.pipelines.conditions import DepthEstimator, OpenposeEstimator, canny_condition
+    from easel.pipelines.faces import FaceAnalyzer
+    from easel.pipelines.instantid import InstantIDAdapter, build_pipeline, draw_kps, generate, load_controlnet
+    from easel.synthetic.tiny import make_tiny
+    from easel.synthetic.tiny_faces import draw_test_face
 
     from easel.config import Settings
     from easel.tasks.runner import torch_thread_count
@@ -142,8 +142,8 @@ def run_to_done(args, data: Path, photo, base, adapter, nets, analyzer, depth, p
     """Run-to-done of the tool against the same work done in process, interleaved (module docstring)."""
     import torch
 
-    from easel.models.conditions import canny_condition
-    from easel.models.instantid import build_pipeline, draw_kps, generate
+    from easel.pipelines.conditions import canny_condition
+    from easel.pipelines.instantid import build_pipeline, draw_kps, generate
     from easel.tools.base import write_pngs
     from easel.tools.instant_id import IDENTITYNET_SCALE, _resize
 
@@ -287,7 +287,7 @@ def _tool_in_process(data: Path, photo_path: Path, inputs: dict):
 
     from easel.catalog import ModelCatalog
     from easel.config import Settings
-    from easel.models import ModelManager
+    from easel.weights import ModelManager
     from easel.tools import instant_id
 
     models = ModelManager(Settings(data_dir=data, model_source="tiny"), ModelCatalog.load())

@@ -23,8 +23,8 @@ def main() -> None:
     import torch
 
     from easel.config import Settings
-    from easel.models.sources import Weights
-    from easel.models.tiny import make_tiny
+    from easel.weights.sources import Weights
+    from easel.synthetic.tiny import make_tiny
     from easel.tools import flux_lora, sd_lora
     from easel.tools.previews import latent_to_jpeg
 

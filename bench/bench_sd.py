@@ -31,8 +31,8 @@ def main() -> None:
 
     import torch
 
-    from easel.models.sources import Weights
-    from easel.models.tiny import make_tiny
+    from easel.weights.sources import Weights
+    from easel.synthetic.tiny import make_tiny
     from easel.tools.sd_lora import load_pipeline
 
     data = Path(tempfile.mkdtemp(prefix="easel-bench-"))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
-CPU_PRECISIONS = ("float32", "half")  # Settings.cpu_precision's values (easel.models.precision)
+CPU_PRECISIONS = ("float32", "half")  # Settings.cpu_precision's values (easel.weights.precision)
 
 
 def check_cpu_precision(value: str) -> str:
@@ -40,7 +40,7 @@ class Settings:
         model_source: ``"tiny"`` resolves every catalog id to the offline tiny model of its
             family; ``"hub"`` downloads the real weights with huggingface_hub on first use;
             ``"random"`` resolves every id to a random-weight network of its family at the
-            published size (``easel.models.fullsize``: real speed and memory, noise images).
+            published size (``easel.synthetic.fullsize``: real speed and memory, noise images).
         random_model_size: ``full`` (published sizes) or ``small`` (same architecture, narrow
             layers) for ``model_source="random"``.
         public_url: Base URL written into output ``url`` fields (no trailing slash).
@@ -85,7 +85,7 @@ class Settings:
         cpu_precision: Dtypes of the networks on a machine without CUDA: ``float32`` (default) or
             ``half``, the dtypes CUDA uses (bf16 for FLUX, fp16 for SD 1.5 / SDXL, IC-Light's
             bf16 VAE...), so the GPU path's dtype combinations run on the CPU (slowly); for tests
-            and debugging. No effect with CUDA. See ``easel.models.precision``.
+            and debugging. No effect with CUDA. See ``easel.weights.precision``.
         preview_interval: Every how many denoising steps a latent preview JPEG is stored with the
             progress event (and at the last step); 0 disables previews.
         max_concurrent_tasks: Unfinished tasks one project may have (queued or running) before

@@ -19,7 +19,7 @@ from PIL import Image
 
 import services
 from easel.config import Settings
-from easel.models.tiny import make_tiny
+from easel.synthetic.tiny import make_tiny
 from easel.signing import signature
 from easel.store import Store
 

@@ -22,7 +22,7 @@ with ``HF_ENDPOINT``) and Easel's downloader use:
 :func:`seed_repos` lays out the repos of the catalog file for file as the real ones are (same
 repo ids, names, folders, and the duplicate ``.bin`` / fp16 / single-file copies beside the
 diffusers folders), filled with the project's tiny weights in each file's real format. It is all
-generated at test time from ``easel.models.tiny``.
+generated at test time from ``easel.synthetic.tiny``.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from easel.models.fetch import FetchError, FetchPolicy, fetch_to_file, post_pinned
+from easel.net.fetch import FetchError, FetchPolicy, fetch_to_file, post_pinned
 
 seen_headers: list[dict] = []
 
@@ -159,6 +159,6 @@ SSRF_TABLE = [
 def test_ssrf_classifier(name, address, refused):
     import ipaddress
 
-    from easel.models.fetch import non_public
+    from easel.net.fetch import non_public
 
     assert (non_public(ipaddress.ip_address(address)) is not None) == refused, name

@@ -43,7 +43,7 @@ SD = "wiro/text-to-image-sd-lora"
 
 
 def _image(size: tuple[int, int], fmt: str, face: bool = False) -> bytes:
-    from easel.models.tiny_faces import draw_test_face
+    from easel.synthetic.tiny_faces import draw_test_face
 
     image = Image.new("RGB", size, (120, 140, 160))
     Image.Image.paste(image, (200, 60, 40), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))

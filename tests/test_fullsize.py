@@ -1,4 +1,4 @@
-"""Random-weight models at published sizes (``easel.models.fullsize``) and the ``random`` model
+"""Random-weight models at published sizes (``easel.synthetic.fullsize``) and the ``random`` model
 source: parameter counts against the published ones (built on the meta device, no memory), the
 small variants through the real tools in a worker, and ``gpu`` tests for dtype, device,
 determinism and adapter state on CUDA (skipped without a CUDA device)."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from easel.config import Settings
-from easel.models.fullsize import build_random, make_random, parameter_counts
+from easel.synthetic.fullsize import build_random, make_random, parameter_counts
 from easel.storage import output_key
 from easel.store import Store
 from easel.tasks import lifecycle as lc
@@ -124,7 +124,7 @@ def test_gpu_tools_load_their_pipelines_in_the_catalog_dtype(random_worker):
 
 
 def test_the_device_memory_probe_answers_only_with_cuda():
-    from easel.models.cache import device_free_bytes
+    from easel.weights.cache import device_free_bytes
 
     if not CUDA:
         assert device_free_bytes() is None

@@ -18,7 +18,7 @@ def _fresh(tiny, layout, scale=1.0):
 
 
 def test_a_failed_fallback_reload_does_not_look_resident(tiny):
-    from easel.models.cache import LoraState
+    from easel.weights.cache import LoraState
 
     pipe = _flux_pipe(tiny)
     state = LoraState(hotswap_rank=16)
@@ -48,7 +48,7 @@ def _with_text_encoder_keys(tiny, tmp_path):
 
 
 def test_a_lora_without_text_encoder_keys_clears_the_previous_text_encoder_lora(tiny, tmp_path):
-    from easel.models.cache import LoraState
+    from easel.weights.cache import LoraState
 
     pipe = _flux_pipe(tiny)
     state = LoraState(hotswap_rank=16)
@@ -60,7 +60,7 @@ def test_a_lora_without_text_encoder_keys_clears_the_previous_text_encoder_lora(
 
 
 def test_the_slot_is_prepared_again_after_a_non_hot_swappable_lora(tiny, tmp_path, capfd):
-    from easel.models.cache import LoraState
+    from easel.weights.cache import LoraState
 
     pipe = _flux_pipe(tiny)
     state = LoraState(hotswap_rank=16)
@@ -89,7 +89,7 @@ def test_every_flux_layout_hot_swaps_into_a_slot_made_by_any_other(tiny, capfd):
     diffusers' ERROR line reached the task's debugerror. The slot now covers every block layer."""
     import torch
 
-    from easel.models.cache import SLOT_MODULE_PREFIXES, LoraState
+    from easel.weights.cache import SLOT_MODULE_PREFIXES, LoraState
 
     pipe = _flux_pipe(tiny)
     state = LoraState(hotswap_rank=16)

@@ -15,9 +15,9 @@ import pytest
 
 from easel.catalog import CatalogError, ModelCatalog
 from easel.config import Settings
-from easel.models.download import (DownloadError, LicenseNotAccepted, _partial, complete_folder, fetch_file,
+from easel.weights.download import (DownloadError, LicenseNotAccepted, _partial, complete_folder, fetch_file,
                                    hub_plan, repo_folder, run_plan)
-from easel.models.sources import ModelSources
+from easel.weights.sources import ModelSources
 from hubserver import HubServer, seed_repos
 
 # what the five seeds' own requests load: checkpoints, fixed components, the face pack
@@ -224,7 +224,7 @@ def test_too_little_disk_space_refuses_with_the_numbers(env, tmp_path):
 
 
 def test_a_civitai_style_url_follows_the_redirect_and_keeps_the_token_on_civitai(env, tmp_path, monkeypatch, tiny):
-    from easel.models.fetch import FetchPolicy, fetch_to_file
+    from easel.net.fetch import FetchPolicy, fetch_to_file
 
     url = f"{env.url}/api/download/models/657897"
     sources = _sources(tmp_path, {"554": {"source": {"type": "url", "url": url}}})
@@ -293,7 +293,7 @@ def test_models_list_piped_prints_whole_values_with_the_licence_to_accept(tmp_pa
 
 def test_seed_defaults_that_name_no_listed_option_and_empty_selections_mean_no_lora():
     from easel.catalog import load_tools
-    from easel.models.needs import SEED_REQUESTS, run_needs
+    from easel.weights.needs import SEED_REQUESTS, run_needs
 
     tools, catalog = load_tools(), ModelCatalog.load()
     instantid, flux, sd = (tools[t] for t in ("wiro/instant-id-controlnet-lora", "wiro/text-to-image-flux-lora-fast",
@@ -318,7 +318,7 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
 from easel.catalog import ModelCatalog
 from easel.config import Settings
-from easel.models.sources import ModelSources
+from easel.weights.sources import ModelSources
 s = ModelSources(Settings(data_dir={str(tmp_path)!r}, model_source="hub", download_reserve_bytes=0), ModelCatalog.load())
 try:
     s.checkpoint(s.catalog.get("632"))

@@ -39,7 +39,7 @@ QUICK = {"prompt": "a woman", "negativePrompt": "bad quality", "samples": 1, "st
 def base_pipe(tiny):
     import torch
 
-    from easel.models.sources import Weights
+    from easel.weights.sources import Weights
     from easel.tools.sd_lora import read_pipeline
 
     return read_pipeline(Weights("diffusers", tiny["sd15"]), torch.float32)
@@ -48,7 +48,7 @@ def base_pipe(tiny):
 def test_widened_unet_reproduces_the_base_unet_when_extra_channels_are_zero(tiny, base_pipe):
     import torch
 
-    from easel.models.sources import Weights
+    from easel.weights.sources import Weights
     from easel.tools.ic_light import widen_conv_in
     from easel.tools.sd_lora import read_pipeline
 
@@ -71,7 +71,7 @@ def test_offset_is_added_once_and_must_match_the_unet(tiny, base_pipe):
     import torch
     from safetensors.torch import load_file
 
-    from easel.models.sources import Weights
+    from easel.weights.sources import Weights
     from easel.tools.ic_light import merge_offset, widen_conv_in
     from easel.tools.sd_lora import read_pipeline
 
@@ -92,7 +92,7 @@ def test_offset_is_added_once_and_must_match_the_unet(tiny, base_pipe):
 
 @pytest.fixture(scope="module")
 def procedure_inputs(tiny):
-    from easel.models.rmbg import load_rmbg
+    from easel.pipelines.rmbg import load_rmbg
 
     fg = Image.open(io.BytesIO(FG)).convert("RGB")
     bg = Image.open(io.BytesIO(BG)).convert("RGB")
@@ -105,7 +105,7 @@ def test_procedure_equals_the_reference_numbers(tiny, iclight_pipe, index):
     run on the same tiny weights and inputs, for each of the seven light sources, two samples and
     the upscaling high-res pass for the first (``tests/data/README.md``): identical pixels
     (tolerance 0 levels on 8-bit images; both run float32 on the CPU)."""
-    from easel.models.rmbg import load_rmbg
+    from easel.pipelines.rmbg import load_rmbg
     from easel.tools import ic_light
 
     golden = np.load(DATA / "iclight_bg.npz")
@@ -124,7 +124,7 @@ def test_procedure_equals_the_reference_numbers(tiny, iclight_pipe, index):
 
 @pytest.fixture(scope="module")
 def iclight_pipe(tiny):
-    from easel.models.sources import Weights
+    from easel.weights.sources import Weights
     from easel.tools import ic_light
 
     return ic_light.load_iclight(Weights("diffusers", tiny["sd15"]), tiny["iclight-fbc"])
@@ -134,7 +134,7 @@ def test_zero_offset_equals_the_base_model_fed_the_same_conditioning(tiny, tmp_p
     import torch
     from safetensors.torch import load_file, save_file
 
-    from easel.models.sources import Weights
+    from easel.weights.sources import Weights
     from easel.tools import ic_light
     from easel.tools.sd_lora import read_pipeline
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from easel.models.tiny_faces import draw_test_face
+from easel.synthetic.tiny_faces import draw_test_face
 
 STEPS, SIZE = 2, 64
 
@@ -72,7 +72,7 @@ def _unet_out(pipe, ehs=None):
 def test_tiny_sdxl_loras_in_kohya_and_peft_layouts_load_and_act(tiny):
     from diffusers import StableDiffusionXLPipeline
 
-    from easel.models.lora_formats import read_lora_layout
+    from easel.weights.lora_formats import read_lora_layout
 
     assert read_lora_layout(tiny["sdxl-lora-kohya"]).layout == "kohya-ldm"  # sd-scripts' SDXL naming
     assert read_lora_layout(tiny["sdxl-lora-peft"]).layout == "peft"
@@ -88,8 +88,8 @@ def test_tiny_sdxl_loras_in_kohya_and_peft_layouts_load_and_act(tiny):
 
 
 def test_tiny_controlnets_are_sdxl_controlnets_that_condition(tiny, sdxl):
-    from easel.models.instantid import load_controlnet
-    from easel.models.tiny_sdxl import CONTROLNETS
+    from easel.pipelines.instantid import load_controlnet
+    from easel.synthetic.tiny_sdxl import CONTROLNETS
 
     # thibaud/controlnet-openpose-sdxl-1.0's layout: config.json + OpenPoseXL2.safetensors (diffusers keys)
     assert sorted(p.name for p in tiny["sdxl-controlnet-openpose"].iterdir()) == ["OpenPoseXL2.safetensors", "config.json"]
@@ -113,7 +113,7 @@ def test_tiny_controlnets_are_sdxl_controlnets_that_condition(tiny, sdxl):
 
 @pytest.fixture(scope="module")
 def analyzer(tiny):
-    from easel.models.faces import FaceAnalyzer
+    from easel.pipelines.faces import FaceAnalyzer
 
     return FaceAnalyzer(tiny["faces"], providers=["CPUExecutionProvider"])
 
@@ -149,7 +149,7 @@ def test_insightface_loads_the_tiny_pack_and_finds_the_drawn_face(analyzer):
 
 
 def test_the_largest_face_is_used_and_no_face_is_a_clear_error(analyzer):
-    from easel.models.faces import NoFaceError
+    from easel.pipelines.faces import NoFaceError
 
     image = Image.new("RGB", (400, 300), (128, 128, 128))
     draw_test_face(image, (10, 10, 70, 70), 0)
@@ -162,7 +162,7 @@ def test_the_largest_face_is_used_and_no_face_is_a_clear_error(analyzer):
 
 
 def test_missing_face_pack_says_where_and_why(tmp_path):
-    from easel.models.faces import FaceAnalyzer, FacePackMissing
+    from easel.pipelines.faces import FaceAnalyzer, FacePackMissing
 
     with pytest.raises(FacePackMissing) as e:
         FaceAnalyzer(tmp_path)
@@ -196,7 +196,7 @@ def _reference_draw_kps(size, kps):
 
 
 def test_draw_kps_matches_the_reference_drawing():
-    from easel.models.instantid import draw_kps
+    from easel.pipelines.instantid import draw_kps
 
     kps = [[70.4, 80.2], [130.7, 78.9], [101.1, 115.6], [78.3, 150.2], [125.9, 149.0]]
     drawn = np.asarray(draw_kps((220, 200), kps))
@@ -214,7 +214,7 @@ def test_condition_images(tiny, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from easel.models.conditions import ConditionError, DepthEstimator, OpenposeEstimator, canny_condition
+    from easel.pipelines.conditions import ConditionError, DepthEstimator, OpenposeEstimator, canny_condition
 
     photo = _photo(0)
     edges = canny_condition(photo)
@@ -239,7 +239,7 @@ def test_condition_images(tiny, tmp_path):
 # -- openpose: COCO-17 → OpenPose-18, the skeleton drawing, ViTPose ------------------------------
 
 def test_coco_keypoints_map_to_the_openpose_layout():
-    from easel.models.openpose import COCO_KEYPOINTS, OPENPOSE_KEYPOINTS, coco_to_openpose
+    from easel.pipelines.openpose import COCO_KEYPOINTS, OPENPOSE_KEYPOINTS, coco_to_openpose
 
     coco = np.array([[10.0 * i, 100.0 + i] for i in range(17)])
     scores = np.full(17, 0.9)
@@ -265,7 +265,7 @@ def _expected_skeleton(size, points, visible):
     order at 0.6 of their colour (truncated), then discs of radius 4 at the joints in full colour.
     Returns (expected colours, mask of pixels whose colour is unambiguous: at least 1.5 px from any
     shape's edge that decides them)."""
-    from easel.models.openpose import OPENPOSE_COLORS, OPENPOSE_LIMBS
+    from easel.pipelines.openpose import OPENPOSE_COLORS, OPENPOSE_LIMBS
 
     w, h = size
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
@@ -303,7 +303,7 @@ def _expected_skeleton(size, points, visible):
 
 
 def test_the_skeleton_drawing_matches_openposes_on_known_keypoints():
-    from easel.models.openpose import OPENPOSE_COLORS, OPENPOSE_LIMBS, draw_bodypose
+    from easel.pipelines.openpose import OPENPOSE_COLORS, OPENPOSE_LIMBS, draw_bodypose
 
     # OpenPose's limbSeq as published (1-based), the 17 ControlNet draws, and its first/last colours
     limb_seq = [[2, 3], [2, 6], [3, 4], [4, 5], [6, 7], [7, 8], [2, 9], [9, 10], [10, 11], [2, 12], [12, 13],
@@ -341,7 +341,7 @@ def test_the_skeleton_drawing_matches_openposes_on_known_keypoints():
 
 
 def test_person_box_around_the_face():
-    from easel.models.openpose import person_box
+    from easel.pipelines.openpose import person_box
 
     assert person_box(None, (300, 200)) == (0.0, 0.0, 300.0, 200.0)
     assert person_box((40, 30, 80, 80), (120, 160)) == (0.0, 5.0, 120.0, 155.0)  # a portrait: (nearly) the whole photo
@@ -352,9 +352,9 @@ def test_person_box_around_the_face():
 def test_tiny_vitpose_loads_as_the_hub_model_and_sees_its_fixed_pose(tiny):
     from transformers import VitPoseForPoseEstimation
 
-    from easel.models.conditions import OpenposeEstimator
-    from easel.models.openpose import OPENPOSE_COLORS
-    from easel.models.tiny_sdxl import TINY_POSE_CELLS
+    from easel.pipelines.conditions import OpenposeEstimator
+    from easel.pipelines.openpose import OPENPOSE_COLORS
+    from easel.synthetic.tiny_sdxl import TINY_POSE_CELLS
 
     folder = tiny["pose-vitpose"]
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
@@ -383,7 +383,7 @@ def test_tiny_vitpose_loads_as_the_hub_model_and_sees_its_fixed_pose(tiny):
 def test_adapter_files_pickle_and_safetensors_agree_and_hostile_pickles_are_refused(tiny, tmp_path):
     import pickle
 
-    from easel.models.instantid import AdapterFormatError, load_adapter_file
+    from easel.pipelines.instantid import AdapterFormatError, load_adapter_file
 
     a_proj, a_ip = load_adapter_file(tiny["instantid-ip-adapter"])
     b_proj, b_ip = load_adapter_file(tiny["instantid-ip-adapter-safetensors"])
@@ -406,7 +406,7 @@ def test_adapter_files_pickle_and_safetensors_agree_and_hostile_pickles_are_refu
 
 
 def test_adapter_for_another_unet_is_refused(tiny, sdxl):
-    from easel.models.instantid import AdapterFormatError, InstantIDAdapter, install_ip_adapter
+    from easel.pipelines.instantid import AdapterFormatError, InstantIDAdapter, install_ip_adapter
 
     adapter = InstantIDAdapter.load(tiny["instantid-ip-adapter"])
     assert adapter.num_tokens == 16 and adapter.image_proj.proj_in.in_features == 512
@@ -418,7 +418,7 @@ def test_adapter_for_another_unet_is_refused(tiny, sdxl):
 def test_ip_adapter_attention_adds_to_text_attention_and_can_be_removed(tiny):
     from diffusers import StableDiffusionXLPipeline
 
-    from easel.models.instantid import InstantIDAdapter, has_ip_adapter, remove_ip_adapter, set_ip_adapter_scale
+    from easel.pipelines.instantid import InstantIDAdapter, has_ip_adapter, remove_ip_adapter, set_ip_adapter_scale
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny["sdxl"]))
     text = torch.randn(1, 77, 96, generator=torch.Generator().manual_seed(5))
@@ -442,7 +442,7 @@ def test_ip_adapter_attention_adds_to_text_attention_and_can_be_removed(tiny):
 def instantid(tiny):
     from diffusers import StableDiffusionXLPipeline
 
-    from easel.models.instantid import InstantIDAdapter, load_controlnet
+    from easel.pipelines.instantid import InstantIDAdapter, load_controlnet
 
     base = StableDiffusionXLPipeline.from_pretrained(str(tiny["sdxl"]))
     adapter = InstantIDAdapter.load(tiny["instantid-ip-adapter"])
@@ -454,7 +454,7 @@ def instantid(tiny):
 
 def _run(instantid, embedding, ip_scale, nets=("identitynet",), scales=(0.8,), images=None, seed=0, steps=STEPS,
          face_mask=None, prompt="a portrait"):
-    from easel.models.instantid import build_pipeline, draw_kps, generate
+    from easel.pipelines.instantid import build_pipeline, draw_kps, generate
 
     base, adapter, all_nets = instantid
     pipe = build_pipeline(base, all_nets[nets[0]], [all_nets[n] for n in nets[1:]])
@@ -471,8 +471,8 @@ def faces(analyzer):
 
 
 def test_whole_pipeline_with_identitynet_and_three_controlnets(instantid, faces, tiny):
-    from easel.models.conditions import DepthEstimator, OpenposeEstimator, canny_condition
-    from easel.models.instantid import IPAttnProcessor, draw_kps
+    from easel.pipelines.conditions import DepthEstimator, OpenposeEstimator, canny_condition
+    from easel.pipelines.instantid import IPAttnProcessor, draw_kps
 
     base = instantid[0]
     procs = list(base.unet.attn_processors.values())
@@ -508,7 +508,7 @@ def test_a_controlnet_at_scale_zero_equals_leaving_it_out(instantid, faces):
 def test_identitynet_reads_the_face_tokens_and_the_other_nets_the_text(instantid):
     """The demos' ``_full`` pipeline: net 0 (IdentityNet) attends to the face tokens, the user
     ControlNets to the text tokens, and a face mask scales IdentityNet's residuals only."""
-    from easel.models.instantid import MASK_SCALES, InstantIDMultiControlNet, mask_pyramid
+    from easel.pipelines.instantid import MASK_SCALES, InstantIDMultiControlNet, mask_pyramid
 
     _, _, nets = instantid
     multi = InstantIDMultiControlNet([nets["identitynet"], nets["canny"]], num_tokens=4)
@@ -543,7 +543,7 @@ def test_identitynet_reads_the_face_tokens_and_the_other_nets_the_text(instantid
 def test_face_region_masking(instantid, faces):
     """"Enhance non-face region": outside the mask neither IdentityNet nor the IP-Adapter acts.
     A mask of zeros is exactly both turned off; a mask of ones is exactly no mask."""
-    from easel.models.instantid import face_box_mask
+    from easel.pipelines.instantid import face_box_mask
 
     emb = faces[0].embedding
     off = _run(instantid, emb, 0.0, scales=(0.0,))
@@ -559,8 +559,8 @@ def test_face_region_masking(instantid, faces):
 
 
 def test_ip_adapter_attention_survives_loading_and_switching_loras(instantid, faces, tiny):
-    from easel.models.cache import LoraState
-    from easel.models.instantid import IPAttnProcessor, build_pipeline
+    from easel.weights.cache import LoraState
+    from easel.pipelines.instantid import IPAttnProcessor, build_pipeline
 
     base, adapter, nets = instantid
     emb, other = faces[0].embedding, faces[1].embedding
@@ -592,7 +592,7 @@ def test_ip_adapter_attention_survives_loading_and_switching_loras(instantid, fa
 def test_catalog_components_resolve_to_their_tiny_stand_ins(tmp_path, tiny):
     from easel.catalog import CatalogError, ModelCatalog
     from easel.config import Settings
-    from easel.models.sources import ModelSources
+    from easel.weights.sources import ModelSources
 
     catalog = ModelCatalog.load()
     sources = ModelSources(Settings(data_dir=tmp_path, model_source="tiny"), catalog)
@@ -616,7 +616,7 @@ def test_catalog_components_resolve_to_their_tiny_stand_ins(tmp_path, tiny):
     hub = ModelSources(Settings(data_dir=tmp_path, model_source="hub"), catalog)
     with pytest.raises(CatalogError, match="EASEL_ACCEPT_LICENSES=antelopev2"):
         hub.face_root()  # not placed by hand: fetched only once its licence was accepted
-    from easel.models.tiny_faces import write_face_pack
+    from easel.synthetic.tiny_faces import write_face_pack
 
     write_face_pack(tmp_path / "models" / "insightface")  # placed by hand: used as it is
     assert hub.face_root() == tmp_path / "models" / "insightface"
@@ -625,7 +625,7 @@ def test_catalog_components_resolve_to_their_tiny_stand_ins(tmp_path, tiny):
 def test_component_hub_sources_fail_clearly_offline(tmp_path, monkeypatch):
     from easel.catalog import CatalogError, ModelCatalog
     from easel.config import Settings
-    from easel.models.sources import ModelSources
+    from easel.weights.sources import ModelSources
 
     import huggingface_hub.constants
 

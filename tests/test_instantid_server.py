@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import png_size, pixels
-from easel.models.tiny_faces import draw_test_face
+from easel.synthetic.tiny_faces import draw_test_face
 
 TOOL = "wiro/instant-id-controlnet-lora"
 BASE = {"selectedModel": "79", "selectedLoraModel": "", "selectedControlnetModel": "", "prompt": "a portrait",
@@ -90,7 +90,7 @@ def test_instantid_photo_by_url_with_one_controlnet(server, project, file_server
 
 
 def test_instantid_with_openpose_depth_and_canny_and_the_openpose_condition_as_an_extra_output(server, project):
-    from easel.models.openpose import OPENPOSE_COLORS
+    from easel.pipelines.openpose import OPENPOSE_COLORS
 
     fields = {**BASE, "selectedControlnetModel": "458,455,454", "controlnet-openpose-sdxl-1.0": "0.9",
               "extraOutputs": "true"}

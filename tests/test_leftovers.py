@@ -15,13 +15,13 @@ import pytest
 from conftest import TIME_SCALE
 from easel.api.maintenance import Maintenance
 from easel.config import Settings
-from easel.models import fetch, partfiles
+from easel.net import fetch, partfiles
 from easel.storage import create_storage
 from easel.tasks import lifecycle as lc
 
 HOLDER = """
 import sys, tempfile, time
-from easel.models import partfiles
+from easel.net import partfiles
 fd, path = tempfile.mkstemp(dir=sys.argv[1], suffix=".part")
 partfiles.hold(fd)
 print(path, flush=True)

@@ -25,7 +25,7 @@ from openai import OpenAI
 from PIL import Image
 
 from conftest import TIME_SCALE, png_size
-from easel.models.tiny_faces import draw_test_face
+from easel.synthetic.tiny_faces import draw_test_face
 from test_ic_light import BG, FG
 from test_live import ws_frames
 

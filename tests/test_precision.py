@@ -1,4 +1,4 @@
-"""Precision (``easel.models.precision``): the device/dtype table, the ``cpu_precision`` setting,
+"""Precision (``easel.weights.precision``): the device/dtype table, the ``cpu_precision`` setting,
 and the five tools through a real worker on the tiny models with ``cpu_precision = "half"``, i.e.
 in the dtypes CUDA runs them in (fp16 SD 1.5 / SDXL / InstantID, bf16 FLUX, fp16 IC-Light UNet with
 a bf16 VAE), on the CPU: networks in the expected dtypes, real images, same seed → same pixels,
@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import pixels
 from easel.config import Settings
-from easel.models.precision import Precision, catalog_dtypes, generators, precision
+from easel.weights.precision import Precision, catalog_dtypes, generators, precision
 from easel.storage import output_key
 from easel.tasks import lifecycle as lc
 
@@ -25,7 +25,7 @@ F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 # -- the table and the setting -----------------------------------------------------------------
 
 def test_precision_is_float32_on_the_cpu_unless_half_is_asked_and_the_catalog_dtypes_on_cuda(monkeypatch):
-    import easel.models.precision as mod
+    import easel.weights.precision as mod
 
     monkeypatch.setattr(mod, "cuda_available", lambda: False)
     assert precision("flux") == Precision("cpu", F32, F32)
@@ -54,7 +54,7 @@ def test_cpu_precision_setting_is_read_from_the_environment_and_checked(monkeypa
     settings = Settings.from_env(data_dir=tmp_path)
     assert settings.cpu_precision == "half"
     from easel.catalog import ModelCatalog
-    from easel.models import ModelManager
+    from easel.weights import ModelManager
 
     if not torch.cuda.is_available():
         assert ModelManager(settings, ModelCatalog.load(None)).precision("flux") == Precision("cpu", BF16, BF16)
@@ -213,7 +213,7 @@ ID_SMALL = {"selectedModel": "79", "selectedLoraModel": "", "selectedControlnetM
 def test_instantid_in_half_precision_decodes_the_sdxl_vae_in_float32(half):
     from test_instantid_server import _photo_bytes
 
-    from easel.models.instantid import IPAttnProcessor
+    from easel.pipelines.instantid import IPAttnProcessor
 
     _, _, (base_url, folder) = half
     (folder / "half-portrait.png").write_bytes(_photo_bytes())

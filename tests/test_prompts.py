@@ -1,4 +1,4 @@
-"""Prompt weighting and long prompts (``easel.models.prompts``): the A1111 syntax, InstantID's
+"""Prompt weighting and long prompts (``easel.pipelines.prompts``): the A1111 syntax, InstantID's
 ``_full`` encoding against the reference's own numbers (``tests/data/instantid_full_prompts.npz``,
 see ``tests/data/README.md``), SD 1.5's A1111 weighting with clip skip, and the plain path left
 to diffusers."""
@@ -40,7 +40,7 @@ CASES = {
 ])
 def test_a1111_attention_syntax(text, expected):
     """A1111's documented examples of ``parse_prompt_attention``."""
-    from easel.models.prompts import parse_prompt_attention
+    from easel.pipelines.prompts import parse_prompt_attention
 
     got = parse_prompt_attention(text)
     assert [t for t, _ in got] == [t for t, _ in expected]
@@ -59,7 +59,7 @@ def test_instantid_encoding_equals_the_full_pipelines_numbers(sdxl, case):
     """Weighted and long prompts (the seed's own default negative prompt is both) give the
     embeddings InstantID's ``LongPromptWeight.get_weighted_text_embeddings_sdxl`` computed on
     the same tiny SDXL (float32, CPU; tolerance 1e-5 for BLAS summation order)."""
-    from easel.models.prompts import encode_sdxl, needs_weighting
+    from easel.pipelines.prompts import encode_sdxl, needs_weighting
 
     golden = np.load(DATA / "instantid_full_prompts.npz")
     prompt, negative = CASES[case]
@@ -71,7 +71,7 @@ def test_instantid_encoding_equals_the_full_pipelines_numbers(sdxl, case):
 
 
 def test_a_plain_short_prompt_is_left_to_diffusers(sdxl):
-    from easel.models.prompts import needs_weighting
+    from easel.pipelines.prompts import needs_weighting
 
     assert not needs_weighting(sdxl.tokenizer, "a portrait, best quality", "blurry")
     assert not needs_weighting(sdxl.tokenizer, "", "")
@@ -82,7 +82,7 @@ def test_a_plain_short_prompt_is_left_to_diffusers(sdxl):
 
 @pytest.fixture(scope="module")
 def sd15(tiny):
-    from easel.models.sources import Weights
+    from easel.weights.sources import Weights
     from easel.tools.sd_lora import read_pipeline
 
     return read_pipeline(Weights("diffusers", tiny["sd15"]), torch.float32)
@@ -93,7 +93,7 @@ def test_sd15_weighting_is_a1111s(sd15, clip_skip):
     """A weight scales its tokens' embeddings, then the chunk is rescaled to the unweighted mean
     (A1111's ``z · w · mean / mean_w``); an unweighted prompt in one chunk equals Easel's plain
     encoding (diffusers' 77 tokens, with clip skip); long prompts are chunks of 77."""
-    from easel.models.prompts import encode_sd15
+    from easel.pipelines.prompts import encode_sd15
     from easel.tools.sd_lora import encode_prompt
 
     plain = encode_prompt(sd15, ["a red cat"], clip_skip)

@@ -131,8 +131,8 @@ def test_not_an_image_is_refused():
 # -- model services ------------------------------------------------------------------------------
 
 def test_adapter_state_belongs_to_the_module_not_the_pipeline_id(tmp_path, tiny):
-    from easel.models import ModelManager
-    from easel.models.sources import Weights
+    from easel.weights import ModelManager
+    from easel.weights.sources import Weights
     from easel.tools.sd_lora import load_pipeline
 
     manager = ModelManager(Settings(data_dir=tmp_path), ModelCatalog.load())
@@ -153,8 +153,8 @@ def test_adapter_state_belongs_to_the_module_not_the_pipeline_id(tmp_path, tiny)
 def test_derived_pipelines_and_components_are_cached_budgeted_and_never_shared(tmp_path, tiny):
     import torch
 
-    from easel.models import ModelManager
-    from easel.models.sources import Weights
+    from easel.weights import ModelManager
+    from easel.weights.sources import Weights
     from easel.tools.sd_lora import load_pipeline
 
     manager = ModelManager(Settings(data_dir=tmp_path), ModelCatalog.load())

@@ -147,7 +147,7 @@ def test_multipart_uploads_and_paged_listings(tmp_path, s3_env):
 def test_a_fetched_lora_is_shared_through_the_bucket(tmp_path, s3_env, file_server):
     """Worker 1 fetches a LoRA URL and keeps it in the bucket; worker 2 (another data directory)
     gets it from the bucket although the URL is gone; a use after half the retention renews it."""
-    from easel.models.fetch import FetchPolicy, fetch_safetensors
+    from easel.net.fetch import FetchPolicy, fetch_safetensors
 
     client, bucket, _ = s3_env
     base, folder = file_server

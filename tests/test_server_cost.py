@@ -356,8 +356,8 @@ def test_project_cache_rereads_after_its_ttl_and_never_caches_unknown_keys(store
 
 def test_adapters_are_set_only_when_the_request_changes_them(tmp_path, tiny):
     from easel.catalog import ModelCatalog
-    from easel.models import ModelManager
-    from easel.models.sources import Weights
+    from easel.weights import ModelManager
+    from easel.weights.sources import Weights
     from easel.tools.sd_lora import load_pipeline
 
     manager = ModelManager(Settings(data_dir=tmp_path), ModelCatalog.load())
@@ -403,7 +403,7 @@ class _Model:
 
 
 def test_the_cache_evicts_before_it_loads_and_releases_memory(monkeypatch):
-    from easel.models import cache as cache_mod
+    from easel.weights import cache as cache_mod
 
     released = []
     monkeypatch.setattr(cache_mod, "release_device_memory", lambda compiled: released.append(compiled))
@@ -433,7 +433,7 @@ def test_the_cache_evicts_before_it_loads_and_releases_memory(monkeypatch):
 
 
 def test_evicting_a_compiled_entry_drops_compile_state(monkeypatch):
-    from easel.models import cache as cache_mod
+    from easel.weights import cache as cache_mod
 
     released = []
     monkeypatch.setattr(cache_mod, "release_device_memory", lambda compiled: released.append(compiled))
@@ -451,7 +451,7 @@ def test_the_cache_evicts_until_the_device_has_room_for_the_new_weights_and_the_
     MiB) would keep everything, the device's free memory decides. The probe is the accounting of
     this test's device (the resident models' bytes + the other process's); on CUDA it is
     ``torch.cuda.mem_get_info`` (``device_free_bytes``, the ``gpu`` tests)."""
-    from easel.models import cache as cache_mod
+    from easel.weights import cache as cache_mod
 
     monkeypatch.setattr(cache_mod, "release_device_memory", lambda compiled: None)
     mib, other = 2**20, [6 * 2**20]
@@ -477,7 +477,7 @@ def test_the_cache_evicts_until_the_device_has_room_for_the_new_weights_and_the_
 
 
 def test_releasing_memory_without_cuda_is_harmless():
-    from easel.models.cache import release_device_memory
+    from easel.weights.cache import release_device_memory
 
     release_device_memory(False)
     release_device_memory(True)  # resets torch.compile's caches; no CUDA call without CUDA

@@ -13,7 +13,7 @@ import pytest
 import services
 from easel.catalog import CatalogError, InputError, ModelCatalog, load_tools
 from easel.config import Settings
-from easel.models.fetch import FetchError, FetchPolicy, check_safetensors, fetch_safetensors, vet_url
+from easel.net.fetch import FetchError, FetchPolicy, check_safetensors, fetch_safetensors, vet_url
 
 SEED_TOOLS = {"wiro/text-to-image-sd-lora", "wiro/text-to-image-flux-lora-fast", "Adel_AI/Comics-Factory-v1",
               "wiro/instant-id-controlnet-lora", "wiro/ic-light-background"}
@@ -70,7 +70,7 @@ def test_unknown_source_error_tells_the_operator_what_to_do(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny):
-    from easel.models.sources import Weights
+    from easel.weights.sources import Weights
     from easel.tools.sd_lora import load_pipeline
 
     return load_pipeline(Weights("diffusers", tiny["sd15"]))
@@ -80,7 +80,7 @@ def test_single_file_checkpoint_holds_the_same_weights(tiny, tiny_pipe):
     import torch
     from safetensors import safe_open
 
-    from easel.models.sources import Weights
+    from easel.weights.sources import Weights
     from easel.tools.sd_lora import load_pipeline
 
     with safe_open(str(tiny["sd15-single-file"]), "pt") as fh:
@@ -114,8 +114,8 @@ def test_clip_skip_matches_the_hidden_state_definition(tiny_pipe):
 
 
 def test_switching_loras_does_not_reload_the_base_model(tmp_path, tiny):
-    from easel.models import ModelManager
-    from easel.models.sources import Weights
+    from easel.weights import ModelManager
+    from easel.weights.sources import Weights
     from easel.tools.sd_lora import load_pipeline
 
     manager = ModelManager(Settings(data_dir=tmp_path), ModelCatalog.load())
@@ -133,7 +133,7 @@ def test_lora_of_another_family_is_refused(tmp_path, tiny_pipe):
     import torch
     from safetensors.torch import save_file
 
-    from easel.models.cache import LoraState
+    from easel.weights.cache import LoraState
 
     bogus = tmp_path / "sdxl.safetensors"
     save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 640),
@@ -221,7 +221,7 @@ def test_schema_migrates_and_claims_on_postgresql():
 
 
 def test_hub_source_fails_clearly_when_offline(tmp_path, monkeypatch):
-    from easel.models.sources import ModelSources
+    from easel.weights.sources import ModelSources
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     sources = ModelSources(Settings(data_dir=tmp_path, model_source="hub"), ModelCatalog.load())
@@ -237,7 +237,7 @@ def test_hub_source_fails_clearly_when_offline(tmp_path, monkeypatch):
 
 
 def test_lora_layouts_are_recognised(tiny):
-    from easel.models.lora_formats import LoraFormatError, read_lora_layout, require_family
+    from easel.weights.lora_formats import LoraFormatError, read_lora_layout, require_family
 
     expected = {"flux-lora-peft": ("flux", "peft"), "flux-lora-kohya": ("flux", "kohya"),
                 "flux-lora-xlabs": ("flux", "xlabs"), "flux-lora-bfl": ("flux", "bfl"), "sd15-lora-peft": ("sd", "peft"),
@@ -255,7 +255,7 @@ def test_bfl_layout_loads_as_its_kohya_rename(tiny):
     import torch
     from safetensors.torch import load_file
 
-    from easel.models.lora_formats import bfl_to_kohya, loadable
+    from easel.weights.lora_formats import bfl_to_kohya, loadable
 
     renamed = loadable(tiny["flux-lora-bfl"])
     assert isinstance(renamed, dict) and "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in renamed
@@ -269,7 +269,7 @@ def test_bfl_layout_loads_as_its_kohya_rename(tiny):
 
 
 def test_bfl_layout_is_recognised():
-    from easel.models.lora_formats import LoraFormatError, detect_lora_layout
+    from easel.weights.lora_formats import LoraFormatError, detect_lora_layout
 
     keys = {"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight",
             "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight"}
@@ -305,7 +305,7 @@ def _assert_same_image_up_to_rounding(got, expected):
 
 
 def test_hotswap_slot_gives_the_same_pixels_as_a_fresh_load(tiny):
-    from easel.models.cache import LoraState
+    from easel.weights.cache import LoraState
 
     fresh = {}
     for layout in ("kohya", "xlabs"):
@@ -330,7 +330,7 @@ def test_non_hotswappable_lora_reloads_the_slot_not_the_base(tiny, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from easel.models.cache import LoraState
+    from easel.weights.cache import LoraState
 
     # the PEFT LoRA plus text-encoder weights: the slot (made by a transformer-only LoRA) has no
     # text-encoder layers, so it cannot be hot-swapped (block layers always can: the slot covers them)
@@ -394,7 +394,7 @@ def test_compiled_transformer_is_not_recompiled_by_lora_changes(tiny):
     recompiles nothing (dynamo raises on any recompilation)."""
     import torch
 
-    from easel.models.cache import LoraState
+    from easel.weights.cache import LoraState
 
     pipe = _flux_pipe(tiny)
     state = LoraState(hotswap_rank=16)

@@ -154,10 +154,10 @@ class Api:
 
     def check_sources(self, spec: ToolSpec, inputs: dict) -> None:
         """In hub mode, refuse a Run whose chosen catalog models have no configured source or a
-        licence the operator has not accepted (``easel.models.sources.license_problem``)."""
+        licence the operator has not accepted (``easel.weights.sources.license_problem``)."""
         if self.settings.model_source != "hub":
             return
-        from easel.models.sources import license_problem
+        from easel.weights.sources import license_problem
 
         chosen = [(f"Request parameter [{i.name}]", mid) for i in spec.inputs if i.type in ("select", "multiselect")
                   for mid in (inputs[i.name] if i.type == "multiselect" else [inputs[i.name]])]

@@ -15,7 +15,7 @@
   deleted, the lifecycle events kept. Every pass, and at start-up (the first pass runs at once), the
   leftovers of work that ended are removed whatever their age (:meth:`Maintenance.remove_leftovers`):
   ``models/fetched/*.part`` downloads that no live process is writing (a worker killed mid-download;
-  :mod:`easel.models.partfiles`) and the scratch folders of tasks that have ended.
+  :mod:`easel.net.partfiles`) and the scratch folders of tasks that have ended.
 - **Checkpoints** (SQLite, every :data:`CHECKPOINT_SECONDS`): the write-ahead log is copied into
   the database file by this thread (``Store.checkpoint``), not by whichever request's commit
   happens to fill it (which then waits 10-25 ms for an fsync with every other writer behind it).
@@ -38,7 +38,7 @@ from typing import Callable
 
 from easel.config import Settings
 from easel.diskfull import DiskWatch
-from easel.models import partfiles
+from easel.net import partfiles
 from easel.storage import Storage, create_storage
 from easel.store import Store, Task
 from easel.tasks import lifecycle as lc
@@ -181,7 +181,7 @@ class Maintenance:
 
     def remove_leftovers(self) -> tuple[int, int]:
         """Remove what ended work left behind, whatever its age: the ``.part`` files in
-        ``<data_dir>/models/fetched`` that no live process is writing (:mod:`easel.models.partfiles`)
+        ``<data_dir>/models/fetched`` that no live process is writing (:mod:`easel.net.partfiles`)
         and the worker scratch folders (``<data_dir>/easel-<task uuid>-*``) of tasks that have
         ended (one store read per folder; a folder of an unknown task waits for the orphan
         retention in :meth:`sweep`). Returns ``(.part files, scratch folders)`` removed."""

@@ -26,7 +26,7 @@ from typing import Callable
 
 from easel import metrics
 from easel.config import Settings
-from easel.models.fetch import FetchError, FetchPolicy, URLRefused, check_url, post_pinned
+from easel.net.fetch import FetchError, FetchPolicy, URLRefused, check_url, post_pinned
 from easel.signing import webhook_signature
 from easel.store import Store, WebhookDelivery
 

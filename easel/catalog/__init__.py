@@ -58,7 +58,7 @@ class ModelEntry:
     ``source`` is ``None`` (unknown), ``{"type": "hf", "repo": ..., "weight_name"?: ...,
     "subfolder"?: ...}`` or ``{"type": "url", "url": "https://.../x.safetensors"}``.
     ``lora_format`` (LoRAs only) names the key layout the file uses, when known. ``tiny`` names
-    the offline tiny model (``easel.models.tiny``) that stands in for a component in tiny mode;
+    the offline tiny model (``easel.synthetic.tiny``) that stands in for a component in tiny mode;
     ``condition`` (ControlNets) the condition image it reads: ``canny``, ``depth`` or ``openpose``.
     ``license``: ``{"id", "url"?, "noncommercial"?, "gated"?, "accept"?}``; with ``accept`` the
     weights are fetched only once the operator accepted that name (``Settings.accept_licenses``).

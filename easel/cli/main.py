@@ -479,7 +479,7 @@ def projects_rotate_key(
 @models_app.command("make-tiny")
 def make_tiny_cmd(folder: Path, force: bool = typer.Option(False, help="Rewrite even if present.")):
     """Write the tiny random-weight models (noise images; for offline tests and demos)."""
-    from easel.models.tiny import make_tiny
+    from easel.synthetic.tiny import make_tiny
 
     for name, path in make_tiny(folder, force=force).items():
         console.print(f"{name}: {path}")
@@ -497,7 +497,7 @@ def make_random_cmd(
     """Write a random-weight pipeline at its family's published size (diffusers folder + LoRAs)."""
     import torch
 
-    from easel.models.fullsize import FAMILIES, SIZES, make_random
+    from easel.synthetic.fullsize import FAMILIES, SIZES, make_random
 
     dtypes = {"": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if family not in FAMILIES:
@@ -694,7 +694,7 @@ def demo_files() -> dict[str, bytes]:
 
     from PIL import Image, ImageDraw
 
-    from easel.models.tiny_faces import draw_test_face
+    from easel.synthetic.tiny_faces import draw_test_face
 
     bg = Image.new("RGB", (512, 384))
     draw = ImageDraw.Draw(bg)

@@ -45,7 +45,7 @@ def register(models_app: typer.Typer, console: Console, settings_from: Callable)
 
     def load(config, data_dir):
         from easel.catalog import ModelCatalog
-        from easel.models.sources import ModelSources
+        from easel.weights.sources import ModelSources
 
         settings = settings_from(config, data_dir=data_dir, model_source="hub")
         return settings, ModelSources(settings, ModelCatalog.load(settings.catalog_override))
@@ -65,8 +65,8 @@ def register(models_app: typer.Typer, console: Console, settings_from: Callable)
         """Download catalog weights now (exactly the files the pipelines load), with a progress bar per
         file; an interrupted pull resumes; two pulls or a pull and a worker never fetch a file twice."""
         from easel.catalog import CatalogError, InputError, load_tools
-        from easel.models.download import human_size
-        from easel.models.needs import SEED_REQUESTS, run_needs
+        from easel.weights.download import human_size
+        from easel.weights.needs import SEED_REQUESTS, run_needs
 
         settings, sources = load(config, data_dir)
         catalog = sources.catalog
@@ -140,8 +140,8 @@ def register(models_app: typer.Typer, console: Console, settings_from: Callable)
     ):
         """Every catalog id: kind, weights source (or why there is none), licence, size, and whether
         it is on this machine."""
-        from easel.models.download import human_size
-        from easel.models.sources import accepted_licenses
+        from easel.weights.download import human_size
+        from easel.weights.sources import accepted_licenses
 
         settings, sources = load(config, data_dir)
         raw = _raw_catalog()
@@ -183,7 +183,7 @@ def register(models_app: typer.Typer, console: Console, settings_from: Callable)
         (``<data_dir>/catalog.override.json``); restart the server to use it."""
         import re
 
-        from easel.models.download import parse_hf_spec
+        from easel.weights.download import parse_hf_spec
 
         settings, sources = load(config, data_dir)
         if model_id not in sources.catalog.entries:

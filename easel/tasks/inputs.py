@@ -3,7 +3,7 @@
 
 An image input is located with :class:`easel.storage.inputs.InputFiles` (multipart upload, a file
 uploaded with ``/v1/File/Upload``, this server's own URL: read through ``easel.storage``), else fetched from its
-``http(s)`` URL with the safe fetcher (``easel.models.fetch``: public addresses only unless
+``http(s)`` URL with the safe fetcher (``easel.net.fetch``: public addresses only unless
 allow-listed, pinned connection, redirects re-checked, capped at ``Settings.upload_max_bytes``),
 then decoded and validated by :func:`easel.images.decode`.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from easel.images import ImageInputError, decode
-from easel.models.fetch import FetchError, FetchPolicy, fetch_to_file
+from easel.net.fetch import FetchError, FetchPolicy, fetch_to_file
 from easel.storage.inputs import InputFiles
 from easel.tools.base import PNG_OPTIONS, ToolError
 

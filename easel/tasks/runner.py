@@ -21,7 +21,8 @@ from easel.catalog import ModelCatalog
 from easel.config import Settings
 from easel.diskfull import is_disk_full
 from easel.images import ImageInputError
-from easel.models import ModelManager, partfiles
+from easel.net import partfiles
+from easel.weights import ModelManager
 from easel.storage import create_storage, upload_key
 from easel.storage.inputs import local_copy
 from easel.store import Store

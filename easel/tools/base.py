@@ -11,7 +11,7 @@ A tool module (``easel/tools/<tool>.py``) exposes:
   return their paths in order.
 
 A tool knows nothing of HTTP, the store or the executor: everything comes through ``ctx``, whose
-services are typed: ``ctx.models`` (:class:`easel.models.ModelManager`: checkpoints, LoRAs with
+services are typed: ``ctx.models`` (:class:`easel.weights.ModelManager`: checkpoints, LoRAs with
 their scale, pipelines, derived pipelines, components, adapter state, runtime options),
 ``ctx.image`` (decoded, validated image inputs), ``ctx.progress`` (with a phase name, see
 :class:`Phases`), ``ctx.extra_output`` (named intermediate images). Adding a tool is one module
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
-    from easel.models import ModelManager
+    from easel.weights import ModelManager
 
 
 class TaskKilled(Exception):

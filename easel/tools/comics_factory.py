@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from easel.catalog import load_tools
-from easel.models import ModelError
+from easel.weights import ModelError
 
 from . import flux_lora
 from .base import ToolContext, ToolError

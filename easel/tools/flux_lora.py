@@ -22,9 +22,9 @@ Wiro field                       diffusers
 ===============================  ============================================================
 
 "fast" and "bf16", as the seed's tags promise: on CUDA the pipeline runs in bfloat16
-(``easel.models.precision``, kind ``flux``), stays resident between tasks
+(``easel.weights.precision``, kind ``flux``), stays resident between tasks
 (``Settings.pipeline_cache_bytes``), and LoRAs change by **hot-swapping** into one adapter slot of
-the resident transformer (``easel.models.cache.LoraState``), so a ``torch.compile``-d transformer
+the resident transformer (``easel.weights.cache.LoraState``), so a ``torch.compile``-d transformer
 (``Settings.torch_compile``) is not recompiled when the LoRA changes. ``Settings.cpu_offload``
 enables diffusers' model CPU offload for small GPUs. On the CPU the same code runs in float32, or
 in bfloat16 with ``Settings.cpu_precision = "half"``.
@@ -32,7 +32,7 @@ in bfloat16 with ``Settings.cpu_precision = "half"``.
 Flux LoRAs are accepted in the diffusers/PEFT, Kohya, XLabs and BFL key layouts (converted by
 diffusers' ``FluxLoraLoaderMixin``); Easel reads the file's keys first and refuses a LoRA for
 another family, or of an unknown layout, with a message naming what it found
-(``easel.models.lora_formats``).
+(``easel.weights.lora_formats``).
 
 Outputs: ``0.png`` … with the parameters in the PNG ``parameters`` text chunk and as JSON in ``easel``.
 """
@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from easel.catalog import load_tools
-from easel.models import ModelError, Precision, dtype_kwargs
-from easel.models.fetch import FetchError
-from easel.models.lora_formats import LoraFormatError, require_family
-from easel.models.precision import cast, generators, place, precision
+from easel.weights import ModelError, Precision, dtype_kwargs
+from easel.net.fetch import FetchError
+from easel.weights.lora_formats import LoraFormatError, require_family
+from easel.weights.precision import cast, generators, place, precision
 
 from .base import ToolContext, ToolError, write_pngs
 from .previews import latent_to_jpeg
@@ -72,7 +72,7 @@ class Plan:
     """Everything :func:`run` needs, resolved in the preprocess stage."""
 
     tool: str
-    base: Any  # easel.models.Weights
+    base: Any  # easel.weights.Weights
     base_label: str
     lora: FluxLora | None
     prompt: str
@@ -161,7 +161,7 @@ def load_pipeline(weights, options, where: Precision | None = None) -> Any:
     (default ``precision("flux")``: bfloat16 on CUDA, float32 on the CPU).
 
     On CUDA, ``enable_model_cpu_offload`` when :func:`needs_offload` says so (``options.cpu_offload``,
-    an :class:`easel.models.RuntimeOptions`, forces it).
+    an :class:`easel.weights.RuntimeOptions`, forces it).
     """
     import torch
     from diffusers import FluxPipeline

@@ -8,7 +8,7 @@ foreground + background conditioned), re-implemented here:
    weight (``merged = base + offset``, once: the result is a derived pipeline cached under its
    own key, never the SD tool's pipeline). On every UNet call the foreground and background
    latents are concatenated to the noisy latent as 8 extra channels (:func:`install_concat_hook`).
-2. **Matting.** RMBG-1.4 (:mod:`easel.models.rmbg`) on the foreground at about 1024² pixels
+2. **Matting.** RMBG-1.4 (:mod:`easel.pipelines.rmbg`) on the foreground at about 1024² pixels
    (``64 · round(W · √(256 / (W·H)))`` wide), the matte resized back bilinearly, and the
    foreground composited on grey: ``127 + (fg - 127) · alpha``.
 3. **Background.** As given, flipped left-right, or (beyond the seed) one of the reference's
@@ -30,7 +30,7 @@ steps_offset=1)``), one ``torch.Generator`` seeded with ``seed`` for both passes
 samples (as the reference: samples are one batch; the generator lives on the CPU so results do
 not depend on the device's RNG), the prompt ``prompt + ", best quality"`` (the reference's default
 added prompt) and ``negativePrompt``, both encoded in 75-token chunks. On CUDA the UNet and text
-encoder run in float16 and the VAE in bfloat16, as the reference (``easel.models.precision``, kind
+encoder run in float16 and the VAE in bfloat16, as the reference (``easel.weights.precision``, kind
 ``ic-light``; RMBG stays float32, kind ``matting``); on the CPU everything is float32, or the CUDA
 dtypes with ``Settings.cpu_precision = "half"``.
 
@@ -55,8 +55,8 @@ import numpy as np
 
 from easel.catalog import load_tools
 from easel.catalog.rules import highres_steps  # also refuses, at /Run, a high-res pass of no step
-from easel.models import Checkpoint, ModelError, Precision, Weights
-from easel.models.precision import cast, generators, precision
+from easel.weights import Checkpoint, ModelError, Precision, Weights
+from easel.weights.precision import cast, generators, precision
 
 from .base import Phases, ToolContext, ToolError, save_pngs
 from .previews import latent_to_jpeg
@@ -311,7 +311,7 @@ def matte(rmbg: Any, image: np.ndarray, sigma: float = 0.0) -> tuple[np.ndarray,
     """Cut out the foreground with RMBG and composite it on grey.
 
     Args:
-        rmbg: :class:`easel.models.rmbg.BriaRMBG` (float32, kind ``matting``; fed in its own dtype).
+        rmbg: :class:`easel.pipelines.rmbg.BriaRMBG` (float32, kind ``matting``; fed in its own dtype).
         image: uint8 ``[H, W, 3]``.
 
     Returns:
@@ -475,7 +475,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    from easel.models.rmbg import load_rmbg
+    from easel.pipelines.rmbg import load_rmbg
 
     models = ctx.models
     where = models.precision("ic-light")

@@ -4,7 +4,7 @@ depth / canny ControlNets derived from the face photo and one SDXL LoRA.
 Runs on the image-tool runtime (``easel/tools/base.py``): the photo is an image input (an upload, a
 ``File/Upload`` name or an http(s) URL through the safe fetcher), ControlNets, condition estimators
 and the face pack are components of the model cache, and the condition images are extra outputs
-when asked (``extraOutputs``). The library code it calls lives in ``easel.models.instantid``
+when asked (``extraOutputs``). The library code it calls lives in ``easel.pipelines.instantid``
 (IP-Adapter, IdentityNet pipeline, ``draw_kps``, ``load_controlnet``), ``faces`` (insightface),
 ``conditions`` (canny, DPT depth, ViTPose openpose) and ``openpose`` (skeleton drawing).
 
@@ -43,13 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from easel.catalog import CatalogError
-from easel.models import Precision, dtype_kwargs
-from easel.models.conditions import ConditionError
-from easel.models.faces import FacePackMissing, NoFaceError
-from easel.models.fetch import FetchError, check_safetensors
-from easel.models.instantid import AdapterFormatError
-from easel.models.lora_formats import LoraFormatError, require_family
-from easel.models.precision import cast, generators, place, precision
+from easel.weights import Precision, dtype_kwargs
+from easel.pipelines.conditions import ConditionError
+from easel.pipelines.faces import FacePackMissing, NoFaceError
+from easel.net.fetch import FetchError, check_safetensors
+from easel.pipelines.instantid import AdapterFormatError
+from easel.weights.lora_formats import LoraFormatError, require_family
+from easel.weights.precision import cast, generators, place, precision
 
 from .base import ToolContext, ToolError, write_pngs
 from .flux_lora import needs_offload
@@ -65,7 +65,7 @@ FLOW_MATCH = "FlowMatchEulerDiscreteScheduler"
 class Plan:
     """Everything ``run`` needs, resolved in the preprocess stage."""
 
-    checkpoint: Any  # easel.models.Weights
+    checkpoint: Any  # easel.weights.Weights
     checkpoint_label: str
     identitynet: Any
     adapter: Any
@@ -143,7 +143,7 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
         identitynet = models.sources.component(catalog.get(IDENTITYNET))
         adapter = models.sources.component(catalog.get(ADAPTER))
         face_root = models.sources.face_root()
-        from easel.models.faces import check_pack
+        from easel.pipelines.faces import check_pack
 
         check_pack(face_root)
         lora = _lora(inputs, ctx)
@@ -170,10 +170,10 @@ def load_base(weights, adapter_weights, where: Precision | None = None) -> Any:
     """SDXL pipeline with the InstantID IP-Adapter attached to its UNet, in ``where``'s dtypes on
     its device (default ``precision("instantid")``: float16 on CUDA, float32 on the CPU). The VAE
     is held in float32 when its config says ``force_upcast`` (``Precision.vae_dtype_for``: the SDXL
-    VAE overflows in float16) and :func:`easel.models.instantid.generate` decodes in its dtype."""
+    VAE overflows in float16) and :func:`easel.pipelines.instantid.generate` decodes in its dtype."""
     from diffusers import StableDiffusionXLPipeline
 
-    from easel.models.instantid import InstantIDAdapter
+    from easel.pipelines.instantid import InstantIDAdapter
 
     where = where or precision("instantid")
     kwargs = dict(**dtype_kwargs(where.dtype), add_watermarker=False)
@@ -197,7 +197,7 @@ class _Net:
     ``where``'s dtype on its device (the UNet's: kind ``instantid``)."""
 
     def __init__(self, path: Path, where: Precision):
-        from easel.models.instantid import load_controlnet
+        from easel.pipelines.instantid import load_controlnet
 
         self.net = load_controlnet(path, **dtype_kwargs(where.dtype)).to(where.device)
         self.components = {"controlnet": self.net}
@@ -229,8 +229,8 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     import diffusers
     import torch
 
-    from easel.models.conditions import DepthEstimator, OpenposeEstimator, canny_condition
-    from easel.models.instantid import build_pipeline, draw_kps, face_box_mask, generate
+    from easel.pipelines.conditions import DepthEstimator, OpenposeEstimator, canny_condition
+    from easel.pipelines.instantid import build_pipeline, draw_kps, face_box_mask, generate
 
     models = ctx.models
     tiny = models.settings.model_source == "tiny"
@@ -239,8 +239,8 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         base = models.pipeline(f"sdxl-instantid:{plan.checkpoint.key}:{plan.adapter.key}",
                                lambda: load_base(plan.checkpoint, plan.adapter, where))
         photo = _resize(plan.photo, tiny)
-        from easel.models import Weights
-        from easel.models.faces import FaceAnalyzer
+        from easel.weights import Weights
+        from easel.pipelines.faces import FaceAnalyzer
 
         pack = Weights("folder", plan.face_root, key=f"faces:{plan.face_root}")
         face = models.component("face-analysis", pack, lambda w: FaceAnalyzer(w.path)).obj.largest_face(

@@ -11,7 +11,7 @@ Wiro field                     diffusers
 ``selectedLoraModelPrivateUrl``  one more LoRA from a user URL (safe fetcher), scale 1.0
 ``prompt`` / ``negativePrompt``  ``prompt`` / ``negative_prompt``; with A1111 weights
                                (``(word:1.2)``, ``[word]``) or beyond 75 tokens, embeddings
-                               from :func:`easel.models.prompts.encode_sd15` (chunks, weights)
+                               from :func:`easel.pipelines.prompts.encode_sd15` (chunks, weights)
 ``samples``                    ``num_images_per_prompt`` (image *i* uses seed ``seed + i``)
 ``steps``                      ``num_inference_steps``
 ``scale``                      ``guidance_scale``
@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from easel.models import ModelError, Precision, dtype_kwargs
-from easel.models.fetch import FetchError
-from easel.models.lora_formats import LoraFormatError
-from easel.models.precision import cast, generators, place, precision
+from easel.weights import ModelError, Precision, dtype_kwargs
+from easel.net.fetch import FetchError
+from easel.weights.lora_formats import LoraFormatError
+from easel.weights.precision import cast, generators, place, precision
 
 from .base import ToolContext, ToolError, write_pngs
 from .previews import latent_to_jpeg
@@ -52,7 +52,7 @@ SCHEDULERS = (
 class Plan:
     """Everything ``run`` needs, resolved in the preprocess stage."""
 
-    checkpoint: Any  # easel.models.Weights
+    checkpoint: Any  # easel.weights.Weights
     checkpoint_label: str
     loras: list[tuple[str, str, float, str]] = field(default_factory=list)  # key, path, scale, label
     prompt: str = ""
@@ -160,7 +160,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     """
     import diffusers
 
-    from easel.models.prompts import encode_sd15, needs_weighting
+    from easel.pipelines.prompts import encode_sd15, needs_weighting
 
     models = ctx.models
     pipe = models.base_pipeline("sd15", plan.checkpoint,
@@ -185,7 +185,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         width=plan.width, height=plan.height, generator=generators(plan.seed, plan.samples),
     )
     if needs_weighting(pipe.tokenizer, plan.prompt, plan.negative_prompt):
-        # A1111 weights or more than 75 tokens: chunked, weighted (easel.models.prompts), with clip skip
+        # A1111 weights or more than 75 tokens: chunked, weighted (easel.pipelines.prompts), with clip skip
         kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"] = encode_sd15(
             pipe, plan.prompt, plan.negative_prompt, plan.clip_skip)
     elif plan.clip_skip > 0:

@@ -27,7 +27,7 @@
 - ``iclight-fbc.safetensors``: an IC-Light "fbc" offset for the tiny SD 1.5 UNet, in the layout of
   ``lllyasviel/ic-light``'s ``iclight_sd15_fbc.safetensors`` (every diffusers UNet key, with
   ``conv_in.weight`` widened to 12 input channels; small random values).
-- ``rmbg.safetensors``: a tiny RMBG-1.4 matting network (``easel.models.rmbg``, channels / 16) with
+- ``rmbg.safetensors``: a tiny RMBG-1.4 matting network (``easel.pipelines.rmbg``, channels / 16) with
   the checkpoint's parameter names.
 
 Size and speed: the UNet keeps SD 1.5's classes and four resolution levels (so the VAE scale
@@ -432,12 +432,12 @@ def make_tiny(folder: str | Path, force: bool = False) -> dict[str, Path]:
     Returns:
         Name → path: ``sd15`` (folder), ``sd15-single-file``, ``sd15-lora-peft``, ``sd15-lora-kohya``,
         ``flux`` (folder), ``flux-lora-peft``, ``flux-lora-kohya``, ``flux-lora-xlabs``, ``flux-lora-bfl``,
-        ``iclight-fbc``, ``rmbg``, and the SDXL family of ``easel.models.tiny_sdxl`` (``sdxl``,
+        ``iclight-fbc``, ``rmbg``, and the SDXL family of ``easel.synthetic.tiny_sdxl`` (``sdxl``,
         ``sdxl-single-file``, ``sdxl-lora-kohya``, ``sdxl-lora-peft``,
         ``sdxl-controlnet-{identitynet,openpose,depth,canny}``, ``instantid-ip-adapter`` (``.bin``),
         ``instantid-ip-adapter-safetensors``, ``depth-dpt``, ``faces`` (insightface root)).
     """
-    from .tiny_sdxl import paths as sdxl_family_paths, write_all as write_sdxl_family
+    from easel.synthetic.tiny_sdxl import paths as sdxl_family_paths, write_all as write_sdxl_family
 
     folder = Path(folder)
     paths = {
@@ -464,7 +464,7 @@ def make_tiny(folder: str | Path, force: bool = False) -> dict[str, Path]:
     write_lora_peft(pipe, paths["sd15-lora-peft"])
     write_lora_kohya(pipe, paths["sd15-lora-kohya"])
     write_iclight_offset(pipe, paths["iclight-fbc"])
-    from .rmbg import write_tiny_rmbg
+    from easel.pipelines.rmbg import write_tiny_rmbg
 
     write_tiny_rmbg(paths["rmbg"])
     flux = build_flux_pipeline()

@@ -5,7 +5,7 @@ Follows InstantID's multi-ControlNet demo (``gradio_demo/controlnet_util.py`` of
 with transformers' ``DPTForDepthEstimation`` (the demo uses ``Intel/dpt-hybrid-midas``) min-max
 normalised to 0–255 grey. Openpose: the demo uses ``controlnet_aux``'s ``OpenposeDetector``;
 Easel uses transformers' ViTPose (``usyd-community/vitpose-base-simple``) and draws its keypoints
-as OpenPose skeletons (:mod:`easel.models.openpose`), because controlnet_aux pulls torchvision,
+as OpenPose skeletons (:mod:`easel.pipelines.openpose`), because controlnet_aux pulls torchvision,
 timm and a CUDA torch. Estimators load from a local folder (a Hub snapshot or a placed copy).
 """
 from __future__ import annotations
@@ -48,9 +48,9 @@ def _load_model(cls, path: str | Path, model_type: str, what: str):
 
 
 def _where(device, dtype) -> tuple:
-    """``(device, dtype)``: the given ones, else :func:`easel.models.precision.precision`'s for
+    """``(device, dtype)``: the given ones, else :func:`easel.weights.precision.precision`'s for
     kind ``condition``."""
-    from .precision import precision
+    from easel.weights.precision import precision
 
     default = precision("condition")
     return device or default.device, dtype or default.dtype
@@ -74,7 +74,7 @@ class DepthEstimator:
     Args:
         path: local folder with ``config.json``, weights and ``preprocessor_config.json``
             (e.g. a snapshot of ``Intel/dpt-hybrid-midas``).
-        device, dtype: where to run (default: ``easel.models.precision.precision("condition")``,
+        device, dtype: where to run (default: ``easel.weights.precision.precision("condition")``,
             CUDA float16 when available, else CPU float32).
 
     Raises:
@@ -118,14 +118,14 @@ class OpenposeEstimator:
     model's 3:4 aspect, affine-warped to its input size; keypoints are decoded from heatmaps with
     DARK sub-pixel refinement, all by transformers' ``VitPoseImageProcessorPil``). The keypoints
     are converted to OpenPose-18 and drawn as the openpose ControlNets were trained to read them
-    (:mod:`easel.models.openpose`). InstantID's demo runs controlnet_aux's OpenPose body network
+    (:mod:`easel.pipelines.openpose`). InstantID's demo runs controlnet_aux's OpenPose body network
     instead; that package pulls torchvision, timm and a CUDA torch, which Easel does not install,
     while transformers (already a dependency) carries ViTPose.
 
     Args:
         path: local folder with ``config.json``, ``model.safetensors`` and
             ``preprocessor_config.json`` (a snapshot of ``usyd-community/vitpose-base-simple``).
-        device, dtype: where to run (default: ``easel.models.precision.precision("condition")``,
+        device, dtype: where to run (default: ``easel.weights.precision.precision("condition")``,
             CUDA float16 when available, else CPU float32).
 
     Raises:
@@ -163,9 +163,9 @@ class OpenposeEstimator:
     def __call__(self, image, size: tuple[int, int] | None = None, face_box=None):
         """Pose image of an RGB ``PIL.Image``: an RGB image of ``size`` (``(width, height)``,
         default the input's) with the OpenPose skeleton of the person around ``face_box``
-        (``(x0, y0, x1, y1)``, see :func:`easel.models.openpose.person_box`; None: the whole image)
+        (``(x0, y0, x1, y1)``, see :func:`easel.pipelines.openpose.person_box`; None: the whole image)
         on black. Keypoints scored at most 0.3 are left out."""
-        from .openpose import coco_to_openpose, draw_bodypose, person_box
+        from easel.pipelines.openpose import coco_to_openpose, draw_bodypose, person_box
 
         keypoints, scores = self.keypoints(image, person_box(face_box, image.size))
         points, visible = coco_to_openpose(keypoints, scores)

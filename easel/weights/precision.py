@@ -1,6 +1,6 @@
 """Where a tool's networks run and in which dtypes: **the one place that asks whether CUDA exists**.
 
-Every tool asks :meth:`easel.models.ModelManager.precision` (or :func:`precision` here) for a
+Every tool asks :meth:`easel.weights.ModelManager.precision` (or :func:`precision` here) for a
 *kind* of pipeline and gets a :class:`Precision`: the device, the dtype of its networks and the
 dtype of its VAE. The dtypes are the catalog's (the reference implementations'):
 

@@ -1,4 +1,4 @@
-"""Downloads in progress: the ``*.part`` files of the safe fetcher (:func:`easel.models.fetch.fetch_safetensors`).
+"""Downloads in progress: the ``*.part`` files of the safe fetcher (:func:`easel.net.fetch.fetch_safetensors`).
 
 A ``.part`` file is created and written by one process, which holds an exclusive ``flock`` on it
 until the file is renamed or removed. A process that dies mid-download (``kill -9``, OOM, a lost

@@ -33,7 +33,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import httpcore
 import httpx
 
-from . import partfiles
+from easel.net import partfiles
 
 if TYPE_CHECKING:
     from easel.storage import Storage
@@ -429,7 +429,7 @@ def fetch_safetensors(url: str, storage: "Storage", policy: FetchPolicy, cache_d
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=partfiles.SUFFIX)
     tmp_path = Path(tmp)
     try:
-        partfiles.hold(fd)  # until the file is renamed or removed: see easel.models.partfiles
+        partfiles.hold(fd)  # until the file is renamed or removed: see easel.net.partfiles
         fetch_to_file(url, tmp_path, policy, headers=headers, progress=progress)
         check_safetensors(tmp_path)
         digest = hashlib.sha256()

@@ -2,7 +2,7 @@
 openpose ControlNets were trained on, and the person box for a top-down pose estimator.
 
 Easel estimates body keypoints with ViTPose (transformers' ``VitPoseForPoseEstimation``, see
-:class:`easel.models.conditions.OpenposeEstimator`), which predicts the 17 COCO keypoints. The
+:class:`easel.pipelines.conditions.OpenposeEstimator`), which predicts the 17 COCO keypoints. The
 openpose ControlNets (``thibaud/controlnet-openpose-sdxl-1.0`` and the ControlNet 1.1 family) read
 images drawn by ControlNet's ``draw_bodypose`` over the 18 OpenPose (COCO-18) keypoints, so:
 

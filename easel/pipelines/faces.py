@@ -5,9 +5,9 @@ InstantID reference does (``FaceAnalysis(name="antelopev2", root=...)``,
 
 insightface's pretrained models are licensed for non-commercial research use only: in hub mode
 Easel fetches the pack from the catalog's ``antelopev2`` source only after the operator accepted
-that licence (``easel.models.sources.ModelSources.face_root``); or the operator places the files
+that licence (``easel.weights.sources.ModelSources.face_root``); or the operator places the files
 by hand (see :data:`PLACEMENT` and docs/models.md). Offline tests use the tiny stand-ins of
-``easel.models.tiny_faces`` (same file names and tensor layout).
+``easel.synthetic.tiny_faces`` (same file names and tensor layout).
 """
 from __future__ import annotations
 

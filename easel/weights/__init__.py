@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from easel.catalog import CatalogError, ModelCatalog, ModelEntry
 from easel.config import Settings
 
-from .cache import LoraState, PipelineCache, torch_modules, weights_bytes
-from .precision import Precision, precision as _precision
-from .sources import ModelSources, Weights
+from easel.weights.cache import LoraState, PipelineCache, torch_modules, weights_bytes
+from easel.weights.precision import Precision, precision as _precision
+from easel.weights.sources import ModelSources, Weights
 
 if TYPE_CHECKING:
     from easel.storage import Storage
@@ -117,7 +117,7 @@ class ModelManager:
         """Device and dtypes of a ``kind`` of pipeline in this worker (``sd15``, ``sdxl``,
         ``instantid``, ``flux``, ``ic-light``, ``condition``, ``matting``): the catalog's half
         dtypes on CUDA; on the CPU float32, or the same half dtypes with
-        ``Settings.cpu_precision = "half"`` (:func:`easel.models.precision.precision`).
+        ``Settings.cpu_precision = "half"`` (:func:`easel.weights.precision.precision`).
 
         Raises:
             ValueError: an unknown kind.
@@ -260,8 +260,8 @@ class ModelManager:
             ValueError: (``FetchError``, ``LoraFormatError``) a refused URL or file, or a LoRA made
                 for another family than ``family`` (``sd`` or ``flux``); the message names ``field``.
         """
-        from .fetch import check_safetensors
-        from .lora_formats import require_family
+        from easel.net.fetch import check_safetensors
+        from easel.weights.lora_formats import require_family
 
         value = (value or "").strip()
         if not value:

@@ -90,9 +90,9 @@ def read_lora_layout(path: str | Path) -> LoraLayout:
 
     Raises:
         LoraFormatError: unknown layout. (A file that is not safetensors raises
-            ``easel.models.fetch.FetchError`` from the header check.)
+            ``easel.net.fetch.FetchError`` from the header check.)
     """
-    from .fetch import check_safetensors
+    from easel.net.fetch import check_safetensors
 
     return detect_lora_layout(set(check_safetensors(Path(path))))
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from torch import nn
 
-from .prompts import encode_sdxl, needs_weighting
+from easel.pipelines.prompts import encode_sdxl, needs_weighting
 
 NUM_TOKENS = 16
 FACE_EMBEDDING_DIM = 512
@@ -640,7 +640,7 @@ def generate(pipe, adapter: InstantIDAdapter, face_embedding, control_images: Se
         ip_adapter_scale: weight of the IP-Adapter attention (≥ 0; 0 removes that path).
         prompt, negative_prompt: text; with A1111 weights (``(word:1.2)``, ``[word]``) or longer
             than 75 tokens both are encoded as the demos' ``_full`` pipeline does
-            (:func:`easel.models.prompts.encode_sdxl`), else by diffusers' ``encode_prompt``.
+            (:func:`easel.pipelines.prompts.encode_sdxl`), else by diffusers' ``encode_prompt``.
         num_images_per_prompt: images generated in one batch; ``generator`` may be a list of that length.
         width, height: output size in pixels (multiples of 8); default: the first control image's.
         face_mask: ``[height, width]`` array in 0..1 (:func:`face_box_mask`): IdentityNet and the
@@ -696,7 +696,7 @@ def decode(pipe, latents: torch.Tensor, output_type: str = "pil") -> Any:
 
     diffusers' SDXL pipelines decode a float16 VAE whose config says ``force_upcast`` by casting it
     to float32 and back on every call (``upcast_vae``, deprecated, with a warning each time); Easel
-    holds such a VAE in float32 instead (``easel.models.precision.Precision.vae_dtype_for``), and
+    holds such a VAE in float32 instead (``easel.weights.precision.Precision.vae_dtype_for``), and
     this decodes in whatever dtype the VAE has, so the fp16 UNet's latents never meet fp32 weights
     unconverted. Denormalisation as diffusers: ``latents · std / scaling_factor + mean`` when the
     config has ``latents_mean``/``latents_std``, else ``latents / scaling_factor``.

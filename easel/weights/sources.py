@@ -7,10 +7,10 @@ Two sources, chosen by ``Settings.model_source``:
   checkpoint; LoRAs → a tiny Kohya- or PEFT-layout file). The tiny models are written on first use.
 - ``random``: every id resolves to a random-weight network of its family at the published size
   (or ``Settings.random_model_size="small"``), written once as a diffusers folder under
-  ``<data_dir>/models/random`` on the device the worker runs on (``easel.models.fullsize``);
+  ``<data_dir>/models/random`` on the device the worker runs on (``easel.synthetic.fullsize``);
   LoRAs resolve to random LoRAs of rank 16 over those networks. For speed and memory work.
 - ``hub``: Hub repos download on first use (or ``easel models pull``) into ``<data_dir>/models/hub``,
-  exactly the files the pipeline loads (``easel.models.download``); ``url`` sources go through the
+  exactly the files the pipeline loads (``easel.weights.download``); ``url`` sources go through the
   safe fetcher. Weights whose licence must be accepted are fetched only once it was
   (:meth:`ModelSources.require_license`). Offline, the error says so.
 """
@@ -25,8 +25,8 @@ from easel.catalog import CHECKPOINT_KINDS, LORA_KINDS, CatalogError, ModelCatal
 from easel.config import Settings
 from easel.storage import Storage, create_storage
 
-from .fetch import FetchPolicy, fetch_safetensors
-from .tiny import make_tiny
+from easel.net.fetch import FetchPolicy, fetch_safetensors
+from easel.synthetic.tiny import make_tiny
 
 LICENSES_FILE = "accepted-licenses.json"
 FACE_PACK = "antelopev2"
@@ -81,13 +81,13 @@ class ModelSources:
     def random(self, family: str) -> Path:
         """The random-weight pipeline folder of ``family`` (written on first use, on the GPU when
         there is one, in the dtype the worker loads it with)."""
-        from .fullsize import FAMILIES, make_random
+        from easel.synthetic.fullsize import FAMILIES, make_random
 
         if family not in FAMILIES:
             raise CatalogError(f"no random full-size model exists for the {family} family")
         with self._tiny_lock:
             if family not in self._random:
-                from .precision import precision
+                from easel.weights.precision import precision
 
                 where = precision(family, self.settings.cpu_precision)
                 self._random[family] = make_random(self.settings.models_dir / "random", family,
@@ -133,7 +133,7 @@ class ModelSources:
             CatalogError: as for :meth:`checkpoint`.
         """
         if self.settings.model_source == "random":
-            from .fullsize import lora_paths
+            from easel.synthetic.fullsize import lora_paths
 
             folder = self.random(entry.family)
             paths = lora_paths(folder, entry.family)
@@ -205,14 +205,14 @@ class ModelSources:
         Tiny mode: the tiny ONNX pack. Otherwise ``<data_dir>/models/insightface``: a pack placed
         there by hand is used as it is; in hub mode a missing one is fetched from the catalog's
         ``antelopev2`` source into it, after its licence (non-commercial) was accepted.
-        :class:`easel.models.faces.FaceAnalyzer` checks it.
+        :class:`easel.pipelines.faces.FaceAnalyzer` checks it.
 
         Raises:
             CatalogError: (hub mode, pack missing) licence not accepted, or the download failed.
         """
         if self.settings.model_source == "tiny":
             return self.tiny()["faces"]
-        from .faces import REQUIRED, pack_folder
+        from easel.pipelines.faces import REQUIRED, pack_folder
 
         root = self.settings.models_dir / "insightface"
         entry = self.catalog.entries.get(FACE_PACK)
@@ -225,7 +225,7 @@ class ModelSources:
         """Fetch a user's LoRA URL with the safe fetcher (in every model-source mode).
 
         Raises:
-            easel.models.fetch.FetchError: refused URL or content.
+            easel.net.fetch.FetchError: refused URL or content.
         """
         path = self._fetch(url)
         return Weights("lora", path, key=f"file:{path.name}")
@@ -245,10 +245,10 @@ class ModelSources:
                                  refresh_after=self.settings.orphan_retention_seconds / 2)
 
     def _hub(self, entry: ModelEntry | None, source: dict, target: Path | None = None) -> Path:
-        """The local folder of an ``hf`` source's selection (``easel.models.download``): from disk
+        """The local folder of an ``hf`` source's selection (``easel.weights.download``): from disk
         when it was fetched completely before, else fetched now (licence checked first), with
         :attr:`progress` told the bytes. ``target`` puts the files in that folder instead."""
-        from .download import complete_folder, hub_plan, run_plan
+        from easel.weights.download import complete_folder, hub_plan, run_plan
 
         root = self.settings.models_dir / "hub"
         if entry is not None:
@@ -267,7 +267,7 @@ class ModelSources:
                   suffixes: tuple[str, ...] = (".safetensors",)) -> Path:
         """One file of a Hub repo: ``files[0]``, ``subfolder/weight_name`` or ``default``. ``.bin`` is
         allowed only for InstantID's IP-Adapter, which is read with ``torch.load(weights_only=True)``
-        (``easel.models.instantid.load_adapter_file``)."""
+        (``easel.pipelines.instantid.load_adapter_file``)."""
         files = source.get("files") or []
         sub = (source.get("subfolder") or "").strip("/")
         name = files[0] if len(files) == 1 else source.get("weight_name") or default
@@ -298,8 +298,8 @@ class ModelSources:
         import os
         from urllib.parse import urlsplit
 
-        from .download import DownloadError
-        from .fetch import FetchError
+        from easel.weights.download import DownloadError
+        from easel.net.fetch import FetchError
 
         self.require_license(entry)
         s = self.settings
@@ -342,7 +342,7 @@ class ModelSources:
         import hashlib
         import json
 
-        from .faces import REQUIRED, pack_folder
+        from easel.pipelines.faces import REQUIRED, pack_folder
 
         if entry.kind == "face-analysis":
             return all((pack_folder(self.settings.models_dir / "insightface") / n).is_file() for n in REQUIRED)
@@ -355,7 +355,7 @@ class ModelSources:
                 return False
         if source.get("type") != "hf":
             return False
-        from .download import repo_folder
+        from easel.weights.download import repo_folder
 
         folder = repo_folder(self.settings.models_dir / "hub", source)
         for marker in (folder / ".easel").glob("*.json"):
@@ -382,9 +382,9 @@ class ModelSources:
         path.write_text(json.dumps(accepted))
 
     def require_license(self, entry: ModelEntry) -> None:
-        """Raise :class:`easel.models.download.LicenseNotAccepted` when ``entry``'s licence must be
+        """Raise :class:`easel.weights.download.LicenseNotAccepted` when ``entry``'s licence must be
         accepted (``license.accept`` names it) and was not (:func:`license_problem`)."""
-        from .download import LicenseNotAccepted
+        from easel.weights.download import LicenseNotAccepted
 
         problem = license_problem(entry, self.settings)
         if problem:

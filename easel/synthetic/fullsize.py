@@ -3,7 +3,7 @@
 Speed and memory do not depend on what the weights hold: a network of the published shape with
 random weights does exactly the work of the real one. :func:`build_random` builds each family's
 pipeline from configs written here (no hub access: layer counts and widths copied from the
-families' published ``config.json`` files, tokenizers built offline as ``easel.models.tiny``
+families' published ``config.json`` files, tokenizers built offline as ``easel.synthetic.tiny``
 does), directly on the target device and in the target dtype, so a 12-billion-parameter FLUX
 transformer never passes through host memory in float32.
 
@@ -148,7 +148,7 @@ def build_random(family: str, size: str = "full", device: str = "cpu", dtype: An
         size: ``full`` (published sizes) or ``small`` (see the module docstring).
         device: torch device for the weights (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
         dtype: torch dtype; default float32 on CPU, else the family's catalog dtype
-            (:func:`easel.models.precision.catalog_dtypes`: bfloat16 for FLUX, float16 otherwise).
+            (:func:`easel.weights.precision.catalog_dtypes`: bfloat16 for FLUX, float16 otherwise).
             The SDXL VAE keeps ``force_upcast`` so diffusers decodes it in float32, as for the real one.
         seed: ``torch.manual_seed`` before the weights are drawn (reproducible weights per device).
 
@@ -165,8 +165,8 @@ def build_random(family: str, size: str = "full", device: str = "cpu", dtype: An
     from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,
                               T5EncoderModel)
 
-    from .precision import catalog_dtypes
-    from .tiny import write_clip_tokenizer, write_t5_tokenizer
+    from easel.weights.precision import catalog_dtypes
+    from easel.synthetic.tiny import write_clip_tokenizer, write_t5_tokenizer
 
     cfg = component_configs(family, size)
     if dtype is None:
@@ -235,7 +235,7 @@ def make_random(folder: str | Path, family: str, size: str = "full", device: str
     Returns:
         The folder path ``<folder>/<family>-<size>``.
     """
-    from . import tiny
+    from easel.synthetic import tiny
 
     target = Path(folder) / f"{family}-{size}"
     stamp = target / "easel-random.json"

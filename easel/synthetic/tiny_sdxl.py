@@ -1,7 +1,7 @@
 """Tiny random-weight SDXL, SDXL ControlNets, SDXL LoRAs and an InstantID IP-Adapter, in the
-exact on-disk formats the real weights use (see ``easel.models.tiny`` for the SD 1.5 / FLUX ones).
+exact on-disk formats the real weights use (see ``easel.synthetic.tiny`` for the SD 1.5 / FLUX ones).
 
-What is written (by ``easel.models.tiny.make_tiny``):
+What is written (by ``easel.synthetic.tiny.make_tiny``):
 
 - ``sdxl/``: a diffusers ``StableDiffusionXLPipeline`` folder, the layout of
   ``stabilityai/stable-diffusion-xl-base-1.0``: ``unet/`` (``addition_embed_type="text_time"``,
@@ -36,14 +36,14 @@ What is written (by ``easel.models.tiny.make_tiny``):
   ``ip_adapter.`` prefixes.
   The openpose one is saved as ``thibaud/controlnet-openpose-sdxl-1.0`` ships it: ``config.json``
   + ``OpenPoseXL2.safetensors`` (diffusers keys in a single file, no
-  ``diffusion_pytorch_model.safetensors``), read by :func:`easel.models.instantid.load_controlnet`.
+  ``diffusion_pytorch_model.safetensors``), read by :func:`easel.pipelines.instantid.load_controlnet`.
 - ``depth-dpt/``: a tiny transformers ``DPTForDepthEstimation`` + image processor (stand-in for
   ``Intel/dpt-hybrid-midas``).
 - ``pose-vitpose/``: a tiny transformers ``VitPoseForPoseEstimation`` (``config.json`` +
   ``model.safetensors`` + ``preprocessor_config.json``, as ``usyd-community/vitpose-base-simple``)
   whose weights are set by construction to "see" one fixed standing pose in every box
   (:func:`write_tiny_vitpose`).
-- ``faces/models/antelopev2/``: the tiny ONNX face pack (``easel.models.tiny_faces``); pass
+- ``faces/models/antelopev2/``: the tiny ONNX face pack (``easel.synthetic.tiny_faces``); pass
   ``faces`` as insightface's ``root``.
 """
 from __future__ import annotations
@@ -52,8 +52,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from .tiny import _text_encoder_to_ldm, _unet_to_ldm, _vae_to_ldm, write_clip_tokenizer
-from .tiny_faces import write_face_pack
+from easel.synthetic.tiny import _text_encoder_to_ldm, _unet_to_ldm, _vae_to_ldm, write_clip_tokenizer
+from easel.synthetic.tiny_faces import write_face_pack
 
 _SEED = 100
 CONTROLNETS = ("identitynet", "openpose", "depth", "canny")
@@ -182,7 +182,7 @@ def write_sdxl_lora_kohya(pipe, path: Path, seed: int = 21, alpha: float = 4.0) 
     import torch
     from safetensors.torch import save_file
 
-    from .tiny import _random_unet_lora
+    from easel.synthetic.tiny import _random_unet_lora
 
     lora = _random_unet_lora(pipe, seed)
     config = dict(pipe.unet.config)
@@ -201,7 +201,7 @@ def write_sdxl_lora_kohya(pipe, path: Path, seed: int = 21, alpha: float = 4.0) 
 
 def write_sdxl_lora_peft(pipe, path: Path, seed: int = 22) -> None:
     """Write an SDXL LoRA in the diffusers/PEFT layout (``unet.<module>.lora_A.weight``)."""
-    from .tiny import write_lora_peft
+    from easel.synthetic.tiny import write_lora_peft
 
     write_lora_peft(pipe, path, seed=seed)
 
@@ -211,13 +211,13 @@ def build_ip_adapter_state_dict(unet, seed: int = 31, dim: int = 64, depth: int 
     """An InstantID ``ip-adapter.bin``-shaped state dict for ``unet``:
     ``{"image_proj": Resampler weights, "ip_adapter": {"<i>.to_k_ip.weight", "<i>.to_v_ip.weight"}}``.
 
-    The resampler has ``dim`` channels (heads of 64, as :func:`easel.models.instantid.resampler_from_state_dict`
+    The resampler has ``dim`` channels (heads of 64, as :func:`easel.pipelines.instantid.resampler_from_state_dict`
     infers), ``depth`` layers and ``num_tokens`` queries and maps ``embedding_dim`` to the UNet's
     cross-attention width. Weights are random with a fixed seed.
     """
     import torch
 
-    from .instantid import Resampler, ip_layer_shapes
+    from easel.pipelines.instantid import Resampler, ip_layer_shapes
 
     torch.manual_seed(seed)
     cross = unet.config.cross_attention_dim
@@ -325,7 +325,7 @@ def write_tiny_vitpose(folder: Path, seed: int = 51) -> Path:
     from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation
     from transformers.models.vitpose.image_processing_pil_vitpose import VitPoseImageProcessorPil
 
-    from .openpose import COCO_KEYPOINTS
+    from easel.pipelines.openpose import COCO_KEYPOINTS
 
     torch.manual_seed(seed)
     rows, cols, hidden = 16, 12, 32

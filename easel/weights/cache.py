@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from easel import metrics
 
-from .lora_formats import loadable
+from easel.weights.lora_formats import loadable
 
 
 def torch_modules(obj: Any) -> list:
@@ -92,7 +92,7 @@ def release_device_memory(compiled: bool) -> None:
         except Exception:  # an old or partial torch: nothing compiled to release
             pass
         gc.collect()
-    from .precision import cuda_available
+    from easel.weights.precision import cuda_available
 
     if cuda_available():
         torch.cuda.empty_cache()
@@ -105,7 +105,7 @@ def device_free_bytes() -> int | None:
     reserved but unallocated. None without CUDA (torch not imported, or no device)."""
     import sys
 
-    from .precision import cuda_available
+    from easel.weights.precision import cuda_available
 
     torch = sys.modules.get("torch")  # never import torch just to ask
     if torch is None or not cuda_available():
