@@ -213,6 +213,28 @@ def test_two_workers_asking_for_the_same_missing_repo_download_it_once(env, tmp_
     assert len(fetched) == len(set(fetched)) and "unet/diffusion_pytorch_model.safetensors" in fetched
 
 
+def test_two_processes_pulling_the_same_repo_download_each_file_once(env, tmp_path):
+    """Two `easel models pull` processes (as two workers, or a worker and an operator) asking for
+    the same missing repo at once: the folder lock makes the second wait for the first, so every
+    file crosses the network once and both exit 0 with the same complete folder."""
+    env.throttle = 4_000_000
+    env_vars = {"HF_ENDPOINT": env.url, "EASEL_DATA_DIR": str(tmp_path), "EASEL_DOWNLOAD_RESERVE_BYTES": "0",
+                "HF_HOME": "/nonexistent-easel-test"}
+    procs = [subprocess.Popen([sys.executable, "-m", "easel", "models", "pull", "54"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**os.environ, **env_vars})
+             for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    fetched = env.fetched("Lykon/dreamshaper-8")
+    assert "unet/diffusion_pytorch_model.safetensors" in fetched
+    assert len(fetched) == len(set(fetched)), fetched
+    _no_partials(tmp_path)
+
+
 def test_too_little_disk_space_refuses_with_the_numbers(env, tmp_path):
     settings = Settings(data_dir=tmp_path, model_source="hub", accept_licenses=("all",),
                         download_reserve_bytes=1 << 60)
