@@ -32,16 +32,17 @@ def main() -> None:
 
     from PIL import Image
 
-    from easel.cli.main import DEMO_REQUESTS, demo_files
+    from easel.catalog import load_tools
     from easel.pipelines.rmbg import load_rmbg
     from easel.weights.sources import Weights
     from easel.synthetic.tiny import make_tiny
     from easel.tools import ic_light
 
-    files = demo_files()
+    example = load_tools()["wiro/ic-light-background"].example  # the seed's request and its input images
+    files = example.read_files()
     fg = Image.open(io.BytesIO(files["ic-light.png"])).convert("RGB")
     bg = Image.open(io.BytesIO(files["bg-img2.png"])).convert("RGB")
-    body = {**DEMO_REQUESTS["wiro/ic-light-background"], "steps": args.steps, "callbackUrl": ""}
+    body = {**example.request, "steps": args.steps, "callbackUrl": ""}
 
     data = Path(tempfile.mkdtemp(prefix="easel-bench-"))
     tiny = make_tiny(data / "models" / "tiny")

@@ -3,7 +3,7 @@
 Every process (the API process and each worker process) records events into ``prometheus_client``
 metrics defined here. ``easel serve`` runs prometheus_client's *multiprocess mode*: before any of
 this is imported it points ``PROMETHEUS_MULTIPROC_DIR`` at ``<data_dir>/metrics/<host>-<pid>``
-(``easel.cli.main.prepare_metrics_dir``), the spawned workers inherit it, every process writes its
+(``easel.cli.serve.prepare_metrics_dir``), the spawned workers inherit it, every process writes its
 samples to memory-mapped files there, and ``/metrics`` sums them. Without the variable (a library
 user calling ``create_app`` in-process) the metrics live in the process's default registry.
 

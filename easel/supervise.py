@@ -1,8 +1,11 @@
 """Supervising child processes: restart with backoff, stop with a deadline, die with the parent.
 
 One :class:`Supervisor` serves every place that keeps child processes: the local executor's
-worker processes (``multiprocessing``, :mod:`easel.executors.local`) and ``easel worker --gpus
-0,1``'s one ``easel worker`` per GPU (``subprocess``). :func:`stop_process` stops a single child
+worker processes (``multiprocessing``, :mod:`easel.executors.local`), ``easel serve
+--api-processes N``'s API processes (:mod:`easel.cli.serve`) and ``easel worker --gpus 0,1``'s
+one ``easel worker`` per GPU (``subprocess``, :mod:`easel.cli.worker`). Each keeps its children
+with :meth:`Supervisor.run` (restart with backoff) until a :class:`StopRequest` (SIGTERM/SIGINT)
+or its owner says stop, then :meth:`Supervisor.stop`. :func:`stop_process` stops a single child
 (``easel demo``'s server) the same way: ask, wait, then SIGKILL, and say so.
 
 Stopping is a sequence of deadlines, never an open-ended wait:
@@ -195,6 +198,18 @@ class Supervisor:
                     self.restarts += 1
         return dead
 
+    def run(self, until: threading.Event, interval: float = 1.0, step: Callable[[], object] | None = None) -> None:
+        """Watch the children until ``until`` is set: every ``interval`` seconds call ``step()``
+        (default :meth:`check`). An error there is logged and the watch goes on (a supervisor
+        must outlive a locked database or a full disk); run it in the thread that owns the
+        children (``PR_SET_PDEATHSIG`` follows the thread that started a child)."""
+        step = step or self.check
+        while not until.wait(interval):
+            try:
+                step()
+            except Exception:
+                log.exception("supervising the %s processes failed; retrying", self.what)
+
     def stop(self, grace: float, *, ask: Callable[[], None] | None = None, abort: Callable[[], None] | None = None,
              abort_wait: float = 5.0, busy: Callable[[Child], bool] = lambda _c: True) -> list[Child]:
         """Stop every child by the deadlines of the module's docstring; never restarts one again.
@@ -242,6 +257,28 @@ class Supervisor:
         for c in children:
             c.join(1.0)
         return signalled
+
+
+class StopRequest:
+    """SIGTERM and SIGINT (``signals``) recorded instead of ending the process: a supervising
+    parent sets its handlers with this, watches its children until :attr:`event` is set, then
+    stops them (passing :attr:`signum` on where the children handle it themselves). Create it
+    in the main thread (Python runs signal handlers there)."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self.event = threading.Event()
+        self.received: list[int] = []
+        for signum in signals:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.received.append(signum)
+        self.event.set()
+
+    @property
+    def signum(self) -> int:
+        """The first signal received (SIGTERM when none was: the stop came from elsewhere)."""
+        return self.received[0] if self.received else signal.SIGTERM
 
 
 def stop_process(proc: subprocess.Popen, grace: float, name: str = "process",

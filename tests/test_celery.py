@@ -37,7 +37,6 @@ def _age(store, task_id: int, seconds: float) -> None:
 # -- routing and settings ------------------------------------------------------------------------
 
 def test_each_seed_request_goes_to_its_model_familys_queue(tmp_path):
-    from easel.cli.main import DEMO_REQUESTS
     from easel.executors.celery import CeleryExecutor
 
     executor = CeleryExecutor(Settings(data_dir=tmp_path, queue_prefix="fleet", executor="celery"))
@@ -45,7 +44,8 @@ def test_each_seed_request_goes_to_its_model_familys_queue(tmp_path):
     expected = {"wiro/text-to-image-sd-lora": "fleet.sd15", "wiro/text-to-image-flux-lora-fast": "fleet.flux",
                 "Adel_AI/Comics-Factory-v1": "fleet.flux", "wiro/ic-light-background": "fleet.ic-light",
                 "wiro/instant-id-controlnet-lora": "fleet.instantid"}
-    routed = {name: executor.queue_for(name, tools[name].validate(body, catalog)) for name, body in DEMO_REQUESTS.items()}
+    routed = {name: executor.queue_for(name, tools[name].validate(dict(tools[name].example.request), catalog))
+              for name in expected}  # each tool's example request, from its catalog file
     assert routed == expected
     # a checkpoint chosen by the request decides: an SDXL checkpoint in a tool's model selector
     spec = ToolSpec(owner="o", slug="s", module="m", description="", categories=[], cost_per_second=0,
@@ -304,8 +304,8 @@ def test_a_worker_per_gpu_is_started_restarted_and_stopped(tmp_path):
     stand_in = tmp_path / "worker.py"
     stand_in.write_text("import os, sys, time\nwith open(sys.argv[1], 'a') as f:\n"
                         "    f.write(f'{sys.argv[-1]} {os.getpid()}\\n')\ntime.sleep(300)\n")
-    parent = subprocess.Popen([sys.executable, "-c", "import sys; from easel.cli.main import _per_gpu; "
-                               f"sys.exit(_per_gpu([sys.executable, {str(stand_in)!r}, {str(started)!r}], ('0', '1'), 10.0))"])
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; from easel.cli.worker import per_gpu; "
+                               f"sys.exit(per_gpu([sys.executable, {str(stand_in)!r}, {str(started)!r}], ('0', '1'), 10.0))"])
 
     def lines(n: int) -> list[list[str]]:
         deadline = time.time() + 60 * TIME_SCALE

@@ -541,7 +541,7 @@ def test_async_client_sees_flat_progress(server, project):
         return task, seen
 
     task, seen = asyncio.run(go())
-    from easel.cli.main import progress_of
+    from easel.cli.follow import progress_of
 
     steps = [progress_of(f)["stepCurrent"] for f in seen if progress_of(f)]
     assert task["pexit"] == "0" and steps == ["1", "2"]

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from conftest import TIME_SCALE, Server, png_size
-from easel.cli.main import CALLBACK_SENTENCE, DEMO_REQUESTS
+from easel.catalog import load_tools
 from easel.tasks import lifecycle as lc
 from fleet import WorkerProc, redis_broker
 from test_live import check_sequence, ws_frames
@@ -40,6 +40,9 @@ ON_WORKER = {"wiro/text-to-image-sd-lora": 0, "wiro/ic-light-background": 0, "wi
 QUEUES = ("sd15,ic-light", "flux,sdxl,instantid")
 FLUX = "wiro/text-to-image-flux-lora-fast"
 SD = "wiro/text-to-image-sd-lora"
+# each tool's example request (its seed page's own), from its catalog file
+EXAMPLES = {tool: dict(load_tools()[tool].example.request) for tool in SMALLER}
+CALLBACK_SENTENCE = "You can provide a callback URL; Wiro will send a POST request to it when the task is completed."
 
 
 def _image(size: tuple[int, int], fmt: str, face: bool = False) -> bytes:
@@ -54,8 +57,10 @@ def _image(size: tuple[int, int], fmt: str, face: bool = False) -> bytes:
     return buf.getvalue()
 
 
+# the files the examples name (easel.catalog.examples), smaller
 INPUT_FILES = {"bg-img2.png": _image((80, 48), "PNG"), "ic-light.png": _image((64, 96), "PNG"),
                "input-portrait-2.jpg": _image((96, 128), "JPEG", face=True)}
+assert set(INPUT_FILES) == {name for tool in SMALLER for name in load_tools()[tool].example.files}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +103,7 @@ class Fleet:
 
     def seed(self, api: Server, tool: str) -> dict:
         """Send the seed's request for ``tool`` as its curl does (a JSON body under multipart/form-data)."""
-        body = {**DEMO_REQUESTS[tool], **SMALLER[tool]}
+        body = {**EXAMPLES[tool], **SMALLER[tool]}
         assert body["callbackUrl"] == CALLBACK_SENTENCE  # the seed's sentence, sent as is
         r = api.post(self.project, f"/v1/Run/{tool}", headers={"Content-Type": "multipart/form-data"},
                      content=json.dumps(body))
@@ -162,7 +167,7 @@ def fleet(tmp_path_factory, tiny, fleet_storage):
 
 
 def test_the_seed_requests_of_every_tool_run_on_the_worker_of_their_family(fleet):
-    answers = {tool: fleet.seed(fleet.apis[i % 2], tool) for i, tool in enumerate(DEMO_REQUESTS)}
+    answers = {tool: fleet.seed(fleet.apis[i % 2], tool) for i, tool in enumerate(EXAMPLES)}
     for i, (tool, answer) in enumerate(answers.items()):
         api = fleet.apis[(i + 1) % 2]  # followed through the other API
         task = api.wait(fleet.project, answer["taskid"], timeout=300)
@@ -187,7 +192,7 @@ def test_the_seed_requests_of_every_tool_run_on_the_worker_of_their_family(fleet
 
 def test_a_websocket_on_api_1_follows_a_task_that_worker_2_runs(fleet):
     api1, api2 = fleet.apis
-    answer = api2.run(fleet.project, {**DEMO_REQUESTS[FLUX], **SMALLER[FLUX], "steps": 4, "callbackUrl": ""}, tool=FLUX)
+    answer = api2.run(fleet.project, {**EXAMPLES[FLUX], **SMALLER[FLUX], "steps": 4, "callbackUrl": ""}, tool=FLUX)
     frames = ws_frames(api1, answer["socketaccesstoken"])
     check_sequence(frames, 4, answer["taskid"], answer["socketaccesstoken"])
     assert fleet.store().get_task(int(answer["taskid"])).worker_id == fleet.workers[1].worker_id
@@ -197,7 +202,7 @@ def test_a_websocket_on_api_1_follows_a_task_that_worker_2_runs(fleet):
 
 def test_kill_through_api_2_stops_a_task_on_worker_1_within_a_step(fleet):
     api1, api2 = fleet.apis
-    taskid = api1.run(fleet.project, {**DEMO_REQUESTS[SD], "samples": 1, "steps": 150, "width": 128, "height": 128,
+    taskid = api1.run(fleet.project, {**EXAMPLES[SD], "samples": 1, "steps": 150, "width": 128, "height": 128,
                                       "callbackUrl": ""}, tool=SD)["taskid"]
     deadline = time.time() + 120 * TIME_SCALE
     while int((api2.detail(fleet.project, taskid)["progress"] or {}).get("stepCurrent", 0)) < 2:
@@ -216,10 +221,10 @@ def test_kill_through_api_2_stops_a_task_on_worker_1_within_a_step(fleet):
 def test_a_worker_killed_mid_task_loses_nothing_and_runs_nothing_twice(fleet):
     api1, api2 = fleet.apis
     worker = fleet.workers[1]
-    long = api1.run(fleet.project, {**DEMO_REQUESTS[FLUX], "steps": 150, "width": 128, "height": 128,
+    long = api1.run(fleet.project, {**EXAMPLES[FLUX], "steps": 150, "width": 128, "height": 128,
                                     "callbackUrl": ""}, tool=FLUX)["taskid"]
     api1.wait(fleet.project, long, until=("task_output",))
-    behind = api2.run(fleet.project, {**DEMO_REQUESTS[FLUX], **SMALLER[FLUX], "callbackUrl": ""}, tool=FLUX)["taskid"]
+    behind = api2.run(fleet.project, {**EXAMPLES[FLUX], **SMALLER[FLUX], "callbackUrl": ""}, tool=FLUX)["taskid"]
     dead = worker.worker_id
     worker.kill9()
     # the APIs' lease rules end the task the dead worker held; nothing else runs it

@@ -100,7 +100,7 @@ def test_sd_seed_request_downloads_with_progress_then_runs(hub, hub_server):
     assert "unet/diffusion_pytorch_model.safetensors" in fetched and not any(".bin" in p or "fp16" in p for p in fetched)
     assert any(p["task"] == "Generate" for p in seen)
     # the same progress reaches WebSocket clients as progressGenerate frames (replayed history here)
-    from easel.cli.main import progress_of
+    from easel.cli.follow import progress_of
     from test_live import ws_frames
 
     frames = [progress_of(f) for f in ws_frames(hub_server, r.json()["socketaccesstoken"])]

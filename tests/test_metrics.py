@@ -143,7 +143,7 @@ def test_each_server_gets_its_own_metrics_folder_and_dead_ones_are_swept(tmp_pat
     import subprocess
     import sys
 
-    from easel.cli.main import prepare_metrics_dir
+    from easel.cli.serve import prepare_metrics_dir
     from easel.metrics import outcome
 
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)

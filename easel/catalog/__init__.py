@@ -18,6 +18,8 @@ from typing import Any
 
 from easel import strict
 
+from .examples import Example
+
 HERE = Path(__file__).parent
 _INVALID = "Request parameters are invalid."  # Wiro's documented text (easel.api.errors.INVALID_BODY)
 
@@ -188,6 +190,7 @@ class ToolSpec:
     preset: dict = field(default_factory=dict)
     family: str = ""
     openai: dict = field(default_factory=dict)
+    example: Example | None = None  # the seed's own request and its input files (easel.catalog.examples)
 
     @property
     def name(self) -> str:
@@ -417,6 +420,7 @@ def load_tools() -> dict[str, ToolSpec]:
             categories=t.get("categories", []), inputs=inputs, cost_per_second=float(t.get("cost_per_second", 0)),
             cover=t.get("cover", ""), tags=t.get("tags", []), base_model=t.get("base_model"),
             preset=t.get("preset", {}), family=t.get("family", ""), openai=t.get("openai", {}),
+            example=Example.from_json(t.get("example"), path.parent),
         )
         if spec.family and spec.family not in FAMILIES:
             raise CatalogError(f"tool {spec.name}: family {spec.family!r} is not one of {', '.join(FAMILIES)}")

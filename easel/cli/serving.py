@@ -1,4 +1,4 @@
-"""Pieces of ``easel serve`` kept out of ``easel.cli.main``: the start line and uvicorn run so
+"""Pieces of ``easel serve`` kept out of ``easel.cli.serve``: the start line and uvicorn run so
 that SIGTERM/SIGINT end the process with a normal exit.
 
 uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process dies of the

@@ -199,11 +199,9 @@ class LocalExecutor(Executor):
         self._supervisor.start()
 
     def _supervise(self) -> None:
-        while not self._done.wait(self.supervise_interval):
-            try:
-                self.supervise_once()
-            except Exception:  # the supervisor must outlive any error (database locked, disk full)
-                log.exception("supervisor iteration failed; retrying")
+        """The supervisor thread: :meth:`supervise_once` every ``supervise_interval`` seconds until
+        :meth:`stop`, outliving its errors (database locked, disk full)."""
+        self.workers.run(self._done, self.supervise_interval, step=lambda: self.supervise_once())
 
     def _store_(self):
         if self._store is None:
