@@ -193,14 +193,56 @@ def encode_sd15(pipe: Any, prompt: str, negative_prompt: str = "", clip_skip: in
         out = []
         for ids, weights in groups:
             hidden = te(torch.tensor([ids], device=te.device), output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-            z = final_ln(hidden)
-            w = torch.tensor(weights, dtype=z.dtype, device=z.device)[None, :, None]
-            if bool((w != 1.0).any()):
-                mean = z.float().mean()
-                z = z * w
-                z = z * (mean / z.float().mean()).to(z.dtype)
-            out.append(z)
+            out.append(a1111_weight(final_ln(hidden), weights))
         return torch.cat(out, dim=1)
 
     with torch.no_grad():
         return encode(pos), encode(neg)
+
+
+def a1111_weight(z, weights: list[float]):
+    """A1111's weighting of one chunk's embeddings ``z`` (``[1, tokens, hidden]``): ``z · w`` per
+    token, then rescaled so the chunk's mean is the unweighted one's; ``z`` itself when every
+    weight is 1."""
+    import torch
+
+    w = torch.tensor(weights, dtype=z.dtype, device=z.device)[None, :, None]
+    if not bool((w != 1.0).any()):
+        return z
+    mean = z.float().mean()
+    z = z * w
+    return z * (mean / z.float().mean()).to(z.dtype)
+
+
+def has_weights(text: str) -> bool:
+    """Whether ``text`` gives any token a weight other than 1 in the A1111 syntax."""
+    return any(weight != 1.0 for _, weight in parse_prompt_attention(text or ""))
+
+
+def encode_iclight(pipe: Any, text: str):
+    """IC-Light's prompt encoding (``encode_prompt_inner`` of ``gradio_demo_bg.py``) with A1111 weights.
+
+    The reference's chunks: the text's tokens (no length limit) in groups of 75, each wrapped in
+    BOS/EOS and padded with EOS to 77, an empty text one empty chunk, through the text encoder
+    (``last_hidden_state``). Here the tokens come from :func:`tokens_with_weights` (the A1111
+    syntax is read, not tokenised literally) and each chunk is weighted by :func:`a1111_weight`,
+    as :func:`encode_sd15` does. Use it only for a text with weights (:func:`has_weights`); plain
+    texts keep the reference's own encoding, bit for bit.
+
+    Returns:
+        ``[chunks, 77, hidden]`` on the text encoder's device, in its dtype.
+    """
+    import torch
+
+    tok, te = pipe.tokenizer, pipe.text_encoder
+    size, body = tok.model_max_length, tok.model_max_length - 2
+    ids, weights = tokens_with_weights(tok, text)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, max(len(ids), 1), body):
+            chunk = [tok.bos_token_id] + ids[i:i + body] + [tok.eos_token_id]
+            w = [1.0] + weights[i:i + body] + [1.0]
+            chunk, w = chunk[:size] + [tok.eos_token_id] * (size - len(chunk)), w[:size] + [1.0] * (size - len(w))
+            z = te(torch.tensor([chunk], device=te.device)).last_hidden_state
+            out.append(a1111_weight(z, w))
+    return torch.cat(out, dim=0)
