@@ -128,6 +128,7 @@ class OpenposeEstimator:
 
         self.device, _ = _where(device, dtype)
         self.detector = load_openpose(path, self.device)
+        self.model = self.detector.body_estimation.model  # the body network (torch, float32)
         self._lock = threading.Lock()
 
     def __call__(self, image, size: tuple[int, int] | None = None):

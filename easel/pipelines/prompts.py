@@ -6,7 +6,7 @@ weight of ``words`` by 1.1, ``(words:1.5)`` by 1.5, ``[words]`` divides it by 1.
 and multiply; ``\\(``, ``\\)``, ``\\[``, ``\\]``, ``\\\\`` are literal; unbalanced brackets close at
 the end; ``BREAK`` is kept as text (the encoders here do not split at it).
 
-Two encoders use it:
+Three encoders use it:
 
 - :func:`encode_sdxl` for InstantID: the ``_full`` pipeline's procedure (its ``LongPromptWeight.
   get_weighted_text_embeddings_sdxl``), so that a weighted or long prompt gives the reference's
@@ -19,9 +19,12 @@ Two encoders use it:
 - :func:`encode_sd15` for the SD 1.5 tool: the same syntax and 75-token chunks, each padded to 77
   with EOS, with Easel's ``clip_skip`` (hidden state ``-(clip_skip + 1)`` through the final layer
   norm), weights applied as A1111 does: ``z · w``, then the chunk rescaled to its unweighted mean.
+- :func:`encode_iclight` for IC-Light: the reference's own chunks (``gradio_demo_bg.py``'s
+  ``encode_prompt_inner``: 75 tokens, BOS/EOS, EOS padding to 77, no length limit), each weighted
+  as :func:`encode_sd15` does; used only for a text with weights (:func:`has_weights`).
 
-Both are used only when a prompt needs them (:func:`needs_weighting`: weight syntax, or longer than
-one chunk); a plain prompt of at most 75 tokens goes through diffusers' own encoding unchanged.
+The first two are used only when a prompt needs them (:func:`needs_weighting`: weight syntax, or
+longer than one chunk); a plain prompt of at most 75 tokens goes through diffusers' own encoding unchanged.
 """
 from __future__ import annotations
 
