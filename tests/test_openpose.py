@@ -60,3 +60,22 @@ def test_openpose_refuses_a_folder_without_a_body_model(tiny, tmp_path):
     torch.save({"conv1_1.weight": torch.zeros(64, 3, 3, 3)}, str(tmp_path / "body_pose_model.pth"))
     with pytest.raises(ConditionError, match="is not an OpenPose body model"):
         OpenposeEstimator(tmp_path, device="cpu")
+
+
+def test_without_controlnet_aux_openpose_says_how_to_install_it(tiny):
+    import subprocess
+    import sys
+
+    script = f"""
+import importlib.util
+real = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name == "controlnet_aux" else real(name, *a)
+from easel.pipelines.conditions import ConditionError, OpenposeEstimator
+try:
+    OpenposeEstimator({str(tiny["pose-openpose"])!r}, device="cpu")
+except ConditionError as exc:
+    print("refused:", exc)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "refused: openpose needs controlnet_aux: pip install --no-deps 'controlnet-aux" in out.stdout

@@ -8,15 +8,17 @@ to the generation size with PIL's default resampling. :func:`load_openpose` buil
 detector from the body network's weights (``body_pose_model.pth`` of ``lllyasviel/Annotators``,
 catalog id ``openpose-annotators``); :func:`openpose_image` is the demo's call.
 
-``controlnet_aux``'s package ``__init__`` imports every annotator it has (timm, torchvision,
-mediapipe-free ones included), and its ``open_pose/face.py`` imports ``torchvision.transforms``.
+``controlnet_aux``'s package ``__init__`` imports every annotator it has (so timm and
+torchvision), and its ``open_pose/face.py`` imports ``torchvision.transforms``.
 The body network needs neither: torch, OpenCV, SciPy and scikit-image. On a CPU torch there is
 no matching torchvision wheel (PyPI's are CUDA builds, whose ``_C`` needs ``libtorch_cuda``), so
 Easel installs ``controlnet-aux`` without its dependencies (``scripts/setup.sh``; the
 ``openpose`` extra of ``pyproject.toml`` for a GPU box) and :func:`open_pose_module` imports
-``controlnet_aux.open_pose`` without running the package ``__init__``; where torchvision does
-not import, the face estimator (never used by the demo's call) is replaced by one that refuses.
-The detector code, the network and the drawing are the library's own.
+``controlnet_aux.open_pose`` without running the package ``__init__`` (``controlnet_aux`` is then
+a bare package object in ``sys.modules``: ``from controlnet_aux import CannyDetector`` fails in
+that process); where torchvision does not import, the face estimator (never used by the demo's
+call) is replaced by one that refuses. The detector code, the network and the drawing are the
+library's own.
 """
 from __future__ import annotations
 
