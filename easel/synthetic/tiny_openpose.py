@@ -7,7 +7,8 @@ The real file is a torch pickle of a plain state dict (209 MB): the parameters o
 fewer channels would not load. This writer keeps every real key and shape but stores each weight
 as a small random tensor *expanded* along its input-channel axis (stride 0): ``torch.save``
 writes only the small storage, ``torch.load`` rebuilds the full-shape view, and
-``load_state_dict`` copies it into the real network. The file is about 0.6 MB; the network it
+``load_state_dict`` copies it into the real network (small layers, up to 65 536 weights, are
+stored whole). The file is about 3 MB; the network it
 loads is the real one, running the real detector code (peaks, part affinity fields, drawing).
 
 The weights are scaled (He initialisation over the output-channel fan, times ``gain``) so that
