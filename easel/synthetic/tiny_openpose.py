@@ -8,12 +8,13 @@ fewer channels would not load. This writer keeps every real key and shape but st
 as a small random tensor *expanded* along its input-channel axis (stride 0): ``torch.save``
 writes only the small storage, ``torch.load`` rebuilds the full-shape view, and
 ``load_state_dict`` copies it into the real network (small layers, up to 65 536 weights, are
-stored whole). The file is about 3 MB; the network it
-loads is the real one, running the real detector code (peaks, part affinity fields, drawing).
+stored whole). The file is about 3 MB; the network it loads is the real one, running the real
+detector code (peaks, part affinity fields, drawing).
 
-The weights are scaled (He initialisation over the output-channel fan, times ``gain``) so that
-random photos give a few peaks and limbs: a detector that finds nobody would make every
-comparison trivially equal (black images).
+The weights are scaled (He initialisation; an expanded layer divided by its input channels, which
+it sums with one weight) and the last stage's outputs set (:func:`write_tiny_openpose`) so that
+random photos give peaks and limbs: a detector that finds nobody would make every comparison
+trivially equal (black images).
 """
 from __future__ import annotations
 
