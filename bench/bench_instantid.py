@@ -3,11 +3,11 @@
 Part 1 (pieces): the median of ``--repeats`` runs (after a warm-up) of face analysis (insightface
 over the tiny antelopev2 ONNX pack, 640×640 detector input, detection + recognition), keypoint
 drawing, and each condition extraction: canny (OpenCV), depth (tiny DPT through transformers),
-openpose (tiny ViTPose through transformers: person box, affine crop, heatmaps, DARK decoding,
-COCO→OpenPose and the skeleton drawing), then one InstantID generation at ``--size`` with
+openpose (controlnet_aux's OpenposeDetector: the real body network at 512 px with tiny expanded
+weights, peaks, limb assembly, drawing), then one InstantID generation at ``--size`` with
 IdentityNet alone and with IdentityNet + openpose + depth + canny
-(``easel.pipelines.instantid.generate``). The tiny detector and pose model are fixed graphs, so their
-times show the libraries' pre/post-processing and runtime overhead, not the real networks' cost.
+(``easel.pipelines.instantid.generate``). The tiny face detector is a fixed graph, so its
+time shows the libraries' pre/post-processing and runtime overhead, not the real networks' cost.
 
 Part 2 (unless ``--no-server``), for each case of ``--cases`` (no ControlNet; openpose + depth +
 canny), against (a), the same work in this process: decode of the same PNG, the tool's resize,
@@ -103,7 +103,7 @@ def main() -> None:
     draw_test_face(photo, (int(s * 0.35), int(s * 0.3), int(s * 0.65), int(s * 0.68)), 0)
     analyzer = FaceAnalyzer(tiny["faces"])
     depth = DepthEstimator(tiny["depth-dpt"])
-    pose = OpenposeEstimator(tiny["pose-vitpose"])
+    pose = OpenposeEstimator(tiny["pose-openpose"])
     face = analyzer.largest_face(photo)
     base = StableDiffusionXLPipeline.from_pretrained(str(tiny["sdxl"]))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,7 +112,7 @@ def main() -> None:
     adapter = InstantIDAdapter.load(tiny["instantid-ip-adapter"])
     adapter.attach(base.unet)
     nets = {n: load_controlnet(tiny[f"sdxl-controlnet-{n}"]).to(device) for n in ("identitynet", "openpose", "depth", "canny")}
-    images = [draw_kps(photo.size, face.kps), pose(photo, face_box=face.bbox), depth(photo), canny_condition(photo)]
+    images = [draw_kps(photo.size, face.kps), pose(photo), depth(photo), canny_condition(photo)]
 
     def gen(names: tuple[str, ...]):
         pipe = build_pipeline(base, nets[names[0]], [nets[n] for n in names[1:]])
@@ -125,7 +125,7 @@ def main() -> None:
             "draw_kps": _median(lambda: draw_kps(photo.size, face.kps), args.repeats),
             "canny": _median(lambda: canny_condition(photo), args.repeats),
             "depth (tiny DPT)": _median(lambda: depth(photo), args.repeats),
-            "openpose (tiny ViTPose + skeleton drawing)": _median(lambda: pose(photo, face_box=face.bbox), args.repeats),
+            "openpose (controlnet_aux OpenposeDetector, tiny body weights, 512 px)": _median(lambda: pose(photo), args.repeats),
         }
         rows[f"generate {s}² {args.steps} steps, IdentityNet only"] = _median(lambda: gen(("identitynet",)), args.repeats)
         rows[f"generate {s}² {args.steps} steps, IdentityNet + openpose + depth + canny"] = _median(

@@ -28,6 +28,10 @@ python -m pip install -q --upgrade pip >/dev/null
 # torch beforehand instead (any torch>=2.4 satisfies Easel).
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
+# controlnet_aux (openpose conditions) without its dependencies: its torchvision/timm pins pull a
+# CUDA torch onto a CPU box, and its open_pose module, all Easel imports, needs neither
+python -c "import importlib.util as u; exit(u.find_spec('controlnet_aux') is None)" 2>/dev/null \
+  || python -m pip install -q --no-deps "controlnet-aux==0.0.10"
 # insightface depends on opencv-python (GUI build, needs libGL); both it and opencv-python-headless
 # install the same cv2 package, and the last one written wins. Write the headless build last so
 # `import cv2` works on servers without libGL.

@@ -438,7 +438,7 @@ def seed_repos(tiny: dict[str, Path], work: Path) -> list[HubRepo]:
                                                          tiny["sdxl-controlnet-depth"] / "diffusion_pytorch_model.safetensors"}),
         repo("thibaud/controlnet-openpose-sdxl-1.0", {**_files(tiny["sdxl-controlnet-openpose"]),
                                                       "diffusion_pytorch_model.bin": pickle_copy}),
-        repo("usyd-community/vitpose-base-simple", _files(tiny["pose-vitpose"])),
+        repo("lllyasviel/Annotators", _files(tiny["pose-openpose"])),
         repo("DIAMONIK7777/antelopev2", {**_files(Path(tiny["faces"]) / "models" / "antelopev2"),
                                          "1k3d68.onnx": onnx_blob, "2d106det.onnx": onnx_blob,
                                          "genderage.onnx": onnx_blob}),

@@ -328,7 +328,7 @@ def test_seed_defaults_that_name_no_listed_option_and_empty_selections_mean_no_l
     assert run_needs(sd, {}, catalog) == ["1", "61"]  # a listed default stays
     assert run_needs(instantid, {"selectedLoraModel": "80", "selectedControlnetModel": "458,455"}, catalog) == [
         "79", "80", "458", "455", "instantid-identitynet", "instantid-ip-adapter", "antelopev2",
-        "vitpose-base-simple", "dpt-hybrid-midas"]
+        "openpose-annotators", "dpt-hybrid-midas"]
 
 
 def test_a_full_disk_during_the_download_ends_clearly_without_a_partial_file(env, tmp_path):

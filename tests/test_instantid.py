@@ -209,12 +209,8 @@ def test_draw_kps_matches_the_reference_drawing():
         draw_kps((64, 64), kps[:4])
 
 
-def test_condition_images(tiny, tmp_path):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    from easel.pipelines.conditions import ConditionError, DepthEstimator, OpenposeEstimator, canny_condition
+def test_condition_images(tiny):
+    from easel.pipelines.conditions import DepthEstimator, canny_condition
 
     photo = _photo(0)
     edges = canny_condition(photo)
@@ -225,157 +221,6 @@ def test_condition_images(tiny, tmp_path):
     assert depth.size == (64, 48) and depth.mode == "RGB"
     d = np.asarray(depth)
     assert d.min() == 0 and d.max() == 255  # min-max normalised as the reference
-    with pytest.raises(ConditionError, match="no ViTPose model"):
-        OpenposeEstimator(tiny["depth-dpt"])  # a DPT folder is not a pose model
-    with pytest.raises(ConditionError, match="no ViTPose model"):
-        OpenposeEstimator(tiny["sdxl"])
-    partial = shutil.copytree(tiny["pose-vitpose"], tmp_path / "partial")  # transformers would random-init the rest
-    weights = load_file(str(partial / "model.safetensors"))
-    save_file({k: v for k, v in weights.items() if not k.startswith("head.")}, str(partial / "model.safetensors"))
-    with pytest.raises(ConditionError, match="lacks weights, e.g. .'head.conv"):
-        OpenposeEstimator(partial)
-
-
-# -- openpose: COCO-17 → OpenPose-18, the skeleton drawing, ViTPose ------------------------------
-
-def test_coco_keypoints_map_to_the_openpose_layout():
-    from easel.pipelines.openpose import COCO_KEYPOINTS, OPENPOSE_KEYPOINTS, coco_to_openpose
-
-    coco = np.array([[10.0 * i, 100.0 + i] for i in range(17)])
-    scores = np.full(17, 0.9)
-    points, visible = coco_to_openpose(coco, scores)
-    assert points.shape == (18, 2) and visible.all()
-    # by name: every OpenPose joint but the neck is the COCO joint of the same name
-    for op, name in enumerate(OPENPOSE_KEYPOINTS):
-        if name != "neck":
-            assert tuple(points[op]) == tuple(coco[COCO_KEYPOINTS.index(name)]), name
-    # the published index mapping (OpenPose BODY_18 ← COCO): 2 ← 6 (right shoulder), 5 ← 5, 8 ← 12, 14 ← 2, 17 ← 3
-    assert [tuple(points[i]) for i in (0, 2, 5, 8, 14, 17)] == [tuple(coco[i]) for i in (0, 6, 5, 12, 2, 3)]
-    assert tuple(points[1]) == ((coco[5][0] + coco[6][0]) / 2, (coco[5][1] + coco[6][1]) / 2)  # neck: shoulders' midpoint
-    scores[6] = 0.3  # right shoulder not above the threshold: it and the neck are hidden, the rest stays
-    _, visible = coco_to_openpose(coco, scores)
-    assert not visible[2] and not visible[1] and visible[5] and visible.sum() == 16
-    with pytest.raises(ValueError, match="17"):
-        coco_to_openpose(coco[:16], scores[:16])
-
-
-def _expected_skeleton(size, points, visible):
-    """Independent rasteriser of OpenPose's drawing rules, per pixel: each limb is the ellipse with
-    the limb's (truncated) midpoint as centre, semi-axes (length/2, 4) along the limb; limbs drawn in
-    order at 0.6 of their colour (truncated), then discs of radius 4 at the joints in full colour.
-    Returns (expected colours, mask of pixels whose colour is unambiguous: at least 1.5 px from any
-    shape's edge that decides them)."""
-    from easel.pipelines.openpose import OPENPOSE_COLORS, OPENPOSE_LIMBS
-
-    w, h = size
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
-    colour = np.zeros((h, w, 3), dtype=np.uint8)
-    sure = np.ones((h, w), dtype=bool)
-    decided = np.zeros((h, w), dtype=bool)
-
-    def paint(inside, unsure, rgb):
-        nonlocal colour, sure, decided
-        take = inside & ~decided
-        colour[take] = rgb
-        sure &= ~(unsure & ~decided)
-        decided |= inside
-
-    # topmost first: discs (later over earlier), then limbs (later over earlier)
-    for i in reversed(range(18)):
-        if visible[i]:
-            cx, cy = int(points[i][0]), int(points[i][1])
-            dist = np.hypot(xs - cx, ys - cy)
-            paint(dist <= 4 - 1.5, (dist > 4 - 1.5) & (dist < 4 + 1.5), OPENPOSE_COLORS[i])
-    for i in reversed(range(len(OPENPOSE_LIMBS))):
-        a, b = OPENPOSE_LIMBS[i]
-        if not (visible[a] and visible[b]):
-            continue
-        (x0, y0), (x1, y1) = points[a], points[b]
-        cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
-        half = int(math.hypot(x0 - x1, y0 - y1) / 2)
-        angle = math.radians(int(math.degrees(math.atan2(y0 - y1, x0 - x1))))
-        u = (xs - cx) * math.cos(angle) + (ys - cy) * math.sin(angle)
-        v = -(xs - cx) * math.sin(angle) + (ys - cy) * math.cos(angle)
-        inner = (u / max(half - 1.5, 0.5)) ** 2 + (v / 2.5) ** 2 <= 1
-        outer = (u / (half + 1.5)) ** 2 + (v / 5.5) ** 2 <= 1
-        paint(inner, outer & ~inner, tuple(int(c * 0.6) for c in OPENPOSE_COLORS[i]))
-    return colour, sure
-
-
-def test_the_skeleton_drawing_matches_openposes_on_known_keypoints():
-    from easel.pipelines.openpose import OPENPOSE_COLORS, OPENPOSE_LIMBS, draw_bodypose
-
-    # OpenPose's limbSeq as published (1-based), the 17 ControlNet draws, and its first/last colours
-    limb_seq = [[2, 3], [2, 6], [3, 4], [4, 5], [6, 7], [7, 8], [2, 9], [9, 10], [10, 11], [2, 12], [12, 13],
-                [13, 14], [2, 1], [1, 15], [15, 17], [1, 16], [16, 18]]
-    assert [tuple(a - 1 for a in pair) for pair in limb_seq] == list(OPENPOSE_LIMBS)
-    assert len(OPENPOSE_COLORS) == 18 and OPENPOSE_COLORS[0] == (255, 0, 0) and OPENPOSE_COLORS[17] == (255, 0, 85)
-
-    # a standing person, 18 OpenPose joints: nose, neck, right arm, left arm, right leg, left leg, eyes, ears
-    points = np.array([[80.4, 40.2], [80.0, 70.6], [55.3, 71.0], [45.8, 105.5], [40.1, 138.9], [105.2, 70.2],
-                       [117.7, 104.1], [121.3, 139.6], [62.5, 140.3], [60.9, 190.8], [59.6, 238.2],
-                       [97.4, 140.1], [99.8, 191.3], [101.2, 238.7], [72.9, 32.5], [88.1, 32.2], [63.0, 38.9],
-                       [97.6, 39.4]])
-    visible = np.ones(18, dtype=bool)
-    drawn = np.asarray(draw_bodypose((160, 260), points, visible))
-    assert drawn.shape == (260, 160, 3) and drawn.dtype == np.uint8
-    expected, sure = _expected_skeleton((160, 260), points, visible)
-    assert sure.mean() > 0.9
-    assert np.array_equal(drawn[sure], expected[sure]), np.argwhere((drawn != expected).any(-1) & sure)[:5]
-    # spot checks by hand: joints in full colour, limbs at 0.6 of theirs (truncated), background black
-    assert tuple(drawn[70, 80]) == (255, 85, 0)  # neck disc, colour 1
-    assert tuple(drawn[138, 40]) == (170, 255, 0)  # right wrist disc, colour 4
-    assert tuple(drawn[71, 67]) == (153, 0, 0)  # neck → right shoulder, limb 0 (255, 0, 0) × 0.6
-    assert tuple(drawn[71, 69]) == (153, 0, 0) and tuple(drawn[67, 67]) == (153, 0, 0)  # 3 px off its axis: inside
-    assert tuple(drawn[65, 67]) == (0, 0, 0)  # 6 px off its axis: outside (half-width 4)
-    assert tuple(drawn[215, 60]) == (0, 153, 102)  # right knee → ankle, limb 8 (0, 255, 170) × 0.6
-    assert tuple(drawn[5, 5]) == (0, 0, 0) and tuple(drawn[250, 150]) == (0, 0, 0)
-    # a hidden joint takes its disc and its limbs with it
-    visible[4] = False
-    hidden = np.asarray(draw_bodypose((160, 260), points, visible))
-    assert tuple(hidden[138, 40]) == (0, 0, 0) and tuple(hidden[122, 43]) == (0, 0, 0)
-    assert tuple(drawn[122, 43]) != (0, 0, 0)
-    assert np.array_equal(hidden[:100], drawn[:100])
-    with pytest.raises(ValueError, match="18"):
-        draw_bodypose((64, 64), points[:17])
-
-
-def test_person_box_around_the_face():
-    from easel.pipelines.openpose import person_box
-
-    assert person_box(None, (300, 200)) == (0.0, 0.0, 300.0, 200.0)
-    assert person_box((40, 30, 80, 80), (120, 160)) == (0.0, 5.0, 120.0, 155.0)  # a portrait: (nearly) the whole photo
-    x, y, w, h = person_box((500, 100, 520, 124), (1200, 800))  # a small face in a wide scene
-    assert (x, y, w, h) == (430.0, 88.0, 160.0, 204.0)
-
-
-def test_tiny_vitpose_loads_as_the_hub_model_and_sees_its_fixed_pose(tiny):
-    from transformers import VitPoseForPoseEstimation
-
-    from easel.pipelines.conditions import OpenposeEstimator
-    from easel.pipelines.openpose import OPENPOSE_COLORS
-    from easel.synthetic.tiny_sdxl import TINY_POSE_CELLS
-
-    folder = tiny["pose-vitpose"]
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
-    model = VitPoseForPoseEstimation.from_pretrained(str(folder))
-    assert model.config.num_labels == 17 and model.config.use_simple_decoder
-    est = OpenposeEstimator(folder)
-    photo = _photo(0, size=(96, 128))
-    keypoints, scores = est.keypoints(photo, (0, 0, 96, 128))
-    assert keypoints.shape == (17, 2) and np.allclose(scores, 0.9, atol=0.01)
-    # top-down crop: the box padded by 1.25 (120 × 160 around its centre), 64 × 48 heatmaps; each
-    # keypoint at the centre of its cell of the 16 × 12 grid (heatmap pixel 4 · cell + 1.5)
-    expected = [((4 * c + 1.5) * 120 / 47 - 12, (4 * r + 1.5) * 160 / 63 - 16) for c, r in TINY_POSE_CELLS]
-    assert np.allclose(keypoints, expected, atol=0.05)
-    # the pose follows the box, not the pixels
-    moved, _ = est.keypoints(Image.new("RGB", (96, 128)), (10, 20, 48, 64))
-    assert np.allclose(moved, [(34 + (x + 12) / 120 * 60 - 30, 52 + (y + 16) / 160 * 80 - 40) for x, y in expected], atol=0.05)
-    pose = np.asarray(est(photo, size=(48, 64), face_box=None))
-    assert pose.shape == (64, 48, 3)
-    full = np.asarray(est(photo))
-    colours = {tuple(c) for c in full.reshape(-1, 3)}
-    assert all(c in colours for c in OPENPOSE_COLORS)  # all 18 joints drawn
 
 
 # -- IP-Adapter files ---------------------------------------------------------------------------
@@ -480,7 +325,7 @@ def test_whole_pipeline_with_identitynet_and_three_controlnets(instantid, faces,
     face = faces[0]
     photo = _photo(0).resize((SIZE, SIZE))
     kps_image = draw_kps((128, 128), face.kps).resize((SIZE, SIZE))
-    pose = OpenposeEstimator(tiny["pose-vitpose"])(photo, face_box=face.bbox / 2)
+    pose = OpenposeEstimator(tiny["pose-openpose"])(photo)
     images = [kps_image, pose, DepthEstimator(tiny["depth-dpt"])(photo), canny_condition(photo)]
     out = _run(instantid, face.embedding, 0.8, ("identitynet", "openpose", "depth", "canny"), (0.8, 1.0, 1.0, 1.0), images)
     assert out.shape == (SIZE, SIZE, 3) and np.isfinite(out).all() and out.std() > 0.01
@@ -607,9 +452,10 @@ def test_catalog_components_resolve_to_their_tiny_stand_ins(tmp_path, tiny):
     adapter = sources.component(catalog.get("instantid-ip-adapter"))
     assert (adapter.format, adapter.path) == ("file", tiny["instantid-ip-adapter"])
     assert sources.component(catalog.get("dpt-hybrid-midas")).path == tiny["depth-dpt"]
-    pose = catalog.get("vitpose-base-simple")
-    assert pose.source["repo"] == "usyd-community/vitpose-base-simple" and "Apache-2.0" in pose.why
-    assert sources.component(pose).path == tiny["pose-vitpose"]
+    pose = catalog.get("openpose-annotators")
+    assert pose.source["repo"] == "lllyasviel/Annotators" and pose.source["files"] == ["body_pose_model.pth"]
+    assert pose.license["noncommercial"] and pose.license["accept"] == "openpose"
+    assert sources.component(pose).path == tiny["pose-openpose"]
     assert catalog.get("458").source["files"] == ["config.json", "OpenPoseXL2.safetensors"]
     assert sources.face_root() == tiny["faces"]
     assert "non-commercial" in catalog.get("antelopev2").why and catalog.get("antelopev2").license["noncommercial"]

@@ -89,8 +89,8 @@ def test_instantid_photo_by_url_with_one_controlnet(server, project, file_server
     assert png_size(server.images(task)[0]) == (120, 160)
 
 
-def test_instantid_with_openpose_depth_and_canny_and_the_openpose_condition_as_an_extra_output(server, project):
-    from easel.pipelines.openpose import OPENPOSE_COLORS
+def test_instantid_with_openpose_depth_and_canny_and_the_openpose_condition_as_an_extra_output(server, project, tiny):
+    from controlnet_aux.open_pose import Body, OpenposeDetector
 
     fields = {**BASE, "selectedControlnetModel": "458,455,454", "controlnet-openpose-sdxl-1.0": "0.9",
               "extraOutputs": "true"}
@@ -102,13 +102,14 @@ def test_instantid_with_openpose_depth_and_canny_and_the_openpose_condition_as_a
     by_name = dict(zip(names, server.images(task)))
     pose = np.asarray(Image.open(io.BytesIO(by_name["extra-openpose.png"])).convert("RGB"))
     assert pose.shape == (160, 120, 3)
-    colours = {tuple(c) for c in pose.reshape(-1, 3)}
-    # the tiny ViTPose sees a whole standing body in the box around the face: all 18 joints drawn
-    assert all(c in colours for c in OPENPOSE_COLORS), sorted(set(OPENPOSE_COLORS) - colours)
-    assert (pose == 0).all(axis=-1).mean() > 0.5  # on black
-    # the skeleton stands where the face is: the nose disc (red) lies in the face box's columns
-    ys, xs = np.nonzero((pose == (255, 0, 0)).all(axis=-1))
-    assert 35 < xs.mean() < 80 and ys.mean() < 110
+    # controlnet_aux's detector as InstantID's demo calls it, on the photo the tool resized (120×160)
+    photo = Image.open(io.BytesIO(_photo_bytes())).convert("RGB").resize((120, 160), Image.BILINEAR)
+    detector = OpenposeDetector(Body(str(tiny["pose-openpose"] / "body_pose_model.pth")))
+    expected = np.asarray(detector(photo).resize((120, 160)))
+    # pixel-equal within one process (tests/test_openpose.py); the worker runs torch with its own
+    # thread count, whose float summation order moves a few near-tied peaks of the random tiny net
+    assert (pose != expected).any(axis=-1).mean() < 0.1
+    assert (pose > 0).any(axis=-1).mean() > 0.05  # the tiny body network finds "people" in it
     # the same request without openpose gives another image: the openpose ControlNet acts
     without = _run(server, project, {**BASE, "selectedControlnetModel": "455,454"})
     assert without["pexit"] == "0", without["debugerror"]

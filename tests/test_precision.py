@@ -232,7 +232,8 @@ def test_instantid_in_half_precision_decodes_the_sdxl_vae_in_float32(half):
         if key.startswith(("component:controlnet:", "component:depth:", "component:openpose:")):
             obj = worker.models.pipelines.peek(key)
             net = getattr(obj, "net", None) or obj.fn.model
-            assert _dtypes(net) == {F16}, key
+            # controlnet_aux's OpenPose body network stays float32: the library builds float32 inputs
+            assert _dtypes(net) == ({F32} if key.startswith("component:openpose:") else {F16}), key
     # the SDXL VAE's config says force_upcast: it is held in float32 and decodes the fp16 latents in float32
     assert pipe.vae.config.force_upcast and _dtypes(pipe.vae) == {F32}
     seen = []

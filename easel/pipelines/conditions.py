@@ -3,10 +3,9 @@
 Follows InstantID's multi-ControlNet demo (``gradio_demo/controlnet_util.py`` of
 ``instantX-research/InstantID``): canny with OpenCV (thresholds 100/200 on the BGR image), depth
 with transformers' ``DPTForDepthEstimation`` (the demo uses ``Intel/dpt-hybrid-midas``) min-max
-normalised to 0–255 grey. Openpose: the demo uses ``controlnet_aux``'s ``OpenposeDetector``;
-Easel uses transformers' ViTPose (``usyd-community/vitpose-base-simple``) and draws its keypoints
-as OpenPose skeletons (:mod:`easel.pipelines.openpose`), because controlnet_aux pulls torchvision,
-timm and a CUDA torch. Estimators load from a local folder (a Hub snapshot or a placed copy).
+normalised to 0–255 grey, and openpose with ``controlnet_aux``'s ``OpenposeDetector`` as the demo
+(:mod:`easel.pipelines.openpose`). Estimators load from a local folder (a Hub snapshot or a placed
+copy).
 """
 from __future__ import annotations
 
@@ -111,64 +110,31 @@ class DepthEstimator:
 
 
 class OpenposeEstimator:
-    """Body pose as an OpenPose skeleton image, with ViTPose (transformers' ``VitPoseForPoseEstimation``).
-
-    ViTPose (Xu et al., arXiv 2204.12484) is a *top-down* estimator: it finds the 17 COCO
-    keypoints of the one person inside a given box (the crop is the box padded by 1.25 at the
-    model's 3:4 aspect, affine-warped to its input size; keypoints are decoded from heatmaps with
-    DARK sub-pixel refinement, all by transformers' ``VitPoseImageProcessorPil``). The keypoints
-    are converted to OpenPose-18 and drawn as the openpose ControlNets were trained to read them
-    (:mod:`easel.pipelines.openpose`). InstantID's demo runs controlnet_aux's OpenPose body network
-    instead; that package pulls torchvision, timm and a CUDA torch, which Easel does not install,
-    while transformers (already a dependency) carries ViTPose.
+    """Every person's body pose as an OpenPose skeleton image, with ``controlnet_aux``'s
+    ``OpenposeDetector`` called as InstantID's demo calls it (:mod:`easel.pipelines.openpose`).
 
     Args:
-        path: local folder with ``config.json``, ``model.safetensors`` and
-            ``preprocessor_config.json`` (a snapshot of ``usyd-community/vitpose-base-simple``).
-        device, dtype: where to run (default: ``easel.weights.precision.precision("condition")``,
-            CUDA float16 when available, else CPU float32).
+        path: local folder with ``body_pose_model.pth`` (a snapshot of ``lllyasviel/Annotators``).
+        device: where to run (default: ``easel.weights.precision.precision("condition")``'s); the
+            body network runs in float32 whatever ``dtype`` says, as the library builds its input.
+        dtype: ignored (accepted as the other estimators').
 
     Raises:
-        ConditionError: the folder does not hold a ViTPose model.
+        ConditionError: controlnet_aux is missing, or the folder holds no loadable body model.
     """
 
     def __init__(self, path: str | Path, device: str | None = None, dtype=None):
-        from transformers import VitPoseForPoseEstimation
-        from transformers.models.vitpose.image_processing_pil_vitpose import VitPoseImageProcessorPil
+        from easel.pipelines.openpose import load_openpose
 
-        self.device, self.dtype = _where(device, dtype)
-        self.model = _load_model(VitPoseForPoseEstimation, path, "vitpose", "ViTPose").to(self.device, self.dtype).eval()
-        try:  # the PIL/NumPy/SciPy processor: the default one needs torchvision
-            self.processor = VitPoseImageProcessorPil.from_pretrained(str(path))
-        except (OSError, ValueError, TypeError) as exc:
-            raise ConditionError(f"no ViTPose image processor in {path}: {str(exc).splitlines()[0][:200]}") from None
-        if self.model.config.num_labels != 17:
-            raise ConditionError(f"{path}: a ViTPose model with {self.model.config.num_labels} keypoints; "
-                                 "the openpose condition needs the 17 COCO body keypoints")
+        self.device, _ = _where(device, dtype)
+        self.detector = load_openpose(path, self.device)
+        self.model = self.detector.body_estimation.model  # the body network (torch, float32)
         self._lock = threading.Lock()
 
-    def keypoints(self, image, box: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
-        """COCO-17 keypoints of the person in ``box`` (``x, y, width, height`` pixels) of an RGB
-        ``PIL.Image``: ``(float32 [17, 2] pixels, float32 [17] scores)``."""
-        import torch
+    def __call__(self, image, size: tuple[int, int] | None = None):
+        """Pose image of an RGB ``PIL.Image``: RGB, ``size`` (``(width, height)``, default the
+        input's), every detected body drawn on black at 512 px and resized as the demo does."""
+        from easel.pipelines.openpose import openpose_image
 
-        boxes = [[list(map(float, box))]]
-        inputs = self.processor(images=image.convert("RGB"), boxes=boxes, return_tensors="pt")
-        with self._lock, torch.no_grad():
-            out = self.model(inputs.pixel_values.to(self.device, self.dtype))
-        out.heatmaps = out.heatmaps.float()
-        pose = self.processor.post_process_pose_estimation(out, boxes=boxes)[0][0]
-        return pose["keypoints"].numpy().astype(np.float32), pose["scores"].numpy().astype(np.float32).reshape(-1)
-
-    def __call__(self, image, size: tuple[int, int] | None = None, face_box=None):
-        """Pose image of an RGB ``PIL.Image``: an RGB image of ``size`` (``(width, height)``,
-        default the input's) with the OpenPose skeleton of the person around ``face_box``
-        (``(x0, y0, x1, y1)``, see :func:`easel.pipelines.openpose.person_box`; None: the whole image)
-        on black. Keypoints scored at most 0.3 are left out."""
-        from easel.pipelines.openpose import coco_to_openpose, draw_bodypose, person_box
-
-        keypoints, scores = self.keypoints(image, person_box(face_box, image.size))
-        points, visible = coco_to_openpose(keypoints, scores)
-        width, height = size or image.size
-        points = points * np.array([width / image.size[0], height / image.size[1]])
-        return draw_bodypose((width, height), points, visible)
+        with self._lock:
+            return openpose_image(self.detector, image, size)

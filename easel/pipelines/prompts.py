@@ -6,7 +6,7 @@ weight of ``words`` by 1.1, ``(words:1.5)`` by 1.5, ``[words]`` divides it by 1.
 and multiply; ``\\(``, ``\\)``, ``\\[``, ``\\]``, ``\\\\`` are literal; unbalanced brackets close at
 the end; ``BREAK`` is kept as text (the encoders here do not split at it).
 
-Two encoders use it:
+Three encoders use it:
 
 - :func:`encode_sdxl` for InstantID: the ``_full`` pipeline's procedure (its ``LongPromptWeight.
   get_weighted_text_embeddings_sdxl``), so that a weighted or long prompt gives the reference's
@@ -19,9 +19,12 @@ Two encoders use it:
 - :func:`encode_sd15` for the SD 1.5 tool: the same syntax and 75-token chunks, each padded to 77
   with EOS, with Easel's ``clip_skip`` (hidden state ``-(clip_skip + 1)`` through the final layer
   norm), weights applied as A1111 does: ``z · w``, then the chunk rescaled to its unweighted mean.
+- :func:`encode_iclight` for IC-Light: the reference's own chunks (``gradio_demo_bg.py``'s
+  ``encode_prompt_inner``: 75 tokens, BOS/EOS, EOS padding to 77, no length limit), each weighted
+  as :func:`encode_sd15` does; used only for a text with weights (:func:`has_weights`).
 
-Both are used only when a prompt needs them (:func:`needs_weighting`: weight syntax, or longer than
-one chunk); a plain prompt of at most 75 tokens goes through diffusers' own encoding unchanged.
+The first two are used only when a prompt needs them (:func:`needs_weighting`: weight syntax, or
+longer than one chunk); a plain prompt of at most 75 tokens goes through diffusers' own encoding unchanged.
 """
 from __future__ import annotations
 
@@ -193,14 +196,56 @@ def encode_sd15(pipe: Any, prompt: str, negative_prompt: str = "", clip_skip: in
         out = []
         for ids, weights in groups:
             hidden = te(torch.tensor([ids], device=te.device), output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-            z = final_ln(hidden)
-            w = torch.tensor(weights, dtype=z.dtype, device=z.device)[None, :, None]
-            if bool((w != 1.0).any()):
-                mean = z.float().mean()
-                z = z * w
-                z = z * (mean / z.float().mean()).to(z.dtype)
-            out.append(z)
+            out.append(a1111_weight(final_ln(hidden), weights))
         return torch.cat(out, dim=1)
 
     with torch.no_grad():
         return encode(pos), encode(neg)
+
+
+def a1111_weight(z, weights: list[float]):
+    """A1111's weighting of one chunk's embeddings ``z`` (``[1, tokens, hidden]``): ``z · w`` per
+    token, then rescaled so the chunk's mean is the unweighted one's; ``z`` itself when every
+    weight is 1."""
+    import torch
+
+    w = torch.tensor(weights, dtype=z.dtype, device=z.device)[None, :, None]
+    if not bool((w != 1.0).any()):
+        return z
+    mean = z.float().mean()
+    z = z * w
+    return z * (mean / z.float().mean()).to(z.dtype)
+
+
+def has_weights(text: str) -> bool:
+    """Whether ``text`` gives any token a weight other than 1 in the A1111 syntax."""
+    return any(weight != 1.0 for _, weight in parse_prompt_attention(text or ""))
+
+
+def encode_iclight(pipe: Any, text: str):
+    """IC-Light's prompt encoding (``encode_prompt_inner`` of ``gradio_demo_bg.py``) with A1111 weights.
+
+    The reference's chunks: the text's tokens (no length limit) in groups of 75, each wrapped in
+    BOS/EOS and padded with EOS to 77, an empty text one empty chunk, through the text encoder
+    (``last_hidden_state``). Here the tokens come from :func:`tokens_with_weights` (the A1111
+    syntax is read, not tokenised literally) and each chunk is weighted by :func:`a1111_weight`,
+    as :func:`encode_sd15` does. Use it only for a text with weights (:func:`has_weights`); plain
+    texts keep the reference's own encoding, bit for bit.
+
+    Returns:
+        ``[chunks, 77, hidden]`` on the text encoder's device, in its dtype.
+    """
+    import torch
+
+    tok, te = pipe.tokenizer, pipe.text_encoder
+    size, body = tok.model_max_length, tok.model_max_length - 2
+    ids, weights = tokens_with_weights(tok, text)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, max(len(ids), 1), body):
+            chunk = [tok.bos_token_id] + ids[i:i + body] + [tok.eos_token_id]
+            w = [1.0] + weights[i:i + body] + [1.0]
+            chunk, w = chunk[:size] + [tok.eos_token_id] * (size - len(chunk)), w[:size] + [1.0] * (size - len(w))
+            z = te(torch.tensor([chunk], device=te.device)).last_hidden_state
+            out.append(a1111_weight(z, w))
+    return torch.cat(out, dim=0)

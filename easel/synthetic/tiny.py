@@ -44,7 +44,7 @@ import json
 import re
 from pathlib import Path
 
-TINY_VERSION = 7
+TINY_VERSION = 8
 _SEED = 0
 
 

@@ -39,10 +39,9 @@ What is written (by ``easel.synthetic.tiny.make_tiny``):
   ``diffusion_pytorch_model.safetensors``), read by :func:`easel.pipelines.instantid.load_controlnet`.
 - ``depth-dpt/``: a tiny transformers ``DPTForDepthEstimation`` + image processor (stand-in for
   ``Intel/dpt-hybrid-midas``).
-- ``pose-vitpose/``: a tiny transformers ``VitPoseForPoseEstimation`` (``config.json`` +
-  ``model.safetensors`` + ``preprocessor_config.json``, as ``usyd-community/vitpose-base-simple``)
-  whose weights are set by construction to "see" one fixed standing pose in every box
-  (:func:`write_tiny_vitpose`).
+- ``pose-openpose/``: ``body_pose_model.pth`` as ``lllyasviel/Annotators`` ships it, the real
+  OpenPose body network's keys and shapes with small expanded random weights
+  (:func:`easel.synthetic.tiny_openpose.write_tiny_openpose`).
 - ``faces/models/antelopev2/``: the tiny ONNX face pack (``easel.synthetic.tiny_faces``); pass
   ``faces`` as insightface's ``root``.
 """
@@ -54,6 +53,7 @@ from pathlib import Path
 
 from easel.synthetic.tiny import _text_encoder_to_ldm, _unet_to_ldm, _vae_to_ldm, write_clip_tokenizer
 from easel.synthetic.tiny_faces import write_face_pack
+from easel.synthetic.tiny_openpose import write_tiny_openpose
 
 _SEED = 100
 CONTROLNETS = ("identitynet", "openpose", "depth", "canny")
@@ -257,7 +257,7 @@ def write_all(folder: Path) -> dict[str, Path]:
             (folder_cn / "diffusion_pytorch_model.safetensors").rename(folder_cn / CONTROLNET_WEIGHTS[name])
     write_ip_adapter(pipe.unet, out["instantid-ip-adapter"], out["instantid-ip-adapter-safetensors"])
     write_tiny_dpt(out["depth-dpt"])
-    write_tiny_vitpose(out["pose-vitpose"])
+    write_tiny_openpose(out["pose-openpose"])
     write_face_pack(out["faces"])
     return out
 
@@ -273,7 +273,7 @@ def paths(folder: Path) -> dict[str, Path]:
         "instantid-ip-adapter-safetensors": folder / "instantid-ip-adapter.safetensors",
         **{f"sdxl-controlnet-{name}": folder / f"sdxl-controlnet-{name}" for name in CONTROLNETS},
         "depth-dpt": folder / "depth-dpt",
-        "pose-vitpose": folder / "pose-vitpose",
+        "pose-openpose": folder / "pose-openpose",
         "faces": folder / "faces",
     }
 
@@ -292,67 +292,4 @@ def write_tiny_dpt(folder: Path, seed: int = 41) -> Path:
     DPTForDepthEstimation(config).eval().save_pretrained(str(folder), safe_serialization=True)
     DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False, ensure_multiple_of=32,
                       do_rescale=True, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(str(folder))
-    return folder
-
-
-# The pose the tiny ViTPose "sees" in every box: COCO-17 keypoint → (column, row) of its 16 × 12
-# patch grid (a person facing the camera, arms half raised; the person's left is the image's right).
-TINY_POSE_CELLS = (
-    (6, 3), (7, 2), (5, 2), (8, 3), (4, 3), (8, 5), (4, 5), (9, 7), (3, 7), (10, 9), (2, 9), (7, 9), (5, 9),
-    (7, 11), (5, 11), (7, 13), (5, 13),
-)
-TINY_POSE_PEAK = 0.9
-
-
-def write_tiny_vitpose(folder: Path, seed: int = 51) -> Path:
-    """A tiny ViTPose in the on-disk format of ``usyd-community/vitpose-base-simple``.
-
-    ``VitPoseForPoseEstimation`` (simple decoder) with a 2-layer, 32-wide ViT backbone over a
-    128 × 96 input in 8 × 8 patches: a 16 × 12 patch grid and 64 × 48 heatmaps, the heatmap size of
-    the real model (256 × 192 input, 16 × 16 patches). Saved with ``save_pretrained`` next to a
-    ``VitPoseImageProcessor`` config of that input size, so the real loading, affine crop, DARK
-    heatmap decoding and back-projection run.
-
-    The weights are set **by construction**, not trained: the patch projection is zero (the
-    pixels are ignored), keypoint ``k``'s position embedding is a spike in channel ``k`` at its cell
-    of :data:`TINY_POSE_CELLS`, the transformer layers' output projections are zero (each layer
-    passes its input on), and the decoder's convolution copies channel ``k`` to heatmap ``k``, scaled
-    so that every peak is about :data:`TINY_POSE_PEAK`. So every box gets the same standing pose laid
-    out in its crop, each keypoint at the centre of its cell, with score about 0.9. The attention
-    and MLP input weights are random (seeded), as they do not reach the output.
-    """
-    import torch
-    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation
-    from transformers.models.vitpose.image_processing_pil_vitpose import VitPoseImageProcessorPil
-
-    from easel.pipelines.openpose import COCO_KEYPOINTS
-
-    torch.manual_seed(seed)
-    rows, cols, hidden = 16, 12, 32
-    backbone = VitPoseBackboneConfig(image_size=[rows * 8, cols * 8], patch_size=[8, 8], hidden_size=hidden,
-                                     num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, out_indices=[2])
-    config = VitPoseConfig(backbone_config=backbone, use_simple_decoder=True, scale_factor=4,
-                           id2label=dict(enumerate(COCO_KEYPOINTS)), label2id={n: i for i, n in enumerate(COCO_KEYPOINTS)})
-    model = VitPoseForPoseEstimation(config).eval()
-    with torch.no_grad():
-        emb = model.backbone.embeddings
-        emb.patch_embeddings.projection.weight.zero_()
-        emb.patch_embeddings.projection.bias.zero_()
-        emb.position_embeddings.zero_()
-        for k, (col, row) in enumerate(TINY_POSE_CELLS):
-            emb.position_embeddings[0, 1 + row * cols + col, k] = 1.0
-        for layer in model.backbone.encoder.layer:
-            for linear in (layer.attention.output.dense, layer.mlp.fc2):
-                linear.weight.zero_()
-                linear.bias.zero_()
-        # after the final LayerNorm a lone spike in a 32-wide token is (1 - 1/32) / std = 31/sqrt(31) ≈ 5.57;
-        # the 4× bilinear upsampling keeps 0.875² of it at the two central pixels of its cell
-        peak = (hidden - 1) / (hidden - 1) ** 0.5 * 0.875 ** 2
-        conv = model.head.conv
-        conv.weight.zero_()
-        conv.bias.zero_()
-        for k in range(len(COCO_KEYPOINTS)):
-            conv.weight[k, k, 1, 1] = TINY_POSE_PEAK / peak
-    model.save_pretrained(str(folder), safe_serialization=True)
-    VitPoseImageProcessorPil(size={"height": rows * 8, "width": cols * 8}).save_pretrained(str(folder))
     return folder

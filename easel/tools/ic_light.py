@@ -352,9 +352,14 @@ def background(source: str, bg: np.ndarray, width: int, height: int) -> np.ndarr
 
 def encode_prompt(pipe: Any, text: str):
     """CLIP embeddings of ``text`` in chunks of 75 tokens (each wrapped in BOS/EOS and padded with
-    EOS to 77), ``[chunks, 77, hidden]``; an empty text is one empty chunk."""
+    EOS to 77), ``[chunks, 77, hidden]``; an empty text is one empty chunk. A text with A1111
+    weights goes through :func:`easel.pipelines.prompts.encode_iclight` (same chunks, weighted)."""
     import torch
 
+    from easel.pipelines.prompts import encode_iclight, has_weights
+
+    if has_weights(text):  # (word:1.2), [word]: A1111 weights in the reference's chunks
+        return encode_iclight(pipe, text)
     tok = pipe.tokenizer
     size, body = tok.model_max_length, tok.model_max_length - 2
     ids = tok(text, truncation=False, add_special_tokens=False)["input_ids"]

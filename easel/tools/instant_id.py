@@ -6,7 +6,7 @@ Runs on the image-tool runtime (``easel/tools/base.py``): the photo is an image 
 and the face pack are components of the model cache, and the condition images are extra outputs
 when asked (``extraOutputs``). The library code it calls lives in ``easel.pipelines.instantid``
 (IP-Adapter, IdentityNet pipeline, ``draw_kps``, ``load_controlnet``), ``faces`` (insightface),
-``conditions`` (canny, DPT depth, ViTPose openpose) and ``openpose`` (skeleton drawing).
+``conditions`` (canny, DPT depth, openpose) and ``openpose`` (controlnet_aux's OpenposeDetector).
 
 Inputs (schema: ``easel/catalog/tools/wiro__instant-id-controlnet-lora.json``) → InstantID:
 
@@ -18,8 +18,8 @@ Wiro field                       Easel / diffusers
 ``selectedLoraModelPrivateUrl``  a LoRA URL or upload that replaces it, scale 1.0
 ``inputImageUrl``                the face photo (upload, ``File/Upload`` name or http(s) URL)
 ``selectedControlnetModel``      openpose / depth / canny ControlNets, each at its scale; their
-                                 condition images come from the resized photo (openpose: ViTPose
-                                 in a box around the used face, drawn as an OpenPose skeleton)
+                                 condition images come from the resized photo (openpose:
+                                 controlnet_aux's OpenposeDetector, every person, as the demo)
 ``prompt`` / ``negativePrompt``  text prompts
 ``steps`` / ``scale``            ``num_inference_steps`` / ``guidance_scale``
 ``ip_adapter_scale``             IP-Adapter attention weight
@@ -57,7 +57,7 @@ from .sd_lora import SCHEDULERS, parse_seed
 
 TOOL = "wiro/instant-id-controlnet-lora"
 IDENTITYNET_SCALE = 0.8
-IDENTITYNET, ADAPTER, DEPTH, OPENPOSE = "instantid-identitynet", "instantid-ip-adapter", "dpt-hybrid-midas", "vitpose-base-simple"
+IDENTITYNET, ADAPTER, DEPTH, OPENPOSE = "instantid-identitynet", "instantid-ip-adapter", "dpt-hybrid-midas", "openpose-annotators"
 FLOW_MATCH = "FlowMatchEulerDiscreteScheduler"
 
 
@@ -263,7 +263,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
             else:
                 est = models.component("openpose", plan.estimators["openpose"],
                                        lambda w: _Estimator(OpenposeEstimator(w.path, cond.device, cond.dtype))).obj
-                images.append(est.fn(photo, face_box=face.bbox))  # the pose of the person whose face is used
+                images.append(est.fn(photo))  # every person, as the demo
             ctx.extra_output(condition, images[-1])
         models.adapters(base).apply(base, [plan.lora[:3]] if plan.lora else [])
     except NoFaceError as exc:

@@ -12,7 +12,7 @@ FIXED = {
     "wiro/instant-id-controlnet-lora": ("instantid-identitynet", "instantid-ip-adapter", "antelopev2"),
 }
 # condition estimators a chosen ControlNet needs (easel.tools.instant_id: DEPTH, OPENPOSE)
-ESTIMATORS = {"depth": "dpt-hybrid-midas", "openpose": "vitpose-base-simple"}
+ESTIMATORS = {"depth": "dpt-hybrid-midas", "openpose": "openpose-annotators"}
 
 # The model fields of the five seed pages' own example requests (../shared/seeds, "Run Command");
 # every other field of those requests selects no weights.
