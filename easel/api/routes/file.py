@@ -11,12 +11,11 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from easel.storage import output_key, upload_key, user_file_key
-from easel.store import Project
 
 from .. import deps
 from .. import files as files_api
+from ..deps import WiroCall
 from ..errors import WiroError
-from ..parsing import Body
 from ..services import Services
 
 router = APIRouter()
@@ -24,14 +23,14 @@ _UPLOAD_KEY = re.compile(r"^[0-9a-f]{32}$")
 
 
 @router.post("/v1/File/FolderCreate", summary="Create a folder for uploaded files (name, parentid)")
-async def folder_create(project: Project = Depends(deps.project), body: Body = Depends(deps.body),
-                        svc: Services = Depends(deps.services)):
+async def folder_create(wiro: WiroCall = Depends(deps.wiro)):
+    svc, project, body = wiro.svc, wiro.project, wiro.body
     return deps.respond(await deps.call(svc, files_api.folder_create, svc, project, body))
 
 
 @router.post("/v1/File/Upload", summary="Upload a file (multipart `file`, optional `folderid`) to use in Runs")
-async def file_upload(project: Project = Depends(deps.project), body: Body = Depends(deps.body),
-                      svc: Services = Depends(deps.services)):
+async def file_upload(wiro: WiroCall = Depends(deps.wiro)):
+    svc, project, body = wiro.svc, wiro.project, wiro.body
     return deps.respond(await deps.call(svc, files_api.upload, svc, project, body))
 
 

@@ -24,6 +24,7 @@ from easel.tasks import lifecycle as lc
 from .. import compat, deps, toolinfo, views
 from .. import errors as E
 from .. import files as files_api
+from ..deps import WiroCall
 from ..errors import WiroError
 from ..parsing import Body
 from ..services import Services
@@ -51,8 +52,8 @@ def prefer_wait(header: str) -> int | None:
              openapi_extra={"parameters": [{"name": name, "in": "path", "required": True,
                                             "schema": {"type": "string", "title": name.title()}}
                                            for name in ("owner", "slug")]})
-async def run(request: Request, project: Project = Depends(deps.project), body: Body = Depends(deps.body),
-              svc: Services = Depends(deps.services)):
+async def run(request: Request, wiro: WiroCall = Depends(deps.wiro)):
+    svc, project, body = wiro.svc, wiro.project, wiro.body
     owner, slug = request.path_params["owner"], request.path_params["slug"]
     answer = await svc.in_thread(submit, svc, project, owner, slug, body, request.headers.get("idempotency-key", ""))
     wait = prefer_wait(request.headers.get("prefer", ""))

@@ -17,6 +17,7 @@ from easel.tasks import lifecycle as lc
 
 from .. import compat, deps, toolinfo, views
 from .. import errors as E
+from ..deps import WiroCall
 from ..errors import WiroError
 from ..parsing import Body
 from ..services import Services
@@ -27,35 +28,35 @@ KILL_POLL_SECONDS = 0.1  # how often Kill reads the task where no wake-up is pus
 
 
 @router.post("/v1/Task/Detail", summary="Task status, times, logs and outputs")
-async def detail(project: Project = Depends(deps.project), body: Body = Depends(deps.body),
-                 svc: Services = Depends(deps.services)):
+async def detail(wiro: WiroCall = Depends(deps.wiro)):
+    svc, project, body = wiro.svc, wiro.project, wiro.body
     return deps.respond(await deps.call(svc, lambda: compat.detail_data(
         views.tasklist(svc, views.find_task(svc, project, body.fields))), reads=True))
 
 
 @router.post("/v1/Task/Cancel", summary="Cancel a queued task")
-async def cancel(project: Project = Depends(deps.project), body: Body = Depends(deps.body),
-                 svc: Services = Depends(deps.services)):
+async def cancel(wiro: WiroCall = Depends(deps.wiro)):
+    svc, project, body = wiro.svc, wiro.project, wiro.body
     return deps.respond(await deps.call(svc, cancel_task, svc, project, body))
 
 
 @router.post("/v1/Task/Kill", summary="Kill a running task (it stops within one denoising step)")
-async def kill(project: Project = Depends(deps.project), body: Body = Depends(deps.body),
-               svc: Services = Depends(deps.services)):
+async def kill(wiro: WiroCall = Depends(deps.wiro)):
+    svc, project, body = wiro.svc, wiro.project, wiro.body
     task = await deps.call(svc, kill_request, svc, project, body)
     current = await views.wait_for_end(svc, task.id, KILL_WAIT_SECONDS, poll=KILL_POLL_SECONDS)
     return deps.respond(await run_in_threadpool(views.tasklist, svc, current, False))
 
 
 @router.post("/v1/Task/InputOutputDelete", summary="Delete a finished task's input and output files")
-async def input_output_delete(project: Project = Depends(deps.project), body: Body = Depends(deps.body),
-                              svc: Services = Depends(deps.services)):
+async def input_output_delete(wiro: WiroCall = Depends(deps.wiro)):
+    svc, project, body = wiro.svc, wiro.project, wiro.body
     return deps.respond(await deps.call(svc, delete_io, svc, project, body))
 
 
 @router.post("/v1/Task/List", summary="The project's tasks, newest first (beyond Wiro)")
-async def task_list(project: Project = Depends(deps.project), body: Body = Depends(deps.body),
-                    svc: Services = Depends(deps.services)):
+async def task_list(wiro: WiroCall = Depends(deps.wiro)):
+    svc, project, body = wiro.svc, wiro.project, wiro.body
     return deps.respond(await deps.call(svc, list_tasks, svc, project, body.fields, reads=True))
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from easel.store import Project
 from easel.tasks import lifecycle as lc
 
 from .. import deps, toolinfo
 from .. import errors as E
+from ..deps import WiroCall
 from ..errors import WiroError
-from ..parsing import Body
 from ..services import Services
 from .task import int_field
 
@@ -18,20 +17,20 @@ router = APIRouter()
 
 
 @router.post("/v1/Tool/List", summary="Tools on this server (start, limit, search, categories, tags, slugowner)")
-async def tool_list(_project: Project = Depends(deps.project), body: Body = Depends(deps.body),
-                    svc: Services = Depends(deps.services)):
+async def tool_list(wiro: WiroCall = Depends(deps.wiro)):
+    svc, body = wiro.svc, wiro.body
     return deps.respond(await deps.call(svc, list_tools, svc, body.fields))
 
 
 @router.post("/v1/Tool/Detail", summary="One tool with its inputs in Wiro's parameter format")
-async def tool_detail(_project: Project = Depends(deps.project), body: Body = Depends(deps.body),
-                      svc: Services = Depends(deps.services)):
+async def tool_detail(wiro: WiroCall = Depends(deps.wiro)):
+    svc, body = wiro.svc, wiro.body
     return deps.respond(await deps.call(svc, detail_of, svc, body.fields))
 
 
 @router.post("/v1/Tool/Explore", summary="Runnable tools grouped by category (Wiro MCP's explore)")
-async def tool_explore(_project: Project = Depends(deps.project), _body: Body = Depends(deps.body),
-                       svc: Services = Depends(deps.services)):
+async def tool_explore(wiro: WiroCall = Depends(deps.wiro)):
+    svc = wiro.svc
     return deps.respond(await deps.call(svc, explore, svc))
 
 
