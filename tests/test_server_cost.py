@@ -328,9 +328,11 @@ def test_tokens_are_alphanumeric_and_random():
 
 def test_project_cache_rereads_after_its_ttl_and_never_caches_unknown_keys(store, monkeypatch):
     from easel.api import auth
+    from easel.clock import ManualClock
     from easel.signing import signature
 
-    cache = auth.ProjectCache(store, ttl=0.2)
+    clock = ManualClock()
+    cache = auth.ProjectCache(store, ttl=0.2, clock=clock)
     assert cache.get("no-such-key") is None
     made = store.create_project("p", nonce_policy="lenient")
     assert cache.get(made.apikey).nonce_policy == "lenient"  # created a moment ago: found at once
@@ -341,7 +343,9 @@ def test_project_cache_rereads_after_its_ttl_and_never_caches_unknown_keys(store
     reads = []
     monkeypatch.setattr(store, "project_by_key", lambda key, real=store.project_by_key: reads.append(key) or real(key))
     assert cache.get(made.apikey).nonce_policy == "lenient" and reads == []  # within the TTL: the cached row
-    time.sleep(0.3)
+    clock.advance(0.19)
+    assert cache.get(made.apikey).nonce_policy == "lenient" and reads == []  # still within it
+    clock.advance(0.02)
     assert cache.get(made.apikey).nonce_policy == "strict" and len(reads) == 1
     # a strict project needs the nonce store: never authenticated without I/O
     assert auth.authenticate_without_io(headers, settings, cache) is None

@@ -27,8 +27,8 @@ from __future__ import annotations
 import hmac
 import re
 import threading
-import time
 
+from easel.clock import SYSTEM, Clock
 from easel.config import Settings
 from easel.signing import signature
 from easel.store import Project, Store
@@ -57,18 +57,20 @@ def signature_hex(sent: str) -> str:
 
 
 class ProjectCache:
-    """Projects by API key (the store's read-only rows), each reused for ``ttl`` seconds."""
+    """Projects by API key (the store's read-only rows), each reused for ``ttl`` seconds of
+    ``clock``'s monotonic time (default the real clock; tests move a ManualClock)."""
 
-    def __init__(self, store: Store, ttl: float = PROJECT_TTL):
+    def __init__(self, store: Store, ttl: float = PROJECT_TTL, clock: Clock = SYSTEM):
         self.store = store
         self.ttl = ttl
+        self.clock = clock
         self._items: dict[str, tuple[float, Project]] = {}
         self._lock = threading.Lock()
 
     def peek(self, apikey: str) -> Project | None:
         """The cached project of ``apikey`` if it is fresh, else None (no I/O)."""
         item = self._items.get(apikey)
-        return item[1] if item is not None and item[0] > time.monotonic() else None
+        return item[1] if item is not None and item[0] > self.clock.monotonic() else None
 
     def get(self, apikey: str) -> Project | None:
         """The project of ``apikey``: cached, or read from the store (and cached if it exists)."""
@@ -79,7 +81,7 @@ class ProjectCache:
                 with self._lock:
                     if len(self._items) > 10_000:  # many projects: start over rather than grow
                         self._items.clear()
-                    self._items[apikey] = (time.monotonic() + self.ttl, project)
+                    self._items[apikey] = (self.clock.monotonic() + self.ttl, project)
         return project
 
     def invalidate(self, apikey: str | None = None) -> None:
@@ -97,10 +99,11 @@ def nonce_time(nonce: str, window: float, now: float | None = None) -> float | N
     A decimal integer is a timestamp when it is plausibly current: seconds in
     ``[10⁹, now + window]`` or milliseconds in ``[10¹², (now + window) × 1000]``. Anything else
     (a future-dated number such as 4242424242, nanoseconds, a small counter, non-digits) is random.
+    ``now``: Unix time in seconds (default: the real clock's).
     """
     if not (nonce.isascii() and nonce.isdigit()) or len(nonce) > 20:
         return None
-    now = time.time() if now is None else now
+    now = SYSTEM.now() if now is None else now
     value = int(nonce)
     if 10**9 <= value <= now + window:
         return float(value)
@@ -109,13 +112,14 @@ def nonce_time(nonce: str, window: float, now: float | None = None) -> float | N
     return None
 
 
-def authenticate(headers, store: Store, settings: Settings, projects: ProjectCache | None = None) -> Project:
+def authenticate(headers, store: Store, settings: Settings, projects: ProjectCache | None = None,
+                 clock: Clock = SYSTEM) -> Project:
     """Return the calling project or raise :class:`WiroError` (HTTP 401, code 0; the reason for a
     refused nonce is in the error's ``detail``). ``projects``: where to look the key up (default:
-    the store, uncached)."""
+    the store, uncached); ``clock``: the time a strict project's timestamp nonce is compared with."""
     apikey = headers.get("x-api-key", "")
     project = (projects.get(apikey) if projects is not None else store.project_by_key(apikey)) if apikey else None
-    return _check(headers, apikey, project, store, settings)
+    return _check(headers, apikey, project, store, settings, clock)
 
 
 def authenticate_without_io(headers, settings: Settings, projects: ProjectCache) -> Project | None:
@@ -126,10 +130,11 @@ def authenticate_without_io(headers, settings: Settings, projects: ProjectCache)
     project = projects.peek(apikey) if apikey else None
     if project is None or (project.auth_mode != "apikey" and (project.nonce_policy or "lenient") != "lenient"):
         return None
-    return _check(headers, apikey, project, None, settings)
+    return _check(headers, apikey, project, None, settings, SYSTEM)  # lenient: no time is read
 
 
-def _check(headers, apikey: str, project: Project | None, store: Store | None, settings: Settings) -> Project:
+def _check(headers, apikey: str, project: Project | None, store: Store | None, settings: Settings,
+           clock: Clock) -> Project:
     if project is None:
         raise WiroError(0, NOT_FOUND, 401)
     if project.auth_mode == "apikey":
@@ -145,8 +150,9 @@ def _check(headers, apikey: str, project: Project | None, store: Store | None, s
     if (project.nonce_policy or "lenient") == "lenient":
         return project
     window = settings.nonce_window_seconds
-    stamp = nonce_time(nonce, window)
-    if stamp is not None and abs(time.time() - stamp) > window:
+    now = clock.now()
+    stamp = nonce_time(nonce, window, now)
+    if stamp is not None and abs(now - stamp) > window:
         raise WiroError(0, NOT_VALID, 401, detail=f"This project's nonce policy is strict: a timestamp nonce must be "
                                                   f"within {window} s of the server's time.")
     if not store.use_nonce(project.id, nonce, settings.nonce_retention_seconds):

@@ -16,7 +16,7 @@ import re
 import secrets
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -30,6 +30,9 @@ from easel.store import Project, UserFile
 from .errors import WiroError
 from .parsing import Body
 
+if TYPE_CHECKING:
+    from .services import Services
+
 EXTENSIONS = ("jpg", "jpeg", "png", "gif", "webp", "heic", "mp4", "webm", "mov", "mp3", "wav", "m4a", "pdf", "csv",
               "docx", "xlsx", "pptx", "txt", "md", "epub", "zip")
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
@@ -42,37 +45,37 @@ def safe_name(filename: str) -> str:
     return name or "file"
 
 
-def file_object(api, row: UserFile) -> dict:
+def file_object(svc: Services, row: UserFile) -> dict:
     """Wiro's ``list`` entry for a folder or file."""
     obj = {"id": row.id, "name": row.name, "contenttype": row.contenttype, "size": str(row.size),
            "parentid": row.parent_id, "addedtime": str(int(row.addedtime))}
     if not row.is_folder:
-        obj["url"] = api.storage.url(row.accesskey, row.name)
+        obj["url"] = svc.storage.url(row.accesskey, row.name)
         obj["accesskey"] = row.accesskey
     return obj
 
 
-def _folder(api, project: Project, folder_id: str, field: str) -> UserFile:
+def _folder(svc: Services, project: Project, folder_id: str, field: str) -> UserFile:
     if not folder_id:
-        return api.store.root_folder(project.id)
-    row = api.store.user_file(project.id, folder_id)
+        return svc.store.root_folder(project.id)
+    row = svc.store.user_file(project.id, folder_id)
     if row is None or not row.is_folder:
         raise WiroError(0, f"Request parameter [{field}] is not a folder of this project (got {folder_id!r})")
     return row
 
 
-def folder_create(api, project: Project, body: Body) -> dict:
+def folder_create(svc: Services, project: Project, body: Body) -> dict:
     """``POST /v1/File/FolderCreate``: ``name`` (letters, digits, ``-``, ``_``), optional ``parentid``."""
     name = str(body.fields.get("name", "") or "").strip()
     if not _FOLDER_NAME.match(name):
         raise WiroError(0, "Request parameter [name] required: 1 to 100 letters, numbers, hyphens or underscores")
-    parent = _folder(api, project, str(body.fields.get("parentid", "") or "").strip(), "parentid")
-    row = api.store.add_user_file(project_id=project.id, parent_id=parent.id, is_folder=True, name=name,
+    parent = _folder(svc, project, str(body.fields.get("parentid", "") or "").strip(), "parentid")
+    row = svc.store.add_user_file(project_id=project.id, parent_id=parent.id, is_folder=True, name=name,
                                   contenttype="", size=0, path="")
-    return {"result": True, "errors": [], "list": [file_object(api, row)]}
+    return {"result": True, "errors": [], "list": [file_object(svc, row)]}
 
 
-def upload(api, project: Project, body: Body) -> dict:
+def upload(svc: Services, project: Project, body: Body) -> dict:
     """``POST /v1/File/Upload``: multipart ``file`` (one or more), optional ``folderid``.
 
     The size cap is ``Settings.upload_max_bytes`` (enforced while parsing); the type is checked
@@ -81,7 +84,7 @@ def upload(api, project: Project, body: Body) -> dict:
     files = [f for f in body.files if f.field == "file"]
     if not files:
         raise WiroError(0, "Request parameter [file] required: send the file as multipart/form-data field 'file'")
-    parent = _folder(api, project, str(body.fields.get("folderid", "") or "").strip(), "folderid")
+    parent = _folder(svc, project, str(body.fields.get("folderid", "") or "").strip(), "folderid")
     rows = []
     for up in files:
         name = safe_name(up.filename or "file")
@@ -95,17 +98,17 @@ def upload(api, project: Project, body: Body) -> dict:
         file_id = secrets.token_hex(16)
         ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
         try:  # the bytes first: a row never points at a missing file
-            api.storage.put_bytes(user_file_key(f"{file_id}/{name}"), data, content_type=ctype)
+            svc.storage.put_bytes(user_file_key(f"{file_id}/{name}"), data, content_type=ctype)
         except OSError:
             raise WiroError(0, "The server could not store the uploaded file; try again later.", 503) from None
-        row = api.store.add_user_file(id=file_id, project_id=project.id, parent_id=parent.id, is_folder=False,
+        row = svc.store.add_user_file(id=file_id, project_id=project.id, parent_id=parent.id, is_folder=False,
                                       name=name, size=len(data), path=f"{file_id}/{name}",
                                       contenttype=ctype)
-        answer.append(file_object(api, row))
+        answer.append(file_object(svc, row))
     return {"result": True, "errors": [], "list": answer}
 
 
-def check_image_inputs(api, project: Project, spec: ToolSpec, inputs: dict, task_uuid: str) -> None:
+def check_image_inputs(svc: Services, project: Project, spec: ToolSpec, inputs: dict, task_uuid: str) -> None:
     """Before queueing: check every image input whose bytes are already on this server.
 
     Multipart files, files uploaded with ``/v1/File/Upload`` (a bare name is rewritten to
@@ -120,21 +123,21 @@ def check_image_inputs(api, project: Project, spec: ToolSpec, inputs: dict, task
              and (value := str(inputs.get(i.name, "") or "").strip())]
     if not given:  # most Runs (text-to-image): no scratch folder, no storage look-up
         return
-    locator = InputFiles(api.settings, api.store, api.storage)
+    locator = InputFiles(svc.settings, svc.store, svc.storage)
     with tempfile.TemporaryDirectory(prefix="easel-check-") as scratch:  # stored files read from S3 land here
         for i, value in given:
             try:
                 where = locator.locate(project.id, i.name, value, task_uuid, Path(scratch))
                 if isinstance(where, str):
                     continue  # a remote URL: the worker fetches it
-                probe(where, i.name, api.settings.max_image_pixels)
+                probe(where, i.name, svc.settings.max_image_pixels)
             except ImageInputError as exc:
                 raise WiroError(0, exc.message) from None
             except OSError:
                 raise WiroError(0, f"Request parameter [{i.name}]: the server could not read the file; try "
                                    "again later.", 503) from None
             if not value.lower().startswith(("http://", "https://", "upload:", "file:")):
-                inputs[i.name] = f"file:{api.store.user_file_by_name(project.id, value).id}"
+                inputs[i.name] = f"file:{svc.store.user_file_by_name(project.id, value).id}"
 
 
 CHUNK = 256 * 1024

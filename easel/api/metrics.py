@@ -10,20 +10,17 @@ Two sources are joined at scrape time:
   grouped query. These describe the whole deployment (every API process and worker on the same
   database), so they are right whichever process is scraped; aggregate them with ``max``, not ``sum``.
 
-Also installs :class:`HttpMetrics`, the ASGI middleware that counts requests by route template
+:class:`HttpMetrics` is the ASGI middleware that counts requests by route template
 (``/v1/Run/{owner}/{slug}``, never the raw path, so label sets stay bounded), method and status.
-With ``Settings.metrics_token`` set, ``/metrics`` requires ``Authorization: Bearer <token>``.
+The route itself is :mod:`easel.api.routes.metrics`; with ``Settings.metrics_token`` set it requires
+``Authorization: Bearer <token>``.
 """
 from __future__ import annotations
 
-import hmac
 import time
 
-from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from starlette.concurrency import run_in_threadpool
 
 from easel import metrics
 from easel.tasks import lifecycle as lc
@@ -85,22 +82,3 @@ class HttpMetrics:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope.get("method", "")
             metrics.http_request(route, method, status["code"], time.perf_counter() - began)
-
-
-def install(app: FastAPI, api) -> None:
-    """Add ``GET /metrics`` and the HTTP middleware to ``app`` (``api``: the app's ``Api`` state)."""
-    store_registry = CollectorRegistry(auto_describe=False)
-    store_registry.register(StoreCollector(api.store, [name for name, spec in api.tools.items() if spec.module]))
-    token = api.settings.metrics_token
-    app.add_middleware(HttpMetrics)
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics_endpoint(request: Request):
-        if token:
-            given = request.headers.get("authorization", "")
-            scheme, _, value = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-                return PlainTextResponse("401 Unauthorized: /metrics needs 'Authorization: Bearer <token>' "
-                                         "(EASEL_METRICS_TOKEN)\n", 401, headers={"WWW-Authenticate": "Bearer"})
-        body = await run_in_threadpool(exposition, store_registry)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from easel.config import Settings
 
-STATIC = Path(__file__).parent / "static" / "playground"
+STATIC = Path(__file__).parent.parent / "static" / "playground"
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
        "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -42,21 +42,25 @@ FRONT = """<!doctype html>
 """
 
 
-def install(app: FastAPI, settings: Settings) -> None:
-    """Add ``/``, ``/playground``, ``/playground/{owner}/{slug}`` and ``/playground/static/*`` to ``app``."""
+def router(settings: Settings) -> APIRouter:
+    """``/``, ``/playground``, ``/playground/{owner}/{slug}`` and ``/playground/static/*``, with
+    ``settings.ws_path`` written into the page (none of them in the OpenAPI document)."""
     page = (STATIC / "index.html").read_text(encoding="utf-8").replace(
         "{{WS_PATH}}", html.escape(settings.ws_path, quote=True))
+    routes = APIRouter()
     # mounted first: /playground/static/x.js must not match /playground/{owner}/{slug}
-    app.mount("/playground/static", StaticFiles(directory=STATIC), name="playground-static")
+    routes.mount("/playground/static", StaticFiles(directory=STATIC), name="playground-static")
 
-    @app.get("/", include_in_schema=False)
+    @routes.get("/", include_in_schema=False)
     async def front():
         return HTMLResponse(FRONT, headers=HEADERS)
 
-    @app.get("/playground", include_in_schema=False)
+    @routes.get("/playground", include_in_schema=False)
     async def playground():
         return HTMLResponse(page, headers=HEADERS)
 
-    @app.get("/playground/{owner}/{slug}", include_in_schema=False)
+    @routes.get("/playground/{owner}/{slug}", include_in_schema=False)
     async def playground_tool(owner: str, slug: str):
         return HTMLResponse(page, headers=HEADERS)
+
+    return routes

@@ -2,9 +2,10 @@
 
 ``POST /v1/images/generations``, ``POST /v1/images/edits``, ``GET /v1/models`` and
 ``GET /v1/models/{id}``, answered in OpenAI's shapes so the official ``openai`` clients (Python,
-Node) work unchanged. Each image request becomes an ordinary task through :meth:`Api.run` (the
-same validation, limits, concurrency, idempotency, retention), so it shows in Task/List, on the
-WebSocket, in webhooks, metrics and the playground like a Wiro Run.
+Node) work unchanged. Each image request becomes an ordinary task through the Wiro Run path
+(:func:`easel.api.routes.run.submit`: the same validation, limits, concurrency, idempotency,
+retention), so it shows in Task/List, on the WebSocket, in webhooks, metrics and the playground
+like a Wiro Run.
 
 - Authentication: ``Authorization: Bearer <API key>`` of an API-key project (the rate limit
   applies as for Wiro requests); a signature project's key is refused with how to make an
@@ -30,7 +31,7 @@ import logging
 import time
 from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -38,18 +39,17 @@ from easel.storage import output_key
 from easel.store import Project, Task
 from easel.tasks import lifecycle as lc
 
-from .errors import WiroError
-from .openai_map import OpenAIError, failure, find_model, map_request, model_object, openai_tools, param_of_message
-from .openai_map import MappedRequest as Mapped
-from .parsing import Body, Upload, parse_body, read_capped
+from .. import deps, views
+from ..errors import WiroError
+from ..openai_map import OpenAIError, failure, find_model, map_request, model_object, openai_tools, param_of_message
+from ..openai_map import MappedRequest as Mapped
+from ..parsing import Body, Upload, parse_body, read_capped
+from ..services import Services
+from .run import prefer_wait, submit
 
-log = logging.getLogger("easel.api.openai")
+log = logging.getLogger("easel.svc.openai")
 router = APIRouter(tags=["openai"])
 DISCONNECT_CHECK_SECONDS = 1.0
-
-
-def _api(request: Request):
-    return request.app.state.api
 
 
 def _from_wiro(exc: WiroError, spec=None) -> OpenAIError:
@@ -85,14 +85,14 @@ async def _guard(coro) -> Response:
                            code="server_error").response()
 
 
-async def _project(api, request: Request) -> Project:
+async def _project(svc: Services, request: Request) -> Project:
     """The project of ``Authorization: Bearer <key>``: an API-key project, after the rate limit."""
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
         raise OpenAIError(401, "You didn't provide an API key. Send the API key of an Easel API-key project as "
                                "'Authorization: Bearer <key>' (the openai clients' api_key / apiKey).", retry=False)
-    project = api.projects.peek(key) or await api.in_thread(api.projects.get, key)
+    project = svc.projects.peek(key) or await svc.in_thread(svc.projects.get, key)
     if project is None:
         raise OpenAIError(401, "Incorrect API key provided: no Easel project has this key.", code="invalid_api_key",
                           retry=False)
@@ -101,52 +101,50 @@ async def _project(api, request: Request) -> Project:
                                "headers; the OpenAI API takes the key alone. Make an API-key project: "
                                "easel projects create NAME --auth apikey.", code="invalid_api_key", retry=False)
     try:
-        if api.auth_needs_io:
-            return await api.in_thread(api.auth, request, project)
-        return api.auth(request, project)
+        if svc.auth_needs_io:
+            return await svc.in_thread(deps.rate_limited, svc, request, project)
+        return deps.rate_limited(svc, request, project)
     except WiroError as exc:
         raise _from_wiro(exc) from None
 
 
-def _wait_limit(api, request: Request) -> float:
-    from .app import prefer_wait
-
-    limit = api.settings.openai_wait_seconds
+def _wait_limit(svc: Services, request: Request) -> float:
+    limit = svc.settings.openai_wait_seconds
     asked = prefer_wait(request.headers.get("prefer", ""))
     return float(limit if asked is None else min(limit, asked))
 
 
-async def _submit(api, project: Project, request: Request, mapped: Mapped) -> Task:
-    """Create the task through :meth:`Api.run` (the Wiro Run path) and return it."""
+async def _submit(svc: Services, project: Project, request: Request, mapped: Mapped) -> Task:
+    """Create the task through :func:`easel.api.routes.run.submit` (the Wiro Run path) and return it."""
     body = Body(fields=dict(mapped.fields), files=[Upload(slot, name, data) for slot, name, data in mapped.images])
     try:
-        answer = await api.in_thread(api.run, project, mapped.spec.owner, mapped.spec.slug, body,
+        answer = await svc.in_thread(submit, svc, project, mapped.spec.owner, mapped.spec.slug, body,
                                      request.headers.get("idempotency-key", ""))
     except WiroError as exc:
         raise _from_wiro(exc, mapped.spec) from None
-    return await run_in_threadpool(api.store.get_task, int(answer["taskid"]))
+    return await run_in_threadpool(svc.store.get_task, int(answer["taskid"]))
 
 
-def _stop(api, task_id: int) -> None:
+def _stop(svc: Services, task_id: int) -> None:
     """Cancel a queued task or ask a running one to die (a disconnected client, when enabled)."""
-    task = api.store.get_task(task_id)
+    task = svc.store.get_task(task_id)
     if task is not None and task.status not in lc.TERMINAL:
-        if not (task.status == lc.QUEUE and lc.cancel(api.store, task_id)):
-            lc.request_kill(api.store, task_id)
+        if not (task.status == lc.QUEUE and lc.cancel(svc.store, task_id)):
+            lc.request_kill(svc.store, task_id)
 
 
-async def _wait(api, request: Request, task: Task, seconds: float) -> Task:
+async def _wait(svc: Services, request: Request, task: Task, seconds: float) -> Task:
     """Wait for the task's end (at most ``seconds``); with ``openai_kill_on_disconnect``, stop it
     when the client goes away."""
     deadline = time.monotonic() + seconds
-    watch_client = api.settings.openai_kill_on_disconnect
+    watch_client = svc.settings.openai_kill_on_disconnect
     while True:
         left = max(0.0, deadline - time.monotonic())
-        task = await api.wait_for_end(task.id, min(left, DISCONNECT_CHECK_SECONDS) if watch_client else left)
+        task = await views.wait_for_end(svc, task.id, min(left, DISCONNECT_CHECK_SECONDS) if watch_client else left)
         if task.status in lc.TERMINAL or time.monotonic() >= deadline:
             return task
         if watch_client and await request.is_disconnected():
-            await api.in_thread(_stop, api, task.id)
+            await svc.in_thread(_stop, svc, task.id)
             raise OpenAIError(499, "The client closed the request; its task was stopped.", code="client_closed")
 
 
@@ -184,23 +182,23 @@ def _encode(data: bytes, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _images(api, task: Task, mapped: Mapped) -> list[dict]:
+def _images(svc: Services, task: Task, mapped: Mapped) -> list[dict]:
     """The task's main images (no ``extra-*`` outputs) as OpenAI's ``data`` items."""
     items = []
-    for out in api.store.outputs(task.id):
+    for out in svc.store.outputs(task.id):
         if out.name.startswith("extra-") or not out.contenttype.startswith("image/"):
             continue
         if mapped.response_format == "url":
-            items.append({"url": api.storage.url(task.file_accesskey, out.name, key=f"files/{out.path}")})
+            items.append({"url": svc.storage.url(task.file_accesskey, out.name, key=f"files/{out.path}")})
         else:
-            data = _encode(api.storage.get_bytes(output_key(out.path)), mapped.output_format,
+            data = _encode(svc.storage.get_bytes(output_key(out.path)), mapped.output_format,
                            mapped.output_compression)
             items.append({"b64_json": base64.b64encode(data).decode()})
     return items
 
 
-def _answer(api, task: Task, mapped: Mapped) -> dict:
-    answer: dict[str, Any] = {"created": int(task.postprocessendtime or time.time()), "data": _images(api, task, mapped),
+def _answer(svc: Services, task: Task, mapped: Mapped) -> dict:
+    answer: dict[str, Any] = {"created": int(task.postprocessendtime or time.time()), "data": _images(svc, task, mapped),
                               "background": "opaque", "output_format": mapped.output_format, "quality": "auto"}
     if mapped.size:
         answer["size"] = mapped.size
@@ -211,17 +209,17 @@ def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def _stream(api, task: Task, mapped: Mapped, prefix: str, seconds: float) -> AsyncIterator[bytes]:
+async def _stream(svc: Services, task: Task, mapped: Mapped, prefix: str, seconds: float) -> AsyncIterator[bytes]:
     """The SSE stream of one task: partial images from its step previews, then the completed images."""
     common = {"background": "opaque", "output_format": mapped.output_format, "quality": "auto",
               "size": mapped.size or "auto"}
     deadline = time.monotonic() + seconds
     last, sent, finished = 0, 0, False
     try:
-        with api.wakeups.watch(task.id) as watch:
+        with svc.wakeups.watch(task.id) as watch:
             while not finished:
                 watch.clear()
-                for ev in await run_in_threadpool(api.store.events, task.id, last, mapped.partial_images > 0):
+                for ev in await run_in_threadpool(svc.store.events, task.id, last, mapped.partial_images > 0):
                     last = ev.seq
                     if ev.preview and sent < mapped.partial_images:
                         partial = await run_in_threadpool(_encode, base64.b64decode(ev.preview), mapped.output_format,
@@ -233,25 +231,25 @@ async def _stream(api, task: Task, mapped: Mapped, prefix: str, seconds: float) 
                     finished = finished or ev.type in lc.TERMINAL
                 if finished or time.monotonic() >= deadline:
                     break
-                current = await run_in_threadpool(api.store.get_task, task.id)
-                delay = api.settings.live_fallback_poll_interval if api.wakeups.pushing else \
-                    lc.poll_delay(current, api.settings.live_poll_interval, cap=0.5)
+                current = await run_in_threadpool(svc.store.get_task, task.id)
+                delay = svc.settings.live_fallback_poll_interval if svc.wakeups.pushing else \
+                    lc.poll_delay(current, svc.settings.live_poll_interval, cap=0.5)
                 await watch.wait(min(delay, max(0.0, deadline - time.monotonic())))
-        task = await run_in_threadpool(api.store.get_task, task.id)
+        task = await run_in_threadpool(svc.store.get_task, task.id)
         error = _ended_badly(task, seconds)
         if error is not None:
             yield _sse("error", {"type": "error", **error.body()})
             return
         b64 = Mapped(spec=mapped.spec, fields={}, response_format="b64_json", output_format=mapped.output_format,
                      output_compression=mapped.output_compression)
-        for item in await run_in_threadpool(_images, api, task, b64):
+        for item in await run_in_threadpool(_images, svc, task, b64):
             yield _sse(f"{prefix}.completed", {
                 "type": f"{prefix}.completed", "b64_json": item["b64_json"], "created_at": int(time.time()),
                 "usage": {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                           "output_tokens": 0, "total_tokens": 0}, **common})
     except (asyncio.CancelledError, GeneratorExit):
-        if api.settings.openai_kill_on_disconnect:
-            api.threads.submit(_stop, api, task.id)
+        if svc.settings.openai_kill_on_disconnect:
+            svc.threads.submit(_stop, svc, task.id)
         raise
     except Exception:
         log.exception("OpenAI API: stream of task %s failed", task.id)
@@ -259,11 +257,10 @@ async def _stream(api, task: Task, mapped: Mapped, prefix: str, seconds: float) 
                                                                  "details.", code="server_error").body()})
 
 
-async def _images_request(request: Request, endpoint: str) -> Response:
-    api = _api(request)
-    project = await _project(api, request)
+async def _images_request(request: Request, svc: Services, endpoint: str) -> Response:
+    project = await _project(svc, request)
     if endpoint == "generations":
-        raw = await read_capped(request, api.settings.body_max_bytes)
+        raw = await read_capped(request, svc.settings.body_max_bytes)
         try:
             fields = json.loads(raw.decode("utf-8-sig") or "null")
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -273,8 +270,8 @@ async def _images_request(request: Request, endpoint: str) -> Response:
             raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
         uploads: list[tuple[str, bytes]] = []
     else:
-        body = await parse_body(request, api.settings.upload_max_bytes, api.settings.request_max_bytes,
-                                api.settings.body_max_bytes)
+        body = await parse_body(request, svc.settings.upload_max_bytes, svc.settings.request_max_bytes,
+                                svc.settings.body_max_bytes)
         fields = dict(body.fields)
         unknown = [up.field for up in body.files if up.field not in ("image", "mask")]
         if unknown:
@@ -283,46 +280,45 @@ async def _images_request(request: Request, endpoint: str) -> Response:
         if any(up.field == "mask" for up in body.files):
             fields["mask"] = "<file>"
         uploads = [(up.filename, up.data) for up in body.files if up.field == "image"]
-    spec = find_model(api.tools, fields.get("model"))
-    mapped = map_request(spec, fields, endpoint, api.catalog, uploads)
-    task = await _submit(api, project, request, mapped)
-    seconds = _wait_limit(api, request)
+    spec = find_model(svc.tools, fields.get("model"))
+    mapped = map_request(spec, fields, endpoint, svc.catalog, uploads)
+    task = await _submit(svc, project, request, mapped)
+    seconds = _wait_limit(svc, request)
     headers = {"x-easel-task-id": str(task.id)}
     if mapped.stream:
         prefix = "image_generation" if endpoint == "generations" else "image_edit"
-        return StreamingResponse(_stream(api, task, mapped, prefix, seconds), media_type="text/event-stream",
+        return StreamingResponse(_stream(svc, task, mapped, prefix, seconds), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})
-    task = await _wait(api, request, task, seconds)
+    task = await _wait(svc, request, task, seconds)
     error = _ended_badly(task, seconds)
     if error is not None:
         raise error
-    answer = await run_in_threadpool(_answer, api, task, mapped)
+    answer = await run_in_threadpool(_answer, svc, task, mapped)
     return JSONResponse(answer, headers=headers)
 
 
 @router.post("/v1/images/generations", summary="OpenAI: create images from a prompt (docs/openai.md)")
-async def generations(request: Request):
-    return await _guard(_images_request(request, "generations"))
+async def generations(request: Request, svc: Services = Depends(deps.services)):
+    return await _guard(_images_request(request, svc, "generations"))
 
 
 @router.post("/v1/images/edits", summary="OpenAI: edit uploaded images (IC-Light, InstantID; docs/openai.md)")
-async def edits(request: Request):
-    return await _guard(_images_request(request, "edits"))
+async def edits(request: Request, svc: Services = Depends(deps.services)):
+    return await _guard(_images_request(request, svc, "edits"))
 
 
-async def _models(request: Request, model_id: str | None) -> Response:
-    api = _api(request)
-    await _project(api, request)
+async def _models(request: Request, svc: Services, model_id: str | None) -> Response:
+    await _project(svc, request)
     if model_id is None:
-        return JSONResponse({"object": "list", "data": [model_object(s) for s in openai_tools(api.tools)]})
-    return JSONResponse(model_object(find_model(api.tools, model_id)))
+        return JSONResponse({"object": "list", "data": [model_object(s) for s in openai_tools(svc.tools)]})
+    return JSONResponse(model_object(find_model(svc.tools, model_id)))
 
 
 @router.get("/v1/models", summary="OpenAI: the tools as model objects")
-async def models(request: Request):
-    return await _guard(_models(request, None))
+async def models(request: Request, svc: Services = Depends(deps.services)):
+    return await _guard(_models(request, svc, None))
 
 
 @router.get("/v1/models/{model_id:path}", summary="OpenAI: one tool as a model object")
-async def model(request: Request, model_id: str):
-    return await _guard(_models(request, model_id))
+async def model(request: Request, model_id: str, svc: Services = Depends(deps.services)):
+    return await _guard(_models(request, svc, model_id))
