@@ -27,12 +27,17 @@ import gc
 import hashlib
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar, cast
 
 from easel import metrics
 
 from easel.weights.lora_formats import loadable
+
+
+S = TypeVar("S")
 
 
 def torch_modules(obj: Any) -> list:
@@ -136,13 +141,13 @@ class PipelineCache:
         self.budget_bytes = budget_bytes
         self.headroom_bytes = headroom_bytes
         self.free_bytes = free_bytes
-        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[object, int]] = OrderedDict()
         self.loads: dict[str, int] = {}
         self.evictions: list[str] = []  # keys in the order they were evicted
         self._sizes: dict[str, int] = {}  # measured size of every key loaded so far
         self._lock = threading.RLock()
 
-    def get(self, key: str, loader: Callable[[], Any], expected_bytes: int | None = None) -> Any:
+    def get(self, key: str, loader: "Callable[[], S]", expected_bytes: int | None = None) -> "S":
         """Return the pipeline for ``key``, loading it with ``loader()`` on a miss.
 
         Least recently used pipelines are evicted until the new one fits the budget, before it is
@@ -152,7 +157,7 @@ class PipelineCache:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
-                return self._items[key][0]
+                return cast(S, self._items[key][0])  # a key is always loaded by the same kind of loader
             expected = self._sizes.get(key) or expected_bytes or 0
             self._evict_until(expected, expected)
             began = time.monotonic()
@@ -194,7 +199,7 @@ class PipelineCache:
     def keys(self) -> list[str]:
         return list(self._items)
 
-    def peek(self, key: str) -> Any | None:
+    def peek(self, key: str) -> object | None:
         """The resident object for ``key`` without loading or touching its LRU position."""
         with self._lock:
             item = self._items.get(key)
@@ -204,6 +209,40 @@ class PipelineCache:
 def adapter_name(key: str) -> str:
     """A PEFT-safe adapter name for a LoRA weights key (no dots; stable for the same file)."""
     return "lora_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass
+class PipelineState:
+    """What a tool remembers about one resident pipeline (kept beside it, never patched onto it).
+
+    Attributes:
+        base_scheduler: the checkpoint's own scheduler config, taken before any scheduler swap
+            (every later scheduler is made ``from_config`` of it).
+        compiled: its denoiser went through ``torch.compile``.
+    """
+
+    base_scheduler: dict[str, object] | None = None
+    compiled: bool = False
+
+
+class StateTable:
+    """Typed state entries kept beside cached objects: ``(object, state class)`` → one instance of
+    the class, made by calling it with no argument on first use. Held weakly by the object, so a
+    pipeline evicted (or reloaded) starts clean, even if Python reuses the old object's ``id``."""
+
+    def __init__(self) -> None:
+        self._states: "weakref.WeakKeyDictionary[object, dict[type, object]]" = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, obj: object, kind: "type[S]") -> S:
+        """The ``kind`` state of ``obj`` (created empty on first use)."""
+        with self._lock:
+            states = self._states.setdefault(obj, {})
+            state = states.get(kind)
+            if state is None:
+                state = states[kind] = kind()
+            assert isinstance(state, kind)
+            return state
 
 
 class LoraState:

@@ -1,5 +1,7 @@
 """Which catalog ids a Run needs: the checkpoint, LoRAs and ControlNets it selects, the tool's
-fixed models (``base_model``, ``preset``) and the components its pipeline always loads. Used by
+fixed models (``base_model``, ``preset``) and the components its pipeline always loads and the
+condition estimators its ControlNets need (both declared by the tool,
+``easel.tools.base.ToolDeclaration``). Used by
 ``easel models pull --tool/--seeds`` to fetch ahead of time exactly what those Runs load."""
 from __future__ import annotations
 
@@ -7,12 +9,6 @@ from typing import Any
 
 from easel.catalog import ModelCatalog, ToolSpec
 
-# components a tool's pipeline loads whatever the request (not visible in its inputs)
-FIXED = {
-    "wiro/instant-id-controlnet-lora": ("instantid-identitynet", "instantid-ip-adapter", "antelopev2"),
-}
-# condition estimators a chosen ControlNet needs (easel.tools.instant_id: DEPTH, OPENPOSE)
-ESTIMATORS = {"depth": "dpt-hybrid-midas", "openpose": "vitpose-base-simple"}
 
 # The model fields of the five seed pages' own example requests (../shared/seeds, "Run Command");
 # every other field of those requests selects no weights.
@@ -42,9 +38,14 @@ def run_needs(spec: ToolSpec, raw: dict[str, Any], catalog: ModelCatalog) -> lis
             chosen = inputs[i.name] if i.type == "multiselect" else [inputs[i.name]]
             ids += [str(m) for m in chosen if str(m) in catalog.entries]
     ids += [str(m) for m in (spec.base_model, *spec.preset.values()) if isinstance(m, str) and m in catalog.entries]
-    ids += list(FIXED.get(spec.name, ()))
+    from easel.tools.registry import tools
+
+    registered = tools().get(spec.name)
+    declaration = registered.declaration if registered else None
+    ids += list(declaration.fixed if declaration else ())
+    estimators = dict(declaration.estimators if declaration else ())
     for mid in list(ids):
-        condition = catalog.entries[mid].condition
-        if condition in ESTIMATORS:
-            ids.append(ESTIMATORS[condition])
+        condition = catalog.entries[mid].condition if mid in catalog.entries else ""
+        if condition in estimators:
+            ids.append(estimators[condition])
     return list(dict.fromkeys(ids))
