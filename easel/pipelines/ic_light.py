@@ -1,7 +1,7 @@
 """IC-Light ("fbc": foreground + background conditioned) as diffusers does not ship it: the
-reference procedure of lllyasviel/IC-Light (``gradio_demo_bg.py``), re-implemented. The tool
-``easel.tools.ic_light`` documents the procedure step by step and calls :func:`load_iclight` and
-:func:`process`; ``bench/bench_iclight.py`` calls :func:`process` directly.
+reference procedure of lllyasviel/IC-Light (``gradio_demo_bg.py``), re-implemented. The IC-Light
+tool documents the procedure step by step and calls :func:`load_iclight` and :func:`process`;
+``bench/bench_iclight.py`` calls :func:`process` directly.
 
 No attribute is patched onto diffusers objects: what a UNet holds (the merged offset, the concat
 hook) and each pipeline's image-to-image twin are kept in a :class:`easel.weights.cache.StateTable`
