@@ -141,8 +141,10 @@ def reset() -> None:
 
 
 def families() -> dict[str, Family]:
-    """Every family a registered tool declares (its own or one it uses), name → :class:`Family`;
-    ``sd15`` first (the default queue), then by name.
+    """Every family a registered tool declares (its own or one it uses), name → :class:`Family`:
+    the checkpoint families in the model catalog's order (``easel.catalog.CHECKPOINT_KINDS``;
+    the first is the default queue), then the families of tools whose pipelines are more than a
+    checkpoint, by name.
 
     Raises:
         RegistryError: two different declarations under one family name.
@@ -153,7 +155,12 @@ def families() -> dict[str, Family]:
             if found.setdefault(family.name, family) != family:
                 raise RegistryError(f"family {family.name} is declared twice, differently "
                                     f"(last by {tool.name})")
-    return dict(sorted(found.items(), key=lambda kv: (kv[0] != "sd15", kv[0])))
+    from easel.catalog import CHECKPOINT_KINDS
+
+    def order(name: str) -> tuple[int, str]:
+        return (CHECKPOINT_KINDS.index(name) if name in CHECKPOINT_KINDS else len(CHECKPOINT_KINDS), name)
+
+    return {name: found[name] for name in sorted(found, key=order)}
 
 
 def dtype_kinds() -> dict[str, DtypeKind]:
