@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, TypeVar
 from easel.catalog import CatalogError, ModelCatalog, ModelEntry
 from easel.config import Settings
 
-from easel.weights.cache import LoraState, PipelineCache, StateTable, torch_modules, weights_bytes
+from easel.weights.adapters import LoraState
+from easel.weights.cache import PipelineCache, StateTable, torch_modules, weights_bytes
 from easel.weights.precision import Precision, precision as _precision
 from easel.weights.sources import ModelSources, Weights
 
