@@ -2,8 +2,8 @@
 coerced on its own (:meth:`easel.catalog.ToolSpec.validate`), so a combination that cannot run
 is refused with a message naming the field instead of failing in the worker.
 
-Each rule is ``f(inputs) -> None`` over the validated inputs (field name → typed value) and raises
-:class:`easel.catalog.InputError`. A tool declares its rules with itself
+Each rule is ``f(inputs) -> None`` over the tool's typed inputs (``easel.tools.base.ToolInputs``)
+and raises :class:`easel.catalog.InputError`. A tool declares its rules with itself
 (``easel.tools.base.ToolDeclaration.rules``).
 """
 from __future__ import annotations
@@ -20,5 +20,8 @@ def check(tool: str, inputs: dict[str, Any]) -> None:
     from easel.tools.registry import tools
 
     registered = tools().get(tool)
-    for rule in registered.declaration.rules if registered else ():
-        rule(inputs)
+    if registered is None or not registered.declaration.rules:
+        return
+    typed = registered.parse(inputs)
+    for rule in registered.declaration.rules:
+        rule(typed)

@@ -154,8 +154,8 @@ class ToolDeclaration:
         family: the family whose queue and warm pipelines run its tasks.
         uses: other families whose weights it loads (registered with it: their dtypes, tiny
             stand-ins and previews).
-        rules: checks across several validated inputs, made at submission
-            (:mod:`easel.catalog.rules`): ``rule(inputs)`` raises ``easel.catalog.InputError``.
+        rules: checks across several inputs, made at submission (:mod:`easel.catalog.rules`):
+            ``rule(inputs)`` on the typed inputs raises ``easel.catalog.InputError``.
         fixed: catalog ids its pipeline loads whatever the request (not visible in its inputs).
         estimators: condition (``depth``, ``openpose``) → catalog id of the estimator a chosen
             ControlNet of that condition needs.
@@ -167,7 +167,7 @@ class ToolDeclaration:
     inputs: type[ToolInputs]
     family: Family
     uses: tuple[Family, ...] = field(default=())
-    rules: tuple[Callable[[dict[str, Any]], None], ...] = field(default=())
+    rules: tuple[Callable[[Any], None], ...] = field(default=())  # each takes the tool's own Inputs
     fixed: tuple[str, ...] = field(default=())
     estimators: tuple[tuple[str, str], ...] = field(default=())
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from easel.catalog import InputError, load_tools
 from easel.pipelines.ic_light import (ADDED_PROMPT, BG_SOURCES, MAX_SIDE, MIN_SIDE, PHASES, UPLOAD, highres_steps,
@@ -90,7 +90,7 @@ class Inputs(ToolInputs):
     extraOutputs: str = "false"
 
 
-def highres_rule(inputs: dict[str, Any]) -> None:
+def highres_rule(inputs: Inputs) -> None:
     """Refuse ``steps`` / ``highres_denoise`` pairs whose high-res pass would run no step (e.g.
     ``steps=1`` with ``highres_denoise`` ≥ 0.67: one step scheduled, ``int(0.67)`` = 0 run, and
     diffusers fails on an empty schedule). The message names ``highres_denoise`` and the
@@ -99,13 +99,13 @@ def highres_rule(inputs: dict[str, Any]) -> None:
     Raises:
         InputError: naming ``highres_denoise``.
     """
-    steps, denoise = inputs.get("steps"), inputs.get("highres_denoise")
-    if not isinstance(steps, int) or not isinstance(denoise, (int, float)) or denoise <= 0:
+    steps, denoise = inputs.steps, inputs.highres_denoise
+    if denoise <= 0:
         return
-    scheduled, ran = highres_steps(steps, float(denoise))
+    scheduled, ran = highres_steps(steps, denoise)
     if ran >= 1:
         return
-    enough = next((n for n in range(steps + 1, 1001) if highres_steps(n, float(denoise))[1] >= 1), None)
+    enough = next((n for n in range(steps + 1, 1001) if highres_steps(n, denoise)[1] >= 1), None)
     hint = f"use steps of at least {enough}" if enough else "use more steps"
     raise InputError("highres_denoise", (
         f"Request parameter [highres_denoise] {denoise:g} with [steps] {steps} runs no high-resolution "
