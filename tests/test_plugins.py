@@ -76,6 +76,21 @@ def test_typed_inputs_keep_the_per_model_scale_settings_apart():
     assert set(inputs.scales).isdisjoint(type(inputs).model_fields)
 
 
+def test_tools_import_no_other_tool():
+    import ast
+
+    from easel.tools.registry import tools
+
+    modules = {t.module.__name__ for t in tools().values()}
+    for tool in tools().values():
+        tree = ast.parse(Path(tool.module.__file__).read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {f"easel.tools.{node.module}" for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        assert not (imported & (modules - {tool.module.__name__})), tool.name
+
+
 def test_no_tool_state_is_patched_onto_third_party_objects():
     found = subprocess.run(["git", "grep", "-n", "_easel_", "--", "easel"], capture_output=True, text=True, cwd=ROOT)
     assert found.stdout == ""
