@@ -140,8 +140,8 @@ class Settings:
             ids to a broker; ``easel worker`` processes run them: ``docs/deploy.md``).
         broker_url: The Celery broker of a fleet: ``redis://host:port/db`` (default
             ``redis://127.0.0.1:6379/0``) or ``amqp://user:password@host:port/vhost`` (RabbitMQ).
-        queues: Model families an ``easel worker`` serves (its Celery queues), among ``sd15``,
-            ``sdxl``, ``flux``, ``ic-light``, ``instantid``; empty = all of them.
+        queues: Model families an ``easel worker`` serves (its Celery queues), among those the
+            registered tools declare (``easel.catalog.families()``); empty = all of them.
         queue_prefix: Prefix of the fleet's queue names (``<prefix>.<family>``) and, on Redis, of
             every key the broker writes, so several fleets (or test runs) can share one broker.
         broker_visibility_timeout: Seconds a delivered, unacknowledged message stays invisible
@@ -298,11 +298,12 @@ class Settings:
             raise ValueError(f"broker_url must be a redis://, rediss://, amqp:// or amqps:// URL, not {self.broker_url!r}")
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", self.queue_prefix):
             raise ValueError(f"queue_prefix must be 1 to 40 letters, digits, '_' or '-', not {self.queue_prefix!r}")
-        from easel.catalog import FAMILIES
+        if self.queues:  # the families the registered tools declare (importing them only when asked)
+            from easel.catalog import families
 
-        unknown = [q for q in self.queues if q not in FAMILIES]
-        if unknown:
-            raise ValueError(f"queues must be among {', '.join(FAMILIES)}, not {', '.join(map(repr, unknown))}")
+            unknown = [q for q in self.queues if q not in families()]
+            if unknown:
+                raise ValueError(f"queues must be among {', '.join(families())}, not {', '.join(map(repr, unknown))}")
         if self.storage in ("", "local"):
             object.__setattr__(self, "storage", "local")
         else:

@@ -49,7 +49,7 @@ def test_widened_unet_reproduces_the_base_unet_when_extra_channels_are_zero(tiny
     import torch
 
     from easel.weights.sources import Weights
-    from easel.tools.ic_light import widen_conv_in
+    from easel.pipelines.ic_light import widen_conv_in
     from easel.tools.sd_lora import read_pipeline
 
     wide = read_pipeline(Weights("diffusers", tiny["sd15"]), torch.float32).unet
@@ -72,7 +72,7 @@ def test_offset_is_added_once_and_must_match_the_unet(tiny, base_pipe):
     from safetensors.torch import load_file
 
     from easel.weights.sources import Weights
-    from easel.tools.ic_light import merge_offset, widen_conv_in
+    from easel.pipelines.ic_light import merge_offset, widen_conv_in
     from easel.tools.sd_lora import read_pipeline
 
     unet = read_pipeline(Weights("diffusers", tiny["sd15"]), torch.float32).unet
@@ -106,7 +106,7 @@ def test_procedure_equals_the_reference_numbers(tiny, iclight_pipe, index):
     the upscaling high-res pass for the first (``tests/data/README.md``): identical pixels
     (tolerance 0 levels on 8-bit images; both run float32 on the CPU)."""
     from easel.pipelines.rmbg import load_rmbg
-    from easel.tools import ic_light
+    from easel.pipelines import ic_light
 
     golden = np.load(DATA / "iclight_bg.npz")
     assert ic_light.BG_SOURCES[index] == GOLDEN_SOURCES[index]  # the reference's BGSource order
@@ -125,7 +125,7 @@ def test_procedure_equals_the_reference_numbers(tiny, iclight_pipe, index):
 @pytest.fixture(scope="module")
 def iclight_pipe(tiny):
     from easel.weights.sources import Weights
-    from easel.tools import ic_light
+    from easel.pipelines import ic_light
 
     return ic_light.load_iclight(Weights("diffusers", tiny["sd15"]), tiny["iclight-fbc"])
 
@@ -135,7 +135,7 @@ def test_zero_offset_equals_the_base_model_fed_the_same_conditioning(tiny, tmp_p
     from safetensors.torch import load_file, save_file
 
     from easel.weights.sources import Weights
-    from easel.tools import ic_light
+    from easel.pipelines import ic_light
     from easel.tools.sd_lora import read_pipeline
 
     zero = tmp_path / "zero.safetensors"
@@ -167,14 +167,14 @@ def test_zero_offset_equals_the_base_model_fed_the_same_conditioning(tiny, tmp_p
     ((1000, 1000), (1024, 1024)),  # rounded to the nearest multiple of 64
 ])
 def test_lowres_size_fits_the_foreground_into_the_reference_slider_range(size, expected):
-    from easel.tools.ic_light import lowres_size
+    from easel.pipelines.ic_light import lowres_size
 
     assert lowres_size(*size) == expected
 
 
 def test_a_highres_pass_of_no_step_is_refused_at_validation():
     from easel.catalog import InputError, ModelCatalog, load_tools
-    from easel.catalog.rules import highres_steps
+    from easel.pipelines.ic_light import highres_steps
 
     spec, catalog = load_tools()[TOOL], ModelCatalog.load()
     base = {**QUICK, "selectedModel": "1", "inputImageUrl": "a.png", "inputImage2Url": "b.png"}

@@ -488,7 +488,7 @@ def test_component_hub_sources_fail_clearly_offline(tmp_path, monkeypatch):
 def test_every_seed_scheduler_name_drives_the_instantid_pipeline(instantid, faces):
     import diffusers
 
-    from easel.tools.sd_lora import SCHEDULERS
+    from easel.tools.common import SCHEDULERS
 
     base = instantid[0]
     config = dict(base.scheduler.config)

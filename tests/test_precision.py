@@ -1,11 +1,16 @@
 """Precision (``easel.weights.precision``): the device/dtype table, the ``cpu_precision`` setting,
-and the five tools through a real worker on the tiny models with ``cpu_precision = "half"``, i.e.
+and the tools through a real worker on the tiny models with ``cpu_precision = "half"``, i.e.
 in the dtypes CUDA runs them in (fp16 SD 1.5 / SDXL / InstantID, bf16 FLUX, fp16 IC-Light UNet with
 a bf16 VAE), on the CPU: networks in the expected dtypes, real images, same seed → same pixels,
-previews, and no LoRA or adapter state left behind between tasks."""
+previews, and no LoRA or adapter state left behind between tasks.
+
+The table's blocks and the example runs are built from the registered tools' declarations
+(``easel.tools.registry``): a new tool is covered without editing this file. The built-in tools'
+own checks (LoRA layers, the Comics preset, IC-Light's VAE, InstantID's upcast VAE) follow."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,26 +23,45 @@ from easel.config import Settings
 from easel.weights.precision import Precision, catalog_dtypes, generators, precision
 from easel.storage import output_key
 from easel.tasks import lifecycle as lc
+from easel.tools.registry import dtype_kinds, families, tools
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 
+# -- the table, built from the declarations ----------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(dtype_kinds()))
+def test_every_declared_kind_runs_in_its_declared_dtypes(kind, monkeypatch):
+    import easel.weights.precision as mod
+
+    row = dtype_kinds()[kind]
+    dtype, vae_dtype = getattr(torch, row.dtype), getattr(torch, row.vae_dtype)
+    assert catalog_dtypes(kind) == (dtype, vae_dtype)
+    monkeypatch.setattr(mod, "cuda_available", lambda: False)
+    assert precision(kind) == Precision("cpu", F32, F32, row.vae_upcast)
+    assert precision(kind, "half") == Precision("cpu", dtype, vae_dtype, row.vae_upcast)
+    monkeypatch.setattr(mod, "cuda_available", lambda: True)
+    for setting in ("float32", "half"):  # the setting is about CPUs only
+        assert precision(kind, setting) == Precision("cuda", dtype, vae_dtype, row.vae_upcast)
+
+
+def test_every_family_is_a_precision_kind_and_every_tool_declares_a_registered_family():
+    assert set(families()) <= set(dtype_kinds())
+    for tool in tools().values():
+        assert all(families()[f.name] == f for f in tool.declaration.families), tool.name
+
+
 # -- the table and the setting -----------------------------------------------------------------
 
-def test_precision_is_float32_on_the_cpu_unless_half_is_asked_and_the_catalog_dtypes_on_cuda(monkeypatch):
+def test_the_built_in_rows_are_the_reference_dtypes_and_unknown_kinds_or_settings_are_refused(monkeypatch):
     import easel.weights.precision as mod
 
     monkeypatch.setattr(mod, "cuda_available", lambda: False)
-    assert precision("flux") == Precision("cpu", F32, F32)
     assert precision("ic-light", "half") == Precision("cpu", F16, BF16)
     assert precision("flux", "half") == Precision("cpu", BF16, BF16)
     assert precision("sd15", "half") == Precision("cpu", F16, F16)
     assert precision("sdxl", "half") == precision("instantid", "half") == Precision("cpu", F16, F16, vae_upcast=True)
     assert precision("condition", "half").dtype == F16 and precision("matting", "half").dtype == F32
-    monkeypatch.setattr(mod, "cuda_available", lambda: True)
-    for setting in ("float32", "half"):  # the setting is about CPUs only
-        assert precision("flux", setting) == Precision("cuda", BF16, BF16)
-        assert precision("ic-light", setting) == Precision("cuda", F16, BF16)
     with pytest.raises(ValueError, match="unknown precision kind 'sd3'"):
         precision("sd3")
     with pytest.raises(ValueError, match="cpu_precision must be one of float32, half"):
@@ -100,9 +124,12 @@ def _run(half, tool: str, inputs: dict) -> tuple[list[bytes], list, object]:
     return images, worker.store.previews(task.id), done
 
 
-def _resident(half, prefix: str):
+def _resident(half, prefix: str, within: str = ""):
+    """The resident cache entry whose key starts with ``prefix`` and holds ``within`` (a derived
+    pipeline's transformation); without ``within``, a plain pipeline (no ``+`` in its key)."""
     worker = half[0]
-    keys = [k for k in worker.models.pipelines.keys() if k.startswith(prefix)]
+    keys = [k for k in worker.models.pipelines.keys()
+            if k.startswith(prefix) and (within in k if within else "+" not in k)]
     assert keys, worker.models.pipelines.keys()
     return worker.models.pipelines.peek(keys[0])
 
@@ -122,6 +149,35 @@ def _real(images: list[bytes], size=None) -> None:
 def _jpegs(previews, n: int) -> None:
     assert len(previews) == n
     assert all(Image.open(io.BytesIO(p.data)).format == "JPEG" for p in previews)
+
+
+def _example(name: str) -> dict:
+    """The tool's example request (its catalog file's ``example``), or a skip saying it has none
+    or that it reads images (those tools' own blocks below run them)."""
+    from easel.catalog import load_tools
+
+    tool = tools()[name]
+    example = json.loads(tool.declaration.catalog.read_text()).get("example")
+    if not example:
+        pytest.skip(f"{name}: no example request in its catalog file")
+    if any(i.accepts == "image" for i in load_tools()[name].inputs):
+        pytest.skip(f"{name}: its example reads images (run by its own block below)")
+    return example
+
+
+@pytest.mark.parametrize("name", sorted(tools()))
+def test_every_tool_runs_its_example_in_its_family_dtypes(half, name):
+    example = _example(name)
+    family = tools()[name].declaration.family
+    images, previews, _ = _run(half, name, example)
+    _real(images)
+    entry = _resident(half, f"{family.name}:")
+    pipe = getattr(entry, "pipe", entry)
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    assert _dtypes(denoiser) == {getattr(torch, family.precision.dtype)}, name
+    if family.preview is None:
+        assert previews == []
+    assert pixels(_run(half, name, example)[0]) == pixels(images)  # same seed, same pixels
 
 
 SD = "wiro/text-to-image-sd-lora"
@@ -196,7 +252,7 @@ def test_ic_light_in_half_precision_with_its_bfloat16_vae(half):
     images, previews, _ = _run(half, IC_LIGHT, body)
     _real(images, (128, 192))
     _jpegs(previews, 2 + 2)  # low-res steps + high-res steps (round(2 / 0.5) = 4 scheduled, 2 run); matting has none
-    pipe = _resident(half, "sd15:tiny-sd15+iclight")
+    pipe = _resident(half, "sd15:tiny-sd15", "+iclight")
     assert _dtypes(pipe.unet) == _dtypes(pipe.text_encoder) == {F16} and _dtypes(pipe.vae) == {BF16}
     assert pipe.unet.conv_in.in_channels == 12
     assert _dtypes(_resident(half, "component:matting")) == {F32}  # RMBG stays float32, as the reference
@@ -222,11 +278,12 @@ def test_instantid_in_half_precision_decodes_the_sdxl_vae_in_float32(half):
     plain, _, task = _run(half, INSTANTID, zero)
     _real(plain, (120, 160))
     assert "FutureWarning" not in task.debugerror and "cannot run" not in task.debugerror, task.debugerror
-    pipe = _resident(half, "sdxl-instantid:")
+    entry = _resident(half, "sdxl:", "+instantid:")
+    pipe = entry.pipe
     assert _dtypes(pipe.unet) == _dtypes(pipe.text_encoder) == _dtypes(pipe.text_encoder_2) == {F16}
     procs = [p for p in pipe.unet.attn_processors.values() if isinstance(p, IPAttnProcessor)]
     assert procs and all(_dtypes(p) == {F16} for p in procs)
-    assert _dtypes(pipe._easel_instantid.image_proj) == {F16}
+    assert _dtypes(entry.adapter.image_proj) == {F16}
     worker = half[0]
     for key in worker.models.pipelines.keys():
         if key.startswith(("component:controlnet:", "component:depth:", "component:openpose:")):

@@ -29,10 +29,23 @@ LORA_KINDS = ("sd15-lora", "sdxl-lora", "flux-lora")
 # InstantID's IP-Adapter, the face-analysis pack, condition estimators)
 COMPONENT_KINDS = ("sd15-iclight", "matting", "sdxl-controlnet", "sdxl-ip-adapter", "face-analysis", "annotator")
 KINDS = CHECKPOINT_KINDS + LORA_KINDS + COMPONENT_KINDS
-# Model families: what a worker keeps warm. A fleet has one queue per family (easel.executors.celery);
-# ic-light and instantid are families of their own because their pipelines are more than a checkpoint
-# (IC-Light's offset UNet and matting; InstantID's ControlNets, IP-Adapter and face analysis).
-FAMILIES = ("sd15", "sdxl", "flux", "ic-light", "instantid")
+
+
+def families() -> tuple[str, ...]:
+    """The model families: what a worker keeps warm; a fleet has one queue per family
+    (``easel.executors.celery``). Built from the registered tools' declarations
+    (:func:`easel.tools.registry.families`; a tool whose pipeline is more than a checkpoint
+    declares a family of its own), the default queue first."""
+    from easel.tools.registry import families as declared
+
+    return tuple(declared())
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    """``FAMILIES``: :func:`families`, computed when first asked (the registry imports the tools)."""
+    if name == "FAMILIES":
+        return families()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class InputError(ValueError):
@@ -172,8 +185,9 @@ class ToolSpec:
 
     ``base_model`` is the catalog id of the checkpoint a tool without a model selector runs
     (FLUX tools); ``preset`` fixes inputs a "model" page does not expose, e.g. Comics Factory's
-    ``{"lora": "<catalog id>", "scale": 1.0}``. ``family`` (one of :data:`FAMILIES`) is set in
-    the tool's file only when its pipeline is more than its checkpoint (see :meth:`model_family`).
+    ``{"lora": "<catalog id>", "scale": 1.0}``. ``family`` (one of :func:`families`) is the one
+    the tool's module declares (``easel.tools.base.ToolDeclaration``); "" for a catalog file no
+    registered tool implements (then :meth:`model_family` asks the chosen checkpoint).
     ``openai`` is how the OpenAI-compatible Images API maps onto the tool (:mod:`easel.api.openai_map`).
     """
 
@@ -197,9 +211,9 @@ class ToolSpec:
         return f"{self.owner}/{self.slug}"
 
     def model_family(self, inputs: dict[str, Any], catalog: "ModelCatalog") -> str:
-        """The model family (one of :data:`FAMILIES`) whose warm pipelines run a task of this tool.
+        """The model family (one of :func:`families`) whose warm pipelines run a task of this tool.
 
-        The tool file's ``family`` when set (``ic-light``, ``instantid``); else the family of the
+        The family the tool declares when set; else the family of the
         checkpoint the task runs: the tool's ``base_model`` (FLUX tools), or the checkpoint chosen
         in the first ``select`` input whose value (``inputs``, as :meth:`validate` returns them)
         is a catalog checkpoint (the SD tool's ``selectedModel``). ``sd15`` when none is found.
@@ -402,10 +416,23 @@ def _scale(setting: dict, value: Any) -> float:
 
 @lru_cache(maxsize=1)
 def load_tools() -> dict[str, ToolSpec]:
-    """All tool specs, keyed ``owner/slug``."""
+    """All tool specs, keyed ``owner/slug``: the catalog files of the registered tools (found
+    through the ``easel.tools`` entry points, :mod:`easel.tools.registry`, wherever their package
+    keeps them), and those under ``tools/`` here that no installed module implements (``module``
+    None: listed, not runnable).
+
+    Raises:
+        easel.tools.registry.RegistryError: a tool plug-in that breaks the contract.
+    """
+    from easel.tools.registry import tools as registered
+
+    found = {tool.declaration.catalog.resolve(): tool for tool in registered().values()}
+    paths = sorted((HERE / "tools").glob("*.json"))
+    paths += sorted(p for p in found if p not in {q.resolve() for q in paths})
     tools = {}
-    for path in sorted((HERE / "tools").glob("*.json")):
+    for path in paths:
         t = json.loads(path.read_text())
+        tool = found.get(path.resolve())
         inputs = [
             InputSpec(
                 name=i["name"], type=i["type"], label=i.get("label", ""), help=i.get("help", ""),
@@ -416,13 +443,13 @@ def load_tools() -> dict[str, ToolSpec]:
             for i in t["inputs"]
         ]
         spec = ToolSpec(
-            owner=t["owner"], slug=t["slug"], module=t.get("module"), description=t.get("description", ""),
+            owner=t["owner"], slug=t["slug"], module=tool.module.__name__ if tool else None,
+            description=t.get("description", ""),
             categories=t.get("categories", []), inputs=inputs, cost_per_second=float(t.get("cost_per_second", 0)),
             cover=t.get("cover", ""), tags=t.get("tags", []), base_model=t.get("base_model"),
-            preset=t.get("preset", {}), family=t.get("family", ""), openai=t.get("openai", {}),
+            preset=t.get("preset", {}), family=tool.declaration.family.name if tool else "",
+            openai=t.get("openai", {}),
             example=Example.from_json(t.get("example"), path.parent),
         )
-        if spec.family and spec.family not in FAMILIES:
-            raise CatalogError(f"tool {spec.name}: family {spec.family!r} is not one of {', '.join(FAMILIES)}")
         tools[spec.name] = spec
     return tools

@@ -1,19 +1,14 @@
-"""Tool modules, one per tool. ``load_tool(name)`` imports the module named in the tool's catalog file."""
+"""Tool modules, one per tool, found through the ``easel.tools`` entry-point group
+(:mod:`easel.tools.registry`). ``load_tool(name)`` gives the registered tool."""
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
-from easel.catalog import load_tools
+from .registry import RegisteredTool, tools
 
 
-def load_tool(name: str) -> ModuleType:
-    """Import the module implementing ``owner/slug``.
+def load_tool(name: str) -> RegisteredTool:
+    """The registered tool ``owner/slug``: its declaration and its typed ``prepare``/``run``.
 
     Raises:
-        KeyError: no such tool, or the tool has no implementation on this server.
+        KeyError: no such tool on this server.
     """
-    spec = load_tools()[name]
-    if not spec.module:
-        raise KeyError(name)
-    return importlib.import_module(spec.module)
+    return tools()[name]

@@ -1,10 +1,16 @@
-"""The contract between the worker and a tool module.
+"""The contract between the worker and a tool module: a tool is one typed plug-in.
 
-A tool module (``easel/tools/<tool>.py``) exposes:
+A tool module (``easel/tools/<tool>.py``, or any installed package) registers itself in the
+``easel.tools`` entry-point group (``pyproject.toml``; :mod:`easel.tools.registry` finds it) and
+exposes:
 
-- ``TOOL``: the ``owner/slug`` it implements (its input schema is ``easel/catalog/tools/<owner>__<slug>.json``);
-- ``prepare(inputs, ctx) -> plan``: the preprocess stage: resolve and download weights and input
-  files, reject what cannot run. No model is loaded yet.
+- ``TOOL``: a :class:`ToolDeclaration`: the ``owner/slug`` it implements, its catalog file (the
+  Wiro input schema), its typed inputs class (a :class:`ToolInputs` checked against that schema
+  when the tool is registered: a mismatch fails loudly), and its model :class:`Family` (dtype
+  table row, Celery queue, tiny stand-ins, preview factors) plus the other families it loads;
+- ``prepare(inputs, ctx) -> Plan``: the preprocess stage, from the typed inputs to a typed plan
+  (a dataclass): resolve and download weights and input files, reject what cannot run. No model
+  is loaded yet.
 - ``run(plan, ctx) -> list[pathlib.Path]``: load (or reuse) the pipeline, call ``ctx.started()``
   right before inference, report each denoising step with ``ctx.progress`` (which also raises
   :class:`TaskKilled` when a kill was requested), write output files into ``ctx.output_dir`` and
@@ -24,12 +30,151 @@ import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
     from easel.weights import ModelManager
+
+
+# -- declarations -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DtypeKind:
+    """One row of the precision table (:mod:`easel.weights.precision`): the torch dtype names a
+    kind of network runs in on CUDA (and on the CPU with ``cpu_precision = "half"``).
+
+    Attributes:
+        name: the kind (``sd15``, ``matting``...), what ``ModelManager.precision`` is asked for.
+        dtype: dtype name of the networks, e.g. ``"float16"``.
+        vae_dtype: dtype name of the VAE (the same as ``dtype`` for networks without one).
+        vae_upcast: a float16 VAE whose config says ``force_upcast`` is held in float32 (SDXL).
+    """
+
+    name: str
+    dtype: str
+    vae_dtype: str
+    vae_upcast: bool = False
+
+
+@dataclass(frozen=True)
+class Preview:
+    """Latent → RGB preview factors of a family's VAE (:mod:`easel.tools.previews`): one RGB row
+    per latent channel, and a bias."""
+
+    factors: tuple[tuple[float, float, float], ...]
+    bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class TinySource:
+    """The offline tiny models (``easel.synthetic``) that stand in for a family's catalog
+    checkpoints and LoRAs with ``--model-source tiny``: names in ``ModelSources.tiny()``.
+
+    Attributes:
+        checkpoint: the diffusers folder (e.g. ``sd15``).
+        single_file: the single-file checkpoint standing in for one-file sources ("" when the
+            family has none: the folder serves every source).
+        lora_prefix: LoRAs are ``<lora_prefix>-<layout>`` (peft, kohya, ...); "" for none.
+    """
+
+    checkpoint: str
+    single_file: str = ""
+    lora_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: what a worker keeps warm, and a fleet's Celery queue (``<prefix>.<name>``).
+
+    Attributes:
+        name: the family and queue name; also its precision kind.
+        precision: its row of the dtype table (``precision.name == name``).
+        preview: its VAE's latent-preview factors (None: no previews).
+        tiny: its tiny stand-ins (None: tiny mode cannot run its checkpoints).
+        random: whether ``easel.synthetic.fullsize`` writes random full-size weights for it.
+        components: precision rows of auxiliary networks it loads (condition estimators, matting).
+    """
+
+    name: str
+    precision: DtypeKind
+    preview: Preview | None = None
+    tiny: TinySource | None = None
+    random: bool = False
+    components: tuple[DtypeKind, ...] = ()
+
+
+class ToolInputs(BaseModel):
+    """Base of a tool's typed inputs: one field per input of its catalog file, named as the
+    schema names it, typed by the schema's type (:data:`SCHEMA_TYPES`): checked when the tool is
+    registered (:func:`easel.tools.registry.check_inputs`).
+
+    ``scales`` holds the per-model scale settings (``generatesettings`` ids, e.g.
+    ``flux-RealismLora``) that ``ToolSpec.validate`` adds for each selected model.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    NOT_IN_SCHEMA: ClassVar[tuple[str, ...]] = ("scales",)
+
+    scales: dict[str, float] = {}
+
+    @classmethod
+    def from_validated(cls: "type[I]", values: dict[str, Any]) -> "I":
+        """The typed inputs from ``ToolSpec.validate``'s output (inputs already coerced to their
+        schema types; every other key is a scale setting).
+
+        Raises:
+            pydantic.ValidationError: a value of another type than the field's.
+        """
+        names = set(cls.model_fields) - set(cls.NOT_IN_SCHEMA)
+        fields = {k: v for k, v in values.items() if k in names}
+        scales = {k: float(v) for k, v in values.items() if k not in names}
+        return cls.model_validate({**fields, "scales": scales})
+
+
+I = TypeVar("I", bound=ToolInputs)
+
+# catalog input type → the Python type of its field (what ``ToolSpec.validate`` produces)
+SCHEMA_TYPES: dict[str, object] = {"number": int, "float": float, "text": str, "textarea": str, "select": str,
+                                   "multiselect": list[str]}
+
+
+@dataclass(frozen=True)
+class ToolDeclaration:
+    """What a tool module declares as ``TOOL`` (see the module docstring).
+
+    Attributes:
+        name: ``owner/slug``.
+        catalog: its catalog file (the Wiro schema, plus its ``example`` request).
+        inputs: its :class:`ToolInputs` subclass.
+        family: the family whose queue and warm pipelines run its tasks.
+        uses: other families whose weights it loads (registered with it: their dtypes, tiny
+            stand-ins and previews).
+        rules: checks across several inputs, made at submission (:mod:`easel.catalog.rules`):
+            ``rule(inputs)`` on the typed inputs raises ``easel.catalog.InputError``.
+        fixed: catalog ids its pipeline loads whatever the request (not visible in its inputs).
+        estimators: condition (``depth``, ``openpose``) → catalog id of the estimator a chosen
+            ControlNet of that condition needs.
+        (``fixed`` and ``estimators`` let ``easel models pull`` fetch ahead exactly what a Run loads.)
+    """
+
+    name: str
+    catalog: Path
+    inputs: type[ToolInputs]
+    family: Family
+    uses: tuple[Family, ...] = field(default=())
+    rules: tuple[Callable[[Any], None], ...] = field(default=())  # each takes the tool's own Inputs
+    fixed: tuple[str, ...] = field(default=())
+    estimators: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def families(self) -> tuple[Family, ...]:
+        """``family`` then ``uses``."""
+        return (self.family, *self.uses)
 
 
 class TaskKilled(Exception):

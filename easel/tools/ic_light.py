@@ -1,20 +1,20 @@
 """``wiro/ic-light-background``: IC-Light relighting of a foreground subject to fit a background.
 
 Follows the reference procedure of lllyasviel/IC-Light (``gradio_demo_bg.py``, "fbc" model:
-foreground + background conditioned), re-implemented here:
+foreground + background conditioned), re-implemented in :mod:`easel.pipelines.ic_light`:
 
 1. **Model.** The SD 1.5 base UNet's ``conv_in`` is widened from 4 to 12 input channels (the new
    8 zero, the old weights and bias kept), then the fbc offset file is *added* to every UNet
    weight (``merged = base + offset``, once: the result is a derived pipeline cached under its
    own key, never the SD tool's pipeline). On every UNet call the foreground and background
-   latents are concatenated to the noisy latent as 8 extra channels (:func:`install_concat_hook`).
+   latents are concatenated to the noisy latent as 8 extra channels (:func:`easel.pipelines.ic_light.install_concat_hook`).
 2. **Matting.** RMBG-1.4 (:mod:`easel.pipelines.rmbg`) on the foreground at about 1024² pixels
    (``64 · round(W · √(256 / (W·H)))`` wide), the matte resized back bilinearly, and the
    foreground composited on grey: ``127 + (fg - 127) · alpha``.
 3. **Background.** As given, flipped left-right, or (beyond the seed) one of the reference's
    other light sources: a left/right/top/bottom gradient (224 → 32) or flat grey (64).
 4. **Low-res pass.** At the foreground's size fitted into the reference's size-slider range,
-   256 to 1024 per side in multiples of 64, keeping its aspect (:func:`lowres_size`; 1/8 of that
+   256 to 1024 per side in multiples of 64, keeping its aspect (:func:`easel.pipelines.ic_light.lowres_size`; 1/8 of that
    range with the tiny test model): fg and bg resized to cover and
    centre-cropped (Lanczos), VAE-encoded (distribution mode × scaling factor) as the concat
    conditioning; text-to-image with ``steps`` steps and CFG ``scale``.
@@ -46,40 +46,92 @@ checkpoint; ``selectedModelPrivate`` is accepted and ignored), ``inputImageUrl``
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
-import numpy as np
+from easel.catalog import InputError, load_tools
+from easel.pipelines.ic_light import (ADDED_PROMPT, BG_SOURCES, MAX_SIDE, MIN_SIDE, PHASES, UPLOAD, highres_steps,
+                                      load_iclight, lowres_size, process)
+from easel.weights import Checkpoint, ModelError, Weights
 
-from easel.catalog import load_tools
-from easel.catalog.rules import highres_steps  # also refuses, at /Run, a high-res pass of no step
-from easel.weights import Checkpoint, ModelError, Precision, Weights
-from easel.weights.precision import cast, generators, precision
-
-from .base import Phases, ToolContext, ToolError, save_pngs
+from .base import DtypeKind, Family, Phases, ToolContext, ToolDeclaration, ToolError, ToolInputs, save_pngs
+from .common import SD15, parse_seed
 from .previews import latent_to_jpeg
-from .sd_lora import parse_seed, read_pipeline
 
-TOOL = "wiro/ic-light-background"
-UPLOAD, UPLOAD_FLIP = "Use Background Image", "Use Flipped Background Image"
-LEFT, RIGHT, TOP, BOTTOM, GREY = "Left Light", "Right Light", "Top Light", "Bottom Light", "Ambient"
-BG_SOURCES = (UPLOAD, UPLOAD_FLIP, LEFT, RIGHT, TOP, BOTTOM, GREY)
-ADDED_PROMPT = "best quality"
-MIN_SIDE, MAX_SIDE = 256, 1024  # the reference's size sliders
-PHASES = ("Matting", "Low-res pass", "High-res pass")
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL.Image import Image
+
+__all__ = ["TOOL", "Inputs", "Plan", "prepare", "run", "highres_rule", "lowres_size", "BG_SOURCES", "UPLOAD",
+           "MIN_SIDE", "MAX_SIDE", "process", "load_iclight"]
+
+MATTING = DtypeKind("matting", "float32", "float32")  # RMBG-1.4: float32 everywhere, as the reference
+# IC-Light's own family: its pipeline is more than a checkpoint (the offset UNet, matting); UNet and
+# text encoder in float16 and the VAE in bfloat16, as gradio_demo_bg.py
+IC_LIGHT = Family(name="ic-light", precision=DtypeKind("ic-light", "float16", "bfloat16"), components=(MATTING,))
 
 
-@dataclass
+class Inputs(ToolInputs):
+    """The tool's inputs, as its catalog file declares them (checked when registered)."""
+
+    selectedModel: str
+    selectedModelPrivate: str = ""
+    inputImageUrl: str = ""
+    inputImage2Url: str = ""
+    prompt: str = ""
+    negativePrompt: str = ""
+    samples: int = 1
+    steps: int = 30
+    scale: float = 2.0
+    highres_scale: float = 1.5
+    highres_denoise: float = 0.5
+    seed: str = ""
+    bg_source: str = UPLOAD
+    extraOutputs: str = "false"
+
+
+def highres_rule(inputs: Inputs) -> None:
+    """Refuse ``steps`` / ``highres_denoise`` pairs whose high-res pass would run no step (e.g.
+    ``steps=1`` with ``highres_denoise`` ≥ 0.67: one step scheduled, ``int(0.67)`` = 0 run, and
+    diffusers fails on an empty schedule). The message names ``highres_denoise`` and the
+    smallest ``steps`` that works with it. A submission rule (:mod:`easel.catalog.rules`).
+
+    Raises:
+        InputError: naming ``highres_denoise``.
+    """
+    steps, denoise = inputs.steps, inputs.highres_denoise
+    if denoise <= 0:
+        return
+    scheduled, ran = highres_steps(steps, denoise)
+    if ran >= 1:
+        return
+    enough = next((n for n in range(steps + 1, 1001) if highres_steps(n, denoise)[1] >= 1), None)
+    hint = f"use steps of at least {enough}" if enough else "use more steps"
+    raise InputError("highres_denoise", (
+        f"Request parameter [highres_denoise] {denoise:g} with [steps] {steps} runs no high-resolution "
+        f"step (round({steps} / {denoise:g}) = {scheduled} scheduled, int({scheduled} x {denoise:g}) = {ran} run); "
+        f"{hint}, or a highres_denoise of 1"))
+
+
+TOOL = ToolDeclaration(
+    name="wiro/ic-light-background",
+    catalog=Path(__file__).parents[1] / "catalog" / "tools" / "wiro__ic-light-background.json",
+    inputs=Inputs,
+    family=IC_LIGHT,
+    uses=(SD15,),
+    rules=(highres_rule,),
+)
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything :func:`run` needs, resolved and decoded in the preprocess stage."""
 
     checkpoint: Checkpoint
     offset: Weights
     matting: Weights
-    fg: Any  # PIL image, RGB
-    bg: Any  # PIL image, RGB
+    fg: "Image"  # RGB
+    bg: "Image"  # RGB
     prompt: str
     negative_prompt: str
     samples: int
@@ -93,381 +145,34 @@ class Plan:
     height: int
 
 
-def lowres_size(width: int, height: int, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE) -> tuple[int, int]:
-    """The low-res pass's size for a foreground of ``width × height`` pixels.
-
-    The reference (``gradio_demo_bg.py``) generates at its width/height sliders: 256 to 1024 in
-    steps of 64, default 512 × 640. Wiro's page has no size inputs, so Easel takes the
-    foreground's own size and fits it into that range keeping its aspect: scaled down so the
-    longer side is at most ``max_side``, or up so the shorter side is at least ``min_side``
-    (when both cannot hold, as for a panorama beyond 4:1, the longer side wins and the shorter is
-    raised to ``min_side``: the cover-crop of the conditioning then trims it), each side rounded
-    to the nearest multiple of 64 and clamped to ``[min_side, max_side]``.
-
-    Examples: 512 × 640 → 512 × 640; 64 × 96 → 256 × 384; 3000 × 2000 → 1024 × 704;
-    100 × 1000 → 256 × 1024.
-    """
-    short, long = min(width, height), max(width, height)
-    s = min(1.0, max_side / long)
-    if short * s < min_side:
-        s = min(min_side / short, max_side / long)
-
-    def side(v: int) -> int:
-        return min(max_side, max(min_side, int(round(v * s / 64.0)) * 64))
-
-    return side(width), side(height)
-
-
-def highres_size(width: int, height: int, highres_scale: float) -> tuple[int, int]:
-    """The high-res pass's (= the output's) size: ``size · highres_scale`` rounded to multiples of 64."""
-    return int(round(width * highres_scale / 64.0) * 64), int(round(height * highres_scale / 64.0) * 64)
-
-
-def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
+def prepare(inputs: Inputs, ctx: ToolContext) -> Plan:
     """Resolve the checkpoint, the IC-Light offset and the matting weights; decode both images.
 
     Raises:
         ToolError: an unknown/non-SD-1.5 model, an unset source, an unreadable image (naming its field).
     """
-    preset = load_tools()[TOOL].preset
+    preset = load_tools()[TOOL.name].preset
     try:
-        checkpoint = ctx.models.checkpoint(inputs["selectedModel"], "selectedModel", ("sd15",))
-        _, offset = ctx.models.component_weights(preset.get("offset", "iclight-sd15-fbc"), ("sd15-iclight",))
-        _, matting = ctx.models.component_weights(preset.get("matting", "rmbg-1.4"), ("matting",))
+        checkpoint = ctx.models.checkpoint(inputs.selectedModel, "selectedModel", (SD15.name,))
+        _, offset = ctx.models.component_weights(str(preset.get("offset", "iclight-sd15-fbc")), ("sd15-iclight",))
+        _, matting = ctx.models.component_weights(str(preset.get("matting", "rmbg-1.4")), ("matting",))
     except ModelError as exc:
         raise ToolError(str(exc)) from None
-    bg_source = inputs.get("bg_source") or UPLOAD
+    bg_source = inputs.bg_source or UPLOAD
     if bg_source not in BG_SOURCES:
         raise ToolError(f"Request parameter [bg_source] must be one of: {', '.join(BG_SOURCES)}")
-    fg = ctx.image("inputImage2Url", inputs.get("inputImage2Url", "")).convert("RGB")
-    bg = ctx.image("inputImageUrl", inputs.get("inputImageUrl", "")).convert("RGB")
-    tiny = ctx.models.settings.model_source == "tiny"  # the tiny model's range is 1/8 of the reference's
+    fg = ctx.image("inputImage2Url", inputs.inputImage2Url).convert("RGB")
+    bg = ctx.image("inputImageUrl", inputs.inputImageUrl).convert("RGB")
+    tiny = ctx.models.tiny  # the tiny model's range is 1/8 of the reference's
     width, height = lowres_size(*fg.size, *((MIN_SIDE // 8, MAX_SIDE // 8) if tiny else (MIN_SIDE, MAX_SIDE)))
-    seed = parse_seed(inputs.get("seed", ""))
+    seed = parse_seed(inputs.seed)
     ctx.log(f"seed={seed} foreground {fg.size[0]}x{fg.size[1]} background {bg.size[0]}x{bg.size[1]} "
             f"low-res {width}x{height}")
     return Plan(checkpoint=checkpoint, offset=offset, matting=matting, fg=fg, bg=bg,
-                prompt=inputs.get("prompt", ""), negative_prompt=inputs.get("negativePrompt", ""),
-                samples=int(inputs["samples"]), steps=int(inputs["steps"]), cfg=float(inputs["scale"]),
-                highres_scale=float(inputs["highres_scale"]), highres_denoise=float(inputs["highres_denoise"]),
+                prompt=inputs.prompt, negative_prompt=inputs.negativePrompt,
+                samples=inputs.samples, steps=inputs.steps, cfg=inputs.scale,
+                highres_scale=inputs.highres_scale, highres_denoise=inputs.highres_denoise,
                 seed=seed, bg_source=bg_source, width=width, height=height)
-
-
-# -- the model ---------------------------------------------------------------------------------
-
-def widen_conv_in(unet: Any, in_channels: int = 12) -> None:
-    """Replace ``unet.conv_in`` by a conv with ``in_channels`` inputs: the old weights in the
-    first channels, zeros in the new ones, the same bias (the same ``Parameter`` object). The
-    config's ``in_channels`` stays 4 (the pipeline still makes 4-channel latents)."""
-    import torch
-
-    old = unet.conv_in
-    if old.in_channels == in_channels:
-        return
-    with torch.no_grad():
-        new = torch.nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-                              device=old.weight.device, dtype=old.weight.dtype)
-        new.weight.zero_()
-        new.weight[:, :old.in_channels].copy_(old.weight)
-        new.bias = old.bias
-    unet.conv_in = new
-
-
-def merge_offset(unet: Any, offset: dict, label: str) -> None:
-    """Add an IC-Light offset to the (widened) UNet's weights: ``w ← w + offset[k]`` for every key.
-
-    Raises:
-        ValueError: the UNet already holds an offset (it is never merged twice), or the offset's
-            keys or shapes do not match this UNet (another architecture).
-    """
-    if getattr(unet, "_easel_offset", None):
-        raise ValueError(f"UNet already holds the offset {unet._easel_offset}; an offset is never merged twice")
-    state = unet.state_dict()
-    missing = [k for k in state if k not in offset]
-    unexpected = [k for k in offset if k not in state]
-    if missing or unexpected:
-        raise ValueError(f"IC-Light offset {label} does not match this UNet (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}): it was made for another model family")
-    bad = [k for k in state if tuple(state[k].shape) != tuple(offset[k].shape)]
-    if bad:
-        raise ValueError(f"IC-Light offset {label} has other shapes than this UNet (e.g. {bad[0]}: "
-                         f"{tuple(offset[bad[0]].shape)} vs {tuple(state[bad[0]].shape)})")
-    merged = {k: state[k] + offset[k].to(state[k].dtype) for k in state}
-    unet.load_state_dict(merged, strict=True)
-    unet._easel_offset = label
-
-
-def _concat_hook(_module, args, kwargs):
-    extra = kwargs.get("cross_attention_kwargs") or {}
-    if "concat_conds" not in extra:
-        return None
-    import torch
-
-    sample = args[0] if args else kwargs.pop("sample")
-    cond = extra["concat_conds"].to(sample)
-    cond = torch.cat([cond] * (sample.shape[0] // cond.shape[0]), dim=0)
-    kwargs = {**kwargs, "cross_attention_kwargs": {k: v for k, v in extra.items() if k != "concat_conds"}}
-    return (torch.cat([sample, cond], dim=1), *args[1:]), kwargs
-
-
-def install_concat_hook(unet: Any) -> None:
-    """Concat conditioning: a forward pre-hook that, when the call's ``cross_attention_kwargs``
-    carries ``concat_conds`` ``[B', 8, h, w]``, repeats it to the sample's batch (CFG doubles it)
-    and concatenates it to the sample's channels. Only this (derived) UNet gets the hook."""
-    if not getattr(unet, "_easel_concat_hook", False):
-        unet.register_forward_pre_hook(_concat_hook, with_kwargs=True)
-        unet._easel_concat_hook = True
-
-
-def make_scheduler():
-    """The reference's sampler: DPM++ 2M SDE with Karras sigmas."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                       algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, steps_offset=1)
-
-
-def load_iclight(base: Weights, offset_path: str | Path, offset_label: str = "fbc",
-                 where: Precision | None = None) -> Any:
-    """Build the IC-Light text-to-image pipeline from base SD 1.5 weights and an fbc offset file.
-
-    Loads its **own** modules (never the SD tool's pipeline), in float32 for the merge, then
-    widens ``conv_in``, merges the offset, installs the concat hook, and moves UNet and text
-    encoder to ``where.device`` in ``where.dtype``, the VAE in ``where.vae_dtype`` (default
-    ``precision("ic-light")``: float16 / bfloat16 on CUDA as the reference, float32 on the CPU).
-
-    Returns:
-        A ``StableDiffusionPipeline`` with the reference's scheduler; :func:`img2img` makes the
-        matching image-to-image pipeline over the same modules.
-
-    Raises:
-        ValueError: the offset does not fit the base UNet.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    pipe = read_pipeline(base, torch.float32)
-    widen_conv_in(pipe.unet)
-    merge_offset(pipe.unet, load_file(str(offset_path)), offset_label)
-    install_concat_hook(pipe.unet)
-    pipe.scheduler = make_scheduler()
-    where = where or precision("ic-light")
-    cast(pipe.text_encoder, where.dtype, where.device)
-    cast(pipe.unet, where.dtype, where.device)
-    cast(pipe.vae, where.vae_dtype, where.device)
-    return pipe
-
-
-def img2img(pipe: Any) -> Any:
-    """The image-to-image pipeline over ``pipe``'s modules and scheduler (made once, kept on ``pipe``)."""
-    i2i = getattr(pipe, "_easel_img2img", None)
-    if i2i is None:
-        from diffusers import StableDiffusionImg2ImgPipeline
-
-        i2i = StableDiffusionImg2ImgPipeline(
-            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-            scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        i2i.set_progress_bar_config(disable=True)
-        pipe._easel_img2img = i2i
-    return i2i
-
-
-# -- image helpers (numpy uint8 HxWx3, as the reference) ----------------------------------------
-
-def to_tensor(images: list[np.ndarray]):
-    """uint8 ``[H, W, 3]`` images → float ``[B, 3, H, W]`` with ``x / 127 - 1`` (127 maps exactly to 0)."""
-    import torch
-
-    return (torch.from_numpy(np.stack(images, axis=0)).float() / 127.0 - 1.0).movedim(-1, 1)
-
-
-def to_uint8(images) -> list[np.ndarray]:
-    """``[B, 3, H, W]`` in ``[-1, 1]`` → uint8 ``[H, W, 3]`` (``x · 127.5 + 127.5``, clipped, truncated)."""
-    return [(x.movedim(0, -1) * 127.5 + 127.5).detach().float().cpu().numpy().clip(0, 255).astype(np.uint8)
-            for x in images]
-
-
-def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Lanczos resize to exactly ``width × height``."""
-    from PIL import Image
-
-    return np.array(Image.fromarray(image).resize((width, height), Image.LANCZOS))
-
-
-def cover_crop(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Lanczos resize to cover ``width × height``, then centre crop to it."""
-    from PIL import Image
-
-    pil = Image.fromarray(image)
-    w0, h0 = pil.size
-    s = max(width / w0, height / h0)
-    rw, rh = int(round(w0 * s)), int(round(h0 * s))
-    pil = pil.resize((rw, rh), Image.LANCZOS)
-    box = ((rw - width) / 2, (rh - height) / 2, (rw + width) / 2, (rh + height) / 2)
-    return np.array(pil.crop(box))
-
-
-def matte(rmbg: Any, image: np.ndarray, sigma: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Cut out the foreground with RMBG and composite it on grey.
-
-    Args:
-        rmbg: :class:`easel.pipelines.rmbg.BriaRMBG` (float32, kind ``matting``; fed in its own dtype).
-        image: uint8 ``[H, W, 3]``.
-
-    Returns:
-        ``(composited uint8 [H, W, 3], alpha float32 [H, W, 1] in [0, 1])``.
-    """
-    import torch
-
-    h, w, _ = image.shape
-    k = (256.0 / float(h * w)) ** 0.5
-    feed = resize(image, max(64, int(64 * round(w * k))), max(64, int(64 * round(h * k))))
-    param = next(rmbg.parameters())
-    with torch.inference_mode():
-        alpha = rmbg(to_tensor([feed]).to(device=param.device, dtype=param.dtype))
-        alpha = torch.nn.functional.interpolate(alpha, size=(h, w), mode="bilinear")
-    alpha = alpha.movedim(1, -1)[0].float().cpu().numpy().clip(0, 1)
-    out = 127 + (image.astype(np.float32) - 127 + sigma) * alpha
-    return out.clip(0, 255).astype(np.uint8), alpha
-
-
-def background(source: str, bg: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The background image for ``source`` (see :data:`BG_SOURCES`), uint8 ``[H, W, 3]``."""
-    if source == UPLOAD:
-        return bg
-    if source == UPLOAD_FLIP:
-        return np.ascontiguousarray(np.fliplr(bg))
-    if source == GREY:
-        return np.zeros((height, width, 3), dtype=np.uint8) + 64
-    if source in (LEFT, RIGHT):
-        ramp = np.linspace(224, 32, width) if source == LEFT else np.linspace(32, 224, width)
-        plane = np.tile(ramp, (height, 1))
-    elif source in (TOP, BOTTOM):
-        ramp = np.linspace(224, 32, height) if source == TOP else np.linspace(32, 224, height)
-        plane = np.tile(ramp[:, None], (1, width))
-    else:
-        raise ValueError(f"bg_source must be one of {', '.join(BG_SOURCES)}")
-    return np.stack((plane,) * 3, axis=-1).astype(np.uint8)
-
-
-def encode_prompt(pipe: Any, text: str):
-    """CLIP embeddings of ``text`` in chunks of 75 tokens (each wrapped in BOS/EOS and padded with
-    EOS to 77), ``[chunks, 77, hidden]``; an empty text is one empty chunk. A text with A1111
-    weights goes through :func:`easel.pipelines.prompts.encode_iclight` (same chunks, weighted)."""
-    import torch
-
-    from easel.pipelines.prompts import encode_iclight, has_weights
-
-    if has_weights(text):  # (word:1.2), [word]: A1111 weights in the reference's chunks
-        return encode_iclight(pipe, text)
-    tok = pipe.tokenizer
-    size, body = tok.model_max_length, tok.model_max_length - 2
-    ids = tok(text, truncation=False, add_special_tokens=False)["input_ids"]
-    chunks = [[tok.bos_token_id] + ids[i:i + body] + [tok.eos_token_id] for i in range(0, max(len(ids), 1), body)]
-    chunks = [c[:size] + [tok.eos_token_id] * (size - len(c)) for c in chunks]
-    with torch.inference_mode():
-        return pipe.text_encoder(torch.tensor(chunks, device=pipe.text_encoder.device)).last_hidden_state
-
-
-def encode_prompt_pair(pipe: Any, positive: str, negative: str):
-    """Positive and negative embeddings with the same number of chunks (the shorter one repeated),
-    chunks concatenated along the sequence: two ``[1, 77 · n, hidden]`` tensors."""
-    import torch
-
-    c, uc = encode_prompt(pipe, positive), encode_prompt(pipe, negative)
-    n = max(len(c), len(uc))
-    c = torch.cat([c] * math.ceil(n / len(c)), dim=0)[:n]
-    uc = torch.cat([uc] * math.ceil(n / len(uc)), dim=0)[:n]
-    return torch.cat(list(c), dim=0)[None], torch.cat(list(uc), dim=0)[None]
-
-
-def _concat_conds(pipe: Any, fg: np.ndarray, bg: np.ndarray, width: int, height: int):
-    import torch
-
-    vae = pipe.vae
-    pair = [cover_crop(fg, width, height), cover_crop(bg, width, height)]
-    with torch.inference_mode():
-        latents = vae.encode(to_tensor(pair).to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-        latents = latents * vae.config.scaling_factor
-    return torch.cat([c[None] for c in latents], dim=1)
-
-
-def relight(pipe: Any, fg: np.ndarray, bg: np.ndarray, prompt: str, negative_prompt: str, width: int, height: int,
-            samples: int, seed: int, steps: int, cfg: float, highres_scale: float, highres_denoise: float,
-            on_step: Callable[[str, Any], None] | None = None) -> list[np.ndarray]:
-    """Both denoising passes (reference ``process``) on a matted foreground and a background.
-
-    Args:
-        pipe: From :func:`load_iclight`.
-        fg, bg: uint8 ``[H, W, 3]`` (fg already matted on grey; bg as it will be used).
-        width, height: The low-res pass's size (multiples of 64).
-        on_step: Called after each denoising step with the phase name and the current latents.
-
-    Returns:
-        ``samples`` uint8 images ``[H', W', 3]`` at :func:`highres_size`.
-    """
-    import torch
-
-    device = pipe.unet.device
-    rng = generators(seed)[0]
-    conds, unconds = encode_prompt_pair(pipe, f"{prompt}, {ADDED_PROMPT}", negative_prompt)
-    vae = pipe.vae
-
-    def callback(phase):
-        def fn(_pipe, _step, _t, kw):
-            if on_step is not None:
-                on_step(phase, kw["latents"])
-            return kw
-        return fn
-
-    with torch.inference_mode():
-        concat = _concat_conds(pipe, fg, bg, width, height)
-        latents = pipe(prompt_embeds=conds, negative_prompt_embeds=unconds, width=width, height=height,
-                       num_inference_steps=steps, num_images_per_prompt=samples, generator=rng, output_type="latent",
-                       guidance_scale=cfg, cross_attention_kwargs={"concat_conds": concat},
-                       callback_on_step_end=callback(PHASES[1])).images
-        pixels = to_uint8(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample)
-        hw, hh = highres_size(width, height, highres_scale)
-        pixels = [resize(p, hw, hh) for p in pixels]
-        latents = vae.encode(to_tensor(pixels).to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-        latents = (latents * vae.config.scaling_factor).to(device=device, dtype=pipe.unet.dtype)
-        height, width = latents.shape[2] * 8, latents.shape[3] * 8
-        concat = _concat_conds(pipe, fg, bg, width, height)
-        scheduled, _ = highres_steps(steps, highres_denoise)
-        latents = img2img(pipe)(
-            image=latents, strength=highres_denoise, prompt_embeds=conds, negative_prompt_embeds=unconds,
-            width=width, height=height, num_inference_steps=scheduled, num_images_per_prompt=samples,
-            generator=rng, output_type="latent", guidance_scale=cfg, cross_attention_kwargs={"concat_conds": concat},
-            callback_on_step_end=callback(PHASES[2])).images
-        out = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    unit = [(x.movedim(0, -1) * 0.5 + 0.5).float().cpu().numpy().clip(0, 1) for x in out]
-    return [(x * 255.0).clip(0, 255).astype(np.uint8) for x in unit]
-
-
-def process(pipe: Any, rmbg: Any, fg_image, bg_image, bg_source: str, prompt: str, negative_prompt: str,
-            samples: int, seed: int, steps: int, cfg: float, highres_scale: float, highres_denoise: float,
-            on_step: Callable[[str, Any], None] | None = None,
-            size: tuple[int, int] | None = None) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-    """The whole procedure (reference ``process_relight``) on PIL images: matting, background,
-    both passes. Used by :func:`run` and by ``bench/bench_iclight.py`` as the direct call.
-
-    Args:
-        size: ``(width, height)`` of the low-res pass (the reference's size sliders); default
-            :func:`lowres_size` of the foreground.
-
-    Returns:
-        ``(results, intermediates)``: uint8 images at the final size, and ``foreground`` (matted on
-        grey), ``alpha`` (uint8 matte) and ``background`` (as used).
-    """
-    width, height = size or lowres_size(*fg_image.size)
-    fg, alpha = matte(rmbg, np.array(fg_image.convert("RGB")))
-    if on_step is not None:
-        on_step(PHASES[0], None)
-    bg = background(bg_source, np.array(bg_image.convert("RGB")), width, height)
-    results = relight(pipe, fg, bg, prompt, negative_prompt, width, height, samples, seed, steps, cfg,
-                      highres_scale, highres_denoise, on_step)
-    return results, {"foreground": fg, "alpha": (alpha[..., 0] * 255.0).clip(0, 255).astype(np.uint8),
-                     "background": bg}
 
 
 def run(plan: Plan, ctx: ToolContext) -> list[Path]:
@@ -483,14 +188,14 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     from easel.pipelines.rmbg import load_rmbg
 
     models = ctx.models
-    where = models.precision("ic-light")
+    where = models.precision(IC_LIGHT.name)
     try:
-        loaded = models.derived_pipeline("sd15", plan.checkpoint.weights, f"iclight-fbc:{plan.offset.key}",
+        loaded = models.derived_pipeline(SD15.name, plan.checkpoint.weights, f"iclight-fbc:{plan.offset.key}",
                                          lambda: load_iclight(plan.checkpoint.weights, plan.offset.path,
                                                               plan.offset.key, where))
         ctx.log(loaded.describe(f"IC-Light model ({plan.checkpoint.label} + fbc offset)"))
-        device = models.precision("matting").device
-        rmbg = models.component("matting", plan.matting, lambda w: load_rmbg(w.path, device))
+        device = models.precision(MATTING.name).device
+        rmbg = models.component(MATTING.name, plan.matting, lambda w: load_rmbg(w.path, device))
         ctx.log(rmbg.describe("RMBG-1.4 matting"))
     except ValueError as exc:
         raise ToolError(str(exc)) from None
@@ -498,7 +203,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     bar = Phases(ctx, [(PHASES[0], 1), (PHASES[1], plan.steps), (PHASES[2], hi_run)])
 
     def on_step(phase, latents):
-        preview = latent_to_jpeg(latents[0], "sd15") if latents is not None and bar.wants_preview() else None
+        preview = latent_to_jpeg(latents[0], SD15.name) if latents is not None and bar.wants_preview() else None
         bar.step(phase, preview)
 
     ctx.started()
@@ -506,7 +211,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
                               plan.negative_prompt, plan.samples, plan.seed, plan.steps, plan.cfg,
                               plan.highres_scale, plan.highres_denoise, on_step, (plan.width, plan.height))
     h, w = results[0].shape[:2]
-    params = {"tool": TOOL, "model": plan.checkpoint.label, "prompt": plan.prompt,
+    params = {"tool": TOOL.name, "model": plan.checkpoint.label, "prompt": plan.prompt,
               "negative_prompt": plan.negative_prompt, "steps": plan.steps, "guidance_scale": plan.cfg,
               "highres_scale": plan.highres_scale, "highres_denoise": plan.highres_denoise,
               "bg_source": plan.bg_source, "seed": plan.seed, "width": w, "height": h}

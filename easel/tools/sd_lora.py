@@ -26,56 +26,74 @@ chunk (A1111 style) and as JSON in ``easel``.
 """
 from __future__ import annotations
 
-import re
-import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from easel.weights import ModelError, Precision, dtype_kwargs
 from easel.net.fetch import FetchError
+from easel.pipelines.checkpoints import read_pipeline
+from easel.weights import LoraChoice, ModelError, Precision, Weights
 from easel.weights.lora_formats import LoraFormatError
 from easel.weights.precision import cast, generators, place, precision
 
-from .base import ToolContext, ToolError, write_pngs
+from .base import ToolContext, ToolDeclaration, ToolError, ToolInputs, write_pngs
+from .common import SD15, parse_seed, use_scheduler
 from .previews import latent_to_jpeg
 
-TOOL = "wiro/text-to-image-sd-lora"
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers import StableDiffusionPipeline
 
-SCHEDULERS = (
-    "EulerDiscreteScheduler", "DDIMScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler",
-    "PNDMScheduler", "DDPMScheduler", "EulerAncestralDiscreteScheduler",
-)
+__all__ = ["TOOL", "Inputs", "Plan", "prepare", "run", "load_pipeline", "read_pipeline", "encode_prompt"]
 
 
-@dataclass
-class Plan:
-    """Everything ``run`` needs, resolved in the preprocess stage."""
+class Inputs(ToolInputs):
+    """The tool's inputs, as its catalog file declares them (checked when registered)."""
 
-    checkpoint: Any  # easel.weights.Weights
-    checkpoint_label: str
-    loras: list[tuple[str, str, float, str]] = field(default_factory=list)  # key, path, scale, label
+    selectedModel: str
+    selectedModelPrivate: str = ""
+    selectedLoraModel: list[str] = []
+    selectedLoraModelPrivate: list[str] = []
+    selectedLoraModelPrivateUrl: str = ""
     prompt: str = ""
-    negative_prompt: str = ""
+    negativePrompt: str = ""
     samples: int = 1
     steps: int = 30
-    guidance_scale: float = 7.5
-    seed: int = 0
-    clip_skip: int = 0
+    scale: float = 7.5
+    seed: str = ""
+    clipSkip: int = 0
     width: int = 512
     height: int = 512
     scheduler: str = "EulerDiscreteScheduler"
 
 
-def parse_seed(value: Any) -> int:
-    """Seed from the ``seed`` text field: a non-negative integer below 2**63, else a random one."""
-    text = str(value).strip()
-    if re.fullmatch(r"\d{1,19}", text) and int(text) < 2**63:
-        return int(text)
-    return secrets.randbelow(2**32)
+TOOL = ToolDeclaration(
+    name="wiro/text-to-image-sd-lora",
+    catalog=Path(__file__).parents[1] / "catalog" / "tools" / "wiro__text-to-image-sd-lora.json",
+    inputs=Inputs,
+    family=SD15,
+)
 
 
-def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
+@dataclass(frozen=True)
+class Plan:
+    """Everything ``run`` needs, resolved in the preprocess stage."""
+
+    checkpoint: Weights
+    checkpoint_label: str
+    loras: tuple[LoraChoice, ...]
+    prompt: str
+    negative_prompt: str
+    samples: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    clip_skip: int
+    width: int
+    height: int
+    scheduler: str
+
+
+def prepare(inputs: Inputs, ctx: ToolContext) -> Plan:
     """Resolve the checkpoint and LoRAs to local files (downloading if needed) and fix the seed.
 
     Raises:
@@ -83,53 +101,35 @@ def prepare(inputs: dict[str, Any], ctx: ToolContext) -> Plan:
     """
     models = ctx.models
     try:
-        checkpoint = models.checkpoint(inputs["selectedModel"], "selectedModel", ("sd15",))
-        loras = [models.lora(mid, "selectedLoraModel", "sd15-lora", inputs) for mid in inputs.get("selectedLoraModel", [])]
-        private = models.private_lora(inputs.get("selectedLoraModelPrivateUrl", ""), "selectedLoraModelPrivateUrl",
+        checkpoint = models.checkpoint(inputs.selectedModel, "selectedModel", (SD15.name,))
+        loras = [models.lora(mid, "selectedLoraModel", "sd15-lora", inputs.scales) for mid in inputs.selectedLoraModel]
+        private = models.private_lora(inputs.selectedLoraModelPrivateUrl, "selectedLoraModelPrivateUrl",
                                       "sd", ctx.input_file)
     except (ModelError, FetchError, LoraFormatError) as exc:
         raise ToolError(str(exc)) from None
     if private is not None:
         loras.append(private)
-    seed = parse_seed(inputs.get("seed", ""))
+    seed = parse_seed(inputs.seed)
     ctx.log(f"seed={seed}")
     return Plan(
-        checkpoint=checkpoint.weights, checkpoint_label=checkpoint.label,
-        loras=[(c.key, c.path, c.scale, c.label) for c in loras],
-        prompt=inputs.get("prompt", ""), negative_prompt=inputs.get("negativePrompt", ""),
-        samples=int(inputs["samples"]), steps=int(inputs["steps"]), guidance_scale=float(inputs["scale"]),
-        seed=seed, clip_skip=int(inputs.get("clipSkip", 0)), width=int(inputs["width"]),
-        height=int(inputs["height"]), scheduler=inputs.get("scheduler") or "EulerDiscreteScheduler",
+        checkpoint=checkpoint.weights, checkpoint_label=checkpoint.label, loras=tuple(loras),
+        prompt=inputs.prompt, negative_prompt=inputs.negativePrompt, samples=inputs.samples, steps=inputs.steps,
+        guidance_scale=inputs.scale, seed=seed, clip_skip=inputs.clipSkip, width=inputs.width,
+        height=inputs.height, scheduler=inputs.scheduler or "EulerDiscreteScheduler",
     )
 
 
-def read_pipeline(weights, dtype) -> Any:
-    """Read a ``StableDiffusionPipeline`` in ``dtype`` from local weights (a diffusers folder or a
-    single-file checkpoint), on the CPU, progress bar off. Every call builds new modules."""
-    from diffusers import StableDiffusionPipeline
-
-    kwargs = dict(**dtype_kwargs(dtype), safety_checker=None, requires_safety_checker=False)
-    if weights.format == "diffusers":
-        pipe = StableDiffusionPipeline.from_pretrained(str(weights.path), use_safetensors=True, **kwargs)
-    else:
-        if weights.config is not None:
-            kwargs["config"] = str(weights.config)
-        pipe = StableDiffusionPipeline.from_single_file(str(weights.path), **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def load_pipeline(weights, where: Precision | None = None) -> Any:
+def load_pipeline(weights: Weights, where: Precision | None = None) -> "StableDiffusionPipeline":
     """Load a ``StableDiffusionPipeline`` from local weights on ``where.device``, UNet and text
     encoder in ``where.dtype``, VAE in ``where.vae_dtype`` (default: ``precision("sd15")``,
     float16 on CUDA, float32 on the CPU)."""
-    where = where or precision("sd15")
+    where = where or precision(SD15.name)
     pipe = place(read_pipeline(weights, where.dtype), where.device)
     cast(pipe.vae, where.vae_dtype)
     return pipe
 
 
-def encode_prompt(pipe: Any, prompts: list[str], clip_skip: int):
+def encode_prompt(pipe: "StableDiffusionPipeline", prompts: list[str], clip_skip: int):
     """CLIP prompt embeddings with ``clip_skip`` final layers skipped.
 
     Mirrors diffusers' semantics (hidden state ``-(clip_skip + 1)`` passed through the final layer
@@ -158,25 +158,14 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
         ToolError: a LoRA that does not fit the checkpoint, or an unknown scheduler.
         easel.tools.base.TaskKilled: (from ``ctx.progress``) when the task was killed.
     """
-    import diffusers
-
     from easel.pipelines.prompts import encode_sd15, needs_weighting
 
     models = ctx.models
-    pipe = models.base_pipeline("sd15", plan.checkpoint,
-                                lambda: load_pipeline(plan.checkpoint, models.precision("sd15"))).obj
-    base_scheduler = getattr(pipe, "_easel_base_scheduler_config", None)
-    if base_scheduler is None:
-        base_scheduler = pipe._easel_base_scheduler_config = dict(pipe.scheduler.config)
-    if plan.scheduler not in SCHEDULERS:
-        raise ToolError(f"scheduler must be one of {', '.join(SCHEDULERS)}")
-    if type(pipe.scheduler).__name__ != plan.scheduler:
-        # a new scheduler (0.7 ms) only when the class changes: every instance is made from the
-        # checkpoint's own config, and diffusers schedulers reset their per-run state in
-        # set_timesteps, which every pipeline call makes first
-        pipe.scheduler = getattr(diffusers, plan.scheduler).from_config(base_scheduler)
+    pipe = models.base_pipeline(SD15.name, plan.checkpoint,
+                                lambda: load_pipeline(plan.checkpoint, models.precision(SD15.name))).obj
+    use_scheduler(models, pipe, plan.scheduler)
     try:
-        models.adapters(pipe).apply(pipe, [(k, p, s) for k, p, s, _ in plan.loras])
+        models.adapters(pipe).apply(pipe, [lora.triple for lora in plan.loras])
     except ValueError as exc:
         raise ToolError(str(exc)) from None
 
@@ -199,7 +188,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     def on_step_end(_pipe, step, _timestep, callback_kwargs):
         preview = None
         if ctx.wants_preview(step + 1, plan.steps):
-            preview = latent_to_jpeg(callback_kwargs["latents"][0], "sd15")
+            preview = latent_to_jpeg(callback_kwargs["latents"][0], SD15.name)
         ctx.progress(step + 1, plan.steps, preview)
         return callback_kwargs
 
@@ -207,12 +196,12 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     images = pipe(callback_on_step_end=on_step_end, **kwargs).images
 
     params = {
-        "tool": TOOL, "model": plan.checkpoint_label, "prompt": plan.prompt, "negative_prompt": plan.negative_prompt,
+        "tool": TOOL.name, "model": plan.checkpoint_label, "prompt": plan.prompt, "negative_prompt": plan.negative_prompt,
         "steps": plan.steps, "guidance_scale": plan.guidance_scale, "scheduler": plan.scheduler,
         "clip_skip": plan.clip_skip, "width": plan.width, "height": plan.height,
-        "loras": [{"name": label, "scale": s} for _, _, s, label in plan.loras],
+        "loras": [{"name": lora.label, "scale": lora.scale} for lora in plan.loras],
     }
-    loras = ", ".join(f"{label}:{s:g}" for _, _, s, label in plan.loras) or "none"
+    loras = ", ".join(f"{lora.label}:{lora.scale:g}" for lora in plan.loras) or "none"
     return write_pngs(images, ctx.output_dir, plan.seed, lambda seed: (
         f"{plan.prompt}\nNegative prompt: {plan.negative_prompt}\nSteps: {plan.steps}, Sampler: {plan.scheduler}, "
         f"CFG scale: {plan.guidance_scale:g}, Seed: {seed}, Size: {plan.width}x{plan.height}, "

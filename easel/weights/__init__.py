@@ -13,20 +13,23 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, TypeVar
 
 from easel.catalog import CatalogError, ModelCatalog, ModelEntry
 from easel.config import Settings
 
-from easel.weights.cache import LoraState, PipelineCache, torch_modules, weights_bytes
+from easel.weights.adapters import LoraState
+from easel.weights.cache import PipelineCache, StateTable, torch_modules, weights_bytes
 from easel.weights.precision import Precision, precision as _precision
 from easel.weights.sources import ModelSources, Weights
 
 if TYPE_CHECKING:
     from easel.storage import Storage
 
+S = TypeVar("S")
+
 __all__ = ["ModelManager", "ModelSources", "Weights", "PipelineCache", "LoraState", "dtype_kwargs", "ModelError",
-           "Checkpoint", "LoraChoice", "Loaded", "RuntimeOptions", "Precision"]
+           "Checkpoint", "LoraChoice", "ControlNetChoice", "Loaded", "RuntimeOptions", "Precision"]
 
 
 def dtype_kwargs(dtype: Any) -> dict:
@@ -72,10 +75,26 @@ class LoraChoice:
 
 
 @dataclass(frozen=True)
-class Loaded:
-    """An object from the warm cache: ``fresh`` if this call loaded it, in ``seconds``."""
+class ControlNetChoice:
+    """A chosen ControlNet: catalog ``id``, local ``weights``, conditioning ``scale``, the
+    ``condition`` image it reads (``canny``, ``depth``, ``openpose``) and a ``label`` for logs."""
 
-    obj: Any
+    id: str
+    weights: Weights
+    scale: float
+    condition: str
+    label: str
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Loaded(Generic[T]):
+    """An object from the warm cache (a pipeline, a typed entry, a component): ``fresh`` if this
+    call loaded it, in ``seconds``."""
+
+    obj: T
     fresh: bool
     seconds: float
 
@@ -91,6 +110,16 @@ class RuntimeOptions:
 
     torch_compile: bool = False
     cpu_offload: bool = False
+
+
+def _scale(entry: ModelEntry, inputs: "Mapping[str, object]") -> float:
+    """The scale of a selected model: its ``generatesettings`` value in the validated inputs, else
+    the catalog default; 1.0 for an entry without one."""
+    if not entry.generatesettings:
+        return 1.0
+    setting = entry.generatesettings[0]
+    value = inputs.get(setting["id"], setting.get("value", 1.0))
+    return float(value) if isinstance(value, (int, float, str)) else 1.0
 
 
 class ModelManager:
@@ -112,6 +141,19 @@ class ModelManager:
         # adapter state lives with the module that holds the adapters (a pipeline's UNet or
         # transformer): a reloaded module is a new key, a module shared by two pipelines one key
         self._adapters: "weakref.WeakKeyDictionary[Any, LoraState]" = weakref.WeakKeyDictionary()
+        self._states = StateTable()
+
+    @property
+    def tiny(self) -> bool:
+        """Whether this worker runs the offline tiny models (``--model-source tiny``): tools that
+        size their work to the model (IC-Light, InstantID) use 1/8 of the reference sizes."""
+        return self.settings.model_source == "tiny"
+
+    def state(self, obj: object, kind: "type[S]") -> "S":
+        """The typed state ``kind`` (a class made with no argument, e.g.
+        :class:`easel.weights.cache.PipelineState`) a tool keeps beside a cached object ``obj``:
+        created on first use, gone with the object (an evicted pipeline's state goes with it)."""
+        return self._states.get(obj, kind)
 
     def precision(self, kind: str) -> Precision:
         """Device and dtypes of a ``kind`` of pipeline in this worker (``sd15``, ``sdxl``,
@@ -153,7 +195,17 @@ class ModelManager:
         except CatalogError as exc:
             raise ModelError(f"{field}: {exc}") from None
 
-    def lora(self, model_id: str, field: str, kind: str, inputs: dict) -> LoraChoice:
+    def base_checkpoint(self, tool: str, kinds: tuple[str, ...]) -> Checkpoint:
+        """The checkpoint a tool without a model selector runs: its catalog file's ``base_model``.
+
+        Raises:
+            ModelError: as :meth:`checkpoint` (the message names the tool).
+        """
+        from easel.catalog import load_tools
+
+        return self.checkpoint(load_tools()[tool].base_model or "", f"base model of {tool}", kinds)
+
+    def lora(self, model_id: str, field: str, kind: str, inputs: "Mapping[str, object]") -> LoraChoice:
         """A catalog LoRA with its scale: **the one place of the scale convention**.
 
         A LoRA entry with ``generatesettings`` takes its scale from the validated input of that
@@ -164,8 +216,7 @@ class ModelManager:
             ModelError: wrong kind, unknown id, no source.
         """
         entry = self.entry(model_id, field, (kind,))
-        scale = float(inputs.get(entry.generatesettings[0]["id"], entry.generatesettings[0].get("value", 1.0))) \
-            if entry.generatesettings else 1.0
+        scale = _scale(entry, inputs)
         try:
             w = self.sources.lora(entry)
         except CatalogError as exc:
@@ -184,14 +235,42 @@ class ModelManager:
         except CatalogError as exc:
             raise ModelError(f"{entry.label}: {exc}") from None
 
+    def controlnet(self, model_id: str, field: str, scales: "Mapping[str, object]") -> ControlNetChoice:
+        """A catalog ControlNet (kind ``sdxl-controlnet`` with a ``condition``) with its
+        conditioning scale (its ``generatesettings`` value, as :meth:`lora`).
+
+        Raises:
+            ModelError: unknown id, another kind, no condition, no source.
+        """
+        entry = self.entry(model_id, field, ("sdxl-controlnet",))
+        if not entry.condition:
+            raise ModelError(f"{field} {model_id} ({entry.label}) is not an openpose/depth/canny SDXL ControlNet")
+        _, weights = self.component_weights(model_id, ("sdxl-controlnet",))
+        return ControlNetChoice(entry.id, weights, _scale(entry, scales), entry.condition, entry.label)
+
+    def face_pack(self) -> Weights:
+        """The insightface face-analysis pack (``models/antelopev2/`` under its root), checked.
+
+        Raises:
+            ModelError: the pack is missing or incomplete, its licence not accepted, or its download failed.
+        """
+        from easel.pipelines.faces import FacePackMissing, check_pack
+
+        try:
+            root = self.sources.face_root()
+            check_pack(root)
+        except (CatalogError, FacePackMissing) as exc:
+            raise ModelError(str(exc)) from None
+        return Weights("folder", root, key=f"faces:{root}")
+
     # -- the warm cache -----------------------------------------------------------------------
 
-    def pipeline(self, key: str, loader: Callable[[], Any]) -> Any:
+    def pipeline(self, key: str, loader: Callable[[], T]) -> T:
         """The warm object for a raw cache ``key`` (loaded by ``loader`` on first use or after eviction).
         Tools use :meth:`base_pipeline`, :meth:`derived_pipeline` and :meth:`component` instead."""
         return self.pipelines.get(key, loader)
 
-    def _get(self, key: str, loader: Callable[[], Any], weights: Weights | None = None) -> Loaded:
+    def _get(self, key: str, loader: Callable[[], T], weights: Weights | None = None) -> Loaded[T]:
         fresh = self.pipelines.peek(key) is None
         t0 = time.perf_counter()
         # evict before load: the size to make room for is estimated from the weights on disk
@@ -199,11 +278,11 @@ class ModelManager:
         obj = self.pipelines.get(key, loader, expected() if expected else None)
         return Loaded(obj, fresh, time.perf_counter() - t0)
 
-    def base_pipeline(self, family: str, weights: Weights, loader: Callable[[], Any]) -> Loaded:
+    def base_pipeline(self, family: str, weights: Weights, loader: Callable[[], T]) -> Loaded[T]:
         """The plain pipeline of a checkpoint (one per family and weights), e.g. the SD tool's."""
         return self._get(f"{family}:{weights.key}", loader, weights)
 
-    def derived_pipeline(self, family: str, weights: Weights, transform: str, loader: Callable[[], Any]) -> Loaded:
+    def derived_pipeline(self, family: str, weights: Weights, transform: str, loader: Callable[[], T]) -> Loaded[T]:
         """A pipeline built from a base checkpoint plus a transformation (e.g. ``iclight-fbc:<offset key>``).
 
         Cached under its own key (``<family>:<weights>+<transform>``) and counted in the budget.
@@ -223,7 +302,7 @@ class ModelManager:
                     raise RuntimeError(f"derived pipeline {transform} shares modules with the plain {family} pipeline")
         return loaded
 
-    def component(self, kind: str, weights: Weights, loader: Callable[[Weights], Any]) -> Loaded:
+    def component(self, kind: str, weights: Weights, loader: Callable[[Weights], T]) -> Loaded[T]:
         """An auxiliary network (matting, face analysis, ControlNet, IP-Adapter...) loaded once per
         worker by ``loader(weights)``, cached and budgeted like pipelines."""
         return self._get(f"component:{kind}:{weights.key}", lambda: loader(weights), weights)

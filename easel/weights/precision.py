@@ -2,7 +2,10 @@
 
 Every tool asks :meth:`easel.weights.ModelManager.precision` (or :func:`precision` here) for a
 *kind* of pipeline and gets a :class:`Precision`: the device, the dtype of its networks and the
-dtype of its VAE. The dtypes are the catalog's (the reference implementations'):
+dtype of its VAE. The table is built from the tools' declarations (each model family declares its
+row, and the rows of the auxiliary networks it loads: ``easel.tools.base.Family``, collected by
+:func:`easel.tools.registry.dtype_kinds`); the dtypes are the reference implementations'. With the
+built-in tools:
 
 ===============  =================================  ========  ==============================================
 kind             networks                           dtype     VAE
@@ -15,7 +18,7 @@ kind             networks                           dtype     VAE
                                                               else float16
 ``flux``         transformer, CLIP, T5, LoRA        bfloat16  bfloat16
 ``ic-light``     UNet (+ offset), text encoder      float16   bfloat16 (as ``gradio_demo_bg.py``)
-``condition``    DPT depth, ViTPose                 float16   (none)
+``condition``    DPT depth                          float16   (none)
 ``matting``      RMBG-1.4                           float32   (none; float32 everywhere, as the reference)
 ===============  =================================  ========  ==============================================
 
@@ -44,19 +47,13 @@ from typing import Any, NamedTuple
 
 from easel.config import check_cpu_precision
 
-KINDS = ("sd15", "sdxl", "instantid", "flux", "ic-light", "condition", "matting")
 
-# kind → (dtype name, VAE dtype name) on CUDA; names, so that importing this module imports no torch
-_CATALOG = {
-    "sd15": ("float16", "float16"),
-    "sdxl": ("float16", "float16"),
-    "instantid": ("float16", "float16"),
-    "flux": ("bfloat16", "bfloat16"),
-    "ic-light": ("float16", "bfloat16"),
-    "condition": ("float16", "float16"),
-    "matting": ("float32", "float32"),
-}
-_UPCAST_VAE = ("sdxl", "instantid")  # a float16 VAE whose config says force_upcast is held in float32
+
+def kinds() -> tuple[str, ...]:
+    """Every precision kind the registered tools declare (families and their auxiliary networks)."""
+    from easel.tools.registry import dtype_kinds
+
+    return tuple(dtype_kinds())
 
 
 class Precision(NamedTuple):
@@ -102,23 +99,24 @@ def catalog_dtypes(kind: str) -> tuple[Any, Any]:
     """``(dtype, vae_dtype)`` of ``kind`` on CUDA (the table above).
 
     Raises:
-        ValueError: an unknown kind (the message lists :data:`KINDS`).
+        ValueError: an unknown kind (the message lists :func:`kinds`).
     """
     import torch
 
-    try:
-        names = _CATALOG[kind]
-    except KeyError:
-        raise ValueError(f"unknown precision kind {kind!r}; one of {', '.join(KINDS)}") from None
-    return getattr(torch, names[0]), getattr(torch, names[1])
+    from easel.tools.registry import dtype_kinds
+
+    rows = dtype_kinds()
+    if kind not in rows:
+        raise ValueError(f"unknown precision kind {kind!r}; one of {', '.join(rows)}")
+    return getattr(torch, rows[kind].dtype), getattr(torch, rows[kind].vae_dtype)
 
 
 def precision(kind: str, cpu_precision: str = "float32") -> Precision:
     """The device and dtypes a ``kind`` of pipeline runs in (see the module docstring).
 
     Args:
-        kind: one of :data:`KINDS` (the catalog families, ``condition`` for DPT / ViTPose and
-            ``matting`` for RMBG).
+        kind: one of :func:`kinds` (the model families, and the auxiliary networks' kinds, e.g.
+            ``condition`` for DPT and ``matting`` for RMBG).
         cpu_precision: without CUDA, ``"float32"`` (everything float32) or ``"half"`` (the CUDA
             dtypes); ``Settings.cpu_precision``.
 
@@ -131,9 +129,11 @@ def precision(kind: str, cpu_precision: str = "float32") -> Precision:
     """
     import torch
 
+    from easel.tools.registry import dtype_kinds
+
     check_cpu_precision(cpu_precision)
     dtype, vae_dtype = catalog_dtypes(kind)
-    upcast = kind in _UPCAST_VAE
+    upcast = dtype_kinds()[kind].vae_upcast
     if cuda_available():
         return Precision("cuda", dtype, vae_dtype, upcast)
     if cpu_precision == "half":

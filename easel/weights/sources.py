@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from easel.catalog import CHECKPOINT_KINDS, LORA_KINDS, CatalogError, ModelCatalog, ModelEntry
 from easel.config import Settings
@@ -27,6 +27,9 @@ from easel.storage import Storage, create_storage
 
 from easel.net.fetch import FetchPolicy, fetch_safetensors
 from easel.synthetic.tiny import make_tiny
+
+if TYPE_CHECKING:  # pragma: no cover
+    from easel.tools.base import Family
 
 LICENSES_FILE = "accepted-licenses.json"
 FACE_PACK = "antelopev2"
@@ -81,9 +84,10 @@ class ModelSources:
     def random(self, family: str) -> Path:
         """The random-weight pipeline folder of ``family`` (written on first use, on the GPU when
         there is one, in the dtype the worker loads it with)."""
-        from easel.synthetic.fullsize import FAMILIES, make_random
+        from easel.synthetic.fullsize import make_random
 
-        if family not in FAMILIES:
+        declared = _family(family)
+        if declared is None or not declared.random:
             raise CatalogError(f"no random full-size model exists for the {family} family")
         with self._tiny_lock:
             if family not in self._random:
@@ -106,15 +110,16 @@ class ModelSources:
             return Weights("diffusers", folder, key=f"random:{folder.name}")
         if self.settings.model_source == "tiny":
             tiny = self.tiny()
-            if entry.family == "flux":
-                return Weights("diffusers", tiny["flux"], key="tiny-flux")
-            if entry.family not in ("sd15", "sdxl"):
+            declared = _family(entry.family)
+            if declared is None or declared.tiny is None:
                 raise CatalogError(f"no tiny model exists yet for the {entry.family} family (catalog id {entry.id})")
-            fam = entry.family
+            stand_in = declared.tiny
             source = entry.source or {}
-            if source.get("type") == "url" or source.get("weight_name") or len(source.get("files") or []) == 1:
-                return Weights("single_file", tiny[f"{fam}-single-file"], config=tiny[fam], key=f"tiny-{fam}-single")
-            return Weights("diffusers", tiny[fam], key=f"tiny-{fam}")
+            one_file = source.get("type") == "url" or source.get("weight_name") or len(source.get("files") or []) == 1
+            if stand_in.single_file and one_file:
+                return Weights("single_file", tiny[stand_in.single_file], config=tiny[stand_in.checkpoint],
+                               key=f"tiny-{declared.name}-single")
+            return Weights("diffusers", tiny[stand_in.checkpoint], key=f"tiny-{stand_in.checkpoint}")
         source = self.catalog.require_source(entry)
         if source["type"] == "hf":
             if source.get("weight_name") or len(source.get("files") or []) == 1:
@@ -141,12 +146,13 @@ class ModelSources:
             return Weights("lora", path, key=f"random:{folder.name}/{path.name}")
         if self.settings.model_source == "tiny":
             tiny = self.tiny()
-            if entry.family not in ("sd15", "sdxl", "flux"):
+            declared = _family(entry.family)
+            if declared is None or declared.tiny is None or not declared.tiny.lora_prefix:
                 raise CatalogError(f"no tiny model exists yet for the {entry.family} family (catalog id {entry.id})")
             # The entry's known layout, else: community LoRAs (unknown or URL sources) ship in
             # Kohya layout, Hub ones in PEFT layout.
             layout = entry.lora_format or ("peft" if (entry.source or {}).get("type") == "hf" else "kohya")
-            name = f"{entry.family}-lora-{layout}"
+            name = f"{declared.tiny.lora_prefix}-{layout}"
             if name not in tiny:
                 raise CatalogError(f"no tiny {entry.family} LoRA in the {layout} layout (catalog id {entry.id})")
             return Weights("lora", tiny[name], key=f"tiny-{name}")
@@ -419,3 +425,11 @@ def license_problem(entry: ModelEntry, settings: Settings) -> str | None:
     return (f"{entry.label} ({entry.id}) is under the {lic.get('id', name)} licence ({terms}{where}), which the "
             f"operator has not accepted. To accept it, set EASEL_ACCEPT_LICENSES={name} (comma-separated with "
             f"others) for the server and its workers, or run `easel models pull {entry.id} --accept-license {name}`.")
+
+
+def _family(name: str) -> "Family | None":
+    """The declared model family ``name`` (its tiny stand-ins, whether random weights exist), from
+    the registered tools' declarations; None when no registered tool declares it."""
+    from easel.tools.registry import families
+
+    return families().get(name)
