@@ -133,7 +133,7 @@ def test_the_installed_plugin_registers_on_the_sdxl_family(plugin):
 
     spec = load_tools()[plugin]
     assert spec.module == "easel_sdxl_lora" and spec.family == "sdxl"
-    example = json.loads(load_tool(plugin).declaration.catalog.read_text())["example"]
+    example = dict(load_tools()[plugin].example.request)
     inputs = load_tool(plugin).parse(spec.validate(example, ModelCatalog.load()))
     assert inputs.selectedLoraModel == "80" and inputs.scales["pixel-art-xl"] == 0.8 and inputs.steps == 2
 
@@ -145,9 +145,9 @@ def test_the_installed_plugin_runs_through_tool_list_run_the_websocket_and_detai
         listed = server.post(project, "/v1/Tool/List", json={"start": "0", "limit": "50"}).json()
         mine = [t for t in listed["tool"] if f"{t['slugowner']}/{t['slugproject']}" == plugin]
         assert len(mine) == 1, [t["slugproject"] for t in listed["tool"]]
-        from easel.tools import load_tool
+        from easel.catalog import load_tools
 
-        example = json.loads(load_tool(plugin).declaration.catalog.read_text())["example"]
+        example = dict(load_tools()[plugin].example.request)
         answer = server.run(project, example, tool=plugin)
         frames = []
         url = server.base.replace("http", "ws") + "/v1"
