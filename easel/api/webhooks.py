@@ -2,7 +2,7 @@
 
 A terminal transition (``task_postprocess_end`` or ``task_cancel``) of a task with a
 ``callbackUrl`` inserts a pending ``webhook_deliveries`` row in the same transaction
-(``Store.transition(..., webhook=True)``). Every API process runs one :class:`WebhookDispatcher`
+(a lifecycle step with ``webhook``: ``easel.store.deliveries.enqueue``). Every API process runs one :class:`WebhookDispatcher`
 thread that leases due rows (a conditional UPDATE, so two processes never send the same attempt)
 and POSTs the task object (the Task/Detail ``tasklist`` item) with Standard Webhooks headers
 (``easel.signing``). The body is frozen at the first attempt, so every retry carries the same
@@ -10,6 +10,10 @@ and POSTs the task object (the Task/Detail ``tasklist`` item) with Standard Webh
 else (including a redirect, which is not followed) schedules the next attempt after
 ``backoff × 2^(attempt-1)`` seconds (capped at 10 minutes) until ``webhook_max_age_seconds`` have
 passed since the task ended. Rows survive restarts: a pending row is picked up again.
+
+A delivery's status moves only through ``Store.settle_delivery`` along
+``easel.store.status.DELIVERY_TRANSITIONS`` (``pending`` -> ``pending`` for a retry, or to
+``delivered``, ``failed`` or ``dropped``); this module decides which, from each attempt's outcome.
 
 The URL is handled as hostile, exactly like LoRA URLs: only http(s), the host must resolve to
 public addresses unless allow-listed (``--fetch-allow``), and the connection is pinned to the
@@ -28,7 +32,7 @@ from easel import metrics
 from easel.config import Settings
 from easel.net.fetch import FetchError, FetchPolicy, URLRefused, check_url, post_pinned
 from easel.signing import webhook_signature
-from easel.store import Store, WebhookDelivery
+from easel.store import DeliveryStatus, Store, WebhookDelivery
 
 log = logging.getLogger("easel.webhooks")
 MAX_BACKOFF = 600.0
@@ -98,7 +102,7 @@ class WebhookDispatcher:
         if payload is None:
             obj = self.task_object(d.task_id)
             if obj is None:
-                store.update_delivery(d.id, status="failed", last_error="task no longer exists")
+                store.settle_delivery(d.id, DeliveryStatus.FAILED, last_error="task no longer exists")
                 return
             payload = json.dumps(obj, separators=(",", ":"), sort_keys=True)
         secret = self._secret(d.task_id)
@@ -112,24 +116,24 @@ class WebhookDispatcher:
             status = post_pinned(d.url, body, headers, self.policy)
             error = "" if 200 <= status < 300 else f"HTTP {status}"
         except URLRefused as exc:  # retrying cannot help
-            store.update_delivery(d.id, status="failed", attempts=attempts, payload=payload, last_error=str(exc))
+            store.settle_delivery(d.id, DeliveryStatus.FAILED, attempts=attempts, payload=payload, last_error=str(exc))
             metrics.webhook_attempt("refused")
             return
         except FetchError as exc:
             error = str(exc)
         if not error:
-            store.update_delivery(d.id, status="delivered", attempts=attempts, payload=payload, last_error="",
+            store.settle_delivery(d.id, DeliveryStatus.DELIVERED, attempts=attempts, payload=payload, last_error="",
                                   delivered_at=time.time())
             metrics.webhook_attempt("delivered")
             return
         delay = min(MAX_BACKOFF, self.settings.webhook_backoff_seconds * 2 ** (attempts - 1))
         if time.time() + delay - d.created_at > self.settings.webhook_max_age_seconds:
-            store.update_delivery(d.id, status="failed", attempts=attempts, payload=payload,
+            store.settle_delivery(d.id, DeliveryStatus.FAILED, attempts=attempts, payload=payload,
                                   last_error=f"gave up after {attempts} attempts: {error}")
             metrics.webhook_attempt("failed")
         else:
             metrics.webhook_attempt("retry")
-            store.update_delivery(d.id, attempts=attempts, payload=payload, last_error=error,
+            store.settle_delivery(d.id, DeliveryStatus.PENDING, attempts=attempts, payload=payload, last_error=error,
                                   next_attempt_at=time.time() + delay)
 
     def _secret(self, task_id: int) -> str:
