@@ -59,9 +59,7 @@ class Deliveries:
         written) otherwise. The only write of a delivery's status.
 
         Raises:
-            ValueError: ``status`` is not a :class:`DeliveryStatus`, or ``values`` holds ``status``."""
-        if "status" in values:
-            raise ValueError("'status' is not a free value of a delivery: pass it as the status to settle in")
+            ValueError: ``status`` is not a :class:`DeliveryStatus`."""
         status = DeliveryStatus(status)
         with self.db.write() as conn:
             return conn.execute(update(WebhookDelivery).where(
