@@ -168,3 +168,32 @@ def test_migration_0009_on_postgresql():
         if store is not None:
             store.engine.dispose()
         drop()
+
+
+def test_a_failing_webhook_is_retried_then_given_up_on_a_moved_clock(tmp_path):
+    from easel.api.webhooks import WebhookDispatcher
+
+    settings = Settings(data_dir=tmp_path, fetch_allow=("127.0.0.1",), webhook_backoff_seconds=10,
+                        webhook_max_age_seconds=100)
+    clock = ManualClock()
+    store = Store(settings.database_url, clock=clock)
+    store.migrate()
+    try:
+        task = _queued(store, callback="http://127.0.0.1:9/hook")  # nothing listens: refused at once
+        assert lc.cancel(store, task.id, clock=clock)
+        dispatcher = WebhookDispatcher(settings, store, lambda tid: {"id": str(tid)}, clock=clock)
+        assert dispatcher.run_once() == 1
+        [d] = store.deliveries(task.id)
+        assert (d.status, d.attempts, d.next_attempt_at) == (DeliveryStatus.PENDING, 1, clock.now() + 10)
+        assert dispatcher.run_once() == 0  # not due before its backoff
+        clock.advance(10)
+        assert dispatcher.run_once() == 1
+        [d] = store.deliveries(task.id)
+        assert (d.status, d.attempts, d.next_attempt_at) == (DeliveryStatus.PENDING, 2, clock.now() + 20)
+        clock.advance(95)  # the next backoff would end past webhook_max_age_seconds
+        assert dispatcher.run_once() == 1
+        [d] = store.deliveries(task.id)
+        assert d.status == DeliveryStatus.FAILED and d.last_error.startswith("gave up after 3 attempts")
+        assert dispatcher.run_once() == 0 and not store.settle_delivery(d.id, DeliveryStatus.PENDING)
+    finally:
+        store.engine.dispose()

@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from easel import metrics
+from easel.clock import SYSTEM, Clock
 from easel.config import Settings
 from easel.net.fetch import FetchError, FetchPolicy, URLRefused, check_url, post_pinned
 from easel.signing import webhook_signature
@@ -42,8 +42,11 @@ CHECK_SECONDS = 5.0  # longest a Run waits on resolving its callbackUrl's host
 class WebhookDispatcher:
     """Sends due webhook deliveries from the store; call :meth:`run_once` or :meth:`start`."""
 
-    def __init__(self, settings: Settings, store: Store, task_object: Callable[[int], dict | None]):
-        """``task_object(task_id)`` returns the Task/Detail item (None if the task is gone)."""
+    def __init__(self, settings: Settings, store: Store, task_object: Callable[[int], dict | None],
+                 clock: Clock = SYSTEM):
+        """``task_object(task_id)`` returns the Task/Detail item (None if the task is gone);
+        ``clock`` says when deliveries are due and stamps the attempts (:mod:`easel.clock`)."""
+        self.clock = clock
         self.settings = settings
         self.store = store
         self.task_object = task_object
@@ -77,7 +80,7 @@ class WebhookDispatcher:
 
     def run_once(self) -> int:
         """Attempt every due delivery once; return how many were attempted."""
-        now = time.time()
+        now = self.clock.now()
         # the lease outlasts an attempt (whose total deadline is webhook_timeout), so no other
         # dispatcher takes a delivery that is still being sent
         due = self.store.lease_due_deliveries(now, lease_seconds=self.settings.webhook_timeout * 3 + 5,
@@ -107,7 +110,7 @@ class WebhookDispatcher:
             payload = json.dumps(obj, separators=(",", ":"), sort_keys=True)
         secret = self._secret(d.task_id)
         body = payload.encode()
-        stamp = int(time.time())
+        stamp = int(self.clock.now())
         headers = {"content-type": "application/json", "user-agent": "Easel-Webhooks/1",
                    "webhook-id": d.id, "webhook-timestamp": str(stamp),
                    "webhook-signature": webhook_signature(secret, d.id, stamp, body)}
@@ -123,18 +126,18 @@ class WebhookDispatcher:
             error = str(exc)
         if not error:
             store.settle_delivery(d.id, DeliveryStatus.DELIVERED, attempts=attempts, payload=payload, last_error="",
-                                  delivered_at=time.time())
+                                  delivered_at=self.clock.now())
             metrics.webhook_attempt("delivered")
             return
         delay = min(MAX_BACKOFF, self.settings.webhook_backoff_seconds * 2 ** (attempts - 1))
-        if time.time() + delay - d.created_at > self.settings.webhook_max_age_seconds:
+        if self.clock.now() + delay - d.created_at > self.settings.webhook_max_age_seconds:
             store.settle_delivery(d.id, DeliveryStatus.FAILED, attempts=attempts, payload=payload,
                                   last_error=f"gave up after {attempts} attempts: {error}")
             metrics.webhook_attempt("failed")
         else:
             metrics.webhook_attempt("retry")
             store.settle_delivery(d.id, DeliveryStatus.PENDING, attempts=attempts, payload=payload, last_error=error,
-                                  next_attempt_at=time.time() + delay)
+                                  next_attempt_at=self.clock.now() + delay)
 
     def _secret(self, task_id: int) -> str:
         task = self.store.get_task(task_id)
