@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import cache
 from typing import Iterable
 
 from easel import metrics
@@ -81,6 +82,7 @@ assert set(TRANSITIONS) == set(TaskStatus) and ACCEPT in TRANSITIONS[QUEUE]
 assert set(TERMINAL) == {s for s, n in TRANSITIONS.items() if not n}
 
 
+@cache
 def allowed_from(status: str) -> tuple[str, ...]:
     """The statuses from which a task may move to ``status`` (the guard of every write)."""
     return tuple(s for s, nexts in TRANSITIONS.items() if status in nexts)
