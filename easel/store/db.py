@@ -87,6 +87,7 @@ class Direct:
         self._compiled: dict[tuple, tuple] = {}
 
     def rows(self, conn: Connection, stmt, params: dict) -> list[tuple]:
+        """Run ``stmt`` with ``params`` on ``conn``'s DBAPI cursor; its rows as tuples ([] for none)."""
         key = (stmt, tuple(params) if stmt.is_insert else None)
         entry = self._compiled.get(key)
         if entry is None:

@@ -54,6 +54,7 @@ class _NewTask:
         self.error: BaseException | None = None
 
     def outcome(self) -> tuple:
+        """This call's ``(task, created)``; raises the error its group gave it."""
         if self.error is not None:
             raise self.error
         return self.result
@@ -87,6 +88,7 @@ class _GroupCommit:
             return True
 
     def take(self) -> list[_NewTask]:
+        """The calls queued so far (the leader inserts them), leaving the queue empty."""
         with self.mutex:
             group, self.queue = self.queue, []
             return group
