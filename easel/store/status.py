@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import lru_cache
 
 
 class TaskStatus(StrEnum):
@@ -40,7 +41,8 @@ def statuses(values) -> tuple[str, ...]:
     return tuple(TaskStatus(v).value for v in values)
 
 
-def _guard(only_from) -> tuple[str, ...]:
+@lru_cache(maxsize=256)
+def _guard(only_from: tuple) -> tuple[str, ...]:
     out = statuses(only_from)
     if not out:
         raise ValueError("a step needs the statuses it may be taken from (only_from is empty)")
@@ -53,7 +55,7 @@ def _free(values: Mapping[str, object]) -> dict:
     return dict(values)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Step:
     """One status change of one task, built by the lifecycle from its transition table.
 
@@ -74,12 +76,12 @@ class Step:
     values: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "status", TaskStatus(self.status).value)
-        object.__setattr__(self, "only_from", _guard(self.only_from))
-        object.__setattr__(self, "values", _free(self.values))
+        self.status = TaskStatus(self.status).value
+        self.only_from = _guard(tuple(self.only_from))
+        self.values = _free(self.values)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Note:
     """An event appended to a task without changing its status (progress before the first step,
     a ``task_error`` log line): ``type`` is the event type, ``only_from`` the statuses the task
@@ -95,8 +97,8 @@ class Note:
     values: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "only_from", _guard(self.only_from))
-        object.__setattr__(self, "values", _free(self.values))
+        self.only_from = _guard(tuple(self.only_from))
+        self.values = _free(self.values)
 
 
 class DeliveryStatus(StrEnum):
