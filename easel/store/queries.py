@@ -177,11 +177,13 @@ class Queries:
         """The task's events in order, those with ``seq > after_seq`` only (a cursor that cannot
         skip an event: see :attr:`Event.seq`), as :class:`EventRow` s whose ``preview`` is the
         event's preview as base64 text with ``previews``, else None (the images are not read)."""
-        rows = self.db.rows(_EVENTS_WITH_PREVIEWS if previews else _EVENTS, {"task_id": task_id, "after": after_seq})
+        # every poll of every watcher: plain tuples off the DBAPI cursor (:class:`.db.Direct`)
+        with self.db.engine.connect() as conn:
+            rows = self.db.direct.rows(conn, _EVENTS_WITH_PREVIEWS if previews else _EVENTS,
+                                       {"task_id": task_id, "after": after_seq})
         if not previews:
-            return [EventRow(*r) for r in rows]
-        return [EventRow(*r[:-1], base64.b64encode(r.preview).decode() if r.preview is not None else None)
-                for r in rows]
+            return list(map(EventRow._make, rows))
+        return [EventRow(*r[:-1], base64.b64encode(r[-1]).decode() if r[-1] is not None else None) for r in rows]
 
     def previews(self, task_id: int) -> list[Preview]:
         """The task's stored previews, in step order."""
