@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from easel.clock import ManualClock
 from easel.config import Settings
 from easel.store import Store
 from easel.tasks import lifecycle as lc
@@ -22,12 +23,13 @@ def _task(store, callback=""):
     return task
 
 
-def _to_output(store, worker="w1", lease=30.0):
+def _to_output(store, worker="w1", lease=30.0, clock=None):
+    clock = clock or ManualClock()
     tid = _task(store).id
-    assert lc.claim(store, worker, lease) == tid
+    assert lc.claim(store, worker, lease, clock=clock) == tid
     for status in (lc.PREPROCESS_START, lc.PREPROCESS_END, lc.ASSIGN, lc.START):
-        assert lc.advance(store, tid, status, owner=worker, lease_seconds=lease)
-    assert lc.progress(store, tid, "{}", {"stepCurrent": "1"}, owner=worker, lease_seconds=lease) is False
+        assert lc.advance(store, tid, status, owner=worker, lease_seconds=lease, clock=clock)
+    assert lc.progress(store, tid, "{}", {"stepCurrent": "1"}, owner=worker, lease_seconds=lease, clock=clock) is False
     return tid
 
 
@@ -69,22 +71,26 @@ def test_a_failed_task_is_not_resurrected_by_its_workers_progress(store):
 
 
 def test_recovery_fails_only_tasks_whose_lease_expired(store):
-    live = _to_output(store, "server-a-worker", lease=60)
-    stale = _to_output(store, "dead-worker", lease=0.01)
-    time.sleep(0.05)
-    assert lc.recover_interrupted(store, lease_seconds=60) == [stale]
+    clock = ManualClock()
+    live = _to_output(store, "server-a-worker", lease=60, clock=clock)
+    stale = _to_output(store, "dead-worker", lease=10, clock=clock)
+    assert lc.recover_interrupted(store, lease_seconds=60, clock=clock) == []  # no lease has expired yet
+    clock.advance(11)
+    assert lc.recover_interrupted(store, lease_seconds=60, clock=clock) == [stale]
     assert store.get_task(live).status == lc.OUTPUT
     dead = store.get_task(stale)
     assert dead.status == lc.POSTPROCESS_END and dead.pexit == "1" and "stopped renewing its lease" in dead.debugerror
-    assert lc.recover_interrupted(store, lease_seconds=60) == []  # ended once
+    assert lc.recover_interrupted(store, lease_seconds=60, clock=clock) == []  # ended once
 
 
 def test_expired_unstarted_task_is_requeued_when_the_policy_says_so(store):
+    clock = ManualClock()
     tid = _task(store).id
-    lc.claim(store, "w1", lease_seconds=0.01)
-    lc.advance(store, tid, lc.PREPROCESS_START, owner="w1")
-    time.sleep(0.05)
-    assert lc.expire_leases(store, 60, requeue_unstarted=True) == {tid: "requeued"}
+    lc.claim(store, "w1", lease_seconds=10, clock=clock)
+    lc.advance(store, tid, lc.PREPROCESS_START, owner="w1", clock=clock)
+    assert lc.expire_leases(store, 60, requeue_unstarted=True, clock=clock) == {}
+    clock.advance(11)
+    assert lc.expire_leases(store, 60, requeue_unstarted=True, clock=clock) == {tid: "requeued"}
     task = store.get_task(tid)
     assert task.status == lc.QUEUE and task.worker_id == "" and task.accepttime is None
     assert not lc.advance(store, tid, lc.PREPROCESS_END, owner="w1")  # the old worker cannot write any more
@@ -92,12 +98,14 @@ def test_expired_unstarted_task_is_requeued_when_the_policy_says_so(store):
 
 
 def test_a_task_over_its_time_limit_is_failed_by_any_process(store):
-    tid = _to_output(store, lease=60)
-    assert lc.expire_leases(store, 60, task_timeout=10) == {}
-    later = time.time() + 100
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lc.time, "time", lambda: later)
-        assert lc.expire_leases(store, 60, task_timeout=10) == {tid: "timed out"}
+    clock = ManualClock()
+    tid = _to_output(store, lease=60, clock=clock)
+    assert lc.expire_leases(store, 60, task_timeout=10, clock=clock) == {}
+    clock.advance(50)  # within its lease, but past the limit + a lease since it was accepted
+    assert lc.expire_leases(store, 60, task_timeout=10, clock=clock) == {}
+    assert store.renew_lease(tid, "w1", clock.now() + 60, lc.RUNNING)  # its worker still renews the lease
+    clock.advance(21)  # the lease holds; the limit (+ a lease of grace) since it was accepted has passed
+    assert lc.expire_leases(store, 60, task_timeout=10, clock=clock) == {tid: "timed out"}
     assert "EASEL_TASK_TIMEOUT_SECONDS" in store.get_task(tid).debugerror
 
 

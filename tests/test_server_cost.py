@@ -282,17 +282,17 @@ def test_a_failed_group_fails_each_of_its_runs_and_the_next_run_leads_again(stor
     from sqlalchemy.exc import OperationalError
 
     p = store.create_project("p")
-    real = store._insert_group
+    real = store.submission._insert_group
 
     def broken(conn, group):
         real(conn, group)  # every call got a result, then the commit's database fails
         raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
 
-    monkeypatch.setattr(store, "_insert_group", broken)
+    monkeypatch.setattr(store.submission, "_insert_group", broken)
     results, _commits = _submit_together(store, [{"project_id": p.id}] * 5)
     assert all(isinstance(r, OperationalError) for r in results), results
     assert store.count_tasks(p.id) == 0 and store.tasks_of(p.id) == []  # rolled back, nothing half-stored
-    monkeypatch.setattr(store, "_insert_group", real)
+    monkeypatch.setattr(store.submission, "_insert_group", real)
     assert len(_submit(store, p.id, 3)) == 3 and store.count_tasks(p.id) == 3
 
 

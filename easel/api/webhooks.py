@@ -2,7 +2,7 @@
 
 A terminal transition (``task_postprocess_end`` or ``task_cancel``) of a task with a
 ``callbackUrl`` inserts a pending ``webhook_deliveries`` row in the same transaction
-(``Store.transition(..., webhook=True)``). Every API process runs one :class:`WebhookDispatcher`
+(a lifecycle step with ``webhook``: ``easel.store.deliveries.enqueue``). Every API process runs one :class:`WebhookDispatcher`
 thread that leases due rows (a conditional UPDATE, so two processes never send the same attempt)
 and POSTs the task object (the Task/Detail ``tasklist`` item) with Standard Webhooks headers
 (``easel.signing``). The body is frozen at the first attempt, so every retry carries the same
@@ -10,6 +10,10 @@ and POSTs the task object (the Task/Detail ``tasklist`` item) with Standard Webh
 else (including a redirect, which is not followed) schedules the next attempt after
 ``backoff × 2^(attempt-1)`` seconds (capped at 10 minutes) until ``webhook_max_age_seconds`` have
 passed since the task ended. Rows survive restarts: a pending row is picked up again.
+
+A delivery's status moves only through ``Store.settle_delivery`` along
+``easel.store.status.DELIVERY_TRANSITIONS`` (``pending`` -> ``pending`` for a retry, or to
+``delivered``, ``failed`` or ``dropped``); this module decides which, from each attempt's outcome.
 
 The URL is handled as hostile, exactly like LoRA URLs: only http(s), the host must resolve to
 public addresses unless allow-listed (``--fetch-allow``), and the connection is pinned to the
@@ -20,15 +24,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from easel import metrics
+from easel.clock import SYSTEM, Clock
 from easel.config import Settings
 from easel.net.fetch import FetchError, FetchPolicy, URLRefused, check_url, post_pinned
 from easel.signing import webhook_signature
-from easel.store import Store, WebhookDelivery
+from easel.store import DeliveryStatus, Store, WebhookDelivery
 
 log = logging.getLogger("easel.webhooks")
 MAX_BACKOFF = 600.0
@@ -38,8 +42,11 @@ CHECK_SECONDS = 5.0  # longest a Run waits on resolving its callbackUrl's host
 class WebhookDispatcher:
     """Sends due webhook deliveries from the store; call :meth:`run_once` or :meth:`start`."""
 
-    def __init__(self, settings: Settings, store: Store, task_object: Callable[[int], dict | None]):
-        """``task_object(task_id)`` returns the Task/Detail item (None if the task is gone)."""
+    def __init__(self, settings: Settings, store: Store, task_object: Callable[[int], dict | None],
+                 clock: Clock = SYSTEM):
+        """``task_object(task_id)`` returns the Task/Detail item (None if the task is gone);
+        ``clock`` says when deliveries are due and stamps the attempts (:mod:`easel.clock`)."""
+        self.clock = clock
         self.settings = settings
         self.store = store
         self.task_object = task_object
@@ -73,7 +80,7 @@ class WebhookDispatcher:
 
     def run_once(self) -> int:
         """Attempt every due delivery once; return how many were attempted."""
-        now = time.time()
+        now = self.clock.now()
         # the lease outlasts an attempt (whose total deadline is webhook_timeout), so no other
         # dispatcher takes a delivery that is still being sent
         due = self.store.lease_due_deliveries(now, lease_seconds=self.settings.webhook_timeout * 3 + 5,
@@ -98,12 +105,12 @@ class WebhookDispatcher:
         if payload is None:
             obj = self.task_object(d.task_id)
             if obj is None:
-                store.update_delivery(d.id, status="failed", last_error="task no longer exists")
+                store.settle_delivery(d.id, DeliveryStatus.FAILED, last_error="task no longer exists")
                 return
             payload = json.dumps(obj, separators=(",", ":"), sort_keys=True)
         secret = self._secret(d.task_id)
         body = payload.encode()
-        stamp = int(time.time())
+        stamp = int(self.clock.now())
         headers = {"content-type": "application/json", "user-agent": "Easel-Webhooks/1",
                    "webhook-id": d.id, "webhook-timestamp": str(stamp),
                    "webhook-signature": webhook_signature(secret, d.id, stamp, body)}
@@ -112,25 +119,25 @@ class WebhookDispatcher:
             status = post_pinned(d.url, body, headers, self.policy)
             error = "" if 200 <= status < 300 else f"HTTP {status}"
         except URLRefused as exc:  # retrying cannot help
-            store.update_delivery(d.id, status="failed", attempts=attempts, payload=payload, last_error=str(exc))
+            store.settle_delivery(d.id, DeliveryStatus.FAILED, attempts=attempts, payload=payload, last_error=str(exc))
             metrics.webhook_attempt("refused")
             return
         except FetchError as exc:
             error = str(exc)
         if not error:
-            store.update_delivery(d.id, status="delivered", attempts=attempts, payload=payload, last_error="",
-                                  delivered_at=time.time())
+            store.settle_delivery(d.id, DeliveryStatus.DELIVERED, attempts=attempts, payload=payload, last_error="",
+                                  delivered_at=self.clock.now())
             metrics.webhook_attempt("delivered")
             return
         delay = min(MAX_BACKOFF, self.settings.webhook_backoff_seconds * 2 ** (attempts - 1))
-        if time.time() + delay - d.created_at > self.settings.webhook_max_age_seconds:
-            store.update_delivery(d.id, status="failed", attempts=attempts, payload=payload,
+        if self.clock.now() + delay - d.created_at > self.settings.webhook_max_age_seconds:
+            store.settle_delivery(d.id, DeliveryStatus.FAILED, attempts=attempts, payload=payload,
                                   last_error=f"gave up after {attempts} attempts: {error}")
             metrics.webhook_attempt("failed")
         else:
             metrics.webhook_attempt("retry")
-            store.update_delivery(d.id, attempts=attempts, payload=payload, last_error=error,
-                                  next_attempt_at=time.time() + delay)
+            store.settle_delivery(d.id, DeliveryStatus.PENDING, attempts=attempts, payload=payload, last_error=error,
+                                  next_attempt_at=self.clock.now() + delay)
 
     def _secret(self, task_id: int) -> str:
         task = self.store.get_task(task_id)

@@ -6,8 +6,10 @@ Times are Unix epoch seconds as floats (Wiro answers them as integer strings).
 """
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, CheckConstraint, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .status import TaskStatus
 
 
 class Base(DeclarativeBase):
@@ -90,7 +92,10 @@ class Task(Base):
     queue_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
     __table_args__ = (Index("ix_tasks_status_queue_seq", "status", "queue_seq"),
                       Index("ix_tasks_project_tool_id", "project_id", "tool", "id"),
-                      UniqueConstraint("project_id", "idempotency_key", name="uq_task_idempotency"))
+                      UniqueConstraint("project_id", "idempotency_key", name="uq_task_idempotency"),
+                      # one of easel.store.status.TaskStatus (migration 0009)
+                      CheckConstraint("status IN (" + ", ".join(f"'{s.value}'" for s in TaskStatus) + ")",
+                                      name="ck_tasks_status"))
 
 
 class Output(Base):

@@ -1,4 +1,4 @@
-"""Task statuses, legal transitions, stage times, exit codes, cost, and Wiro's task view.
+"""Task statuses, legal transitions, stage times, exit codes and leases: the one writer of task state.
 
 Order of a successful run (Wiro's documented lifecycle)::
 
@@ -9,36 +9,42 @@ Order of a successful run (Wiro's documented lifecycle)::
 A tool error ends at ``task_postprocess_end`` with ``pexit`` "1" and the message in
 ``debugerror``. Cancel (queued) and Kill (running) end at ``task_cancel`` (``pexit`` "-1" for a
 killed run). Only successful tasks are billed: ``totalcost`` = elapsed seconds × cost per second.
+
+This module is the one writer of a task's status: every change, cancel, requeue and kill
+included, is built here as a :class:`~easel.store.Step` whose guard comes from
+:data:`TRANSITIONS`, and the store only applies it. Times come from a :class:`~easel.clock.Clock`
+(``clock``, default :data:`easel.clock.SYSTEM`), so tests move a ``ManualClock`` instead of sleeping.
 """
 from __future__ import annotations
 
 import json
 import logging
-import time
-from typing import Callable
+from functools import cache
+from typing import Iterable
 
-from easel import metrics, strict
-from easel.store import Output, Store, Task
+from easel import metrics
+from easel.clock import SYSTEM, Clock
+from easel.store import Note, Step, Store, Task, TaskStatus
+# Wiro's task view (reads only), where callers have always found it: lifecycle.task_view, ...
+from easel.tasks.view import WAITING, elapsed_seconds, eta_seconds, phase, poll_delay, task_view  # noqa: F401
 
 log = logging.getLogger("easel.lifecycle")
 
-QUEUE = "task_queue"
-ACCEPT = "task_accept"
-PREPROCESS_START = "task_preprocess_start"
-PREPROCESS_END = "task_preprocess_end"
-ASSIGN = "task_assign"
-START = "task_start"
-OUTPUT = "task_output"
-ERROR = "task_error"
-OUTPUT_FULL = "task_output_full"
-ERROR_FULL = "task_error_full"
-END = "task_end"
-POSTPROCESS_START = "task_postprocess_start"
-POSTPROCESS_END = "task_postprocess_end"
-CANCEL = "task_cancel"
+QUEUE = TaskStatus.QUEUE
+ACCEPT = TaskStatus.ACCEPT
+PREPROCESS_START = TaskStatus.PREPROCESS_START
+PREPROCESS_END = TaskStatus.PREPROCESS_END
+ASSIGN = TaskStatus.ASSIGN
+START = TaskStatus.START
+OUTPUT = TaskStatus.OUTPUT
+ERROR = "task_error"  # an event type (a log line of a running task), not a status
+OUTPUT_FULL = TaskStatus.OUTPUT_FULL
+ERROR_FULL = TaskStatus.ERROR_FULL
+END = TaskStatus.END
+POSTPROCESS_START = TaskStatus.POSTPROCESS_START
+POSTPROCESS_END = TaskStatus.POSTPROCESS_END
+CANCEL = TaskStatus.CANCEL
 
-RUNNING = (ACCEPT, PREPROCESS_START, PREPROCESS_END, ASSIGN, START, OUTPUT, OUTPUT_FULL, ERROR_FULL, END,
-           POSTPROCESS_START)
 TERMINAL = (POSTPROCESS_END, CANCEL)
 TIME_COLUMN = {
     ACCEPT: "accepttime", PREPROCESS_START: "preprocessstarttime", PREPROCESS_END: "preprocessendtime",
@@ -68,11 +74,38 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     POSTPROCESS_END: frozenset(),
     CANCEL: frozenset(),
 }
+# a claimed task that has not ended: every status with a way out but the queue's
+RUNNING = tuple(s for s, nexts in TRANSITIONS.items() if nexts and s != QUEUE)
+KILLABLE = tuple(s for s in RUNNING if CANCEL in TRANSITIONS[s])  # a kill ends at task_cancel
+# the table names every status once, and the claim (queue -> accept) and the ends are where they belong
+assert set(TRANSITIONS) == set(TaskStatus) and ACCEPT in TRANSITIONS[QUEUE]
+assert set(TERMINAL) == {s for s, n in TRANSITIONS.items() if not n}
 
 
+@cache
 def allowed_from(status: str) -> tuple[str, ...]:
     """The statuses from which a task may move to ``status`` (the guard of every write)."""
     return tuple(s for s, nexts in TRANSITIONS.items() if status in nexts)
+
+
+def step(status: str, message: str = "", *, among: Iterable[str] | None = None, webhook: bool | None = None,
+         **values) -> Step:
+    """The :class:`~easel.store.Step` to ``status``: taken only from the statuses
+    :data:`TRANSITIONS` allows (and, with ``among``, only from those of them: a policy such as
+    "Cancel only a queued task"), setting ``values`` (never ``status``) and appending the event
+    with ``message``. ``webhook`` (default: whether ``status`` is terminal) queues the webhook.
+
+    Raises:
+        ValueError: no status of ``among`` may move to ``status`` (a policy the table forbids),
+            or ``values`` holds ``status``.
+    """
+    only_from = allowed_from(status)
+    if among is not None:
+        wanted = set(among)
+        only_from = tuple(s for s in only_from if s in wanted)
+        if not only_from:
+            raise ValueError(f"no status of {sorted(wanted)} may move to {status}")
+    return Step(status, only_from, message, status in TERMINAL if webhook is None else webhook, values)
 
 
 def _rejected(store: Store, task_id: int, status: str, owner: str | None) -> None:
@@ -115,7 +148,7 @@ def submit(store: Store, *, project_id: int, tool: str, parameters: dict, inputs
 
 
 def claim(store: Store, worker_id: str, lease_seconds: float = 60.0, task_id: int | None = None, *,
-          preprocess: bool = False) -> int | None:
+          preprocess: bool = False, clock: Clock = SYSTEM) -> int | None:
     """Take the oldest queued task for ``worker_id`` (``task_accept``) with a lease of
     ``lease_seconds``; None when the queue is empty.
 
@@ -126,11 +159,9 @@ def claim(store: Store, worker_id: str, lease_seconds: float = 60.0, task_id: in
     With ``preprocess``, the claimed task also enters ``task_preprocess_start`` in the same
     transaction (a worker that prepares it at once: one commit, not two).
     """
-    then = []
-    if preprocess:
-        then.append((PREPROCESS_START, allowed_from(PREPROCESS_START), "", False,
-                     _stamped(PREPROCESS_START, time.time(), lease_seconds, {})))
-    return store.claim_next(worker_id, QUEUE, ACCEPT, TIME_COLUMN[ACCEPT], lease_seconds=lease_seconds,
+    now = clock.now()
+    then = [step(PREPROCESS_START, **_stamped(PREPROCESS_START, now, lease_seconds, {}))] if preprocess else []
+    return store.claim_next(worker_id, QUEUE, ACCEPT, TIME_COLUMN[ACCEPT], now=now, lease_seconds=lease_seconds,
                             task_id=task_id, then=then)
 
 
@@ -147,7 +178,7 @@ def _stamped(status: str, now: float, lease_seconds: float | None, values: dict)
 
 
 def advance(store: Store, task_id: int, status: str, message: str = "", *, owner: str | None = None,
-            lease_seconds: float | None = None, **values) -> bool:
+            lease_seconds: float | None = None, clock: Clock = SYSTEM, **values) -> bool:
     """Move a task to ``status`` if :data:`TRANSITIONS` allows it from its current status (and,
     with ``owner``, only while that worker holds it), stamping that stage's time column and
     renewing the lease by ``lease_seconds``. A terminal status also queues the webhook.
@@ -155,11 +186,12 @@ def advance(store: Store, task_id: int, status: str, message: str = "", *, owner
     Returns:
         False when the transition was rejected (logged, nothing written).
     """
-    return advance_through(store, task_id, [(status, message, values)], owner=owner, lease_seconds=lease_seconds)
+    return advance_through(store, task_id, [(status, message, values)], owner=owner, lease_seconds=lease_seconds,
+                           clock=clock)
 
 
 def advance_through(store: Store, task_id: int, steps: list[tuple[str, str, dict]], *, owner: str | None = None,
-                    lease_seconds: float | None = None, outputs: list[dict] = ()) -> bool:
+                    lease_seconds: float | None = None, outputs: list[dict] = (), clock: Clock = SYSTEM) -> bool:
     """Several :func:`advance` s in a row, ``(status, message, values)`` each, written in one
     transaction: all of them (each checked against :data:`TRANSITIONS` from the one before), or
     none. For stages with no work between them (``task_output_full`` ... ``task_postprocess_start``),
@@ -170,12 +202,9 @@ def advance_through(store: Store, task_id: int, steps: list[tuple[str, str, dict
     Returns:
         False when a step was rejected (logged, nothing written).
     """
-    now = time.time()
-    plan = [(status, allowed_from(status), message, status in TERMINAL, _stamped(status, now, lease_seconds, values))
-            for status, message, values in steps]
-    ok = store.transitions(task_id, plan, owner=owner, outputs=outputs) if len(plan) > 1 or outputs else \
-        store.transition(task_id, plan[0][0], only_from=plan[0][1], owner=owner, event_message=plan[0][2],
-                         webhook=plan[0][3], **plan[0][4])
+    now = clock.now()
+    plan = [step(status, message, **_stamped(status, now, lease_seconds, values)) for status, message, values in steps]
+    ok = store.apply(task_id, plan, now=now, owner=owner, outputs=outputs)
     if not ok:
         _rejected(store, task_id, " then ".join(s for s, *_ in steps), owner)
     elif any(status in TERMINAL for status, *_ in steps):
@@ -184,7 +213,7 @@ def advance_through(store: Store, task_id: int, steps: list[tuple[str, str, dict
 
 
 def progress(store: Store, task_id: int, message: str, info: dict, *, owner: str | None = None,
-             lease_seconds: float | None = None, preview: bytes | None = None) -> bool | None:
+             lease_seconds: float | None = None, preview: bytes | None = None, clock: Clock = SYSTEM) -> bool | None:
     """Record one denoising step (``task_output`` event, status ``task_output``, latest progress,
     ``preview``: the latent preview's JPEG bytes, if any), renewing the worker's lease, guarded
     like every other write. One transaction of two reused statements (about 0.1-0.2 ms on SQLite).
@@ -193,33 +222,35 @@ def progress(store: Store, task_id: int, message: str, info: dict, *, owner: str
         The task's kill flag, or None when the write was rejected: the task already ended
         (killed, timed out, its lease expired) or another worker holds it. The caller must stop.
     """
-    values = {"progress": json.dumps(info), "status": OUTPUT}
+    now = clock.now()
+    values = {"progress": json.dumps(info)}
     if lease_seconds is not None:
-        values["lease_expires_at"] = time.time() + lease_seconds
-    kill = store.add_event(task_id, OUTPUT, message, preview=preview, only_from=allowed_from(OUTPUT), owner=owner,
-                           **values)
+        values["lease_expires_at"] = now + lease_seconds
+    kill = store.record(task_id, step(OUTPUT, message, **values), now=now, owner=owner, preview=preview)
     if kill is None:
         _rejected(store, task_id, OUTPUT, owner)
     return kill
 
 
 def preprocess_progress(store: Store, task_id: int, message: str, info: dict, *, owner: str | None = None,
-                        lease_seconds: float | None = None) -> bool | None:
+                        lease_seconds: float | None = None, clock: Clock = SYSTEM) -> bool | None:
     """Record progress of the preprocess phase (weights downloading: ``info["task"]``
     "Downloading"): a ``task_output`` event and the latest progress, the status staying
     ``task_preprocess_start``, renewing the worker's lease. Returns as :func:`progress`."""
+    now = clock.now()
     values = {"progress": json.dumps(info)}
     if lease_seconds is not None:
-        values["lease_expires_at"] = time.time() + lease_seconds
-    kill = store.add_event(task_id, OUTPUT, message, only_from=(PREPROCESS_START,), owner=owner, **values)
+        values["lease_expires_at"] = now + lease_seconds
+    kill = store.record(task_id, Note(OUTPUT, (PREPROCESS_START,), message, values), now=now, owner=owner)
     if kill is None:
         _rejected(store, task_id, OUTPUT, owner)
     return kill
 
 
-def log_event(store: Store, task_id: int, type_: str, message: str, owner: str | None = None) -> bool:
+def log_event(store: Store, task_id: int, type_: str, message: str, owner: str | None = None, *,
+              clock: Clock = SYSTEM) -> bool:
     """Append a log event (``task_error``) to a running task; False (not written) once it ended."""
-    return store.add_event(task_id, type_, message, only_from=RUNNING, owner=owner) is not None
+    return store.record(task_id, Note(type_, RUNNING, message), now=clock.now(), owner=owner) is not None
 
 
 def queue_positions(store: Store, tasks: list) -> dict[int, int]:
@@ -232,9 +263,10 @@ def queue_positions(store: Store, tasks: list) -> dict[int, int]:
     return {queued[seq]: pos for seq, pos in store.queue_positions(QUEUE, others, list(queued)).items()}
 
 
-def cancel(store: Store, task_id: int) -> bool:
+def cancel(store: Store, task_id: int, *, clock: Clock = SYSTEM) -> bool:
     """Cancel a queued task; False if it is no longer queued (Wiro: not in a cancellable state)."""
-    if not store.transition(task_id, CANCEL, only_from=(QUEUE,), canceltime=time.time(), webhook=True):
+    now = clock.now()
+    if not store.apply(task_id, [step(CANCEL, among=(QUEUE,), canceltime=now)], now=now):
         return False
     metrics.task_ended(store.get_task(task_id))
     return True
@@ -242,21 +274,22 @@ def cancel(store: Store, task_id: int) -> bool:
 
 def request_kill(store: Store, task_id: int) -> bool:
     """Ask the worker running ``task_id`` to stop at its next step; False if it is not running."""
-    return store.request_kill(task_id, RUNNING)
+    return store.request_kill(task_id, KILLABLE)
 
 
-def finish_killed(store: Store, task_id: int, owner: str | None = None) -> None:
-    advance(store, task_id, CANCEL, owner=owner, pexit=KILLED_PEXIT, debugerror="Task was killed by request.")
+def finish_killed(store: Store, task_id: int, owner: str | None = None, *, clock: Clock = SYSTEM) -> None:
+    """End a task whose kill was requested (``task_cancel``, ``pexit`` "-1"), by its worker."""
+    advance(store, task_id, CANCEL, owner=owner, pexit=KILLED_PEXIT, debugerror="Task was killed by request.",
+            clock=clock)
 
 
-def fail(store: Store, task: Task, reason: str, owner: str | None = None) -> bool:
+def fail(store: Store, task: Task, reason: str, owner: str | None = None, *, clock: Clock = SYSTEM) -> bool:
     """End a running task as failed in one step (``task_postprocess_end``, ``pexit`` "1",
     ``reason`` appended to ``debugerror``): used by a process other than the one running it."""
-    now = time.time()
-    ok = store.transition(task.id, POSTPROCESS_END, only_from=allowed_from(POSTPROCESS_END), owner=owner,
-                          pexit="1", webhook=True, lease_expires_at=None,
-                          debugerror=(task.debugerror + "\n" if task.debugerror else "") + reason,
-                          endtime=task.endtime or now, postprocessendtime=now)
+    now = clock.now()
+    ok = store.apply(task.id, [step(POSTPROCESS_END, pexit="1", lease_expires_at=None,
+                                    debugerror=(task.debugerror + "\n" if task.debugerror else "") + reason,
+                                    endtime=task.endtime or now, postprocessendtime=now)], now=now, owner=owner)
     if not ok:
         _rejected(store, task.id, POSTPROCESS_END, owner)
     else:
@@ -264,17 +297,16 @@ def fail(store: Store, task: Task, reason: str, owner: str | None = None) -> boo
     return ok
 
 
-def requeue(store: Store, task: Task) -> bool:
+def requeue(store: Store, task: Task, *, clock: Clock = SYSTEM) -> bool:
     """Put a task that never started back in the queue (its worker is gone). Its publication is
     forgotten (``dispatched_at``), so a broker executor delivers its id again."""
-    return store.transition(task.id, QUEUE, only_from=tuple(s for s in NOT_STARTED if s in allowed_from(QUEUE)),
-                            owner=task.worker_id, worker_id="", lease_expires_at=None, accepttime=None,
-                            preprocessstarttime=None, preprocessendtime=None, assigntime=None,
-                            dispatched_at=None)
+    back = step(QUEUE, among=NOT_STARTED, worker_id="", lease_expires_at=None, accepttime=None,
+                preprocessstarttime=None, preprocessendtime=None, assigntime=None, dispatched_at=None)
+    return store.apply(task.id, [back], now=clock.now(), owner=task.worker_id)
 
 
 def expire_leases(store: Store, lease_seconds: float, task_timeout: float = 0.0,
-                  requeue_unstarted: bool = False) -> dict[int, str]:
+                  requeue_unstarted: bool = False, clock: Clock = SYSTEM) -> dict[int, str]:
     """End the running tasks nobody is running any more; safe to call from any process, any time.
 
     A task whose worker's lease has expired is failed with :data:`LEASE_EXPIRED_MESSAGE` (or, if
@@ -287,17 +319,18 @@ def expire_leases(store: Store, lease_seconds: float, task_timeout: float = 0.0,
     Returns:
         task id -> "failed", "timed out" or "requeued", for the tasks this call changed.
     """
-    now = time.time()
+    now = clock.now()
     started_before = now - task_timeout - lease_seconds if task_timeout > 0 else None
     done: dict[int, str] = {}
     for task in store.stale_tasks(RUNNING, now, started_before):
         over_time = started_before is not None and task.accepttime is not None and task.accepttime < started_before
         if over_time:
-            if fail(store, task, TIMEOUT_MESSAGE.format(seconds=task_timeout), owner=task.worker_id):
+            if fail(store, task, TIMEOUT_MESSAGE.format(seconds=task_timeout), owner=task.worker_id, clock=clock):
                 done[task.id] = "timed out"
-        elif requeue_unstarted and task.status in NOT_STARTED and requeue(store, task):
+        elif requeue_unstarted and task.status in NOT_STARTED and requeue(store, task, clock=clock):
             done[task.id] = "requeued"
-        elif fail(store, task, LEASE_EXPIRED_MESSAGE.format(seconds=lease_seconds), owner=task.worker_id):
+        elif fail(store, task, LEASE_EXPIRED_MESSAGE.format(seconds=lease_seconds), owner=task.worker_id,
+                  clock=clock):
             done[task.id] = "failed"
     return done
 
@@ -307,109 +340,8 @@ def recover_interrupted(store: Store, lease_seconds: float = 60.0, **kw) -> list
     return list(expire_leases(store, lease_seconds, **kw))
 
 
-def fail_worker_tasks(store: Store, worker_id: str, reason: str) -> list[int]:
+def fail_worker_tasks(store: Store, worker_id: str, reason: str, *, clock: Clock = SYSTEM) -> list[int]:
     """End as failed (``pexit`` "1", ``reason`` in ``debugerror``) every task that ``worker_id``
     was running: its process died, so nothing else will finish them. Returns their ids."""
     return [task.id for task in store.tasks_in(RUNNING)
-            if task.worker_id == worker_id and fail(store, task, reason, owner=worker_id)]
-
-
-def _t(value: float | None) -> str:
-    return str(int(value)) if value else "0"
-
-
-def elapsed_seconds(task: Task) -> float:
-    """Run time from ``task_start`` (or accept) to the end (or now, while running)."""
-    begin = task.starttime or task.accepttime
-    if not begin:
-        return 0.0
-    end = task.endtime or task.canceltime or (None if task.status not in TERMINAL else task.postprocessendtime)
-    return max(0.0, (end or time.time()) - begin)
-
-
-WAITING = "Waiting for a worker"  # the phase of a queued task (Task/Detail's progress.task)
-
-
-def phase(name: str) -> dict:
-    """A progress object (Task/Detail's ``progress``) for a phase without steps yet: ``task`` is
-    the phase's name, the counts are "0" and the time left unknown."""
-    return {"task": name, "percentage": "0", "stepCurrent": "0", "stepTotal": "0", "speed": "0.00",
-            "speedType": "it/s", "elapsedTime": "0.0s", "remainingTime": ""}
-
-
-def eta_seconds(task: Task) -> float | None:
-    """Seconds until the task should end, from its latest progress (None when unknown)."""
-    if task.status in TERMINAL:
-        return 0.0
-    if not task.progress:
-        return None
-    try:
-        info = json.loads(task.progress)
-        return float(str(info.get("remainingTime", "")).rstrip("s"))
-    except (ValueError, TypeError):
-        return None
-
-
-def poll_delay(task: Task, base: float, cap: float) -> float:
-    """How long a watcher (``Prefer: wait``, a WebSocket) may sleep before reading the task again.
-
-    ``base`` while the end may be near (queued, unknown progress, or less than 0.5 s left);
-    otherwise half the estimated time left, at most ``cap``. Watching a long run then costs a few
-    reads per second instead of fifty, which matters when the API shares cores with torch.
-    """
-    eta = eta_seconds(task)
-    if task.status not in (OUTPUT,) or eta is None or eta < 0.5:
-        return base
-    return min(cap, max(base, eta / 2))
-
-
-def task_view(task: Task, outputs: list[Output], url_for: Callable[[Task, Output], str],
-              categories: list[str], cps: float | None = None, queueposition: int | None = None,
-              modeldescription: str = "", modelid: str = "0", retention_seconds: float = 0.0) -> dict:
-    """The task as Wiro's ``tasklist`` item: every value a string, as the docs show.
-
-    As the seeds' Kill and Cancel answers show, a ``task_cancel`` task (cancelled while queued,
-    or killed while running) has ``pexit`` "0" and its cancel time as ``endtime``; the reason is
-    in ``debugerror``. ``categories`` is a JSON-encoded string, ``modelid`` the tool's id.
-
-    Beyond Wiro: ``progress`` (latest progressGenerate object), ``queueposition`` (1 = next to
-    run; "" unless queued) and ``eta`` (estimated seconds until the end; "" when unknown).
-    """
-    elapsed = elapsed_seconds(task)
-    eta = eta_seconds(task)
-    cps = task.cost_per_second if cps is None else cps
-    billed = task.status == POSTPROCESS_END and task.pexit == "0"
-    cancelled = task.status == CANCEL
-    ended = task.postprocessendtime or task.canceltime if task.status in TERMINAL else None
-    owner, _, project = task.tool.partition("/")
-    out_list = [{
-        "id": o.id, "name": o.name, "contenttype": o.contenttype, "parentid": task.uuid.replace("-", "")[:32],
-        "uuid": task.uuid, "size": str(o.size), "addedtime": _t(o.addedtime), "modifiedtime": _t(o.addedtime),
-        "accesskey": task.file_accesskey, "foldercount": "0", "filecount": "0", "ispublic": 0,
-        "expiretime": _t(ended + retention_seconds) if retention_seconds > 0 and ended else None,
-        "url": url_for(task, o),
-    } for o in outputs]
-    # stored data may hold text that cannot be encoded (a lone surrogate stored before Run refused
-    # them): answered with U+FFFD instead of failing every later Task/Detail and Task/List
-    return strict.clean_text({
-        "id": str(task.id), "uuid": task.uuid, "name": "", "socketaccesstoken": task.socketaccesstoken,
-        "parameters": json.loads(task.parameters or "{}"),
-        "debugoutput": task.debugoutput or "", "debugerror": task.debugerror or "",
-        "starttime": _t(task.starttime), "endtime": _t(task.endtime or (task.canceltime if cancelled else None)),
-        "elapsedseconds": f"{elapsed:.4f}",
-        "status": task.status, "cps": f"{cps:.12f}", "totalcost": f"{elapsed * cps:.12f}" if billed else "0",
-        "guestid": None, "projectid": str(task.project_id), "modelid": modelid, "description": "", "basemodelid": "0",
-        "runtype": "model", "modelfolderid": "", "modelfileid": "", "callbackurl": task.callbackurl or "",
-        "marketplaceid": None, "modelslugowner": owner, "modelslugproject": project,
-        "modeldescription": modeldescription,
-        "createtime": _t(task.createtime), "canceltime": _t(task.canceltime), "assigntime": _t(task.assigntime),
-        "accepttime": _t(task.accepttime), "preprocessstarttime": _t(task.preprocessstarttime),
-        "preprocessendtime": _t(task.preprocessendtime), "postprocessstarttime": _t(task.postprocessstarttime),
-        "postprocessendtime": _t(task.postprocessendtime), "pexit": "0" if cancelled else task.pexit if task.pexit is not None else "",
-        "categories": json.dumps(categories, separators=(",", ":")), "outputs": out_list,
-        # beyond Wiro: the latest progressGenerate, or the phase without steps
-        "progress": json.loads(task.progress) if task.progress else phase(WAITING) if task.status == QUEUE else {},
-        "queueposition": str(queueposition) if queueposition is not None and task.status == QUEUE else "",
-        "eta": "" if eta is None else f"{eta:.1f}",
-        "size": str(sum(o.size for o in outputs)),
-    })
+            if task.worker_id == worker_id and fail(store, task, reason, owner=worker_id, clock=clock)]

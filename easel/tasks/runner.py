@@ -288,7 +288,7 @@ class Worker:
                 (lc.END, "", {}), (lc.POSTPROCESS_START, "", {})]
 
     def timed_out(self) -> bool:
-        return self._deadline is not None and time.time() > self._deadline
+        return self._deadline is not None and self.store.clock.now() > self._deadline
 
     def _heartbeat(self, task_id: int, done: threading.Event) -> None:
         lease = self.settings.lease_seconds
@@ -312,7 +312,7 @@ class Worker:
                     return
                 if time.monotonic() >= next_renew:
                     next_renew = time.monotonic() + renew_every
-                    if not self.store.renew_lease(task_id, self.worker_id, time.time() + lease, lc.RUNNING):
+                    if not self.store.renew_lease(task_id, self.worker_id, self.store.clock.now() + lease, lc.RUNNING):
                         self.heartbeat_lost.set()  # ended elsewhere: stop at the next step
                         return
             except Exception:  # a store hiccup must not end the heartbeat; the next beat retries
@@ -331,7 +331,7 @@ class Worker:
             return
         self.current_task = task_id
         timeout = self.settings.task_timeout_seconds
-        self._deadline = (task.accepttime or time.time()) + timeout if timeout > 0 else None
+        self._deadline = (task.accepttime or self.store.clock.now()) + timeout if timeout > 0 else None
         self.heartbeat_lost.clear()
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(task_id, done), name="easel-heartbeat", daemon=True)
