@@ -325,7 +325,10 @@ def _tool_in_process(data: Path, photo_path: Path, inputs: dict):
     ctx = Ctx()
     # as the server's validation hands it over: the multiselect as a list of ids
     inputs = {**inputs, "selectedControlnetModel": [m for m in inputs["selectedControlnetModel"].split(",") if m]}
-    return lambda: instant_id.run(instant_id.prepare(dict(inputs), ctx), ctx)
+    from easel.tools import load_tool
+
+    tool = load_tool(instant_id.TOOL.name)
+    return lambda: tool.run(tool.prepare(dict(inputs), ctx), ctx)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,14 @@ def _reference_chunks(pipe, text):
 
 
 def test_plain_iclight_prompts_keep_the_reference_encoding(sd15):
-    from easel.tools.ic_light import encode_prompt
+    from easel.pipelines.ic_light import encode_prompt
 
     for text in ("a woman, best quality", "", "word " * 100, r"a \(literal\) bracket"):
         assert torch.equal(encode_prompt(sd15, text), _reference_chunks(sd15, text)), text
 
 
 def test_weighted_iclight_prompts_are_a1111_weighted_in_the_reference_chunks(sd15):
-    from easel.tools.ic_light import encode_prompt
+    from easel.pipelines.ic_light import encode_prompt
 
     plain = _reference_chunks(sd15, "a red cat, best quality")
     weighted = encode_prompt(sd15, "a (red:1.5) cat, best quality")
