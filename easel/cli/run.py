@@ -11,7 +11,7 @@ from easel.cli.common import console, follow_task
 
 
 def run(
-    tool: str = typer.Argument(..., help="OWNER/SLUG, e.g. wiro/text-to-image-sd-lora"),
+    tool: str = typer.Argument(..., help="OWNER/SLUG of a registered tool (as Tool/List and the playground name it)"),
     param: list[str] = typer.Option([], "-p", "--param", help="name=value, or name=@file to upload."),
     wait: bool = typer.Option(False, "--wait", help="Follow the task and download its outputs."),
     base_url: str = typer.Option("http://127.0.0.1:8000/v1", envvar="EASEL_BASE_URL"),

@@ -50,8 +50,9 @@ def serve(
     api_processes: Optional[int] = typer.Option(None, help="API processes on this port (they share the store; the "
                                                            "local workers belong to this process) "
                                                            "[env EASEL_API_PROCESSES; default 1]."),
-    preload: Optional[str] = typer.Option(None, help="Tools whose pipelines the workers load at start, e.g. "
-                                                     "wiro/text-to-image-sd-lora (comma-separated) [env EASEL_PRELOAD]."),
+    preload: Optional[str] = typer.Option(None, help="Tools (OWNER/SLUG, as Tool/List names them, "
+                                                     "comma-separated) whose pipelines the workers load at "
+                                                     "start [env EASEL_PRELOAD]."),
 ):
     """Run the API server and its local workers (or, with --executor celery --workers 0, the API
     process of a fleet: docs/deploy.md)."""

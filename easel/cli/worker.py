@@ -23,8 +23,9 @@ def worker(
     storage: Optional[str] = typer.Option(None, help="The fleet's files: s3://bucket/prefix (see docs/storage.md) or "
                                                      "local [env EASEL_STORAGE; default local]."),
     model_source: Optional[str] = typer.Option(None, help="tiny, hub or random [env EASEL_MODEL_SOURCE; default tiny]."),
-    queues: Optional[str] = typer.Option(None, help="Model families to serve, comma-separated, among sd15, sdxl, flux, "
-                                                    "ic-light, instantid [env EASEL_QUEUES; default all]."),
+    queues: Optional[str] = typer.Option(None, help="Model families to serve, comma-separated (the "
+                                                    "registered tools' families; an unknown one is refused "
+                                                    "naming them) [env EASEL_QUEUES; default all]."),
     gpus: Optional[str] = typer.Option(None, help="GPU of this worker (CUDA_VISIBLE_DEVICES), e.g. 0; several (0,1 or "
                                                   "all) start one worker process per GPU [env EASEL_GPUS]."),
     loglevel: str = typer.Option("INFO", help="Celery log level."),
