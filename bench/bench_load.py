@@ -53,17 +53,17 @@ CHUNK = 64 << 20
 # -- the files ------------------------------------------------------------------------------------
 
 
-def prepare(root: Path, family: str, fmt: str, file_dtype: str) -> tuple[Path, Path]:
+def prepare(root: Path, family: str, fmt: str, file_dtype: str, size: str = "full") -> tuple[Path, Path]:
     """The random ``family`` folder in ``file_dtype`` and, for ``single``, its single-file
     checkpoint; written on first use. Returns (the folder, the file to load: folder or file)."""
     import torch
 
     from easel.synthetic.fullsize import make_random
 
-    folder = make_random(root / file_dtype, family, "full", dtype=getattr(torch, file_dtype))
+    folder = make_random(root / file_dtype, family, size, dtype=getattr(torch, file_dtype))
     if fmt == "folder":
         return folder, folder
-    single = folder.parent / f"{family}-full-single-file.safetensors"
+    single = folder.parent / f"{family}-{size}-single-file.safetensors"
     if not single.exists():
         pipe = _raw(folder, folder, family, "folder", getattr(torch, file_dtype))
         part = single.with_suffix(".part")
@@ -187,8 +187,15 @@ def _weights_bytes(pipe) -> int:
 def child(mode: str, folder: Path, path: Path, family: str, fmt: str, precision: str) -> dict:
     """One timed load in this process; the measurements as a dict (printed as JSON by ``main``)."""
     import torch
-    import diffusers  # noqa: F401  (imports are not part of the load)
+    import transformers
 
+    import easel.tools.instant_id  # noqa: F401  (the same imports on every side, before the clock:
+    import easel.tools.sd_lora  # noqa: F401  a first load imports the pipeline's modules lazily)
+    from easel.weights import ModelManager  # noqa: F401
+
+    _pipeline_class(family)
+    for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer"):
+        getattr(transformers, name)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     dtype = torch.float32 if precision == "float32" else getattr(torch, "float16")
     files = _without_loras(weight_files(path))
@@ -245,6 +252,8 @@ def main() -> None:
                     help="dtype the random files are written in")
     ap.add_argument("--precision", choices=("float32", "half"), default="float32",
                     help="the worker's cpu_precision: float32 (Easel's CPU default) or half (float16 targets)")
+    ap.add_argument("--size", choices=("full", "small"), default="full",
+                    help="small: the same classes with narrow layers (a quick check of the code paths)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of read, raw, easel (interleaved)")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "easel-bench-load")
     ap.add_argument("--json", type=Path, help="write every measurement here")
@@ -256,11 +265,11 @@ def main() -> None:
         print(json.dumps(child(args.child, args.folder, args.path, args.family, args.format, args.precision)))
         return
     t0 = time.time()
-    folder, path = prepare(args.dir, args.family, args.format, args.file_dtype)
+    folder, path = prepare(args.dir, args.family, args.format, args.file_dtype, args.size)
     print(f"files ready in {time.time() - t0:.0f} s: {path}", flush=True)
-    _read(_without_loras(weight_files(path)))  # warm the page cache
     rows = []
     for r in range(args.repeats):
+        _read(_without_loras(weight_files(path)))  # warm the page cache (again: others may have evicted it)
         for mode in MODES:
             row = run_child(args, mode, folder, path)
             rows.append({"round": r, **row})
@@ -272,7 +281,7 @@ def main() -> None:
     touched = {m: statistics.median(x["seconds"] + x["touch_seconds"] for x in rows if x["mode"] == m) for m in MODES}
     anon = max(x["peak_anon_bytes"] for x in rows if x["mode"] == "easel")
     weights = next(x["weights_bytes"] for x in rows if x["mode"] == "easel")
-    summary = {"family": args.family, "format": args.format, "file_dtype": args.file_dtype,
+    summary = {"family": args.family, "size": args.size, "format": args.format, "file_dtype": args.file_dtype,
                "precision": args.precision, "file_bytes": rows[0]["file_bytes"], "median_seconds": med,
                "easel_over_read": med["easel"] / med["read"], "easel_over_raw": med["easel"] / med["raw"],
                "median_seconds_with_touch": touched, "easel_with_touch_over_read": touched["easel"] / touched["read"],
