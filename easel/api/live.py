@@ -24,6 +24,19 @@ progress frames that have one carry ``preview`` (base64 JPEG of the current late
 ``easel.tools.previews``) and ``previewType`` (``image/jpeg``) as extra top-level keys, which
 Wiro clients ignore.
 
+Beyond Wiro, the phase: with ``?phases=1``, or ``"phases": true`` in the registration, the stepless
+phases of a task come as progress frames too, so that a client showing ``task_output`` progress
+shows what the task is doing before its first step (as Task/Detail's ``progress.task`` does): after
+``task_queue`` a ``task_output`` frame whose message is ``{"type": "progressGenerate", "task":
+"Waiting for a worker", "stepCurrent": "0", "stepTotal": "0", ..., "elapsedTime": "<seconds in the
+phase>s"}``, after ``task_assign`` one with ``"task": "Loading weights"``, each repeated every
+:data:`PHASE_EVERY` seconds while the phase lasts (its ``elapsedTime`` growing). Downloads need no
+option: weights fetched for a task always come as ``task_output`` frames with ``"task":
+"Downloading"`` (bytes, ``speedType`` ``B/s``), and the steps with ``"task": "Generate"``. Without
+the option the frames are exactly Wiro's: its lifecycle frames carry no message (``task_queue`` is
+the wait, ``task_assign`` "the model is being loaded into memory") and its clients count
+``task_output`` frames as steps, so the phase frames are not sent unasked.
+
 Events come from the ``events`` table, which every worker process writes: a client may be
 connected to any API process, not the one whose executor started the worker. Each socket reads the
 store (one indexed query per read) when it is woken and otherwise at intervals:
@@ -40,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any, Callable
 
 from starlette.concurrency import run_in_threadpool
@@ -51,6 +65,9 @@ from easel.store.notify import Hub
 from easel.tasks import lifecycle as lc
 
 REGISTER_TIMEOUT = 60.0
+PHASE_EVERY = 5.0  # seconds between repeated phase frames while a stepless phase lasts (``phases``)
+# the stepless phase each lifecycle event begins (Task/Detail's ``progress.task`` meanwhile)
+PHASES = {lc.QUEUE: lc.WAITING, lc.ASSIGN: lc.LOADING}
 
 
 def progress_message(raw: str) -> Any:
@@ -90,6 +107,19 @@ def frame(task: Task, event: Event, outputs: Callable[[Task], list], previews: b
     return out
 
 
+def phase_frame(task: Task, name: str, seconds: float) -> dict:
+    """The progress frame of a stepless phase (``phases`` asked): a ``task_output`` frame whose
+    message is :func:`lifecycle.phase` as Wiro's flat ``progressGenerate`` object, ``task`` the
+    phase's name (:data:`PHASES`) and ``elapsedTime`` the ``seconds`` spent in it so far (>= 0)."""
+    message = {"type": "progressGenerate", **lc.phase(name), "elapsedTime": f"{max(0.0, seconds):.1f}s"}
+    return {"type": lc.OUTPUT, "id": str(task.id), "tasktoken": task.socketaccesstoken, "message": message,
+            "result": True}
+
+
+def _flag(value: Any) -> bool:
+    return value is True or str(value).lower() in ("1", "true", "yes")
+
+
 async def serve_socket(ws: WebSocket, store: Store, outputs: Callable[[Task], list], poll: float = 0.1,
                        hub: Hub | None = None, fallback: float = 1.0) -> None:
     """Run one client connection (registration, replay, live events, close).
@@ -104,7 +134,8 @@ async def serve_socket(ws: WebSocket, store: Store, outputs: Callable[[Task], li
 
 async def _serve(ws: WebSocket, store: Store, outputs: Callable[[Task], list], poll: float, hub: Hub,
                  fallback: float) -> None:
-    previews = ws.query_params.get("previews", "").lower() in ("1", "true", "yes")
+    previews = _flag(ws.query_params.get("previews", ""))
+    phases = _flag(ws.query_params.get("phases", ""))
     try:
         while True:
             raw = await asyncio.wait_for(ws.receive_text(), REGISTER_TIMEOUT)
@@ -118,6 +149,7 @@ async def _serve(ws: WebSocket, store: Store, outputs: Callable[[Task], list], p
             await ws.send_json({"type": "error", "result": False,
                                 "message": 'send {"type": "task_info", "tasktoken": "<socketaccesstoken>"} first'})
         previews = previews or bool(msg.get("previews"))
+        phases = phases or _flag(msg.get("phases"))
         task = await run_in_threadpool(store.get_task, None, token)
         if task is None:
             await ws.send_json({"type": "error", "result": False, "tasktoken": token,
@@ -126,13 +158,16 @@ async def _serve(ws: WebSocket, store: Store, outputs: Callable[[Task], list], p
             return
         last = 0
         delay = poll
+        current: tuple[str, float] | None = None  # (phase, its start: the event's time) while one lasts
+        sent = 0.0  # when its last phase frame went out (loop time)
+        loop = asyncio.get_running_loop()
         with hub.watch(task.id) as watch:
             while True:
                 watch.clear()  # a wake-up from here on, even during the read, ends the next wait
                 events = await run_in_threadpool(store.events, task.id, last, previews)
                 if events:
                     task = await run_in_threadpool(store.get_task, task.id)
-                    for ev in events:
+                    for i, ev in enumerate(events):
                         last = ev.seq
                         out = await run_in_threadpool(frame, task, ev, outputs, previews)
                         if out is not None:
@@ -140,11 +175,23 @@ async def _serve(ws: WebSocket, store: Store, outputs: Callable[[Task], list], p
                         if ev.type in lc.TERMINAL:
                             await ws.close()
                             return
+                        if phases:
+                            current = (PHASES[ev.type], ev.created_at) if ev.type in PHASES else None
+                            if current:  # a past phase (replayed) lasted until the next event
+                                end = events[i + 1].created_at if i + 1 < len(events) else time.time()
+                                await ws.send_json(phase_frame(task, current[0], end - current[1]))
+                                sent = loop.time()
                     delay = poll
                 elif task.status == lc.OUTPUT and lc.poll_delay(task, poll, 0.25) == poll:
                     delay = poll  # the last step is near: its outputs should go out at once
                 else:
                     delay = min(0.25, delay * 1.5)  # nothing new: back off, several steps per read
-                await watch.wait(fallback if hub.pushing else delay)
+                if current and loop.time() - sent >= PHASE_EVERY:  # the phase lasts: say so again
+                    await ws.send_json(phase_frame(task, current[0], time.time() - current[1]))
+                    sent = loop.time()
+                wait = fallback if hub.pushing else delay
+                if current:
+                    wait = max(0.0, min(wait, sent + PHASE_EVERY - loop.time()))
+                await watch.wait(wait)
     except (WebSocketDisconnect, asyncio.TimeoutError, RuntimeError):
         return

@@ -26,7 +26,7 @@ from easel import metrics
 from easel.clock import SYSTEM, Clock
 from easel.store import Note, Step, Store, Task, TaskStatus
 # Wiro's task view (reads only), where callers have always found it: lifecycle.task_view, ...
-from easel.tasks.view import WAITING, elapsed_seconds, eta_seconds, phase, poll_delay, task_view  # noqa: F401
+from easel.tasks.view import LOADING, WAITING, elapsed_seconds, eta_seconds, phase, poll_delay, task_view  # noqa: F401
 
 log = logging.getLogger("easel.lifecycle")
 

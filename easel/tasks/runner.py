@@ -68,7 +68,7 @@ def apply_torch_threads(settings: Settings, shares_cpu_with_api: bool) -> int | 
     return threads
 
 
-LOADING = "Loading weights"  # the phase from task_assign to the first step (load, or reuse when warm)
+LOADING = lc.LOADING  # the phase from task_assign to the first step (load, or reuse when warm)
 
 
 class ServerStopping(Exception):

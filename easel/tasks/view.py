@@ -31,6 +31,7 @@ def elapsed_seconds(task: Task, clock: Clock = SYSTEM) -> float:
 
 
 WAITING = "Waiting for a worker"  # the phase of a queued task (Task/Detail's progress.task)
+LOADING = "Loading weights"  # the phase from task_assign to the first step (load, or reuse when warm)
 
 
 def phase(name: str) -> dict:
