@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import socket
 from pathlib import Path
 from typing import Optional
@@ -68,9 +69,10 @@ def serve(
             raise typer.BadParameter("with --executor celery this process runs no workers: give --workers 0 and "
                                      "start `easel worker` processes (docs/deploy.md)", param_hint="--workers")
         settings = settings.with_(workers=0)
+    # before anything imports prometheus_client (the checks below import the tools, which record metrics)
+    metrics_dir = prepare_metrics_dir(settings.data_dir)
     check_preload(settings)
     check_storage(settings)
-    metrics_dir = prepare_metrics_dir(settings.data_dir)  # before anything imports prometheus_client
     from easel.api import create_app
     from easel.cli.serving import run_app, start_line
     from easel.executors import create_executor
@@ -125,6 +127,9 @@ def prepare_metrics_dir(data_dir: Path) -> Optional[Path]:
 
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return None
+    if "prometheus_client" in sys.modules:  # it chose its value class at import: this process's samples stay local
+        logging.getLogger(__name__).warning("metrics: prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR "
+                                            "was set; this process's own samples are missing from /metrics")
     root = Path(data_dir) / "metrics"
     host = socket.gethostname().replace("/", "_")
     root.mkdir(parents=True, exist_ok=True)
