@@ -250,6 +250,29 @@ def test_demo_exits_0_and_prints_the_png_paths_and_urls(tmp_path):
     assert re.search(r"^uploaded|^wiro/text-to-image-sd-lora: the seed's request$", run.stdout, re.M)
 
 
+def test_a_fresh_clone_runs_the_readme_main_command(tmp_path):
+    """``bash scripts/demo.sh`` in a fresh ``git clone`` of this checkout's HEAD, as a newcomer runs
+    it: its own ``.venv`` built by ``scripts/setup.sh`` (offline wheels), then ``easel demo``; one
+    tool for speed. It must exit 0 and print every PNG's whole path (inside the clone) and URL."""
+    root = Path(__file__).resolve().parent.parent
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout: nothing to clone")
+    clone = tmp_path / "easel"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(root), str(clone)], check=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EASEL_", "VIRTUAL_ENV", "PYTHONPATH"))}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if ".venv" not in p)
+    run = subprocess.run(["bash", "scripts/demo.sh", "--tool", TOOL], cwd=clone, capture_output=True, text=True,
+                         timeout=1800 * SLOW, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    outputs = re.findall(r"^  (/\S+\.png)  (http://127\.0\.0\.1:\d+/v1/File/\S+\.png)$", run.stdout, re.M)
+    assert len(outputs) == 4, run.stdout  # the seed's request asks for 4 samples
+    for path, _url in outputs:
+        assert Path(path).is_relative_to(clone / ".easel-demo"), path
+        assert Path(path).read_bytes().startswith(b"\x89PNG")
+    assert (clone / ".venv" / "bin" / "easel").is_file()  # it built its own environment
+
+
 STUBBORN = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "
             "time.sleep(60)")
 
