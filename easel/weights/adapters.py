@@ -223,7 +223,7 @@ def covering_state_dict(pipe: LoraPipeline, path: str) -> LoraSource:
     another layer is refused with "unexpected keys" and the slot must be reloaded, which recompiles
     a compiled transformer). Slots were shaped by the first LoRA: XLabs' RealismLora (the FLUX
     tool's default) has LoRA layers in the double blocks' attention only, so every LoRA reaching
-    the single blocks (the Comics Factory style, any ai-toolkit or Kohya LoRA) fell back. The
+    the single blocks (a preset's style LoRA, any ai-toolkit or Kohya LoRA) fell back. The
     added layers hold ``lora_B = 0``, so they change nothing (``ΔW = B·A = 0``); they cost
     memory and time like a LoRA of that rank on those layers (at rank 128 in bfloat16, about
     1.4 GB for FLUX.1-dev). A pipeline without a ``transformer`` (or a file diffusers cannot read)
