@@ -378,14 +378,16 @@ def fill(store, n: int, queued_every: int) -> int:
 
 
 def child_list(n: int) -> None:
-    from easel.api.app import Api
+    from easel.api.routes.task import list_tasks
+    from easel.api.services import Services
+    from easel.api.views import task_view
     from easel.config import Settings
 
     setups = {}
     for name, every in (("1% queued", 100), ("all queued", 1)):
         data = Path(tempfile.mkdtemp(prefix="easel-bench-list-"))
         settings = Settings(data_dir=data)
-        api = Api(settings, None)
+        api = Services.build(settings, None)
         api.store.migrate()
         project = api.store.create_project("bench", "apikey")
         last = fill(api.store, n, every)
@@ -404,10 +406,10 @@ def child_list(n: int) -> None:
         out = {}
         for name, (api, project, last) in setups.items():
             task = api.store.get_task(last)
-            view = api.view(task)
+            view = task_view(api, task)
             assert view["queueposition"] == str(n // (100 if name == "1% queued" else 1)), view["queueposition"]
-            out[name] = {"list_ms": timed(lambda: api.task_list(project, {})),
-                         "position_ms": timed(lambda: api.view(api.store.get_task(last)))}
+            out[name] = {"list_ms": timed(lambda: list_tasks(api, project, {})),
+                         "position_ms": timed(lambda: task_view(api, api.store.get_task(last)))}
         return out
 
     child_loop(handler)

@@ -15,6 +15,7 @@ from sqlalchemy import update
 
 from conftest import SMALL, TIME_SCALE, TOOL, free_port
 from easel.catalog import FAMILIES, ModelCatalog, ToolSpec, load_tools
+from easel.clock import ManualClock
 from easel.config import Settings
 from easel.store import Store, Task
 from easel.tasks import lifecycle as lc
@@ -174,10 +175,15 @@ def test_the_api_publishes_ids_once_and_again_only_when_due(redis_settings):
         sent = api2.maintain() + api1.maintain()
         assert sorted(sent) == sorted([lost.id, requeued.id])  # each by one process only
         assert _queue_lengths(redis_settings)["sd15"] == 3
-        # a message lost with the broker: published again after broker_redeliver_seconds
-        resend = CeleryExecutor(redis_settings.with_(broker_redeliver_seconds=0.5))
-        time.sleep(0.6)
-        assert sorted(resend.maintain()) == sorted([sd.id, flux.id, lost.id, requeued.id])
+        # a message lost with the broker: published again after broker_redeliver_seconds (a clock
+        # moved past the last publication instead of a sleep)
+        ids = [sd.id, flux.id, lost.id, requeued.id]
+        published = [store.get_task(i).dispatched_at for i in ids]
+        clock = ManualClock(min(published) + 0.4)
+        resend = CeleryExecutor(redis_settings.with_(broker_redeliver_seconds=0.5), clock=clock)
+        assert resend.maintain() == []  # no publication is 0.5 s old yet
+        clock.advance(max(published) - min(published) + 0.2)
+        assert sorted(resend.maintain()) == sorted(ids)
         resend.stop()
         message = json.loads(__import__("redis").Redis.from_url(redis_settings.broker_url).lindex(
             f"{redis_settings.queue_prefix}:{redis_settings.queue_prefix}.flux", 0))

@@ -288,11 +288,12 @@ def test_the_heartbeat_keeps_the_lease_during_a_long_phase(tmp_path, tiny, monke
 # -- retention ------------------------------------------------------------------------------------
 
 def test_retention_sweeper_removes_expired_outputs_and_orphans(tmp_path):
-    from easel.api.app import Api
+    from easel.api.services import Services
+    from easel.api.views import task_view
 
     settings = Settings(data_dir=tmp_path / "d", output_retention_seconds=60, orphan_retention_seconds=60,
                         event_retention_seconds=90)
-    api = Api(settings, None)
+    api = Services.build(settings, None)
     api.store.migrate()
     store = api.store
     tid = _to_output(store)
@@ -305,7 +306,7 @@ def test_retention_sweeper_removes_expired_outputs_and_orphans(tmp_path):
     (settings.uploads_dir / task.uuid).mkdir(parents=True)
     lc.advance(store, tid, lc.POSTPROCESS_END, owner="w1", pexit="0")
     ended = store.get_task(tid).postprocessendtime
-    assert api.view(store.get_task(tid))["outputs"][0]["expiretime"] == str(int(ended + 60))
+    assert task_view(api, store.get_task(tid))["outputs"][0]["expiretime"] == str(int(ended + 60))
     orphan = settings.uploads_dir / "no-such-task"
     orphan.mkdir()
     scratch = settings.data_dir / "easel-00000000-0000-0000-0000-000000000000-x"

@@ -15,9 +15,10 @@ import pytest
 
 from easel.catalog import CatalogError, ModelCatalog
 from easel.config import Settings
-from easel.weights.download import (DownloadError, LicenseNotAccepted, _partial, complete_folder, fetch_file,
+from easel.weights.download import (DownloadError, LicenseNotAccepted, complete_folder, fetch_file,
                                    hub_plan, repo_folder, run_plan)
 from easel.weights.sources import ModelSources
+from easel.weights.transfer import partial_path
 from hubserver import HubServer, seed_repos
 
 # what the five seeds' own requests load: checkpoints, fixed components, the face pack
@@ -184,7 +185,7 @@ def test_a_kill_mid_download_leaves_no_partial_and_an_interrupted_one_resumes(en
     env.throttle = 0
     # an interrupted `pull` (Ctrl-C, a crash) leaves its part, which the next try resumes with Range
     f = plan.files[0]
-    part = _partial(root, plan.folder / f.path)
+    part = partial_path(root, plan.folder / f.path)
     part.parent.mkdir(parents=True, exist_ok=True)
     data = Path(env.by_sha[f.sha256].data).read_bytes()
     part.write_bytes(data[:1000])

@@ -172,11 +172,17 @@ def test_an_unreachable_redis_never_fails_or_slows_a_write(tmp_path, caplog):
     assert len(store.events(tid)) == 22
     assert sum("publishing to Redis" in r.message for r in caplog.records) == 1
 
+    def listen_failures() -> int:
+        return sum("live wake-ups: listening to" in r.message for r in caplog.records)
+
     async def main():  # a hub that cannot subscribe keeps waiters polling (pushing stays False)
         hub = Hub("redis", redis_url="redis://127.0.0.1:1/0", channel="nowhere:events")
         await hub.start()
-        await asyncio.sleep(0.5)
-        assert not hub.pushing
+        deadline = time.monotonic() + 30 * TIME_SCALE
+        while not listen_failures():  # its first attempt to subscribe has failed
+            assert time.monotonic() < deadline, "the hub never tried to subscribe"
+            await asyncio.sleep(0.05)
+        assert not hub.pushing and not hub.connected.is_set()
         await hub.stop()
 
     asyncio.run(main())

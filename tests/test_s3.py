@@ -189,12 +189,12 @@ def _finished_task(store, project_id: int, uuid: str | None = None):
 
 
 def test_retention_deletes_objects_in_the_bucket(tmp_path, s3_env):
-    from easel.api.app import Api
+    from easel.api.services import Services
 
     client, bucket, _ = s3_env
     s = settings(tmp_path, bucket, "ret", output_retention_seconds=60, orphan_retention_seconds=3600,
                  event_retention_seconds=0)
-    api = Api(s, None)
+    api = Services.build(s, None)
     api.store.migrate()
     project = api.store.create_project("p")
     old, fresh = _finished_task(api.store, project.id), _finished_task(api.store, project.id)

@@ -72,9 +72,11 @@ def test_queue_positions_stay_exact_after_cancels_claims_and_requeues(store):
 
 
 def test_task_list_and_detail_agree_on_positions_total_and_outputs(tmp_path):
-    from easel.api.app import Api
+    from easel.api.routes.task import list_tasks
+    from easel.api.services import Services
+    from easel.api.views import task_view
 
-    api = Api(Settings(data_dir=tmp_path), None)
+    api = Services.build(Settings(data_dir=tmp_path), None)
     api.store.migrate()
     project = api.store.create_project("p", "apikey")
     other = api.store.create_project("q", "apikey")
@@ -85,11 +87,11 @@ def test_task_list_and_detail_agree_on_positions_total_and_outputs(tmp_path):
         lc.cancel(api.store, tid)
     done = lc.claim(api.store, "w")
     api.store.add_outputs(done, [{"name": "0.png", "contenttype": "image/png", "size": 3, "path": "x/0.png"}])
-    listed = api.task_list(project, {"limit": "50"})
+    listed = list_tasks(api, project, {"limit": "50"})
     assert listed["total"] == "40" and len(listed["tasklist"]) == 40
-    assert api.task_list(project, {"status": lc.CANCEL})["total"] == "6"
+    assert list_tasks(api, project, {"status": lc.CANCEL})["total"] == "6"
     for item in listed["tasklist"]:
-        detail = api.view(api.store.get_task(int(item["id"])))
+        detail = task_view(api, api.store.get_task(int(item["id"])))
         assert item["queueposition"] == detail["queueposition"]
         assert [o["name"] for o in item["outputs"]] == [o["name"] for o in detail["outputs"]]
     everyone = [t.id for t in sorted((api.store.get_task(i) for i in range(1, 46)), key=lambda t: t.queue_seq)]

@@ -18,9 +18,8 @@ from starlette.concurrency import run_in_threadpool
 from easel.clock import SYSTEM, Clock
 from easel.config import Settings
 from easel.executors import Executor
-from easel.store import Project, Task
 
-from . import handlers, openapi_doc, views
+from . import handlers, openapi_doc
 from .metrics import HttpMetrics
 from .routes import file, health, metrics, openai, playground, run, socket, task, tool
 from .services import Services, new_threads
@@ -90,22 +89,3 @@ def add_routes(app: FastAPI, router: APIRouter) -> None:
     300 more Python calls (~35 µs of CPU) per request on the Wiro hot path than a flat route list."""
     app.router.routes.extend(router.routes)
 
-
-class Api:
-    """The services with the helpers by their names before issue 22, for code written then
-    (tests, ``bench/bench_server.py``): ``Api(settings, executor).store``, ``.view(task)``,
-    ``.task_list(project, fields)``. New code uses :class:`Services` and :mod:`.views`."""
-
-    def __init__(self, settings: Settings, executor: Executor | None = None, clock: Clock = SYSTEM):
-        self.services = Services.build(settings, executor, clock)
-
-    def __getattr__(self, name: str):
-        return getattr(self.services, name)
-
-    def view(self, task: Task, outputs: list | None = None, position: int | None = None) -> dict:
-        """:func:`views.task_view`."""
-        return views.task_view(self.services, task, outputs, position)
-
-    def task_list(self, project: Project, fields: dict) -> dict:
-        """Task/List's answer (:func:`easel.api.routes.task.list_tasks`)."""
-        return task.list_tasks(self.services, project, fields)

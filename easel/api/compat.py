@@ -13,7 +13,7 @@
   ``data.output`` from Task/Detail, while every other page shows the flat answers Easel gives.
   Both answers also carry that ``data`` object (:func:`run_data`, :func:`detail_data`); the flat
   fields are untouched. A numeric ``tasktoken`` that is no task's token is read as a task id
-  (``Api.find_task``).
+  (:func:`easel.api.views.find_task`).
 """
 from __future__ import annotations
 

@@ -61,7 +61,8 @@ def make_tiny_cmd(folder: Path, force: bool = typer.Option(False, help="Rewrite 
 @app.command("make-random")
 def make_random_cmd(
     folder: Path,
-    family: str = typer.Option(..., help="sd15, sdxl or flux (FLUX.1-dev)."),
+    family: str = typer.Option(..., help="A model family the tools declare with random full-size weights "
+                                          "(an unknown one is refused, naming those that are)."),
     size: str = typer.Option("full", help="full (published sizes) or small (same architecture, narrow layers)."),
     device: str = typer.Option("cpu", help="Where to build the weights: cpu, cuda, cuda:1 ..."),
     dtype: str = typer.Option("", help="fp32, fp16 or bf16; default fp32 on CPU, bf16 for flux / fp16 otherwise on CUDA."),
@@ -70,11 +71,13 @@ def make_random_cmd(
     """Write a random-weight pipeline at its family's published size (diffusers folder + LoRAs)."""
     import torch
 
-    from easel.synthetic.fullsize import FAMILIES, SIZES, make_random
+    from easel.synthetic.fullsize import SIZES, make_random
+    from easel.tools.registry import random_families
 
     dtypes = {"": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if family not in FAMILIES:
-        raise typer.BadParameter(f"must be one of {', '.join(FAMILIES)}", param_hint="--family")
+    families = random_families()
+    if family not in families:
+        raise typer.BadParameter(f"must be one of {', '.join(families)}", param_hint="--family")
     if size not in SIZES:
         raise typer.BadParameter(f"must be one of {', '.join(SIZES)}", param_hint="--size")
     if dtype not in dtypes:

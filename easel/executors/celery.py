@@ -42,9 +42,9 @@ import logging
 import os
 import socket
 import threading
-import time
 
 from easel.catalog import FAMILIES
+from easel.clock import SYSTEM, Clock
 from easel.config import Settings
 
 from . import Executor
@@ -148,11 +148,17 @@ def sanitized(url: str) -> str:
 
 
 class CeleryExecutor(Executor):
-    """The API side: publishes task ids to the family queues; runs no worker itself."""
+    """The API side: publishes task ids to the family queues; runs no worker itself.
 
-    def __init__(self, settings: Settings):
+    ``clock``: where publication times are read (``dispatched_at``, the redelivery age; tests pass
+    a ``ManualClock``).
+    """
+
+    def __init__(self, settings: Settings, clock: Clock = SYSTEM):
         from easel.catalog import ModelCatalog, load_tools
         from easel.store import Store
+
+        self.clock = clock
 
         self.settings = settings
         self.app = make_app(settings)
@@ -204,7 +210,7 @@ class CeleryExecutor(Executor):
         ``due_before``, was never published or last published before that time); True if sent."""
         from easel.tasks import lifecycle as lc
 
-        if not self.store.mark_dispatched(task.id, lc.QUEUE, time.time(), due_before):
+        if not self.store.mark_dispatched(task.id, lc.QUEUE, self.clock.now(), due_before):
             return False
         queue = self.queue_for(task.tool, json.loads(task.inputs or "{}"))
         try:
@@ -221,7 +227,7 @@ class CeleryExecutor(Executor):
         """Publish the queued tasks whose publication is missing or old; returns their ids."""
         from easel.tasks import lifecycle as lc
 
-        now = time.time()
+        now = self.clock.now()
         again = now - self.settings.broker_redeliver_seconds if self.settings.broker_redeliver_seconds > 0 else None
         sent = [task.id for task in self.store.due_for_dispatch(lc.QUEUE, now - NEVER_PUBLISHED_GRACE, again)
                 if self.publish(task, due_before=again if again is not None else 0.0)]

@@ -15,236 +15,33 @@
 from __future__ import annotations
 
 import hashlib
-import ipaddress
-import json
 import os
 import re
-import socket
-import struct
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-import httpcore
 import httpx
 
 from easel.net import partfiles
+from easel.net.addresses import check_url, non_public, vet_url
+from easel.net.deadline import Deadline, client
+from easel.net.policy import FetchError, FetchPolicy, URLRefused
+from easel.net.safetensors_header import check_safetensors
 
 if TYPE_CHECKING:
     from easel.storage import Storage
 
+__all__ = ["FetchError", "FetchPolicy", "MAX_REDIRECTS", "URLRefused", "check_safetensors", "check_url",
+           "fetch_safetensors", "fetch_to_file", "non_public", "post_pinned", "vet_url"]
+
 MAX_REDIRECTS = 5
 _FETCHED_NAME = re.compile(r"^[0-9a-f]{64}\.safetensors$")
-_SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
-                       "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
-class FetchError(ValueError):
-    """A URL that may not be fetched, or whose content is refused. The message says why."""
-
-
-class URLRefused(FetchError):
-    """The URL itself is refused (scheme, missing host, or a non-public address): retrying cannot help."""
-
-
-@dataclass(frozen=True)
-class FetchPolicy:
-    """Limits for one kind of download."""
-
-    allow: tuple[str, ...] = ()
-    max_bytes: int = 2 * 1024**3
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    total_timeout: float = 600.0  # the whole fetch: DNS, connects, redirects and transfer
-
-
-class _Deadline:
-    """Seconds left of one fetch's total budget; raises :class:`FetchError` once it is spent."""
-
-    def __init__(self, seconds: float, what: str):
-        self.end = time.monotonic() + seconds
-        self.seconds = seconds
-        self.what = what
-
-    def left(self) -> float:
-        remaining = self.end - time.monotonic()
-        if remaining <= 0:
-            raise FetchError(f"{self.what} took longer than the {self.seconds:g}-second limit for one download "
-                             "(EASEL_FETCH_TOTAL_TIMEOUT_SECONDS)")
-        return remaining
-
-    def timeout(self, policy: "FetchPolicy") -> httpx.Timeout:
-        left = self.left()
-        return httpx.Timeout(min(policy.read_timeout, left), connect=min(policy.connect_timeout, left),
-                             pool=min(policy.connect_timeout, left))
-
-
-class _DeadlineStream(httpcore.NetworkStream):
-    """A connection whose every read and write waits at most until the fetch's deadline."""
-
-    def __init__(self, stream: httpcore.NetworkStream, deadline: _Deadline):
-        self._stream, self._deadline = stream, deadline
-
-    def _t(self, timeout: float | None) -> float:
-        left = self._deadline.end - time.monotonic()
-        if left <= 0:
-            raise httpcore.ReadTimeout("the download's total time limit passed")
-        return left if timeout is None else min(timeout, left)
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._stream.read(max_bytes, self._t(timeout))
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._stream.write(buffer, self._t(timeout))
-
-    def close(self) -> None:
-        self._stream.close()
-
-    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
-        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, self._t(timeout)), self._deadline)
-
-    def get_extra_info(self, info: str):
-        return self._stream.get_extra_info(info)
-
-
-class _DeadlineBackend(httpcore.SyncBackend):
-    """httpcore's socket backend, with every socket operation bounded by one :class:`_Deadline`
-    (a server dripping its headers or body one byte at a time cannot outlast it)."""
-
-    def __init__(self, deadline: _Deadline):
-        self._deadline = deadline
-
-    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-        left = max(0.001, self._deadline.end - time.monotonic())
-        stream = super().connect_tcp(host, port, left if timeout is None else min(timeout, left), local_address,
-                                     socket_options)
-        return _DeadlineStream(stream, self._deadline)
-
-
-def _client(policy: "FetchPolicy", deadline: _Deadline) -> httpx.Client:
-    transport = httpx.HTTPTransport(trust_env=False)
-    # httpx has no total timeout: give its connection pool a socket backend that enforces one
-    transport._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(),
-                                              network_backend=_DeadlineBackend(deadline))
-    return httpx.Client(transport=transport, timeout=deadline.timeout(policy), follow_redirects=False,
-                        trust_env=False)
-
-
-_resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="easel-dns")
-
-
-def _resolve(host: str, port: int, deadline: "_Deadline | None") -> list:
-    """``getaddrinfo`` with a deadline (the C resolver has none of its own)."""
-    if deadline is None:
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    future = _resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
-    try:
-        return future.result(timeout=deadline.left())
-    except FutureTimeout:
-        raise FetchError(f"resolving host {host!r} took longer than the download's time limit") from None
-
-
-def _allowed(host: str, port: int, ip: ipaddress._BaseAddress, allow: tuple[str, ...]) -> bool:
-    for rule in allow:
-        if rule in (host, f"{host}:{port}"):
-            return True
-        try:
-            if ip in ipaddress.ip_network(rule, strict=False):
-                return True
-        except ValueError:
-            continue
-    return False
-
-
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix: embeds an IPv4 address
-_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215 local-use translation prefix
-_6TO4 = ipaddress.ip_network("2002::/16")  # RFC 3056: 2002:AABB:CCDD:: carries IPv4 A.B.C.D
-_V4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d (RFC 4291 2.5.5.1)
-_SITE_LOCAL = ipaddress.ip_network("fec0::/10")  # deprecated site-local (RFC 3879)
-
-
-def non_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why ``ip`` is not a public unicast address a server should fetch from, or None if it is.
-
-    Refused: everything Python's ``ipaddress`` does not call global (loopback, RFC 1918 private,
-    link-local incl. 169.254.169.254 cloud metadata, CGNAT, reserved, unspecified), multicast,
-    site-local ``fec0::/10``, the NAT64 local-use prefix ``64:ff9b:1::/48``, and the IPv6 forms
-    that carry an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible ``::a.b.c.d``,
-    NAT64 ``64:ff9b::a.b.c.d``, 6to4 ``2002:AABB:CCDD::``, Teredo) when that IPv4 address is not public.
-    """
-    if ip.is_multicast:
-        return "multicast"
-    if ip.version == 6:
-        embedded = None
-        if ip.ipv4_mapped is not None:
-            embedded = ip.ipv4_mapped
-        elif ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        elif ip in _6TO4:
-            embedded = ip.sixtofour
-        elif ip.teredo is not None:
-            embedded = ip.teredo[1]
-        elif ip in _V4_COMPATIBLE and int(ip) > 1:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None:
-            inner = non_public(embedded)
-            return f"{inner}, embedded in an IPv6 address" if inner else None
-        if ip in _SITE_LOCAL:
-            return "site-local"
-        if ip in _NAT64_LOCAL:
-            return "local-use NAT64"
-    if not ip.is_global:
-        kind = ("loopback" if ip.is_loopback else "link-local" if ip.is_link_local else
-                "private" if ip.is_private else "reserved or not globally routable")
-        return kind
-    return None
-
-
-def vet_url(url: str, policy: FetchPolicy, deadline: _Deadline | None = None) -> tuple[str, str, int, str]:
-    """Check ``url`` and resolve its host.
-
-    Returns:
-        ``(scheme, host, port, ip)`` where ``ip`` is the vetted address to connect to.
-
-    Raises:
-        FetchError: bad scheme, unresolvable host, or an address that is not public and not allowed.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise URLRefused(f"only http(s) URLs can be fetched, not {parts.scheme or 'a relative URL'!r}")
-    host = parts.hostname
-    if not host:
-        raise URLRefused("the URL has no host")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        infos = _resolve(host, port, deadline)
-    except socket.gaierror as exc:
-        raise FetchError(f"cannot resolve host {host!r}: {exc.strerror}") from None
-    ips = [ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos]
-    for ip in ips:
-        why = non_public(ip)
-        if why and not _allowed(host, port, ip, policy.allow):
-            raise URLRefused(f"host {host!r} resolves to {ip}, a non-public address ({why}); such URLs are refused")
-    return parts.scheme, host, port, str(ips[0])
-
-
-def check_url(url: str, policy: FetchPolicy, seconds: float) -> None:
-    """:func:`vet_url` within ``seconds`` (DNS included): whether ``url`` may be fetched or posted
-    to under ``policy`` (e.g. a webhook's ``callbackUrl``, checked when the Run is submitted).
-
-    Raises:
-        URLRefused: bad scheme, no host, or a non-public address that is not allowed.
-        FetchError: the host cannot be resolved (now: it may resolve later) or not in time.
-    """
-    vet_url(url, policy, _Deadline(seconds, "checking the URL"))
-
-
-def _pinned(url: str, policy: FetchPolicy, deadline: _Deadline | None = None) -> tuple[str, str, str]:
+def _pinned(url: str, policy: FetchPolicy, deadline: Deadline | None = None) -> tuple[str, str, str]:
     """``url`` with its host replaced by the vetted IP; also the host (for SNI) and Host header."""
     scheme, host, port, ip = vet_url(url, policy, deadline)
     parts = urlsplit(url)
@@ -263,11 +60,11 @@ def post_pinned(url: str, body: bytes, headers: dict, policy: FetchPolicy) -> in
     Raises:
         FetchError: refused URL, timeout or connection error.
     """
-    deadline = _Deadline(policy.total_timeout, "posting the webhook")
+    deadline = Deadline(policy.total_timeout, "posting the webhook")
     pinned, host, host_header = _pinned(url, policy, deadline)
-    with _client(policy, deadline) as client:
+    with client(policy, deadline) as http:
         try:
-            resp = client.post(pinned, content=body, headers={**headers, "Host": host_header},
+            resp = http.post(pinned, content=body, headers={**headers, "Host": host_header},
                                extensions={"sni_hostname": host})
         except httpx.TimeoutException:
             raise FetchError(f"timed out posting to {host}") from None
@@ -293,16 +90,16 @@ def fetch_to_file(url: str, dest: Path, policy: FetchPolicy, headers: dict | Non
         FetchError: refused URL, HTTP error status, encoded body, timeout, too many redirects, or
             over the cap.
     """
-    deadline = _Deadline(policy.total_timeout, "the download")
+    deadline = Deadline(policy.total_timeout, "the download")
     first_host = urlsplit(url).netloc
-    with _client(policy, deadline) as client:
+    with client(policy, deadline) as http:
         for _ in range(MAX_REDIRECTS + 1):
             pinned, host, host_header = _pinned(url, policy, deadline)
             extra = headers if headers and urlsplit(url).netloc == first_host else {}
-            req = client.build_request("GET", pinned, headers={**extra, "Host": host_header, "Accept-Encoding": "identity"},
+            req = http.build_request("GET", pinned, headers={**extra, "Host": host_header, "Accept-Encoding": "identity"},
                                        extensions={"sni_hostname": host, "timeout": deadline.timeout(policy).as_dict()})
             try:
-                resp = client.send(req, stream=True)
+                resp = http.send(req, stream=True)
             except httpx.TimeoutException:
                 deadline.left()
                 raise FetchError(f"timed out fetching {host}") from None
@@ -344,48 +141,6 @@ def fetch_to_file(url: str, dest: Path, policy: FetchPolicy, headers: dict | Non
             finally:
                 resp.close()
     raise FetchError(f"more than {MAX_REDIRECTS} redirects")
-
-
-def check_safetensors(path: Path) -> dict:
-    """Validate that ``path`` is a well-formed safetensors file without deserialising tensors.
-
-    Returns:
-        The header's tensor table (name → {dtype, shape, data_offsets}).
-
-    Raises:
-        FetchError: a pickle (``.ckpt``/``.pt``/``.bin``), a truncated file, or an inconsistent header.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise FetchError("file is too short to be a .safetensors file")
-        if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head[:2] == b"PK":
-            raise FetchError("file is a pickle / zip checkpoint (.ckpt, .pt, .bin); only .safetensors is accepted")
-        (n,) = struct.unpack("<Q", head)
-        if n <= 0 or n > min(size - 8, 100 * 1024**2):
-            raise FetchError("file is not a .safetensors file (bad header length)")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError:
-            raise FetchError("file is not a .safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise FetchError("file is not a .safetensors file (header is not an object)")
-    body = size - 8 - n
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    if not tensors:
-        raise FetchError(".safetensors file holds no tensors")
-    for name, info in tensors.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            count = 1
-            for d in shape:
-                count *= int(d)
-            if dtype not in _SAFETENSORS_DTYPES or not 0 <= start <= end <= body or end - start != count * _SAFETENSORS_DTYPES[dtype]:
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise FetchError(f".safetensors header entry {name!r} is inconsistent") from None
-    return tensors
 
 
 def fetch_safetensors(url: str, storage: "Storage", policy: FetchPolicy, cache_dir: Path,

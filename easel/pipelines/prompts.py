@@ -173,8 +173,8 @@ def encode_sd15(pipe: Any, prompt: str, negative_prompt: str = "", clip_skip: in
     """Weighted, chunked SD 1.5 prompt embeddings (A1111's weighting, see the module docstring).
 
     Each 75-token chunk is wrapped in BOS/EOS and padded with EOS to 77; the encoder's hidden
-    state ``-(clip_skip + 1)`` goes through its final layer norm (Easel's ``clip_skip``, see
-    :func:`easel.tools.sd_lora.encode_prompt`); token ``i`` is multiplied by its weight and the
+    state ``-(clip_skip + 1)`` goes through its final layer norm (Easel's ``clip_skip``, as the
+    SD 1.5 tool's ``encode_prompt`` applies it); token ``i`` is multiplied by its weight and the
     chunk rescaled so its mean equals the unweighted chunk's (A1111's ``z · (mean / mean_w)``).
     Prompt and negative prompt get the same number of chunks (the shorter one padded with EOS).
 

@@ -29,7 +29,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("sd15", "sdxl", "flux")
 SIZES = ("full", "small")
 RANDOM_VERSION = 1
 
@@ -74,10 +73,14 @@ def component_configs(family: str, size: str = "full") -> dict[str, dict]:
         → the keyword arguments of its diffusers / transformers class.
 
     Raises:
-        ValueError: unknown family or size.
+        ValueError: a family the tools do not declare with random weights
+            (:func:`easel.tools.registry.random_families`), or an unknown size.
     """
-    if family not in FAMILIES or size not in SIZES:
-        raise ValueError(f"family must be one of {', '.join(FAMILIES)} and size one of {', '.join(SIZES)}")
+    from easel.tools.registry import random_families
+
+    families = random_families()
+    if family not in families or size not in SIZES:
+        raise ValueError(f"family must be one of {', '.join(families)} and size one of {', '.join(SIZES)}")
     small = size == "small"
     if family == "sd15":
         unet = dict(SD15_UNET)
@@ -102,6 +105,8 @@ def component_configs(family: str, size: str = "full") -> dict[str, dict]:
         if small:
             vae.update(block_out_channels=(16, 32, 64, 64), norm_num_groups=8, layers_per_block=1)
         return {"unet": unet, "vae": vae, "text_encoder": te, "text_encoder_2": te2}
+    if family != "flux":  # a family declared random whose architecture this module does not write
+        raise ValueError(f"no random-weight architecture is written for the {family} family")
     transformer = dict(FLUX_DEV)
     te, t5 = dict(CLIP_L), dict(T5_XXL)
     if small:
@@ -166,7 +171,7 @@ def build_random(family: str, size: str = "full", device: str = "cpu", dtype: An
                               T5EncoderModel)
 
     from easel.weights.precision import catalog_dtypes
-    from easel.synthetic.tiny import write_clip_tokenizer, write_t5_tokenizer
+    from easel.synthetic.tokenizers import write_clip_tokenizer, write_t5_tokenizer
 
     cfg = component_configs(family, size)
     if dtype is None:
@@ -235,7 +240,7 @@ def make_random(folder: str | Path, family: str, size: str = "full", device: str
     Returns:
         The folder path ``<folder>/<family>-<size>``.
     """
-    from easel.synthetic import tiny
+    from easel.synthetic import tiny_loras
 
     target = Path(folder) / f"{family}-{size}"
     stamp = target / "easel-random.json"
@@ -245,12 +250,12 @@ def make_random(folder: str | Path, family: str, size: str = "full", device: str
     pipe.save_pretrained(str(target), safe_serialization=True)
     loras = lora_paths(target, family)
     if family == "flux":
-        tiny.write_flux_lora_peft(pipe, loras["peft"], rank=LORA_RANK)
-        tiny.write_flux_lora_kohya(pipe, loras["kohya"], rank=LORA_RANK)
+        tiny_loras.write_flux_lora_peft(pipe, loras["peft"], rank=LORA_RANK)
+        tiny_loras.write_flux_lora_kohya(pipe, loras["kohya"], rank=LORA_RANK)
     else:
-        tiny.write_lora_peft(pipe, loras["peft"], rank=LORA_RANK)
+        tiny_loras.write_lora_peft(pipe, loras["peft"], rank=LORA_RANK)
         if "kohya" in loras:
-            tiny.write_lora_kohya(pipe, loras["kohya"], rank=LORA_RANK)
+            tiny_loras.write_lora_kohya(pipe, loras["kohya"], rank=LORA_RANK)
     stamp.write_text(json.dumps({"version": RANDOM_VERSION, "family": family, "size": size,
                                  "parameters": parameter_counts(pipe), "note": "random weights: images are noise"}))
     return target

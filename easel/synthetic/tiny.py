@@ -41,38 +41,15 @@ docs/benchmarks.md). The images are noise: these models exist to run the real co
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
+
+from easel.synthetic.ldm_layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+from easel.synthetic.tiny_loras import (write_flux_lora_bfl, write_flux_lora_kohya, write_flux_lora_peft,
+                                        write_flux_lora_xlabs, write_lora_kohya, write_lora_peft)
+from easel.synthetic.tokenizers import write_clip_tokenizer, write_t5_tokenizer
 
 TINY_VERSION = 8
 _SEED = 0
-
-
-def _clip_vocab() -> dict[str, int]:
-    """A byte-level BPE vocabulary with every single byte symbol (with and without ``</w>``)."""
-    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    symbols = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
-    vocab: dict[str, int] = {}
-    for s in symbols:
-        vocab[s] = len(vocab)
-    for s in symbols:
-        vocab[s + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab
-
-
-def write_clip_tokenizer(folder: Path):
-    """Write a CLIP tokenizer (``vocab.json``, ``merges.txt``, configs) to ``folder``; return it."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = _clip_vocab()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    tok.save_pretrained(str(folder))
-    return tok
 
 
 def build_sd15_pipeline():
@@ -116,163 +93,17 @@ def build_sd15_pipeline():
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# diffusers → original LDM key layout (the inverse of diffusers' single-file conversion).
-# Facts from diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py, generalised to
-# any number of blocks / layers per block so that tiny models convert with the same rules.
-
-
-def _unet_to_ldm(sd: dict, config: dict) -> dict:
-    lpb = config["layers_per_block"]
-    up_has_attn = ["CrossAttn" in t for t in config["up_block_types"]]
-    top = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-           "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL
-    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
-              "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
-    out = {}
-    for key, value in sd.items():
-        new = None
-        for hf, ldm in top.items():
-            if key.startswith(hf + "."):
-                new = ldm + key[len(hf):]
-        m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)", key)
-        if m:
-            side, i, part, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
-            if part == "resnets":
-                rest = _replace_head(rest, resnet)
-            if side == "down":
-                if part == "downsamplers":
-                    new = f"input_blocks.{(i + 1) * (lpb + 1)}.0.op.{rest.removeprefix('conv.')}"
-                else:
-                    new = f"input_blocks.{1 + i * (lpb + 1) + j}.{0 if part == 'resnets' else 1}.{rest}"
-            else:
-                if part == "upsamplers":
-                    new = f"output_blocks.{i * (lpb + 1) + lpb}.{2 if up_has_attn[i] else 1}.{rest}"
-                else:
-                    new = f"output_blocks.{i * (lpb + 1) + j}.{0 if part == 'resnets' else 1}.{rest}"
-        m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key)
-        if m:
-            part, j, rest = m.group(1), int(m.group(2)), m.group(3)
-            if part == "resnets":
-                new = f"middle_block.{2 * j}.{_replace_head(rest, resnet)}"
-            else:
-                new = f"middle_block.1.{rest}"
-        if new is None:
-            raise ValueError(f"no LDM name for UNet key {key}")
-        out["model.diffusion_model." + new] = value
-    return out
-
-
-def _replace_head(rest: str, table: dict) -> str:
-    head, _, tail = rest.partition(".")
-    return f"{table.get(head, head)}.{tail}"
-
-
-def _vae_to_ldm(sd: dict, config: dict) -> dict:
-    n = len(config["block_out_channels"])
-    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-    out = {}
-    for key, value in sd.items():
-        new = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-        m = re.match(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.*)", new)
-        if m:
-            coder, side, i, part, j, rest = m.groups()
-            i = int(i)
-            level = i if side == "down" else n - 1 - i
-            if part == "resnets":
-                new = f"{coder}.{side}.{level}.block.{j}.{rest}"
-            else:
-                new = f"{coder}.{side}.{level}.{'downsample' if side == 'down' else 'upsample'}.{rest}"
-        m = re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)", new)
-        if m:
-            new = f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{m.group(3)}"
-        m = re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)\.(weight|bias)$", new)
-        if m:
-            new = f"{m.group(1)}.mid.attn_1.{attn[m.group(2)]}.{m.group(3)}"
-            if m.group(3) == "weight" and m.group(2) != "group_norm":
-                value = value.reshape(*value.shape, 1, 1)  # LDM stores these projections as 1x1 convs
-        out["first_stage_model." + new] = value
-    return out
-
-
-def _text_encoder_to_ldm(sd: dict) -> dict:
-    out = {}
-    for key, value in sd.items():
-        key = key if key.startswith("text_model.") else "text_model." + key
-        out["cond_stage_model.transformer." + key] = value
-    return out
-
 
 def write_single_file(pipe, path: Path) -> None:
     """Save ``pipe``'s UNet, VAE and text encoder as one original-LDM-layout ``.safetensors``."""
     from safetensors.torch import save_file
 
     sd = {}
-    sd.update(_unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)))
-    sd.update(_vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)))
-    sd.update(_text_encoder_to_ldm(pipe.text_encoder.state_dict()))
+    sd.update(unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)))
+    sd.update(vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)))
+    sd.update(text_encoder_to_ldm(pipe.text_encoder.state_dict()))
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
 
-
-# ---------------------------------------------------------------------------------------------
-# LoRAs
-
-
-def _random_unet_lora(pipe, seed: int, rank: int = 4) -> dict:
-    """A PEFT-named LoRA state dict (``<module>.lora_A.weight``) for the UNet's attention projections."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, module in pipe.unet.named_modules():
-        if re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name):
-            sd[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.5
-            sd[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.5
-    return sd
-
-
-def write_lora_peft(pipe, path: Path, seed: int = 1, rank: int = 4) -> None:
-    """Write a diffusers/PEFT-layout LoRA file (keys ``unet.<module>.lora_A/B.weight``)."""
-    from safetensors.torch import save_file
-
-    sd = {f"unet.{k}": v for k, v in _random_unet_lora(pipe, seed, rank).items()}
-    save_file(sd, str(path), metadata={"format": "pt"})
-
-
-def write_lora_kohya(pipe, path: Path, seed: int = 2, alpha: float = 4.0, rank: int = 4) -> None:
-    """Write a Kohya-layout LoRA file (``lora_unet_<module_with_underscores>.lora_down/up.weight``, ``.alpha``)."""
-    import torch
-    from safetensors.torch import save_file
-
-    sd = {}
-    for key, value in _random_unet_lora(pipe, seed, rank).items():
-        module, _, kind = key.rpartition(".lora_")
-        base = "lora_unet_" + module.replace(".", "_")
-        sd[f"{base}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
-        sd[f"{base}.alpha"] = torch.tensor(alpha)
-    save_file(sd, str(path), metadata={"ss_network_module": "networks.lora"})
-
-
-# ---------------------------------------------------------------------------------------------
-# FLUX.1
-
-
-def write_t5_tokenizer(folder: Path):
-    """Write a T5 (unigram) tokenizer covering printable ASCII to ``folder``; return it.
-
-    The vocabulary is ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2), then ``▁``-prefixed and bare
-    characters, the SentencePiece conventions of ``google/t5-v1_1-xxl``'s tokenizer.
-    """
-    from transformers import T5Tokenizer
-
-    chars = [chr(c) for c in range(33, 127)]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
-    tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(str(folder))
-    return tok
 
 
 def build_flux_pipeline():
@@ -323,90 +154,6 @@ def build_flux_pipeline():
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
                         text_encoder_2=text_encoder_2, tokenizer_2=tok2, transformer=transformer)
 
-
-def _flux_dims(pipe) -> tuple[int, int, int]:
-    cfg = pipe.transformer.config
-    inner = cfg.num_attention_heads * cfg.attention_head_dim
-    return inner, cfg.num_layers, cfg.num_single_layers
-
-
-def write_flux_lora_peft(pipe, path: Path, seed: int = 11, rank: int = 4) -> None:
-    """Write a diffusers/PEFT-layout Flux LoRA (``transformer.<module>.lora_A/B.weight``) for every
-    attention projection and the single blocks' ``proj_out`` (a superset of the modules the Kohya
-    and XLabs tiny LoRAs target, so those can be hot-swapped into a slot holding this one)."""
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    pattern = r"(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)|single_transformer_blocks\.\d+\.proj_out)$"
-    for name, module in pipe.transformer.named_modules():
-        if re.search(pattern, name):
-            sd[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.5
-            sd[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.5
-    save_file(sd, str(path), metadata={"format": "pt"})
-
-
-def _bfl_modules(pipe) -> dict[str, tuple[int, int]]:
-    """BFL module names a Flux LoRA commonly targets → (fan_in, fan_out): fused ``img_attn.qkv`` /
-    ``txt_attn.qkv``, ``*_attn.proj`` of the double blocks and ``linear2`` of the single blocks."""
-    inner, n_double, n_single = _flux_dims(pipe)
-    mlp = int(inner * pipe.transformer.config.get("mlp_ratio", 4.0))
-    shapes = {}
-    for i in range(n_double):
-        for side in ("img", "txt"):
-            shapes[f"double_blocks.{i}.{side}_attn.qkv"] = (inner, 3 * inner)
-            shapes[f"double_blocks.{i}.{side}_attn.proj"] = (inner, inner)
-    for i in range(n_single):
-        shapes[f"single_blocks.{i}.linear2"] = (inner + mlp, inner)
-    return shapes
-
-
-def _write_bfl_named(pipe, path: Path, seed: int, rank: int, name, down: str, up: str, alpha: float | None,
-                     metadata: dict | None = None) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for module, (fan_in, fan_out) in _bfl_modules(pipe).items():
-        base = name(module)
-        sd[f"{base}.{down}"] = torch.randn(rank, fan_in, generator=g) * 0.5
-        sd[f"{base}.{up}"] = torch.randn(fan_out, rank, generator=g) * 0.5
-        if alpha is not None:
-            sd[f"{base}.alpha"] = torch.tensor(alpha)
-    save_file(sd, str(path), metadata=metadata)
-
-
-def write_flux_lora_kohya(pipe, path: Path, seed: int = 12, rank: int = 4, alpha: float = 4.0) -> None:
-    """Write a Kohya-layout Flux LoRA over BFL module names, as sd-scripts' ``flux_train_network``
-    saves it (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, ``.alpha``)."""
-    _write_bfl_named(pipe, path, seed, rank, lambda m: "lora_unet_" + m.replace(".", "_"), "lora_down.weight",
-                     "lora_up.weight", alpha, {"ss_network_module": "networks.lora_flux"})
-
-
-def write_flux_lora_xlabs(pipe, path: Path, seed: int = 13, rank: int = 4) -> None:
-    """Write an XLabs-layout Flux LoRA (``double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight``),
-    the format of ``XLabs-AI/flux-RealismLora``."""
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    inner, n_double, _ = _flux_dims(pipe)
-    sd = {}
-    for i in range(n_double):
-        for n in (1, 2):
-            for kind, out in (("qkv", 3 * inner), ("proj", inner)):
-                base = f"double_blocks.{i}.processor.{kind}_lora{n}"
-                sd[f"{base}.down.weight"] = torch.randn(rank, inner, generator=g) * 0.5
-                sd[f"{base}.up.weight"] = torch.randn(out, rank, generator=g) * 0.5
-    save_file(sd, str(path))
-
-
-def write_flux_lora_bfl(pipe, path: Path, seed: int = 14, rank: int = 4) -> None:
-    """Write a BFL-layout Flux LoRA: original module names (``diffusion_model.double_blocks.N.img_attn.qkv``,
-    ``diffusion_model.single_blocks.N.linear2``) with PEFT ``lora_A``/``lora_B`` suffixes."""
-    _write_bfl_named(pipe, path, seed, rank, lambda m: "diffusion_model." + m, "lora_A.weight", "lora_B.weight", None)
 
 
 def write_iclight_offset(pipe, path: Path, seed: int = 31, scale: float = 0.02) -> None:

@@ -47,13 +47,14 @@ What is written (by ``easel.synthetic.tiny.make_tiny``):
 """
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
-from easel.synthetic.tiny import _text_encoder_to_ldm, _unet_to_ldm, _vae_to_ldm, write_clip_tokenizer
+from easel.synthetic.ldm_layout import open_clip_to_ldm, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 from easel.synthetic.tiny_faces import write_face_pack
+from easel.synthetic.tiny_loras import random_unet_lora, write_lora_peft
 from easel.synthetic.tiny_openpose import write_tiny_openpose
+from easel.synthetic.tokenizers import write_clip_tokenizer
 
 _SEED = 100
 CONTROLNETS = ("identitynet", "openpose", "depth", "canny")
@@ -112,39 +113,6 @@ def build_sdxl_pipeline():
     )
 
 
-def _open_clip_to_ldm(sd: dict, prefix: str) -> dict:
-    """``CLIPTextModelWithProjection`` weights → OpenCLIP names (the inverse of diffusers'
-    ``convert_open_clip_checkpoint``): q/k/v fused into ``attn.in_proj_*``, ``text_projection``
-    stored transposed."""
-    import torch
-
-    out, fused = {}, {}
-    for key, value in sd.items():
-        k = key.removeprefix("text_model.")
-        if k == "embeddings.token_embedding.weight":
-            out[prefix + "token_embedding.weight"] = value
-        elif k == "embeddings.position_embedding.weight":
-            out[prefix + "positional_embedding"] = value
-        elif k.startswith("final_layer_norm."):
-            out[prefix + "ln_final." + k.rsplit(".", 1)[1]] = value
-        elif key == "text_projection.weight":
-            out[prefix + "text_projection"] = value.T.contiguous()
-        elif k.startswith("encoder.layers."):
-            m = re.match(r"encoder\.layers\.(\d+)\.(.*)\.(weight|bias)$", k)
-            layer, module, kind = m.groups()
-            base = f"{prefix}transformer.resblocks.{layer}."
-            qkv = re.match(r"self_attn\.([qkv])_proj$", module)
-            if qkv:
-                fused.setdefault((base, kind), {})[qkv.group(1)] = value
-                continue
-            name = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}[module]
-            out[f"{base}{name}.{kind}"] = value
-        elif "position_ids" not in k:
-            raise ValueError(f"no OpenCLIP name for text encoder key {key}")
-    for (base, kind), parts in fused.items():
-        out[f"{base}attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
 
 
 def write_sdxl_single_file(pipe, path: Path) -> None:
@@ -152,11 +120,11 @@ def write_sdxl_single_file(pipe, path: Path) -> None:
     from safetensors.torch import save_file
 
     sd = {}
-    sd.update(_unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)))
-    sd.update(_vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)))
-    te1 = _text_encoder_to_ldm(pipe.text_encoder.state_dict())
+    sd.update(unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)))
+    sd.update(vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)))
+    te1 = text_encoder_to_ldm(pipe.text_encoder.state_dict())
     sd.update({k.replace("cond_stage_model.", "conditioner.embedders.0.", 1): v for k, v in te1.items()})
-    sd.update(_open_clip_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
+    sd.update(open_clip_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
 
 
@@ -182,13 +150,11 @@ def write_sdxl_lora_kohya(pipe, path: Path, seed: int = 21, alpha: float = 4.0) 
     import torch
     from safetensors.torch import save_file
 
-    from easel.synthetic.tiny import _random_unet_lora
-
-    lora = _random_unet_lora(pipe, seed)
+    lora = random_unet_lora(pipe, seed)
     config = dict(pipe.unet.config)
     names = {}
     for module in {k.rsplit(".lora_", 1)[0] for k in lora}:
-        (ldm_key,) = _unet_to_ldm({module + ".weight": None}, config)
+        (ldm_key,) = unet_to_ldm({module + ".weight": None}, config)
         names[module] = "lora_unet_" + ldm_key.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_")
     sd = {}
     for key, value in lora.items():
@@ -201,8 +167,6 @@ def write_sdxl_lora_kohya(pipe, path: Path, seed: int = 21, alpha: float = 4.0) 
 
 def write_sdxl_lora_peft(pipe, path: Path, seed: int = 22) -> None:
     """Write an SDXL LoRA in the diffusers/PEFT layout (``unet.<module>.lora_A.weight``)."""
-    from easel.synthetic.tiny import write_lora_peft
-
     write_lora_peft(pipe, path, seed=seed)
 
 

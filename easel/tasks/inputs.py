@@ -12,12 +12,18 @@ from __future__ import annotations
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from easel.images import ImageInputError, decode
 from easel.net.fetch import FetchError, FetchPolicy, fetch_to_file
 from easel.storage.inputs import InputFiles
 from easel.tools.base import PNG_OPTIONS, ToolError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy
+    from PIL.Image import Image
+
+    from easel.tasks.runner import WorkerContext
 
 EXTRA_FIELD = "extraOutputs"  # beyond Wiro: a tool's schema may offer it (see docs/api.md)
 _NAME = re.compile(r"[^A-Za-z0-9_-]+")
@@ -28,8 +34,9 @@ def extras_requested(inputs: dict) -> bool:
     return str(inputs.get(EXTRA_FIELD, "") or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def load_image(ctx: Any, field: str, value: str):
-    """Decode the image input ``field`` of ``ctx``'s task (a ``WorkerContext``).
+def load_image(ctx: WorkerContext, field: str, value: str) -> Image:
+    """Decode the image input ``field`` of ``ctx``'s task: a ``PIL.Image`` in mode ``RGB`` or
+    ``RGBA`` (see :func:`easel.images.decode`).
 
     Raises:
         ToolError: naming the field (missing, refused URL, download failure, not an image, too large).
@@ -54,7 +61,7 @@ def load_image(ctx: Any, field: str, value: str):
         raise ToolError(exc.message) from None
 
 
-def save_extra(output_dir: Path, name: str, image) -> Path:
+def save_extra(output_dir: Path, name: str, image: Image | numpy.ndarray) -> Path:
     """Write an intermediate image as ``extra-<name>.png`` (PIL image or HxW[xC] uint8 array)."""
     from PIL import Image
 

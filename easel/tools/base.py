@@ -31,12 +31,13 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Callable, ClassVar, Generic, Mapping, NamedTuple, Protocol, Sequence, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
+    from PIL.PngImagePlugin import PngInfo
 
     from easel.weights import ModelManager
 
@@ -108,6 +109,11 @@ class Family:
     components: tuple[DtypeKind, ...] = ()
 
 
+InputValue = Union[str, int, float, list[str]]
+"""One value of ``ToolSpec.validate``'s output: an input coerced to its schema type (:data:`SCHEMA_TYPES`),
+or a per-model scale setting (float)."""
+
+
 class ToolInputs(BaseModel):
     """Base of a tool's typed inputs: one field per input of its catalog file, named as the
     schema names it, typed by the schema's type (:data:`SCHEMA_TYPES`): checked when the tool is
@@ -123,7 +129,7 @@ class ToolInputs(BaseModel):
     scales: dict[str, float] = {}
 
     @classmethod
-    def from_validated(cls: "type[I]", values: dict[str, Any]) -> "I":
+    def from_validated(cls: "type[I]", values: Mapping[str, InputValue]) -> "I":
         """The typed inputs from ``ToolSpec.validate``'s output (inputs already coerced to their
         schema types; every other key is a scale setting).
 
@@ -144,8 +150,9 @@ SCHEMA_TYPES: dict[str, object] = {"number": int, "float": float, "text": str, "
 
 
 @dataclass(frozen=True)
-class ToolDeclaration:
-    """What a tool module declares as ``TOOL`` (see the module docstring).
+class ToolDeclaration(Generic[I]):
+    """What a tool module declares as ``TOOL`` (see the module docstring), generic in its inputs
+    class ``I`` (its rules take that class).
 
     Attributes:
         name: ``owner/slug``.
@@ -164,10 +171,10 @@ class ToolDeclaration:
 
     name: str
     catalog: Path
-    inputs: type[ToolInputs]
+    inputs: type[I]
     family: Family
     uses: tuple[Family, ...] = field(default=())
-    rules: tuple[Callable[[Any], None], ...] = field(default=())  # each takes the tool's own Inputs
+    rules: tuple[Callable[[I], None], ...] = field(default=())  # each takes the tool's own Inputs
     fixed: tuple[str, ...] = field(default=())
     estimators: tuple[tuple[str, str], ...] = field(default=())
 
@@ -282,8 +289,16 @@ def _pool() -> ThreadPoolExecutor:
         return _png_pool
 
 
-def save_pngs(jobs: list[tuple["Image", Path, Any]]) -> list[Path]:
-    """Encode and write ``(image, path, pnginfo)`` jobs as PNG files, in parallel threads.
+class PngJob(NamedTuple):
+    """One PNG to write: the image, its path, and its text chunks (``PngInfo``; None: none)."""
+
+    image: "Image"
+    path: Path
+    info: "PngInfo | None" = None
+
+
+def save_pngs(jobs: Sequence[PngJob]) -> list[Path]:
+    """Encode and write :class:`PngJob`\\ s as PNG files, in parallel threads.
 
     Every job is finished (written or failed) before this returns.
 
@@ -306,7 +321,8 @@ def save_pngs(jobs: list[tuple["Image", Path, Any]]) -> list[Path]:
     return [path for _, path, _ in jobs]
 
 
-def write_pngs(images: list, output_dir: Path, seed: int, parameters, params: dict) -> list[Path]:
+def write_pngs(images: Sequence["Image"], output_dir: Path, seed: int, parameters: Callable[[int], str],
+               params: Mapping[str, object]) -> list[Path]:
     """Save generated images as ``0.png`` … ``N-1.png`` with their generation parameters
     (encoded in parallel, see :func:`save_pngs`).
 
@@ -323,10 +339,10 @@ def write_pngs(images: list, output_dir: Path, seed: int, parameters, params: di
 
     from PIL.PngImagePlugin import PngInfo
 
-    jobs = []
+    jobs: list[PngJob] = []
     for i, image in enumerate(images):
         info = PngInfo()
         info.add_text("parameters", parameters(seed + i))
         info.add_text("easel", json.dumps({**params, "seed": seed + i}, sort_keys=True))
-        jobs.append((image, output_dir / f"{i}.png", info))
+        jobs.append(PngJob(image, output_dir / f"{i}.png", info))
     return save_pngs(jobs)

@@ -55,7 +55,8 @@ from easel.pipelines.ic_light import (ADDED_PROMPT, BG_SOURCES, MAX_SIDE, MIN_SI
                                       load_iclight, lowres_size, process)
 from easel.weights import Checkpoint, ModelError, Weights
 
-from .base import DtypeKind, Family, Phases, ToolContext, ToolDeclaration, ToolError, ToolInputs, save_pngs
+from .base import (DtypeKind, Family, Phases, PngJob, ToolContext, ToolDeclaration, ToolError, ToolInputs,
+                   save_pngs)
 from .common import SD15, parse_seed
 from .previews import latent_to_jpeg
 
@@ -215,7 +216,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
               "negative_prompt": plan.negative_prompt, "steps": plan.steps, "guidance_scale": plan.cfg,
               "highres_scale": plan.highres_scale, "highres_denoise": plan.highres_denoise,
               "bg_source": plan.bg_source, "seed": plan.seed, "width": w, "height": h}
-    jobs = []
+    jobs: list[PngJob] = []
     for i, image in enumerate(results):
         info = PngInfo()
         info.add_text("parameters", f"{plan.prompt}, {ADDED_PROMPT}\nNegative prompt: {plan.negative_prompt}\n"
@@ -224,7 +225,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
                                     f"IC-Light: fbc, Background: {plan.bg_source}, Hires upscale: "
                                     f"{plan.highres_scale:g}, Denoising strength: {plan.highres_denoise:g}")
         info.add_text("easel", json.dumps({**params, "sample": i}, sort_keys=True))
-        jobs.append((Image.fromarray(image), ctx.output_dir / f"{i}.png", info))
+        jobs.append(PngJob(Image.fromarray(image), ctx.output_dir / f"{i}.png", info))
     paths = save_pngs(jobs)
     for name, image in extras.items():
         ctx.extra_output(name, image)

@@ -10,8 +10,10 @@ FLUX.1 (16 channels), declared with each model family (``easel.tools.common``).
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def factors(family: str) -> tuple[list[list[float]], list[float]]:
@@ -29,7 +31,7 @@ def factors(family: str) -> tuple[list[list[float]], list[float]]:
     return [list(row) for row in declared.preview.factors], list(declared.preview.bias)
 
 
-def latent_to_jpeg(latent: Any, family: str, max_side: int = 128, quality: int = 70) -> bytes:
+def latent_to_jpeg(latent: torch.Tensor, family: str, max_side: int = 128, quality: int = 70) -> bytes:
     """Approximate RGB of one latent, as JPEG bytes.
 
     Args:

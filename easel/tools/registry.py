@@ -163,6 +163,13 @@ def families() -> dict[str, Family]:
     return {name: found[name] for name in sorted(found, key=order)}
 
 
+def random_families() -> tuple[str, ...]:
+    """The families ``easel.synthetic.fullsize`` writes random full-size weights for (declared with
+    ``Family.random``), in :func:`families`' order: the ``random`` model source's and ``easel models
+    make-random``'s choices."""
+    return tuple(name for name, family in families().items() if family.random)
+
+
 def dtype_kinds() -> dict[str, DtypeKind]:
     """The precision table: every family's row and its components' rows, kind → :class:`DtypeKind`.
 

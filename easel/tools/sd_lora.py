@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict
 
 from easel.net.fetch import FetchError
 from easel.pipelines.checkpoints import read_pipeline
@@ -41,6 +41,7 @@ from .common import SD15, parse_seed, use_scheduler
 from .previews import latent_to_jpeg
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
     from diffusers import StableDiffusionPipeline
 
 __all__ = ["TOOL", "Inputs", "Plan", "prepare", "run", "load_pipeline", "read_pipeline", "encode_prompt"]
@@ -119,6 +120,22 @@ def prepare(inputs: Inputs, ctx: ToolContext) -> Plan:
     )
 
 
+class PipelineCall(TypedDict, total=False):
+    """The keyword arguments :func:`run` passes to ``StableDiffusionPipeline.__call__``: the text
+    prompts, or their embeddings (weighted prompts, clip skip)."""
+
+    num_images_per_prompt: int
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    generator: list[torch.Generator]
+    prompt: str
+    negative_prompt: str | None
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+
+
 def load_pipeline(weights: Weights, where: Precision | None = None) -> "StableDiffusionPipeline":
     """Load a ``StableDiffusionPipeline`` from local weights on ``where.device``, UNet and text
     encoder in ``where.dtype``, VAE in ``where.vae_dtype`` (default: ``precision("sd15")``,
@@ -169,7 +186,7 @@ def run(plan: Plan, ctx: ToolContext) -> list[Path]:
     except ValueError as exc:
         raise ToolError(str(exc)) from None
 
-    kwargs: dict[str, Any] = dict(
+    kwargs = PipelineCall(
         num_images_per_prompt=plan.samples, num_inference_steps=plan.steps, guidance_scale=plan.guidance_scale,
         width=plan.width, height=plan.height, generator=generators(plan.seed, plan.samples),
     )

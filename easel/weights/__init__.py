@@ -12,27 +12,30 @@ from __future__ import annotations
 
 import time
 import weakref
+from pathlib import Path
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, Mapping, TypeVar
 
 from easel.catalog import CatalogError, ModelCatalog, ModelEntry
 from easel.config import Settings
 
-from easel.weights.adapters import LoraState
+from easel.weights.adapters import LoraLoad, LoraPipeline, LoraState
 from easel.weights.cache import PipelineCache, StateTable, torch_modules, weights_bytes
 from easel.weights.precision import Precision, precision as _precision
 from easel.weights.sources import ModelSources, Weights
 
 if TYPE_CHECKING:
+    import torch
+
     from easel.storage import Storage
 
 S = TypeVar("S")
 
-__all__ = ["ModelManager", "ModelSources", "Weights", "PipelineCache", "LoraState", "dtype_kwargs", "ModelError",
-           "Checkpoint", "LoraChoice", "ControlNetChoice", "Loaded", "RuntimeOptions", "Precision"]
+__all__ = ["ModelManager", "ModelSources", "Weights", "PipelineCache", "LoraState", "LoraLoad", "dtype_kwargs",
+           "ModelError", "Checkpoint", "LoraChoice", "ControlNetChoice", "Loaded", "RuntimeOptions", "Precision"]
 
 
-def dtype_kwargs(dtype: Any) -> dict:
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """``from_pretrained`` / ``from_single_file`` keyword for a torch dtype: ``dtype`` on diffusers
     versions that renamed it (they warn on ``torch_dtype``), ``torch_dtype`` on older ones."""
     from diffusers.utils import deprecation_utils
@@ -69,9 +72,9 @@ class LoraChoice:
     layout: str = ""  # the file's key layout when known (peft, kohya, xlabs, bfl)
 
     @property
-    def triple(self) -> tuple[str, str, float]:
-        """``(key, path, scale)`` as :meth:`LoraState.apply` takes it."""
-        return self.key, self.path, self.scale
+    def triple(self) -> LoraLoad:
+        """``LoraLoad(key, path, scale)`` as :meth:`LoraState.apply` takes it."""
+        return LoraLoad(self.key, self.path, self.scale)
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ class ModelManager:
         self.options = RuntimeOptions(torch_compile=settings.torch_compile, cpu_offload=settings.cpu_offload)
         # adapter state lives with the module that holds the adapters (a pipeline's UNet or
         # transformer): a reloaded module is a new key, a module shared by two pipelines one key
-        self._adapters: "weakref.WeakKeyDictionary[Any, LoraState]" = weakref.WeakKeyDictionary()
+        self._adapters: "weakref.WeakKeyDictionary[object, LoraState]" = weakref.WeakKeyDictionary()
         self._states = StateTable()
 
     @property
@@ -313,7 +316,7 @@ class ModelManager:
 
     # -- adapters -----------------------------------------------------------------------------
 
-    def adapters(self, pipe: Any, hotswap: bool = False) -> LoraState:
+    def adapters(self, pipe: LoraPipeline, hotswap: bool = False) -> LoraState:
         """The :class:`LoraState` of the module holding ``pipe``'s adapters (its UNet or transformer).
 
         The state belongs to that module object: a pipeline reloaded after eviction has new modules
@@ -331,7 +334,7 @@ class ModelManager:
             state = self._adapters[module] = LoraState(self.settings.max_resident_loras, hotswap_rank=rank)
         return state
 
-    def private_lora(self, value: str, field: str, family: str, input_file: Callable[[str], Any]) -> LoraChoice | None:
+    def private_lora(self, value: str, field: str, family: str, input_file: Callable[[str], Path]) -> LoraChoice | None:
         """A user's own LoRA at scale 1.0: ``upload:<name>`` (a multipart file, via ``input_file``)
         or an ``http(s)`` URL (the safe fetcher). None for an empty value.
 

@@ -22,11 +22,43 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Any
+from typing import NamedTuple, Protocol, Sequence
 
 from easel import metrics
 
-from easel.weights.lora_formats import loadable
+from easel.weights.lora_formats import LoraSource, loadable
+
+
+class LoraLoad(NamedTuple):
+    """One LoRA to make active: ``key`` identifies the weights (same key, same adapter), ``path``
+    is the local file, ``scale`` the adapter weight (any float; 0 disables its effect)."""
+
+    key: str
+    path: str
+    scale: float
+
+
+class LoraPipeline(Protocol):
+    """What :class:`LoraState` uses of a diffusers pipeline with LoRA support (SD, SDXL and Flux
+    pipelines: diffusers' ``*LoraLoaderMixin``)."""
+
+    @property
+    def components(self) -> dict[str, object]: ...
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: LoraSource, adapter_name: str | None = None,
+                          hotswap: bool = False) -> None: ...
+
+    def set_adapters(self, adapter_names: list[str], adapter_weights: list[float] | None = None) -> None: ...
+
+    def enable_lora(self) -> None: ...
+
+    def disable_lora(self) -> None: ...
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None: ...
+
+    def get_list_adapters(self) -> dict[str, list[str]]: ...
+
+    def enable_lora_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None: ...
 
 
 def adapter_name(key: str) -> str:
@@ -52,12 +84,12 @@ class LoraState:
         # (adapter names, weights) the modules hold now; None = unknown (forces set_adapters)
         self._active: tuple[tuple[str, ...], tuple[float, ...]] | None = None
 
-    def apply(self, pipe: Any, loras: list[tuple[str, str, float]]) -> None:
+    def apply(self, pipe: LoraPipeline, loras: Sequence[LoraLoad]) -> None:
         """Make exactly ``loras`` active on ``pipe``.
 
         Args:
             pipe: A diffusers pipeline with ``LoraLoaderMixin`` (SD, SDXL, Flux).
-            loras: ``(key, path, scale)`` triples; ``key`` identifies the weights (same key, same
+            loras: :class:`LoraLoad`\\ s; ``key`` identifies the weights (same key, same
                 adapter), ``scale`` is the adapter weight (any float; 0 disables its effect).
 
         Raises:
@@ -95,7 +127,7 @@ class LoraState:
         self._active = wanted
         self.last_action = "adapters set"
 
-    def _apply_slot(self, pipe: Any, loras: list[tuple[str, str, float]]) -> None:
+    def _apply_slot(self, pipe: LoraPipeline, loras: Sequence[LoraLoad]) -> None:
         """One adapter slot whose *weights* change, never its structure or its Python-level scale.
 
         A compiled transformer guards on the adapter's ``scaling`` value and on the LoRA on/off
@@ -144,7 +176,7 @@ class LoraState:
         _scale_lora_b(pipe, self.SLOT, float(scale))
         self._slot_state = (key, scale)
 
-    def _load_slot(self, pipe: Any, key: str, path: str) -> None:
+    def _load_slot(self, pipe: LoraPipeline, key: str, path: str) -> None:
         """Load a fresh slot, prepared for compiled hot-swap every time (diffusers consumes the
         preparation at the first load, so a slot re-created after a non-hot-swappable LoRA would
         otherwise keep that LoRA's rank and Python-float scales, and later swaps would recompile)."""
@@ -154,7 +186,7 @@ class LoraState:
         pipe.enable_lora_hotswap(target_rank=self.hotswap_rank, check_compiled="ignore" if compiled else "error")
         self._load(pipe, key, path, self.SLOT, covering=True)
 
-    def _load(self, pipe: Any, key: str, path: str, name: str, covering: bool = False) -> None:
+    def _load(self, pipe: LoraPipeline, key: str, path: str, name: str, covering: bool = False) -> None:
         """Load the LoRA file as a new adapter ``name``; on failure leave no half-loaded adapter.
         ``covering``: the hot-swap slot, padded to every block layer (:func:`covering_state_dict`)."""
         try:
@@ -168,7 +200,7 @@ class LoraState:
         self.loads += 1
         metrics.lora_loaded()
 
-    def _evict(self, pipe: Any, keep: set[str]) -> None:
+    def _evict(self, pipe: LoraPipeline, keep: set[str]) -> None:
         while len(self._loaded) >= self.max_resident:
             victim = next((n for n in self._loaded if n not in keep), None)
             if victim is None:
@@ -182,7 +214,7 @@ class LoraState:
 SLOT_MODULE_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 
 
-def covering_state_dict(pipe: Any, path: str) -> Any:
+def covering_state_dict(pipe: LoraPipeline, path: str) -> LoraSource:
     """The LoRA at ``path`` as diffusers reads it, plus zero LoRA weights for every other
     ``Linear`` layer of the transformer's blocks (:data:`SLOT_MODULE_PREFIXES`), so the adapter
     slot it creates targets every layer a later LoRA may target.
@@ -191,7 +223,7 @@ def covering_state_dict(pipe: Any, path: str) -> Any:
     another layer is refused with "unexpected keys" and the slot must be reloaded, which recompiles
     a compiled transformer). Slots were shaped by the first LoRA: XLabs' RealismLora (the FLUX
     tool's default) has LoRA layers in the double blocks' attention only, so every LoRA reaching
-    the single blocks (the Comics Factory style, any ai-toolkit or Kohya LoRA) fell back. The
+    the single blocks (a preset's style LoRA, any ai-toolkit or Kohya LoRA) fell back. The
     added layers hold ``lora_B = 0``, so they change nothing (``ΔW = B·A = 0``); they cost
     memory and time like a LoRA of that rank on those layers (at rank 128 in bfloat16, about
     1.4 GB for FLUX.1-dev). A pipeline without a ``transformer`` (or a file diffusers cannot read)
@@ -244,7 +276,7 @@ class _quiet_hotswap_errors:
         return False
 
 
-def _scale_lora_b(pipe: Any, adapter: str, factor: float) -> None:
+def _scale_lora_b(pipe: LoraPipeline, adapter: str, factor: float) -> None:
     """Multiply every ``lora_B`` weight of ``adapter`` in the pipeline's modules by ``factor`` in place."""
     import torch
 
@@ -258,14 +290,14 @@ def _scale_lora_b(pipe: Any, adapter: str, factor: float) -> None:
                     lora_b[adapter].weight.mul_(factor)
 
 
-def _adapter_present(pipe: Any, name: str) -> bool:
+def _adapter_present(pipe: LoraPipeline, name: str) -> bool:
     try:
         return any(name in names for names in pipe.get_list_adapters().values())
     except Exception:
         return False
 
 
-def _cleanup_failed(pipe: Any, name: str) -> None:
+def _cleanup_failed(pipe: LoraPipeline, name: str) -> None:
     try:
         if _adapter_present(pipe, name):
             pipe.delete_adapters(name)

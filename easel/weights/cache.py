@@ -16,25 +16,30 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar, cast
+from os import PathLike
+from typing import TYPE_CHECKING, Callable, NamedTuple, TypeVar, cast
 
 from easel import metrics
 # the adapters' state moved to its own module; its old import path stays valid
 from easel.weights.adapters import SLOT_MODULE_PREFIXES, LoraState  # noqa: F401
 
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 S = TypeVar("S")
 
 
-def torch_modules(obj: Any) -> list:
-    """The torch modules an entry holds: a pipeline's components, or the object itself (a component)."""
+def torch_modules(obj: object) -> list[torch.nn.Module]:
+    """The torch modules an entry holds: a pipeline's components, or the object itself (a component).
+    ``obj`` is anything the cache holds (a diffusers pipeline, a torch module, a typed entry); an
+    object without parameters holds none."""
     components = getattr(obj, "components", None)
     if isinstance(components, dict):
         return [c for c in components.values() if hasattr(c, "parameters")]
     return [obj] if hasattr(obj, "parameters") else []
 
 
-def module_bytes(pipe: Any) -> int:
+def module_bytes(pipe: object) -> int:
     """Bytes of all parameters and buffers of a pipeline's torch modules (or of one module)."""
     total = 0
     for comp in torch_modules(pipe):
@@ -46,7 +51,7 @@ def module_bytes(pipe: Any) -> int:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf", ".onnx")
 
 
-def weights_bytes(path: Any) -> int:
+def weights_bytes(path: str | PathLike[str] | None) -> int:
     """Bytes of the weight files at ``path`` (a file, or every weight file under a folder): the
     estimate of a model's size before it is loaded; 0 when there is nothing to measure."""
     from pathlib import Path
@@ -60,7 +65,7 @@ def weights_bytes(path: Any) -> int:
         return 0
 
 
-def is_compiled(obj: Any) -> bool:
+def is_compiled(obj: object) -> bool:
     """Whether any of ``obj``'s torch modules went through ``torch.compile`` (wrapped or in place)."""
     return any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None
                for m in torch_modules(obj))
@@ -105,6 +110,14 @@ def device_free_bytes() -> int | None:
     return int(free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated())
 
 
+class CacheEntry(NamedTuple):
+    """One resident object of :class:`PipelineCache` and its measured size (bytes of parameters
+    and buffers, :func:`module_bytes`)."""
+
+    obj: object
+    size: int
+
+
 class PipelineCache:
     """LRU cache of loaded pipelines within ``budget_bytes``.
 
@@ -127,7 +140,7 @@ class PipelineCache:
         self.budget_bytes = budget_bytes
         self.headroom_bytes = headroom_bytes
         self.free_bytes = free_bytes
-        self._items: OrderedDict[str, tuple[object, int]] = OrderedDict()
+        self._items: OrderedDict[str, CacheEntry] = OrderedDict()
         self.loads: dict[str, int] = {}
         self.evictions: list[str] = []  # keys in the order they were evicted
         self._sizes: dict[str, int] = {}  # measured size of every key loaded so far
@@ -143,7 +156,7 @@ class PipelineCache:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
-                return cast(S, self._items[key][0])  # a key is always loaded by the same kind of loader
+                return cast(S, self._items[key].obj)  # a key is always loaded by the same kind of loader
             expected = self._sizes.get(key) or expected_bytes or 0
             self._evict_until(expected, expected)
             began = time.monotonic()
@@ -151,7 +164,7 @@ class PipelineCache:
             metrics.model_loaded(key, time.monotonic() - began)
             size = module_bytes(pipe)
             self._evict_until(size, 0)  # the new weights are on the device already
-            self._items[key] = (pipe, size)
+            self._items[key] = CacheEntry(pipe, size)
             self._sizes[key] = size
             self.loads[key] = self.loads.get(key, 0) + 1
             metrics.cache_bytes(self.used_bytes)
@@ -180,7 +193,7 @@ class PipelineCache:
 
     @property
     def used_bytes(self) -> int:
-        return sum(size for _, size in self._items.values())
+        return sum(entry.size for entry in self._items.values())
 
     def keys(self) -> list[str]:
         return list(self._items)
@@ -189,7 +202,7 @@ class PipelineCache:
         """The resident object for ``key`` without loading or touching its LRU position."""
         with self._lock:
             item = self._items.get(key)
-            return item[0] if item else None
+            return item.obj if item else None
 
 
 @dataclass

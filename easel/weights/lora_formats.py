@@ -27,6 +27,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+LoraSource = Union[str, "dict[str, torch.Tensor]"]
+"""What diffusers' ``load_lora_weights`` takes: a file path, or a state dict (name → tensor)."""
 
 FAMILY_NAMES = {"flux": "FLUX.1 transformer", "sd": "Stable Diffusion UNet (SD 1.x/2.x/SDXL)"}
 
@@ -141,7 +148,7 @@ def bfl_to_kohya(state_dict: dict) -> dict:
     return out
 
 
-def loadable(path: str | Path):
+def loadable(path: str | Path) -> LoraSource:
     """What to pass to diffusers' ``load_lora_weights`` for the LoRA file at ``path``: the path
     itself, or for the BFL layout a renamed state dict (:func:`bfl_to_kohya`)."""
     try:

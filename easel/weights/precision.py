@@ -43,9 +43,16 @@ from the very noise the GPU run starts from.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from easel.config import check_cpu_precision
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+M = TypeVar("M", bound="torch.nn.Module")
+P = TypeVar("P", bound="DiffusionPipeline")
 
 
 
@@ -69,11 +76,11 @@ class Precision(NamedTuple):
     """
 
     device: str
-    dtype: Any
-    vae_dtype: Any
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
     vae_upcast: bool = False
 
-    def vae_dtype_for(self, vae: Any) -> Any:
+    def vae_dtype_for(self, vae: AutoencoderKL) -> torch.dtype:
         """The dtype to hold ``vae`` (an ``AutoencoderKL``) in: float32 instead of float16 when
         :attr:`vae_upcast` and its config says ``force_upcast``, else :attr:`vae_dtype`.
 
@@ -95,7 +102,7 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def catalog_dtypes(kind: str) -> tuple[Any, Any]:
+def catalog_dtypes(kind: str) -> tuple[torch.dtype, torch.dtype]:
     """``(dtype, vae_dtype)`` of ``kind`` on CUDA (the table above).
 
     Raises:
@@ -141,7 +148,7 @@ def precision(kind: str, cpu_precision: str = "float32") -> Precision:
     return Precision("cpu", torch.float32, torch.float32, upcast)
 
 
-def cast(module: Any, dtype: Any, device: str | None = None) -> Any:
+def cast(module: M, dtype: torch.dtype, device: str | None = None) -> M:
     """Move ``module`` (a torch module) to ``device`` (None: stay) and cast it to ``dtype``; the
     cast is skipped when every floating parameter already has ``dtype`` (diffusers 0.42 logs a
     "should be kept in float32" warning on every ``to(dtype)``, a no-op one too). Returns ``module``."""
@@ -152,7 +159,7 @@ def cast(module: Any, dtype: Any, device: str | None = None) -> Any:
     return module
 
 
-def place(pipe: Any, device: str) -> Any:
+def place(pipe: P, device: str) -> P:
     """Move a pipeline just loaded (on the CPU, where ``from_pretrained`` puts it) to ``device``;
     for ``"cpu"`` nothing moves, which also spares diffusers' warning that a float16 pipeline
     "cannot run" on the CPU (it can: see the module docstring). Returns ``pipe``."""
@@ -161,7 +168,7 @@ def place(pipe: Any, device: str) -> Any:
     return pipe
 
 
-def generators(seed: int, count: int = 1) -> list:
+def generators(seed: int, count: int = 1) -> list[torch.Generator]:
     """``count`` CPU ``torch.Generator``\\ s seeded ``seed``, ``seed + 1``, … (image *i* of a
     request uses seed ``seed + i``): for a given dtype, the same noise on every device (module
     docstring; torch samples float16, bfloat16 and float32 noise differently, so a seed's image
