@@ -63,10 +63,12 @@ def raw_child(folder: Path, threads: int) -> None:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         seed = int(line)
-        t, cpu = time.perf_counter(), time.process_time()
+        t, cpu, before = time.perf_counter(), time.process_time(), kernel_side(os.getpid())
         pipe(PROMPT, negative_prompt=None, num_images_per_prompt=1, num_inference_steps=10, guidance_scale=7.5,
              width=256, height=256, generator=[torch.Generator("cpu").manual_seed(seed)])
-        print(json.dumps({"wall": time.perf_counter() - t, "cpu": time.process_time() - cpu}), flush=True)
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+        after = kernel_side(os.getpid())
+        print(json.dumps({"wall": wall, "cpu": cpu, **{k: after[k] - before[k] for k in after}}), flush=True)
 
 
 class Raw:
@@ -92,7 +94,7 @@ def easel_image(server, pid: int, seed: int) -> dict:
     """One Run followed on the WebSocket to ``task_postprocess_end``: wall and the server's CPU."""
     from websockets.sync.client import connect
 
-    cpu, t = tree_cpu(pid), time.perf_counter()
+    cpu, t, before = tree_cpu(pid), time.perf_counter(), kernel_side(pid, tree=True)
     answer = server.client.post(f"{server.base}/v1/Run/{TOOL}", json={**PARAMS, "seed": str(seed)}).json()
     assert answer.get("result"), answer
     with connect(server.base.replace("http", "ws") + "/v1", open_timeout=30) as ws:
@@ -103,9 +105,29 @@ def easel_image(server, pid: int, seed: int) -> dict:
                 break
     wall = time.perf_counter() - t
     used = tree_cpu(pid) - cpu
+    after = kernel_side(pid, tree=True)
     task = server.client.post(f"{server.base}/v1/Task/Detail", json={"taskid": answer["taskid"]}).json()["tasklist"][0]
     assert task["pexit"] == "0", task["debugerror"]
-    return {"wall": wall, "cpu": used}
+    return {"wall": wall, "cpu": used, **{k: after[k] - before[k] for k in after}}
+
+
+def kernel_side(pid: int, tree: bool = False) -> dict:
+    """System CPU seconds and minor page faults so far of process ``pid`` (and, with ``tree``,
+    its children): where an allocator that maps its memory again at every step shows."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    if tree:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+        pids += [int(p) for p in out.split()]
+    total = {"sys": 0.0, "minflt": 0}
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total["sys"] += int(fields[12]) / tick
+        total["minflt"] += int(fields[7])
+    return total
 
 
 def server_pid(port_base: str) -> int:
@@ -165,7 +187,9 @@ def main() -> None:
                 rows.append(row)
                 print(f"pair {i} ({order[0]} first): easel {row['easel_wall']:6.1f} s wall {row['easel_cpu']:6.1f} "
                       f"cpu-s | raw {row['raw_wall']:6.1f} s wall {row['raw_cpu']:6.1f} cpu-s | ratio wall "
-                      f"{row['wall_ratio']:.3f} cpu {row['cpu_ratio']:.3f} | load {row['loadavg']:.1f}", flush=True)
+                      f"{row['wall_ratio']:.3f} cpu {row['cpu_ratio']:.3f} | load {row['loadavg']:.1f} | sys-s / "
+                      f"minor faults easel {row['easel_sys']:.1f} / {row['easel_minflt']} raw {row['raw_sys']:.1f} / "
+                      f"{row['raw_minflt']}", flush=True)
                 if args.json:  # partial results survive an interrupted run
                     args.json.write_text(json.dumps({"rows": rows}, indent=1))
         finally:

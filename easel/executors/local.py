@@ -98,6 +98,9 @@ def _worker_main(settings: Settings, worker_id: str, wake, drain, stop, state, i
     quiet_libraries(debug=settings.log_level.upper() == "DEBUG")
 
     threads = apply_torch_threads(settings, shares_cpu_with_api=True)
+    from easel.malloc import tune_allocator
+
+    tune_allocator()  # the denoising steps reuse their memory instead of mapping it again (easel.malloc)
     log.debug("worker %s: %s torch threads", worker_id, threads or "default")
     worker = held["worker"] = Worker(settings, worker_id)
     worker.should_stop = lambda: stop.is_set() or gone.is_set()
