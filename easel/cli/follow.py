@@ -103,8 +103,9 @@ class Lines:
 
 def follow(client, taskid: str, tasktoken: str, console, terminal: bool | None = None) -> dict:
     """Follow a task until it ends and return its Task/Detail: WebSocket frames (asking for the
-    stepless phases, ``?phases=1``), or Task/Detail polling if the socket fails. On a terminal (``terminal`` None: whether ``console`` is one) a
-    live bar (step, it/s, ETA); otherwise :class:`Lines`."""
+    stepless phases, ``?phases=1``), or Task/Detail polling if the socket fails. On a terminal
+    (``terminal`` None: whether ``console`` is one) a live bar (step, it/s, ETA); otherwise
+    :class:`Lines`, a line per phase (a stepless phase's frames under the status they belong to)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     if terminal is None:
