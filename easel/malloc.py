@@ -1,4 +1,6 @@
-"""The C allocator of a worker process: keep the memory a denoising step freed for the next step.
+"""A worker process's memory: the C allocator keeps the memory a denoising step freed for the
+next step (:func:`tune_allocator`), and Python's cyclic collector leaves the start-up objects alone
+(:func:`freeze_startup_objects`).
 
 PyTorch's CPU tensors come from the C library's ``malloc``. With glibc's defaults, a block above
 the *dynamic* mmap threshold is a fresh ``mmap`` and goes back to the kernel when freed, and free
@@ -19,6 +21,7 @@ library without ``mallopt`` (macOS, Windows).
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
 
@@ -48,3 +51,16 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = T
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)) == 1 and mallopt(M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+
+
+def freeze_startup_objects() -> int:
+    """Move every object alive now (the imports: torch, diffusers, transformers, the catalog, about
+    0.5 million objects) out of the cyclic collector's reach (``gc.freeze``), after one collection,
+    as the API process does at start. Call it once in a worker process after its imports and
+    before its first load: a full collection during a pipeline load otherwise walks them all,
+    0.27 of the 0.52 CPU-s of loading full-size SD 1.5 (``docs/benchmarks.md``, "Loading a
+    full-size checkpoint"). Objects created later (pipelines, which the model cache may evict)
+    stay collectable. Returns how many objects are frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
