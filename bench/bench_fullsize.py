@@ -18,7 +18,13 @@ side goes first (raw-easel, easel-raw, ...) so that a drift in the machine's loa
 per pair the ratios easel / raw of wall and of CPU seconds; reported: their medians, and the
 load average before and after. Target: ≤ 1.01.
 
-    python bench/bench_fullsize.py [--pairs 5] [--threads 2] [--weights DIR] [--json out.json]
+    python bench/bench_fullsize.py [--pairs 5] [--threads 2] [--weights DIR] [--json out.json] [--raw-tuned-malloc]
+
+Each side's system CPU seconds and minor page faults are reported too: Easel's workers set glibc's
+malloc thresholds (:mod:`easel.malloc`) so that a step reuses the memory the previous one freed;
+the plain script keeps glibc's defaults and maps (and the kernel zero-fills) its activations again,
+1.5-5 million page faults per image. ``--raw-tuned-malloc`` gives the raw side the same thresholds,
+which leaves Easel's own overhead (the API, the worker's bookkeeping) on an equal allocator.
 
 ``--weights``: an ``sd15-full`` folder ``make_random`` wrote already (else one is written under
 the server's data directory: 4.3 GB, about 30 s).
@@ -50,12 +56,17 @@ PARAMS = {"selectedLoraModel": [], "samples": "1", "steps": "10", "width": "256"
 # -- the raw side (a child process) ---------------------------------------------------------------
 
 
-def raw_child(folder: Path, threads: int) -> None:
-    """Load the pipeline, then answer each line on stdin (a seed) with the call's wall and CPU."""
+def raw_child(folder: Path, threads: int, tuned_malloc: bool = False) -> None:
+    """Load the pipeline, then answer each line on stdin (a seed) with the call's wall and CPU
+    (``tuned_malloc``: with the malloc thresholds Easel's workers set, :mod:`easel.malloc`)."""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     torch.set_num_threads(threads)
+    if tuned_malloc:
+        from easel.malloc import tune_allocator
+
+        assert tune_allocator()
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), use_safetensors=True, torch_dtype=torch.float32,
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -63,16 +74,19 @@ def raw_child(folder: Path, threads: int) -> None:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         seed = int(line)
-        t, cpu = time.perf_counter(), time.process_time()
+        t, cpu, before = time.perf_counter(), time.process_time(), kernel_side(os.getpid())
         pipe(PROMPT, negative_prompt=None, num_images_per_prompt=1, num_inference_steps=10, guidance_scale=7.5,
              width=256, height=256, generator=[torch.Generator("cpu").manual_seed(seed)])
-        print(json.dumps({"wall": time.perf_counter() - t, "cpu": time.process_time() - cpu}), flush=True)
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+        after = kernel_side(os.getpid())
+        print(json.dumps({"wall": wall, "cpu": cpu, **{k: after[k] - before[k] for k in after}}), flush=True)
 
 
 class Raw:
-    def __init__(self, folder: Path, threads: int):
-        self.proc = subprocess.Popen([sys.executable, __file__, "--raw-child", str(folder), "--threads", str(threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, folder: Path, threads: int, tuned_malloc: bool = False):
+        cmd = [sys.executable, __file__, "--raw-child", str(folder), "--threads", str(threads)]
+        self.proc = subprocess.Popen(cmd + (["--raw-tuned-malloc"] if tuned_malloc else []), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
         assert json.loads(self.proc.stdout.readline())["ready"]
 
     def image(self, seed: int) -> dict:
@@ -92,7 +106,7 @@ def easel_image(server, pid: int, seed: int) -> dict:
     """One Run followed on the WebSocket to ``task_postprocess_end``: wall and the server's CPU."""
     from websockets.sync.client import connect
 
-    cpu, t = tree_cpu(pid), time.perf_counter()
+    cpu, t, before = tree_cpu(pid), time.perf_counter(), kernel_side(pid, tree=True)
     answer = server.client.post(f"{server.base}/v1/Run/{TOOL}", json={**PARAMS, "seed": str(seed)}).json()
     assert answer.get("result"), answer
     with connect(server.base.replace("http", "ws") + "/v1", open_timeout=30) as ws:
@@ -103,9 +117,29 @@ def easel_image(server, pid: int, seed: int) -> dict:
                 break
     wall = time.perf_counter() - t
     used = tree_cpu(pid) - cpu
+    after = kernel_side(pid, tree=True)
     task = server.client.post(f"{server.base}/v1/Task/Detail", json={"taskid": answer["taskid"]}).json()["tasklist"][0]
     assert task["pexit"] == "0", task["debugerror"]
-    return {"wall": wall, "cpu": used}
+    return {"wall": wall, "cpu": used, **{k: after[k] - before[k] for k in after}}
+
+
+def kernel_side(pid: int, tree: bool = False) -> dict:
+    """System CPU seconds and minor page faults so far of process ``pid`` (and, with ``tree``,
+    its children): where an allocator that maps its memory again at every step shows."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    if tree:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+        pids += [int(p) for p in out.split()]
+    total = {"sys": 0.0, "minflt": 0}
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total["sys"] += int(fields[12]) / tick
+        total["minflt"] += int(fields[7])
+    return total
 
 
 def server_pid(port_base: str) -> int:
@@ -128,10 +162,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     ap.add_argument("--weights", type=Path, help="an sd15-full folder make_random wrote")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--raw-tuned-malloc", action="store_true",
+                    help="give the raw side the malloc thresholds of Easel's workers (easel.malloc): Easel's own "
+                         "overhead on an equal allocator")
     ap.add_argument("--raw-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.raw_child:
-        raw_child(args.raw_child, args.threads)
+        raw_child(args.raw_child, args.threads, args.raw_tuned_malloc)
         return
     data = Path(tempfile.mkdtemp(prefix="easel-bench-fullsize-"))
     random_dir = data / "models" / "random"
@@ -151,7 +188,7 @@ def main() -> None:
         t = time.perf_counter()
         easel_image(server, pid, 1)  # warm: the worker loads the pipeline
         print(f"easel warm in {time.perf_counter() - t:.0f} s", flush=True)
-        raw = Raw(folder, args.threads)
+        raw = Raw(folder, args.threads, args.raw_tuned_malloc)
         try:
             raw.image(1)  # warm
             for i in range(args.pairs):
@@ -165,12 +202,15 @@ def main() -> None:
                 rows.append(row)
                 print(f"pair {i} ({order[0]} first): easel {row['easel_wall']:6.1f} s wall {row['easel_cpu']:6.1f} "
                       f"cpu-s | raw {row['raw_wall']:6.1f} s wall {row['raw_cpu']:6.1f} cpu-s | ratio wall "
-                      f"{row['wall_ratio']:.3f} cpu {row['cpu_ratio']:.3f} | load {row['loadavg']:.1f}", flush=True)
+                      f"{row['wall_ratio']:.3f} cpu {row['cpu_ratio']:.3f} | load {row['loadavg']:.1f} | sys-s / "
+                      f"minor faults easel {row['easel_sys']:.1f} / {row['easel_minflt']} raw {row['raw_sys']:.1f} / "
+                      f"{row['raw_minflt']}", flush=True)
                 if args.json:  # partial results survive an interrupted run
                     args.json.write_text(json.dumps({"rows": rows}, indent=1))
         finally:
             raw.close()
     summary = {"pairs": len(rows), "threads": args.threads, "cores": os.cpu_count(),
+               "raw_tuned_malloc": args.raw_tuned_malloc,
                "median_wall_ratio": statistics.median(r["wall_ratio"] for r in rows),
                "median_cpu_ratio": statistics.median(r["cpu_ratio"] for r in rows),
                "median_easel_wall": statistics.median(r["easel_wall"] for r in rows),

@@ -10,7 +10,9 @@ process (imports done before the clock starts, so only the load is timed):
   original-layout checkpoint), in the target dtype, as a plain script calls it;
 - ``easel``: the call a worker makes (SD 1.5: ``ModelManager.base_pipeline`` around
   ``easel.tools.sd_lora.load_pipeline``, in ``ModelManager.precision("sd15")``; SDXL: the base
-  load of ``easel.tools.instant_id.load_base`` without the InstantID adapter it then attaches).
+  load of ``easel.tools.instant_id.load_base`` without the InstantID adapter it then attaches),
+  in a process set up as a worker sets itself up at start (``easel.malloc``: the allocator's
+  thresholds, and the imports' objects frozen out of the cyclic collector's reach).
 
 Each child reports wall and CPU seconds of the load, then the seconds it takes to touch one element
 per 4 KiB page of every weight (a memory-mapped safetensors load returns before reading the
@@ -130,6 +132,10 @@ def _easel_loader(folder: Path, path: Path, family: str, fmt: str, cpu_precision
     models = ModelManager(settings, ModelCatalog.load(settings.catalog_override))
     weights = Weights("diffusers" if fmt == "folder" else "single_file", path,
                       config=None if fmt == "folder" else folder, key=f"bench:{path.name}")
+    from easel.malloc import freeze_startup_objects, tune_allocator
+
+    tune_allocator()  # what a worker process does at start, after its imports (easel.executors.local)
+    freeze_startup_objects()
     if family == "sd15":
         from easel.tools.sd_lora import load_pipeline
 

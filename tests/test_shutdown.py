@@ -227,11 +227,53 @@ def test_run_wait_prints_progress_lines_when_stdout_is_a_file(tmp_path):
     assert run.returncode == 0, run.stderr + text
     lines = text.splitlines()
     for phase in ("task_queue", "task_accept", "task_preprocess_start", "task_assign", "task_start",
-                  "task_output Generate", "task_postprocess_end"):
+                  "task_output Generate", "task_postprocess_end",
+                  # the stepless phases, asked for on the socket (?phases=1), each with its time so far
+                  r"task_queue Waiting for a worker \([\d.]+s\)", r"task_assign Loading weights \([\d.]+s\)"):
         assert any(re.match(rf"\[\s*[\d.]+ s\] {phase}", line) for line in lines), (phase, text)
     assert any(re.search(r"step \d+/8", line) for line in lines), text
     assert "\x1b[" not in text  # no terminal control sequences in a file
     assert any(line.endswith(".png") and Path(line).is_file() for line in lines), text
+
+
+def test_follow_prints_a_line_per_phase_without_a_terminal(capsys):
+    """Every phase a task goes through, downloads included, as the socket sends it with
+    ``?phases=1``: one line each, the stepless ones under their status, with no terminal."""
+    from easel.cli.follow import follow
+    from easel.tasks import lifecycle as lc
+
+    def output(**progress) -> dict:
+        return {"type": "task_output", "message": {"type": "progressGenerate", **lc.phase(""), **progress}}
+
+    frames = [{"type": "task_queue", "message": None}, output(task=lc.WAITING, elapsedTime="2.0s"),
+              {"type": "task_accept"}, {"type": "task_preprocess_start"},
+              output(task="Downloading", stepCurrent="2000000", stepTotal="8000000", percentage="25",
+                     speed="1000000.00", speedType="B/s", remainingTime="6.0s"),
+              {"type": "task_preprocess_end"}, {"type": "task_assign"}, output(task=lc.LOADING, elapsedTime="0.0s"),
+              output(task=lc.LOADING, elapsedTime="5.0s"), {"type": "task_start"},
+              output(task="Generate", stepCurrent="1", stepTotal="2", percentage="50", speed="1.00",
+                     remainingTime="1.0s"), {"type": "task_end"}, {"type": "task_postprocess_end", "message": []}]
+
+    class FakeClient:
+        asked: dict = {}
+
+        def events(self, tasktoken, **kwargs):
+            self.asked.update(kwargs)
+            yield from frames
+
+        def detail(self, taskid):
+            return {"status": "task_postprocess_end", "pexit": "0", "progress": {}}
+
+    client = FakeClient()
+    assert follow(client, "1", "token", console=None, terminal=False)["pexit"] == "0"
+    assert client.asked.get("phases") is True
+    lines = [re.sub(r"^\[\s*[\d.]+ s\] ", "", line) for line in capsys.readouterr().out.splitlines()]
+    for expected in ("task_queue (waiting for a worker)", "task_queue Waiting for a worker (2.0s)",
+                     "task_output Downloading 2.0/8.0 MB (25 %) 1.0 MB/s ETA 6.0s",
+                     "task_assign Loading weights (0.0s)", "task_output Generate step 1/2 (50 %) 1.00 it/s ETA 1.0s",
+                     "task_postprocess_end (done)"):
+        assert expected in lines, (expected, lines)
+    assert sum(line.startswith("task_assign Loading weights") for line in lines) == 1  # a repeat is no new phase
 
 
 def test_demo_exits_0_and_prints_the_png_paths_and_urls(tmp_path):

@@ -3,7 +3,8 @@ a terminal, plain lines anywhere else.
 
 When stdout is not a terminal (a file, a pipe, CI logs), a bar that redraws itself prints nothing
 until the end. :class:`Lines` prints one line per phase (each status, and each named phase of the
-progress frames: "Loading weights", "Generate", "High-res pass"...) and, while nothing changes,
+progress frames: "Waiting for a worker", "Loading weights", "Downloading", "Generate", "High-res
+pass"...; the socket is asked for the stepless phases' frames, ``?phases=1``) and, while nothing changes,
 one line every ``EVERY`` seconds, so a long wait is visibly alive.
 """
 from __future__ import annotations
@@ -36,12 +37,24 @@ DOING = {"task_queue": "waiting for a worker", "task_accept": "taken by a worker
 
 def describe(status: str, progress: dict) -> str:
     """``status`` and, when known, the phase, step and speed of ``progress``, as one line (with
-    what the task is doing, :data:`DOING`, when there is no progress yet)."""
+    what the task is doing, :data:`DOING`, when there is no progress yet). A stepless phase
+    (``stepTotal`` "0": "Waiting for a worker", "Loading weights") shows its elapsed time; a
+    download (``speedType`` "B/s") its megabytes."""
     if not progress:
         return f"{status} ({DOING[status]})" if status in DOING else status
     phase = progress.get("task") or ""
     if "stepCurrent" not in progress:
         return f"{status} {phase}".strip()
+    if str(progress.get("stepTotal")) == "0":
+        return f"{status} {phase} ({progress.get('elapsedTime') or '?'})".replace("  ", " ").strip()
+    if progress.get("speedType") == "B/s":
+        try:
+            done, total, speed = (float(progress[k]) / 1e6 for k in ("stepCurrent", "stepTotal", "speed"))
+        except (KeyError, TypeError, ValueError):
+            pass
+        else:
+            return (f"{status} {phase} {done:.1f}/{total:.1f} MB ({progress.get('percentage', '?')} %) "
+                    f"{speed:.1f} MB/s ETA {progress.get('remainingTime', '?')}").replace("  ", " ")
     return (f"{status} {phase} step {progress['stepCurrent']}/{progress['stepTotal']} "
             f"({progress.get('percentage', '?')} %) {progress.get('speed', '?')} {progress.get('speedType', 'it/s')} "
             f"ETA {progress.get('remainingTime', '?')}").replace("  ", " ")
@@ -89,9 +102,10 @@ class Lines:
 
 
 def follow(client, taskid: str, tasktoken: str, console, terminal: bool | None = None) -> dict:
-    """Follow a task until it ends and return its Task/Detail: WebSocket frames, or Task/Detail
-    polling if the socket fails. On a terminal (``terminal`` None: whether ``console`` is one) a
-    live bar (step, it/s, ETA); otherwise :class:`Lines`."""
+    """Follow a task until it ends and return its Task/Detail: WebSocket frames (asking for the
+    stepless phases, ``?phases=1``), or Task/Detail polling if the socket fails. On a terminal
+    (``terminal`` None: whether ``console`` is one) a live bar (step, it/s, ETA); otherwise
+    :class:`Lines`, a line per phase (a stepless phase's frames under the status they belong to)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     if terminal is None:
@@ -112,17 +126,25 @@ def follow(client, taskid: str, tasktoken: str, console, terminal: bool | None =
     else:
         lines = Lines()
         show, close = lines.show, lines.close
+    status = ["task_queue"]  # the latest lifecycle status seen: a stepless phase frame belongs to it
+
     try:
         def on_event(frame: dict) -> None:
-            if frame.get("type") in ("task_error", "task_output_full", "task_error_full"):
+            kind = frame.get("type", "")
+            if kind in ("task_error", "task_output_full", "task_error_full"):
                 return  # logs, not stages
-            show(frame.get("type", ""), progress_of(frame))
+            progress = progress_of(frame)
+            if kind == "task_output" and str(progress.get("stepTotal")) == "0":
+                kind = status[0]  # "Waiting for a worker", "Loading weights": a phase of that status
+            elif kind != "task_output":
+                status[0] = kind
+            show(kind, progress)
 
         def on_poll(task: dict) -> None:
             show(task["status"], task.get("progress") if isinstance(task.get("progress"), dict) else {})
 
         try:
-            for frame in client.events(tasktoken):
+            for frame in client.events(tasktoken, phases=True):
                 on_event(frame)
         except Exception:  # no WebSocket: poll Task/Detail
             return client.wait(taskid, on_update=on_poll, poll=0.3)

@@ -81,8 +81,9 @@ class _Base:
             h["x-signature"] = signature(self.api_key, self.api_secret, nonce)
         return h
 
-    def _ws_url(self, previews: bool) -> str:
-        return self.socket_url + ("?previews=1" if previews else "")
+    def _ws_url(self, previews: bool, phases: bool = False) -> str:
+        query = "&".join(name + "=1" for name, on in (("previews", previews), ("phases", phases)) if on)
+        return self.socket_url + ("?" + query if query else "")
 
 
 class Client(_Base):
@@ -127,12 +128,18 @@ class Client(_Base):
         fields = {"folderid": folderid} if folderid else None
         return self._post("/File/Upload", data=fields, files={"file": (name, data)})["list"][0]
 
-    def events(self, tasktoken: str, previews: bool = False, timeout: float = 3600) -> Iterator[dict]:
-        """Yield the task's WebSocket frames (history first) until its terminal frame."""
+    def events(self, tasktoken: str, previews: bool = False, timeout: float = 3600,
+               phases: bool = False) -> Iterator[dict]:
+        """Yield the task's WebSocket frames (history first) until its terminal frame.
+
+        ``previews``: progress frames carry the latent preview (Easel's ``?previews=1``);
+        ``phases``: the stepless phases ("Waiting for a worker", "Loading weights") come as
+        ``task_output`` frames with ``stepTotal`` "0" (Easel's ``?phases=1``; a server that does
+        not know the option, Wiro's, ignores it)."""
         from websockets.sync.client import connect
 
         deadline = time.time() + timeout
-        with connect(self._ws_url(previews), open_timeout=10, max_size=None) as ws:
+        with connect(self._ws_url(previews, phases), open_timeout=10, max_size=None) as ws:
             ws.send(json.dumps({"type": "task_info", "tasktoken": tasktoken}))
             while True:
                 frame = json.loads(ws.recv(timeout=max(0.1, deadline - time.time())))
@@ -240,11 +247,12 @@ class AsyncClient(_Base):
             return await self.wait(answer["taskid"], timeout=timeout)
         return await self.detail(answer["taskid"])
 
-    async def events(self, tasktoken: str, previews: bool = False) -> AsyncIterator[dict]:
-        """Yield the task's WebSocket frames (history first) until its terminal frame."""
+    async def events(self, tasktoken: str, previews: bool = False, phases: bool = False) -> AsyncIterator[dict]:
+        """Yield the task's WebSocket frames (history first) until its terminal frame (``previews``,
+        ``phases``: as :meth:`Client.events`)."""
         from websockets.asyncio.client import connect
 
-        async with connect(self._ws_url(previews), open_timeout=10, max_size=None) as ws:
+        async with connect(self._ws_url(previews, phases), open_timeout=10, max_size=None) as ws:
             await ws.send(json.dumps({"type": "task_info", "tasktoken": tasktoken}))
             async for raw in ws:
                 frame = json.loads(raw)

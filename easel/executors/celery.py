@@ -248,11 +248,14 @@ class FleetWorker:
     :class:`easel.tasks.runner.Worker` (models stay loaded between tasks) claiming that task."""
 
     def __init__(self, settings: Settings, worker_id: str):
+        from easel.malloc import freeze_startup_objects, tune_allocator
         from easel.tasks.runner import Worker, apply_torch_threads
 
         # a fleet worker's machine runs no API: torch keeps its default unless EASEL_TORCH_THREADS is set
         apply_torch_threads(settings, shares_cpu_with_api=False)
+        tune_allocator()  # the denoising steps reuse their memory (easel.malloc)
         self.worker = Worker(settings, worker_id)
+        freeze_startup_objects()  # a collection during a load walks only the load's objects (easel.malloc)
         self.stopping = threading.Event()
         # set when Celery begins its shutdown (SIGTERM): the running task stops at its next step
         # and ends as failed with the local executor's "server stopped" reason

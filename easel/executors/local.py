@@ -98,8 +98,12 @@ def _worker_main(settings: Settings, worker_id: str, wake, drain, stop, state, i
     quiet_libraries(debug=settings.log_level.upper() == "DEBUG")
 
     threads = apply_torch_threads(settings, shares_cpu_with_api=True)
+    from easel.malloc import freeze_startup_objects, tune_allocator
+
+    tune_allocator()  # the denoising steps reuse their memory instead of mapping it again (easel.malloc)
     log.debug("worker %s: %s torch threads", worker_id, threads or "default")
     worker = held["worker"] = Worker(settings, worker_id)
+    freeze_startup_objects()  # a collection during a load walks only the load's objects
     worker.should_stop = lambda: stop.is_set() or gone.is_set()
     _preload(worker, settings.preload, info)
     state.value = IDLE
