@@ -64,9 +64,9 @@ def configure_logging(settings, process: str = "") -> None:
     Processes that import the ML libraries also call :func:`quiet_libraries`.
     """
     process = process or f"easel-{os.getpid()}"
-    level = getattr(logging, settings.log_level.upper())
+    level = getattr(logging, settings.core.log_level.upper())
     handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
+    if settings.core.log_format == "json":
         handler.setFormatter(JsonFormatter(process))
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s {process} %(levelname)s %(name)s: %(message)s"))

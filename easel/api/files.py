@@ -130,7 +130,7 @@ def check_image_inputs(svc: Services, project: Project, spec: ToolSpec, inputs: 
                 where = locator.locate(project.id, i.name, value, task_uuid, Path(scratch))
                 if isinstance(where, str):
                     continue  # a remote URL: the worker fetches it
-                probe(where, i.name, svc.settings.max_image_pixels)
+                probe(where, i.name, svc.settings.fetch.max_image_pixels)
             except ImageInputError as exc:
                 raise WiroError(0, exc.message) from None
             except OSError:

@@ -46,7 +46,7 @@ def _load(config, data_dir):
     from easel.weights.sources import ModelSources
 
     settings = settings_from(config, data_dir=data_dir, model_source="hub")
-    return settings, ModelSources(settings, ModelCatalog.load(settings.catalog_override))
+    return settings, ModelSources(settings, ModelCatalog.load(settings.core.catalog_override))
 
 
 @app.command("make-tiny")
@@ -238,7 +238,7 @@ def set_(
         if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
             raise typer.BadParameter("must be 64 hex digits", param_hint="--sha256")
         source["sha256"] = sha256.lower()
-    path = Path(settings.catalog_override)
+    path = Path(settings.core.catalog_override)
     try:
         data = json.loads(path.read_text()) if path.exists() else {}
     except ValueError as exc:

@@ -114,7 +114,7 @@ class Storage(ABC):
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.public_url = settings.public_url
+        self.public_url = settings.core.public_url
 
     # -- the backend's primitives ------------------------------------------------------------
 
@@ -223,8 +223,8 @@ class LocalStorage(Storage):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        self.areas = {"files": settings.files_dir, "uploads": settings.uploads_dir,
-                      "userfiles": settings.user_files_dir, "fetched": settings.models_dir / "fetched"}
+        self.areas = {"files": settings.core.files_dir, "uploads": settings.core.uploads_dir,
+                      "userfiles": settings.core.user_files_dir, "fetched": settings.core.models_dir / "fetched"}
 
     def _path(self, key: str, prefix: bool = False) -> Path:
         check_key(key, prefix)
@@ -350,15 +350,15 @@ class LocalStorage(Storage):
 
 
 def create_storage(settings: Settings) -> Storage:
-    """The storage ``settings.storage`` names: ``local`` (default) or ``s3://bucket/prefix``.
+    """The storage ``settings.storage.storage`` names: ``local`` (default) or ``s3://bucket/prefix``.
 
     Raises:
         ValueError: an unknown ``storage`` value (checked by ``Settings`` already).
     """
-    if settings.storage.startswith("s3://"):
+    if settings.storage.storage.startswith("s3://"):
         from .s3 import S3Storage
 
         return S3Storage(settings)
-    if settings.storage in ("", "local"):
+    if settings.storage.storage in ("", "local"):
         return LocalStorage(settings)
-    raise ValueError(f"EASEL_STORAGE must be 'local' or 's3://bucket/prefix', not {settings.storage!r}")
+    raise ValueError(f"EASEL_STORAGE must be 'local' or 's3://bucket/prefix', not {settings.storage.storage!r}")

@@ -39,9 +39,9 @@ def load_image(ctx: Any, field: str, value: str):
         where = InputFiles(settings, ctx.store, ctx.worker.storage).locate(ctx.project_id, field, value,
                                                                            ctx.task_uuid, ctx.inputs_dir)
         if isinstance(where, Path):
-            return decode(where, field, settings.max_image_pixels)
-        policy = FetchPolicy(allow=settings.fetch_allow, max_bytes=settings.upload_max_bytes,
-                             connect_timeout=settings.fetch_connect_timeout, read_timeout=settings.fetch_read_timeout)
+            return decode(where, field, settings.fetch.max_image_pixels)
+        policy = FetchPolicy(allow=settings.fetch.fetch_allow, max_bytes=settings.fetch.upload_max_bytes,
+                             connect_timeout=settings.fetch.fetch_connect_timeout, read_timeout=settings.fetch.fetch_read_timeout)
         with tempfile.TemporaryDirectory(dir=ctx.output_dir) as tmp:
             path = Path(tmp) / "download"
             try:
@@ -49,7 +49,7 @@ def load_image(ctx: Any, field: str, value: str):
             except FetchError as exc:
                 raise ToolError(f"Request parameter [{field}]: could not fetch {where}: {exc}") from None
             ctx.log(f"{field}: fetched {path.stat().st_size} bytes from {where}")
-            return decode(path, field, settings.max_image_pixels)
+            return decode(path, field, settings.fetch.max_image_pixels)
     except ImageInputError as exc:
         raise ToolError(exc.message) from None
 

@@ -90,7 +90,7 @@ def preload(worker, tool: str) -> float:
     t0 = time.monotonic()
     inputs = warmup_inputs(tool, worker.catalog)
     module = load_tool(tool)
-    folder = Path(tempfile.mkdtemp(prefix="easel-warmup-", dir=worker.settings.data_dir))
+    folder = Path(tempfile.mkdtemp(prefix="easel-warmup-", dir=worker.settings.core.data_dir))
     try:
         ctx = WarmupContext(worker, folder)
         module.run(module.prepare(inputs, ctx), ctx)

@@ -46,11 +46,11 @@ def torch_thread_count(settings: Settings, shares_cpu_with_api: bool, cuda: bool
     threads on 2 cores, see ``docs/benchmarks.md``). With CUDA the denoiser does not run on
     those threads: torch's default.
     """
-    if settings.torch_threads > 0:
-        return settings.torch_threads
+    if settings.worker.torch_threads > 0:
+        return settings.worker.torch_threads
     if not shares_cpu_with_api or cuda:
         return None
-    return max(1, (cores - 1) // max(1, settings.workers))
+    return max(1, (cores - 1) // max(1, settings.worker.workers))
 
 
 def apply_torch_threads(settings: Settings, shares_cpu_with_api: bool) -> int | None:
@@ -121,7 +121,7 @@ class WorkerContext:
         self._started_at = time.time()
 
     def wants_preview(self, step: int, total: int) -> bool:
-        every = self.worker.settings.preview_interval
+        every = self.worker.settings.worker.preview_interval
         return every > 0 and (step % every == 0 or step == total)
 
     def progress(self, step: int, total: int, preview: bytes | None = None, task: str = "Generate",
@@ -141,7 +141,7 @@ class WorkerContext:
             raise TaskTimedOut()
         extra = {"preview": preview} if write is None else {}
         kill = (write or lc.progress)(self.store, self.task_id, message, info, owner=self.worker.worker_id,
-                                      lease_seconds=self.worker.settings.lease_seconds, **extra)
+                                      lease_seconds=self.worker.settings.worker.lease_seconds, **extra)
         if kill is None:
             raise TaskLost()
         if kill:
@@ -231,12 +231,12 @@ class Worker:
         self.settings = settings
         self.worker_id = worker_id
         metrics.set_worker(worker_id)
-        self.store = Store(settings.database_url, wakeups=Publisher.for_settings(settings))
-        self.catalog = ModelCatalog.load(settings.catalog_override)
+        self.store = Store(settings.core.database_url, wakeups=Publisher.for_settings(settings.live, settings.core.database_url))
+        self.catalog = ModelCatalog.load(settings.core.catalog_override)
         self.storage = create_storage(settings)
         self.models = ModelManager(settings, self.catalog, self.storage)
         # downloads a dead worker left half done on this machine (a fleet worker's own models dir too)
-        partfiles.remove_abandoned(settings.models_dir / "fetched", settings.fetch_total_timeout_seconds)
+        partfiles.remove_abandoned(settings.core.models_dir / "fetched", settings.fetch.fetch_total_timeout_seconds)
         self.should_stop: Callable[[], bool] = lambda: False  # set by the executor
         self.exit_process: Callable[[int], None] = os._exit  # what the heartbeat calls when stuck while stopping
         self.heartbeat_lost = threading.Event()
@@ -254,7 +254,7 @@ class Worker:
 
     def run_next(self) -> int | None:
         """Claim and run the oldest queued task; return its id, or None if the queue was empty."""
-        task_id = lc.claim(self.store, self.worker_id, self.settings.lease_seconds, preprocess=True)
+        task_id = lc.claim(self.store, self.worker_id, self.settings.worker.lease_seconds, preprocess=True)
         if task_id is not None:
             self.execute(task_id)
         return task_id
@@ -266,7 +266,7 @@ class Worker:
             False, running nothing, when the task is no longer queued (claimed by another worker,
             cancelled, ended, or unknown): a message delivered twice runs nothing twice.
         """
-        if lc.claim(self.store, self.worker_id, self.settings.lease_seconds, task_id=task_id, preprocess=True) is None:
+        if lc.claim(self.store, self.worker_id, self.settings.worker.lease_seconds, task_id=task_id, preprocess=True) is None:
             return False
         self.execute(task_id)
         return True
@@ -279,7 +279,7 @@ class Worker:
         """Several transitions with no work between them, in one transaction, with ``outputs``
         (:func:`lifecycle.advance_through`); raises :class:`TaskLost` when one was rejected."""
         if not lc.advance_through(self.store, task_id, steps, owner=self.worker_id,
-                                  lease_seconds=self.settings.lease_seconds, outputs=outputs):
+                                  lease_seconds=self.settings.worker.lease_seconds, outputs=outputs):
             raise TaskLost()
 
     def _closing(self, output: str, errors: str) -> list[tuple[str, str, dict]]:
@@ -291,7 +291,7 @@ class Worker:
         return self._deadline is not None and self.store.clock.now() > self._deadline
 
     def _heartbeat(self, task_id: int, done: threading.Event) -> None:
-        lease = self.settings.lease_seconds
+        lease = self.settings.worker.lease_seconds
         renew_every = max(0.05, lease / 3)
         next_renew = time.monotonic() + renew_every
         stopping_since = None
@@ -306,7 +306,7 @@ class Worker:
                         return
                 if self.timed_out():
                     task = self.store.get_task(task_id)
-                    lc.fail(self.store, task, lc.TIMEOUT_MESSAGE.format(seconds=self.settings.task_timeout_seconds),
+                    lc.fail(self.store, task, lc.TIMEOUT_MESSAGE.format(seconds=self.settings.worker.task_timeout_seconds),
                             owner=self.worker_id)
                     self.heartbeat_lost.set()
                     return
@@ -323,14 +323,14 @@ class Worker:
         preprocess, assign, start, outputs and postprocess."""
         task = self.store.get_task(task_id)
         try:
-            workdir = Path(tempfile.mkdtemp(prefix=f"easel-{task.uuid}-", dir=self.settings.data_dir))
+            workdir = Path(tempfile.mkdtemp(prefix=f"easel-{task.uuid}-", dir=self.settings.core.data_dir))
         except OSError as exc:  # e.g. the data directory is gone or full: the task ends, the worker survives
-            log.error("task %s: no scratch folder in %s: %s", task_id, self.settings.data_dir, exc)
+            log.error("task %s: no scratch folder in %s: %s", task_id, self.settings.core.data_dir, exc)
             lc.fail(self.store, task, f"The worker could not create its scratch folder ({exc.strerror}). Submit it "
                                       "again.", owner=self.worker_id)
             return
         self.current_task = task_id
-        timeout = self.settings.task_timeout_seconds
+        timeout = self.settings.worker.task_timeout_seconds
         self._deadline = (task.accepttime or self.store.clock.now()) + timeout if timeout > 0 else None
         self.heartbeat_lost.clear()
         done = threading.Event()
@@ -405,7 +405,7 @@ class Worker:
 
     def _redact(self, message: str) -> str:
         """``message`` without this server's directories (a task's error is shown to its client)."""
-        for root in sorted({str(self.settings.data_dir), tempfile.gettempdir()}, key=len, reverse=True):
+        for root in sorted({str(self.settings.core.data_dir), tempfile.gettempdir()}, key=len, reverse=True):
             message = message.replace(root, "<server>")
         return message
 

@@ -132,12 +132,12 @@ class ModelManager:
     """
 
     def __init__(self, settings: Settings, catalog: ModelCatalog, storage: "Storage | None" = None):
-        """``storage`` keeps fetched LoRAs (default: the one ``settings.storage`` names)."""
+        """``storage`` keeps fetched LoRAs (default: the one ``settings.storage.storage`` names)."""
         self.settings = settings
         self.catalog = catalog
         self.sources = ModelSources(settings, catalog, storage)
-        self.pipelines = PipelineCache(settings.pipeline_cache_bytes, settings.device_memory_headroom_bytes)
-        self.options = RuntimeOptions(torch_compile=settings.torch_compile, cpu_offload=settings.cpu_offload)
+        self.pipelines = PipelineCache(settings.weights.pipeline_cache_bytes, settings.weights.device_memory_headroom_bytes)
+        self.options = RuntimeOptions(torch_compile=settings.weights.torch_compile, cpu_offload=settings.weights.cpu_offload)
         # adapter state lives with the module that holds the adapters (a pipeline's UNet or
         # transformer): a reloaded module is a new key, a module shared by two pipelines one key
         self._adapters: "weakref.WeakKeyDictionary[Any, LoraState]" = weakref.WeakKeyDictionary()
@@ -147,7 +147,7 @@ class ModelManager:
     def tiny(self) -> bool:
         """Whether this worker runs the offline tiny models (``--model-source tiny``): tools that
         size their work to the model (IC-Light, InstantID) use 1/8 of the reference sizes."""
-        return self.settings.model_source == "tiny"
+        return self.settings.weights.model_source == "tiny"
 
     def state(self, obj: object, kind: "type[S]") -> "S":
         """The typed state ``kind`` (a class made with no argument, e.g.
@@ -164,7 +164,7 @@ class ModelManager:
         Raises:
             ValueError: an unknown kind.
         """
-        return _precision(kind, self.settings.cpu_precision)
+        return _precision(kind, self.settings.weights.cpu_precision)
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -327,8 +327,8 @@ class ModelManager:
         module = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) or pipe
         state = self._adapters.get(module)
         if state is None:
-            rank = self.settings.lora_hotswap_rank if hotswap else None
-            state = self._adapters[module] = LoraState(self.settings.max_resident_loras, hotswap_rank=rank)
+            rank = self.settings.weights.lora_hotswap_rank if hotswap else None
+            state = self._adapters[module] = LoraState(self.settings.weights.max_resident_loras, hotswap_rank=rank)
         return state
 
     def private_lora(self, value: str, field: str, family: str, input_file: Callable[[str], Any]) -> LoraChoice | None:

@@ -53,7 +53,7 @@ class ModelSources:
     """Turn catalog entries and LoRA URLs into :class:`Weights` according to the settings."""
 
     def __init__(self, settings: Settings, catalog: ModelCatalog, storage: "Storage | None" = None):
-        """``storage`` keeps fetched weights (default: the one ``settings.storage`` names)."""
+        """``storage`` keeps fetched weights (default: the one ``settings.storage.storage`` names)."""
         self.settings = settings
         self.catalog = catalog
         self._storage = storage
@@ -70,15 +70,15 @@ class ModelSources:
     @property
     def lora_policy(self) -> FetchPolicy:
         s = self.settings
-        return FetchPolicy(allow=s.fetch_allow, max_bytes=s.lora_max_bytes,
-                           connect_timeout=s.fetch_connect_timeout, read_timeout=s.fetch_read_timeout,
-                           total_timeout=s.fetch_total_timeout_seconds)
+        return FetchPolicy(allow=s.fetch.fetch_allow, max_bytes=s.weights.lora_max_bytes,
+                           connect_timeout=s.fetch.fetch_connect_timeout, read_timeout=s.fetch.fetch_read_timeout,
+                           total_timeout=s.fetch.fetch_total_timeout_seconds)
 
     def tiny(self) -> dict[str, Path]:
         """Paths of the tiny models, writing them under ``<data_dir>/models/tiny`` if needed."""
         with self._tiny_lock:
             if self._tiny is None:
-                self._tiny = make_tiny(self.settings.models_dir / "tiny")
+                self._tiny = make_tiny(self.settings.core.models_dir / "tiny")
             return self._tiny
 
     def random(self, family: str) -> Path:
@@ -93,9 +93,9 @@ class ModelSources:
             if family not in self._random:
                 from easel.weights.precision import precision
 
-                where = precision(family, self.settings.cpu_precision)
-                self._random[family] = make_random(self.settings.models_dir / "random", family,
-                                                   self.settings.random_model_size, device=where.device,
+                where = precision(family, self.settings.weights.cpu_precision)
+                self._random[family] = make_random(self.settings.core.models_dir / "random", family,
+                                                   self.settings.weights.random_model_size, device=where.device,
                                                    dtype=where.dtype)
             return self._random[family]
 
@@ -105,10 +105,10 @@ class ModelSources:
         Raises:
             CatalogError: unknown source (hub mode), a family without a tiny model, or a failed download.
         """
-        if self.settings.model_source == "random":
+        if self.settings.weights.model_source == "random":
             folder = self.random(entry.family)
             return Weights("diffusers", folder, key=f"random:{folder.name}")
-        if self.settings.model_source == "tiny":
+        if self.settings.weights.model_source == "tiny":
             tiny = self.tiny()
             declared = _family(entry.family)
             if declared is None or declared.tiny is None:
@@ -137,14 +137,14 @@ class ModelSources:
         Raises:
             CatalogError: as for :meth:`checkpoint`.
         """
-        if self.settings.model_source == "random":
+        if self.settings.weights.model_source == "random":
             from easel.synthetic.fullsize import lora_paths
 
             folder = self.random(entry.family)
             paths = lora_paths(folder, entry.family)
             path = paths.get(entry.lora_format or "", paths["peft"])
             return Weights("lora", path, key=f"random:{folder.name}/{path.name}")
-        if self.settings.model_source == "tiny":
+        if self.settings.weights.model_source == "tiny":
             tiny = self.tiny()
             declared = _family(entry.family)
             if declared is None or declared.tiny is None or not declared.tiny.lora_prefix:
@@ -181,7 +181,7 @@ class ModelSources:
             CatalogError: no tiny stand-in, unknown source, or a failed download.
         """
         single_file = entry.kind in ("sd15-iclight", "matting", "sdxl-ip-adapter")
-        if self.settings.model_source == "tiny":
+        if self.settings.weights.model_source == "tiny":
             tiny = self.tiny()
             name = entry.tiny or {"sd15-iclight": "iclight-fbc", "matting": "rmbg"}.get(entry.kind)
             if name not in tiny:
@@ -216,13 +216,13 @@ class ModelSources:
         Raises:
             CatalogError: (hub mode, pack missing) licence not accepted, or the download failed.
         """
-        if self.settings.model_source == "tiny":
+        if self.settings.weights.model_source == "tiny":
             return self.tiny()["faces"]
         from easel.pipelines.faces import REQUIRED, pack_folder
 
-        root = self.settings.models_dir / "insightface"
+        root = self.settings.core.models_dir / "insightface"
         entry = self.catalog.entries.get(FACE_PACK)
-        if self.settings.model_source == "hub" and entry is not None and entry.source \
+        if self.settings.weights.model_source == "hub" and entry is not None and entry.source \
                 and not all((pack_folder(root) / n).is_file() for n in REQUIRED):
             self._hub(entry, {**entry.source, "files": list(entry.source.get("files") or REQUIRED)}, pack_folder(root))
         return root
@@ -247,8 +247,8 @@ class ModelSources:
     def _fetch(self, url: str) -> Path:
         """A URL's weights through the storage's ``fetched/`` area, with this machine's copy under
         ``<data_dir>/models/fetched`` (the same folder when the storage is local)."""
-        return fetch_safetensors(url, self.storage, self.lora_policy, self.settings.models_dir / "fetched",
-                                 refresh_after=self.settings.orphan_retention_seconds / 2)
+        return fetch_safetensors(url, self.storage, self.lora_policy, self.settings.core.models_dir / "fetched",
+                                 refresh_after=self.settings.storage.orphan_retention_seconds / 2)
 
     def _hub(self, entry: ModelEntry | None, source: dict, target: Path | None = None) -> Path:
         """The local folder of an ``hf`` source's selection (``easel.weights.download``): from disk
@@ -256,7 +256,7 @@ class ModelSources:
         :attr:`progress` told the bytes. ``target`` puts the files in that folder instead."""
         from easel.weights.download import complete_folder, hub_plan, run_plan
 
-        root = self.settings.models_dir / "hub"
+        root = self.settings.core.models_dir / "hub"
         if entry is not None:
             self.require_license(entry)
         if target is None:
@@ -266,7 +266,7 @@ class ModelSources:
         plan = hub_plan(root, source)
         if target is not None:
             plan.folder, plan.marker = target, None
-        return run_plan(plan, root, self.progress, self.settings.download_reserve_bytes, on_file=self.on_file,
+        return run_plan(plan, root, self.progress, self.settings.weights.download_reserve_bytes, on_file=self.on_file,
                         on_bytes=self.on_bytes)
 
     def _hub_file(self, entry: ModelEntry | None, source: dict, default: str,
@@ -309,16 +309,16 @@ class ModelSources:
 
         self.require_license(entry)
         s = self.settings
-        policy = FetchPolicy(allow=s.fetch_allow, max_bytes=s.weights_max_bytes, connect_timeout=s.fetch_connect_timeout,
-                             read_timeout=s.fetch_read_timeout, total_timeout=s.weights_fetch_timeout_seconds)
+        policy = FetchPolicy(allow=s.fetch.fetch_allow, max_bytes=s.weights.weights_max_bytes, connect_timeout=s.fetch.fetch_connect_timeout,
+                             read_timeout=s.fetch.fetch_read_timeout, total_timeout=s.weights.weights_fetch_timeout_seconds)
         headers = {}
         host = (urlsplit(source["url"]).hostname or "").lower()
         if os.environ.get("CIVITAI_TOKEN") and (host == "civitai.com" or host.endswith(".civitai.com")):
             headers["Authorization"] = f"Bearer {os.environ['CIVITAI_TOKEN']}"
         where = f"{entry.id} ({entry.label}) from {source['url']}"
         try:
-            path = fetch_safetensors(source["url"], self.storage, policy, s.models_dir / "fetched",
-                                     refresh_after=s.orphan_retention_seconds / 2, headers=headers,
+            path = fetch_safetensors(source["url"], self.storage, policy, s.core.models_dir / "fetched",
+                                     refresh_after=s.storage.orphan_retention_seconds / 2, headers=headers,
                                      progress=self.progress)
         except FetchError as exc:
             raise DownloadError(f"could not download {where}: {exc}") from None
@@ -351,7 +351,7 @@ class ModelSources:
         from easel.pipelines.faces import REQUIRED, pack_folder
 
         if entry.kind == "face-analysis":
-            return all((pack_folder(self.settings.models_dir / "insightface") / n).is_file() for n in REQUIRED)
+            return all((pack_folder(self.settings.core.models_dir / "insightface") / n).is_file() for n in REQUIRED)
         source = entry.source or {}
         if source.get("type") == "url":
             try:
@@ -363,7 +363,7 @@ class ModelSources:
             return False
         from easel.weights.download import repo_folder
 
-        folder = repo_folder(self.settings.models_dir / "hub", source)
+        folder = repo_folder(self.settings.core.models_dir / "hub", source)
         for marker in (folder / ".easel").glob("*.json"):
             try:
                 if all((folder / f).is_file() for f in json.loads(marker.read_text())["files"]):
@@ -383,7 +383,7 @@ class ModelSources:
         import json
 
         accepted = sorted(self.accepted_licenses() | {n.strip().lower() for n in names if n.strip()})
-        path = self.settings.models_dir / LICENSES_FILE
+        path = self.settings.core.models_dir / LICENSES_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(accepted))
 
@@ -403,9 +403,9 @@ def accepted_licenses(settings: Settings) -> set[str]:
     ``<data_dir>/models/accepted-licenses.json``."""
     import json
 
-    names = {n.strip().lower() for n in settings.accept_licenses if n.strip()}
+    names = {n.strip().lower() for n in settings.weights.accept_licenses if n.strip()}
     try:
-        names |= {str(n).lower() for n in json.loads((settings.models_dir / LICENSES_FILE).read_text())}
+        names |= {str(n).lower() for n in json.loads((settings.core.models_dir / LICENSES_FILE).read_text())}
     except (OSError, ValueError, TypeError):
         pass
     return names

@@ -19,7 +19,7 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics_endpoint(request: Request, svc: Services = Depends(deps.services)):
-    token = svc.settings.metrics_token
+    token = svc.settings.api.metrics_token
     if token:
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
