@@ -519,16 +519,16 @@ def test_pngs_are_encoded_in_parallel_in_order_and_errors_surface(tmp_path, monk
 
 
 def test_worker_torch_threads_leave_the_api_a_core():
-    from easel.tasks.runner import torch_thread_count
+    from easel.tasks.threads import torch_thread_count
 
     auto = Settings()
-    assert torch_thread_count(auto, shares_cpu_with_api=True, cuda=False, cores=2) == 1
-    assert torch_thread_count(auto, shares_cpu_with_api=True, cuda=False, cores=16) == 15
-    assert torch_thread_count(auto.with_(workers=4), shares_cpu_with_api=True, cuda=False, cores=16) == 3
-    assert torch_thread_count(auto.with_(workers=4), shares_cpu_with_api=True, cuda=False, cores=2) == 1
-    assert torch_thread_count(auto, shares_cpu_with_api=True, cuda=True, cores=16) is None
-    assert torch_thread_count(auto, shares_cpu_with_api=False, cuda=False, cores=16) is None
-    assert torch_thread_count(auto.with_(torch_threads=6), shares_cpu_with_api=True, cuda=True, cores=2) == 6
+    assert torch_thread_count(auto.worker, shares_cpu_with_api=True, cuda=False, cores=2) == 1
+    assert torch_thread_count(auto.worker, shares_cpu_with_api=True, cuda=False, cores=16) == 15
+    assert torch_thread_count(auto.with_(workers=4).worker, shares_cpu_with_api=True, cuda=False, cores=16) == 3
+    assert torch_thread_count(auto.with_(workers=4).worker, shares_cpu_with_api=True, cuda=False, cores=2) == 1
+    assert torch_thread_count(auto.worker, shares_cpu_with_api=True, cuda=True, cores=16) is None
+    assert torch_thread_count(auto.worker, shares_cpu_with_api=False, cuda=False, cores=16) is None
+    assert torch_thread_count(auto.with_(torch_threads=6).worker, shares_cpu_with_api=True, cuda=True, cores=2) == 6
     with pytest.raises(ValueError):
         Settings(torch_threads=-1)
 

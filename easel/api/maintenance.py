@@ -1,6 +1,6 @@
 """Background upkeep run by every API process: lease expiry and the retention sweeper.
 
-- **Leases** (every quarter of ``Settings.lease_seconds``): :func:`lifecycle.expire_leases` ends
+- **Leases** (every quarter of ``Settings.worker.lease_seconds``): :func:`lifecycle.expire_leases` ends
   the running tasks whose worker stopped renewing its lease (its process, container or machine
   died) or that ran past ``task_timeout_seconds``. Any number of API processes may do this at
   once: every write is conditional, so each task is ended exactly once. Then the executor's own

@@ -111,7 +111,7 @@ class Services:
         return services
 
     async def in_thread(self, fn: Callable[..., T], *args) -> T:
-        """``fn(*args)`` in one of the API's threads (see ``Settings.api_threads``)."""
+        """``fn(*args)`` in one of the API's threads (see ``Settings.api.api_threads``)."""
         return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
 
     @property
@@ -122,5 +122,5 @@ class Services:
 
 
 def new_threads(settings: Settings) -> ThreadPoolExecutor:
-    """The request threads: ``Settings.api_threads`` of them, named ``easel-api-*``."""
+    """The request threads: ``Settings.api.api_threads`` of them, named ``easel-api-*``."""
     return ThreadPoolExecutor(max_workers=settings.api.api_threads, thread_name_prefix="easel-api")

@@ -101,7 +101,7 @@ async def wait_for_end(svc: Services, task_id: int, seconds: float, poll: float 
     holding no thread while asleep (many ``Prefer: wait`` requests must not exhaust the thread pool).
 
     Woken by the task's event wake-ups (:mod:`easel.store.notify`) when they are pushed, reading
-    the store again every ``Settings.live_fallback_poll_interval`` besides (a lost wake-up only
+    the store again every ``Settings.live.live_fallback_poll_interval`` besides (a lost wake-up only
     delays). Without push it polls: every ``poll`` seconds when given (Kill), else as the socket
     does (backing off to 0.25 s while the task is queued, up to 1 s while it runs with an ETA).
     """

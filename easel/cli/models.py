@@ -176,11 +176,11 @@ def list_(
     """Every catalog id: kind, weights source (or why there is none), licence, size, and whether
     it is on this machine."""
     from easel.weights.download import human_size
-    from easel.weights.sources import accepted_licenses
+    from easel.weights.licenses import accepted_licenses
 
     settings, sources = _load(config, data_dir)
     raw = _raw_catalog()
-    accepted = accepted_licenses(settings)
+    accepted = accepted_licenses(settings.weights, settings.core.models_dir)
     rows = []
     for mid, entry in sources.catalog.entries.items():
         lic = entry.license or {}

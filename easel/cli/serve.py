@@ -84,7 +84,7 @@ def serve(
     from easel.store.notify import Publisher
     from easel.tasks import lifecycle
 
-    configure_logging(settings)
+    configure_logging(settings.core)
     logging.getLogger("easel.serve").info(start_line(settings, host, port))
     store = Store(settings.core.database_url, wakeups=Publisher.for_settings(settings.live, settings.core.database_url),
                   secrets=SecretBox.for_settings(settings.core))  # migrate() checks that the key opens the secrets
@@ -158,7 +158,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def check_preload(settings) -> None:
-    """Stop with a usage error naming the setting when ``Settings.preload`` names a tool that does
+    """Stop with a usage error naming the setting when ``Settings.worker.preload`` names a tool that does
     not exist or is not implemented."""
     from easel.catalog import load_tools
 
@@ -181,7 +181,7 @@ def _api_process(settings, sock, executor, index: int) -> None:
     from easel.supervise import exit_now, watch_parent
 
     watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM), interval=1.0)
-    configure_logging(settings, f"easel-api-{index}")
+    configure_logging(settings.core, f"easel-api-{index}")
     if executor is None and settings.fleet.executor == "celery":
         from easel.executors import create_executor
 

@@ -18,7 +18,7 @@ import uvicorn
 log = logging.getLogger("easel.serve")
 
 # seconds uvicorn waits for open connections (a WebSocket, a Prefer: wait request) after a stop
-# request before it closes them; tasks themselves have Settings.shutdown_grace_seconds
+# request before it closes them; tasks themselves have Settings.worker.shutdown_grace_seconds
 CONNECTIONS_GRACE = 1.0
 
 

@@ -78,7 +78,7 @@ def queue_name(settings: Settings, family: str) -> str:
 
 
 def visibility_timeout(settings: Settings) -> float:
-    """Seconds a delivered message may stay unacknowledged: ``Settings.broker_visibility_timeout``,
+    """Seconds a delivered message may stay unacknowledged: ``Settings.fleet.broker_visibility_timeout``,
     or when 0, ``task_timeout_seconds`` + ``lease_seconds`` + 300 (one day without a task timeout),
     so that the broker never hands a running task's message to another worker."""
     if settings.fleet.broker_visibility_timeout > 0:
@@ -257,10 +257,11 @@ class FleetWorker:
     :class:`easel.tasks.runner.Worker` (models stay loaded between tasks) claiming that task."""
 
     def __init__(self, settings: Settings, worker_id: str):
-        from easel.tasks.runner import Worker, apply_torch_threads
+        from easel.tasks.runner import Worker
+        from easel.tasks.threads import apply_torch_threads
 
         # a fleet worker's machine runs no API: torch keeps its default unless EASEL_TORCH_THREADS is set
-        apply_torch_threads(settings, shares_cpu_with_api=False)
+        apply_torch_threads(settings.worker, shares_cpu_with_api=False)
         self.worker = Worker(settings, worker_id)
         self.stopping = threading.Event()
         # set when Celery begins its shutdown (SIGTERM): the running task stops at its next step

@@ -1,14 +1,14 @@
-"""The local executor: ``Settings.workers`` worker processes on this machine.
+"""The local executor: ``Settings.worker.workers`` worker processes on this machine.
 
 Workers are separate processes (``spawn``), so inference never holds the API's event loop or
 GIL. A shared event wakes an idle worker as soon as a task is submitted; without it, workers poll
-the store every ``Settings.poll_interval`` seconds.
+the store every ``Settings.worker.poll_interval`` seconds.
 
 The workers are kept by an :class:`easel.supervise.Supervisor`. When one dies (killed by the
 kernel's OOM killer, a segfault in a CUDA kernel, ``kill -9``), the task it was running is ended
 as failed, with the exit code in ``debugerror``, and a new worker takes its place, so the server
 never silently stops running tasks. Stopping follows the supervisor's deadlines: idle workers
-exit at once, a running task gets ``Settings.shutdown_grace_seconds`` to finish, then it is ended
+exit at once, a running task gets ``Settings.worker.shutdown_grace_seconds`` to finish, then it is ended
 as failed ("the server stopped") and its worker exits; a worker that does not is killed and its
 task failed here. A worker whose server process is gone (``kill -9``) ends its task and exits
 within about a second (:func:`easel.supervise.watch_parent`).
@@ -45,7 +45,7 @@ def expand_gpus(gpus: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def gpu_for_slot(slot: int, gpus: tuple[str, ...]) -> str | None:
-    """The ``CUDA_VISIBLE_DEVICES`` value of worker ``slot``: the GPUs of ``Settings.gpus`` are
+    """The ``CUDA_VISIBLE_DEVICES`` value of worker ``slot``: the GPUs of ``Settings.worker.gpus`` are
     dealt round-robin (two workers per GPU with ``--workers 4 --gpus 0,1``); None leaves the
     environment as it is (every worker sees every GPU and uses the first)."""
     return gpus[slot % len(gpus)] if gpus else None
@@ -101,13 +101,14 @@ def _worker_main(settings: Settings, worker_id: str, wake, drain, stop, state, i
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     from easel.logs import configure_logging
 
-    configure_logging(settings, worker_id)
-    from easel.tasks.runner import Worker, apply_torch_threads  # imports torch: ready before the first Run
+    configure_logging(settings.core, worker_id)
+    from easel.tasks.runner import Worker  # imports torch: ready before the first Run
+    from easel.tasks.threads import apply_torch_threads
     from easel.logs import quiet_libraries
 
     quiet_libraries(debug=settings.core.log_level.upper() == "DEBUG")
 
-    threads = apply_torch_threads(settings, shares_cpu_with_api=True)
+    threads = apply_torch_threads(settings.worker, shares_cpu_with_api=True)
     log.debug("worker %s: %s torch threads", worker_id, threads or "default")
     worker = held["worker"] = Worker(settings, worker_id)
     worker.should_stop = lambda: stop.is_set() or gone.is_set()
@@ -256,7 +257,7 @@ class LocalExecutor(Executor):
 
     def ready(self) -> dict:
         """``{"ready", "workers": [{"id", "state", "warm"}], "warm"}``: a worker is ready once it
-        has imported torch and loaded ``Settings.preload``, and waits for (or runs) tasks; a tool
+        has imported torch and loaded ``Settings.worker.preload``, and waits for (or runs) tasks; a tool
         is warm in a worker once preloaded or run there (its pipelines may since have been
         evicted from the cache to make room for others')."""
         names = {STARTING: "starting", IDLE: "idle", BUSY: "busy"}
@@ -278,7 +279,7 @@ class LocalExecutor(Executor):
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the workers: idle ones at once, a running task after at most ``timeout`` seconds
-        (default ``Settings.shutdown_grace_seconds``), then ended as failed; a worker that still
+        (default ``Settings.worker.shutdown_grace_seconds``), then ended as failed; a worker that still
         does not exit is killed and its task failed here."""
         grace = self.settings.worker.shutdown_grace_seconds if timeout is None else timeout
         if self._supervisor is None:

@@ -1,6 +1,6 @@
 """Where Easel keeps files: task outputs, Run uploads, ``File/Upload`` files and fetched LoRAs.
 
-One interface, :class:`Storage`, two backends chosen by ``Settings.storage`` (``EASEL_STORAGE``)
+One interface, :class:`Storage`, two backends chosen by ``Settings.storage.storage`` (``EASEL_STORAGE``)
 through :func:`create_storage`:
 
 - :class:`LocalStorage` (``local``, the default): files under the data directory, as a single box
@@ -113,7 +113,8 @@ class Storage(ABC):
     shared = False
 
     def __init__(self, settings: Settings):
-        self.settings = settings
+        """Keeps only what it reads of ``settings``: the public URL (``settings.core``); a backend
+        keeps its own part (``settings.storage``, the data paths)."""
         self.public_url = settings.core.public_url
 
     # -- the backend's primitives ------------------------------------------------------------

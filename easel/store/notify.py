@@ -3,7 +3,7 @@
 
 The ``events`` table stays the log and the only source of what is sent; a wake-up carries nothing
 but a task id, so a lost one only delays a waiter until its slow fallback poll
-(``Settings.live_fallback_poll_interval``).
+(``Settings.live.live_fallback_poll_interval``).
 
 Two halves, one per side of the store:
 

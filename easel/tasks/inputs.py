@@ -4,7 +4,7 @@
 An image input is located with :class:`easel.storage.inputs.InputFiles` (multipart upload, a file
 uploaded with ``/v1/File/Upload``, this server's own URL: read through ``easel.storage``), else fetched from its
 ``http(s)`` URL with the safe fetcher (``easel.net.fetch``: public addresses only unless
-allow-listed, pinned connection, redirects re-checked, capped at ``Settings.upload_max_bytes``),
+allow-listed, pinned connection, redirects re-checked, capped at ``Settings.fetch.upload_max_bytes``),
 then decoded and validated by :func:`easel.images.decode`.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def load_image(ctx: Any, field: str, value: str):
     """
     settings = ctx.worker.settings
     try:
-        where = InputFiles(settings, ctx.store, ctx.worker.storage).locate(ctx.project_id, field, value,
+        where = InputFiles(ctx.store, ctx.worker.storage).locate(ctx.project_id, field, value,
                                                                            ctx.task_uuid, ctx.inputs_dir)
         if isinstance(where, Path):
             return decode(where, field, settings.fetch.max_image_pixels)

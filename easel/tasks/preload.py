@@ -1,4 +1,4 @@
-"""Warming tools before the first task (``Settings.preload``, ``easel serve --preload``).
+"""Warming tools before the first task (``Settings.worker.preload``, ``easel serve --preload``).
 
 A worker runs each preloaded tool once through its own ``prepare`` and ``run``, with the tool's
 default inputs, one denoising step and one sample, in a :class:`WarmupContext`: no task, nothing

@@ -1,5 +1,5 @@
 """``GET /metrics``: the Prometheus exposition of the whole process tree and the store's gauges
-(:mod:`easel.api.metrics`). With ``Settings.metrics_token`` set it needs
+(:mod:`easel.api.metrics`). With ``Settings.api.metrics_token`` set it needs
 ``Authorization: Bearer <token>``; not in the OpenAPI document."""
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ like a Wiro Run.
   applies as for Wiro requests); a signature project's key is refused with how to make an
   API-key project.
 - Synchronous: the request holds until the task ends (no thread held while it waits), at most
-  ``Settings.openai_wait_seconds`` (lowered per request by ``Prefer: wait=N``); past it, HTTP 504
+  ``Settings.api.openai_wait_seconds`` (lowered per request by ``Prefer: wait=N``); past it, HTTP 504
   with the Wiro task id. A client that disconnects leaves its task running unless
-  ``Settings.openai_kill_on_disconnect``.
+  ``Settings.api.openai_kill_on_disconnect``.
 - Streaming (``stream: true``): Server-Sent Events ``image_generation.partial_image`` (or
   ``image_edit.*``) from the task's step previews, up to ``partial_images``, then one
   ``*.completed`` event per image; a failure is an ``error`` event the clients raise.

@@ -1,4 +1,4 @@
-"""The live WebSocket (Wiro's ``websocket.md``) at ``Settings.ws_path`` (``/v1``): one frame per
+"""The live WebSocket (Wiro's ``websocket.md``) at ``Settings.api.ws_path`` (``/v1``): one frame per
 stored task event, as :func:`easel.api.live.serve_socket` sends them. The path is a setting, so
 the router is built for it (:func:`router`)."""
 from __future__ import annotations
