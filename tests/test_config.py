@@ -156,3 +156,11 @@ def test_serve_and_worker_refuse_what_other_modules_check_at_start(tmp_path):
                              capture_output=True, text=True, env=env, timeout=120)
         assert out.returncode == 2, (command, out.stderr)
         assert message in " ".join(out.stderr.split()) and "Traceback" not in out.stderr, out.stderr
+
+
+def test_every_section_documents_its_own_fields():
+    from easel.config import SECTIONS
+
+    undocumented = [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+                    if not re.search(rf"\b{f.name}\b", cls.__doc__ or "")]
+    assert undocumented == []

@@ -42,7 +42,8 @@ def worker(
     from easel.executors.local import expand_gpus
     from easel.store.notify import check_live
 
-    checked(check_queues, settings.fleet)
+    if settings.fleet.queues:  # (the families come from the tools: imported only when asked)
+        checked(check_queues, settings.fleet)
     checked(check_live, settings.live, settings.core.database_url)
     settings = settings.with_(gpus=expand_gpus(settings.worker.gpus))  # "all": every GPU torch sees
     if len(settings.worker.gpus) > 1:

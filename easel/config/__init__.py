@@ -2,18 +2,14 @@
 
 ``Settings`` holds eight small frozen sections, each documenting its own fields:
 
-============  ==============================  =====================================================
-section       class                           read by
-============  ==============================  =====================================================
-``core``      :class:`~.core.CoreSettings`    every process: data paths, database, public URL, logs
-``api``       :class:`~.api.ApiSettings`      the API (limits, auth, OpenAI routes, webhooks)
-``worker``    :class:`~.worker.WorkerSettings` the workers and the executors (count, GPUs, leases)
-``weights``   :class:`~.weights.WeightsSettings` ``easel.weights`` (sources, cache, precision)
-``storage``   :class:`~.storage.StorageSettings` ``easel.storage`` and the retention sweeps
-``fleet``     :class:`~.fleet.FleetSettings`  the executors (local or Celery, broker, queues)
-``live``      :class:`~.live.LiveSettings`    ``easel.store.notify``, the live waiters, Redis
-``fetch``     :class:`~.fetch.FetchSettings`  the safe fetcher and request files' caps
-============  ==============================  =====================================================
+- ``core`` (:class:`~.core.CoreSettings`): every process: data paths, database, public URL, key, logs;
+- ``api`` (:class:`~.api.ApiSettings`): the API: HTTP caps, CORS, rate limit, nonces, OpenAI, webhooks;
+- ``worker`` (:class:`~.worker.WorkerSettings`): workers and executors: count, GPUs, leases, limits;
+- ``weights`` (:class:`~.weights.WeightsSettings`): ``easel.weights``: sources, licences, cache, precision;
+- ``storage`` (:class:`~.storage.StorageSettings`): ``easel.storage`` and the retention sweeps;
+- ``fleet`` (:class:`~.fleet.FleetSettings`): the executors: local or Celery, broker, queues;
+- ``live`` (:class:`~.live.LiveSettings`): ``easel.store.notify`` and the live waiters, Redis;
+- ``fetch`` (:class:`~.fetch.FetchSettings`): the safe fetcher, request files' and images' caps.
 
 The outside contract is flat: every field can be set in a TOML config file (``--config`` /
 ``EASEL_CONFIG_FILE``) as ``field = value`` (or inside a ``[section]`` table), in the environment
@@ -53,7 +49,8 @@ SECTIONS: dict[str, type] = {"core": CoreSettings, "api": ApiSettings, "worker":
                              "live": LiveSettings, "fetch": FetchSettings}
 # every flat field name (the EASEL_<FIELD> and TOML key) -> the section that holds it
 FIELD_SECTION: dict[str, str] = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-assert len(FIELD_SECTION) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values()), "field names must be unique"
+if len(FIELD_SECTION) != sum(len(dataclasses.fields(c)) for c in SECTIONS.values()):
+    raise RuntimeError("a setting's name is used by two sections: the flat names must be unique")
 
 
 def field_names() -> list[str]:
