@@ -97,7 +97,10 @@ class Settings:
                 raise TypeError(f"Settings() got an unexpected keyword argument {key!r}")
         for name, cls in SECTIONS.items():
             base = sections.get(name)
-            section = dataclasses.replace(base, **flat[name]) if base is not None else cls(**flat[name])
+            if base is None:
+                section = cls(**flat[name])
+            else:  # a section left unchanged is shared (frozen), not rebuilt
+                section = dataclasses.replace(base, **flat[name]) if flat[name] else base
             object.__setattr__(self, name, section)
 
     @classmethod
