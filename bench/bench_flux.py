@@ -55,7 +55,7 @@ def main() -> None:
         t = time.perf_counter()
         pipe = load_pipeline(Weights("diffusers", tiny["flux"]), settings)
         loads.append(time.perf_counter() - t)
-    state = LoraState(hotswap_rank=settings.lora_hotswap_rank)
+    state = LoraState(hotswap_rank=settings.weights.lora_hotswap_rank)
     state.apply(pipe, [("peft", str(tiny["flux-lora-peft"]), 1.0)])
     switches = []
     for i in range(2 * args.repeats):

@@ -201,7 +201,7 @@ def bench_hotswap(settings, args) -> dict:
         pipe = load_pipeline(weights, settings)
         loads.append(time.perf_counter() - t)
     paths = lora_paths(weights.path, "flux")
-    state = LoraState(hotswap_rank=settings.lora_hotswap_rank)
+    state = LoraState(hotswap_rank=settings.weights.lora_hotswap_rank)
     state.apply(pipe, [("peft", str(paths["peft"]), 1.0)])
     pipe.transformer.compile()
     small = dict(num_inference_steps=1, width=64 if args.size == "small" else 512,

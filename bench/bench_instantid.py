@@ -89,10 +89,10 @@ def main() -> None:
     from easel.synthetic.tiny_faces import draw_test_face
 
     from easel.config import Settings
-    from easel.tasks.runner import torch_thread_count
+    from easel.tasks.threads import torch_thread_count
 
     cores = len(os.sched_getaffinity(0))
-    args.threads = args.threads or torch_thread_count(Settings(), True, torch.cuda.is_available(), cores) \
+    args.threads = args.threads or torch_thread_count(Settings().worker, True, torch.cuda.is_available(), cores) \
         or torch.get_num_threads()
     torch.set_num_threads(args.threads)  # the same count on both sides of every comparison
     print(f"before: {_load()}, {cores} CPUs, torch threads {args.threads} (here and in the worker)")

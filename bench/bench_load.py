@@ -129,7 +129,7 @@ def _easel_loader(folder: Path, path: Path, family: str, fmt: str, cpu_precision
 
     data = Path(tempfile.mkdtemp(prefix="easel-bench-load-"))
     settings = Settings(data_dir=data, cpu_precision=cpu_precision)
-    models = ModelManager(settings, ModelCatalog.load(settings.catalog_override))
+    models = ModelManager(settings, ModelCatalog.load(settings.core.catalog_override))
     weights = Weights("diffusers" if fmt == "folder" else "single_file", path,
                       config=None if fmt == "folder" else folder, key=f"bench:{path.name}")
     from easel.malloc import freeze_startup_objects, tune_allocator

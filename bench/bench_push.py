@@ -115,13 +115,13 @@ def run_mode(mode: str, tasks: int, steps: int, size: int) -> list[float]:
     with ExitStack() as stack:
         data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"easel-bench-push-{mode}-")))
         env = {"EASEL_LIVE_PUSH": "off" if mode.startswith("poll") else mode}
-        url = Settings(data_dir=data).database_url
+        url = Settings(data_dir=data).core.database_url
         if mode != "poll-sqlite":
             url = stack.enter_context(database())
             env["EASEL_DATABASE_URL"] = url
         if mode == "redis":
             env |= {"EASEL_REDIS_URL": REDIS, "EASEL_REDIS_PREFIX": f"easel-bench-{secrets.token_hex(4)}"}
-        store = Store(url, secrets=SecretBox.for_settings(Settings(data_dir=data, database_url=url)))  # the servers' key
+        store = Store(url, secrets=SecretBox.for_settings(Settings(data_dir=data, database_url=url).core))  # the servers' key
         store.migrate()
         project = store.create_project("bench", "apikey")
         api1 = stack.enter_context(server(data, env))  # API + one worker

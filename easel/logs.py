@@ -1,7 +1,7 @@
-"""Logging of the server and its workers: one format, Easel's lines at ``Settings.log_level``,
+"""Logging of the server and its workers: one format, Easel's lines at ``Settings.core.log_level``,
 the ML libraries' chatter at DEBUG.
 
-- ``Settings.log_format``: ``text`` (``time process level logger: message``) or ``json`` (one
+- ``Settings.core.log_format``: ``text`` (``time process level logger: message``) or ``json`` (one
   object per line with ``time``, ``level``, ``logger``, ``process``, ``message`` and, on an
   exception, ``exc_info``), for log shippers.
 - The ML libraries (diffusers, transformers, huggingface_hub, peft, accelerate, torch) log
@@ -56,17 +56,18 @@ class DemoteLibraries(logging.Filter):
         return True
 
 
-def configure_logging(settings, process: str = "") -> None:
-    """Set up this process's logging from ``settings`` (``log_format``, ``log_level``); call once
+def configure_logging(core, process: str = "") -> None:
+    """Set up this process's logging from ``core`` (the :class:`easel.config.CoreSettings`:
+    ``log_format``, ``log_level``); call once
     at the start of ``easel serve``, of each worker process and of ``easel worker``.
 
     ``process`` names the process in each line (e.g. a worker id; default ``easel-<pid>``).
     Processes that import the ML libraries also call :func:`quiet_libraries`.
     """
     process = process or f"easel-{os.getpid()}"
-    level = getattr(logging, settings.log_level.upper())
+    level = getattr(logging, core.log_level.upper())
     handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
+    if core.log_format == "json":
         handler.setFormatter(JsonFormatter(process))
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s {process} %(levelname)s %(name)s: %(message)s"))

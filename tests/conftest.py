@@ -66,7 +66,7 @@ class Server:
         self.data_dir = data_dir
         if database_url is None and os.environ.get("EASEL_TEST_POSTGRES") and not (env or {}).get("EASEL_DATABASE_URL"):
             database_url = _postgres_for(data_dir)  # the suite (or a part of it) against PostgreSQL
-        database_url = database_url or (env or {}).get("EASEL_DATABASE_URL") or Settings(data_dir=data_dir).database_url
+        database_url = database_url or (env or {}).get("EASEL_DATABASE_URL") or Settings(data_dir=data_dir).core.database_url
         self.env = {**os.environ, "EASEL_WEBHOOK_BACKOFF_SECONDS": "0.2", **(env or {}),
                     "EASEL_DATABASE_URL": database_url}
         self.port = free_port()
@@ -140,7 +140,7 @@ class Server:
 @pytest.fixture
 def store(tmp_path):
     """A migrated SQLite store of its own (in-process tests of the store and the lifecycle)."""
-    s = Store(Settings(data_dir=tmp_path).database_url)
+    s = Store(Settings(data_dir=tmp_path).core.database_url)
     s.migrate()
     yield s
     s.engine.dispose()

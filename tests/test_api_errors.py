@@ -106,7 +106,7 @@ def test_hub_mode_refuses_a_preset_whose_weights_are_unknown(tmp_path):
     from easel.store import Store
 
     settings = Settings(data_dir=tmp_path, model_source="hub")
-    store = Store(settings.database_url)
+    store = Store(settings.core.database_url)
     store.migrate()
     p = store.create_project("hub", "apikey")
     with TestClient(create_app(settings, None, dispatch_webhooks=False)) as http:

@@ -112,7 +112,7 @@ class _Deaf:
 def test_project_cache_and_strict_nonces_follow_the_injected_clock(store):
     clock = ManualClock(start=1_700_000_000)
     settings = Settings()
-    window = settings.nonce_window_seconds
+    window = settings.api.nonce_window_seconds
     made = store.create_project("p", nonce_policy="strict")
 
     def headers(nonce: str) -> dict:

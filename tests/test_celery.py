@@ -60,13 +60,24 @@ def test_each_seed_request_goes_to_its_model_familys_queue(tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("executor", "kubernetes", "executor must be 'local' or 'celery'"),
-    ("queues", ("sd15", "sd3"), "queues must be among sd15, sdxl, flux, ic-light, instantid, not 'sd3'"),
     ("broker_url", "http://127.0.0.1:6379", "broker_url must be a redis://, rediss://, amqp:// or amqps:// URL"),
     ("queue_prefix", "my fleet", "queue_prefix must be 1 to 40 letters"),
 ])
 def test_fleet_settings_are_checked(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Settings(data_dir=tmp_path, **{field: value})
+
+
+def test_queues_are_checked_against_the_tools_families_where_a_worker_starts(tmp_path):
+    """The queue names need the catalog: ``check_queues`` (called by ``run_worker`` and at
+    ``easel worker``'s start), not the settings, refuses an unknown family."""
+    from easel.executors.celery import check_queues
+
+    fleet = Settings(data_dir=tmp_path, queues=("sd15", "sd3")).fleet  # the settings alone take it
+    with pytest.raises(ValueError, match="queues must be among sd15, sdxl, flux, ic-light, instantid, not 'sd3'"):
+        check_queues(fleet)
+    assert check_queues(Settings(data_dir=tmp_path, queues=("flux",)).fleet) == ("flux",)
+    assert check_queues(Settings(data_dir=tmp_path).fleet) == tuple(FAMILIES)
 
 
 def test_the_celery_settings_suit_long_gpu_tasks(tmp_path):
@@ -142,9 +153,9 @@ def redis_settings(tmp_path):
 def _queue_lengths(settings) -> dict[str, int]:
     import redis
 
-    client = redis.Redis.from_url(settings.broker_url)
+    client = redis.Redis.from_url(settings.fleet.broker_url)
     try:
-        return {f: client.llen(f"{settings.queue_prefix}:{settings.queue_prefix}.{f}") for f in FAMILIES}
+        return {f: client.llen(f"{settings.fleet.queue_prefix}:{settings.fleet.queue_prefix}.{f}") for f in FAMILIES}
     finally:
         client.close()
 
@@ -152,7 +163,7 @@ def _queue_lengths(settings) -> dict[str, int]:
 def test_the_api_publishes_ids_once_and_again_only_when_due(redis_settings):
     from easel.executors.celery import CeleryExecutor
 
-    store = Store(redis_settings.database_url)
+    store = Store(redis_settings.core.database_url)
     store.migrate()
     api1, api2 = CeleryExecutor(redis_settings), CeleryExecutor(redis_settings)  # two API processes
     try:
@@ -185,8 +196,8 @@ def test_the_api_publishes_ids_once_and_again_only_when_due(redis_settings):
         clock.advance(max(published) - min(published) + 0.2)
         assert sorted(resend.maintain()) == sorted(ids)
         resend.stop()
-        message = json.loads(__import__("redis").Redis.from_url(redis_settings.broker_url).lindex(
-            f"{redis_settings.queue_prefix}:{redis_settings.queue_prefix}.flux", 0))
+        message = json.loads(__import__("redis").Redis.from_url(redis_settings.fleet.broker_url).lindex(
+            f"{redis_settings.fleet.queue_prefix}:{redis_settings.fleet.queue_prefix}.flux", 0))
         assert message["headers"]["task"] == "easel.run_task"  # only the id travels
         assert json.loads(__import__("base64").b64decode(message["body"]))[0] == [flux.id]
     finally:
@@ -199,7 +210,7 @@ def test_a_publication_that_fails_leaves_the_task_for_the_next_pass(tmp_path):
     from easel.executors.celery import CeleryExecutor
 
     settings = Settings(data_dir=tmp_path, executor="celery", broker_url="redis://127.0.0.1:1/0")
-    store = Store(settings.database_url)
+    store = Store(settings.core.database_url)
     store.migrate()
     executor = CeleryExecutor(settings)
     try:
@@ -226,14 +237,14 @@ def test_a_worker_on_rabbitmq_runs_each_task_once_and_a_killed_one_loses_nothing
     url, prefix, cleanup = rabbitmq_broker()
     settings = Settings(data_dir=tmp_path / "api", executor="celery", broker_url=url, queue_prefix=prefix,
                         lease_seconds=LEASE)
-    store = Store(settings.database_url)
+    store = Store(settings.core.database_url)
     store.migrate()
     api = CeleryExecutor(settings)
     env = {"EASEL_QUEUE_PREFIX": prefix, "EASEL_LEASE_SECONDS": str(LEASE)}
     metrics_port = free_port()
-    first = WorkerProc(tmp_path / "w1", url, settings.database_url, env, queues="sd15", name="w1",
+    first = WorkerProc(tmp_path / "w1", url, settings.core.database_url, env, queues="sd15", name="w1",
                        extra_args=("--metrics-port", str(metrics_port)))
-    second = WorkerProc(tmp_path / "w2", url, settings.database_url, env, queues="sd15", name="w2")
+    second = WorkerProc(tmp_path / "w2", url, settings.core.database_url, env, queues="sd15", name="w2")
     project = store.create_project("p")
 
     def run(params: dict, publish: bool = True) -> Task:
@@ -380,10 +391,10 @@ def test_a_worker_without_its_scratch_folder_fails_the_task_and_holds_nothing(tm
     from easel.tasks.runner import Worker
 
     settings = Settings(data_dir=tmp_path / "worker", database_url=f"sqlite:///{tmp_path / 'easel.db'}")
-    store = Store(settings.database_url)
+    store = Store(settings.core.database_url)
     store.migrate()
     worker = Worker(settings, "w1")
-    shutil.rmtree(settings.data_dir, ignore_errors=True)
+    shutil.rmtree(settings.core.data_dir, ignore_errors=True)
     task = _submit(store)
     assert worker.run_task(task.id)
     ended = store.get_task(task.id)

@@ -452,7 +452,7 @@ def test_cors_is_off_by_default_and_answers_preflight_for_listed_origins(tmp_pat
     preflight = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "x-api-key,x-nonce,x-signature,content-type"}
     settings = Settings(data_dir=tmp_path)
-    Store(settings.database_url).migrate()
+    Store(settings.core.database_url).migrate()
     with TestClient(create_app(settings, None, dispatch_webhooks=False)) as http:
         r = http.options("/v1/Run/wiro/text-to-image-sd-lora", headers=preflight)
         assert "access-control-allow-origin" not in r.headers
@@ -468,7 +468,7 @@ def test_cors_is_off_by_default_and_answers_preflight_for_listed_origins(tmp_pat
         other = http.options("/v1/Tool/List", headers={**preflight, "Origin": "https://evil.example"})
         assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
     monkeypatch.setenv("EASEL_CORS_ORIGINS", "https://a.example, https://b.example")
-    assert Settings.from_env(data_dir=tmp_path).cors_origins == ("https://a.example", "https://b.example")
+    assert Settings.from_env(data_dir=tmp_path).api.cors_origins == ("https://a.example", "https://b.example")
 
 
 # -- the seeds' curl examples, verbatim -----------------------------------------------------------
@@ -627,6 +627,6 @@ def test_cli_sets_a_projects_nonce_policy(tmp_path):
     from easel.config import Settings
     from easel.store import Store
 
-    assert Store(Settings(data_dir=tmp_path).database_url).project_by_key(made["apikey"]).nonce_policy == "strict"
+    assert Store(Settings(data_dir=tmp_path).core.database_url).project_by_key(made["apikey"]).nonce_policy == "strict"
     assert easel("nonce-policy", "nope", "strict").returncode == 1
     assert easel("create", "z", "--nonce-policy", "loose").returncode != 0

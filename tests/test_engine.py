@@ -206,8 +206,8 @@ def _worker(tmp_path, tiny, **settings):
     from easel.tasks.runner import Worker
 
     s = Settings(data_dir=tmp_path / "data", **settings)
-    (s.models_dir).mkdir(parents=True, exist_ok=True)
-    (s.models_dir / "tiny").symlink_to(next(iter(tiny.values())).parent)  # reuse the session's tiny models
+    (s.core.models_dir).mkdir(parents=True, exist_ok=True)
+    (s.core.models_dir / "tiny").symlink_to(next(iter(tiny.values())).parent)  # reuse the session's tiny models
     worker = Worker(s, "w-test")
     worker.store.migrate()
     return worker
@@ -247,7 +247,7 @@ def test_disk_full_while_writing_outputs_fails_cleanly(tmp_path, tiny, monkeypat
     task = worker.store.get_task(tid)
     assert (task.status, task.pexit) == (lc.POSTPROCESS_END, "1")
     assert "No space left on device" in task.debugerror and str(tmp_path) not in task.debugerror
-    leftovers = [p for p in worker.settings.data_dir.rglob("*.png")]
+    leftovers = [p for p in worker.settings.core.data_dir.rglob("*.png")]
     assert leftovers == [] and worker.store.outputs(tid) == []
     monkeypatch.setattr(Image.Image, "save", real_save)
     second = _submit(worker)
@@ -300,18 +300,18 @@ def test_retention_sweeper_removes_expired_outputs_and_orphans(tmp_path):
     task = store.get_task(tid)
     for status in (lc.OUTPUT_FULL, lc.ERROR_FULL, lc.END, lc.POSTPROCESS_START):
         lc.advance(store, tid, status, owner="w1")
-    (settings.files_dir / task.uuid).mkdir(parents=True)
-    (settings.files_dir / task.uuid / "0.png").write_bytes(b"png")
+    (settings.core.files_dir / task.uuid).mkdir(parents=True)
+    (settings.core.files_dir / task.uuid / "0.png").write_bytes(b"png")
     store.add_outputs(tid, [{"name": "0.png", "contenttype": "image/png", "size": 3, "path": f"{task.uuid}/0.png"}])
-    (settings.uploads_dir / task.uuid).mkdir(parents=True)
+    (settings.core.uploads_dir / task.uuid).mkdir(parents=True)
     lc.advance(store, tid, lc.POSTPROCESS_END, owner="w1", pexit="0")
     ended = store.get_task(tid).postprocessendtime
     assert task_view(api, store.get_task(tid))["outputs"][0]["expiretime"] == str(int(ended + 60))
-    orphan = settings.uploads_dir / "no-such-task"
+    orphan = settings.core.uploads_dir / "no-such-task"
     orphan.mkdir()
-    scratch = settings.data_dir / "easel-00000000-0000-0000-0000-000000000000-x"
+    scratch = settings.core.data_dir / "easel-00000000-0000-0000-0000-000000000000-x"
     scratch.mkdir()
-    fetched = settings.models_dir / "fetched" / ("a" * 64 + ".safetensors")
+    fetched = settings.core.models_dir / "fetched" / ("a" * 64 + ".safetensors")
     fetched.parent.mkdir(parents=True)
     fetched.write_bytes(b"w")
     old = time.time() - 3600
@@ -321,9 +321,9 @@ def test_retention_sweeper_removes_expired_outputs_and_orphans(tmp_path):
     steps = [e.type for e in store.events(tid)]
     assert lc.OUTPUT in steps
     assert api.maintenance.sweep(now=ended + 30) == {"tasks": 0, "orphans": 2, "fetched": 1, "events": 0}
-    assert (settings.files_dir / task.uuid / "0.png").exists()  # not expired yet
+    assert (settings.core.files_dir / task.uuid / "0.png").exists()  # not expired yet
     assert api.maintenance.sweep(now=ended + 61)["tasks"] == 1
-    assert not (settings.files_dir / task.uuid).exists() and not (settings.uploads_dir / task.uuid).exists()
+    assert not (settings.core.files_dir / task.uuid).exists() and not (settings.core.uploads_dir / task.uuid).exists()
     assert store.outputs(tid) == [] and store.get_task(tid).status == lc.POSTPROCESS_END  # the record stays
     assert not orphan.exists() and not scratch.exists() and not fetched.exists()
     assert api.maintenance.sweep(now=ended + 62)["tasks"] == 0  # once
@@ -371,7 +371,7 @@ def test_healthz_is_503_with_the_reason_while_no_worker_can_run(tmp_path):
     from easel.executors.local import LocalExecutor
 
     settings = Settings(data_dir=tmp_path)
-    Store(settings.database_url).migrate()
+    Store(settings.core.database_url).migrate()
     ex = LocalExecutor(settings)  # never started: no supervisor, no worker
     with TestClient(create_app(settings, ex, dispatch_webhooks=False)) as http:
         r = http.get("/healthz")

@@ -105,7 +105,7 @@ def test_one_slow_webhook_receiver_does_not_delay_the_others(hostile, tmp_path):
     from easel.tasks import lifecycle as lc
 
     settings = Settings(data_dir=tmp_path, fetch_allow=("127.0.0.1",), webhook_timeout=3.0)
-    store = Store(settings.database_url)
+    store = Store(settings.core.database_url)
     store.migrate()
     p = store.create_project("x")
     ids = []

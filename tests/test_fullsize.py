@@ -57,7 +57,7 @@ def test_make_random_writes_a_folder_that_from_pretrained_loads(tmp_path):
 def random_worker(tmp_path_factory):
     settings = Settings(data_dir=tmp_path_factory.mktemp("random"), model_source="random",
                         random_model_size="small")
-    Store(settings.database_url).migrate()
+    Store(settings.core.database_url).migrate()
     return Worker(settings)
 
 
@@ -145,6 +145,10 @@ def test_gpus_are_dealt_round_robin_to_worker_slots():
 
 def test_gpus_setting_reads_a_comma_list_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("EASEL_GPUS", "2, 3")
-    assert Settings.from_env(data_dir=tmp_path).gpus == ("2", "3")
+    assert Settings.from_env(data_dir=tmp_path).worker.gpus == ("2", "3")
     monkeypatch.setenv("EASEL_GPUS", "all")
-    assert Settings.from_env(data_dir=tmp_path).gpus == tuple(str(i) for i in range(torch.cuda.device_count()))
+    from easel.executors.local import expand_gpus
+
+    assert Settings.from_env(data_dir=tmp_path).worker.gpus == ("all",)  # expanded where the workers start
+    assert expand_gpus(("all",)) == tuple(str(i) for i in range(torch.cuda.device_count()))
+    assert expand_gpus(("1",)) == ("1",)

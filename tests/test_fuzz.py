@@ -21,7 +21,7 @@ from easel.store import Store  # noqa: E402
 
 _DATA = Path(tempfile.mkdtemp(prefix="easel-fuzz-"))
 _SETTINGS = Settings(data_dir=_DATA, request_max_bytes=1_000_000)
-_STORE = Store(_SETTINGS.database_url)
+_STORE = Store(_SETTINGS.core.database_url)
 _STORE.migrate()
 _PROJECT = _STORE.create_project("fuzz", "apikey")
 APP = create_app(_SETTINGS, None, dispatch_webhooks=False)

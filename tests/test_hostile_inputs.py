@@ -30,7 +30,7 @@ def api(tmp_path_factory):
     """(client, headers, store, project) of an in-process API without workers."""
     data = tmp_path_factory.mktemp("hostile")
     settings = Settings(data_dir=data)
-    store = Store(settings.database_url)
+    store = Store(settings.core.database_url)
     store.migrate()
     project = store.create_project("hostile", "apikey")
     with TestClient(create_app(settings, None, dispatch_webhooks=False)) as http:
@@ -135,14 +135,14 @@ def test_a_list_and_the_number_of_fields_are_capped(api):
 def test_a_json_body_has_a_much_lower_cap_than_a_multipart_file(api):
     http, headers, *_ = api
     settings = Settings()
-    assert settings.body_max_bytes * 64 <= settings.request_max_bytes
-    big = json.dumps({"prompt": "x" * (settings.body_max_bytes + 10)})
+    assert settings.api.body_max_bytes * 64 <= settings.api.request_max_bytes
+    big = json.dumps({"prompt": "x" * (settings.api.body_max_bytes + 10)})
     for ctype in ("application/json", "multipart/form-data"):  # the seeds send JSON as multipart/form-data
         r = http.post(SD, headers={**headers, "Content-Type": ctype}, content=big.encode())
         assert r.status_code == 413 and "EASEL_BODY_MAX_BYTES" in r.json()["errors"][0]["detail"], r.text[:300]
     # a file of the same size in a multipart body is within its own (much larger) cap
     r = http.post("/v1/File/Upload", headers=headers,
-                  files={"file": ("big.bin", b"\0" * (settings.body_max_bytes + 10), "application/octet-stream")})
+                  files={"file": ("big.bin", b"\0" * (settings.api.body_max_bytes + 10), "application/octet-stream")})
     assert r.status_code == 200, r.text[:300]
 
 
@@ -207,7 +207,7 @@ def test_the_seeds_sentence_and_allowed_hosts_are_accepted(api, tmp_path):
     r = http.post(SD, headers=headers, json={"prompt": "x", "callbackUrl": SEED_SENTENCE})
     assert r.json()["result"] is True and store.get_task(int(r.json()["taskid"])).callbackurl == ""
     settings = Settings(data_dir=tmp_path, fetch_allow=("127.0.0.1",))
-    local = Store(settings.database_url)
+    local = Store(settings.core.database_url)
     local.migrate()
     p = local.create_project("allow", "apikey")
     with TestClient(create_app(settings, None, dispatch_webhooks=False)) as client:

@@ -43,7 +43,7 @@ def leftovers(tmp_path, store):
     """A data directory with a download being written (by a live process that holds its lock), an
     abandoned one, the scratch folder of an ended task and that of a queued one."""
     settings = Settings(data_dir=tmp_path, database_url=store.url)  # the store fixture's database
-    fetched = settings.models_dir / "fetched"
+    fetched = settings.core.models_dir / "fetched"
     fetched.mkdir(parents=True)
     writer = subprocess.Popen([sys.executable, "-c", HOLDER, str(fetched)], stdout=subprocess.PIPE, text=True)
     try:
@@ -94,9 +94,9 @@ def test_a_download_in_progress_holds_its_part_file(tmp_path, monkeypatch):
     settings = Settings(data_dir=tmp_path)
     with pytest.raises(fetch.FetchError):
         fetch.fetch_safetensors("http://127.0.0.1:9/x.safetensors", create_storage(settings),
-                                fetch.FetchPolicy(), settings.models_dir / "fetched")
+                                fetch.FetchPolicy(), settings.core.models_dir / "fetched")
     assert seen == {"removed": 0, "exists": True}
-    assert list((settings.models_dir / "fetched").glob("*.part")) == []  # a failed download leaves none
+    assert list((settings.core.models_dir / "fetched").glob("*.part")) == []  # a failed download leaves none
 
 
 def test_a_worker_start_removes_the_downloads_a_dead_worker_left(tmp_path):
@@ -104,7 +104,7 @@ def test_a_worker_start_removes_the_downloads_a_dead_worker_left(tmp_path):
     from easel.tasks.runner import Worker
 
     settings = Settings(data_dir=tmp_path)
-    (settings.models_dir / "fetched").mkdir(parents=True)
-    abandoned = Path(tempfile.mkstemp(dir=settings.models_dir / "fetched", suffix=".part")[1])
+    (settings.core.models_dir / "fetched").mkdir(parents=True)
+    abandoned = Path(tempfile.mkstemp(dir=settings.core.models_dir / "fetched", suffix=".part")[1])
     Worker(settings, "w-test")
     assert not abandoned.exists()

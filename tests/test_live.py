@@ -205,7 +205,7 @@ def test_webhook_to_a_private_address_is_refused(tmp_path):
     from easel.tasks import lifecycle as lc
 
     settings = Settings(data_dir=tmp_path)  # no --fetch-allow: loopback is not public
-    store = Store(settings.database_url)
+    store = Store(settings.core.database_url)
     store.migrate()
     p = store.create_project("x")
     task, _ = lc.submit(store, project_id=p.id, tool=TOOL, parameters={}, inputs={},

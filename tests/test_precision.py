@@ -76,7 +76,7 @@ def test_the_built_in_rows_are_the_reference_dtypes_and_unknown_kinds_or_setting
 def test_cpu_precision_setting_is_read_from_the_environment_and_checked(monkeypatch, tmp_path):
     monkeypatch.setenv("EASEL_CPU_PRECISION", "half")
     settings = Settings.from_env(data_dir=tmp_path)
-    assert settings.cpu_precision == "half"
+    assert settings.weights.cpu_precision == "half"
     from easel.catalog import ModelCatalog
     from easel.weights import ModelManager
 
@@ -101,8 +101,8 @@ def half(tmp_path_factory, tiny, file_server):
 
     s = Settings(data_dir=tmp_path_factory.mktemp("half"), cpu_precision="half", fetch_allow=("127.0.0.1",),
                  preview_interval=1)
-    s.models_dir.mkdir(parents=True, exist_ok=True)
-    (s.models_dir / "tiny").symlink_to(next(iter(tiny.values())).parent)  # the session's tiny models
+    s.core.models_dir.mkdir(parents=True, exist_ok=True)
+    (s.core.models_dir / "tiny").symlink_to(next(iter(tiny.values())).parent)  # the session's tiny models
     worker = Worker(s, "w-half")
     worker.store.migrate()
     (file_server[1] / "sdxl-lora-peft.safetensors").write_bytes(Path(tiny["sdxl-lora-peft"]).read_bytes())
@@ -226,7 +226,7 @@ def test_flux_tools_in_bfloat16(half):
     assert _dtypes(pipe.transformer) == {BF16} and pixels(with_lora) != pixels(plain)
     assert pixels(_run(half, FLUX, no_lora)[0]) == pixels(plain)
     # scale 0 equals a plain diffusers FluxPipeline in bf16 with the same CPU generator: the zeroed slot adds nothing
-    raw = FluxPipeline.from_pretrained(str(worker.settings.models_dir / "tiny" / "flux"), dtype=BF16)
+    raw = FluxPipeline.from_pretrained(str(worker.settings.core.models_dir / "tiny" / "flux"), dtype=BF16)
     raw.to(precision("flux", "half").device)
     raw.set_progress_bar_config(disable=True)
     image = raw(FLUX_SMALL["prompt"], num_inference_steps=2, guidance_scale=3.5, width=64, height=64,

@@ -27,7 +27,7 @@ from conftest import SMALL, TIME_SCALE, TOOL, Server
 from easel.api.ratelimit import RateLimiter
 from easel.config import Settings
 from easel.store import LimitReached, Store
-from easel.store.notify import Hub, Publisher, choose_backend, redact, redis_channel
+from easel.store.notify import Hub, Publisher, check_live, choose_backend, redact, redis_channel
 from easel.tasks import lifecycle as lc
 import services
 from pg import create_database
@@ -68,7 +68,7 @@ def pg_url():
 
 
 def _sqlite(tmp_path) -> Store:
-    store = Store(Settings(data_dir=tmp_path).database_url)
+    store = Store(Settings(data_dir=tmp_path).core.database_url)
     store.migrate()
     return store
 
@@ -89,15 +89,22 @@ def test_backend_choice_and_refusals(tmp_path):
     assert choose_backend("auto", "", pg) == "postgres"
     assert choose_backend("auto", REDIS_URL, pg) == "redis"
     assert choose_backend("off", REDIS_URL, pg) == "poll"
+    def check(**values):  # the settings take any value; the check lives with the backends
+        s = Settings(data_dir=tmp_path, **values)
+        return check_live(s.live, s.core.database_url)
+
     with pytest.raises(ValueError, match="EASEL_LIVE_PUSH=redis needs EASEL_REDIS_URL"):
-        Settings(data_dir=tmp_path, live_push="redis")
+        check(live_push="redis")
     with pytest.raises(ValueError, match="EASEL_LIVE_PUSH=postgres needs a PostgreSQL"):
-        Settings(data_dir=tmp_path, live_push="postgres")
+        check(live_push="postgres")
     with pytest.raises(ValueError, match="EASEL_LIVE_PUSH must be one of auto, redis, postgres, off"):
-        Settings(data_dir=tmp_path, live_push="kafka")
+        check(live_push="kafka")
+    with pytest.raises(ValueError, match="EASEL_LIVE_PUSH must be one of auto, redis, postgres, off"):
+        Publisher.for_settings(Settings(data_dir=tmp_path, live_push="kafka").live, "sqlite:///x.db")
     with pytest.raises(ValueError, match="EASEL_REDIS_URL must be") as err:
-        Settings(data_dir=tmp_path, redis_url="http://user:hunter2@host/")
+        check(redis_url="http://user:hunter2@host/")
     assert "hunter2" not in str(err.value)
+    assert check(redis_url=REDIS_URL) == "redis" and check() == "poll"
     assert redact("redis://:hunter2@h:6379/0") == "redis://:***@h:6379/0"
 
 
@@ -138,7 +145,7 @@ def test_postgres_notify_is_sent_in_the_event_transaction_and_only_on_commit(pg_
 
 def test_redis_wakes_only_the_waiters_of_the_task(tmp_path, redis_prefix):
     channel = redis_channel(redis_prefix)
-    store = Store(Settings(data_dir=tmp_path).database_url, wakeups=Publisher("redis", REDIS_URL, channel))
+    store = Store(Settings(data_dir=tmp_path).core.database_url, wakeups=Publisher("redis", REDIS_URL, channel))
     store.migrate()
     tid, other = _queued(store), _queued(store)
 
@@ -160,7 +167,7 @@ def test_redis_wakes_only_the_waiters_of_the_task(tmp_path, redis_prefix):
 
 
 def test_an_unreachable_redis_never_fails_or_slows_a_write(tmp_path, caplog):
-    store = Store(Settings(data_dir=tmp_path).database_url,
+    store = Store(Settings(data_dir=tmp_path).core.database_url,
                   wakeups=Publisher("redis", "redis://127.0.0.1:1/0", "nowhere:events"))
     store.migrate()
     tid = _queued(store)
@@ -235,7 +242,7 @@ def test_limited_runs_of_several_projects_from_two_processes_neither_overshoot_n
     if db == "postgres":
         url, drop = create_database()
     else:
-        url, drop = Settings(data_dir=tmp_path).database_url, (lambda: None)
+        url, drop = Settings(data_dir=tmp_path).core.database_url, (lambda: None)
     try:
         stores = [Store(url), Store(url)]
         stores[0].migrate()
@@ -268,7 +275,7 @@ def test_the_concurrency_limit_is_one_atomic_step_in_the_store(db, tmp_path):
     if db == "postgres":
         url, drop = create_database()
     else:
-        url, drop = Settings(data_dir=tmp_path).database_url, (lambda: None)
+        url, drop = Settings(data_dir=tmp_path).core.database_url, (lambda: None)
     try:
         stores = [Store(url), Store(url)]  # two engines, as two API processes have
         stores[0].migrate()

@@ -40,7 +40,7 @@ def _list(server: Server, apikey: str, secret: str) -> httpx.Response:
 
 def test_a_stored_secret_is_not_in_clear_anywhere_in_the_database_files(tmp_path):
     settings = Settings(data_dir=tmp_path)
-    store = Store(settings.database_url, secrets=SecretBox.for_settings(settings))
+    store = Store(settings.core.database_url, secrets=SecretBox.for_settings(settings.core))
     store.migrate()
     made = store.create_project("p")
     assert (tmp_path / KEY_FILE).stat().st_mode & 0o777 == 0o600  # created at first start, owner only
@@ -50,13 +50,13 @@ def test_a_stored_secret_is_not_in_clear_anywhere_in_the_database_files(tmp_path
     assert made.apisecret.encode() not in raw
     assert _stored(tmp_path / "easel.db", made.id).startswith("fernet:")
     # a store opened by URL alone finds the key file next to the database, and opens the secret
-    assert Store(settings.database_url).project_by_key(made.apikey).apisecret == made.apisecret
+    assert Store(settings.core.database_url).project_by_key(made.apikey).apisecret == made.apisecret
 
 
 def test_rotation_with_environment_keys_and_a_wrong_key(tmp_path):
     """EASEL_SECRET_KEY=NEW,OLD opens both and rotation seals with NEW; then NEW alone opens
     every secret, and OLD alone is refused by migrate (a process's start) naming the source."""
-    url = Settings(data_dir=tmp_path).database_url
+    url = Settings(data_dir=tmp_path).core.database_url
     old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
     first = Store(url, secrets=SecretBox(old, "EASEL_SECRET_KEY"))
     first.migrate()
@@ -79,7 +79,7 @@ def test_clear_secrets_are_sealed_on_upgrade_and_rotation_keeps_every_signature_
 
     data = tmp_path / "data"
     data.mkdir()
-    url = Settings(data_dir=data).database_url
+    url = Settings(data_dir=data).core.database_url
     # the database as version 0007 left it: a project whose secret is stored in clear
     cfg = Config(str(store_pkg.HERE / "alembic.ini"))
     cfg.set_main_option("script_location", str(store_pkg.HERE / "migrations"))

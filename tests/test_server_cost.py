@@ -148,7 +148,7 @@ def test_migration_0006_numbers_existing_tasks_and_moves_their_previews(tmp_path
 
     import easel.store as st
 
-    url = Settings(data_dir=tmp_path).database_url
+    url = Settings(data_dir=tmp_path).core.database_url
     store = Store(url)
     cfg = Config(str(st.HERE / "alembic.ini"))
     cfg.set_main_option("script_location", str(st.HERE / "migrations"))
@@ -521,16 +521,16 @@ def test_pngs_are_encoded_in_parallel_in_order_and_errors_surface(tmp_path, monk
 
 
 def test_worker_torch_threads_leave_the_api_a_core():
-    from easel.tasks.runner import torch_thread_count
+    from easel.tasks.threads import torch_thread_count
 
     auto = Settings()
-    assert torch_thread_count(auto, shares_cpu_with_api=True, cuda=False, cores=2) == 1
-    assert torch_thread_count(auto, shares_cpu_with_api=True, cuda=False, cores=16) == 15
-    assert torch_thread_count(auto.with_(workers=4), shares_cpu_with_api=True, cuda=False, cores=16) == 3
-    assert torch_thread_count(auto.with_(workers=4), shares_cpu_with_api=True, cuda=False, cores=2) == 1
-    assert torch_thread_count(auto, shares_cpu_with_api=True, cuda=True, cores=16) is None
-    assert torch_thread_count(auto, shares_cpu_with_api=False, cuda=False, cores=16) is None
-    assert torch_thread_count(auto.with_(torch_threads=6), shares_cpu_with_api=True, cuda=True, cores=2) == 6
+    assert torch_thread_count(auto.worker, shares_cpu_with_api=True, cuda=False, cores=2) == 1
+    assert torch_thread_count(auto.worker, shares_cpu_with_api=True, cuda=False, cores=16) == 15
+    assert torch_thread_count(auto.with_(workers=4).worker, shares_cpu_with_api=True, cuda=False, cores=16) == 3
+    assert torch_thread_count(auto.with_(workers=4).worker, shares_cpu_with_api=True, cuda=False, cores=2) == 1
+    assert torch_thread_count(auto.worker, shares_cpu_with_api=True, cuda=True, cores=16) is None
+    assert torch_thread_count(auto.worker, shares_cpu_with_api=False, cuda=False, cores=16) is None
+    assert torch_thread_count(auto.with_(torch_threads=6).worker, shares_cpu_with_api=True, cuda=True, cores=2) == 6
     with pytest.raises(ValueError):
         Settings(torch_threads=-1)
 
@@ -540,8 +540,8 @@ def test_a_scheduler_is_reused_until_another_class_is_asked_for(tmp_path, tiny):
     from easel.tasks.runner import Worker
 
     s = Settings(data_dir=tmp_path / "data")
-    s.models_dir.mkdir(parents=True)
-    (s.models_dir / "tiny").symlink_to(next(iter(tiny.values())).parent)
+    s.core.models_dir.mkdir(parents=True)
+    (s.core.models_dir / "tiny").symlink_to(next(iter(tiny.values())).parent)
     worker = Worker(s, "w-test")
     worker.store.migrate()
     p = worker.store.create_project("p")
@@ -611,7 +611,7 @@ def test_several_api_processes_share_the_port_the_store_and_the_workers(tmp_path
             except httpx.HTTPError:
                 assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.3)
-        store = Store(Settings(data_dir=data).database_url)
+        store = Store(Settings(data_dir=data).core.database_url)
         project = store.create_project("p")
         tree = _descendants(proc.pid)
         assert len(tree) >= 3  # two API processes and a worker (besides multiprocessing's helpers)

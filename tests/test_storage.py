@@ -198,7 +198,7 @@ def test_storage_settings_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("EASEL_S3_PRESIGN_SECONDS", "900")
     monkeypatch.setenv("EASEL_S3_ENDPOINT_URL", "http://127.0.0.1:9")
     s = Settings.from_env(data_dir=tmp_path)
-    assert (s.storage, s.output_urls, s.s3_presign_seconds) == ("s3://my-bucket/easel/prod/", "presigned", 900)
+    assert (s.storage.storage, s.storage.output_urls, s.storage.s3_presign_seconds) == ("s3://my-bucket/easel/prod/", "presigned", 900)
     storage = create_storage(s)
     assert (storage.kind, storage.bucket, storage.prefix, storage.shared) == ("s3", "my-bucket", "easel/prod", True)
     assert storage.object_name("files/u/0.png") == "easel/prod/files/u/0.png"
@@ -213,12 +213,12 @@ def test_local_storage_keeps_its_layout(tmp_path):
     storage.put_bytes("uploads/u/in.png", b"b")
     storage.put_bytes("userfiles/f/x.png", b"c")
     storage.put_bytes("fetched/" + "0" * 64 + ".safetensors", b"d")
-    assert (s.files_dir / "u" / "0.png").read_bytes() == b"a"
-    assert (s.uploads_dir / "u" / "in.png").read_bytes() == b"b"
-    assert (s.user_files_dir / "f" / "x.png").read_bytes() == b"c"
-    assert (s.models_dir / "fetched" / ("0" * 64 + ".safetensors")).read_bytes() == b"d"
+    assert (s.core.files_dir / "u" / "0.png").read_bytes() == b"a"
+    assert (s.core.uploads_dir / "u" / "in.png").read_bytes() == b"b"
+    assert (s.core.user_files_dir / "f" / "x.png").read_bytes() == b"c"
+    assert (s.core.models_dir / "fetched" / ("0" * 64 + ".safetensors")).read_bytes() == b"d"
     assert not [p for p in tmp_path.rglob("*.part")]
     storage.delete("files/u/0.png")
-    assert not (s.files_dir / "u").exists() and s.files_dir.exists()  # the task's empty folder goes
-    src = s.models_dir / "fetched" / ("0" * 64 + ".safetensors")
+    assert not (s.core.files_dir / "u").exists() and s.core.files_dir.exists()  # the task's empty folder goes
+    src = s.core.models_dir / "fetched" / ("0" * 64 + ".safetensors")
     assert storage.put("fetched/" + src.name, src) == 1 and src.read_bytes() == b"d"  # its own file: a no-op

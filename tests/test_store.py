@@ -138,7 +138,7 @@ def _migrate_0008_rows_then_head(url: str) -> Store:
 def test_migration_0009_keeps_rows_and_indexes_on_sqlite(tmp_path):
     from sqlalchemy import inspect
 
-    store = _migrate_0008_rows_then_head(Settings(data_dir=tmp_path).database_url)
+    store = _migrate_0008_rows_then_head(Settings(data_dir=tmp_path).core.database_url)
     try:
         assert store.get_task(7).status == lc.OUTPUT
         with store.engine.connect() as conn:
@@ -176,7 +176,7 @@ def test_a_failing_webhook_is_retried_then_given_up_on_a_moved_clock(tmp_path):
     settings = Settings(data_dir=tmp_path, fetch_allow=("127.0.0.1",), webhook_backoff_seconds=10,
                         webhook_max_age_seconds=100)
     clock = ManualClock()
-    store = Store(settings.database_url, clock=clock)
+    store = Store(settings.core.database_url, clock=clock)
     store.migrate()
     try:
         task = _queued(store, callback="http://127.0.0.1:9/hook")  # nothing listens: refused at once

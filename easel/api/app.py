@@ -44,7 +44,7 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
         # threads for store calls: as many as the store has connections for (see Services.build)
         import anyio.to_thread
 
-        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api.api_threads
         if svc.threads._shutdown:  # the app is started again (e.g. an in-process test client)
             svc.threads = new_threads(settings)
         # what start-up built lives as long as the process: out of the collector's reach, so that
@@ -68,15 +68,15 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
     app = FastAPI(title="Easel", version="0.2.0", lifespan=lifespan, description=DESCRIPTION)
     app.state.services = svc
     app.state.api = svc  # the name before issue 22 (scripts that read app.state.api.store)
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+    if settings.api.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.api.cors_origins),
                            allow_methods=["GET", "HEAD", "POST", "OPTIONS"], allow_headers=["*"],
                            expose_headers=["Retry-After", "Preference-Applied"], max_age=600)
     app.add_middleware(HttpMetrics)
     handlers.install(app)
     # in this order (the first match wins, and the OpenAPI document lists paths in it)
     for router in (metrics.router, playground.router(settings), openai.router, run.router, task.router,
-                   tool.router, socket.router(settings.ws_path), file.router, health.router):
+                   tool.router, socket.router(settings.api.ws_path), file.router, health.router):
         add_routes(app, router)
     app.openapi = openapi_doc.document(app, svc)
     return app

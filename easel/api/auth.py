@@ -149,13 +149,13 @@ def _check(headers, apikey: str, project: Project | None, store: Store | None, s
         raise WiroError(0, NOT_VALID, 401)
     if (project.nonce_policy or "lenient") == "lenient":
         return project
-    window = settings.nonce_window_seconds
+    window = settings.api.nonce_window_seconds
     now = clock.now()
     stamp = nonce_time(nonce, window, now)
     if stamp is not None and abs(now - stamp) > window:
         raise WiroError(0, NOT_VALID, 401, detail=f"This project's nonce policy is strict: a timestamp nonce must be "
                                                   f"within {window} s of the server's time.")
-    if not store.use_nonce(project.id, nonce, settings.nonce_retention_seconds):
+    if not store.use_nonce(project.id, nonce, settings.api.nonce_retention_seconds):
         raise WiroError(0, NOT_VALID, 401, detail="This project's nonce policy is strict: this nonce was already "
                                                   "used; send a new one with every request.")
     return project

@@ -47,7 +47,7 @@ def rate_limited(svc: Services, request: Request, project: Project | None = None
     wait = svc.limiter.check(f"project-{project.id}")  # the key's project: no secret in Redis
     if wait is not None:
         seconds = max(1, math.ceil(wait))
-        raise WiroError(0, f"Too many requests: this API key may make {svc.settings.rate_limit_per_minute} "
+        raise WiroError(0, f"Too many requests: this API key may make {svc.settings.api.rate_limit_per_minute} "
                            f"requests per minute. Retry after {seconds} s.", 429, {"Retry-After": str(seconds)})
     return project
 
@@ -67,7 +67,7 @@ async def body(svc: Services, request: Request) -> Body:
     or a JSON text in a form field), within the settings' size caps. Raises :class:`WiroError`
     naming what is wrong (400/413)."""
     settings = svc.settings
-    return await parse_body(request, settings.upload_max_bytes, settings.request_max_bytes, settings.body_max_bytes)
+    return await parse_body(request, settings.fetch.upload_max_bytes, settings.api.request_max_bytes, settings.api.body_max_bytes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,7 +78,7 @@ def folder_create(svc: Services, project: Project, body: Body) -> dict:
 def upload(svc: Services, project: Project, body: Body) -> dict:
     """``POST /v1/File/Upload``: multipart ``file`` (one or more), optional ``folderid``.
 
-    The size cap is ``Settings.upload_max_bytes`` (enforced while parsing); the type is checked
+    The size cap is ``Settings.fetch.upload_max_bytes`` (enforced while parsing); the type is checked
     against Wiro's list of supported extensions.
     """
     files = [f for f in body.files if f.field == "file"]
@@ -123,14 +123,14 @@ def check_image_inputs(svc: Services, project: Project, spec: ToolSpec, inputs: 
              and (value := str(inputs.get(i.name, "") or "").strip())]
     if not given:  # most Runs (text-to-image): no scratch folder, no storage look-up
         return
-    locator = InputFiles(svc.settings, svc.store, svc.storage)
+    locator = InputFiles(svc.store, svc.storage)
     with tempfile.TemporaryDirectory(prefix="easel-check-") as scratch:  # stored files read from S3 land here
         for i, value in given:
             try:
                 where = locator.locate(project.id, i.name, value, task_uuid, Path(scratch))
                 if isinstance(where, str):
                     continue  # a remote URL: the worker fetches it
-                probe(where, i.name, svc.settings.max_image_pixels)
+                probe(where, i.name, svc.settings.fetch.max_image_pixels)
             except ImageInputError as exc:
                 raise WiroError(0, exc.message) from None
             except OSError:

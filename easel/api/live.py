@@ -1,6 +1,6 @@
 """Wiro's WebSocket protocol for live task events, served from the store.
 
-A client connects to ``Settings.ws_path`` (``/v1``), sends ``{"type": "task_info", "tasktoken":
+A client connects to ``Settings.api.ws_path`` (``/v1``), sends ``{"type": "task_info", "tasktoken":
 "<socketaccesstoken>"}`` and receives one frame per lifecycle event, in order, starting with the
 events it missed (a late client gets the whole history first)::
 
@@ -42,9 +42,9 @@ connected to any API process, not the one whose executor started the worker. Eac
 store (one indexed query per read) when it is woken and otherwise at intervals:
 
 - with pushed wake-ups (:mod:`easel.store.notify`: Redis pub/sub, or PostgreSQL ``LISTEN/NOTIFY``),
-  at once after each event's commit, and every ``Settings.live_fallback_poll_interval`` (1 s)
+  at once after each event's commit, and every ``Settings.live.live_fallback_poll_interval`` (1 s)
   besides, so a lost wake-up only delays;
-- without (SQLite, or the listener is reconnecting): every ``Settings.live_poll_interval`` (20 ms)
+- without (SQLite, or the listener is reconnecting): every ``Settings.live.live_poll_interval`` (20 ms)
   after an event or when the end is near, backing off to 250 ms while nothing happens.
 
 Previews come from the ``previews`` table, read only for a client that asked for them.

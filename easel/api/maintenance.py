@@ -1,6 +1,6 @@
 """Background upkeep run by every API process: lease expiry and the retention sweeper.
 
-- **Leases** (every quarter of ``Settings.lease_seconds``): :func:`lifecycle.expire_leases` ends
+- **Leases** (every quarter of ``Settings.worker.lease_seconds``): :func:`lifecycle.expire_leases` ends
   the running tasks whose worker stopped renewing its lease (its process, container or machine
   died) or that ran past ``task_timeout_seconds``. Any number of API processes may do this at
   once: every write is conditional, so each task is ended exactly once. Then the executor's own
@@ -56,7 +56,7 @@ class Maintenance:
                  storage: Storage | None = None, executor_upkeep: Callable[[], object] | None = None,
                  disk: DiskWatch | None = None):
         """``delete_files(task)`` removes a finished task's outputs and uploads (InputOutputDelete);
-        ``storage`` holds the files (default: the one ``settings.storage`` names);
+        ``storage`` holds the files (default: the one ``settings.storage.storage`` names);
         ``executor_upkeep()`` (the executor's ``maintain``) runs after each lease pass; ``disk``
         is told about this thread's failures, and pauses lease expiry while the disk is full."""
         self.settings = settings
@@ -111,8 +111,8 @@ class Maintenance:
                         self.disk.noticed(exc)
                     log.exception("maintenance: %s failed", getattr(job, "__name__", job))
             if time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + s.sweep_interval_seconds
-            if self._stop.wait(max(0.05, s.lease_seconds / 4)):
+                next_sweep = time.monotonic() + s.storage.sweep_interval_seconds
+            if self._stop.wait(max(0.05, s.worker.lease_seconds / 4)):
                 return
 
     def run_leases(self) -> dict[int, str]:
@@ -121,10 +121,10 @@ class Maintenance:
         lease renewals failed for lack of space is not gone, and ends its task itself, with the
         reason, once space returns (``Worker._fail``)."""
         s = self.settings
-        if self.disk is not None and self.disk.full_within(s.lease_seconds):
-            log.warning("lease expiry paused: the disk is or was full within %.0f s", s.lease_seconds)
+        if self.disk is not None and self.disk.full_within(s.worker.lease_seconds):
+            log.warning("lease expiry paused: the disk is or was full within %.0f s", s.worker.lease_seconds)
             return {}
-        done = lc.expire_leases(self.store, s.lease_seconds, s.task_timeout_seconds, s.requeue_unstarted)
+        done = lc.expire_leases(self.store, s.worker.lease_seconds, s.worker.task_timeout_seconds, s.worker.requeue_unstarted)
         if done:
             log.warning("ended tasks whose worker is gone or that ran too long: %s", done)
         return done
@@ -139,8 +139,8 @@ class Maintenance:
         now = time.time() if now is None else now
         removed = {"tasks": 0, "orphans": 0, "fetched": 0, "events": 0}
         removed["fetched"], removed["orphans"] = self.remove_leftovers()
-        expire = now - s.output_retention_seconds if s.output_retention_seconds > 0 else None
-        orphan = now - s.orphan_retention_seconds if s.orphan_retention_seconds > 0 else None
+        expire = now - s.storage.output_retention_seconds if s.storage.output_retention_seconds > 0 else None
+        orphan = now - s.storage.orphan_retention_seconds if s.storage.orphan_retention_seconds > 0 else None
         done: set[str] = set()
         for area in ("files", "uploads"):
             for name, newest in list(storage.folders(area)):
@@ -157,12 +157,12 @@ class Maintenance:
                     self.delete_files(task)
                     done.add(name)
                     removed["tasks"] += 1
-        if s.event_retention_seconds > 0:
-            removed["events"] = self.store.thin_events(lc.TERMINAL, now - s.event_retention_seconds,
+        if s.storage.event_retention_seconds > 0:
+            removed["events"] = self.store.thin_events(lc.TERMINAL, now - s.storage.event_retention_seconds,
                                                        (lc.OUTPUT, lc.ERROR))
         if orphan is not None:
             live = {t.uuid for t in self.store.tasks_in((lc.QUEUE, *lc.RUNNING))}
-            for path in _children(s.data_dir):  # scratch folders of workers that died mid-task
+            for path in _children(s.core.data_dir):  # scratch folders of workers that died mid-task
                 if path.name.startswith("easel-") and path.is_dir() and _mtime(path) < orphan \
                         and path.name[len("easel-"):len("easel-") + 36] not in live:
                     shutil.rmtree(path, ignore_errors=True)
@@ -173,7 +173,7 @@ class Maintenance:
                     storage.delete(obj.key)
                     removed["fetched"] += obj.key.endswith((".safetensors", ".part"))
             if storage.kind != "local":  # this machine's copies of a remote storage's LoRAs
-                for path in _children(s.models_dir / "fetched"):
+                for path in _children(s.core.models_dir / "fetched"):
                     if path.suffix in (".safetensors", ".part") and max(_mtime(path), _atime(path)) < orphan:
                         path.unlink(missing_ok=True)
                         removed["fetched"] += 1
@@ -186,9 +186,9 @@ class Maintenance:
         ended (one store read per folder; a folder of an unknown task waits for the orphan
         retention in :meth:`sweep`). Returns ``(.part files, scratch folders)`` removed."""
         s = self.settings
-        parts = partfiles.remove_abandoned(s.models_dir / "fetched", s.fetch_total_timeout_seconds)
+        parts = partfiles.remove_abandoned(s.core.models_dir / "fetched", s.fetch.fetch_total_timeout_seconds)
         folders = 0
-        for path in _children(s.data_dir):
+        for path in _children(s.core.data_dir):
             m = _SCRATCH.match(path.name)
             if m is None or not path.is_dir():
                 continue

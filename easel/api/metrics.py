@@ -12,7 +12,7 @@ Two sources are joined at scrape time:
 
 :class:`HttpMetrics` is the ASGI middleware that counts requests by route template
 (``/v1/Run/{owner}/{slug}``, never the raw path, so label sets stay bounded), method and status.
-The route itself is :mod:`easel.api.routes.metrics`; with ``Settings.metrics_token`` set it requires
+The route itself is :mod:`easel.api.routes.metrics`; with ``Settings.api.metrics_token`` set it requires
 ``Authorization: Bearer <token>``.
 """
 from __future__ import annotations

@@ -82,10 +82,10 @@ class Services:
 
         # a connection for each thread that may use the store at once: the request threads, the
         # webhook senders, upkeep and metrics (no connection is opened and closed per request)
-        store = Store(settings.database_url, pool_size=settings.api_threads + settings.webhook_concurrency + 4,
-                      wakeups=Publisher.for_settings(settings), secrets=SecretBox.for_settings(settings))
+        store = Store(settings.core.database_url, pool_size=settings.api.api_threads + settings.api.webhook_concurrency + 4,
+                      wakeups=Publisher.for_settings(settings.live, settings.core.database_url), secrets=SecretBox.for_settings(settings.core))
         storage = create_storage(settings)
-        disk = DiskWatch(settings.data_dir)
+        disk = DiskWatch(settings.core.data_dir)
         tools = load_tools()
         holder: list[Services] = []  # the webhook sender and the sweeper call back into the views
 
@@ -98,10 +98,10 @@ class Services:
         store_metrics = CollectorRegistry(auto_describe=False)
         store_metrics.register(StoreCollector(store, [name for name, spec in tools.items() if spec.module]))
         services = cls(
-            settings=settings, store=store, wakeups=Hub.for_settings(settings, store.wakeups),
-            projects=ProjectCache(store, clock=clock), catalog=ModelCatalog.load(settings.catalog_override),
+            settings=settings, store=store, wakeups=Hub.for_settings(settings.live, settings.core.database_url, store.wakeups),
+            projects=ProjectCache(store, clock=clock), catalog=ModelCatalog.load(settings.core.catalog_override),
             tools=tools, storage=storage, executor=executor,
-            limiter=RateLimiter(settings.rate_limit_per_minute, settings.redis_url, settings.redis_prefix, clock=clock),
+            limiter=RateLimiter(settings.api.rate_limit_per_minute, settings.live.redis_url, settings.live.redis_prefix, clock=clock),
             disk=disk, threads=new_threads(settings),
             webhooks=WebhookDispatcher(settings, store, task_object),
             maintenance=Maintenance(settings, store, delete_files, storage,
@@ -111,7 +111,7 @@ class Services:
         return services
 
     async def in_thread(self, fn: Callable[..., T], *args) -> T:
-        """``fn(*args)`` in one of the API's threads (see ``Settings.api_threads``)."""
+        """``fn(*args)`` in one of the API's threads (see ``Settings.api.api_threads``)."""
         return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
 
     @property
@@ -122,5 +122,5 @@ class Services:
 
 
 def new_threads(settings: Settings) -> ThreadPoolExecutor:
-    """The request threads: ``Settings.api_threads`` of them, named ``easel-api-*``."""
-    return ThreadPoolExecutor(max_workers=settings.api_threads, thread_name_prefix="easel-api")
+    """The request threads: ``Settings.api.api_threads`` of them, named ``easel-api-*``."""
+    return ThreadPoolExecutor(max_workers=settings.api.api_threads, thread_name_prefix="easel-api")

@@ -31,7 +31,7 @@ def task_view(svc: Services, task: Task, outputs: list | None = None, position: 
                         spec.categories if spec else [], queueposition=position,
                         modeldescription=spec.description if spec else "",
                         modelid=toolinfo.tool_id(svc.tools, spec) if spec else "0",
-                        retention_seconds=svc.settings.output_retention_seconds)
+                        retention_seconds=svc.settings.storage.output_retention_seconds)
 
 
 def task_object(svc: Services, task_id: int) -> dict | None:
@@ -101,12 +101,12 @@ async def wait_for_end(svc: Services, task_id: int, seconds: float, poll: float 
     holding no thread while asleep (many ``Prefer: wait`` requests must not exhaust the thread pool).
 
     Woken by the task's event wake-ups (:mod:`easel.store.notify`) when they are pushed, reading
-    the store again every ``Settings.live_fallback_poll_interval`` besides (a lost wake-up only
+    the store again every ``Settings.live.live_fallback_poll_interval`` besides (a lost wake-up only
     delays). Without push it polls: every ``poll`` seconds when given (Kill), else as the socket
     does (backing off to 0.25 s while the task is queued, up to 1 s while it runs with an ETA).
     """
     deadline = time.monotonic() + seconds
-    delay = svc.settings.live_poll_interval
+    delay = svc.settings.live.live_poll_interval
     with svc.wakeups.watch(task_id) as watch:
         while True:
             watch.clear()
@@ -114,11 +114,11 @@ async def wait_for_end(svc: Services, task_id: int, seconds: float, poll: float 
             if task.status in lc.TERMINAL or time.monotonic() >= deadline:
                 return task
             if svc.wakeups.pushing:
-                delay = svc.settings.live_fallback_poll_interval
+                delay = svc.settings.live.live_fallback_poll_interval
             elif poll is not None:
                 delay = poll
             elif task.status == lc.QUEUE:  # nothing ends before a worker claims it: back off to 0.25 s
                 delay = min(0.25, delay * 1.5)  # (200 queued waiters polling every 20 ms starved the worker)
             else:
-                delay = lc.poll_delay(task, svc.settings.live_poll_interval, cap=1.0)
+                delay = lc.poll_delay(task, svc.settings.live.live_poll_interval, cap=1.0)
             await watch.wait(min(delay, max(0.0, deadline - time.monotonic())))

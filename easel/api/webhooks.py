@@ -45,9 +45,11 @@ class WebhookDispatcher:
     def __init__(self, settings: Settings, store: Store, task_object: Callable[[int], dict | None],
                  clock: Clock = SYSTEM):
         """``task_object(task_id)`` returns the Task/Detail item (None if the task is gone);
-        ``clock`` says when deliveries are due and stamps the attempts (:mod:`easel.clock`)."""
+        ``clock`` says when deliveries are due and stamps the attempts (:mod:`easel.clock`).
+        Keeps only ``settings.api`` (the ``webhook_*`` fields) and ``settings.fetch.fetch_allow``."""
         self.clock = clock
-        self.settings = settings
+        self.api = settings.api
+        self.allow = settings.fetch.fetch_allow
         self.store = store
         self.task_object = task_object
         self._stop = threading.Event()
@@ -55,9 +57,8 @@ class WebhookDispatcher:
 
     @property
     def policy(self) -> FetchPolicy:
-        s = self.settings
-        return FetchPolicy(allow=s.fetch_allow, connect_timeout=s.webhook_timeout, read_timeout=s.webhook_timeout,
-                           total_timeout=s.webhook_timeout)
+        timeout = self.api.webhook_timeout
+        return FetchPolicy(allow=self.allow, connect_timeout=timeout, read_timeout=timeout, total_timeout=timeout)
 
     def start(self, interval: float = 0.25, idle_cap: float = 1.0) -> None:
         """Run the dispatcher in a daemon thread: every ``interval`` s after work, backing off to
@@ -83,14 +84,14 @@ class WebhookDispatcher:
         now = self.clock.now()
         # the lease outlasts an attempt (whose total deadline is webhook_timeout), so no other
         # dispatcher takes a delivery that is still being sent
-        due = self.store.lease_due_deliveries(now, lease_seconds=self.settings.webhook_timeout * 3 + 5,
-                                              limit=max(20, self.settings.webhook_concurrency))
+        due = self.store.lease_due_deliveries(now, lease_seconds=self.api.webhook_timeout * 3 + 5,
+                                              limit=max(20, self.api.webhook_concurrency))
         if len(due) <= 1:
             for delivery in due:
                 self._attempt(delivery)
             return len(due)
         # concurrently: one slow receiver must not delay everybody else's webhooks
-        with ThreadPoolExecutor(max_workers=max(1, self.settings.webhook_concurrency),
+        with ThreadPoolExecutor(max_workers=max(1, self.api.webhook_concurrency),
                                 thread_name_prefix="easel-webhook") as pool:
             for future in [pool.submit(self._attempt, d) for d in due]:
                 try:
@@ -129,8 +130,8 @@ class WebhookDispatcher:
                                   delivered_at=self.clock.now())
             metrics.webhook_attempt("delivered")
             return
-        delay = min(MAX_BACKOFF, self.settings.webhook_backoff_seconds * 2 ** (attempts - 1))
-        if self.clock.now() + delay - d.created_at > self.settings.webhook_max_age_seconds:
+        delay = min(MAX_BACKOFF, self.api.webhook_backoff_seconds * 2 ** (attempts - 1))
+        if self.clock.now() + delay - d.created_at > self.api.webhook_max_age_seconds:
             store.settle_delivery(d.id, DeliveryStatus.FAILED, attempts=attempts, payload=payload,
                                   last_error=f"gave up after {attempts} attempts: {error}")
             metrics.webhook_attempt("failed")
@@ -171,9 +172,9 @@ def callback_url(value, settings: Settings) -> str:
         return ""
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
         raise WiroError(0, "Request parameter [callbackUrl] is not a valid URL: it contains a control character.")
-    policy = FetchPolicy(allow=settings.fetch_allow)
+    policy = FetchPolicy(allow=settings.fetch.fetch_allow)
     try:
-        check_url(url, policy, min(CHECK_SECONDS, settings.webhook_timeout))
+        check_url(url, policy, min(CHECK_SECONDS, settings.api.webhook_timeout))
     except URLRefused as exc:
         raise WiroError(0, f"Request parameter [callbackUrl] cannot receive webhooks: {exc}. Send a public "
                            "http(s) URL (the operator can allow a host with --fetch-allow).") from None

@@ -32,6 +32,16 @@ def settings_from(config: Optional[Path], **kw):
         raise typer.BadParameter(str(exc)) from None
 
 
+def checked(check, *args):
+    """``check(*args)`` (a settings check that lives with the module it needs, e.g.
+    :func:`easel.store.notify.check_live`), its ``ValueError`` turned into a usage error (exit code 2)
+    with the same message."""
+    try:
+        return check(*args)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def settings_for(data_dir: Optional[Path], **kw):
     """:func:`settings_from` without a config file flag (``EASEL_CONFIG_FILE`` still applies)."""
     return settings_from(None, data_dir=data_dir, **kw)

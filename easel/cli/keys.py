@@ -34,7 +34,7 @@ def rotate_key(settings: Settings, new: bool = False, drop_old: bool = False) ->
         SecretKeyError: ``new``/``drop_old`` with ``EASEL_SECRET_KEY``, or a secret that opens
             with none of the keys (nothing is changed then).
     """
-    box = SecretBox.for_settings(settings)
+    box = SecretBox.for_settings(settings.core)
     if (new or drop_old) and box.key_file is None:
         raise SecretKeyError("the key comes from EASEL_SECRET_KEY: put a new key first in it on every process "
                              f"(e.g. {Fernet.generate_key().decode()}), restart them, run `easel projects "
@@ -42,8 +42,8 @@ def rotate_key(settings: Settings, new: bool = False, drop_old: bool = False) ->
     if new:
         old = [k for k in box.key_file.read_text().splitlines() if k.strip()]
         write_key_file(box.key_file, [Fernet.generate_key().decode(), *old])
-        box = SecretBox.for_settings(settings)
-    store = Store(settings.database_url, secrets=box)
+        box = SecretBox.for_settings(settings.core)
+    store = Store(settings.core.database_url, secrets=box)
     try:
         store.migrate()
         count = store.rotate_secrets()

@@ -46,7 +46,7 @@ def _load(config, data_dir):
     from easel.weights.sources import ModelSources
 
     settings = settings_from(config, data_dir=data_dir, model_source="hub")
-    return settings, ModelSources(settings, ModelCatalog.load(settings.catalog_override))
+    return settings, ModelSources(settings, ModelCatalog.load(settings.core.catalog_override))
 
 
 @app.command("make-tiny")
@@ -179,11 +179,11 @@ def list_(
     """Every catalog id: kind, weights source (or why there is none), licence, size, and whether
     it is on this machine."""
     from easel.weights.download import human_size
-    from easel.weights.sources import accepted_licenses
+    from easel.weights.licenses import accepted_licenses
 
     settings, sources = _load(config, data_dir)
     raw = _raw_catalog()
-    accepted = accepted_licenses(settings)
+    accepted = accepted_licenses(settings.weights, settings.core.models_dir)
     rows = []
     for mid, entry in sources.catalog.entries.items():
         lic = entry.license or {}
@@ -241,7 +241,7 @@ def set_(
         if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
             raise typer.BadParameter("must be 64 hex digits", param_hint="--sha256")
         source["sha256"] = sha256.lower()
-    path = Path(settings.catalog_override)
+    path = Path(settings.core.catalog_override)
     try:
         data = json.loads(path.read_text()) if path.exists() else {}
     except ValueError as exc:

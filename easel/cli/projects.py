@@ -16,7 +16,7 @@ def _store(settings):
     """The migrated store of ``settings``, able to open the projects' sealed secrets."""
     from easel.store import SecretBox, Store
 
-    store = Store(settings.database_url, secrets=SecretBox.for_settings(settings))
+    store = Store(settings.core.database_url, secrets=SecretBox.for_settings(settings.core))
     store.migrate()
     return store
 

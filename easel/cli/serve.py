@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from easel.cli.common import BROKER, check_storage, console, csv, settings_from, sources
+from easel.cli.common import BROKER, check_storage, checked, console, csv, settings_from, sources
 
 API_STOP_GRACE = 15.0  # seconds API processes get to finish the requests in flight after SIGTERM
 
@@ -64,13 +64,16 @@ def serve(
     if public_url is None and "public_url" not in found:
         given["public_url"] = f"http://{host}:{port}"
     settings = settings_from(config, **given)
-    if settings.executor == "celery":
-        if settings.workers > 0 and (workers is not None or "workers" in found):
+    from easel.store.notify import check_live
+
+    checked(check_live, settings.live, settings.core.database_url)  # a bad EASEL_LIVE_PUSH stops here
+    if settings.fleet.executor == "celery":
+        if settings.worker.workers > 0 and (workers is not None or "workers" in found):
             raise typer.BadParameter("with --executor celery this process runs no workers: give --workers 0 and "
                                      "start `easel worker` processes (docs/deploy.md)", param_hint="--workers")
         settings = settings.with_(workers=0)
     # before anything imports prometheus_client (the checks below import the tools, which record metrics)
-    metrics_dir = prepare_metrics_dir(settings.data_dir)
+    metrics_dir = prepare_metrics_dir(settings.core.data_dir)
     check_preload(settings)
     check_storage(settings)
     from easel.api import create_app
@@ -81,25 +84,25 @@ def serve(
     from easel.store.notify import Publisher
     from easel.tasks import lifecycle
 
-    configure_logging(settings)
+    configure_logging(settings.core)
     logging.getLogger("easel.serve").info(start_line(settings, host, port))
-    store = Store(settings.database_url, wakeups=Publisher.for_settings(settings),
-                  secrets=SecretBox.for_settings(settings))  # migrate() checks that the key opens the secrets
+    store = Store(settings.core.database_url, wakeups=Publisher.for_settings(settings.live, settings.core.database_url),
+                  secrets=SecretBox.for_settings(settings.core))  # migrate() checks that the key opens the secrets
     store.migrate()
     running = None
     # tasks whose worker's lease expired (a server that stopped); other live servers' tasks keep running
-    failed = lifecycle.recover_interrupted(store, settings.lease_seconds, task_timeout=settings.task_timeout_seconds,
-                                           requeue_unstarted=settings.requeue_unstarted)
+    failed = lifecycle.recover_interrupted(store, settings.worker.lease_seconds, task_timeout=settings.worker.task_timeout_seconds,
+                                           requeue_unstarted=settings.worker.requeue_unstarted)
     if failed:
         console.print(f"[yellow]{len(failed)} task(s) had no live worker any more; ended: {failed}")
-    if settings.executor == "celery" or settings.workers > 0:
+    if settings.fleet.executor == "celery" or settings.worker.workers > 0:
         try:
-            running = create_executor(settings.executor, settings)
+            running = create_executor(settings.fleet.executor, settings)
         except RuntimeError as exc:  # e.g. Celery is not installed
             console.print(f"[red]{exc}")
             raise typer.Exit(1)
         running.start()
-    if settings.api_processes > 1:
+    if settings.api.api_processes > 1:
         try:
             serve_processes(settings, host, port, running)
         finally:
@@ -155,12 +158,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def check_preload(settings) -> None:
-    """Stop with a usage error naming the setting when ``Settings.preload`` names a tool that does
+    """Stop with a usage error naming the setting when ``Settings.worker.preload`` names a tool that does
     not exist or is not implemented."""
     from easel.catalog import load_tools
 
     tools = load_tools()
-    bad = [t for t in settings.preload if t not in tools or not tools[t].module]
+    bad = [t for t in settings.worker.preload if t not in tools or not tools[t].module]
     if bad:
         known = ", ".join(sorted(t for t, spec in tools.items() if spec.module))
         raise typer.BadParameter(f"unknown tool(s) {', '.join(bad)}; implemented tools: {known}",
@@ -178,8 +181,8 @@ def _api_process(settings, sock, executor, index: int) -> None:
     from easel.supervise import exit_now, watch_parent
 
     watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM), interval=1.0)
-    configure_logging(settings, f"easel-api-{index}")
-    if executor is None and settings.executor == "celery":
+    configure_logging(settings.core, f"easel-api-{index}")
+    if executor is None and settings.fleet.executor == "celery":
         from easel.executors import create_executor
 
         executor = create_executor("celery", settings)
@@ -221,7 +224,7 @@ def serve_processes(settings, host: str, port: int, executor) -> None:
         p.start()
         return Child(p, f"easel-api-{index}")
 
-    processes = Supervisor(spawn, settings.api_processes, what="API process")
+    processes = Supervisor(spawn, settings.api.api_processes, what="API process")
     processes.start()
     try:
         processes.run(stop.event, 1.0)

@@ -18,7 +18,7 @@ import uvicorn
 log = logging.getLogger("easel.serve")
 
 # seconds uvicorn waits for open connections (a WebSocket, a Prefer: wait request) after a stop
-# request before it closes them; tasks themselves have Settings.shutdown_grace_seconds
+# request before it closes them; tasks themselves have Settings.worker.shutdown_grace_seconds
 CONNECTIONS_GRACE = 1.0
 
 
@@ -60,7 +60,7 @@ def start_line(settings, host: str, port: int) -> str:
     (database URL without its password)."""
     from easel.store.notify import redact
 
-    preload = f", preload {','.join(settings.preload)}" if settings.preload else ""
-    return (f"Easel listening on http://{host}:{port} (public URL {settings.public_url}); data dir "
-            f"{settings.data_dir}; database {redact(settings.database_url)}; storage {settings.storage}; executor "
-            f"{settings.executor}; workers {settings.workers}; model source {settings.model_source}{preload}")
+    preload = f", preload {','.join(settings.worker.preload)}" if settings.worker.preload else ""
+    return (f"Easel listening on http://{host}:{port} (public URL {settings.core.public_url}); data dir "
+            f"{settings.core.data_dir}; database {redact(settings.core.database_url)}; storage {settings.storage.storage}; executor "
+            f"{settings.fleet.executor}; workers {settings.worker.workers}; model source {settings.weights.model_source}{preload}")

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from easel.cli.common import BROKER, check_storage, console, csv, settings_from
+from easel.cli.common import BROKER, check_storage, checked, console, csv, settings_from
 
 
 def worker(
@@ -37,13 +37,16 @@ def worker(
     API processes publish (one task at a time; one worker per GPU; docs/deploy.md)."""
     given = {"data_dir": data_dir, "database_url": database_url, "storage": storage, "model_source": model_source,
              "queues": csv(queues), "broker_url": broker, "executor": "celery"}
-    gpu_list = csv(gpus)
-    if gpu_list == ("all",):
-        import torch
+    settings = settings_from(config, **given, gpus=csv(gpus))
+    from easel.executors.celery import check_queues
+    from easel.executors.local import expand_gpus
+    from easel.store.notify import check_live
 
-        gpu_list = tuple(str(i) for i in range(torch.cuda.device_count()))
-    settings = settings_from(config, **given, gpus=gpu_list)
-    if len(settings.gpus) > 1:
+    if settings.fleet.queues:  # (the families come from the tools: imported only when asked)
+        checked(check_queues, settings.fleet)
+    checked(check_live, settings.live, settings.core.database_url)
+    settings = settings.with_(gpus=expand_gpus(settings.worker.gpus))  # "all": every GPU torch sees
+    if len(settings.worker.gpus) > 1:
         if metrics_port:
             raise typer.BadParameter("one port per process: start one `easel worker --gpus N --metrics-port P` "
                                      "per GPU instead", param_hint="--metrics-port")
@@ -51,15 +54,15 @@ def worker(
                 ("database_url", database_url), ("storage", storage), ("model_source", model_source),
                 ("queues", queues), ("config", config)) if v is not None]
         raise typer.Exit(per_gpu([sys.executable, "-m", "easel", "worker", f"--loglevel={loglevel}", *args],
-                                 settings.gpus, settings.shutdown_grace_seconds + 30.0))
-    if settings.gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus[0]  # before anything initialises CUDA
+                                 settings.worker.gpus, settings.worker.shutdown_grace_seconds + 30.0))
+    if settings.worker.gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = settings.worker.gpus[0]  # before anything initialises CUDA
     from easel.executors.celery import run_worker
     from easel.store import Store
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # models and scratch folders
+    settings.core.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # models and scratch folders
     check_storage(settings)
-    Store(settings.database_url).migrate()
+    Store(settings.core.database_url).migrate()
     if metrics_port:
         from prometheus_client import start_http_server
 

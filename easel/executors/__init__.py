@@ -23,7 +23,7 @@ class Executor(ABC):
 
     def maintain(self) -> None:
         """Periodic upkeep, called by every API process's maintenance thread (every quarter of
-        ``Settings.lease_seconds``); e.g. publish queued tasks whose delivery is missing. Raises on
+        ``Settings.worker.lease_seconds``); e.g. publish queued tasks whose delivery is missing. Raises on
         store or broker errors (the caller logs and retries)."""
 
     def health(self) -> tuple[bool, str]:
@@ -33,7 +33,7 @@ class Executor(ABC):
     def ready(self) -> dict:
         """``{"ready": bool, "workers": [{"id", "state", "warm"}], "warm": [tools]}`` for
         ``/readyz``: whether a worker of this executor can start a task now (torch imported,
-        ``Settings.preload`` loaded) and which tools' pipelines are warm. By default: the
+        ``Settings.worker.preload`` loaded) and which tools' pipelines are warm. By default: the
         health, with no detail."""
         ok, _why = self.health()
         return {"ready": ok, "workers": [], "warm": []}

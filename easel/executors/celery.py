@@ -43,7 +43,7 @@ import os
 import socket
 import threading
 
-from easel.catalog import FAMILIES
+from easel.catalog import FAMILIES, families
 from easel.clock import SYSTEM, Clock
 from easel.config import Settings
 
@@ -57,20 +57,35 @@ HEALTH_INTERVAL = 5.0  # seconds between broker reachability checks of an API pr
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.2, "interval_max": 0.5}
 
 
+def check_queues(fleet) -> tuple[str, ...]:
+    """The families a worker of ``fleet`` (its :class:`easel.config.FleetSettings`) serves:
+    ``fleet.queues``, or every family the registered tools declare when it is empty.
+
+    Raises:
+        ValueError: a name that is not such a family (the message names the setting and lists
+            the accepted values), e.g. ``queues must be among sd15, sdxl, ..., not 'sd3'``.
+    """
+    known = families()
+    unknown = [q for q in fleet.queues if q not in known]
+    if unknown:
+        raise ValueError(f"queues must be among {', '.join(known)}, not {', '.join(map(repr, unknown))}")
+    return tuple(fleet.queues) or tuple(known)
+
+
 def queue_name(settings: Settings, family: str) -> str:
     """The Celery queue of a model family: ``<queue_prefix>.<family>`` (e.g. ``easel.sdxl``)."""
-    return f"{settings.queue_prefix}.{family}"
+    return f"{settings.fleet.queue_prefix}.{family}"
 
 
 def visibility_timeout(settings: Settings) -> float:
-    """Seconds a delivered message may stay unacknowledged: ``Settings.broker_visibility_timeout``,
+    """Seconds a delivered message may stay unacknowledged: ``Settings.fleet.broker_visibility_timeout``,
     or when 0, ``task_timeout_seconds`` + ``lease_seconds`` + 300 (one day without a task timeout),
     so that the broker never hands a running task's message to another worker."""
-    if settings.broker_visibility_timeout > 0:
-        return settings.broker_visibility_timeout
-    if settings.task_timeout_seconds <= 0:
+    if settings.fleet.broker_visibility_timeout > 0:
+        return settings.fleet.broker_visibility_timeout
+    if settings.worker.task_timeout_seconds <= 0:
         return 86400.0
-    return settings.task_timeout_seconds + settings.lease_seconds + 300.0
+    return settings.worker.task_timeout_seconds + settings.worker.lease_seconds + 300.0
 
 
 def is_amqp(url: str) -> bool:
@@ -93,20 +108,20 @@ def celery_config(settings: Settings) -> dict:
     from kombu import Exchange, Queue
 
     timeout = visibility_timeout(settings)
-    amqp = is_amqp(settings.broker_url)
-    exchange = Exchange(settings.queue_prefix, type="direct", durable=True)
+    amqp = is_amqp(settings.fleet.broker_url)
+    exchange = Exchange(settings.fleet.queue_prefix, type="direct", durable=True)
     arguments = {"x-consumer-timeout": int(timeout * 1000)} if amqp else None
     queues = [Queue(queue_name(settings, f), exchange, routing_key=queue_name(settings, f), durable=True,
                     queue_arguments=arguments) for f in FAMILIES]
     return {
-        "broker_url": settings.broker_url,
+        "broker_url": settings.fleet.broker_url,
         "broker_transport_options": {} if amqp else {"visibility_timeout": timeout,
-                                                     "global_keyprefix": f"{settings.queue_prefix}:"},
+                                                     "global_keyprefix": f"{settings.fleet.queue_prefix}:"},
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 4.0,
         "task_queues": queues,
         "task_default_queue": queue_name(settings, FAMILIES[0]),
-        "task_default_exchange": settings.queue_prefix,
+        "task_default_exchange": settings.fleet.queue_prefix,
         "task_create_missing_queues": False,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -162,8 +177,8 @@ class CeleryExecutor(Executor):
 
         self.settings = settings
         self.app = make_app(settings)
-        self.store = Store(settings.database_url)
-        self.catalog = ModelCatalog.load(settings.catalog_override)
+        self.store = Store(settings.core.database_url)
+        self.catalog = ModelCatalog.load(settings.core.catalog_override)
         self.tools = load_tools()
         self._health = (False, "the broker has not been checked yet")
         self._stop = threading.Event()
@@ -185,7 +200,7 @@ class CeleryExecutor(Executor):
 
     def check_broker(self) -> tuple[bool, str]:
         """Connect to the broker once (at most a few seconds) and record the answer for :meth:`health`."""
-        where = sanitized(self.settings.broker_url)
+        where = sanitized(self.settings.fleet.broker_url)
         try:
             with self.app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=3)
@@ -228,7 +243,7 @@ class CeleryExecutor(Executor):
         from easel.tasks import lifecycle as lc
 
         now = self.clock.now()
-        again = now - self.settings.broker_redeliver_seconds if self.settings.broker_redeliver_seconds > 0 else None
+        again = now - self.settings.fleet.broker_redeliver_seconds if self.settings.fleet.broker_redeliver_seconds > 0 else None
         sent = [task.id for task in self.store.due_for_dispatch(lc.QUEUE, now - NEVER_PUBLISHED_GRACE, again)
                 if self.publish(task, due_before=again if again is not None else 0.0)]
         if sent:
@@ -249,10 +264,11 @@ class FleetWorker:
 
     def __init__(self, settings: Settings, worker_id: str):
         from easel.malloc import freeze_startup_objects, tune_allocator
-        from easel.tasks.runner import Worker, apply_torch_threads
+        from easel.tasks.runner import Worker
+        from easel.tasks.threads import apply_torch_threads
 
         # a fleet worker's machine runs no API: torch keeps its default unless EASEL_TORCH_THREADS is set
-        apply_torch_threads(settings, shares_cpu_with_api=False)
+        apply_torch_threads(settings.worker, shares_cpu_with_api=False)
         tune_allocator()  # the denoising steps reuse their memory (easel.malloc)
         self.worker = Worker(settings, worker_id)
         freeze_startup_objects()  # a collection during a load walks only the load's objects (easel.malloc)
@@ -272,16 +288,13 @@ def default_worker_id() -> str:
 
 
 def run_worker(settings: Settings, worker_id: str | None = None, loglevel: str = "INFO") -> None:
-    """Run a Celery worker on the queues of ``settings.queues`` (all families when empty) until
+    """Run a Celery worker on the queues of ``settings.fleet.queues`` (all families when empty) until
     it is stopped (SIGTERM: warm shutdown). Blocks.
 
     Raises:
-        ValueError: an unknown family in ``settings.queues``.
+        ValueError: an unknown family in ``settings.fleet.queues``.
     """
-    families = settings.queues or FAMILIES
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown:
-        raise ValueError(f"queues must be among {', '.join(FAMILIES)}, not {', '.join(unknown)}")
+    served = check_queues(settings.fleet)
     from celery.signals import worker_shutting_down
 
     worker_id = worker_id or default_worker_id()
@@ -299,8 +312,8 @@ def run_worker(settings: Settings, worker_id: str | None = None, loglevel: str =
         return outcome
 
     worker_shutting_down.connect(lambda **_kw: fleet.stopping.set(), weak=False)
-    queues = ",".join(queue_name(settings, f) for f in families)
-    log.info("easel worker %s on %s, queues %s", worker_id, sanitized(settings.broker_url), queues)
+    queues = ",".join(queue_name(settings, f) for f in served)
+    log.info("easel worker %s on %s, queues %s", worker_id, sanitized(settings.fleet.broker_url), queues)
     app.worker_main(["worker", "--pool=threads", "--concurrency=1", "--prefetch-multiplier=1", "-Q", queues,
                      "-n", f"{worker_id}@%h", f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
                      "--without-heartbeat"])

@@ -1,14 +1,14 @@
-"""The local executor: ``Settings.workers`` worker processes on this machine.
+"""The local executor: ``Settings.worker.workers`` worker processes on this machine.
 
 Workers are separate processes (``spawn``), so inference never holds the API's event loop or
 GIL. A shared event wakes an idle worker as soon as a task is submitted; without it, workers poll
-the store every ``Settings.poll_interval`` seconds.
+the store every ``Settings.worker.poll_interval`` seconds.
 
 The workers are kept by an :class:`easel.supervise.Supervisor`. When one dies (killed by the
 kernel's OOM killer, a segfault in a CUDA kernel, ``kill -9``), the task it was running is ended
 as failed, with the exit code in ``debugerror``, and a new worker takes its place, so the server
 never silently stops running tasks. Stopping follows the supervisor's deadlines: idle workers
-exit at once, a running task gets ``Settings.shutdown_grace_seconds`` to finish, then it is ended
+exit at once, a running task gets ``Settings.worker.shutdown_grace_seconds`` to finish, then it is ended
 as failed ("the server stopped") and its worker exits; a worker that does not is killed and its
 task failed here. A worker whose server process is gone (``kill -9``) ends its task and exits
 within about a second (:func:`easel.supervise.watch_parent`).
@@ -34,8 +34,18 @@ STARTING, IDLE, BUSY = 0, 1, 2  # a worker's state, in a shared value its execut
 PARENT_GONE_GRACE = 0.7  # seconds a worker whose server died leaves its task's next step to end it
 
 
+def expand_gpus(gpus: tuple[str, ...]) -> tuple[str, ...]:
+    """``WorkerSettings.gpus`` as GPU indices: ``("all",)`` becomes every GPU torch sees (``("0",
+    "1", ...)``, empty without CUDA; imports torch only then); any other value is returned as is."""
+    if tuple(gpus) == ("all",):
+        import torch
+
+        return tuple(str(i) for i in range(torch.cuda.device_count()))
+    return tuple(gpus)
+
+
 def gpu_for_slot(slot: int, gpus: tuple[str, ...]) -> str | None:
-    """The ``CUDA_VISIBLE_DEVICES`` value of worker ``slot``: the GPUs of ``Settings.gpus`` are
+    """The ``CUDA_VISIBLE_DEVICES`` value of worker ``slot``: the GPUs of ``Settings.worker.gpus`` are
     dealt round-robin (two workers per GPU with ``--workers 4 --gpus 0,1``); None leaves the
     environment as it is (every worker sees every GPU and uses the first)."""
     return gpus[slot % len(gpus)] if gpus else None
@@ -49,7 +59,7 @@ def _publish(info, warm: list[str]) -> None:
 
 
 def _preload(worker, tools: tuple[str, ...], info) -> None:
-    """Load the pipelines of ``tools`` (``Settings.preload``) before taking tasks; a tool that
+    """Load the pipelines of ``tools`` (``WorkerSettings.preload``) before taking tasks; a tool that
     fails to warm up is logged and skipped."""
     from easel.tasks.preload import preload
 
@@ -91,13 +101,14 @@ def _worker_main(settings: Settings, worker_id: str, wake, drain, stop, state, i
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     from easel.logs import configure_logging
 
-    configure_logging(settings, worker_id)
-    from easel.tasks.runner import Worker, apply_torch_threads  # imports torch: ready before the first Run
+    configure_logging(settings.core, worker_id)
+    from easel.tasks.runner import Worker  # imports torch: ready before the first Run
+    from easel.tasks.threads import apply_torch_threads
     from easel.logs import quiet_libraries
 
-    quiet_libraries(debug=settings.log_level.upper() == "DEBUG")
+    quiet_libraries(debug=settings.core.log_level.upper() == "DEBUG")
 
-    threads = apply_torch_threads(settings, shares_cpu_with_api=True)
+    threads = apply_torch_threads(settings.worker, shares_cpu_with_api=True)
     from easel.malloc import freeze_startup_objects, tune_allocator
 
     tune_allocator()  # the denoising steps reuse their memory instead of mapping it again (easel.malloc)
@@ -105,14 +116,14 @@ def _worker_main(settings: Settings, worker_id: str, wake, drain, stop, state, i
     worker = held["worker"] = Worker(settings, worker_id)
     freeze_startup_objects()  # a collection during a load walks only the load's objects
     worker.should_stop = lambda: stop.is_set() or gone.is_set()
-    _preload(worker, settings.preload, info)
+    _preload(worker, settings.worker.preload, info)
     state.value = IDLE
-    delay = settings.poll_interval
+    delay = settings.worker.poll_interval
     while not drain.is_set() and not worker.should_stop():
         try:
             state.value = BUSY
             idle = worker.run_next() is None
-            delay = settings.poll_interval
+            delay = settings.worker.poll_interval
         except Exception:  # e.g. the database is unreachable or the disk is full: retry, backing off
             log.exception("worker %s: claiming or ending a task failed; retrying in %.1f s", worker_id, delay)
             idle, delay = True, min(30.0, delay * 2)
@@ -162,6 +173,7 @@ class LocalExecutor(Executor):
 
     def __init__(self, settings: Settings, supervise_interval: float = 1.0):
         self.settings = settings
+        self.gpus = expand_gpus(settings.worker.gpus)
         self.supervise_interval = supervise_interval
         self._ctx = mp.get_context("spawn")
         self._wake = self._ctx.Event()
@@ -172,7 +184,7 @@ class LocalExecutor(Executor):
         self._done = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._store = None
-        self.workers = Supervisor(self._spawn, max(1, settings.workers), on_death=self._on_death,
+        self.workers = Supervisor(self._spawn, max(1, settings.worker.workers), on_death=self._on_death,
                                   what="worker", max_backoff=self.MAX_BACKOFF)
 
     @property
@@ -186,7 +198,7 @@ class LocalExecutor(Executor):
         info = self._ctx.RawArray("c", 4096)  # the worker's warm tools, JSON (see _publish)
         p = self._ctx.Process(target=_worker_main, name=f"easel-worker-{slot}", daemon=True,
                               args=(self.settings, worker_id, self._wake, self._drain, self._stop, state, info,
-                                    gpu_for_slot(slot, self.settings.gpus)))
+                                    gpu_for_slot(slot, self.gpus)))
         p.start()
         child = Child(p, worker_id)
         child.state, child.info = state, info
@@ -212,7 +224,7 @@ class LocalExecutor(Executor):
             from easel.store import Store
             from easel.store.notify import Publisher
 
-            self._store = Store(self.settings.database_url, wakeups=Publisher.for_settings(self.settings))
+            self._store = Store(self.settings.core.database_url, wakeups=Publisher.for_settings(self.settings.live, self.settings.core.database_url))
         return self._store
 
     def _on_death(self, slot: int, child: Child) -> None:
@@ -249,7 +261,7 @@ class LocalExecutor(Executor):
 
     def ready(self) -> dict:
         """``{"ready", "workers": [{"id", "state", "warm"}], "warm"}``: a worker is ready once it
-        has imported torch and loaded ``Settings.preload``, and waits for (or runs) tasks; a tool
+        has imported torch and loaded ``Settings.worker.preload``, and waits for (or runs) tasks; a tool
         is warm in a worker once preloaded or run there (its pipelines may since have been
         evicted from the cache to make room for others')."""
         names = {STARTING: "starting", IDLE: "idle", BUSY: "busy"}
@@ -271,9 +283,9 @@ class LocalExecutor(Executor):
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the workers: idle ones at once, a running task after at most ``timeout`` seconds
-        (default ``Settings.shutdown_grace_seconds``), then ended as failed; a worker that still
+        (default ``Settings.worker.shutdown_grace_seconds``), then ended as failed; a worker that still
         does not exit is killed and its task failed here."""
-        grace = self.settings.shutdown_grace_seconds if timeout is None else timeout
+        grace = self.settings.worker.shutdown_grace_seconds if timeout is None else timeout
         if self._supervisor is None:
             return
         busy = [c.name for c in self.workers.alive() if c.state.value == BUSY]

@@ -6,7 +6,7 @@ machine) loses the lock with it, so any other process can tell an abandoned ``.p
 one being written, at once and without guessing from its age: :func:`remove_abandoned` (called
 at start-up and by the retention sweeper, :mod:`easel.api.maintenance`) removes exactly the files
 whose lock it can take. Where there is no ``flock`` (Windows), a file is abandoned when it is older
-than a download may last (``Settings.fetch_total_timeout_seconds``).
+than a download may last (``Settings.fetch.fetch_total_timeout_seconds``).
 """
 from __future__ import annotations
 

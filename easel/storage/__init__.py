@@ -1,6 +1,6 @@
 """Where Easel keeps files: task outputs, Run uploads, ``File/Upload`` files and fetched LoRAs.
 
-One interface, :class:`Storage`, two backends chosen by ``Settings.storage`` (``EASEL_STORAGE``)
+One interface, :class:`Storage`, two backends chosen by ``Settings.storage.storage`` (``EASEL_STORAGE``)
 through :func:`create_storage`:
 
 - :class:`LocalStorage` (``local``, the default): files under the data directory, as a single box
@@ -113,8 +113,9 @@ class Storage(ABC):
     shared = False
 
     def __init__(self, settings: Settings):
-        self.settings = settings
-        self.public_url = settings.public_url
+        """Keeps only what it reads of ``settings``: the public URL (``settings.core``); a backend
+        keeps its own part (``settings.storage``, the data paths)."""
+        self.public_url = settings.core.public_url
 
     # -- the backend's primitives ------------------------------------------------------------
 
@@ -223,8 +224,8 @@ class LocalStorage(Storage):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        self.areas = {"files": settings.files_dir, "uploads": settings.uploads_dir,
-                      "userfiles": settings.user_files_dir, "fetched": settings.models_dir / "fetched"}
+        self.areas = {"files": settings.core.files_dir, "uploads": settings.core.uploads_dir,
+                      "userfiles": settings.core.user_files_dir, "fetched": settings.core.models_dir / "fetched"}
 
     def _path(self, key: str, prefix: bool = False) -> Path:
         check_key(key, prefix)
@@ -350,15 +351,15 @@ class LocalStorage(Storage):
 
 
 def create_storage(settings: Settings) -> Storage:
-    """The storage ``settings.storage`` names: ``local`` (default) or ``s3://bucket/prefix``.
+    """The storage ``settings.storage.storage`` names: ``local`` (default) or ``s3://bucket/prefix``.
 
     Raises:
         ValueError: an unknown ``storage`` value (checked by ``Settings`` already).
     """
-    if settings.storage.startswith("s3://"):
+    if settings.storage.storage.startswith("s3://"):
         from .s3 import S3Storage
 
         return S3Storage(settings)
-    if settings.storage in ("", "local"):
+    if settings.storage.storage in ("", "local"):
         return LocalStorage(settings)
-    raise ValueError(f"EASEL_STORAGE must be 'local' or 's3://bucket/prefix', not {settings.storage!r}")
+    raise ValueError(f"EASEL_STORAGE must be 'local' or 's3://bucket/prefix', not {settings.storage.storage!r}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from easel.config import Settings
 from easel.images import ImageInputError
 
 from . import Storage, output_key, upload_key, user_file_key
@@ -24,8 +23,7 @@ from . import Storage, output_key, upload_key, user_file_key
 class InputFiles:
     """Resolves file-input values of one project to local files (or remote URLs)."""
 
-    def __init__(self, settings: Settings, store, storage: Storage):
-        self.settings = settings
+    def __init__(self, store, storage: Storage):
         self.store = store  # easel.store.Store (passed in; storage does not import the store)
         self.storage = storage
 

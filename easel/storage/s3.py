@@ -40,8 +40,10 @@ class S3Storage(Storage):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        self.bucket, self.prefix = parse_s3_url(settings.storage)
-        self.presigned = settings.output_urls == "presigned"
+        self.config = settings.storage  # the StorageSettings: the bucket, endpoint, addressing, presigning
+        self.timeouts = (settings.fetch.fetch_connect_timeout, settings.fetch.fetch_read_timeout)
+        self.bucket, self.prefix = parse_s3_url(self.config.storage)
+        self.presigned = self.config.output_urls == "presigned"
         self._client = None
         self._lock = threading.Lock()
 
@@ -55,9 +57,9 @@ class S3Storage(Storage):
                     import boto3
                     from botocore.config import Config
 
-                    s = self.settings
+                    s = self.config
                     config = Config(signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"},
-                                    connect_timeout=s.fetch_connect_timeout, read_timeout=s.fetch_read_timeout,
+                                    connect_timeout=self.timeouts[0], read_timeout=self.timeouts[1],
                                     s3={"addressing_style": s.s3_addressing_style}, max_pool_connections=32)
                     self._client = boto3.session.Session().client(
                         "s3", endpoint_url=s.s3_endpoint_url or None, region_name=s.s3_region or None, config=config)
@@ -104,7 +106,7 @@ class S3Storage(Storage):
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except _ERRORS as exc:
-            where = self.settings.s3_endpoint_url or self.client.meta.endpoint_url
+            where = self.config.s3_endpoint_url or self.client.meta.endpoint_url
             code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
             hint = {"404": "the bucket does not exist: create it first", "NoSuchBucket": "the bucket does not exist",
                     "403": "access denied: check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
@@ -234,4 +236,4 @@ class S3Storage(Storage):
         """A SigV4 presigned ``GET`` URL of ``key`` (no request is made: signing is local)."""
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self.object_name(key)},
-            ExpiresIn=seconds or self.settings.s3_presign_seconds)
+            ExpiresIn=seconds or self.config.s3_presign_seconds)

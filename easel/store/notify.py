@@ -3,7 +3,7 @@
 
 The ``events`` table stays the log and the only source of what is sent; a wake-up carries nothing
 but a task id, so a lost one only delays a waiter until its slow fallback poll
-(``Settings.live_fallback_poll_interval``).
+(``Settings.live.live_fallback_poll_interval``).
 
 Two halves, one per side of the store:
 
@@ -75,6 +75,25 @@ def choose_backend(mode: str, redis_url: str, database_url: str) -> str:
     return mode
 
 
+def check_live(live, database_url: str) -> str:
+    """The wake-up backend (``"redis"``, ``"postgres"`` or ``"poll"``) the live settings choose,
+    after checking them: what ``easel serve`` checks at start and every publisher or hub made
+    from settings checks again.
+
+    Args:
+        live: The deployment's :class:`easel.config.LiveSettings` (``live_push``, ``redis_url``).
+        database_url: The store's SQLAlchemy URL (``postgres`` needs PostgreSQL).
+
+    Raises:
+        ValueError: as :func:`choose_backend`, or a ``redis_url`` that is not a ``redis://``,
+            ``rediss://`` or ``unix://`` URL (the message names ``EASEL_REDIS_URL``, password redacted).
+    """
+    backend = choose_backend(live.live_push, live.redis_url, database_url)
+    if live.redis_url and not live.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"EASEL_REDIS_URL must be a redis://, rediss:// or unix:// URL, not {redact(live.redis_url)[:60]!r}")
+    return backend
+
+
 def redact(url: str) -> str:
     """A URL for logs: any password replaced by ``***``."""
     scheme, sep, rest = url.partition("://")
@@ -111,12 +130,13 @@ class Publisher:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_settings(cls, settings) -> "Publisher":
-        """The publisher a process of the deployment described by ``settings`` (an
-        :class:`easel.config.Settings`) uses; raises ValueError as :func:`choose_backend`."""
-        backend = choose_backend(settings.live_push, settings.redis_url, settings.database_url)
-        channel = redis_channel(settings.redis_prefix) if backend == "redis" else PG_CHANNEL
-        return cls(backend, settings.redis_url, channel)
+    def for_settings(cls, live, database_url: str) -> "Publisher":
+        """The publisher a process of a deployment uses: ``live`` its
+        :class:`easel.config.LiveSettings`, ``database_url`` its store; raises ValueError as
+        :func:`check_live`."""
+        backend = check_live(live, database_url)
+        channel = redis_channel(live.redis_prefix) if backend == "redis" else PG_CHANNEL
+        return cls(backend, live.redis_url, channel)
 
     @classmethod
     def default_for(cls, database_url: str) -> "Publisher":
@@ -244,11 +264,12 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def for_settings(cls, settings, publisher: Publisher | None = None) -> "Hub":
-        """The hub of an API process of the deployment described by ``settings``."""
-        backend = choose_backend(settings.live_push, settings.redis_url, settings.database_url)
-        channel = redis_channel(settings.redis_prefix) if backend == "redis" else PG_CHANNEL
-        return cls(backend, redis_url=settings.redis_url, channel=channel, database_url=settings.database_url,
+    def for_settings(cls, live, database_url: str, publisher: Publisher | None = None) -> "Hub":
+        """The hub of an API process: ``live`` the deployment's :class:`easel.config.LiveSettings`,
+        ``database_url`` its store; raises ValueError as :func:`check_live`."""
+        backend = check_live(live, database_url)
+        channel = redis_channel(live.redis_prefix) if backend == "redis" else PG_CHANNEL
+        return cls(backend, redis_url=live.redis_url, channel=channel, database_url=database_url,
                    publisher=publisher)
 
     def watch(self, task_id: int) -> Watch:

@@ -63,8 +63,8 @@ class SecretBox:
         self._fernet = MultiFernet(_parse(keys, source))
 
     @classmethod
-    def for_settings(cls, settings, create: bool = True) -> "SecretBox | None":
-        """The box of ``settings``: ``settings.secret_key`` (``EASEL_SECRET_KEY``; read from the
+    def for_settings(cls, core, create: bool = True) -> "SecretBox | None":
+        """The box of ``core`` (the :class:`easel.config.CoreSettings`): ``core.secret_key`` (``EASEL_SECRET_KEY``; read from the
         environment also for settings built in code, as :meth:`default_for` reads it), else the
         ``secret.key`` file of the data directory (on SQLite: of the database's folder, the data
         directory unless ``EASEL_DATABASE_URL`` moves it, so that every process of that database
@@ -74,9 +74,9 @@ class SecretBox:
         Raises:
             SecretKeyError: a key is malformed.
         """
-        url = settings.database_url
-        folder = Path(url.split("///", 1)[1]).parent if url.startswith("sqlite") else Path(settings.data_dir)
-        return cls.configured(settings.secret_key or os.environ.get(ENV, ""), folder / KEY_FILE, create)
+        url = core.database_url
+        folder = Path(url.split("///", 1)[1]).parent if url.startswith("sqlite") else Path(core.data_dir)
+        return cls.configured(core.secret_key or os.environ.get(ENV, ""), folder / KEY_FILE, create)
 
     @classmethod
     def default_for(cls, url: str, create: bool = False) -> "SecretBox | None":

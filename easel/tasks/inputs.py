@@ -4,7 +4,7 @@
 An image input is located with :class:`easel.storage.inputs.InputFiles` (multipart upload, a file
 uploaded with ``/v1/File/Upload``, this server's own URL: read through ``easel.storage``), else fetched from its
 ``http(s)`` URL with the safe fetcher (``easel.net.fetch``: public addresses only unless
-allow-listed, pinned connection, redirects re-checked, capped at ``Settings.upload_max_bytes``),
+allow-listed, pinned connection, redirects re-checked, capped at ``Settings.fetch.upload_max_bytes``),
 then decoded and validated by :func:`easel.images.decode`.
 """
 from __future__ import annotations
@@ -43,12 +43,12 @@ def load_image(ctx: WorkerContext, field: str, value: str) -> Image:
     """
     settings = ctx.worker.settings
     try:
-        where = InputFiles(settings, ctx.store, ctx.worker.storage).locate(ctx.project_id, field, value,
+        where = InputFiles(ctx.store, ctx.worker.storage).locate(ctx.project_id, field, value,
                                                                            ctx.task_uuid, ctx.inputs_dir)
         if isinstance(where, Path):
-            return decode(where, field, settings.max_image_pixels)
-        policy = FetchPolicy(allow=settings.fetch_allow, max_bytes=settings.upload_max_bytes,
-                             connect_timeout=settings.fetch_connect_timeout, read_timeout=settings.fetch_read_timeout)
+            return decode(where, field, settings.fetch.max_image_pixels)
+        policy = FetchPolicy(allow=settings.fetch.fetch_allow, max_bytes=settings.fetch.upload_max_bytes,
+                             connect_timeout=settings.fetch.fetch_connect_timeout, read_timeout=settings.fetch.fetch_read_timeout)
         with tempfile.TemporaryDirectory(dir=ctx.output_dir) as tmp:
             path = Path(tmp) / "download"
             try:
@@ -56,7 +56,7 @@ def load_image(ctx: WorkerContext, field: str, value: str) -> Image:
             except FetchError as exc:
                 raise ToolError(f"Request parameter [{field}]: could not fetch {where}: {exc}") from None
             ctx.log(f"{field}: fetched {path.stat().st_size} bytes from {where}")
-            return decode(path, field, settings.max_image_pixels)
+            return decode(path, field, settings.fetch.max_image_pixels)
     except ImageInputError as exc:
         raise ToolError(exc.message) from None
 

@@ -1,4 +1,4 @@
-"""Warming tools before the first task (``Settings.preload``, ``easel serve --preload``).
+"""Warming tools before the first task (``Settings.worker.preload``, ``easel serve --preload``).
 
 A worker runs each preloaded tool once through its own ``prepare`` and ``run``, with the tool's
 default inputs, one denoising step and one sample, in a :class:`WarmupContext`: no task, nothing
@@ -90,7 +90,7 @@ def preload(worker, tool: str) -> float:
     t0 = time.monotonic()
     inputs = warmup_inputs(tool, worker.catalog)
     module = load_tool(tool)
-    folder = Path(tempfile.mkdtemp(prefix="easel-warmup-", dir=worker.settings.data_dir))
+    folder = Path(tempfile.mkdtemp(prefix="easel-warmup-", dir=worker.settings.core.data_dir))
     try:
         ctx = WarmupContext(worker, folder)
         module.run(module.prepare(inputs, ctx), ctx)

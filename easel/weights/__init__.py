@@ -131,16 +131,17 @@ class ModelManager:
     stays warm between tasks.
 
     Everything resident (pipelines, derived pipelines, components) shares one LRU byte budget
-    (``Settings.pipeline_cache_bytes``).
+    (``Settings.weights.pipeline_cache_bytes``).
     """
 
     def __init__(self, settings: Settings, catalog: ModelCatalog, storage: "Storage | None" = None):
-        """``storage`` keeps fetched LoRAs (default: the one ``settings.storage`` names)."""
-        self.settings = settings
+        """``storage`` keeps fetched LoRAs (default: the one ``settings.storage.storage`` names).
+        Keeps only ``settings.weights``; the sources keep their own parts (:class:`ModelSources`)."""
+        self.weights = settings.weights
         self.catalog = catalog
         self.sources = ModelSources(settings, catalog, storage)
-        self.pipelines = PipelineCache(settings.pipeline_cache_bytes, settings.device_memory_headroom_bytes)
-        self.options = RuntimeOptions(torch_compile=settings.torch_compile, cpu_offload=settings.cpu_offload)
+        self.pipelines = PipelineCache(self.weights.pipeline_cache_bytes, self.weights.device_memory_headroom_bytes)
+        self.options = RuntimeOptions(torch_compile=settings.weights.torch_compile, cpu_offload=settings.weights.cpu_offload)
         # adapter state lives with the module that holds the adapters (a pipeline's UNet or
         # transformer): a reloaded module is a new key, a module shared by two pipelines one key
         self._adapters: "weakref.WeakKeyDictionary[object, LoraState]" = weakref.WeakKeyDictionary()
@@ -150,7 +151,7 @@ class ModelManager:
     def tiny(self) -> bool:
         """Whether this worker runs the offline tiny models (``--model-source tiny``): tools that
         size their work to the model (IC-Light, InstantID) use 1/8 of the reference sizes."""
-        return self.settings.model_source == "tiny"
+        return self.weights.model_source == "tiny"
 
     def state(self, obj: object, kind: "type[S]") -> "S":
         """The typed state ``kind`` (a class made with no argument, e.g.
@@ -162,12 +163,12 @@ class ModelManager:
         """Device and dtypes of a ``kind`` of pipeline in this worker (``sd15``, ``sdxl``,
         ``instantid``, ``flux``, ``ic-light``, ``condition``, ``matting``): the catalog's half
         dtypes on CUDA; on the CPU float32, or the same half dtypes with
-        ``Settings.cpu_precision = "half"`` (:func:`easel.weights.precision.precision`).
+        ``Settings.weights.cpu_precision = "half"`` (:func:`easel.weights.precision.precision`).
 
         Raises:
             ValueError: an unknown kind.
         """
-        return _precision(kind, self.settings.cpu_precision)
+        return _precision(kind, self.weights.cpu_precision)
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -324,14 +325,14 @@ class ModelManager:
         denoiser share its state (the adapters live in it).
 
         Args:
-            hotswap: One hot-swapped adapter slot (rank up to ``Settings.lora_hotswap_rank``)
+            hotswap: One hot-swapped adapter slot (rank up to ``Settings.weights.lora_hotswap_rank``)
                 instead of several resident adapters; fixed by the first call for a module.
         """
         module = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) or pipe
         state = self._adapters.get(module)
         if state is None:
-            rank = self.settings.lora_hotswap_rank if hotswap else None
-            state = self._adapters[module] = LoraState(self.settings.max_resident_loras, hotswap_rank=rank)
+            rank = self.weights.lora_hotswap_rank if hotswap else None
+            state = self._adapters[module] = LoraState(self.weights.max_resident_loras, hotswap_rank=rank)
         return state
 
     def private_lora(self, value: str, field: str, family: str, input_file: Callable[[str], Path]) -> LoraChoice | None:

@@ -23,7 +23,7 @@ kind             networks                           dtype     VAE
 ===============  =================================  ========  ==============================================
 
 On CUDA the table applies. On the CPU everything is float32 by default, because half precision
-on a CPU is slow and only useful to check the GPU path; ``Settings.cpu_precision = "half"``
+on a CPU is slow and only useful to check the GPU path; ``Settings.weights.cpu_precision = "half"``
 (``EASEL_CPU_PRECISION=half``) runs the CPU in the table's dtypes too, so the exact dtype
 combinations of the GPU path (fp16 UNet with fp16 LoRA layers, bf16 FLUX transformer,
 fp16 IC-Light UNet fed by a bf16 VAE, fp16 IP-Adapter attention...) execute, and are tested, on a
@@ -125,7 +125,7 @@ def precision(kind: str, cpu_precision: str = "float32") -> Precision:
         kind: one of :func:`kinds` (the model families, and the auxiliary networks' kinds, e.g.
             ``condition`` for DPT and ``matting`` for RMBG).
         cpu_precision: without CUDA, ``"float32"`` (everything float32) or ``"half"`` (the CUDA
-            dtypes); ``Settings.cpu_precision``.
+            dtypes); ``Settings.weights.cpu_precision``.
 
     Returns:
         ``Precision(device, dtype, vae_dtype, vae_upcast)``: the catalog dtypes on ``"cuda"``, and

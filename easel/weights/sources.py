@@ -1,12 +1,12 @@
 """Resolving a catalog entry (or a user URL) to weights on local disk.
 
-Two sources, chosen by ``Settings.model_source``:
+Two sources, chosen by ``Settings.weights.model_source``:
 
 - ``tiny``: every id resolves to the offline tiny model of its family, in the same on-disk format
   as the real entry (a Hub repo → tiny diffusers folder; a single-file URL → tiny single-file
   checkpoint; LoRAs → a tiny Kohya- or PEFT-layout file). The tiny models are written on first use.
 - ``random``: every id resolves to a random-weight network of its family at the published size
-  (or ``Settings.random_model_size="small"``), written once as a diffusers folder under
+  (or ``Settings.weights.random_model_size="small"``), written once as a diffusers folder under
   ``<data_dir>/models/random`` on the device the worker runs on (``easel.synthetic.fullsize``);
   LoRAs resolve to random LoRAs of rank 16 over those networks. For speed and memory work.
 - ``hub``: Hub repos download on first use (or ``easel models pull``) into ``<data_dir>/models/hub``,
@@ -27,11 +27,11 @@ from easel.storage import Storage, create_storage
 
 from easel.net.fetch import FetchPolicy, fetch_safetensors
 from easel.synthetic.tiny import make_tiny
+from easel.weights.licenses import accepted_licenses, license_problem, record_license
 
 if TYPE_CHECKING:  # pragma: no cover
     from easel.tools.base import Family
 
-LICENSES_FILE = "accepted-licenses.json"
 FACE_PACK = "antelopev2"
 
 
@@ -53,10 +53,16 @@ class ModelSources:
     """Turn catalog entries and LoRA URLs into :class:`Weights` according to the settings."""
 
     def __init__(self, settings: Settings, catalog: ModelCatalog, storage: "Storage | None" = None):
-        """``storage`` keeps fetched weights (default: the one ``settings.storage`` names)."""
-        self.settings = settings
+        """Keeps only the parts of ``settings`` it reads: ``weights`` (the source, licences, caps),
+        ``fetch`` (the fetcher's allow-list and timeouts), the models folder and the fetched files'
+        refresh age (half ``storage.orphan_retention_seconds``). ``storage`` keeps fetched weights
+        (default: the one ``settings.storage.storage`` names)."""
+        self.weights = settings.weights
+        self.fetch = settings.fetch
+        self.models_dir = settings.core.models_dir
+        self.refresh_after = settings.storage.orphan_retention_seconds / 2
         self.catalog = catalog
-        self._storage = storage
+        self.storage: Storage = storage if storage is not None else create_storage(settings)
         self._tiny_lock = threading.Lock()
         self._tiny: dict[str, Path] | None = None
         self._random: dict[str, Path] = {}
@@ -69,16 +75,15 @@ class ModelSources:
 
     @property
     def lora_policy(self) -> FetchPolicy:
-        s = self.settings
-        return FetchPolicy(allow=s.fetch_allow, max_bytes=s.lora_max_bytes,
-                           connect_timeout=s.fetch_connect_timeout, read_timeout=s.fetch_read_timeout,
-                           total_timeout=s.fetch_total_timeout_seconds)
+        f = self.fetch
+        return FetchPolicy(allow=f.fetch_allow, max_bytes=self.weights.lora_max_bytes, connect_timeout=f.fetch_connect_timeout,
+                           read_timeout=f.fetch_read_timeout, total_timeout=f.fetch_total_timeout_seconds)
 
     def tiny(self) -> dict[str, Path]:
         """Paths of the tiny models, writing them under ``<data_dir>/models/tiny`` if needed."""
         with self._tiny_lock:
             if self._tiny is None:
-                self._tiny = make_tiny(self.settings.models_dir / "tiny")
+                self._tiny = make_tiny(self.models_dir / "tiny")
             return self._tiny
 
     def random(self, family: str) -> Path:
@@ -93,9 +98,9 @@ class ModelSources:
             if family not in self._random:
                 from easel.weights.precision import precision
 
-                where = precision(family, self.settings.cpu_precision)
-                self._random[family] = make_random(self.settings.models_dir / "random", family,
-                                                   self.settings.random_model_size, device=where.device,
+                where = precision(family, self.weights.cpu_precision)
+                self._random[family] = make_random(self.models_dir / "random", family,
+                                                   self.weights.random_model_size, device=where.device,
                                                    dtype=where.dtype)
             return self._random[family]
 
@@ -105,10 +110,10 @@ class ModelSources:
         Raises:
             CatalogError: unknown source (hub mode), a family without a tiny model, or a failed download.
         """
-        if self.settings.model_source == "random":
+        if self.weights.model_source == "random":
             folder = self.random(entry.family)
             return Weights("diffusers", folder, key=f"random:{folder.name}")
-        if self.settings.model_source == "tiny":
+        if self.weights.model_source == "tiny":
             tiny = self.tiny()
             declared = _family(entry.family)
             if declared is None or declared.tiny is None:
@@ -137,14 +142,14 @@ class ModelSources:
         Raises:
             CatalogError: as for :meth:`checkpoint`.
         """
-        if self.settings.model_source == "random":
+        if self.weights.model_source == "random":
             from easel.synthetic.fullsize import lora_paths
 
             folder = self.random(entry.family)
             paths = lora_paths(folder, entry.family)
             path = paths.get(entry.lora_format or "", paths["peft"])
             return Weights("lora", path, key=f"random:{folder.name}/{path.name}")
-        if self.settings.model_source == "tiny":
+        if self.weights.model_source == "tiny":
             tiny = self.tiny()
             declared = _family(entry.family)
             if declared is None or declared.tiny is None or not declared.tiny.lora_prefix:
@@ -181,7 +186,7 @@ class ModelSources:
             CatalogError: no tiny stand-in, unknown source, or a failed download.
         """
         single_file = entry.kind in ("sd15-iclight", "matting", "sdxl-ip-adapter")
-        if self.settings.model_source == "tiny":
+        if self.weights.model_source == "tiny":
             tiny = self.tiny()
             name = entry.tiny or {"sd15-iclight": "iclight-fbc", "matting": "rmbg"}.get(entry.kind)
             if name not in tiny:
@@ -216,13 +221,13 @@ class ModelSources:
         Raises:
             CatalogError: (hub mode, pack missing) licence not accepted, or the download failed.
         """
-        if self.settings.model_source == "tiny":
+        if self.weights.model_source == "tiny":
             return self.tiny()["faces"]
         from easel.pipelines.faces import REQUIRED, pack_folder
 
-        root = self.settings.models_dir / "insightface"
+        root = self.models_dir / "insightface"
         entry = self.catalog.entries.get(FACE_PACK)
-        if self.settings.model_source == "hub" and entry is not None and entry.source \
+        if self.weights.model_source == "hub" and entry is not None and entry.source \
                 and not all((pack_folder(root) / n).is_file() for n in REQUIRED):
             self._hub(entry, {**entry.source, "files": list(entry.source.get("files") or REQUIRED)}, pack_folder(root))
         return root
@@ -238,17 +243,11 @@ class ModelSources:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    @property
-    def storage(self) -> "Storage":
-        if self._storage is None:
-            self._storage = create_storage(self.settings)
-        return self._storage
-
     def _fetch(self, url: str) -> Path:
         """A URL's weights through the storage's ``fetched/`` area, with this machine's copy under
         ``<data_dir>/models/fetched`` (the same folder when the storage is local)."""
-        return fetch_safetensors(url, self.storage, self.lora_policy, self.settings.models_dir / "fetched",
-                                 refresh_after=self.settings.orphan_retention_seconds / 2)
+        return fetch_safetensors(url, self.storage, self.lora_policy, self.models_dir / "fetched",
+                                 refresh_after=self.refresh_after)
 
     def _hub(self, entry: ModelEntry | None, source: dict, target: Path | None = None) -> Path:
         """The local folder of an ``hf`` source's selection (``easel.weights.download``): from disk
@@ -256,7 +255,7 @@ class ModelSources:
         :attr:`progress` told the bytes. ``target`` puts the files in that folder instead."""
         from easel.weights.download import complete_folder, hub_plan, run_plan
 
-        root = self.settings.models_dir / "hub"
+        root = self.models_dir / "hub"
         if entry is not None:
             self.require_license(entry)
         if target is None:
@@ -266,7 +265,7 @@ class ModelSources:
         plan = hub_plan(root, source)
         if target is not None:
             plan.folder, plan.marker = target, None
-        return run_plan(plan, root, self.progress, self.settings.download_reserve_bytes, on_file=self.on_file,
+        return run_plan(plan, root, self.progress, self.weights.download_reserve_bytes, on_file=self.on_file,
                         on_bytes=self.on_bytes)
 
     def _hub_file(self, entry: ModelEntry | None, source: dict, default: str,
@@ -300,7 +299,6 @@ class ModelSources:
     def _catalog_url(self, entry: ModelEntry, source: dict) -> Path:
         """A catalog ``url`` source (e.g. Civitai's download API) through the safe fetcher, with the
         weights' size cap, progress, ``CIVITAI_TOKEN`` for civitai.com and a pinned ``sha256``."""
-        import hashlib
         import os
         from urllib.parse import urlsplit
 
@@ -308,17 +306,17 @@ class ModelSources:
         from easel.net.fetch import FetchError
 
         self.require_license(entry)
-        s = self.settings
-        policy = FetchPolicy(allow=s.fetch_allow, max_bytes=s.weights_max_bytes, connect_timeout=s.fetch_connect_timeout,
-                             read_timeout=s.fetch_read_timeout, total_timeout=s.weights_fetch_timeout_seconds)
+        f, w = self.fetch, self.weights
+        policy = FetchPolicy(allow=f.fetch_allow, max_bytes=w.weights_max_bytes, connect_timeout=f.fetch_connect_timeout,
+                             read_timeout=f.fetch_read_timeout, total_timeout=w.weights_fetch_timeout_seconds)
         headers = {}
         host = (urlsplit(source["url"]).hostname or "").lower()
         if os.environ.get("CIVITAI_TOKEN") and (host == "civitai.com" or host.endswith(".civitai.com")):
             headers["Authorization"] = f"Bearer {os.environ['CIVITAI_TOKEN']}"
         where = f"{entry.id} ({entry.label}) from {source['url']}"
         try:
-            path = fetch_safetensors(source["url"], self.storage, policy, s.models_dir / "fetched",
-                                     refresh_after=s.orphan_retention_seconds / 2, headers=headers,
+            path = fetch_safetensors(source["url"], self.storage, policy, self.models_dir / "fetched",
+                                     refresh_after=self.refresh_after, headers=headers,
                                      progress=self.progress)
         except FetchError as exc:
             raise DownloadError(f"could not download {where}: {exc}") from None
@@ -351,7 +349,7 @@ class ModelSources:
         from easel.pipelines.faces import REQUIRED, pack_folder
 
         if entry.kind == "face-analysis":
-            return all((pack_folder(self.settings.models_dir / "insightface") / n).is_file() for n in REQUIRED)
+            return all((pack_folder(self.models_dir / "insightface") / n).is_file() for n in REQUIRED)
         source = entry.source or {}
         if source.get("type") == "url":
             try:
@@ -363,7 +361,7 @@ class ModelSources:
             return False
         from easel.weights.download import repo_folder
 
-        folder = repo_folder(self.settings.models_dir / "hub", source)
+        folder = repo_folder(self.models_dir / "hub", source)
         for marker in (folder / ".easel").glob("*.json"):
             try:
                 if all((folder / f).is_file() for f in json.loads(marker.read_text())["files"]):
@@ -372,59 +370,24 @@ class ModelSources:
                 continue
         return False
 
-    # -- licences -----------------------------------------------------------------------------
+    # -- licences (easel.weights.licenses) ---------------------------------------------------
 
     def accepted_licenses(self) -> set[str]:
-        """Licence names the operator accepted (:func:`accepted_licenses`)."""
-        return accepted_licenses(self.settings)
+        """Licence names the operator accepted (:func:`easel.weights.licenses.accepted_licenses`)."""
+        return accepted_licenses(self.weights, self.models_dir)
 
     def record_license(self, names: list[str]) -> None:
         """Record licence names as accepted (``easel models pull --accept-license``)."""
-        import json
-
-        accepted = sorted(self.accepted_licenses() | {n.strip().lower() for n in names if n.strip()})
-        path = self.settings.models_dir / LICENSES_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(accepted))
+        record_license(self.weights, self.models_dir, names)
 
     def require_license(self, entry: ModelEntry) -> None:
         """Raise :class:`easel.weights.download.LicenseNotAccepted` when ``entry``'s licence must be
-        accepted (``license.accept`` names it) and was not (:func:`license_problem`)."""
+        accepted (``license.accept`` names it) and was not (:func:`easel.weights.licenses.license_problem`)."""
         from easel.weights.download import LicenseNotAccepted
 
-        problem = license_problem(entry, self.settings)
+        problem = license_problem(entry, self.weights, self.models_dir)
         if problem:
             raise LicenseNotAccepted(problem)
-
-
-def accepted_licenses(settings: Settings) -> set[str]:
-    """Licence names the operator accepted, lower-cased: ``Settings.accept_licenses``
-    (``EASEL_ACCEPT_LICENSES``) and those recorded by ``easel models pull --accept-license`` in
-    ``<data_dir>/models/accepted-licenses.json``."""
-    import json
-
-    names = {n.strip().lower() for n in settings.accept_licenses if n.strip()}
-    try:
-        names |= {str(n).lower() for n in json.loads((settings.models_dir / LICENSES_FILE).read_text())}
-    except (OSError, ValueError, TypeError):
-        pass
-    return names
-
-
-def license_problem(entry: ModelEntry, settings: Settings) -> str | None:
-    """Why ``entry``'s weights may not be used yet (its licence's ``accept`` name was not accepted,
-    see :func:`accepted_licenses`; ``all`` accepts every one), naming the licence and how to accept
-    it; None when nothing needs accepting or it was accepted."""
-    lic = entry.license or {}
-    name = lic.get("accept")
-    accepted = accepted_licenses(settings)
-    if not name or name.lower() in accepted or "all" in accepted:
-        return None
-    terms = "non-commercial use only" if lic.get("noncommercial") else "terms that must be accepted"
-    where = f", {lic['url']}" if lic.get("url") else ""
-    return (f"{entry.label} ({entry.id}) is under the {lic.get('id', name)} licence ({terms}{where}), which the "
-            f"operator has not accepted. To accept it, set EASEL_ACCEPT_LICENSES={name} (comma-separated with "
-            f"others) for the server and its workers, or run `easel models pull {entry.id} --accept-license {name}`.")
 
 
 def _family(name: str) -> "Family | None":

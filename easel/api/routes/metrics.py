@@ -1,5 +1,5 @@
 """``GET /metrics``: the Prometheus exposition of the whole process tree and the store's gauges
-(:mod:`easel.api.metrics`). With ``Settings.metrics_token`` set it needs
+(:mod:`easel.api.metrics`). With ``Settings.api.metrics_token`` set it needs
 ``Authorization: Bearer <token>``; not in the OpenAPI document."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics_endpoint(request: Request, svc: Services = Depends(deps.services)):
-    token = svc.settings.metrics_token
+    token = svc.settings.api.metrics_token
     if token:
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")

@@ -11,9 +11,9 @@ like a Wiro Run.
   applies as for Wiro requests); a signature project's key is refused with how to make an
   API-key project.
 - Synchronous: the request holds until the task ends (no thread held while it waits), at most
-  ``Settings.openai_wait_seconds`` (lowered per request by ``Prefer: wait=N``); past it, HTTP 504
+  ``Settings.api.openai_wait_seconds`` (lowered per request by ``Prefer: wait=N``); past it, HTTP 504
   with the Wiro task id. A client that disconnects leaves its task running unless
-  ``Settings.openai_kill_on_disconnect``.
+  ``Settings.api.openai_kill_on_disconnect``.
 - Streaming (``stream: true``): Server-Sent Events ``image_generation.partial_image`` (or
   ``image_edit.*``) from the task's step previews, up to ``partial_images``, then one
   ``*.completed`` event per image; a failure is an ``error`` event the clients raise.
@@ -109,7 +109,7 @@ async def _project(svc: Services, request: Request) -> Project:
 
 
 def _wait_limit(svc: Services, request: Request) -> float:
-    limit = svc.settings.openai_wait_seconds
+    limit = svc.settings.api.openai_wait_seconds
     asked = prefer_wait(request.headers.get("prefer", ""))
     return float(limit if asked is None else min(limit, asked))
 
@@ -137,7 +137,7 @@ async def _wait(svc: Services, request: Request, task: Task, seconds: float) -> 
     """Wait for the task's end (at most ``seconds``); with ``openai_kill_on_disconnect``, stop it
     when the client goes away."""
     deadline = time.monotonic() + seconds
-    watch_client = svc.settings.openai_kill_on_disconnect
+    watch_client = svc.settings.api.openai_kill_on_disconnect
     while True:
         left = max(0.0, deadline - time.monotonic())
         task = await views.wait_for_end(svc, task.id, min(left, DISCONNECT_CHECK_SECONDS) if watch_client else left)
@@ -232,8 +232,8 @@ async def _stream(svc: Services, task: Task, mapped: Mapped, prefix: str, second
                 if finished or time.monotonic() >= deadline:
                     break
                 current = await run_in_threadpool(svc.store.get_task, task.id)
-                delay = svc.settings.live_fallback_poll_interval if svc.wakeups.pushing else \
-                    lc.poll_delay(current, svc.settings.live_poll_interval, cap=0.5)
+                delay = svc.settings.live.live_fallback_poll_interval if svc.wakeups.pushing else \
+                    lc.poll_delay(current, svc.settings.live.live_poll_interval, cap=0.5)
                 await watch.wait(min(delay, max(0.0, deadline - time.monotonic())))
         task = await run_in_threadpool(svc.store.get_task, task.id)
         error = _ended_badly(task, seconds)
@@ -248,7 +248,7 @@ async def _stream(svc: Services, task: Task, mapped: Mapped, prefix: str, second
                 "usage": {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                           "output_tokens": 0, "total_tokens": 0}, **common})
     except (asyncio.CancelledError, GeneratorExit):
-        if svc.settings.openai_kill_on_disconnect:
+        if svc.settings.api.openai_kill_on_disconnect:
             svc.threads.submit(_stop, svc, task.id)
         raise
     except Exception:
@@ -260,7 +260,7 @@ async def _stream(svc: Services, task: Task, mapped: Mapped, prefix: str, second
 async def _images_request(request: Request, svc: Services, endpoint: str) -> Response:
     project = await _project(svc, request)
     if endpoint == "generations":
-        raw = await read_capped(request, svc.settings.body_max_bytes)
+        raw = await read_capped(request, svc.settings.api.body_max_bytes)
         try:
             fields = json.loads(raw.decode("utf-8-sig") or "null")
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -270,8 +270,8 @@ async def _images_request(request: Request, svc: Services, endpoint: str) -> Res
             raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
         uploads: list[tuple[str, bytes]] = []
     else:
-        body = await parse_body(request, svc.settings.upload_max_bytes, svc.settings.request_max_bytes,
-                                svc.settings.body_max_bytes)
+        body = await parse_body(request, svc.settings.fetch.upload_max_bytes, svc.settings.api.request_max_bytes,
+                                svc.settings.api.body_max_bytes)
         fields = dict(body.fields)
         unknown = [up.field for up in body.files if up.field not in ("image", "mask")]
         if unknown:

@@ -6,7 +6,7 @@ API like any other: the user pastes an API key (and secret, for signature projec
 signs each request itself with WebCrypto (``x-nonce`` + ``x-signature`` as ``easel.signing``
 defines them) and keeps the credentials in the tab's ``sessionStorage`` only. The server stores
 nothing for it and serves the same page for ``/playground`` and ``/playground/{owner}/{slug}``
-(the page reads the tool from its path), with ``settings.ws_path`` written into it.
+(the page reads the tool from its path), with ``settings.api.ws_path`` written into it.
 
 The pages are sent with a strict Content-Security-Policy (scripts and styles from this origin
 only, no inline script) so that text from tool descriptions or task parameters can never run.
@@ -44,9 +44,9 @@ FRONT = """<!doctype html>
 
 def router(settings: Settings) -> APIRouter:
     """``/``, ``/playground``, ``/playground/{owner}/{slug}`` and ``/playground/static/*``, with
-    ``settings.ws_path`` written into the page (none of them in the OpenAPI document)."""
+    ``settings.api.ws_path`` written into the page (none of them in the OpenAPI document)."""
     page = (STATIC / "index.html").read_text(encoding="utf-8").replace(
-        "{{WS_PATH}}", html.escape(settings.ws_path, quote=True))
+        "{{WS_PATH}}", html.escape(settings.api.ws_path, quote=True))
     routes = APIRouter()
     # mounted first: /playground/static/x.js must not match /playground/{owner}/{slug}
     routes.mount("/playground/static", StaticFiles(directory=STATIC), name="playground-static")

@@ -116,11 +116,11 @@ def submit(svc: Services, project: Project, owner: str, slug: str, body: Body, i
         except InputError as exc:
             raise WiroError(0, exc.message) from None
         files_api.check_image_inputs(svc, project, spec, inputs, task_uuid)
-        limit = svc.settings.max_concurrent_tasks
+        limit = svc.settings.api.max_concurrent_tasks
         try:
             task, created = lc.submit(
                 svc.store, project_id=project.id, tool=spec.name, parameters={**fields, **shown}, inputs=inputs,
-                callbackurl=callback, cost_per_second=spec.cost_per_second or svc.settings.default_cost_per_second,
+                callbackurl=callback, cost_per_second=spec.cost_per_second or svc.settings.api.default_cost_per_second,
                 uuid=task_uuid, idempotency_key=idempotency_key or None, max_unfinished=limit)
         except LimitReached:
             raise WiroError(96, E.CONCURRENCY, detail=f"This project may have up to {limit} unfinished (queued or "
@@ -148,14 +148,14 @@ def _drop_uploads(svc: Services, task_uuid: str) -> None:
 
 def check_sources(svc: Services, spec: ToolSpec, inputs: dict) -> None:
     """In hub mode, refuse a Run whose chosen catalog models have no configured source or a
-    licence the operator has not accepted (``easel.weights.sources.license_problem``).
+    licence the operator has not accepted (``easel.weights.licenses.license_problem``).
 
     Raises:
         WiroError: code 0, naming the request parameter (or the tool) and the problem.
     """
-    if svc.settings.model_source != "hub":
+    if svc.settings.weights.model_source != "hub":
         return
-    from easel.weights.sources import license_problem
+    from easel.weights.licenses import license_problem
 
     chosen = [(f"Request parameter [{i.name}]", mid) for i in spec.inputs if i.type in ("select", "multiselect")
               for mid in (inputs[i.name] if i.type == "multiselect" else [inputs[i.name]])]
@@ -168,7 +168,7 @@ def check_sources(svc: Services, spec: ToolSpec, inputs: dict) -> None:
                 svc.catalog.require_source(entry)
             except CatalogError as exc:
                 raise WiroError(0, f"{where}: {exc}") from None
-            problem = license_problem(entry, svc.settings) if licences else None
+            problem = license_problem(entry, svc.settings.weights, svc.settings.core.models_dir) if licences else None
             if problem:
                 raise WiroError(0, f"{where}: {problem}")
 
