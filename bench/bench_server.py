@@ -570,7 +570,11 @@ def py_load(server: Server, path: str, body: dict, seconds: float, connections: 
                 nonlocal errors
                 while time.perf_counter() < end:
                     t = time.perf_counter()
-                    r = await client.post(server.base + path, json=body)
+                    try:
+                        r = await client.post(server.base + path, json=body)
+                    except httpx.TransportError:  # e.g. a kept-alive connection the server had closed:
+                        errors += 1                # counted, as wrk counts a socket error, not fatal
+                        continue
                     lat.append(time.perf_counter() - t)
                     errors += r.status_code != 200
                     if rate:
