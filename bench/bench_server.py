@@ -180,11 +180,11 @@ def attribute_cpu() -> dict:
     total − (model − own), attributed within the same task, so the pipeline's run-to-run
     variation does not enter it (the A/B difference against a separate raw call does)."""
     import functools
+    import importlib
 
     import diffusers
 
     from easel.tasks import runner
-    from easel.tools import flux_lora, sd_lora
 
     acc = {"model": 0.0, "own": 0.0}
 
@@ -204,8 +204,14 @@ def attribute_cpu() -> dict:
 
     for cls in (diffusers.StableDiffusionPipeline, diffusers.FluxPipeline):
         counted(cls, "__call__", "model")
-    counted(sd_lora, "encode_prompt", "model")
-    for module in (sd_lora, flux_lora):
+    # the modules whose globals the tools' runs call these through: since issue 22 the FLUX tool's
+    # run is ``tools/common.py``'s ``run_flux`` (its PNGs went uncounted as model work before)
+    for name in ("sd_lora", "flux_lora", "common"):
+        try:
+            module = importlib.import_module(f"easel.tools.{name}")
+        except ImportError:  # another version of the tree may not have it
+            continue
+        counted(module, "encode_prompt", "model")
         counted(module, "write_pngs", "model")
         counted(module, "latent_to_jpeg", "own")
     counted(runner.WorkerContext, "progress", "own")
@@ -566,7 +572,11 @@ def py_load(server: Server, path: str, body: dict, seconds: float, connections: 
                 nonlocal errors
                 while time.perf_counter() < end:
                     t = time.perf_counter()
-                    r = await client.post(server.base + path, json=body)
+                    try:
+                        r = await client.post(server.base + path, json=body)
+                    except httpx.TransportError:  # e.g. a kept-alive connection the server had closed:
+                        errors += 1                # counted, as wrk counts a socket error, not fatal
+                        continue
                     lat.append(time.perf_counter() - t)
                     errors += r.status_code != 200
                     if rate:
@@ -616,8 +626,9 @@ def run_worker(codes: dict, args, rows: list) -> None:
     try:
         for case in (QUICK_CASES if args.quick else WORKER_CASES):
             results = {v: [] for v in codes}
-            for _ in range(args.repeats * (4 if case == "tiny" else 1)):
-                for v, child in children.items():  # A, B, A, B, ...
+            for i in range(args.repeats * (4 if case == "tiny" else 1)):
+                pairs = list(children.items())
+                for v, child in (pairs if i % 2 == 0 else pairs[::-1]):  # A, B, B, A, A, B, ...
                     results[v].append(child.ask({"what": "case", "case": case}))
             for v, rs in results.items():
                 rows.append({"section": "worker", "case": case, "version": v,
@@ -652,8 +663,11 @@ def run_api(codes: dict, args, rows: list) -> None:
         kinds = {"Run": ("/v1/Run/" + SD, RUN_BODY, None), "Detail": ("/v1/Task/Detail", None, None),
                  "Run at 1000/s": ("/v1/Run/" + SD, RUN_BODY, 1000), "Detail at 2000/s": ("/v1/Task/Detail", None, 2000)}
         results = {k: {kind: [] for kind in kinds} for k in servers}
-        for _ in range(args.rounds):
-            for key, srv in servers.items():  # interleaved: every variant in every round
+        for round_ in range(args.rounds):
+            # interleaved: every variant in every round, in the reverse order every other round, so
+            # that a drift of the machine's load (or of the load generator) favours no variant
+            order = list(servers.items())
+            for key, srv in (order if round_ % 2 == 0 else order[::-1]):
                 for kind, (path, body, rate) in kinds.items():
                     results[key][kind].append(load(srv, path, body or {"taskid": srv.detail_id}, args.seconds,
                                                    rate=rate))

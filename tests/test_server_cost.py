@@ -647,3 +647,36 @@ def test_bench_server_list_section_runs():
                           "--only", "list", "--tasks", "3000"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| list | 3000 tasks, all queued |" in out.stdout and "Task/List" in out.stdout
+
+
+def test_bench_counts_the_png_encoding_where_the_sd_and_flux_runs_call_it():
+    """``bench_server.attribute_cpu`` must wrap ``write_pngs`` (model work) and ``latent_to_jpeg``
+    (Easel's) in every module whose globals the SD and FLUX tools' runs call them through: when
+    issue 22 moved the FLUX run to ``tools/common.py``, its 1024² PNG went uncounted and showed as
+    Easel's own CPU (5.5 → 86 ms per task, docs/benchmarks.md). Run apart: the wrappers stay."""
+    script = """
+import inspect, sys, types
+sys.path.insert(0, sys.argv[1])
+import bench_server
+from easel.catalog import load_tools
+tools = load_tools()
+bench_server.attribute_cpu()
+seen, missed = set(), []
+for name in (bench_server.SD, bench_server.FLUX):
+    module = sys.modules[tools[name].module] if tools[name].module in sys.modules else __import__(
+        tools[name].module, fromlist=["_"])
+    reached = {module} | {sys.modules[v.__module__] for v in vars(module).values()
+                          if isinstance(v, types.FunctionType) and v.__module__.startswith("easel.tools.")}
+    for m in reached:
+        source = inspect.getsource(m)
+        for fn in ("write_pngs", "latent_to_jpeg"):
+            if fn + "(" in source.replace("def " + fn + "(", ""):
+                seen.add((m.__name__, fn))
+                if not hasattr(getattr(m, fn), "__wrapped__"):
+                    missed.append((m.__name__, fn))
+print(sorted(seen), missed)
+assert ("easel.tools.common", "write_pngs") in seen and not missed, missed
+"""
+    out = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent.parent / "bench")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

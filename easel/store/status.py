@@ -36,8 +36,21 @@ class TaskStatus(StrEnum):
 def statuses(values) -> tuple[str, ...]:
     """``values`` (statuses, any iterable) as plain strings, each checked.
 
+    Each distinct tuple is checked once (a Run, a claim and a lease renewal pass the same few
+    constants: ``TaskStatus(v)`` per value and call was the one cost the typed status added to a
+    Run, issue 22's benchmark).
+
     Raises:
         ValueError: one is not a :class:`TaskStatus` value (names it)."""
+    values = tuple(values)
+    try:
+        return _checked(values)
+    except TypeError:  # an unhashable value: checked without the cache (and refused)
+        return tuple(TaskStatus(v).value for v in values)
+
+
+@lru_cache(maxsize=256)
+def _checked(values: tuple) -> tuple[str, ...]:
     return tuple(TaskStatus(v).value for v in values)
 
 
