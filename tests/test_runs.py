@@ -181,7 +181,9 @@ def test_output_file_needs_the_access_key(server, project):
 def test_restart_loses_no_queued_task(tmp_path):
     from conftest import Server
 
-    srv = Server(tmp_path).start()
+    # no grace period: the stop must interrupt the running task, however fast this machine runs it
+    # (with the default 5 s grace a quick machine finishes it, and it rightly ends with pexit 0)
+    srv = Server(tmp_path, env={"EASEL_SHUTDOWN_GRACE_SECONDS": "0"}).start()
     try:
         p = srv.project()
         first = srv.run(p, {**SMALL, "steps": 150, "width": 256, "height": 256, "samples": 2})["taskid"]
