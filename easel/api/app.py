@@ -7,7 +7,6 @@ Beyond Wiro: ``Idempotency-Key`` and ``Prefer: wait=N`` on Run, ``Task/List``, a
 """
 from __future__ import annotations
 
-import gc
 from contextlib import asynccontextmanager
 from typing import Callable
 
@@ -18,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from easel.clock import SYSTEM, Clock
 from easel.config import Settings
 from easel.executors import Executor
+from easel.malloc import freeze_startup_objects
 
 from . import handlers, openapi_doc
 from .metrics import HttpMetrics
@@ -49,8 +49,7 @@ def create_app(settings: Settings, executor: Executor | None = None, dispatch_we
             svc.threads = new_threads(settings)
         # what start-up built lives as long as the process: out of the collector's reach, so that
         # a full collection under load walks only the objects of requests (shorter pauses)
-        gc.collect()
-        gc.freeze()
+        freeze_startup_objects()
         if dispatch_webhooks:
             svc.webhooks.start()
         svc.maintenance.start()
