@@ -20,11 +20,13 @@ load average before and after. Target: ≤ 1.01.
 
     python bench/bench_fullsize.py [--pairs 5] [--threads 2] [--weights DIR] [--json out.json] [--raw-tuned-malloc]
 
-Each side's system CPU seconds and minor page faults are reported too: Easel's workers set glibc's
-malloc thresholds (:mod:`easel.malloc`) so that a step reuses the memory the previous one freed;
-the plain script keeps glibc's defaults and maps (and the kernel zero-fills) its activations again,
-1.5-5 million page faults per image. ``--raw-tuned-malloc`` gives the raw side the same thresholds,
-which leaves Easel's own overhead (the API, the worker's bookkeeping) on an equal allocator.
+Each side's system CPU seconds and minor page faults are reported too: Easel's workers tune glibc's
+malloc (:mod:`easel.malloc`: no ``mmap`` per block) so that a step reuses the memory the previous
+one freed; the plain script keeps glibc's defaults, and maps (and the kernel zero-fills) the
+blocks above its mmap threshold again at each use, between none and 5 million page faults per
+image depending on the process's history. ``--raw-tuned-malloc`` gives the raw side the same
+settings, which leaves Easel's own overhead (the API, the worker's bookkeeping) on an equal
+allocator.
 
 ``--weights``: an ``sd15-full`` folder ``make_random`` wrote already (else one is written under
 the server's data directory: 4.3 GB, about 30 s).
@@ -58,7 +60,7 @@ PARAMS = {"selectedLoraModel": [], "samples": "1", "steps": "10", "width": "256"
 
 def raw_child(folder: Path, threads: int, tuned_malloc: bool = False) -> None:
     """Load the pipeline, then answer each line on stdin (a seed) with the call's wall and CPU
-    (``tuned_malloc``: with the malloc thresholds Easel's workers set, :mod:`easel.malloc`)."""
+    (``tuned_malloc``: with the malloc settings of Easel's workers, :mod:`easel.malloc`)."""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
@@ -163,7 +165,7 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, help="an sd15-full folder make_random wrote")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--raw-tuned-malloc", action="store_true",
-                    help="give the raw side the malloc thresholds of Easel's workers (easel.malloc): Easel's own "
+                    help="give the raw side the malloc settings of Easel's workers (easel.malloc): Easel's own "
                          "overhead on an equal allocator")
     ap.add_argument("--raw-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -11,8 +11,8 @@ process (imports done before the clock starts, so only the load is timed):
 - ``easel``: the call a worker makes (SD 1.5: ``ModelManager.base_pipeline`` around
   ``easel.tools.sd_lora.load_pipeline``, in ``ModelManager.precision("sd15")``; SDXL: the base
   load of ``easel.tools.instant_id.load_base`` without the InstantID adapter it then attaches),
-  in a process set up as a worker sets itself up at start (``easel.malloc``: the allocator's
-  thresholds, and the imports' objects frozen out of the cyclic collector's reach).
+  in a process set up as a worker sets itself up at start (``easel.malloc``: the allocator's settings,
+  and the imports' objects frozen out of the cyclic collector's reach).
 
 Each child reports wall and CPU seconds of the load, then the seconds it takes to touch one element
 per 4 KiB page of every weight (a memory-mapped safetensors load returns before reading the

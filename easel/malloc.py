@@ -1,22 +1,33 @@
 """A worker process's memory: the C allocator keeps the memory a denoising step freed for the
-next step (:func:`tune_allocator`), and Python's cyclic collector leaves the start-up objects alone
+next step (:func:`tune_allocator`) and gives it back when the model cache evicts a pipeline
+(:func:`release_free_heap`); Python's cyclic collector leaves the start-up objects alone
 (:func:`freeze_startup_objects`).
 
-PyTorch's CPU tensors come from the C library's ``malloc``. With glibc's defaults, a block above
-the *dynamic* mmap threshold is a fresh ``mmap`` and goes back to the kernel when freed, and free
-memory at the top of the heap beyond the trim threshold is returned as well: every step of a
-denoising loop then maps its activations again, and the kernel zero-fills every page on first
-touch. Measured on full-size SD 1.5 at 256² on the CPU (``docs/benchmarks.md``, "Overhead on
-full-size weights"): 5.0 million minor page faults and 8.5 s of system time per image in Easel's
-worker (1.5-1.9 million and 2.4-3.2 s in a plain script making the same diffusers call); with the
-thresholds below, 37 thousand and 0.1 s, for 0.3 GB more resident memory (the step's working
-set, kept instead of returned).
+PyTorch's CPU tensors come from the C library's ``malloc``. With glibc's defaults a block at or
+above the mmap threshold (dynamic, at most 32 MiB on 64-bit, and no ``mallopt`` value may be
+higher) is a fresh ``mmap`` and goes back to the kernel at its ``free``, so every use maps it again
+and the kernel zero-fills each of its pages on first touch. A denoising step makes such blocks
+at every call: on the CPU, PyTorch's oneDNN convolution reorders each weight into oneDNN's
+blocked layout at each call (``ideep::tensor::reorder_if_differ_in``), and SD 1.5's up-block
+convolutions with 2 560 and 1 920 input channels have 112.5 and 84.4 MiB weights; the VAE
+decoder's activations at 256² are 32-64 MiB. Measured on full-size SD 1.5 at 256², 10 steps,
+one torch thread (``docs/benchmarks.md``, "Overhead on full-size weights"): 84 such maps, 7.2 GB
+zero-filled, 1.8 million minor page faults and 3.5-4.3 s of system time per image. Whether a
+block came from the heap instead depended on what the process had freed before (a free region
+big enough), so the count moved between 0.00 and 5 million from one process to the next.
 
-:func:`tune_allocator` fixes both thresholds (:data:`MMAP_THRESHOLD`, :data:`TRIM_THRESHOLD`) with
-``mallopt``. It changes nothing where glibc's own settings are given (the environment variables
-``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_``, or
-``glibc.malloc.*`` tunables in ``GLIBC_TUNABLES``: an operator's choice wins), nor on a C
-library without ``mallopt`` (macOS, Windows).
+:func:`tune_allocator` turns ``malloc``'s use of ``mmap`` off (``M_MMAP_MAX`` 0: every block
+comes from the heap, which glibc extends with ``brk``, or with ``mmap`` as its own fallback when
+``brk`` cannot grow) and keeps up to 1 GiB of free heap top mapped (``M_TRIM_THRESHOLD``): the same
+image then makes 20-50 page faults and 0.0 s of system time, for the step's working set kept
+resident. Free memory at the top of the heap beyond 1 GiB still goes back at the ``free``; what
+an evicted pipeline freed below it goes back at :func:`release_free_heap`, which the model cache
+calls after each eviction (``easel.weights.cache``).
+
+Neither changes anything where glibc's own settings are given (``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, or ``glibc.malloc.*``
+tunables in ``GLIBC_TUNABLES``: an operator's choice wins), nor on a C library without ``mallopt``
+(macOS, Windows, musl).
 """
 from __future__ import annotations
 
@@ -25,32 +36,60 @@ import gc
 import os
 import sys
 
-MMAP_THRESHOLD = 32 * 1024 * 1024  # bytes: glibc's own ceiling for its dynamic threshold (64-bit)
 TRIM_THRESHOLD = 1024 * 1024 * 1024  # bytes of free heap top kept before returning memory to the kernel
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-OPERATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+OPERATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+_tuned = False  # set by tune_allocator: release_free_heap only trims what tune_allocator kept
 
 
-def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
-    """Set this process's glibc ``malloc`` thresholds (bytes, > 0): blocks up to ``mmap_threshold``
-    come from the heap, and up to ``trim_threshold`` bytes of free heap top stay mapped. Call it
-    once in a worker process, before its first inference; it raises nothing.
+def _glibc() -> ctypes.CDLL | None:
+    """This process's C library when it is glibc on Linux, else None."""
+    try:
+        if not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"):
+            return None
+        return ctypes.CDLL(None)
+    except (OSError, ValueError, AttributeError):  # no such confstr name, no C library to open
+        return None
+
+
+def tune_allocator(trim_threshold: int = TRIM_THRESHOLD) -> bool:
+    """Make this process's glibc ``malloc`` take every block from the heap (no ``mmap`` per
+    block) and keep up to ``trim_threshold`` bytes (> 0) of free heap top mapped. Call it once in
+    a worker process, before its first inference; it raises nothing.
 
     Returns:
         True when both were set; False when left alone (the operator set glibc's variables, not
-        Linux, or a C library whose ``mallopt`` is missing or refuses them).
+        glibc on Linux, or a ``mallopt`` that is missing or refuses them).
     """
+    global _tuned
     if any(os.environ.get(name) for name in OPERATOR_VARIABLES) or "glibc.malloc" in os.environ.get(
             "GLIBC_TUNABLES", ""):
         return False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    libc = _glibc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)) == 1 and mallopt(M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+    _tuned = mallopt(M_TRIM_THRESHOLD, int(trim_threshold)) == 1 and mallopt(M_MMAP_MAX, 0) == 1
+    return _tuned
+
+
+def release_free_heap() -> bool:
+    """Give the kernel back every whole free page of the heap (glibc's ``malloc_trim(0)``: the free
+    top beyond one page, and free pages inside the heap with ``MADV_DONTNEED``). The model cache
+    calls it after an eviction: with :func:`tune_allocator` an evicted pipeline's CPU memory (an
+    upcast copy of its weights, its buffers) would otherwise stay mapped until the heap reuses
+    it. Costs a walk of the free lists (milliseconds). Returns True when memory was released;
+    False when there was none, or when :func:`tune_allocator` did not tune this process (glibc
+    then returns big blocks at their ``free`` itself)."""
+    if not _tuned:
+        return False
+    libc = _glibc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return trim(0) == 1
 
 
 def freeze_startup_objects() -> int:

@@ -482,11 +482,14 @@ def test_the_cache_evicts_until_the_device_has_room_for_the_new_weights_and_the_
     assert cpu.evictions == []
 
 
-def test_releasing_memory_without_cuda_is_harmless():
-    from easel.weights.cache import release_device_memory
+def test_releasing_memory_without_cuda_is_harmless_and_trims_the_heap(monkeypatch):
+    from easel.weights import cache as cache_mod
 
-    release_device_memory(False)
-    release_device_memory(True)  # resets torch.compile's caches; no CUDA call without CUDA
+    trims = []
+    monkeypatch.setattr(cache_mod, "release_free_heap", lambda: trims.append(True) or True)
+    cache_mod.release_device_memory(False)
+    cache_mod.release_device_memory(True)  # resets torch.compile's caches; no CUDA call without CUDA
+    assert trims == [True, True]  # the evicted pipeline's CPU memory goes back (easel.malloc)
 
 
 # -- PNG encoding, threads, schedulers ------------------------------------------------------------------

@@ -20,6 +20,7 @@ from os import PathLike
 from typing import TYPE_CHECKING, Callable, NamedTuple, TypeVar, cast
 
 from easel import metrics
+from easel.malloc import release_free_heap
 # the adapters' state moved to its own module; its old import path stays valid
 from easel.weights.adapters import SLOT_MODULE_PREFIXES, LoraState  # noqa: F401
 
@@ -72,15 +73,17 @@ def is_compiled(obj: object) -> bool:
 
 
 def release_device_memory(compiled: bool) -> None:
-    """After an eviction: collect the dropped objects, drop ``torch.compile`` state when a compiled
-    entry went (its guards and graphs keep references to the old modules; every compiled module
-    recompiles at its next call), and return CUDA's cached blocks to the driver. Does nothing
-    that needs CUDA when there is none."""
+    """After an eviction: collect the dropped objects, give the freed CPU memory back to the kernel
+    (:func:`easel.malloc.release_free_heap`: a worker's heap keeps it otherwise), drop
+    ``torch.compile`` state when a compiled entry went (its guards and graphs keep references to
+    the old modules; every compiled module recompiles at its next call), and return CUDA's cached
+    blocks to the driver. Does nothing that needs CUDA when there is none."""
     gc.collect()
     import sys
 
     torch = sys.modules.get("torch")  # never import torch just to release memory
     if torch is None:
+        release_free_heap()
         return
     if compiled:
         try:
@@ -88,6 +91,7 @@ def release_device_memory(compiled: bool) -> None:
         except Exception:  # an old or partial torch: nothing compiled to release
             pass
         gc.collect()
+    release_free_heap()
     from easel.weights.precision import cuda_available
 
     if cuda_available():
