@@ -106,7 +106,7 @@ WEBHOOKS = Counter("easel_webhook_deliveries", "Webhook delivery attempts by res
 WEBSOCKETS = Gauge("easel_websockets_open", "Open live-progress WebSocket connections",
                    multiprocess_mode="livesum")
 LIVE_PUSH = Gauge("easel_live_push_connected", "1 while this API process's live-event wake-up listener is "
-                  "subscribed (Redis pub/sub or PostgreSQL LISTEN), by backend; 0 while waiters poll instead",
+                  "subscribed (Redis pub/sub, PostgreSQL LISTEN, or a loopback socket on SQLite), by backend; 0 while waiters poll instead",
                   ["backend"], multiprocess_mode="livemax")
 HTTP_REQUESTS = Counter("easel_http_requests", "HTTP requests by route template, method and status code",
                         ["route", "method", "status"])
@@ -248,7 +248,7 @@ def _websockets(delta: int) -> None:
 
 @_safe
 def live_push(backend: str, connected: bool) -> None:
-    """Record whether the wake-up listener of ``backend`` (``redis``/``postgres``) is subscribed."""
+    """Record whether the wake-up listener of ``backend`` (``redis``/``postgres``/``local``) is subscribed."""
     LIVE_PUSH.labels(backend).set(1 if connected else 0)
 
 

@@ -27,7 +27,8 @@ from conftest import SMALL, TIME_SCALE, TOOL, Server
 from easel.api.ratelimit import RateLimiter
 from easel.config import Settings
 from easel.store import LimitReached, Store
-from easel.store.notify import Hub, Publisher, check_live, choose_backend, redact, redis_channel
+from easel.store.hub import Hub
+from easel.store.notify import Publisher, check_live, choose_backend, redact, redis_channel
 from easel.tasks import lifecycle as lc
 import services
 from pg import create_database
@@ -85,7 +86,8 @@ def _queued(store: Store) -> int:
 
 def test_backend_choice_and_refusals(tmp_path):
     pg, lite = "postgresql+psycopg://u@h/db", "sqlite:///x.db"
-    assert choose_backend("auto", "", lite) == "poll"
+    assert choose_backend("auto", "", lite) == "local"  # a SQLite file: loopback datagrams
+    assert choose_backend("auto", "", "sqlite://") == "poll" and choose_backend("auto", "", "sqlite:///:memory:") == "poll"
     assert choose_backend("auto", "", pg) == "postgres"
     assert choose_backend("auto", REDIS_URL, pg) == "redis"
     assert choose_backend("off", REDIS_URL, pg) == "poll"
@@ -97,14 +99,16 @@ def test_backend_choice_and_refusals(tmp_path):
         check(live_push="redis")
     with pytest.raises(ValueError, match="EASEL_LIVE_PUSH=postgres needs a PostgreSQL"):
         check(live_push="postgres")
-    with pytest.raises(ValueError, match="EASEL_LIVE_PUSH must be one of auto, redis, postgres, off"):
+    with pytest.raises(ValueError, match="EASEL_LIVE_PUSH=local needs a SQLite file"):
+        check(live_push="local", database_url=pg)
+    with pytest.raises(ValueError, match="EASEL_LIVE_PUSH must be one of auto, redis, postgres, local, off"):
         check(live_push="kafka")
-    with pytest.raises(ValueError, match="EASEL_LIVE_PUSH must be one of auto, redis, postgres, off"):
+    with pytest.raises(ValueError, match="EASEL_LIVE_PUSH must be one of auto, redis, postgres, local, off"):
         Publisher.for_settings(Settings(data_dir=tmp_path, live_push="kafka").live, "sqlite:///x.db")
     with pytest.raises(ValueError, match="EASEL_REDIS_URL must be") as err:
         check(redis_url="http://user:hunter2@host/")
     assert "hunter2" not in str(err.value)
-    assert check(redis_url=REDIS_URL) == "redis" and check() == "poll"
+    assert check(redis_url=REDIS_URL) == "redis" and check() == "local" and check(live_push="off") == "poll"
     assert redact("redis://:hunter2@h:6379/0") == "redis://:***@h:6379/0"
 
 
@@ -196,9 +200,9 @@ def test_an_unreachable_redis_never_fails_or_slows_a_write(tmp_path, caplog):
 
 
 def test_in_process_writes_wake_local_waiters_without_a_broker(tmp_path):
-    """SQLite: no broker; a write in the API process itself (Cancel, lease expiry) wakes its waiters."""
-    store = _sqlite(tmp_path)
-    assert store.wakeups.backend == "poll"
+    """Polling (push off): a write in the API process itself (Cancel, lease expiry) still wakes its waiters."""
+    assert _sqlite(tmp_path).wakeups.backend == "local"  # the default on a SQLite file
+    store = Store(Settings(data_dir=tmp_path).core.database_url, wakeups=Publisher("poll"))
     tid = _queued(store)
 
     async def main():
@@ -213,6 +217,60 @@ def test_in_process_writes_wake_local_waiters_without_a_broker(tmp_path):
             await hub.stop()
 
     asyncio.run(main())
+
+
+WRITE_IN_ANOTHER_PROCESS = """
+import sys
+from easel.store import Store
+from easel.tasks import lifecycle as lc
+store = Store(sys.argv[1])  # no settings: a SQLite file publishes on loopback (Publisher.default_for)
+assert store.wakeups.backend == "local", store.wakeups.backend
+lc.cancel(store, int(sys.argv[2]))
+"""
+
+
+def test_a_sqlite_write_in_another_process_wakes_the_api_on_loopback_and_only_with_its_token(tmp_path):
+    """SQLite file: a worker or CLI process's event commit wakes the API process's waiters at once
+    (a datagram to the port it registered next to the database), not at the fallback read; a
+    datagram without the registration's token (another user of the machine) wakes no one; the
+    registration of a process that died is cleared by the next API process, and its own at stop."""
+    import socket
+    import subprocess
+    import sys
+
+    store = _sqlite(tmp_path)
+    url = store.url
+    tid, other = _queued(store), _queued(store)
+    registry = tmp_path / "easel.db.wakeups"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    registry.mkdir(mode=0o700)
+    (registry / str(dead.pid)).write_text("9 0123\n")  # an API process that was killed
+
+    async def main():
+        hub = Hub("local", database_url=url, publisher=store.wakeups)
+        await hub.start()
+        try:
+            assert hub.pushing  # waiters sleep up to the fallback interval between reads
+            assert [p.name for p in registry.iterdir()] == [str(os.getpid())]  # the dead one is gone
+            assert (registry / str(os.getpid())).stat().st_mode & 0o077 == 0  # the token is the owner's
+            port, token = (registry / str(os.getpid())).read_text().split()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, hub.watch(tid) as w:
+                sock.sendto(f"{'0' * 32} {tid}".encode(), ("127.0.0.1", int(port)))  # a forged token
+                sock.sendto(f"{token} {other}".encode(), ("127.0.0.1", int(port)))  # another task's
+                assert not await w.wait(1.0)
+                started = time.monotonic()
+                proc = await asyncio.create_subprocess_exec(sys.executable, "-c", WRITE_IN_ANOTHER_PROCESS, url,
+                                                            str(tid), env={**os.environ, "PYTHONPATH": os.getcwd()})
+                assert await proc.wait() == 0
+                assert await w.wait(10.0), "the other process's commit sent no wake-up"
+                assert time.monotonic() - started < 30
+        finally:
+            await hub.stop()
+        assert not hub.pushing and list(registry.iterdir()) == []
+
+    asyncio.run(main())
+    assert store.get_task(tid).status == lc.CANCEL
 
 
 # -- limits in the store and in Redis ---------------------------------------------------------------
@@ -369,10 +427,12 @@ def _latencies(store: Store, task_id: int, registered: float, frames: list[tuple
     return [arrived - e.created_at for e, (_, arrived) in zip(events, frames) if e.created_at > registered]
 
 
-@pytest.mark.parametrize("push", ["redis", "postgres"])
-def test_events_of_api1s_worker_are_pushed_to_api2(push, tmp_path, pg_url, request):
-    env = {"EASEL_DATABASE_URL": pg_url, "EASEL_LIVE_PUSH": push,
-           "EASEL_LIVE_FALLBACK_POLL_INTERVAL": str(FALLBACK)}
+@pytest.mark.parametrize("push", ["redis", "postgres", "local"])
+def test_events_of_api1s_worker_are_pushed_to_api2(push, tmp_path, request):
+    """``local``: the single-box default, both API processes and the worker on one SQLite file."""
+    env = {"EASEL_LIVE_PUSH": push, "EASEL_LIVE_FALLBACK_POLL_INTERVAL": str(FALLBACK)}
+    if push != "local":
+        env["EASEL_DATABASE_URL"] = request.getfixturevalue("pg_url")
     if push == "redis":
         env |= {"EASEL_REDIS_URL": REDIS_URL, "EASEL_REDIS_PREFIX": request.getfixturevalue("redis_prefix")}
     with api_pair(tmp_path, env, first_args=()) as (api1, api2):  # API 1 runs a worker; API 2 is API only

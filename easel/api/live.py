@@ -61,7 +61,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from easel import metrics
 from easel.store import Event, Store, Task
-from easel.store.notify import Hub
+from easel.store.hub import Hub
 from easel.tasks import lifecycle as lc
 
 REGISTER_TIMEOUT = 60.0

@@ -21,7 +21,8 @@ from easel.diskfull import DiskWatch
 from easel.executors import Executor
 from easel.storage import Storage, create_storage
 from easel.store import SecretBox, Store
-from easel.store.notify import Hub, Publisher
+from easel.store.hub import Hub
+from easel.store.notify import Publisher
 
 from .auth import ProjectCache
 from .maintenance import Maintenance

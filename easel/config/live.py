@@ -20,7 +20,8 @@ class LiveSettings:
             ``<prefix>:ratelimit/...``), so several deployments can share one Redis.
         live_push: How WebSocket and ``Prefer: wait`` waiters learn of new events: ``auto``
             (Redis pub/sub with ``redis_url``, else PostgreSQL ``LISTEN/NOTIFY`` on a PostgreSQL
-            store, else polling), ``redis``, ``postgres`` or ``off`` (polling).
+            store, else loopback datagrams on a SQLite file, else polling), ``redis``, ``postgres``,
+            ``local`` or ``off`` (polling).
         live_poll_interval: Seconds between the store reads of an open WebSocket or a ``Prefer:
             wait`` request (each is one indexed query), i.e. the most latency they add.
         live_fallback_poll_interval: Seconds between the store reads of a waiter while wake-ups
