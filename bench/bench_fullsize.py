@@ -7,7 +7,7 @@ Random SD 1.5 at the published size (``--model-source random``, ``easel.syntheti
 - **easel**: ``easel serve --model-source random --workers 1`` (``EASEL_TORCH_THREADS``); a client
   posts ``/v1/Run/wiro/text-to-image-sd-lora`` and follows the task on Wiro's WebSocket until
   ``task_postprocess_end`` (wall: Run → that frame); CPU: every process of the server (API,
-  worker) over that time, from ``/proc``;
+  worker) over that time, from ``/proc``, and the API process's share alone;
 - **raw**: one Python process holding ``StableDiffusionPipeline.from_pretrained`` of the same
   folder, Euler scheduler, calling ``pipe(prompt, negative_prompt=None, num_inference_steps=10,
   guidance_scale=7.5, width=256, height=256, generator=...)``; wall and CPU (``process_time``,
@@ -108,7 +108,7 @@ def easel_image(server, pid: int, seed: int) -> dict:
     """One Run followed on the WebSocket to ``task_postprocess_end``: wall and the server's CPU."""
     from websockets.sync.client import connect
 
-    cpu, t, before = tree_cpu(pid), time.perf_counter(), kernel_side(pid, tree=True)
+    cpu, api, t, before = tree_cpu(pid), own_cpu(pid), time.perf_counter(), kernel_side(pid, tree=True)
     answer = server.client.post(f"{server.base}/v1/Run/{TOOL}", json={**PARAMS, "seed": str(seed)}).json()
     assert answer.get("result"), answer
     with connect(server.base.replace("http", "ws") + "/v1", open_timeout=30) as ws:
@@ -118,11 +118,17 @@ def easel_image(server, pid: int, seed: int) -> dict:
             if frame["type"] in ("task_postprocess_end", "task_cancel"):
                 break
     wall = time.perf_counter() - t
-    used = tree_cpu(pid) - cpu
+    used, api = tree_cpu(pid) - cpu, own_cpu(pid) - api
     after = kernel_side(pid, tree=True)
     task = server.client.post(f"{server.base}/v1/Task/Detail", json={"taskid": answer["taskid"]}).json()["tasklist"][0]
     assert task["pexit"] == "0", task["debugerror"]
-    return {"wall": wall, "cpu": used, **{k: after[k] - before[k] for k in after}}
+    return {"wall": wall, "cpu": used, "api_cpu": api, **{k: after[k] - before[k] for k in after}}
+
+
+def own_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` alone: the API process, without its workers."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def kernel_side(pid: int, tree: bool = False) -> dict:
@@ -206,7 +212,7 @@ def main() -> None:
                       f"cpu-s | raw {row['raw_wall']:6.1f} s wall {row['raw_cpu']:6.1f} cpu-s | ratio wall "
                       f"{row['wall_ratio']:.3f} cpu {row['cpu_ratio']:.3f} | load {row['loadavg']:.1f} | sys-s / "
                       f"minor faults easel {row['easel_sys']:.1f} / {row['easel_minflt']} raw {row['raw_sys']:.1f} / "
-                      f"{row['raw_minflt']}", flush=True)
+                      f"{row['raw_minflt']} | API process {row['easel_api_cpu']:.2f} cpu-s", flush=True)
                 if args.json:  # partial results survive an interrupted run
                     args.json.write_text(json.dumps({"rows": rows}, indent=1))
         finally:
@@ -219,6 +225,7 @@ def main() -> None:
                "median_raw_wall": statistics.median(r["raw_wall"] for r in rows),
                "median_easel_cpu": statistics.median(r["easel_cpu"] for r in rows),
                "median_raw_cpu": statistics.median(r["raw_cpu"] for r in rows),
+               "median_easel_api_cpu": statistics.median(r["easel_api_cpu"] for r in rows),
                "loadavg_before": load0, "loadavg_after": os.getloadavg()}
     print(json.dumps(summary, indent=1))
     if args.json:
