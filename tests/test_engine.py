@@ -254,6 +254,19 @@ def test_disk_full_while_writing_outputs_fails_cleanly(tmp_path, tiny, monkeypat
     assert worker.run_next() == second and worker.store.outputs(second)  # the worker is fine afterwards
 
 
+def test_the_worker_gives_back_free_heap_after_each_task(tmp_path, tiny, monkeypatch):
+    """Once a task has ended (its client already has the result), the worker gives back the free
+    heap beyond what it keeps between tasks (``easel.malloc.release_free_heap_beyond``)."""
+    from easel.tasks import runner
+
+    worker = _worker(tmp_path, tiny)
+    seen = []
+    monkeypatch.setattr(runner, "release_free_heap_beyond", lambda: seen.append(worker.store.get_task(tid).status))
+    tid = _submit(worker)
+    assert worker.run_next() == tid
+    assert seen == [lc.POSTPROCESS_END]
+
+
 def test_a_task_over_its_time_limit_ends_failed_with_the_reason(tmp_path, tiny):
     worker = _worker(tmp_path, tiny, task_timeout_seconds=0.5)
     tid = _submit(worker, steps=150, width=256, height=256, samples=2)

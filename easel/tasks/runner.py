@@ -19,6 +19,7 @@ from easel import metrics
 from easel.catalog import ModelCatalog
 from easel.config import Settings
 from easel.diskfull import is_disk_full
+from easel.malloc import release_free_heap_beyond
 from easel.net import partfiles
 from easel.weights import ModelManager
 from easel.storage import create_storage
@@ -212,6 +213,7 @@ class Worker:
             self._deadline = None
             self.current_task = None
             shutil.rmtree(workdir, ignore_errors=True)
+            release_free_heap_beyond()  # the heap keeps at most 1 GiB free between tasks (easel.malloc)
             metrics.device_memory()
 
     def _save_outputs(self, task_uuid: str, paths: list[Path]) -> list[dict]:
