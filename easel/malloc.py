@@ -35,6 +35,7 @@ tunables in ``GLIBC_TUNABLES``: an operator's choice wins), nor on a C library w
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
 import sys
@@ -53,8 +54,9 @@ class _MallInfo2(ctypes.Structure):
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """This process's C library when it is glibc on Linux, else None."""
+    """This process's C library when it is glibc on Linux, else None (opened once per process)."""
     try:
         if not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"):
             return None

@@ -13,11 +13,13 @@ import json
 import os
 import re
 import secrets
+import sqlite3
 import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -82,6 +84,31 @@ def _queued(store: Store) -> int:
 
 
 # -- the mechanism --------------------------------------------------------------------------------
+
+
+def test_one_parser_names_a_sqlite_databases_file(tmp_path):
+    """The store's write lock and secret key, and the wake-up registry, find the same file."""
+    from easel.store.db import Database
+    from easel.store.local_wakeups import registry_for
+    from easel.store.urls import sqlite_file
+
+    assert sqlite_file("sqlite:////abs/easel.db") == Path("/abs/easel.db")
+    assert sqlite_file("sqlite+pysqlite:////abs/easel.db?timeout=3") == Path("/abs/easel.db")
+    assert sqlite_file("sqlite:///rel/easel.db") == Path("rel/easel.db")
+    for none in ("sqlite://", "sqlite:///:memory:", "sqlite:///file::memory:?cache=shared",
+                 "postgresql+psycopg://u@h/easel.db"):
+        assert sqlite_file(none) is None and registry_for(none) is None, none
+    url = f"sqlite:///{tmp_path}/d/easel.db?timeout=3"
+    assert registry_for(url) == tmp_path / "d" / "easel.db.wakeups"
+    db = Database(url)
+    try:
+        db.migrate()
+    finally:
+        db.engine.dispose()
+    with sqlite3.connect(tmp_path / "d" / "easel.db") as conn:  # the schema is in that file
+        assert ("tasks",) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+    with pytest.raises(ValueError, match="in-memory SQLite"):
+        Database("sqlite://")
 
 
 def test_backend_choice_and_refusals(tmp_path):

@@ -75,10 +75,14 @@ def _log(srv: Server) -> str:
 @pytest.mark.parametrize("sig,args", [(signal.SIGTERM, ()), (signal.SIGINT, ()),
                                       (signal.SIGTERM, ("--api-processes", "2", "--workers", "0"))])
 def test_an_idle_server_stops_within_2_s_and_cleanly(tmp_path, sig, args):
-    srv = Server(tmp_path, extra_args=args).start()
+    # the worker polls the queue every 2 ms: a poll in flight is still "idle" in /readyz
+    srv = Server(tmp_path, extra_args=args, env={"EASEL_POLL_INTERVAL": "0.002"}).start()
     try:
-        ready = _wait_ready(srv)
-        assert ready["ready"] and all(w["state"] == "idle" for w in ready["workers"]), ready
+        _wait_ready(srv)
+        for _ in range(50):
+            ready = httpx.get(f"{srv.base}/readyz", timeout=5).json()
+            assert ready["ready"] and all(w["state"] == "idle" for w in ready["workers"]), ready
+            time.sleep(0.01)
         seconds, code = _stop_timed(srv, sig)
     finally:
         srv.stop()

@@ -30,7 +30,9 @@ from . import Executor
 
 log = logging.getLogger("easel.executor")
 
-STARTING, IDLE, BUSY = 0, 1, 2  # a worker's state, in a shared value its executor reads
+# A worker's state, in a shared value its executor reads. CLAIMING (looking for a queued task) shows as
+# "idle" in /readyz, but shutdown waits for it as for BUSY: a claim may be committing.
+STARTING, IDLE, CLAIMING, BUSY = 0, 1, 2, 3
 PARENT_GONE_GRACE = 0.7  # seconds a worker whose server died leaves its task's next step to end it
 
 
@@ -121,8 +123,12 @@ def _worker_main(settings: Settings, worker_id: str, wake, drain, stop, state, i
     delay = settings.worker.poll_interval
     while not drain.is_set() and not worker.should_stop():
         try:
-            state.value = BUSY
-            idle = worker.run_next() is None
+            state.value = CLAIMING
+            task_id = worker.claim_next()
+            idle = task_id is None
+            if not idle:
+                state.value = BUSY
+                worker.execute(task_id)
             delay = settings.worker.poll_interval
         except Exception:  # e.g. the database is unreachable or the disk is full: retry, backing off
             log.exception("worker %s: claiming or ending a task failed; retrying in %.1f s", worker_id, delay)
@@ -264,7 +270,7 @@ class LocalExecutor(Executor):
         has imported torch and loaded ``Settings.worker.preload``, and waits for (or runs) tasks; a tool
         is warm in a worker once preloaded or run there (its pipelines may since have been
         evicted from the cache to make room for others')."""
-        names = {STARTING: "starting", IDLE: "idle", BUSY: "busy"}
+        names = {STARTING: "starting", IDLE: "idle", CLAIMING: "idle", BUSY: "busy"}
         rows = []
         for c in self.workers.children:
             if c is None:
@@ -288,7 +294,7 @@ class LocalExecutor(Executor):
         grace = self.settings.worker.shutdown_grace_seconds if timeout is None else timeout
         if self._supervisor is None:
             return
-        busy = [c.name for c in self.workers.alive() if c.state.value == BUSY]
+        busy = [c.name for c in self.workers.alive() if c.state.value == BUSY]  # running a task
         log.info("stopping %d worker(s)%s", len(self.workers.alive()),
                  f"; {len(busy)} running a task get {grace:.0f} s to finish it" if busy else "")
 
@@ -302,7 +308,7 @@ class LocalExecutor(Executor):
         from easel.tasks.runner import Worker
 
         killed = self.workers.stop(grace, ask=ask, abort=abort, abort_wait=Worker.STOP_GRACE + 2.0,
-                                   busy=lambda c: c.state.value == BUSY)
+                                   busy=lambda c: c.state.value in (CLAIMING, BUSY))
         self._done.set()
         self._supervisor.join(5)
         self._supervisor = None

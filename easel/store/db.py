@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from easel.clock import SYSTEM, Clock
 
 from .notify import Publisher
+from .urls import is_sqlite, sqlite_file
 from .secretbox import SecretBox, SecretKeyError, rotate_all, seal_and_check
 
 WAL_AUTOCHECKPOINT_PAGES = 10_000
@@ -194,10 +195,12 @@ class Database:
         self._secrets = secrets
         self.wakeups = wakeups or Publisher.default_for(url)
         kwargs: dict = {"pool_size": pool_size, "max_overflow": max(10, pool_size)}
-        db_file = None
-        self.sqlite = url.startswith("sqlite")
-        if self.sqlite:
-            db_file = Path(url.split("///", 1)[1])
+        self.sqlite = is_sqlite(url)
+        db_file = sqlite_file(url)
+        if self.sqlite and db_file is None:
+            raise ValueError(f"EASEL_DATABASE_URL={url!r}: an in-memory SQLite database cannot be shared by "
+                             "the API and its workers; name a file, e.g. sqlite:////var/lib/easel/easel.db")
+        if db_file is not None:
             db_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             _protect(db_file.parent)  # the database holds API secrets (needed for HMAC): owner only
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .urls import sqlite_file
+
 log = logging.getLogger("easel.notify")
 
 HOST = "127.0.0.1"
@@ -37,12 +39,8 @@ RELIST_SECONDS = 1.0  # how stale a writer's view of the registry may be (a new 
 def registry_for(database_url: str) -> Path | None:
     """The registry folder of a SQLite database file (``<file>.wakeups``); None for any other
     database, or an in-memory SQLite (no other process can share it)."""
-    if not database_url.startswith("sqlite"):
-        return None
-    path = database_url.split("///", 1)[1] if "///" in database_url else ""
-    if not path or path == ":memory:" or path.startswith("file::memory:"):
-        return None
-    return Path(f"{path.split('?', 1)[0]}.wakeups")
+    db_file = sqlite_file(database_url)
+    return None if db_file is None else Path(f"{db_file}.wakeups")
 
 
 def _alive(pid: int) -> bool:

@@ -36,17 +36,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .local_wakeups import Sender, registry_for
+from .urls import is_postgres
 
 log = logging.getLogger("easel.notify")
 
 PG_CHANNEL = "easel_events"
 BACKENDS = ("redis", "postgres", "local", "poll")
 MODES = ("auto", "redis", "postgres", "local", "off")
-
-
-def is_postgres(database_url: str) -> bool:
-    """Whether a SQLAlchemy URL names PostgreSQL (any driver)."""
-    return database_url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
 
 
 def redis_channel(prefix: str) -> str:

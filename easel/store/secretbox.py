@@ -24,6 +24,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy import select, update
 
 from .models import Project
+from .urls import sqlite_file
 
 PREFIX = "fernet:"
 KEY_FILE = "secret.key"
@@ -74,15 +75,16 @@ class SecretBox:
         Raises:
             SecretKeyError: a key is malformed.
         """
-        url = core.database_url
-        folder = Path(url.split("///", 1)[1]).parent if url.startswith("sqlite") else Path(core.data_dir)
+        db_file = sqlite_file(core.database_url)
+        folder = db_file.parent if db_file is not None else Path(core.data_dir)
         return cls.configured(core.secret_key or os.environ.get(ENV, ""), folder / KEY_FILE, create)
 
     @classmethod
     def default_for(cls, url: str, create: bool = False) -> "SecretBox | None":
         """The box of a store opened by URL alone: ``EASEL_SECRET_KEY``, else for SQLite the key
         file next to the database (``<data_dir>/secret.key`` of the default layout), else None."""
-        key_file = Path(url.split("///", 1)[1]).parent / KEY_FILE if url.startswith("sqlite") else None
+        db_file = sqlite_file(url)
+        key_file = db_file.parent / KEY_FILE if db_file is not None else None
         return cls.configured(os.environ.get(ENV, ""), key_file, create)
 
     @classmethod

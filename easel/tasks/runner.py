@@ -75,9 +75,14 @@ class Worker:
         if task is not None:
             lc.fail(self.store, task, lc.INTERRUPTED_MESSAGE, owner=self.worker_id)
 
+    def claim_next(self) -> int | None:
+        """Claim the oldest queued task for this worker (its lease starts now); its id, or None if
+        the queue was empty. Run it with :meth:`execute`."""
+        return lc.claim(self.store, self.worker_id, self.settings.worker.lease_seconds, preprocess=True)
+
     def run_next(self) -> int | None:
         """Claim and run the oldest queued task; return its id, or None if the queue was empty."""
-        task_id = lc.claim(self.store, self.worker_id, self.settings.worker.lease_seconds, preprocess=True)
+        task_id = self.claim_next()
         if task_id is not None:
             self.execute(task_id)
         return task_id
