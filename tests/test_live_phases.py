@@ -71,7 +71,7 @@ def _killed(store):
     """A task that went through every stage up to task_start, then was killed."""
     task = _queued(store)
     assert lc.claim(store, "w1", preprocess=True) == task.id
-    assert lc.advance_through(store, task.id, [(lc.PREPROCESS_END, "", {}), (lc.ASSIGN, "", {})])
+    assert lc.advance_through(store, task.id, [lc.Stage(lc.PREPROCESS_END), lc.Stage(lc.ASSIGN)])
     assert lc.advance(store, task.id, lc.START)
     lc.finish_killed(store, task.id)
     return task
@@ -101,8 +101,8 @@ def test_phases_come_as_progress_frames_and_repeat_while_they_last(store, connec
     again = _check_phase_frame(ws.next(), task, lc.WAITING)  # still queued: said again, later
     assert 0 <= first < again
     assert lc.claim(store, "w1", preprocess=True) == task.id
-    assert lc.advance_through(store, task.id, [(lc.PREPROCESS_END, "", {}),
-                                               (lc.ASSIGN, "", {"progress": json.dumps(lc.phase(lc.LOADING))})])
+    assert lc.advance_through(store, task.id, [lc.Stage(lc.PREPROCESS_END),
+                                               lc.Stage(lc.ASSIGN, values={"progress": json.dumps(lc.phase(lc.LOADING))})])
     types = []
     while True:  # a repeated "Waiting" frame may still come before the new events are read
         frame = ws.next()

@@ -109,17 +109,17 @@ def test_batched_transitions_are_all_or_nothing(store):
     assert lc.claim(store, "w1") == tid
     before = [e.type for e in store.events(tid)]
     # the second step is illegal after the first (task_start needs task_assign): nothing is written
-    assert not lc.advance_through(store, tid, [(lc.PREPROCESS_START, "", {}), (lc.START, "", {})], owner="w1")
+    assert not lc.advance_through(store, tid, [lc.Stage(lc.PREPROCESS_START), lc.Stage(lc.START)], owner="w1")
     assert [e.type for e in store.events(tid)] == before and store.get_task(tid).status == lc.ACCEPT
     # a legal chain is written whole, in order, one event each
-    assert lc.advance_through(store, tid, [(lc.PREPROCESS_START, "", {}), (lc.PREPROCESS_END, "", {}),
-                                           (lc.ASSIGN, "", {})], owner="w1", lease_seconds=30)
+    assert lc.advance_through(store, tid, [lc.Stage(lc.PREPROCESS_START), lc.Stage(lc.PREPROCESS_END),
+                                           lc.Stage(lc.ASSIGN)], owner="w1", lease_seconds=30)
     task = store.get_task(tid)
     assert task.status == lc.ASSIGN and task.preprocessstarttime and task.assigntime and task.lease_expires_at
     assert [e.type for e in store.events(tid)][-3:] == [lc.PREPROCESS_START, lc.PREPROCESS_END, lc.ASSIGN]
     assert [e.seq for e in store.events(tid)] == list(range(1, 6))
     # another worker's chain is refused
-    assert not lc.advance_through(store, tid, [(lc.START, "", {}), (lc.OUTPUT, "", {})], owner="w2")
+    assert not lc.advance_through(store, tid, [lc.Stage(lc.START), lc.Stage(lc.OUTPUT)], owner="w2")
 
 
 def test_previews_are_stored_apart_and_deleted_with_the_step_events(store):
@@ -305,11 +305,11 @@ def test_a_claim_enters_preprocess_in_its_transaction_and_outputs_land_with_the_
     assert [e.type for e in store.events(tid)] == [lc.QUEUE, lc.ACCEPT, lc.PREPROCESS_START]
     task = store.get_task(tid)
     assert task.status == lc.PREPROCESS_START and task.worker_id == "w1" and task.accepttime
-    walk = [(lc.PREPROCESS_END, "", {}), (lc.ASSIGN, "", {}), (lc.START, "", {}), (lc.OUTPUT_FULL, "", {}),
-            (lc.ERROR_FULL, "", {}), (lc.END, "", {}), (lc.POSTPROCESS_START, "", {})]
+    walk = [lc.Stage(lc.PREPROCESS_END), lc.Stage(lc.ASSIGN), lc.Stage(lc.START), lc.Stage(lc.OUTPUT_FULL),
+            lc.Stage(lc.ERROR_FULL), lc.Stage(lc.END), lc.Stage(lc.POSTPROCESS_START)]
     assert lc.advance_through(store, tid, walk, owner="w1")
     out = [{"name": "0.png", "contenttype": "image/png", "size": 3, "path": f"{task.uuid}/0.png"}]
-    end = [(lc.POSTPROCESS_END, "", {"pexit": "0"})]
+    end = [lc.Stage(lc.POSTPROCESS_END, values={"pexit": "0"})]
     assert not lc.advance_through(store, tid, end, owner="w2", outputs=out)  # not its task: nothing stored
     assert store.outputs(tid) == [] and store.get_task(tid).status == lc.POSTPROCESS_START
     assert lc.advance_through(store, tid, end, owner="w1", outputs=out)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import logging
 from functools import cache
-from typing import Iterable
+from types import MappingProxyType
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 from easel import metrics
 from easel.clock import SYSTEM, Clock
@@ -177,6 +178,15 @@ def _stamped(status: str, now: float, lease_seconds: float | None, values: dict)
     return values
 
 
+class Stage(NamedTuple):
+    """One transition of :func:`advance_through`: the new ``status``, the event's ``message``, and
+    column ``values`` to write with it (e.g. ``{"pexit": "0"}``)."""
+
+    status: str
+    message: str = ""
+    values: Mapping[str, object] = MappingProxyType({})
+
+
 def advance(store: Store, task_id: int, status: str, message: str = "", *, owner: str | None = None,
             lease_seconds: float | None = None, clock: Clock = SYSTEM, **values) -> bool:
     """Move a task to ``status`` if :data:`TRANSITIONS` allows it from its current status (and,
@@ -186,13 +196,13 @@ def advance(store: Store, task_id: int, status: str, message: str = "", *, owner
     Returns:
         False when the transition was rejected (logged, nothing written).
     """
-    return advance_through(store, task_id, [(status, message, values)], owner=owner, lease_seconds=lease_seconds,
+    return advance_through(store, task_id, [Stage(status, message, values)], owner=owner, lease_seconds=lease_seconds,
                            clock=clock)
 
 
-def advance_through(store: Store, task_id: int, steps: list[tuple[str, str, dict]], *, owner: str | None = None,
+def advance_through(store: Store, task_id: int, steps: Sequence[Stage], *, owner: str | None = None,
                     lease_seconds: float | None = None, outputs: list[dict] = (), clock: Clock = SYSTEM) -> bool:
-    """Several :func:`advance` s in a row, ``(status, message, values)`` each, written in one
+    """Several :func:`advance` s in a row, a :class:`Stage` each, written in one
     transaction: all of them (each checked against :data:`TRANSITIONS` from the one before), or
     none. For stages with no work between them (``task_output_full`` ... ``task_postprocess_start``),
     so that they cost one commit instead of one each; watchers see the same events in the same order.

@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from easel import metrics
 from easel.catalog import ModelCatalog
@@ -101,19 +101,20 @@ class Worker:
 
     def advance(self, task_id: int, status: str, message: str = "", **values) -> None:
         """This worker's guarded transition; raises :class:`TaskLost` when it was rejected."""
-        self.advance_through(task_id, [(status, message, values)])
+        self.advance_through(task_id, [lc.Stage(status, message, values)])
 
-    def advance_through(self, task_id: int, steps: list[tuple[str, str, dict]], outputs: list[dict] = ()) -> None:
+    def advance_through(self, task_id: int, steps: Sequence[lc.Stage], outputs: list[dict] = ()) -> None:
         """Several transitions with no work between them, in one transaction, with ``outputs``
         (:func:`lifecycle.advance_through`); raises :class:`TaskLost` when one was rejected."""
         if not lc.advance_through(self.store, task_id, steps, owner=self.worker_id,
                                   lease_seconds=self.settings.worker.lease_seconds, outputs=outputs):
             raise TaskLost()
 
-    def _closing(self, output: str, errors: str) -> list[tuple[str, str, dict]]:
+    def _closing(self, output: str, errors: str) -> list[lc.Stage]:
         """The stages between the end of inference and the outputs, written together."""
-        return [(lc.OUTPUT_FULL, output, {"debugoutput": output}), (lc.ERROR_FULL, errors, {"debugerror": errors}),
-                (lc.END, "", {}), (lc.POSTPROCESS_START, "", {})]
+        return [lc.Stage(lc.OUTPUT_FULL, output, {"debugoutput": output}),
+                lc.Stage(lc.ERROR_FULL, errors, {"debugerror": errors}),
+                lc.Stage(lc.END), lc.Stage(lc.POSTPROCESS_START)]
 
     def timed_out(self) -> bool:
         return self._deadline is not None and self.store.clock.now() > self._deadline
@@ -178,14 +179,14 @@ class Worker:
                     self.models.sources.progress = None
                 ctx.check_killed()
                 # Task/Detail's progress names the phase until the first step reports "Generate"
-                self.advance_through(task_id, [(lc.PREPROCESS_END, "", {}),
-                                               (lc.ASSIGN, "", {"progress": json.dumps(lc.phase(LOADING))})])
+                self.advance_through(task_id, [lc.Stage(lc.PREPROCESS_END),
+                                               lc.Stage(lc.ASSIGN, values={"progress": json.dumps(lc.phase(LOADING))})])
                 paths = tool.run(plan, ctx) + ctx.extra_paths
             ctx.check_killed()
             self.advance_through(task_id, self._closing("\n".join(ctx.lines), "\n".join(ctx.error_lines)))
             saved = self._save_outputs(task.uuid, paths)
             try:  # the outputs' rows and the last stage in one transaction: both or neither
-                self.advance_through(task_id, [(lc.POSTPROCESS_END, "", {"pexit": "0"})], outputs=saved)
+                self.advance_through(task_id, [lc.Stage(lc.POSTPROCESS_END, values={"pexit": "0"})], outputs=saved)
             except BaseException:  # no output of a task that did not succeed stays behind
                 self.storage.discard(task.uuid, saved)
                 raise
@@ -266,9 +267,9 @@ class Worker:
     def _close_failed(self, task_id: int, message: str, ctx: WorkerContext) -> None:
         output = "\n".join(ctx.lines)
         errors = "\n".join([*ctx.error_lines, message])
-        steps = self._closing(output, errors) + [(lc.POSTPROCESS_END, "", {"pexit": "1", "debugerror": errors})]
+        steps = self._closing(output, errors) + [lc.Stage(lc.POSTPROCESS_END, values={"pexit": "1", "debugerror": errors})]
         task = self.store.get_task(task_id)
-        done = [status for status, _, _ in steps]
+        done = [stage.status for stage in steps]
         if task is not None and task.status in done:  # failed after some closing stages were written
             steps = steps[done.index(task.status) + 1:]
         if not steps:  # it has ended already (the heartbeat failed it at its time limit)
