@@ -162,3 +162,48 @@ def test_ssrf_classifier(name, address, refused):
     from easel.net.fetch import non_public
 
     assert (non_public(ipaddress.ip_address(address)) is not None) == refused, name
+
+
+def test_a_runs_url_check_is_reused_for_a_while_per_host(monkeypatch):
+    """check_url (a callbackUrl at Run) resolves a (scheme, host, port) once per CHECK_TTL: the
+    same verdict, refusal included, without another lookup; an unresolvable host is asked again
+    after CHECK_RETRY_TTL; another port or allow-list is its own entry."""
+    from easel.net import addresses
+    from easel.net.fetch import URLRefused, check_url
+
+    lookups, now = [], [1000.0]
+    real = addresses._resolve
+
+    def counted(host, port, deadline):
+        lookups.append((host, port))
+        if host.endswith(".invalid"):  # RFC 6761: never resolves
+            raise FetchError(f"cannot resolve host {host!r}")
+        return real(host, port, deadline)
+
+    monkeypatch.setattr(addresses, "_resolve", counted)
+    monkeypatch.setattr(addresses.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(addresses, "_checks", {})
+    strict, loose = FetchPolicy(), FetchPolicy(allow=("127.0.0.1",))
+    for _ in range(3):
+        with pytest.raises(URLRefused, match="non-public"):
+            check_url("http://127.0.0.1:9/hook", strict, 5)
+    assert lookups == [("127.0.0.1", 9)]
+    check_url("http://127.0.0.1:9/other", loose, 5)  # the allow-list is part of the key
+    check_url("http://127.0.0.1:9/again", loose, 5)
+    with pytest.raises(URLRefused):
+        check_url("http://127.0.0.1:10/hook", strict, 5)  # so is the port
+    assert lookups == [("127.0.0.1", 9), ("127.0.0.1", 9), ("127.0.0.1", 10)]
+    for _ in range(2):
+        with pytest.raises(FetchError, match="cannot resolve"):
+            check_url("https://hooks.invalid/x", strict, 5)
+    assert lookups.count(("hooks.invalid", 443)) == 1
+    now[0] += addresses.CHECK_RETRY_TTL + 1  # an unresolvable host is asked again sooner
+    with pytest.raises(FetchError):
+        check_url("https://hooks.invalid/x", strict, 5)
+    with pytest.raises(URLRefused):
+        check_url("http://127.0.0.1:9/hook", strict, 5)
+    assert lookups.count(("hooks.invalid", 443)) == 2 and lookups.count(("127.0.0.1", 9)) == 2
+    now[0] += addresses.CHECK_TTL + 1
+    with pytest.raises(URLRefused):
+        check_url("http://127.0.0.1:9/hook", strict, 5)
+    assert lookups.count(("127.0.0.1", 9)) == 3

@@ -321,6 +321,9 @@ def test_openapi_describes_each_tool_run(server):
     doc = httpx.get(f"{server.base}/openapi.json").json()
     for path in ("/v1/Task/Detail", "/v1/Task/InputOutputDelete", "/v1/Tool/List", "/v1/Tool/Detail"):
         assert path in doc["paths"]
+    ids = [op["operationId"] for item in doc["paths"].values() for op in item.values() if "operationId" in op]
+    assert len(ids) == len(set(ids)), sorted(ids)  # code generators (openapi-generator) refuse duplicates
+    assert set(doc["paths"]["/v1/File/{accesskey}/{name}"]) == {"get", "head"}
     schema = doc["paths"]["/v1/Run/wiro/text-to-image-sd-lora"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     props = schema["properties"]
     assert "DPMSolverMultistepScheduler" in props["scheduler"]["enum"] and props["scheduler"]["default"] == "EulerDiscreteScheduler"

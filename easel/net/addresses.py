@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from urllib.parse import urlsplit
@@ -110,12 +112,47 @@ def vet_url(url: str, policy: FetchPolicy, deadline: Deadline | None = None) -> 
     return parts.scheme, host, port, str(ips[0])
 
 
+CHECK_TTL = 60.0  # seconds a check_url verdict on a (scheme, host, port) is reused
+CHECK_RETRY_TTL = 10.0  # ... when the host could not be resolved (it may resolve soon)
+_CHECK_ENTRIES = 1024
+_checks: dict[tuple, tuple[float, Exception | None]] = {}
+_checks_lock = threading.Lock()
+
+
 def check_url(url: str, policy: FetchPolicy, seconds: float) -> None:
     """:func:`vet_url` within ``seconds`` (DNS included): whether ``url`` may be fetched or posted
     to under ``policy`` (e.g. a webhook's ``callbackUrl``, checked when the Run is submitted).
 
+    An early answer, not the guard: what actually connects (:func:`vet_url` at delivery or
+    download time) resolves again. So the verdict on a ``(scheme, host, port)`` under one
+    allow-list is reused for :data:`CHECK_TTL` seconds (:data:`CHECK_RETRY_TTL` when the host
+    did not resolve): a client that sends the same ``callbackUrl`` with every Run pays for one
+    lookup a minute, and a slow resolver holds up one Run instead of each.
+
     Raises:
         URLRefused: bad scheme, no host, or a non-public address that is not allowed.
         FetchError: the host cannot be resolved (now: it may resolve later) or not in time.
+        ValueError: the URL's port is out of range or its host is malformed.
     """
-    vet_url(url, policy, Deadline(seconds, "checking the URL"))
+    parts = urlsplit(url)
+    key = (parts.scheme, parts.hostname, parts.port, policy.allow)
+    now = time.monotonic()
+    with _checks_lock:
+        expires, verdict = _checks.get(key, (0.0, None))
+    if expires > now:
+        if verdict is not None:
+            raise type(verdict)(*verdict.args)  # a fresh exception: threads share the entry
+        return
+    try:
+        vet_url(url, policy, Deadline(seconds, "checking the URL"))
+        verdict, ttl = None, CHECK_TTL
+    except URLRefused as exc:
+        verdict, ttl = exc, CHECK_TTL
+    except FetchError as exc:
+        verdict, ttl = exc, CHECK_RETRY_TTL
+    with _checks_lock:
+        if len(_checks) >= _CHECK_ENTRIES:
+            _checks.clear()  # many distinct hosts: start again rather than grow
+        _checks[key] = (time.monotonic() + ttl, verdict)
+    if verdict is not None:
+        raise verdict

@@ -34,8 +34,12 @@ async def file_upload(wiro: WiroCall = Depends(deps.wiro)):
     return deps.respond(await deps.call(svc, files_api.upload, svc, project, body))
 
 
-@router.api_route("/v1/File/{accesskey}/{name}", methods=["GET", "HEAD"],
-                  summary="An output, an uploaded input or a File/Upload file (the key in the URL is the credential)")
+_FILE_SUMMARY = "An output, an uploaded input or a File/Upload file (the key in the URL is the credential)"
+
+
+# two routes, each with its own operationId: OpenAPI code generators refuse duplicate ids
+@router.head("/v1/File/{accesskey}/{name}", summary=_FILE_SUMMARY, operation_id="file_head")
+@router.get("/v1/File/{accesskey}/{name}", summary=_FILE_SUMMARY, operation_id="file_get")
 async def file(accesskey: str, name: str, request: Request, svc: Services = Depends(deps.services)):
     found = await run_in_threadpool(file_key, svc, accesskey, name)
     if found is None:
