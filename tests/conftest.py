@@ -92,6 +92,18 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError("server did not start")
 
+    def wait_ready(self, timeout: float = 120) -> dict:
+        """``/readyz`` once it answers 200: a worker has imported torch and waits for tasks (``start``
+        returns as soon as ``/healthz`` answers, while the worker may still be starting)."""
+        deadline = time.time() + timeout * TIME_SCALE
+        while time.time() < deadline:
+            r = httpx.get(f"{self.base}/readyz", timeout=5)
+            if r.status_code == 200:
+                return r.json()
+            assert self.proc.poll() is None, (self.data_dir / "server.log").read_text()[-3000:]
+            time.sleep(0.2)
+        raise AssertionError(f"not ready: {r.text}")
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 from sqlalchemy import text
 
-from conftest import SMALL, Server
+from conftest import SMALL, TIME_SCALE, Server
 from easel.store import Store
 from easel.tasks import lifecycle as lc
 from pg import create_database
@@ -83,13 +83,15 @@ def test_two_servers_share_one_database_and_survive_a_kill(tmp_path):
         ids = [a.run(p, {**SMALL, "steps": 20, "seed": str(i)})["taskid"] for i in range(3)]
         a.wait(p, ids[0], until=("task_output",))
         b.start()  # its start-up recovery must not touch A's running task (it used to fail it)
+        b.wait_ready()  # B's worker claims tasks from now on
         ids += [(a if i % 2 else b).run(p, {**SMALL, "steps": 6, "seed": str(i)})["taskid"] for i in range(3, 9)]
-        deadline = time.time() + 120
-        while time.time() < deadline:  # both servers' workers are busy
+        deadline = time.time() + 60 * TIME_SCALE
+        owners: set[str] = set()
+        while len(owners) < 2:  # both servers' workers have claimed tasks (B's worker ids name B's pid)
+            assert time.time() < deadline, f"only {owners} ran tasks"
             owners = {t.worker_id.split("-")[1] for t in a.store.tasks_in(lc.RUNNING + lc.TERMINAL) if t.worker_id}
-            if len(owners) == 2:
-                break
             time.sleep(0.1)
+        assert str(b.proc.pid) in owners
         b.proc.kill()  # SIGKILL: no shutdown at all
         b.proc.wait(20)
         ends = {tid: a.wait(p, tid, timeout=180) for tid in ids}  # nothing lost: A runs the rest

@@ -40,16 +40,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait_ready(srv: Server, timeout: float = 120) -> dict:
-    deadline = time.time() + timeout * SLOW
-    while time.time() < deadline:
-        r = httpx.get(f"{srv.base}/readyz", timeout=5)
-        if r.status_code == 200:
-            return r.json()
-        time.sleep(0.2)
-    raise AssertionError(f"not ready: {r.text}")
-
-
 def _stop_timed(srv: Server, sig=signal.SIGTERM, timeout: float = 60) -> tuple[float, int]:
     t0 = time.monotonic()
     srv.proc.send_signal(sig)
@@ -78,7 +68,7 @@ def test_an_idle_server_stops_within_2_s_and_cleanly(tmp_path, sig, args):
     # the worker polls the queue every 2 ms: a poll in flight is still "idle" in /readyz
     srv = Server(tmp_path, extra_args=args, env={"EASEL_POLL_INTERVAL": "0.002"}).start()
     try:
-        _wait_ready(srv)
+        srv.wait_ready()
         for _ in range(50):
             ready = httpx.get(f"{srv.base}/readyz", timeout=5).json()
             assert ready["ready"] and all(w["state"] == "idle" for w in ready["workers"]), ready
@@ -142,7 +132,7 @@ def test_workers_die_within_2_s_of_a_killed_server_and_end_their_task(tmp_path):
     srv = Server(tmp_path).start()
     try:
         p = srv.project()
-        _wait_ready(srv)
+        srv.wait_ready()
         taskid = srv.run(p, LONG_TASK)["taskid"]
         srv.wait(p, taskid, until=("task_output",))
         workers, seconds = _kill_and_time_workers(srv)
@@ -157,7 +147,7 @@ def test_workers_die_within_2_s_of_a_killed_server_and_end_their_task(tmp_path):
 def test_an_idle_orphan_worker_exits_within_2_s(tmp_path):
     srv = Server(tmp_path).start()
     try:
-        _wait_ready(srv)
+        srv.wait_ready()
         workers, seconds = _kill_and_time_workers(srv)
     finally:
         srv.stop()
@@ -167,7 +157,7 @@ def test_an_idle_orphan_worker_exits_within_2_s(tmp_path):
 def test_start_line_and_json_logs(tmp_path):
     srv = Server(tmp_path, env={"EASEL_LOG_FORMAT": "json"}).start()
     try:
-        _wait_ready(srv)
+        srv.wait_ready()
         p = srv.project()
         assert srv.wait(p, srv.run(p, SMALL)["taskid"])["pexit"] == "0"
         _stop_timed(srv)
@@ -373,7 +363,7 @@ def test_preload_warms_a_tool_before_the_first_run(tmp_path):
     is warm, and the first Run of it loads no pipeline."""
     srv = Server(tmp_path, extra_args=("--preload", TOOL)).start()
     try:
-        ready = _wait_ready(srv)
+        ready = srv.wait_ready()
         assert ready["warm"] == [TOOL] and ready["workers"][0]["warm"] == [TOOL], ready
         loads = _model_loads(srv)
         assert loads >= 1
