@@ -39,7 +39,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_server import tree_cpu  # noqa: E402
-from common import serve  # noqa: E402
+from common import fullsize_sd15_data_dir, serve  # noqa: E402
 
 TOOL = "wiro/text-to-image-sd-lora"
 PROMPT = "a red fish in a blue bowl"
@@ -178,16 +177,7 @@ def main() -> None:
     if args.raw_child:
         raw_child(args.raw_child, args.threads, args.raw_tuned_malloc)
         return
-    data = Path(tempfile.mkdtemp(prefix="easel-bench-fullsize-"))
-    random_dir = data / "models" / "random"
-    random_dir.mkdir(parents=True)
-    if args.weights:
-        (random_dir / "sd15-full").symlink_to(args.weights.resolve())
-    else:
-        from easel.synthetic.fullsize import make_random
-
-        make_random(random_dir, "sd15", "full")
-    folder = random_dir / "sd15-full"
+    data, folder = fullsize_sd15_data_dir("easel-bench-fullsize-", args.weights)
     load0 = os.getloadavg()
     rows = []
     with serve(data, "--model-source", "random", "--workers", "1",

@@ -59,6 +59,24 @@ class BenchServer:
             time.sleep(poll)
 
 
+def fullsize_sd15_data_dir(prefix: str, weights: Path | None = None) -> tuple[Path, Path]:
+    """A new data directory whose ``--model-source random`` SD 1.5 is full size: ``weights`` (an
+    ``sd15-full`` folder ``make_random`` wrote before) linked in, else one written there (4.3 GB,
+    about 30 s). Returns ``(data directory, the sd15-full folder)``."""
+    import tempfile
+
+    data = Path(tempfile.mkdtemp(prefix=prefix))
+    random_dir = data / "models" / "random"
+    random_dir.mkdir(parents=True)
+    if weights:
+        (random_dir / "sd15-full").symlink_to(weights.resolve())
+    else:
+        from easel.synthetic.fullsize import make_random
+
+        make_random(random_dir, "sd15", "full")
+    return data, random_dir / "sd15-full"
+
+
 @contextmanager
 def serve(data: Path, *args: str, env: dict | None = None) -> Iterator[BenchServer]:
     """Start ``easel serve`` on ``data`` (tiny models unless ``args`` say otherwise; ``env``: extra
