@@ -10,14 +10,19 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 
+def _dialect(database_url: str) -> str:
+    """The dialect of a SQLAlchemy URL, its driver left out (``postgresql+psycopg://`` gives ``postgresql``)."""
+    return database_url.split(":", 1)[0].split("+", 1)[0]
+
+
 def is_postgres(database_url: str) -> bool:
     """Whether a SQLAlchemy URL names PostgreSQL (any driver, e.g. ``postgresql+psycopg://``)."""
-    return database_url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+    return _dialect(database_url) in ("postgresql", "postgres")
 
 
 def is_sqlite(database_url: str) -> bool:
     """Whether a SQLAlchemy URL names SQLite (any driver, file or in-memory)."""
-    return database_url.split(":", 1)[0].split("+", 1)[0] == "sqlite"
+    return _dialect(database_url) == "sqlite"
 
 
 def sqlite_file(database_url: str) -> Path | None:
